@@ -1,0 +1,143 @@
+"""The pieces every attack is built from.
+
+An attack is a pure function `attack(logits_fn, x, y, key) -> x_adv` on a batch
+`x` of shape [B, ...] in [0, 1]. Attacks are written for one example and
+batched with `jax.vmap` (`batched`); `logits_fn` is always called on a batch,
+so the per-example code calls it on `x[None]`.
+
+Threat models: the L-infinity ball {d : max_i |d_i| <= eps} and the L2 ball
+{d : ||d||_2 <= eps} around x, intersected with the image box x + d in [0, 1].
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+
+NORMS = ("linf", "l2")
+_TINY = 1e-12
+
+
+def check_norm(norm):
+  return checks.one_of("norm", norm, NORMS)
+
+
+def check_eps(eps):
+  """Validates eps: a number > 0, or a [B] array of them (checked when concrete)."""
+  if jnp.ndim(eps) == 0 and checks.is_concrete(eps):
+    return checks.positive("eps", float(eps))
+  if checks.is_concrete(eps):
+    eps_np = jnp.asarray(eps)
+    bad = eps_np[~(eps_np > 0) | ~jnp.isfinite(eps_np)]
+    checks.require(bad.size == 0, f"eps must be finite and > 0, got {bad[:5].tolist()}")
+  return eps
+
+
+def l2_norm(v):
+  return jnp.sqrt(jnp.sum(jnp.square(v)))
+
+
+def project(delta, eps, norm):
+  """The nearest point of the `norm` ball of radius `eps` to `delta`."""
+  if norm == "linf":
+    return jnp.clip(delta, -eps, eps)
+  return delta * jnp.minimum(1.0, eps / jnp.maximum(l2_norm(delta), _TINY))
+
+
+def clip_to_box(x, delta):
+  """Shrinks `delta` coordinate-wise so that x + delta lies in [0, 1].
+
+  Each coordinate moves towards 0, so the result stays in any L-p ball that
+  `delta` was in.
+  """
+  return jnp.clip(x + delta, 0.0, 1.0) - x
+
+
+def random_start(key, x, eps, norm):
+  """A point drawn uniformly from the `norm` ball of radius `eps`, clipped to the box.
+
+  L2: a uniform direction times eps * u^(1/d) (Harmonic/volume-uniform radius).
+  """
+  if norm == "linf":
+    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  else:
+    direction_key, radius_key = jax.random.split(key)
+    direction = jax.random.normal(direction_key, x.shape, x.dtype)
+    radius = eps * jax.random.uniform(radius_key, (), x.dtype) ** (1.0 / x.size)
+    delta = direction * radius / jnp.maximum(l2_norm(direction), _TINY)
+  return clip_to_box(x, delta)
+
+
+def steepest_ascent(grad, norm):
+  """The unit-norm direction of steepest ascent: sign(g) (L-inf) or g / ||g||_2 (L2)."""
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / jnp.maximum(l2_norm(grad), _TINY)
+
+
+def use_unrolled_loops():
+  """True on CPU, where XLA runs a convolution's input gradient about 5x slower
+  inside a while loop than unrolled (measured, DESIGN.md); accelerators keep
+  `fori_loop`, which compiles once whatever the step count."""
+  return jax.default_backend() == "cpu"
+
+
+def iterate(body, state, steps, unroll=None):
+  """Applies `state = body(i, state)` for i in 0..steps-1.
+
+  Unrolled into straight-line code when `unroll` (default: on CPU, see
+  `use_unrolled_loops`), else a `lax.fori_loop`.
+  """
+  if unroll is None:
+    unroll = use_unrolled_loops()
+  if unroll:
+    for i in range(steps):
+      state = body(i, state)
+    return state
+  return jax.lax.fori_loop(0, steps, body, state)
+
+
+def example_keys(key, batch_size):
+  """One PRNG key per example: `key` itself if it is already a batch of
+  `batch_size` keys, else `fold_in(key, i)` for example i."""
+  if _is_key_batch(key, batch_size):
+    return key
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch_size))
+
+
+def _is_key_batch(key, batch_size):
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.shape == (batch_size,)
+  return key.ndim == 2 and key.shape[0] == batch_size  # raw uint32 keys [B, 2]
+
+
+def num_classes_of(logits_fn, x):
+  """The number of classes `logits_fn` predicts, from its output shape (no compute)."""
+  shape = jax.eval_shape(logits_fn, x).shape
+  checks.require(len(shape) == 2 and shape[0] == x.shape[0],
+                 f"logits_fn must map a batch of {x.shape[0]} images to logits "
+                 f"[{x.shape[0]}, classes], got shape {shape}")
+  return shape[1]
+
+
+def check_batch(logits_fn, x, y):
+  """Checks images and labels of an attack call; returns the number of classes."""
+  checks.check_images(x)
+  num_classes = num_classes_of(logits_fn, x)
+  checks.check_labels(y, x.shape[0], num_classes)
+  return num_classes
+
+
+def batched(attack_one, logits_fn, x, y, key, *per_example):
+  """Runs `attack_one(logits_fn_one, x_i, y_i, key_i, *args_i)` over the batch with vmap.
+
+  `logits_fn_one` maps one example to its logits [K]. `per_example` are extra
+  arguments of shape [B] or scalars (broadcast), such as a per-example eps.
+  Returns the attacked batch, the same shape and dtype as `x`.
+  """
+  check_batch(logits_fn, x, y)
+  logits_one = lambda xi: logits_fn(xi[None])[0]
+  keys = example_keys(key, x.shape[0])
+  axes = tuple(0 if jnp.ndim(a) else None for a in per_example)
+  run = jax.vmap(lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a),
+                 in_axes=(0, 0, 0) + axes)
+  return run(x, y, keys, *per_example).astype(x.dtype)

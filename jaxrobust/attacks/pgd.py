@@ -1,0 +1,105 @@
+"""Projected gradient descent (Madry et al. 2018) and FGSM (Goodfellow et al. 2015)."""
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+from jaxrobust.attacks import core, losses
+
+
+def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
+        restarts=1, loss="ce", targeted=False, unroll=None):
+  """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
+
+  Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
+  [0, 1]. From d_0 (uniform in the ball if `random_start`, else 0), each step is
+
+    d <- clip_box(proj_eps(d + step_size * u)),
+
+  with u = sign(grad) for L-infinity and grad / ||grad||_2 for L2, the gradient
+  of `loss(logits_fn(x + d), y)`, which the attack maximises (untargeted) or
+  minimises (`targeted`, y the target class). With `restarts` > 1 the attack
+  runs again from fresh random starts and keeps, per example, the perturbation
+  that succeeds (misclassified; or classified as the target) or else has the
+  highest loss (lowest when targeted).
+
+  Args:
+    norm: "linf" or "l2".
+    eps: radius of the ball, > 0; a scalar, or per example an array [B] passed
+      to the attack as the keyword argument `eps=` instead.
+    step_size: step length; default 2.5 * eps / steps (Madry et al.).
+    steps: gradient steps per restart, >= 1.
+    random_start: start uniformly in the ball (else at x).
+    restarts: independent runs per example, >= 1.
+    loss: "ce" (cross-entropy), "cw" (margin max_{i!=y} z_i - z_y) or a
+      callable `loss(logits [K], y) -> scalar`.
+    targeted: drive towards class y instead of away from it.
+    unroll: loop form; default unrolled on CPU, `fori_loop` elsewhere.
+
+  Returns:
+    `attack(logits_fn, x, y, key, eps=None) -> x_adv`, the same shape as x.
+  """
+  norm = core.check_norm(norm)
+  core.check_eps(eps)
+  steps = checks.integer_at_least("steps", steps, 1)
+  restarts = checks.integer_at_least("restarts", restarts, 1)
+  if step_size is not None:
+    checks.positive("step_size", step_size)
+  loss_fn = losses.get(loss)
+  sign = -1.0 if targeted else 1.0
+  default_eps = eps
+
+  def objective(logits_one, x_adv, y):
+    logits = logits_one(x_adv)
+    return sign * loss_fn(logits, y), logits
+
+  def succeeded(logits, y):
+    hit = jnp.argmax(logits) == y
+    return hit if targeted else ~hit
+
+  def attack_one(logits_one, x, y, key, eps):
+    alpha = 2.5 * eps / steps if step_size is None else step_size
+    gradient = jax.grad(lambda d: objective(logits_one, x + d, y)[0])
+
+    def step(_, delta):
+      delta = delta + alpha * core.steepest_ascent(gradient(delta), norm)
+      return core.clip_to_box(x, core.project(delta, eps, norm))
+
+    def run(restart_key):
+      delta = (core.random_start(restart_key, x, eps, norm) if random_start
+               else jnp.zeros_like(x))
+      delta = core.iterate(step, delta, steps, unroll)
+      value, logits = objective(logits_one, x + delta, y)
+      return delta, value, succeeded(logits, y)
+
+    best = run(jax.random.fold_in(key, 0))
+    for r in range(1, restarts):
+      candidate = run(jax.random.fold_in(key, r))
+      take = better(candidate, best)
+      best = jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
+    return x + best[0]
+
+  def attack(logits_fn, x, y, key, eps=None):
+    eps = default_eps if eps is None else core.check_eps(eps)
+    return core.batched(attack_one, logits_fn, x, y, key, jnp.asarray(eps, x.dtype))
+
+  return attack
+
+
+def better(candidate, best):
+  """Whether (delta, value, success) `candidate` beats `best`: success first, then value."""
+  _, value, success = candidate
+  _, best_value, best_success = best
+  return (success & ~best_success) | ((success == best_success) & (value > best_value))
+
+
+def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
+         targeted=False):
+  """The fast gradient sign method: one step of `pgd`.
+
+  x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))), d_0 = 0 by
+  default (Goodfellow et al. 2015, step_size = eps) or uniform in the ball with
+  `random_start` (Wong et al. 2020's FGSM-RS uses step_size = 1.25 eps).
+  With norm="l2" the step follows grad / ||grad||_2 (the fast gradient method).
+  """
+  return pgd(norm=norm, eps=eps, step_size=eps if step_size is None else step_size,
+             steps=1, random_start=random_start, loss=loss, targeted=targeted)

@@ -1,0 +1,156 @@
+"""Data-parallel robust training: the train state, the step and the loop.
+
+The step `(state, x, y, key) -> (state, metrics)` is written for one device:
+it makes the training inputs (clean, or adversarial from any attack run on
+the model in inference mode), computes the cross-entropy gradient, averages
+gradients and metrics over devices with `lax.pmean`, and applies the optax
+update. BatchNorm statistics are synchronised inside the model
+(`axis_name`), so every device keeps identical state and the result equals a
+single-device step on the whole batch. The step is mapped over all devices
+with `jax.shard_map` under `jax.jit`, with the state donated.
+
+Randomness: the key of step s is `fold_in(seed_key, s)` and example i of the
+global batch gets `fold_in(step_key, i)`, so the draws depend neither on the
+device count nor on whether the run was resumed.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxrobust import attacks, checks, parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run updates. Never mutated: every step returns a new one.
+
+  Attributes:
+    step: number of optimizer steps taken.
+    params: the model's "params" collection.
+    model_state: the model's other collections (e.g. "batch_stats").
+    opt_state: the optax optimizer state.
+  """
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+  @property
+  def variables(self):
+    return {"params": self.params, **self.model_state}
+
+
+def init_state(model, tx, input_shape, key):
+  """A fresh TrainState for `model` on inputs of shape [1, *input_shape]."""
+  variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
+  params = variables.pop("params")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    model_state=dict(variables), opt_state=tx.init(params))
+
+
+def make_schedule(cfg, total_steps):
+  """`cfg` is a dict (or ConfigDict) of the optimizer settings.
+
+  The learning-rate schedule: "constant", "cosine" (to 0, after linear
+  warm-up over `warmup_steps`) or "piecewise" (multiply by `decay_factor` at
+  each fraction of training in `decay_at`)."""
+  lr = checks.positive("optimizer.learning_rate", cfg["learning_rate"])
+  name = checks.one_of("optimizer.schedule", cfg.get("schedule", "constant"),
+                       ("constant", "cosine", "piecewise"))
+  if name == "constant":
+    return optax.constant_schedule(lr)
+  if name == "cosine":
+    warmup = min(cfg.get("warmup_steps", 0), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+  boundaries = {int(f * total_steps): cfg.get("decay_factor", 0.1)
+                for f in cfg.get("decay_at", (0.5, 0.75))}
+  return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+def make_optimizer(cfg, total_steps):
+  """SGD with (Nesterov) momentum, or Adam, with decoupled-from-loss L2 weight decay.
+
+  Weight decay adds `weight_decay * params` to the gradient (PyTorch's SGD
+  convention) for "sgd" and "adam", and is AdamW's decoupled decay for "adamw".
+  """
+  schedule = make_schedule(cfg, total_steps)
+  name = checks.one_of("optimizer.name", cfg["name"], ("sgd", "adam", "adamw"))
+  decay = checks.non_negative("optimizer.weight_decay", cfg.get("weight_decay", 0.0))
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=decay)
+  base = (optax.sgd(schedule, momentum=cfg.get("momentum", 0.9),
+                    nesterov=cfg.get("nesterov", False))
+          if name == "sgd" else optax.adam(schedule))
+  return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+
+
+def make_input_fn(objective, attack_cfg=None):
+  """How a batch becomes training inputs: `(logits_fn, x, y, keys) -> x_train`.
+
+  "natural": the clean images. "adversarial": `attack_cfg` (a dict with the
+  attack's `name` and settings, e.g. PGD as in Madry et al. 2018) applied to
+  the model in inference mode.
+  """
+  checks.one_of("objective", objective, ("natural", "adversarial"))
+  if objective == "natural":
+    return lambda logits_fn, x, y, keys: x
+  settings = dict(attack_cfg)
+  return attacks.create(settings.pop("name"), **settings)
+
+
+def example_keys(step_key, local_batch):
+  """Keys of this device's examples: `fold_in(step_key, i)`, i the global index."""
+  first = jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch
+  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, first + jnp.arange(local_batch))
+
+
+def make_train_step(model, tx, input_fn, mesh):
+  """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
+
+  `x`, `y` are the global batch, split over `mesh`; `key` is the run's key.
+  Metrics: mean cross-entropy `loss` and `accuracy` on the training inputs.
+  """
+  mutable = ["batch_stats"]
+
+  def device_step(state, x, y, key):
+    step_key = jax.random.fold_in(key, state.step)
+    logits_fn = lambda xb: model.apply(state.variables, xb, train=False)
+    x_train = jax.lax.stop_gradient(
+        input_fn(logits_fn, x, y, example_keys(step_key, x.shape[0])))
+
+    def loss_fn(params):
+      variables = {**state.variables, "params": params}
+      logits, updates = model.apply(variables, x_train, train=True,
+                                    mutable=[c for c in mutable if c in variables])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    grads = jax.lax.pmean(grads, parallel.BATCH_AXIS)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        model_state={**state.model_state,
+                     **jax.lax.pmean(dict(updates), parallel.BATCH_AXIS)},
+        opt_state=opt_state)
+    return new_state, jax.lax.pmean(metrics, parallel.BATCH_AXIS)
+
+  batch = P(parallel.BATCH_AXIS)
+  step = parallel.data_parallel(device_step, mesh, in_specs=(P(), batch, batch, P()),
+                                out_specs=(P(), P()))
+  return jax.jit(step, donate_argnums=0)
+
+
+def check_divisible(batch_size, mesh):
+  """Training refuses a global batch that does not split evenly over the devices."""
+  devices = mesh.devices.size
+  checks.require(batch_size % devices == 0,
+                 f"batch_size {batch_size} is not divisible by the {devices} devices; "
+                 f"choose a multiple of {devices} (or set XLA_FLAGS to use fewer "
+                 f"host devices)")

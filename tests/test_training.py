@@ -1,0 +1,138 @@
+"""Data-parallel training: device-count equivalence, resume, optimizers, refusals."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import common
+from jaxrobust import attacks, checks, experiment, models, parallel, training
+
+
+def tiny_config(**overrides):
+  c = common.base()
+  c.model = dict(name="small_cnn", width=4)
+  c.batch_size = 32
+  c.epochs = 1
+  c.objective = "adversarial"
+  c.train_attack = dict(name="pgd", norm="linf", eps=0.2, steps=2)
+  c.checkpoint_every_steps = 3
+  c.log_every_steps = 1
+  c.update(overrides)
+  return c
+
+
+def leaves_close(a, b, rtol):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=1e-6)
+
+
+def two_steps(mesh, model, input_fn, x, y):
+  tx = training.make_optimizer(dict(name="sgd", learning_rate=0.1, momentum=0.9), 10)
+  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step = training.make_train_step(model, tx, input_fn, mesh)
+  batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
+  for _ in range(2):
+    state, metrics = step(state, *batch, jax.random.key(1))
+  return state, metrics
+
+
+def test_two_devices_equal_one_device_with_batchnorm_and_pgd():
+  assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
+  # BatchNorm statistics are synchronised over devices, and every example's
+  # random start depends on its global index only, so the split is invisible.
+  model = models.WideResNet(num_classes=3, mean=(0.5,), std=(0.3,), depth=10,
+                            width=1, axis_name=parallel.BATCH_AXIS)
+  input_fn = attacks.pgd(norm="linf", eps=0.1, steps=2)
+  x = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1))
+  y = jnp.arange(8) % 3
+  one, m1 = two_steps(parallel.mesh(jax.devices()[:1]), model, input_fn, x, y)
+  two, m2 = two_steps(parallel.mesh(jax.devices()[:2]), model, input_fn, x, y)
+  assert "batch_stats" in one.model_state
+  leaves_close(one, two, rtol=1e-5)
+  leaves_close(m1, m2, rtol=1e-5)
+  # And the state did move.
+  assert int(two.step) == 2
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  config = tiny_config()
+  straight = experiment.train(config, tmp_path / "a", max_steps=8, progress=False)
+  experiment.train(config, tmp_path / "b", max_steps=5, progress=False)
+  resumed = experiment.train(config, tmp_path / "b", max_steps=8, progress=False)
+  assert int(resumed.step) == 8
+  for u, v in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  steps = [json.loads(l)["step"] for l in (tmp_path / "b/metrics.jsonl").open()]
+  assert steps == list(range(1, 9))
+  assert (tmp_path / "a/metrics.jsonl").read_text().count("\n") == 8
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+  a = experiment.train(tiny_config(), tmp_path / "a", max_steps=3, progress=False)
+  b = experiment.train(tiny_config(), tmp_path / "b", max_steps=3, progress=False)
+  c = experiment.train(tiny_config(seed=1), tmp_path / "c", max_steps=3, progress=False)
+  leaf = lambda s: np.asarray(jax.tree.leaves(s.params)[0])
+  np.testing.assert_array_equal(leaf(a), leaf(b))
+  assert not np.array_equal(leaf(a), leaf(c))
+
+
+def test_workdir_of_another_config_is_refused_and_untouched(tmp_path):
+  experiment.train(tiny_config(), tmp_path, max_steps=1, progress=False)
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  with pytest.raises(checks.InputError, match="different config.*learning_rate"):
+    config = tiny_config()
+    config.optimizer.learning_rate = 0.5
+    experiment.train(config, tmp_path, max_steps=2, progress=False)
+  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  assert before == after
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+  with pytest.raises(checks.InputError, match="batch_size 33 is not divisible by the 2"):
+    experiment.train(tiny_config(batch_size=33), tmp_path, progress=False)
+  assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_natural_training_learns_digits(tmp_path):
+  config = tiny_config(objective="natural", epochs=3)
+  experiment.train(config, tmp_path, progress=False)
+  resolved, model, state = experiment.restore(tmp_path)
+  report = experiment.evaluate(resolved, model, state, names="pgd_linf", limit=100)
+  assert report["clean_accuracy"] >= 0.8
+  assert report["results"][0]["accuracy"] < report["clean_accuracy"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "piecewise"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_and_schedules(name, schedule):
+  cfg = dict(name=name, learning_rate=0.1, schedule=schedule, weight_decay=1e-4,
+             warmup_steps=2)
+  tx = training.make_optimizer(cfg, total_steps=10)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  assert np.all(np.asarray(updates["w"]) <= 0)  # descends
+  schedule_fn = training.make_schedule(cfg, 10)
+  if schedule == "piecewise":
+    assert float(schedule_fn(9)) == pytest.approx(0.1 * 0.1 * 0.1)
+  elif schedule == "cosine":
+    assert float(schedule_fn(0)) == 0.0 and float(schedule_fn(2)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(name="rmsprop", learning_rate=0.1), "'rmsprop'"),
+    (dict(name="sgd", learning_rate=-0.1), "learning_rate"),
+    (dict(name="sgd", learning_rate=0.1, schedule="linear"), "'linear'"),
+    (dict(name="sgd", learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
+])
+def test_bad_optimizer_settings(cfg, message):
+  with pytest.raises(checks.InputError, match=message):
+    training.make_optimizer(cfg, 10)
+
+
+def test_unknown_objective():
+  with pytest.raises(checks.InputError, match="'trades'"):
+    training.make_input_fn("trades")
