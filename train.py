@@ -18,9 +18,7 @@ from ml_collections import config_flags
 from jaxrobust import cli, evaluation, experiment
 
 ROOT = Path(__file__).resolve().parent
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "configs" / "pgd_at.py"),
-    "Experiment config file; override settings with --config.<key>=<value>.")
+_CONFIG = cli.define_config_flag(str(ROOT / "configs" / "pgd_at.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory (default: runs/<config file name>).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
@@ -28,7 +26,7 @@ _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 
 def main(argv):
   cli.parse_flags(argv)
-  config = _CONFIG.value
+  config = cli.config_value(_CONFIG)
   name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
   workdir = _WORKDIR.value or str(Path("runs") / name)
   experiment.train(config, workdir, progress=_PROGRESS.value)

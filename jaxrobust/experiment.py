@@ -69,11 +69,14 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   mesh = mesh or parallel.mesh()
   checks.integer_at_least("batch_size", config.batch_size, 1)
   training.check_divisible(config.batch_size, mesh)
+  checkpoints.check_workdir(workdir)
   train_set = load_split(config, "train")
   resolved = resolve(config, train_set)
-  workdir = checkpoints.claim_workdir(workdir, resolved)
+  # Everything the config sets up is checked before the workdir is touched.
   model = build_model(resolved, axis_name=parallel.BATCH_AXIS)
   state, tx = initial_state(resolved, model, mesh)
+  input_fn = training.make_input_fn(config.objective, config.get("train_attack"))
+  workdir = checkpoints.claim_workdir(workdir, resolved)
   mgr = checkpoints.manager(workdir, every_steps=config.checkpoint_every_steps,
                             keep=config.keep_checkpoints)
   state = checkpoints.restore_latest(mgr, state) or state
@@ -81,9 +84,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   steps_per_epoch, total = schedule_length(resolved)
   end = total if max_steps is None else min(total, max_steps)
 
-  step_fn = training.make_train_step(
-      model, tx, training.make_input_fn(config.objective, config.get("train_attack")),
-      mesh)
+  step_fn = training.make_train_step(model, tx, input_fn, mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
                                seed=config.seed, start_step=start)
