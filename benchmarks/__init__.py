@@ -1,0 +1,1 @@
+"""jaxrobust's benchmarks against PyTorch (benchmark-only dependencies: requirements-bench.txt)."""
