@@ -79,6 +79,7 @@ class SeedCNN(nn.Module):
 
 class PreActBlock(nn.Module):
   """Pre-activation residual block (He et al. 2016): BN-ReLU-conv, BN-ReLU-conv, plus shortcut."""
+  residual = True  # `spectral.lipschitz_bound` refuses: a product of layer norms is no bound
   features: int
   strides: int
   norm: Callable[..., Any]
