@@ -1,4 +1,6 @@
 """Settings shared by the configs: the small CNN on scikit-learn's digits."""
+from pathlib import Path
+
 import ml_collections
 
 
@@ -16,7 +18,53 @@ def base():
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
-  c.eval = dict(batch_size=500, limit=0, attacks=dict(
+  # eval.py runs `default` unless --attacks names others (or "all").
+  c.eval = dict(batch_size=500, limit=0, default="pgd_l2,pgd_linf", attacks=dict(
       pgd_linf=dict(name="pgd", norm="linf", eps=0.2, step_size=0.02, steps=20),
       pgd_l2=dict(name="pgd", norm="l2", eps=1.0, step_size=0.1, steps=20)))
   return c
+
+
+# The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
+# L2 eps 0.5. `REPO/../shared/data` holds the JPEG copy of CIFAR-10.
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_JPEG = str((REPO / ".." / "shared" / "data" / "cifar10").resolve()
+                   / "cifar10-{split}-jpeg.tar.gz")
+SETTINGS = ("digits", "cifar10", "cifar10_tfds")
+# Attack radii per setting: (L-infinity, L2).
+EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
+
+
+def setting(name):
+  """The base config of a setting: "digits" (default), or the seed's
+  "cifar10" (CIFAR-10, JPEG copy, as `folder:`) and "cifar10_tfds" (the
+  original through tensorflow-datasets), both with `seed_cnn`, Adam and the
+  seed's eps (8/255 L-inf, 0.5 L2) in the evaluation's PGD-20 attacks.
+
+  Config files take it as their argument: `--config configs/rat.py:cifar10`.
+  """
+  if name not in SETTINGS:
+    raise ValueError(f"unknown setting {name!r}; choose one of {', '.join(SETTINGS)}")
+  c = base()
+  if name == "digits":
+    return c
+  c.data = dict(name="tfds:cifar10" if name == "cifar10_tfds"
+                else f"folder:{CIFAR10_JPEG}", data_dir="")
+  c.model = dict(name="seed_cnn")
+  c.batch_size = 128
+  c.epochs = 10
+  c.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine",
+                     warmup_steps=100, weight_decay=0.0)
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  linf, l2 = EPS[name]
+  c.eval.attacks = dict(
+      pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
+      pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20))
+  return c
+
+
+def pgd(norm, setting_name, steps=7):
+  """The PGD training attack of a setting: `steps` steps of 2.5 eps / steps."""
+  linf, l2 = EPS[setting_name]
+  return dict(name="pgd", norm=norm, eps=linf if norm == "linf" else l2, steps=steps)
