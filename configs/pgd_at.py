@@ -1,13 +1,17 @@
 """PGD adversarial training (Madry et al. 2018) of the small CNN on digits.
 
-Training inputs: PGD-7 L-infinity, eps 0.2, step 0.05, random start.
+Training inputs: PGD-7 L-infinity, eps 0.2 (8/255 in the seed's setting),
+step 2.5 eps / 7, random start.
 Command: python train.py --config configs/pgd_at.py --workdir runs/pgd_at
+Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at.py:cifar10
 """
 from configs import common
 
 
-def get_config():
-  c = common.base()
+def get_config(setting="digits"):
+  c = common.setting(setting)
   c.objective = "adversarial"
   c.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=7)
+  if setting != "digits":
+    c.train_attack = common.pgd("linf", setting)
   return c

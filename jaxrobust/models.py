@@ -6,13 +6,28 @@ inside the model (`Normalize`), so attacks and certificates are stated in the
 named axis `axis_name` when it is set (data-parallel training sets it to the
 batch axis of the device mesh); attacks call models with `train=False`, which
 reads the running statistics and never updates them.
+
+Two settings of `create` change what a model computes:
+
+* `spectral=dict(mode="operator", target=1.0, n_steps=1, rescale="clip")`
+  (SmallCNN, SeedCNN) wraps every Conv and Dense layer in
+  `spectral.SpectralNorm`, with `update_stats=train`: the power iteration
+  (collection "spectral") advances in training steps only, never in attacks
+  or evaluation. The parameters keep the layout of the plain model.
+* `noise=dict(sigma=0.25, samples=8, seed=0)` (any model) makes it the
+  randomized classifier f~(x) = f(x + d), d ~ N(0, sigma^2 I) (`Randomized`):
+  in inference it returns the log of the mean softmax over `samples` noise
+  draws that are fixed by `seed`, so that `logits_fn(x)` is a pure function
+  of x and an attack differentiating it runs expectation over transformation
+  (EOT) over exactly the draws the prediction uses.
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from jaxrobust import checks
+from jaxrobust import checks, spectral as spectral_lib
 
 
 class Normalize(nn.Module):
@@ -27,6 +42,22 @@ class Normalize(nn.Module):
     return 1.0 / min(self.std)
 
 
+class SpectralSettings(NamedTuple):
+  """Settings of `spectral.SpectralNorm` for every Conv and Dense of a model."""
+  mode: str = "operator"
+  target: float = 1.0
+  n_steps: int = 1
+  rescale: str = "clip"
+
+
+def _linear(layer, spectral, train):
+  """`layer`, spectrally normalised when `spectral` (SpectralSettings) is set."""
+  if spectral is None:
+    return layer
+  normalised = spectral_lib.SpectralNorm(layer, **spectral._asdict())
+  return lambda x: normalised(x, update_stats=train)
+
+
 class SmallCNN(nn.Module):
   """The default model: two conv-conv-maxpool stages and a 2-layer head, no BatchNorm.
 
@@ -38,18 +69,19 @@ class SmallCNN(nn.Module):
   std: Sequence[float]
   width: int = 32
   axis_name: Optional[str] = None  # unused: no BatchNorm
+  spectral: Optional[SpectralSettings] = None
 
   @nn.compact
   def __call__(self, x, train=False):
-    del train
+    linear = lambda layer: _linear(layer, self.spectral, train)
     x = Normalize(self.mean, self.std)(x)
     for features in (self.width, 2 * self.width):
-      x = nn.relu(nn.Conv(features, (3, 3))(x))
-      x = nn.relu(nn.Conv(features, (3, 3))(x))
+      x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
+      x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(4 * self.width)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(linear(nn.Dense(4 * self.width))(x))
+    return linear(nn.Dense(self.num_classes))(x)
 
 
 class SeedCNN(nn.Module):
@@ -63,18 +95,19 @@ class SeedCNN(nn.Module):
   mean: Sequence[float]
   std: Sequence[float]
   axis_name: Optional[str] = None  # unused: no BatchNorm
+  spectral: Optional[SpectralSettings] = None
 
   @nn.compact
   def __call__(self, x, train=False):
-    del train
+    linear = lambda layer: _linear(layer, self.spectral, train)
     x = Normalize(self.mean, self.std)(x)
     for features in (6, 16):
-      x = nn.relu(nn.Conv(features, (5, 5), padding="VALID")(x))
+      x = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(120)(x))
-    x = nn.relu(nn.Dense(84)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(linear(nn.Dense(120))(x))
+    x = nn.relu(linear(nn.Dense(84))(x))
+    return linear(nn.Dense(self.num_classes))(x)
 
 
 class PreActBlock(nn.Module):
@@ -155,6 +188,68 @@ class WideResNet(nn.Module):
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
+class Randomized(nn.Module):
+  """The randomized classifier f~(x) = f(x + d), d ~ N(0, sigma^2 I), of `classifier` f.
+
+  Randomized adversarial training (Araujo et al. 2019) trains f~; Gaussian
+  noise training gives the base classifier of randomized smoothing (Cohen et
+  al. 2019). A randomized classifier must be evaluated as one, and attacked
+  with expectation over the noise (EOT, Athalye et al. 2018), or its
+  randomness passes for robustness. Calls:
+
+  * `apply(v, x)` (`noise=None`): log of the mean softmax of f over `samples`
+    draws d_1..d_S, the same for every call and every example (drawn from
+    `jax.random.key(seed)`), so that `lambda x: apply(v, x)` is a pure
+    function: its argmax is the prediction from S draws, and an attack that
+    differentiates it (through the noise) is EOT over those S draws. The
+    draws are fixed for the model, not redrawn per call: the evaluated
+    classifier is exactly the function the attack sees.
+  * `apply(v, x, noise=d)` with d of shape [S, B or 1, ...]: the same with
+    the draws d (e.g. fresh draws for the attack inside a training step).
+  * `apply(v, x, train=True, noise=d)` with d of x's shape: f(x + d), one draw
+    per example (training; `training.make_train_step` draws d per example
+    from the run's key).
+  * `apply(v, x, method="base")`: the base classifier f, without noise.
+
+  The outputs are log-probabilities, valid logits for any attack loss (the
+  cross-entropy of the mean softmax is the EOT loss). `smoothing.predict` and
+  `smoothing.certify` take the base classifier (`method="base"`).
+
+  Variables live under "classifier" (e.g. params["classifier"]["Conv_0"]).
+  """
+  classifier: nn.Module
+  sigma: float
+  samples: int = 8
+  seed: int = 0
+
+  def fixed_noise(self, shape, dtype=jnp.float32):
+    """The `samples` fixed draws for one example of `shape`: [S, 1, *shape]."""
+    z = jax.random.normal(jax.random.key(self.seed), (self.samples, 1, *shape), dtype)
+    return self.sigma * z
+
+  def __call__(self, x, train=False, noise=None):
+    if noise is None:
+      checks.require(not train, "Randomized in training mode needs noise=d, one draw "
+                     "per example of the input's shape")
+      noise = self.fixed_noise(x.shape[1:], x.dtype)
+    if noise.shape == x.shape:
+      return self.classifier(x + noise, train=train)
+    checks.require(noise.ndim == x.ndim + 1,
+                   f"noise must have the input's shape {x.shape} or [draws, batch "
+                   f"or 1, ...], got {noise.shape}")
+    draws = noise.shape[0]
+    noisy = (x[None] + noise).reshape(-1, *x.shape[1:])
+    logits = self.classifier(noisy, train=train).reshape(draws, x.shape[0], -1)
+    return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - jnp.log(draws)
+
+  def base(self, x, train=False):
+    return self.classifier(x, train=train)
+
+
+def is_randomized(model):
+  return isinstance(model, Randomized)
+
+
 MODELS = {
     "small_cnn": SmallCNN,
     "seed_cnn": SeedCNN,
@@ -163,12 +258,59 @@ MODELS = {
 }
 
 
-def create(name, *, num_classes, mean, std, axis_name=None, **kwargs):
-  """Builds model `name` (one of `MODELS`) with its hyper-parameters `kwargs`."""
+def spectral_settings(settings):
+  """Validated `SpectralSettings` from a dict (None when empty: no normalisation)."""
+  if not settings:
+    return None
+  settings = dict(settings)
+  unknown = sorted(set(settings) - set(SpectralSettings._fields))
+  checks.require(not unknown, f"model.spectral has no setting {unknown[0]!r}; choose "
+                 f"from {', '.join(SpectralSettings._fields)}" if unknown else "")
+  s = SpectralSettings(**settings)
+  checks.one_of("model.spectral.mode", s.mode, spectral_lib.MODES)
+  checks.one_of("model.spectral.rescale", s.rescale, spectral_lib.RESCALES)
+  return s._replace(target=float(checks.positive("model.spectral.target", s.target)),
+                    n_steps=checks.integer_at_least("model.spectral.n_steps",
+                                                    s.n_steps, 1))
+
+
+def noise_settings(settings):
+  """Validated {sigma, samples, seed} from a dict (None when empty: no noise)."""
+  if not settings:
+    return None
+  settings = dict(settings)
+  allowed = ("sigma", "samples", "seed")
+  unknown = sorted(set(settings) - set(allowed))
+  checks.require(not unknown, f"model.noise has no setting {unknown[0]!r}; choose "
+                 f"from {', '.join(allowed)}" if unknown else "")
+  checks.require("sigma" in settings, "model.noise needs sigma (the noise's "
+                 "standard deviation, > 0)")
+  return {"sigma": float(checks.positive("model.noise.sigma", settings["sigma"])),
+          "samples": checks.integer_at_least("model.noise.samples",
+                                             settings.get("samples", 8), 1),
+          "seed": checks.integer_at_least("model.noise.seed", settings.get("seed", 0), 0)}
+
+
+def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise=None,
+           **kwargs):
+  """Builds model `name` (one of `MODELS`) with its hyper-parameters `kwargs`.
+
+  `spectral` (a dict of `SpectralSettings`, SmallCNN and SeedCNN) normalises
+  every Conv and Dense layer; `noise` (a dict with `sigma` > 0, `samples` >= 1,
+  `seed`) wraps the model in `Randomized`. Empty or None: off.
+  """
   checks.one_of("model", name, tuple(MODELS))
   cls = MODELS[name]
+  spectral = spectral_settings(spectral)
+  if spectral is not None:
+    checks.require("spectral" in cls.__dataclass_fields__,
+                   f"model {name!r} has no spectral normalisation; use "
+                   "small_cnn or seed_cnn")
+    kwargs["spectral"] = spectral
   unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
   checks.require(not unknown, f"model {name!r} has no setting {unknown[0]!r}"
                  if unknown else "")
-  return cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-             axis_name=axis_name, **kwargs)
+  model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
+              axis_name=axis_name, **kwargs)
+  noise = noise_settings(noise)
+  return model if noise is None else Randomized(model, **noise)

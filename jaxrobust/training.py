@@ -1,17 +1,24 @@
 """Data-parallel robust training: the train state, the step and the loop.
 
 The step `(state, x, y, key) -> (state, metrics)` is written for one device:
-it makes the training inputs (clean, or adversarial from any attack run on
-the model in inference mode), computes the cross-entropy gradient, averages
-gradients and metrics over devices with `lax.pmean`, and applies the optax
-update. BatchNorm statistics are synchronised inside the model
-(`axis_name`), so every device keeps identical state and the result equals a
-single-device step on the whole batch. The step is mapped over all devices
-with `jax.shard_map` under `jax.jit`, with the state donated.
+it makes the training inputs (the objective, see `jaxrobust.objectives`:
+clean, or adversarial from any attack run on the model in inference mode;
+plus one Gaussian draw per example for a randomized model), computes the
+cross-entropy gradient, averages gradients and metrics over devices with
+`lax.pmean`, and applies the optax update. BatchNorm statistics are
+synchronised inside the model (`axis_name`); the spectral-normalisation
+state (collection "spectral") is computed from the kernels alone, so it is
+the same on every device, and is averaged all the same. Every device thus
+keeps identical state and the result equals a single-device step on the whole
+batch. The step is mapped over all devices with `jax.shard_map` under
+`jax.jit`, with the state donated.
 
-Randomness: the key of step s is `fold_in(seed_key, s)` and example i of the
-global batch gets `fold_in(step_key, i)`, so the draws depend neither on the
-device count nor on whether the run was resumed.
+Randomness: the key of step s is `fold_in(seed_key, s)`, split into an
+attack, a noise and an EOT key; example i of the global batch gets
+`fold_in(attack_key, i)` for its attack and `fold_in(noise_key, i)` for its
+training noise, and the EOT draws of `rat` (shared by the batch) come from
+the EOT key, so the draws depend neither on the device count nor on whether
+the run was resumed.
 """
 from typing import Any
 
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import attacks, checks, parallel
+from jaxrobust import checks, models, objectives, parallel
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -87,18 +94,25 @@ def make_optimizer(cfg, total_steps):
   return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
 
 
-def make_input_fn(objective, attack_cfg=None):
-  """How a batch becomes training inputs: `(logits_fn, x, y, keys) -> x_train`.
+def make_input_fn(objective, attack_cfg=None, model_cfg=None):
+  """How a batch becomes training inputs: an `objectives.Objective`, called as
+  `(logits_fn, x, y, keys) -> x_train`.
 
-  "natural": the clean images. "adversarial": `attack_cfg` (a dict with the
-  attack's `name` and settings, e.g. PGD as in Madry et al. 2018) applied to
-  the model in inference mode.
+  `objective` names one of `objectives.NAMES` ("natural", "pgd_at", ...);
+  `attack_cfg` is its attack spec (a dict with the attack's `name` and
+  settings, e.g. PGD as in Madry et al. 2018). With `model_cfg` (the config's
+  `model`), an objective that needs a randomized model is refused unless the
+  model has `noise`; `make_train_step` checks the same on the model itself.
   """
-  checks.one_of("objective", objective, ("natural", "adversarial"))
-  if objective == "natural":
-    return lambda logits_fn, x, y, keys: x
-  settings = dict(attack_cfg)
-  return attacks.create(settings.pop("name"), **settings)
+  objective = objectives.create(objective, attack_cfg)
+  if model_cfg is not None:
+    objectives.check_model(objective, model_cfg)
+  return objective
+
+
+def gaussian_noise(keys, shape, sigma):
+  """sigma * N(0, I) of `shape` [B, ...], example i drawn from `keys[i]`."""
+  return sigma * jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys)
 
 
 def example_keys(step_key, local_batch):
@@ -110,20 +124,48 @@ def example_keys(step_key, local_batch):
 def make_train_step(model, tx, input_fn, mesh):
   """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
 
-  `x`, `y` are the global batch, split over `mesh`; `key` is the run's key.
-  Metrics: mean cross-entropy `loss` and `accuracy` on the training inputs.
+  `input_fn` is an `objectives.Objective` or any `(logits_fn, x, y, keys) ->
+  x_train` (such as an attack). `x`, `y` are the global batch, split over
+  `mesh`; `key` is the run's key. Metrics: mean cross-entropy `loss` and
+  `accuracy` on the training inputs.
+
+  For a randomized model (`models.Randomized`, noise sigma), the step trains
+  the base classifier on x_train + d, one fresh draw d ~ N(0, sigma^2 I) per
+  example; the attack of the objective sees the base classifier, or, when the
+  objective has `eot_samples` (`rat`), the randomized classifier averaged
+  over that many fresh draws (shared by the batch).
   """
-  mutable = ["batch_stats"]
+  objective = (input_fn if isinstance(input_fn, objectives.Objective)
+               else objectives.Objective("custom", input_fn))
+  randomized = models.is_randomized(model)
+  checks.require(randomized or not objective.randomized,
+                 f"objective {objective.name!r} trains a randomized model: set "
+                 "model.noise = dict(sigma=..., samples=...)")
+  mutable = ["batch_stats", "spectral"]
+
+  def attack_logits_fn(variables, eot_key, shape):
+    if not randomized:
+      return lambda xb: model.apply(variables, xb, train=False)
+    if objective.eot_samples:
+      draws = gaussian_noise(jax.random.split(eot_key, objective.eot_samples),
+                             (objective.eot_samples, 1, *shape), model.sigma)
+      return lambda xb: model.apply(variables, xb, train=False, noise=draws)
+    return lambda xb: model.apply(variables, xb, train=False, method="base")
 
   def device_step(state, x, y, key):
     step_key = jax.random.fold_in(key, state.step)
-    logits_fn = lambda xb: model.apply(state.variables, xb, train=False)
+    attack_key, noise_key, eot_key = jax.random.split(step_key, 3)
+    logits_fn = attack_logits_fn(state.variables, eot_key, x.shape[1:])
     x_train = jax.lax.stop_gradient(
-        input_fn(logits_fn, x, y, example_keys(step_key, x.shape[0])))
+        objective(logits_fn, x, y, example_keys(attack_key, x.shape[0])))
+    apply_kwargs = {}
+    if randomized:
+      apply_kwargs["noise"] = gaussian_noise(example_keys(noise_key, x.shape[0]),
+                                             x.shape, model.sigma)
 
     def loss_fn(params):
       variables = {**state.variables, "params": params}
-      logits, updates = model.apply(variables, x_train, train=True,
+      logits, updates = model.apply(variables, x_train, train=True, **apply_kwargs,
                                     mutable=[c for c in mutable if c in variables])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, (logits, updates)

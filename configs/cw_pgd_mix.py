@@ -1,0 +1,18 @@
+"""The seed's "C&W model": adversarial training on a 50/50 mixture of C&W-L2
+and PGD L-infinity examples in every batch (`attacks.mixture`).
+
+C&W-L2 (Carlini & Wagner 2017), shortened for training: one binary-search
+step with c = 1, 20 Adam steps; PGD-7 L-infinity as in configs/pgd_at.py.
+Command: python train.py --config configs/cw_pgd_mix.py --workdir runs/cw_pgd_mix
+Seed setting (seed_cnn, CIFAR-10): --config configs/cw_pgd_mix.py:cifar10
+"""
+from configs import common, pgd_at
+
+
+def get_config(setting="digits"):
+  c = pgd_at.get_config(setting)
+  c.objective = "cw_pgd_mix"
+  cw = dict(name="cw_l2", steps=20, binary_search_steps=1, c=1.0, lr=0.01)
+  c.train_attack = dict(name="mixture", attacks=[cw, dict(c.train_attack)],
+                        weights=[0.5, 0.5])
+  return c

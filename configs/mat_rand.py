@@ -1,0 +1,16 @@
+"""MAT-Rand: mixed adversarial training over p in {2, inf} (Araujo et al. 2019).
+
+Each step draws one of PGD-7 L2 and PGD-7 L-infinity uniformly
+(`attacks.random_choice`) and trains on its examples.
+Command: python train.py --config configs/mat_rand.py --workdir runs/mat_rand
+Seed setting (seed_cnn, CIFAR-10): --config configs/mat_rand.py:cifar10
+"""
+from configs import common
+
+
+def get_config(setting="digits"):
+  c = common.setting(setting)
+  c.objective = "mat_rand"
+  c.train_attack = dict(name="random_choice", attacks=[
+      common.pgd("l2", setting), common.pgd("linf", setting)])
+  return c

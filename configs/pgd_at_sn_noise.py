@@ -1,0 +1,21 @@
+"""PGD adversarial training with Gaussian noise and spectral normalisation:
+the seed's "PGD model, with smoothing and spectral normalisation".
+
+The model is the randomized classifier f~(x) = f(x + d), d ~ N(0, sigma^2 I),
+whose every Conv and Dense layer is spectrally normalised (operator norm,
+clipped at 1; Farnia et al. 2019). Each step crafts PGD-7 L-infinity examples
+on the base classifier f and trains f on x_adv + d, one fresh draw per
+example. Evaluation: the mean softmax over `model.noise.samples` fixed draws,
+attacked through them (EOT).
+Command: python train.py --config configs/pgd_at_sn_noise.py --workdir runs/pgd_at_sn_noise
+Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at_sn_noise.py:cifar10
+"""
+from configs import common, pgd_at
+
+
+def get_config(setting="digits"):
+  c = pgd_at.get_config(setting)
+  c.objective = "pgd_at"
+  c.model.spectral = dict(mode="operator", target=1.0, n_steps=1, rescale="clip")
+  c.model.noise = dict(sigma=0.25 if setting == "digits" else 0.1, samples=8, seed=0)
+  return c

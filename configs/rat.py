@@ -1,0 +1,20 @@
+"""Randomized adversarial training (Araujo et al. 2019).
+
+Adversarial training of the randomized network f~(x) = f(x + d),
+d ~ N(0, sigma^2 I): each step's PGD-7 L-infinity attack takes its gradients
+through the noise, averaged over `train_attack.eot_samples` fresh draws
+(expectation over transformation), and f is trained on x_adv + d.
+Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
+through them (EOT).
+Command: python train.py --config configs/rat.py --workdir runs/rat
+Seed setting (seed_cnn, CIFAR-10): --config configs/rat.py:cifar10
+"""
+from configs import common, pgd_at
+
+
+def get_config(setting="digits"):
+  c = pgd_at.get_config(setting)
+  c.objective = "rat"
+  c.model.noise = dict(sigma=0.25 if setting == "digits" else 0.1, samples=8, seed=0)
+  c.train_attack.eot_samples = 4
+  return c
