@@ -190,10 +190,12 @@ def markdown(results, args):
 def main(argv=None):
   args = parse_args(argv)
   rows = {r: c for r, c, _ in ROWS}
-  results = [run_row(row, rows[row], args) for row in args.rows]
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  checkpoints.write_atomic(out, markdown(results, args))
+  results = []
+  for row in args.rows:  # the table is rewritten after each row
+    results.append(run_row(row, rows[row], args))
+    checkpoints.write_atomic(out, markdown(results, args))
   print(f"\nwrote {out}\n\n{out.read_text()}")
 
 
