@@ -7,16 +7,39 @@ and must run the model in inference mode. Compose under `jax.jit`:
   x_adv = jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 """
 from jaxrobust.attacks import core, losses
+from jaxrobust.attacks.apgd import apgd
+from jaxrobust.attacks.combinators import mixture, random_choice, worst_case
+from jaxrobust.attacks.cw import cw_l2
+from jaxrobust.attacks.momentum import di_fgsm, mi_fgsm
 from jaxrobust.attacks.pgd import fgsm, pgd
 
 from jaxrobust import checks
 
-ATTACKS = {"fgsm": fgsm, "pgd": pgd}
+ATTACKS = {"fgsm": fgsm, "pgd": pgd, "cw_l2": cw_l2, "mi_fgsm": mi_fgsm,
+           "di_fgsm": di_fgsm, "apgd": apgd, "worst_case": worst_case,
+           "random_choice": random_choice, "mixture": mixture}
+COMBINATORS = ("worst_case", "random_choice", "mixture")
 
 
 def create(name, **settings):
-  """Builds attack `name` (one of `ATTACKS`) from keyword `settings`, as in a config."""
+  """Builds attack `name` (one of `ATTACKS`) from keyword `settings`, as in a config.
+
+  `name` may also be a whole spec `{"name": ..., **settings}` (a dict or
+  ConfigDict). A combinator's
+  `attacks` is a list of specs (or attack functions), built recursively:
+  `create("mixture", attacks=[{"name": "cw_l2", "steps": 100},
+  {"name": "pgd", "eps": 0.03}], weights=[0.5, 0.5])`.
+  """
+  if hasattr(name, "keys"):  # a dict or ConfigDict
+    settings = {**dict(name), **settings}
+    checks.require("name" in settings, f"an attack spec needs a 'name', got {name!r}")
+    name = settings.pop("name")
   checks.one_of("attack", name, tuple(ATTACKS))
+  if name in COMBINATORS and "attacks" in settings:
+    inner = settings["attacks"]
+    checks.require(isinstance(inner, (list, tuple)),
+                   f"attack {name!r}: attacks must be a list of specs, got {inner!r}")
+    settings["attacks"] = [a if callable(a) else create(a) for a in inner]
   factory = ATTACKS[name]
   try:
     return factory(**settings)

@@ -21,11 +21,41 @@ def margin(logits, y):
   return other_max(logits, y) - logits[y]
 
 
-LOSSES = {"ce": cross_entropy, "cw": margin}
+def _top(logits, k):
+  """The k largest logits, largest first."""
+  return jax.lax.top_k(logits, k)[0]
+
+
+def dlr(logits, y):
+  """Difference of logits ratio (Croce & Hein 2020), for K >= 3 classes:
+
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12),
+
+  z_pi1 >= z_pi2 >= ... the sorted logits. Invariant to shifting and scaling
+  the logits, so it cannot be defeated by rescaling them.
+  """
+  top = _top(logits, 3)
+  return margin(logits, y) / (top[0] - top[2] + 1e-12)
+
+
+def dlr_targeted(logits, t):
+  """The targeted DLR loss for target t, for K >= 4 classes; attacks minimise it:
+
+    (max_{i != t} z_i - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
+
+  Croce & Hein 2020 maximise -(z_y - z_t) / (...) with y the true class; an
+  attack here knows only the target, so the strongest other class stands in
+  for y (it is y wherever the model classifies x correctly).
+  """
+  top = _top(logits, 4)
+  return margin(logits, t) / (top[0] - (top[2] + top[3]) / 2 + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy, "cw": margin, "dlr": dlr}
 
 
 def get(loss):
-  """A loss by name ("ce", "cw") or a callable `loss(logits [K], y) -> scalar`."""
+  """A loss by name ("ce", "cw", "dlr") or a callable `loss(logits [K], y) -> scalar`."""
   if callable(loss):
     return loss
   return LOSSES[checks.one_of("loss", loss, tuple(LOSSES))]

@@ -1,0 +1,142 @@
+"""Attacks made of attacks: the per-example worst case, a random choice and a
+mixture that splits a batch between attacks.
+
+Each takes attacks `attack(logits_fn, x, y, key) -> x_adv` and returns one.
+Randomness: with per-example keys k_i (the key itself if it is a batch of
+keys, else `fold_in(key, i)`), inner attack j sees `fold_in(k_i, j)` for
+example i, and the combinator's own draws use `fold_in(k_i, J)`, J the number
+of attacks. Labels are true classes: the combinators judge success
+untargeted (misclassified).
+"""
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+from jaxrobust.attacks import core, losses
+
+
+def worst_case(attacks):
+  """Runs every attack and keeps, per example, the worst one for the model.
+
+  Per example: the first attack's output (in list order) that is
+  misclassified, else the one with the highest cross-entropy loss. Costs the
+  sum of the attacks plus one forward pass each; an example counts as robust
+  only if it resists all of them (MAT-Max of Araujo et al. 2019 over p).
+  """
+  attacks = _check_attacks(attacks)
+
+  def attack(logits_fn, x, y, key):
+    core.check_batch(logits_fn, x, y)
+    keys = core.example_keys(key, x.shape[0])
+    candidates = jnp.stack([a(logits_fn, x, y, _fold(keys, j))
+                            for j, a in enumerate(attacks)])       # [J, B, ...]
+    logits = logits_fn(candidates.reshape((-1,) + x.shape[1:]))
+    logits = logits.reshape(len(attacks), x.shape[0], -1)          # [J, B, K]
+    fooled = jnp.argmax(logits, -1) != y
+    loss = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
+    choice = jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
+    return candidates[choice, jnp.arange(x.shape[0])]
+
+  return attack
+
+
+def random_choice(attacks, per_example=False):
+  """One attack drawn uniformly at random.
+
+  Per batch (default): one draw for the whole batch, made from the first
+  example's key, and only the drawn attack runs (a `lax.switch`); under
+  data-parallel training each device's batch draws its own (MAT-Rand of Araujo
+  et al. 2019 over p). Per example: an independent draw per example; every
+  attack runs on the whole batch and each example keeps its own draw's output.
+  """
+  attacks = _check_attacks(attacks)
+  count = len(attacks)
+
+  def attack(logits_fn, x, y, key):
+    core.check_batch(logits_fn, x, y)
+    keys = core.example_keys(key, x.shape[0])
+    if per_example:
+      choice = jax.vmap(lambda k: jax.random.randint(k, (), 0, count))(_fold(keys, count))
+      outputs = jnp.stack([a(logits_fn, x, y, _fold(keys, j)) for j, a in enumerate(attacks)])
+      return outputs[choice, jnp.arange(x.shape[0])]
+    choice = jax.random.randint(jax.random.fold_in(keys[0], count), (), 0, count)
+    # Each branch is a computation of its own, where XLA:CPU would not
+    # canonicalise (and so speed up) the attack's convolutions by itself.
+    branches = [core.canonical_convolutions(
+        lambda x, y, keys, a=a, j=j: a(logits_fn, x, y, _fold(keys, j)))
+                for j, a in enumerate(attacks)]
+    return jax.lax.switch(choice, branches, x, y, keys)
+
+  return attack
+
+
+def mixture(attacks, weights):
+  """Splits each batch between the attacks in the proportions `weights`.
+
+  Every example goes to exactly one attack and each attack runs only on its
+  share (the seed's "C&W model": 50 % C&W, 50 % PGD examples), so a mixture
+  costs about the weighted mean of its attacks. For a batch of B examples the
+  share sizes are static: n_j = floor(w_j B), plus one for the B - sum_j n_j
+  attacks with the largest remainders w_j B - n_j (ties to the earlier
+  attack). Which examples: a random permutation of the batch (the order of
+  per-example uniform draws), cut into consecutive shares; the shares are
+  gathered, attacked and scattered back.
+
+  Args:
+    attacks: a non-empty list of attacks.
+    weights: one number >= 0 per attack, summing to 1.
+  """
+  attacks = _check_attacks(attacks)
+  weights = _check_weights(weights, len(attacks))
+
+  def attack(logits_fn, x, y, key):
+    core.check_batch(logits_fn, x, y)
+    keys = core.example_keys(key, x.shape[0])
+    draws = jax.vmap(jax.random.uniform)(_fold(keys, len(attacks)))
+    order = jnp.argsort(draws)
+    x_adv, start = x, 0
+    for j, (a, size) in enumerate(zip(attacks, share_sizes(weights, x.shape[0]))):
+      if size:
+        share = order[start:start + size]
+        x_adv = x_adv.at[share].set(a(logits_fn, x[share], y[share], _fold(keys[share], j)))
+        start += size
+    return x_adv
+
+  return attack
+
+
+def share_sizes(weights, batch_size):
+  """`mixture`'s share sizes: largest-remainder rounding of w_j * batch_size."""
+  exact = [w * batch_size for w in weights]
+  sizes = [math.floor(e) for e in exact]
+  by_remainder = sorted(range(len(weights)), key=lambda j: sizes[j] - exact[j])
+  for j in by_remainder[:batch_size - sum(sizes)]:
+    sizes[j] += 1
+  return sizes
+
+
+def _fold(keys, j):
+  return jax.vmap(jax.random.fold_in, (0, None))(keys, j)
+
+
+def _check_attacks(attacks):
+  checks.require(isinstance(attacks, (list, tuple)) and len(attacks) > 0,
+                 f"attacks must be a non-empty list of attacks, got {attacks!r}")
+  for a in attacks:
+    checks.require(callable(a), f"attacks must be attack functions, got {a!r}")
+  return tuple(attacks)
+
+
+def _check_weights(weights, count):
+  checks.require(isinstance(weights, (list, tuple)) and len(weights) == count,
+                 f"weights must be a list of {count} numbers, one per attack, "
+                 f"got {weights!r}")
+  for w in weights:
+    checks.require(isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0,
+                   f"weights must be finite numbers >= 0, got {weights!r}")
+  checks.require(abs(sum(weights) - 1.0) <= 1e-6,
+                 f"weights must sum to 1, got {list(weights)} (sum {sum(weights):g})")
+  return tuple(float(w) for w in weights)

@@ -1,0 +1,132 @@
+"""Momentum iterative FGSM (Dong et al. 2018) and its diverse-input variant
+M-DI2-FGSM (Xie et al. 2019), the attacks built to transfer to other models."""
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+from jaxrobust.attacks import core, losses
+
+
+def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=False):
+  """The momentum iterative fast gradient sign method (Dong et al. 2018,
+  "Boosting adversarial attacks with momentum").
+
+  Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
+  [0, 1]. From d = 0 and g = 0, each step accumulates the L1-normalised
+  gradient of the cross-entropy loss(logits_fn(x + d), y) in a momentum g and
+  steps along it:
+
+    g <- decay * g + grad / ||grad||_1,
+    d <- clip_box(proj_eps(d + step_size * u)),
+
+  u = sign(g) for L-infinity and g / ||g||_2 for L2. With decay = 0 this is
+  iterated FGSM (`pgd` without random start).
+
+  Args:
+    eps: radius of the ball, > 0.
+    steps: gradient steps, >= 1.
+    step_size: step length; default eps / steps (the paper's alpha = eps / T).
+    decay: momentum decay factor mu, >= 0 (the paper uses 1).
+    norm: "linf" or "l2".
+    unroll: loop form: a `lax.fori_loop` (default, every backend; the
+      gradients go through `core.canonical_convolutions`, so XLA:CPU runs the
+      loop as fast as unrolled code and compiles it once), or unrolled (True).
+
+  Returns:
+    `attack(logits_fn, x, y, key) -> x_adv`, the same shape as x.
+  """
+  return _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
+                          norm=norm, transform=None, unroll=unroll)
+
+
+def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0.9,
+            norm="linf", unroll=False):
+  """M-DI2-FGSM (Xie et al. 2019, "Improving transferability of adversarial
+  examples with input diversity"): `mi_fgsm` whose every gradient is taken
+  through a random input transformation T, drawn afresh for each step and
+  example:
+
+    g <- decay * g + grad / ||grad||_1,  grad = d/dd loss(logits_fn(T(x + d)), y),
+
+  T = `random_resize_and_pad` with probability `prob`, else the identity. The
+  threat model, the step and its defaults are those of `mi_fgsm`; the returned
+  x_adv is untransformed. With prob = 0 (or resize_rate = 1) it is `mi_fgsm`.
+
+  Args:
+    eps, steps, step_size, decay, norm, unroll: as in `mi_fgsm`.
+    prob: probability of transforming the input at each step, in [0, 1].
+    resize_rate: the smallest shrink factor, in (0, 1].
+
+  Returns:
+    `attack(logits_fn, x, y, key) -> x_adv` for images x [B, H, W, C].
+  """
+  checks.in_interval("prob", prob, 0.0, 1.0)
+  checks.in_interval("resize_rate", resize_rate, 0.0, 1.0, closed=(False, True))
+
+  def transform(draws, x):
+    return random_resize_and_pad(draws, x, prob=prob, resize_rate=resize_rate)
+
+  return _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
+                          norm=norm, transform=transform, unroll=unroll)
+
+
+def random_resize_and_pad(draws, image, *, prob, resize_rate):
+  """DI's input transformation of one image [H, W, C], with static shapes.
+
+  With probability `prob`: shrink the image by a factor s ~ U[resize_rate, 1)
+  (nearest neighbour) and place it at an offset uniform in [0, (1 - s) H] x
+  [0, (1 - s) W] on a zero canvas of the input's size; else return it as is.
+  `draws` are 4 numbers uniform in [0, 1) that decide it (whether, s and the
+  offset). Written as products with 0/1 selection matrices (exact: one nonzero
+  term per pixel), so it vmaps and its gradient needs no scatter.
+  """
+  scale = resize_rate + (1.0 - resize_rate) * draws[1]
+  offset = draws[2:] * (1.0 - scale) * jnp.array(image.shape[:2], draws.dtype)
+
+  def selection(n, start):
+    """[n, n]: row i picks the input row (column) output row i shows, if any."""
+    source = jnp.floor((jnp.arange(n) + 0.5 - start) / scale).astype(jnp.int32)
+    return jax.nn.one_hot(source, n, dtype=image.dtype)  # zero rows outside [0, n)
+
+  resized = jnp.einsum("hi,wj,ijc->hwc", selection(image.shape[0], offset[0]),
+                       selection(image.shape[1], offset[1]), image,
+                       precision=jax.lax.Precision.HIGHEST)
+  return jnp.where(draws[0] < prob, resized, image)
+
+
+def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll):
+  norm = core.check_norm(norm)
+  checks.positive("eps", eps)
+  steps = checks.integer_at_least("steps", steps, 1)
+  checks.non_negative("decay", decay)
+  alpha = eps / steps if step_size is None else checks.positive("step_size", step_size)
+
+  def attack_one(logits_one, x, y, key):
+
+    # Every step's random draws at once: a loop of per-step PRNG calls compiles slowly.
+    draws = jax.random.uniform(key, (steps, 4))
+
+    def loss(delta, step_draws):
+      x_adv = x + delta if transform is None else transform(step_draws, x + delta)
+      return losses.cross_entropy(logits_one(x_adv), y)
+
+    gradient = core.canonical_convolutions(jax.grad(loss))
+
+    def step(i, state):
+      delta, momentum = state
+      grad = gradient(delta, draws[i])
+      momentum = decay * momentum + grad / jnp.maximum(jnp.sum(jnp.abs(grad)), 1e-12)
+      delta = delta + alpha * core.steepest_ascent(momentum, norm)
+      return core.clip_to_box(x, core.project(delta, eps, norm)), momentum
+
+    zeros = jnp.zeros_like(x)
+    delta, _ = core.iterate(step, (zeros, zeros), steps, unroll)
+    return x + delta
+
+  def attack(logits_fn, x, y, key):
+    if transform is not None:
+      checks.require(jnp.ndim(x) == 4, "di_fgsm needs images [batch, height, width, "
+                     f"channels], got shape {tuple(jnp.shape(x))}")
+    return core.batched(attack_one, logits_fn, x, y, key)
+
+  return attack
