@@ -5,6 +5,11 @@
   python train.py --config configs/pgd_at.py --config.epochs=5 --config.batch_size=128
 
 At the end it prints the test accuracy, clean and under the config's attacks.
+Rerunning the same command resumes an interrupted run (kill -9 included) and
+ends as an uninterrupted run would; SIGTERM or Ctrl-C saves a checkpoint and
+exits (codes 143, 130). Several processes (hosts) train one run together with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or
+--distributed under SLURM or on a Cloud TPU pod slice.
 """
 from pathlib import Path
 
@@ -12,28 +17,35 @@ from jaxrobust import parallel
 
 parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
-from jaxrobust import cli, evaluation, experiment
+from jaxrobust import checkpoints, cli, evaluation, experiment
 
 ROOT = Path(__file__).resolve().parent
 _CONFIG = cli.define_config_flag(str(ROOT / "configs" / "pgd_at.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory (default: runs/<config file name>).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+cli.define_distributed_flags()
 
 
 def main(argv):
   cli.parse_flags(argv)
   config = cli.config_value(_CONFIG)
+  cli.init_distributed()
   name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
   workdir = _WORKDIR.value or str(Path("runs") / name)
-  experiment.train(config, workdir, progress=_PROGRESS.value)
-  resolved, model, state = experiment.restore(workdir)
-  report = experiment.evaluate(resolved, model, state, limit=config.eval.limit)
-  print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")
-  print(evaluation.format_table(report))
+  state = experiment.train(config, workdir, progress=_PROGRESS.value)
+  if jax.process_index() == 0:  # evaluates on its own devices, from memory
+    mesh = parallel.mesh(jax.local_devices())
+    resolved = checkpoints.load_config(workdir)
+    state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
+    report = experiment.evaluate(resolved, experiment.build_model(resolved), state,
+                                 limit=config.eval.limit, mesh=mesh)
+    print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")
+    print(evaluation.format_table(report))
 
 
 if __name__ == "__main__":

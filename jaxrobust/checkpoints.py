@@ -1,45 +1,100 @@
 """Checkpoints of a run's TrainState with orbax-checkpoint, and the run's config.
 
 A workdir holds `config.json` (the resolved config that made the run) and
-`checkpoints/<step>/` written atomically by orbax's CheckpointManager. A
-workdir belongs to one config: `claim_workdir` refuses a different one, so
-nothing of another run is ever overwritten.
+`checkpoints/<step>/`, written by orbax's CheckpointManager. A workdir belongs
+to one config: `claim_workdir` refuses a different one, so nothing of another
+run is ever overwritten.
+
+Crash safety. Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp-*`
+and renames it to `<step>` when complete, so a process killed mid-write
+leaves only a temporary directory: `latest_step()` ignores it and the next
+training manager deletes it (`cleanup_tmp_directories`). Each checkpoint also
+carries a record in its step metadata (written inside the temporary directory,
+so atomically with it): the path, shape and dtype of every array and a SHA-256
+digest of their bytes. `restore_latest` tries the checkpoints newest first and
+skips, with a warning naming it, any that is corrupt: its metadata is missing
+or unreadable, orbax cannot restore it, or its arrays do not match the digest.
+Training moves a corrupt checkpoint aside to `checkpoints/corrupt-<step>`
+(kept for inspection, never deleted; orbax ignores it); evaluation leaves the
+workdir untouched. A checkpoint whose shapes differ from the model's is not
+corrupt but incompatible (the config or the code changed): that is an error.
+Checkpoints written before records existed are restored unverified.
 """
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxrobust import checks
 
 CONFIG_FILE = "config.json"
+RECORD_KEY = "jaxrobust"  # the record's key in a step's custom metadata
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (JSON)
+CORRUPT_PREFIX = "corrupt-"
+
+
+class CorruptCheckpointWarning(UserWarning):
+  """A checkpoint was found corrupt and skipped."""
+
+
+class _Corrupt(Exception):
+  """A checkpoint cannot be trusted; the message says why."""
 
 
 def write_atomic(path, text):
-  """Writes `text` to `path` through a temporary file and a rename."""
+  """Writes `text` to `path` through a temporary file and a rename.
+
+  Raises InputError naming `path` if it cannot be written.
+  """
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+      os.replace(tmp, path)
+    except BaseException:
+      Path(tmp).unlink(missing_ok=True)
+      raise
+  except OSError as e:
+    raise checks.InputError(f"cannot write {str(path)!r}: {e.strerror}") from None
 
 
-def check_workdir(workdir):
-  """The workdir as a Path; refuses a path that exists and is not a directory."""
+def check_workdir(workdir, *, writable=False):
+  """The workdir as a Path; refuses a path that exists and is not a directory.
+
+  With `writable`, also refuses a workdir that cannot be created or written:
+  its nearest existing ancestor must be a directory this process may write.
+  """
   workdir = Path(workdir)
   checks.require(not workdir.exists() or workdir.is_dir(),
                  f"workdir {str(workdir)!r} exists and is not a directory")
+  if writable:
+    existing = workdir.absolute()
+    while not existing.exists():  # False also below a file: ENOTDIR
+      existing = existing.parent
+    checks.require(existing.is_dir(),
+                   f"cannot write to workdir {str(workdir)!r}: {str(existing)!r} "
+                   f"is not a directory")
+    checks.require(os.access(existing, os.W_OK | os.X_OK),
+                   f"cannot write to workdir {str(workdir)!r}: no write "
+                   f"permission in {str(existing)!r}")
   return workdir
 
 
-def claim_workdir(workdir, config_dict):
+def claim_workdir(workdir, config_dict, *, write=True):
   """Creates `workdir` for a run of `config_dict`, or checks it holds that run.
 
   Raises InputError if the workdir holds a run of a different config (naming
-  the first differing key), or cannot be written.
+  the first differing key), or cannot be written. With `write=False` (the
+  other processes of a multi-process run) only the check is made.
   """
   workdir = check_workdir(workdir)
   saved = load_config(workdir, required=False)
@@ -49,11 +104,13 @@ def claim_workdir(workdir, config_dict):
                    f"workdir {str(workdir)!r} holds a run of a different config "
                    f"({diff}); use a new --workdir or the same config")
     return workdir
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
+  if write:
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise checks.InputError(
+          f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
     write_atomic(workdir / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
-  except OSError as e:
-    raise checks.InputError(f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
   return workdir
 
 
@@ -85,32 +142,132 @@ def first_difference(a, b, prefix=""):
   return None
 
 
-def manager(workdir, *, every_steps=None, keep=3):
+def manager(workdir, *, keep=3, read_only=False):
   """An orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last `keep`.
 
-  Saves are synchronous so that a finished `save` is on disk.
+  Saves are synchronous, so that a finished `save` is on disk. A writing
+  manager deletes the temporary directories of saves that were killed; a
+  `read_only` one creates and deletes nothing (it is only used to restore;
+  orbax's own read-only mode would log a warning on every evaluation).
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=every_steps or 1,
-      enable_async_checkpointing=False, create=True)
+      max_to_keep=keep, enable_async_checkpointing=False, create=not read_only,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
 
 
-def save(mgr, state, force=False):
-  """Saves `state` at its step (when the interval says so, or `force`)."""
-  return mgr.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+def save(mgr, state):
+  """Saves `state` at its step, with its record, unless that step is saved."""
+  step = int(state.step)
+  if step in mgr.all_steps():
+    return False
+  record = {"arrays": signature(state), "sha256": digest(state)}
+  return mgr.save(step, args=ocp.args.StandardSave(state),
+                  custom_metadata={RECORD_KEY: record}, force=True)
 
 
-def restore_latest(mgr, target):
-  """The newest checkpoint restored into the structure, shapes and shardings of
-  `target` (arrays or `jax.ShapeDtypeStruct`s), or None if there is none."""
-  step = mgr.latest_step()
-  if step is None:
-    return None
+def signature(tree):
+  """`[path, shape, dtype]` of every array of `tree` (arrays or ShapeDtypeStructs)."""
+  return [[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def digest(tree):
+  """SHA-256 of the shapes, dtypes and bytes of every array of `tree`, in order.
+
+  Arrays must be fully replicated or addressable (true of a TrainState).
+  """
+  sha = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    leaf = np.ascontiguousarray(leaf)
+    sha.update(f"{leaf.shape}{leaf.dtype}".encode())
+    sha.update(leaf.tobytes())
+  return sha.hexdigest()
+
+
+def restore_latest(mgr, target, *, quarantine=False):
+  """The newest intact checkpoint, restored into `target`, or None if there is none.
+
+  `target` gives the structure, shapes and shardings (arrays or
+  `jax.ShapeDtypeStruct`s). Corrupt checkpoints are skipped with a
+  `CorruptCheckpointWarning` naming them; with `quarantine` they are moved
+  to `checkpoints/corrupt-<step>` (by process 0). Raises InputError for a
+  checkpoint that does not fit `target` (an incompatible model).
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  expected = signature(abstract)
+  for step in sorted(mgr.all_steps(), reverse=True):
+    path = mgr.directory / str(step)
+    try:
+      return _restore(mgr, step, abstract, expected)
+    except _Corrupt as e:
+      action = f"moved to {CORRUPT_PREFIX}{step}" if quarantine else "skipped"
+      warnings.warn(f"checkpoint {str(path)!r} is corrupt ({e}); {action}, "
+                    f"using the previous one", CorruptCheckpointWarning, stacklevel=2)
+      if quarantine:
+        _move_aside(mgr, path)
+  return None
+
+
+def _restore(mgr, step, abstract, expected):
+  path = mgr.directory / str(step)
+  record = _read_record(path)
+  if record is not None:
+    _check_fits(record["arrays"], expected, path)
   try:
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # orbax raises many types for unreadable or mismatched data
-    raise checks.InputError(
-        f"cannot restore checkpoint {str(mgr.directory / str(step))!r}: "
-        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if record is None:  # unverified: it may as well be incompatible
+      raise checks.InputError(f"cannot restore checkpoint {str(path)!r}: {reason}") from None
+    raise _Corrupt(f"orbax cannot read it: {reason[:300]}") from None
+  if record is not None and digest(state) != record["sha256"]:
+    raise _Corrupt("its arrays do not match the SHA-256 digest saved with them")
+  return state
+
+
+def _read_record(path):
+  """The checkpoint's record; None for a checkpoint written without one."""
+  try:
+    metadata = json.loads((path / STEP_METADATA_FILE).read_text())
+  except (OSError, ValueError) as e:  # ValueError includes UnicodeDecodeError
+    raise _Corrupt(f"cannot read {STEP_METADATA_FILE}: {e}") from None
+  record = (metadata.get("custom_metadata") or {}).get(RECORD_KEY)
+  if record is not None and not (isinstance(record, dict) and "arrays" in record
+                                 and "sha256" in record):
+    raise _Corrupt(f"its record in {STEP_METADATA_FILE} is malformed")
+  return record
+
+
+def _check_fits(saved, expected, path):
+  """Raises InputError naming the first array where the checkpoint and model differ."""
+  if saved == expected:
+    return
+  shown = lambda entry: f"{entry[0]} {tuple(entry[1])} {entry[2]}"
+  saved_by_path = {entry[0]: entry for entry in saved}
+  for entry in expected:
+    if entry not in saved:
+      there = saved_by_path.get(entry[0])
+      problem = (f"it has {shown(there)} where the model has {tuple(entry[1])} {entry[2]}"
+                 if there else f"it has no array {entry[0]}")
+      break
+  else:
+    extra = next(entry for entry in saved if entry not in expected)
+    problem = f"it has an array the model lacks: {shown(extra)}"
+  raise checks.InputError(
+      f"checkpoint {str(path)!r} does not fit the model of this run's config.json: "
+      f"{problem}; it was written by a different model (was config.json edited, "
+      f"or the model code changed?)")
+
+
+def _move_aside(mgr, path):
+  if jax.process_index() == 0:
+    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+    n = 1
+    while target.exists():
+      n += 1
+      target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{n}")
+    path.rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxrobust: moved aside {path}")
+  mgr.reload()

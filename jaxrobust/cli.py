@@ -1,11 +1,16 @@
-"""What train.py and eval.py share: flag parsing and user-facing errors.
+"""What train.py and eval.py share: flag parsing, multi-process start-up and
+user-facing errors.
 
 User errors (bad flags, configs, data, workdirs) print one line, `error: ...`,
-and exit with code 2, without a traceback; a diverged run exits with code 1.
+and exit with code 2, without a traceback; a diverged run exits with code 1; a
+run stopped by SIGTERM or SIGINT saves a checkpoint and exits with code 128 +
+the signal number (143, 130). Warnings print as `warning: ...` lines.
 """
 import os
 import sys
+import warnings
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -29,6 +34,46 @@ def define_config_flag(default):
         "Experiment config file; override settings with --config.<key>=<value>.")
   except _FLAG_ERRORS as e:
     fail(_flag_error(e))
+
+
+def define_distributed_flags():
+  """Flags that start a multi-process run with `jax.distributed.initialize`."""
+  flags.DEFINE_boolean(
+      "distributed", False,
+      "Run as one of several processes (one per host, or per GPU). Without "
+      "the three flags below, JAX finds them from the cluster: SLURM, Open "
+      "MPI, Cloud TPU pod slices, Kubernetes (JAX_COORDINATOR_ADDRESS also works).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, reachable from every process "
+                      "(implies --distributed).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 "
+                       "(implies --distributed).")
+
+
+def init_distributed():
+  """Calls `jax.distributed.initialize` when the flags ask for several processes.
+
+  Must run before anything starts JAX's backends. Returns True if it did.
+  """
+  f = flags.FLAGS
+  explicit = {name: f[name].value for name in ("coordinator_address", "num_processes",
+                                               "process_id") if f[name].value is not None}
+  if not (f.distributed or explicit):
+    return False
+  if "num_processes" in explicit:
+    checks.integer_at_least("--num_processes", explicit["num_processes"], 1)
+  if "process_id" in explicit:
+    checks.require(0 <= explicit["process_id"] < explicit.get("num_processes", sys.maxsize),
+                   f"--process_id must lie in [0, --num_processes), got "
+                   f"{explicit['process_id']}")
+  try:
+    jax.distributed.initialize(**explicit)
+  except (ValueError, RuntimeError) as e:
+    raise checks.InputError(f"cannot start the multi-process run ({e}); pass "
+                            f"--coordinator_address, --num_processes and "
+                            f"--process_id") from None
+  return True
 
 
 def parse_flags(argv):
@@ -60,8 +105,14 @@ def _flag_error(e):
   return checks.InputError(f"bad flag or config: {type(cause).__name__}: {cause}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  del category, filename, lineno, line
+  print(f"warning: {message}", file=file or sys.stderr)
+
+
 def run(main, argv=None):
   """Calls `main(argv)`, turning user errors into a message and an exit code."""
+  warnings.showwarning = _show_warning
   try:
     main(sys.argv if argv is None else argv)
   except checks.InputError as e:
@@ -69,6 +120,9 @@ def run(main, argv=None):
   except experiment.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except experiment.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
   except KeyboardInterrupt:
     print("interrupted; the newest checkpoint is kept, rerun to resume", file=sys.stderr)
     sys.exit(130)
