@@ -13,6 +13,7 @@ them (EOT).
 
   python scripts/reproduce_seed.py                          # every row, 10 epochs, 10,000 test images
   python scripts/reproduce_seed.py --epochs 1 --test_images 1000 --rows natural,pgd_at
+  python scripts/reproduce_seed.py --epochs 2,rat=1,mat_max=1   # per-row epochs
   python scripts/reproduce_seed.py --data tfds              # the original CIFAR-10 (tfds:cifar10)
   python scripts/reproduce_seed.py --model preact_resnet18  # PreAct ResNet-18 (on a GPU)
 
@@ -61,7 +62,9 @@ DATA = {"folder": ("cifar10", "CIFAR-10 (JPEG copy)"),
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--epochs", type=int, default=10, help="training epochs per row")
+  p.add_argument("--epochs", default="10",
+                 help="training epochs per row: N, optionally with per-row "
+                      "exceptions, e.g. 2,rat=1,mat_max=1")
   p.add_argument("--test_images", type=int, default=10_000,
                  help="evaluate on the first N test images")
   p.add_argument("--rows", default="all",
@@ -80,16 +83,24 @@ def parse_args(argv):
   unknown = [r for r in args.rows if r not in names]
   if unknown:
     p.error(f"unknown row {unknown[0]!r}; choose from {', '.join(names)}")
-  if args.epochs < 1 or args.test_images < 1 or args.batch_size < 0:
+  try:
+    default, *exceptions = args.epochs.split(",")
+    args.epochs = {row: int(default) for row in names}
+    args.epochs.update({r.strip(): int(n) for r, n in (e.split("=") for e in exceptions)})
+  except ValueError:
+    p.error(f"--epochs must be N or N,row=N,..., got {args.epochs!r}")
+  if set(args.epochs) != set(names):
+    p.error(f"--epochs names an unknown row; rows are {', '.join(names)}")
+  if min(args.epochs.values()) < 1 or args.test_images < 1 or args.batch_size < 0:
     p.error("--epochs and --test_images must be >= 1, --batch_size >= 0")
   return args
 
 
-def row_config(config_name, args):
+def row_config(row, config_name, args):
   """The row's config and the overrides that made it from `configs/<name>.py:<setting>`."""
   setting, _ = DATA[args.data]
   config = importlib.import_module(f"configs.{config_name}").get_config(setting)
-  overrides = {"epochs": args.epochs}
+  overrides = {"epochs": args.epochs[row]}
   if args.batch_size:
     overrides["batch_size"] = args.batch_size
   note = ""
@@ -114,8 +125,8 @@ def train_seconds(workdir):
 
 
 def run_row(row, config_name, args):
-  config, flags, note = row_config(config_name, args)
-  workdir = Path(args.runs) / f"{DATA[args.data][0]}-{args.model}-{row}-e{args.epochs}"
+  config, flags, note = row_config(row, config_name, args)
+  workdir = Path(args.runs) / f"{DATA[args.data][0]}-{args.model}-{row}-e{config.epochs}"
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
   state = experiment.train(config, workdir, progress=sys.stderr.isatty())
   resolved = checkpoints.load_config(workdir)
@@ -130,7 +141,7 @@ def run_row(row, config_name, args):
   commands.append(f"python eval.py --workdir {commands[0].split('--workdir ')[1]} "
                   f"--limit {args.test_images}")
   accuracy = {r["attack"]: 100 * r["accuracy"] for r in report["results"]}
-  result = {"row": row, "config": config_name, "epochs": args.epochs,
+  result = {"row": row, "config": config_name, "epochs": config.epochs,
             "clean": 100 * report["clean_accuracy"], "l2": accuracy["pgd_l2"],
             "linf": accuracy["pgd_linf"], "worst": 100 * report["worst_case_accuracy"],
             "n": report["n_examples"], "train_seconds": train_seconds(workdir),
@@ -151,7 +162,7 @@ def markdown(results, args):
       f"<!-- written by scripts/reproduce_seed.py on "
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; do not edit by hand -->",
       f"Model `{args.model}`, {data_name}: all 50,000 training images, "
-      f"{args.epochs} epoch(s) per row; evaluated on the first {results[0]['n']:,} "
+      f"the epochs of each row below; evaluated on the first {results[0]['n']:,} "
       f"test images. Attacks: PGD-20 L2 eps 0.5 (step 0.125), PGD-20 L-inf eps 8/255 "
       f"(step 2/255), one random start each; worst case: correct clean and under "
       f"both. Accuracy %; the seed's numbers (CIFAR-10, the same network, short "
