@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import checkpoints, checks, cli, evaluation, experiment, smoothing
+from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, smoothing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
 _ATTACKS = flags.DEFINE_string(
@@ -95,8 +95,16 @@ def attack(resolved, model, state):
   evaluate = lambda **kw: experiment.evaluate(
       resolved, model, state, split=_SPLIT.value, limit=_LIMIT.value,
       batch_size=_BATCH.value or None, source=source, **kw)
-  rep = evaluate(names=names, sanity=_SANITY.value and source is None)
+  if models.is_randomized(model):
+    noise = resolved["model"]["noise"]
+    print(f"Randomized model f~(x) = f(x + d), d ~ N(0, {noise['sigma']:g}^2 I): "
+          f"classified by the mean softmax over {noise['samples']} fixed noise draws "
+          f"and attacked through the same draws (expectation over transformation)")
+  rep = evaluate(names=names, sanity=_SANITY.value and source is None,
+                 lipschitz=source is None)
   print(evaluation.format_table(rep))
+  if "lipschitz" in rep:
+    print(evaluation.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
   if "sanity" in rep:
     print(evaluation.format_sanity(rep["sanity"]))
   if _SWEEP.value:
@@ -126,7 +134,10 @@ def certify(resolved, model, state):
   if _LIMIT.value:
     checks.integer_at_least("limit", _LIMIT.value, 1)
     x, y = x[:_LIMIT.value], y[:_LIMIT.value]
-  logits_fn = lambda xb: model.apply(state.variables, xb, train=False)
+  # A noise-trained model is smoothed through its base classifier f: the
+  # smoothing supplies the noise.
+  method = "base" if models.is_randomized(model) else None
+  logits_fn = lambda xb: model.apply(state.variables, xb, train=False, method=method)
   settings = dict(sigma=_SIGMA.value, n0=_N0.value, n=_N.value, alpha=_ALPHA.value)
   start = time.perf_counter()
   pred, radius = smoothing.certify(

@@ -3,6 +3,15 @@ from pathlib import Path
 
 import ml_collections
 
+# The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
+# L2 eps 0.5. `REPO/../shared/data` holds the JPEG copy of CIFAR-10.
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_JPEG = str((REPO / ".." / "shared" / "data" / "cifar10").resolve()
+                   / "cifar10-{split}-jpeg.tar.gz")
+SETTINGS = ("digits", "cifar10", "cifar10_tfds")
+# Attack radii per setting: (L-infinity, L2).
+EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
+
 
 def base():
   """The default run: small CNN, digits, SGD with cosine decay, PGD evaluation."""
@@ -19,27 +28,33 @@ def base():
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
   # eval.py runs `default` unless --attacks names others (or "all").
-  c.eval = dict(batch_size=500, limit=0, default="pgd_l2,pgd_linf", attacks=dict(
-      pgd_linf=dict(name="pgd", norm="linf", eps=0.2, step_size=0.02, steps=20),
-      pgd_l2=dict(name="pgd", norm="l2", eps=1.0, step_size=0.1, steps=20)))
+  c.eval = dict(batch_size=500, limit=0, default="pgd_l2,pgd_linf",
+                attacks=eval_attacks(*EPS["digits"]))
   return c
 
 
-# The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
-# L2 eps 0.5. `REPO/../shared/data` holds the JPEG copy of CIFAR-10.
-REPO = Path(__file__).resolve().parents[1]
-CIFAR10_JPEG = str((REPO / ".." / "shared" / "data" / "cifar10").resolve()
-                   / "cifar10-{split}-jpeg.tar.gz")
-SETTINGS = ("digits", "cifar10", "cifar10_tfds")
-# Attack radii per setting: (L-infinity, L2).
-EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
+def eval_attacks(linf, l2):
+  """The evaluation's attacks at radii `linf` (L-infinity) and `l2`, by label:
+  PGD-20 in both norms (step eps / 4, one random start), C&W-L2 counted within
+  the L2 ball of radius `l2` (100 Adam steps for each of 5 values of c),
+  MI-FGSM and M-DI2-FGSM (10 steps of eps / 10, decay 1), and APGD with the
+  cross-entropy and the DLR loss (100 iterations)."""
+  return dict(
+      pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
+      pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20),
+      cw_l2=dict(name="cw_l2", steps=100, binary_search_steps=5, c=0.1, lr=0.01, eps=l2),
+      mi_fgsm=dict(name="mi_fgsm", norm="linf", eps=linf, steps=10, decay=1.0),
+      di_fgsm=dict(name="di_fgsm", norm="linf", eps=linf, steps=10, decay=1.0,
+                   prob=0.5, resize_rate=0.9),
+      apgd_ce=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="ce"),
+      apgd_dlr=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="dlr"))
 
 
 def setting(name):
   """The base config of a setting: "digits" (default), or the seed's
   "cifar10" (CIFAR-10, JPEG copy, as `folder:`) and "cifar10_tfds" (the
   original through tensorflow-datasets), both with `seed_cnn`, Adam and the
-  seed's eps (8/255 L-inf, 0.5 L2) in the evaluation's PGD-20 attacks.
+  seed's eps (8/255 L-inf, 0.5 L2) in the evaluation's attacks.
 
   Config files take it as their argument: `--config configs/rat.py:cifar10`.
   """
@@ -57,10 +72,7 @@ def setting(name):
                      warmup_steps=100, weight_decay=0.0)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
-  linf, l2 = EPS[name]
-  c.eval.attacks = dict(
-      pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
-      pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20))
+  c.eval.attacks = eval_attacks(*EPS[name])
   return c
 
 

@@ -12,6 +12,7 @@ classifies them with the target model. Sanity checks (Carlini et al. 2019,
 "On evaluating adversarial robustness") flag results that gradient masking
 typically produces.
 """
+import inspect
 import math
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import attacks, checks, data, parallel
+from jaxrobust import attacks, checks, data, parallel, spectral
 
 # The sanity checks' budget: examples, and the "large" eps per norm, at which
 # an attack that follows gradients must fool almost any undefended model
@@ -106,6 +107,17 @@ def per_example_results(apply_fn, variables, x, y, attack_fns, *, key,
   return jax.tree.map(lambda *v: np.concatenate(v), *results)
 
 
+def threat_norm(spec):
+  """The norm of an attack spec's ball: its `norm`, else its factory's default
+  ("l2" for C&W-L2; None for an attack without one, such as a combinator)."""
+  if "norm" in spec:
+    return spec["norm"]
+  if spec.get("name") == "cw_l2":
+    return "l2"
+  parameter = inspect.signature(attacks.ATTACKS[spec["name"]]).parameters.get("norm")
+  return None if parameter is None else parameter.default
+
+
 def report(results, specs):
   """The JSON-ready summary of `per_example_results`.
 
@@ -122,7 +134,7 @@ def report(results, specs):
     spec = dict(spec)
     fooled = clean & ~results[label]["correct"]
     rows.append({
-        "attack": label, "name": spec.get("name"), "norm": spec.get("norm"),
+        "attack": label, "name": spec.get("name"), "norm": threat_norm(spec),
         "eps": float(spec["eps"]) if "eps" in spec else None,
         "accuracy": float(results[label]["correct"].mean()),
         "median_l2": float(np.median(results[label]["l2"][fooled])) if fooled.any() else None,
@@ -201,7 +213,7 @@ def sanity_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
     check_specs[f"{label}@half"] = scaled(spec, 0.5)
     check_specs[f"{label}@full"] = spec
     check_specs[f"{label}@large"] = scaled(
-        spec, large_eps(spec.get("norm", "linf"), input_shape) / spec["eps"])
+        spec, large_eps(threat_norm(spec), input_shape) / spec["eps"])
   by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
   for label, spec in swept.items():
     half, full, large = (by_label[f"{label}@{k}"]["accuracy"]
@@ -210,11 +222,67 @@ def sanity_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
                     "passed": full <= half + 0.01,
                     "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}"})
     if not certified:
-      eps = large_eps(spec.get("norm", "linf"), input_shape)
+      eps = large_eps(threat_norm(spec), input_shape)
       results.append({"check": f"{label}: accuracy near 0 at a large eps",
                       "passed": large <= NEAR_ZERO,
                       "detail": f"eps {eps:g}: {large:.4f} (expected <= {NEAR_ZERO})"})
   return results
+
+
+def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
+  """Certified L2 accuracy of a network from a bound on its Lipschitz constant.
+
+  With L = `spectral.lipschitz_bound(apply_fn, variables, ...)` (an upper
+  bound on the L2 Lipschitz constant of the logits), example i is certified
+  at radius r when it is classified correctly and
+  margin_i / (sqrt(2) L) > r, margin_i the top logit minus the second: no
+  perturbation of L2 norm <= r changes its prediction (Tsuzuku, Sato &
+  Sugiyama 2018). The guarantee is deterministic (no probability, unlike
+  randomized smoothing) and holds for any attack.
+
+  Args:
+    apply_fn: `apply_fn(variables, x) -> logits`, inference mode, not jitted.
+    variables: the model's variables.
+    x, y: images in [0, 1] [N, ...] and labels [N].
+    radii: the L2 radii at which to report certified accuracy.
+    batch_size: examples per forward pass.
+
+  Returns:
+    `{"lipschitz_bound": L, "median_radius": float (0 for misclassified
+    examples), "certified": [{"radius": r, "accuracy": float}]}`.
+  """
+  checks.check_images(x)
+  bound = spectral.lipschitz_bound(apply_fn, variables, x.shape[1:])
+  logits_of = jax.jit(apply_fn)
+  logits = np.concatenate([np.asarray(logits_of(variables, x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+  radius = np.asarray(spectral.certified_radius(logits, bound, np.asarray(y)))
+  return {"lipschitz_bound": float(bound), "median_radius": float(np.median(radius)),
+          "certified": [{"radius": float(r), "accuracy": float(np.mean(radius > r))}
+                        for r in radii]}
+
+
+def lipschitz_sanity(rep, certificate):
+  """Sanity checks of a Lipschitz certificate against the same model's attacks:
+  no L2 attack may do better than the certificate allows, i.e. its accuracy
+  at eps is at least the certified accuracy at eps."""
+  certified = {c["radius"]: c["accuracy"] for c in certificate["certified"]}
+  return [{"check": f"{row['attack']}: accuracy >= Lipschitz-certified accuracy",
+           "passed": row["accuracy"] >= certified[row["eps"]],
+           "detail": f"eps {row['eps']:g}: {row['accuracy']:.4f} vs certified "
+                     f"{certified[row['eps']]:.4f}"}
+          for row in rep["results"] if row["norm"] == "l2" and row["eps"] in certified]
+
+
+def format_lipschitz(certificate, what):
+  """A Lipschitz certificate as text: the bound and a table of certified accuracy."""
+  lines = [f"Lipschitz certificate of {what} (Tsuzuku et al. 2018): L <= "
+           f"{certificate['lipschitz_bound']:.4g}, median certified L2 radius "
+           f"{certificate['median_radius']:.4g}", "",
+           "| L2 radius | certified accuracy |", "| --- | --- |"]
+  lines += [f"| {c['radius']:g} | {100 * c['accuracy']:.2f} % |"
+            for c in certificate["certified"]]
+  return "\n".join(lines)
 
 
 def format_sanity(results):

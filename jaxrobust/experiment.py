@@ -381,12 +381,16 @@ def restore(workdir, mesh=None):
 
 
 def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
-             limit=None, batch_size=None, mesh=None, source=None, sanity=False):
+             limit=None, batch_size=None, mesh=None, source=None, sanity=False,
+             lipschitz=False):
   """Clean and attacked accuracy (see `evaluation.evaluate`) on `split`.
 
   The attacks are `specs` (`{label: spec}`), or else those of the config's
   `eval.attacks` named in `names`. `source`: an optional `(model, state)` to
-  craft the examples on (transfer).
+  craft the examples on (transfer). With `lipschitz`, a spectrally normalised
+  model also gets `evaluation.lipschitz_certificate` (report key
+  "lipschitz") at radius 0 and the eps of every L2 attack; for a randomized
+  model it certifies the base classifier f, without noise.
   """
   test_set = load_split(resolved, split)
   x, y = test_set.x, test_set.y
@@ -394,8 +398,21 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
     checks.integer_at_least("limit", limit, 1)
     x, y = x[:limit], y[:limit]
   specs = specs or evaluation.select(resolved["eval"]["attacks"], names)
+  batch_size = batch_size or resolved["eval"]["batch_size"]
   apply = lambda m: lambda v, xb: m.apply(v, xb, train=False)
-  return evaluation.evaluate(
+  rep = evaluation.evaluate(
       apply(model), state.variables, x, y, specs, key=jax.random.key(resolved["seed"]),
-      batch_size=batch_size or resolved["eval"]["batch_size"], mesh=mesh,
+      batch_size=batch_size, mesh=mesh,
       source=source and (apply(source[0]), source[1].variables), sanity=sanity)
+  if lipschitz and resolved["model"].get("spectral"):
+    randomized = models.is_randomized(model)
+    base = (lambda v, xb: model.apply(v, xb, train=False, method="base")) if randomized \
+        else apply(model)
+    radii = sorted({0.0} | {r["eps"] for r in rep["results"] if r["norm"] == "l2"})
+    rep["lipschitz"] = evaluation.lipschitz_certificate(
+        base, jax.device_get(state.variables), x, y, radii, batch_size=batch_size)
+    rep["lipschitz"]["of"] = ("the base classifier f (without noise)" if randomized
+                              else "the model")
+    if "sanity" in rep and not randomized and source is None:
+      rep["sanity"] += evaluation.lipschitz_sanity(rep, rep["lipschitz"])
+  return rep

@@ -111,6 +111,12 @@ def test_cw_finds_the_closest_point_of_a_linear_classifier():
   assert np.all(distance >= minimal * (1 - 1e-4))  # nothing beats the optimum
   np.testing.assert_allclose(distance, minimal, rtol=0.01)
 
+  # With eps, only the examples whose closest adversarial lies within eps move.
+  bounded = run(A.cw_l2(steps=100, binary_search_steps=9, eps=0.18), logits_fn, x, y)
+  inside = np.asarray(jnp.abs(t) < 0.18)
+  np.testing.assert_array_equal(bounded[~inside], x[~inside])
+  np.testing.assert_allclose(bounded[inside], x_adv[inside], atol=1e-6)
+
 
 def test_cw_returns_x_where_it_fails_and_reaches_targets():
   w = normal(0, (3, 16))
@@ -410,6 +416,7 @@ def test_cw_stays_in_box_and_moves():
     (A.cw_l2, dict(kappa=-0.5), "kappa.*-0.5"),
     (A.cw_l2, dict(c=0.0), "c must"),
     (A.cw_l2, dict(lr=-0.01), "lr.*-0.01"),
+    (A.cw_l2, dict(eps=0.0), "eps must"),
     (A.mi_fgsm, dict(eps=0.1, steps=-3), "steps.*-3"),
     (A.mi_fgsm, dict(eps=-0.1), "eps.*-0.1"),
     (A.mi_fgsm, dict(eps=0.1, decay=-1.0), "decay.*-1.0"),
