@@ -6,6 +6,7 @@ invariants, loop forms, and bad input.
 """
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -472,3 +473,36 @@ def test_bad_inputs_at_call_time():
     A.cw_l2(steps=1)(two_classes, x + 1, y, jax.random.key(0))
   with pytest.raises(checks.InputError, match="labels"):
     A.mixture([PGD, PGD], [0.5, 0.5])(two_classes, x, jnp.array([0, 5]), jax.random.key(0))
+
+
+# --- compilation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("factory, kwargs", [
+    (A.pgd, dict(eps=0.1, steps=3)),
+    (A.pgd, dict(norm="l2", eps=0.5, steps=3, restarts=2)),
+    (A.cw_l2, dict(steps=5, binary_search_steps=2)),
+    (A.mi_fgsm, dict(eps=0.1, steps=3)),
+    (A.di_fgsm, dict(eps=0.1, steps=3)),
+    (A.apgd, dict(eps=0.1, steps=5, loss="dlr")),
+])
+def test_one_compilation_per_configuration_and_shape(factory, kwargs):
+  chex.clear_trace_counter()  # chex counts per function across parameterised runs
+  logits_fn = mlp()
+  attack = factory(**kwargs)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def attacked(x, y, key):
+    return attack(logits_fn, x, y, key)
+
+  for seed in range(3):  # new images, labels and keys: no new trace
+    x = uniform(seed, (4, 8, 8, 1))
+    attacked(x, jnp.asarray(np.arange(4) + seed) % 4, jax.random.key(seed)).block_until_ready()
+
+
+def test_cw_program_size_does_not_grow_with_its_steps():
+  # Both C&W loops are `fori_loop`s: 9 x 1000 steps compile like 1 x 10.
+  logits_fn, x, y = mlp(), uniform(0, (2, 8, 8, 1)), jnp.array([0, 1])
+  size = lambda **kw: str(jax.make_jaxpr(  # lines of the program: one per operation
+      lambda x, y: A.cw_l2(**kw)(logits_fn, x, y, jax.random.key(0)))(x, y)).count("\n")
+  assert size(steps=1000, binary_search_steps=9) == size(steps=10, binary_search_steps=1)
