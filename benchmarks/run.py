@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -50,7 +51,7 @@ if str(REPO) not in sys.path:
 from jaxrobust import parallel  # pylint: disable=wrong-import-position  (does not start JAX)
 
 ROWS = ("pgd_linf", "pgd_l2", "cw_l2", "mi_fgsm", "di_fgsm", "pgd_at_step",
-        "smoothing", "eval_early_stop")
+        "smoothing", "eval_early_stop", "loop_forms", "loop_unrolled")
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18")
 LINF_EPS, L2_EPS = 8 / 255, 0.5
 SIGMA = 0.25
@@ -477,6 +478,44 @@ class Bench:
         jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps),
         ta.PGD(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True),
         steps, "linf", LINF_EPS)
+
+  def loop_forms(self):
+    """jaxrobust's PGD-10 in its default loop form (a `fori_loop` whose
+    gradients go through `core.canonical_convolutions`) against the same
+    `fori_loop` without that transform, in the reference column: what the
+    transform is worth on this backend (it is the identity off CPU)."""
+    return self._loop_row("loop_forms", "plain fori_loop, no canonical convolutions",
+                          plain=True)
+
+  def loop_unrolled(self):
+    """The default loop form against the same attack unrolled (`unroll=True`),
+    in the reference column."""
+    return self._loop_row("loop_unrolled", "unrolled", unroll=True)
+
+  def _loop_row(self, name, reference, *, unroll=False, plain=False):
+    jax, jr = self.jax, self.jr
+    steps, alpha = 10, 2 / 255
+    key = jax.random.key(1234)
+
+    def timed(unroll, plain):
+      attack = self.sharded_attack(jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha,
+                                                  steps=steps, unroll=unroll))
+      run = lambda i: attack(self.variables, self.x_dev[i], self.y_dev[i],
+                             jax.random.fold_in(key, i)).block_until_ready()
+      if plain:  # compile (trace) the attack once with the transform switched off
+        with mock.patch.object(jr.attacks.core, "canonical_convolutions", lambda fn: fn):
+          run(0)
+      return run
+
+    jt, tt, ceil, jo, to = time_alternately(timed(False, False), timed(unroll, plain),
+                                            self.args.repeats, self.ceiling)
+    flops = steps * self.step_flops * self.batch
+    row = self.row(name, f"PGD-10 L-inf, jaxrobust default (fori_loop) vs {reference} "
+                   f"(in the PyTorch column)", jt, tt, ceil, self.batch, "images/s",
+                   flops, flops)
+    row["agreement"] = {"jaxrobust": self.accuracy_of(jo), "pytorch": self.accuracy_of(to),
+                        "what": "accuracy under the attack", "examples": len(jo) * self.batch}
+    return row
 
   def pgd_l2(self):
     jr, ta = self.jr, self.torchattacks

@@ -42,6 +42,22 @@ class Normalize(nn.Module):
     return 1.0 / min(self.std)
 
 
+def max_pool(x, size=2):
+  """Max-pooling of NHWC `x` over non-overlapping `size` x `size` windows
+  (stride `size`, VALID padding): the values of
+  `nn.max_pool(x, (size, size), strides=(size, size))`, as a reshape and a max.
+
+  Why not `nn.max_pool`: its gradient is XLA's select-and-scatter, which
+  XLA:CPU runs as a slow loop (a quarter of a PGD step's time in
+  benchmarks/run.py); the gradient of this max is elementwise (the indicator of
+  the maximum, split between ties). Disjoint windows keep it 1-Lipschitz.
+  """
+  b, h, w, c = x.shape
+  h, w = h // size * size, w // size * size
+  windows = x[:, :h, :w].reshape(b, h // size, size, w // size, size, c)
+  return windows.max(axis=(2, 4))
+
+
 class SpectralSettings(NamedTuple):
   """Settings of `spectral.SpectralNorm` for every Conv and Dense of a model."""
   mode: str = "operator"
@@ -78,7 +94,7 @@ class SmallCNN(nn.Module):
     for features in (self.width, 2 * self.width):
       x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
       x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(linear(nn.Dense(4 * self.width))(x))
     return linear(nn.Dense(self.num_classes))(x)
@@ -103,7 +119,7 @@ class SeedCNN(nn.Module):
     x = Normalize(self.mean, self.std)(x)
     for features in (6, 16):
       x = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(linear(nn.Dense(120))(x))
     x = nn.relu(linear(nn.Dense(84))(x))

@@ -38,7 +38,7 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
   Loop form: both loops are `lax.fori_loop`s on every backend, so compiling
   costs one step whatever `steps`; the gradients go through
   `core.canonical_convolutions`, which lets XLA:CPU run them inside the loop
-  as fast as unrolled code.
+  at full speed (see `core.iterate`).
 
   Args:
     steps: Adam steps per binary-search step, >= 1.

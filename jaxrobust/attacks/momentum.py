@@ -28,9 +28,8 @@ def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=Fal
     step_size: step length; default eps / steps (the paper's alpha = eps / T).
     decay: momentum decay factor mu, >= 0 (the paper uses 1).
     norm: "linf" or "l2".
-    unroll: loop form: a `lax.fori_loop` (default, every backend; the
-      gradients go through `core.canonical_convolutions`, so XLA:CPU runs the
-      loop as fast as unrolled code and compiles it once), or unrolled (True).
+    unroll: loop form: a `lax.fori_loop` (default, every backend), or
+      unrolled (True); see `core.iterate`.
 
   Returns:
     `attack(logits_fn, x, y, key) -> x_adv`, the same shape as x.

@@ -7,7 +7,7 @@ from jaxrobust.attacks import core, losses
 
 
 def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
-        restarts=1, loss="ce", targeted=False, unroll=None):
+        restarts=1, loss="ce", targeted=False, unroll=False):
   """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
@@ -33,7 +33,8 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
     loss: "ce" (cross-entropy), "cw" (margin max_{i!=y} z_i - z_y) or a
       callable `loss(logits [K], y) -> scalar`.
     targeted: drive towards class y instead of away from it.
-    unroll: loop form; default unrolled on CPU, `fori_loop` elsewhere.
+    unroll: loop form: a `lax.fori_loop` (default, every backend), or
+      unrolled (True); see `core.iterate`.
 
   Returns:
     `attack(logits_fn, x, y, key, eps=None) -> x_adv`, the same shape as x.
@@ -58,7 +59,7 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
 
   def attack_one(logits_one, x, y, key, eps):
     alpha = 2.5 * eps / steps if step_size is None else step_size
-    gradient = jax.grad(lambda d: objective(logits_one, x + d, y)[0])
+    gradient = core.canonical_convolutions(jax.grad(lambda d: objective(logits_one, x + d, y)[0]))
 
     def step(_, delta):
       delta = delta + alpha * core.steepest_ascent(gradient(delta), norm)
