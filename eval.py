@@ -86,7 +86,7 @@ def main(argv):
 
 
 def attack(resolved, model, state):
-  names = _ATTACKS.value or resolved["eval"].get("default", "all")
+  names = _ATTACKS.value or resolved["eval"].get("default")
   source = None
   if _TRANSFER.value:
     _, source_model, source_state = experiment.restore(_TRANSFER.value)

@@ -747,9 +747,6 @@ def jnp_argmax(jnp, logits):
 # ----------------------------------------------------------------------------
 # Output.
 
-REQUIRES = {"cw_l2": "cw_l2", "mi_fgsm": "mi_fgsm", "di_fgsm": "di_fgsm"}
-
-
 def format_rate(v):
   return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -776,9 +773,6 @@ def format_table(results):
       "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for r in results["rows"]:
-    if "skipped" in r:
-      lines.append(f"| {r['label']} | skipped | | | | | {r['skipped']} |")
-      continue
     unit = r["unit"]
     flop = (f"{r['gflop_per_run']:.1f}" if "gflop_per_run" in r else "")
     frac = (f"{100 * r['jaxrobust_ceiling_fraction']:.0f} / "
@@ -825,12 +819,6 @@ def main(argv=None):
 
   rows = []
   for name in args.rows:
-    needs = REQUIRES.get(name)
-    if needs and not hasattr(jr.attacks, needs):
-      note = f"jr.attacks.{needs} is not in this version of jaxrobust"
-      print(f"{name}: skipped ({note})", flush=True)
-      rows.append({"row": name, "label": name, "skipped": note})
-      continue
     print(f"{name} ...", end=" ", flush=True)
     start = time.perf_counter()
     row = getattr(bench, name)()

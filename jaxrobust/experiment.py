@@ -386,7 +386,8 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
   """Clean and attacked accuracy (see `evaluation.evaluate`) on `split`.
 
   The attacks are `specs` (`{label: spec}`), or else those of the config's
-  `eval.attacks` named in `names`. `source`: an optional `(model, state)` to
+  `eval.attacks` named in `names` (comma-separated, or "all"; default: the
+  config's `eval.default`). `source`: an optional `(model, state)` to
   craft the examples on (transfer). With `lipschitz`, a spectrally normalised
   model also gets `evaluation.lipschitz_certificate` (report key
   "lipschitz") at radius 0 and the eps of every L2 attack; for a randomized
@@ -397,7 +398,8 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
   if limit:
     checks.integer_at_least("limit", limit, 1)
     x, y = x[:limit], y[:limit]
-  specs = specs or evaluation.select(resolved["eval"]["attacks"], names)
+  specs = specs or evaluation.select(resolved["eval"]["attacks"],
+                                     names or resolved["eval"].get("default"))
   batch_size = batch_size or resolved["eval"]["batch_size"]
   apply = lambda m: lambda v, xb: m.apply(v, xb, train=False)
   rep = evaluation.evaluate(
