@@ -21,13 +21,17 @@ Two settings of `create` change what a model computes:
   of x and an attack differentiating it runs expectation over transformation
   (EOT) over exactly the draws the prediction uses.
 """
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrobust import checks, spectral as spectral_lib
+from jaxrobust import checks, layers, spectral as spectral_lib
+
+# nn.Conv with the kernel gradient XLA:CPU computes fast (`layers`).
+Conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
 
 
 class Normalize(nn.Module):
@@ -40,22 +44,6 @@ class Normalize(nn.Module):
 
   def lipschitz_constant(self):
     return 1.0 / min(self.std)
-
-
-def max_pool(x, size=2):
-  """Max-pooling of NHWC `x` over non-overlapping `size` x `size` windows
-  (stride `size`, VALID padding): the values of
-  `nn.max_pool(x, (size, size), strides=(size, size))`, as a reshape and a max.
-
-  Why not `nn.max_pool`: its gradient is XLA's select-and-scatter, which
-  XLA:CPU runs as a slow loop (a quarter of a PGD step's time in
-  benchmarks/run.py); the gradient of this max is elementwise (the indicator of
-  the maximum, split between ties). Disjoint windows keep it 1-Lipschitz.
-  """
-  b, h, w, c = x.shape
-  h, w = h // size * size, w // size * size
-  windows = x[:, :h, :w].reshape(b, h // size, size, w // size, size, c)
-  return windows.max(axis=(2, 4))
 
 
 class SpectralSettings(NamedTuple):
@@ -92,9 +80,9 @@ class SmallCNN(nn.Module):
     linear = lambda layer: _linear(layer, self.spectral, train)
     x = Normalize(self.mean, self.std)(x)
     for features in (self.width, 2 * self.width):
-      x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
-      x = nn.relu(linear(nn.Conv(features, (3, 3)))(x))
-      x = max_pool(x)
+      x = nn.relu(linear(Conv(features, (3, 3)))(x))
+      x = nn.relu(linear(Conv(features, (3, 3)))(x))
+      x = layers.max_pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(linear(nn.Dense(4 * self.width))(x))
     return linear(nn.Dense(self.num_classes))(x)
@@ -118,8 +106,8 @@ class SeedCNN(nn.Module):
     linear = lambda layer: _linear(layer, self.spectral, train)
     x = Normalize(self.mean, self.std)(x)
     for features in (6, 16):
-      x = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(x))
-      x = max_pool(x)
+      x = nn.relu(linear(Conv(features, (5, 5), padding="VALID"))(x))
+      x = layers.max_pool(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(linear(nn.Dense(120))(x))
     x = nn.relu(linear(nn.Dense(84))(x))
@@ -138,10 +126,10 @@ class PreActBlock(nn.Module):
     out = nn.relu(self.norm()(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(out)
-    out = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(out)
+      shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False)(out)
+    out = Conv(self.features, (3, 3), self.strides, use_bias=False)(out)
     out = nn.relu(self.norm()(out))
-    out = nn.Conv(self.features, (3, 3), use_bias=False)(out)
+    out = Conv(self.features, (3, 3), use_bias=False)(out)
     return out + shortcut
 
 
@@ -166,7 +154,7 @@ class PreActResNet18(nn.Module):
   def __call__(self, x, train=False):
     norm = _batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
-    x = nn.Conv(64, (3, 3), use_bias=False)(x)
+    x = Conv(64, (3, 3), use_bias=False)(x)
     for stage, features in enumerate((64, 128, 256, 512)):
       for block in range(2):
         x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm)(x)
@@ -195,7 +183,7 @@ class WideResNet(nn.Module):
     norm = _batch_norm(train, self.axis_name)
     blocks = (self.depth - 4) // 6
     x = Normalize(self.mean, self.std)(x)
-    x = nn.Conv(16, (3, 3), use_bias=False)(x)
+    x = Conv(16, (3, 3), use_bias=False)(x)
     for stage, features in enumerate((16, 32, 64)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
