@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -67,27 +68,31 @@ def _conv_fn(strides, padding, precision):
                            padding=padding, dimension_numbers=_NHWC, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _conv(x, kernel, strides, padding, precision):
   return _conv_fn(strides, padding, precision)(x, kernel)
 
 
-def _conv_forward(x, kernel, strides, padding, precision):
-  return _conv(x, kernel, strides, padding, precision), (x, kernel)
+def _conv_jvp(strides, padding, precision, primals, tangents):
+  """The convolution is bilinear: d conv(x, k) = conv(dx, k) + conv(x, dk), with
+  the second term written as patches(x) @ dk, so that reverse mode (which
+  transposes this map) computes the kernel gradient as patches(x)^T @ g."""
+  (x, kernel), (dx, dkernel) = primals, tangents
+  conv = _conv_fn(strides, padding, precision)
+  out = conv(x, kernel)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(conv(dx, kernel))
+  if not isinstance(dkernel, SymbolicZero):
+    kh, kw, c_in, c_out = kernel.shape
+    patches = _patches(x, (kh, kw), strides, padding)           # [B, H', W', kh kw c_in]
+    terms.append(jnp.dot(patches, dkernel.reshape(kh * kw * c_in, c_out),
+                         precision=precision))
+  tangent = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+  return out, tangent
 
 
-def _conv_backward(strides, padding, precision, residuals, g):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv_fn(strides, padding, precision)(x, kernel), x)
-  (dx,) = input_vjp(g)
-  kh, kw, c_in, c_out = kernel.shape
-  patches = _patches(x, (kh, kw), strides, padding)          # [B, H', W', kh kw c_in]
-  dkernel = jnp.dot(patches.reshape(-1, kh * kw * c_in).T, g.reshape(-1, c_out),
-                    precision=precision)
-  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv.defvjp(_conv_forward, _conv_backward)
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
 def _patches(x, window, strides, padding):

@@ -40,6 +40,10 @@ def test_conv_values_and_gradients_equal_lax(kernel_shape, strides, padding):
   grads = lambda f: jax.jit(jax.grad(lambda x, k: jnp.sum(weights * f(x, k)), (0, 1)))(x, kernel)
   for a, b in zip(grads(ours), grads(theirs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+  # Forward mode too (spectral normalisation's power iteration uses it).
+  tangents = (normal(3, x.shape), normal(4, kernel.shape))
+  jvp = lambda f: jax.jvp(f, (x, kernel), tangents)[1]
+  np.testing.assert_allclose(jvp(ours), jvp(theirs), rtol=1e-4, atol=1e-4)
 
 
 def test_conv_falls_back_to_lax_for_dilation_and_groups():
