@@ -9,8 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = str((REPO / ".." / "shared" / "data" / "cifar10").resolve()
                    / "cifar10-{split}-jpeg.tar.gz")
 SETTINGS = ("digits", "cifar10", "cifar10_tfds")
-# Attack radii per setting: (L-infinity, L2).
+# Attack radii per setting, (L-infinity, L2), and M-DI2-FGSM's smallest shrink
+# factor (on 8x8 digits 0.9 would shrink by less than a pixel).
 EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
+RESIZE_RATE = {"digits": 0.75, "cifar10": 0.9, "cifar10_tfds": 0.9}
 
 
 def base():
@@ -29,23 +31,24 @@ def base():
   c.keep_checkpoints = 3
   # eval.py runs `default` unless --attacks names others (or "all").
   c.eval = dict(batch_size=500, limit=0, default="pgd_l2,pgd_linf",
-                attacks=eval_attacks(*EPS["digits"]))
+                attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]))
   return c
 
 
-def eval_attacks(linf, l2):
+def eval_attacks(linf, l2, resize_rate):
   """The evaluation's attacks at radii `linf` (L-infinity) and `l2`, by label:
   PGD-20 in both norms (step eps / 4, one random start), C&W-L2 counted within
   the L2 ball of radius `l2` (100 Adam steps for each of 5 values of c),
-  MI-FGSM and M-DI2-FGSM (10 steps of eps / 10, decay 1), and APGD with the
-  cross-entropy and the DLR loss (100 iterations)."""
+  MI-FGSM and M-DI2-FGSM (10 steps of eps / 10, decay 1; DI shrinks by a
+  factor in [resize_rate, 1)), and APGD with the cross-entropy and the DLR
+  loss (100 iterations)."""
   return dict(
       pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
       pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20),
       cw_l2=dict(name="cw_l2", steps=100, binary_search_steps=5, c=0.1, lr=0.01, eps=l2),
       mi_fgsm=dict(name="mi_fgsm", norm="linf", eps=linf, steps=10, decay=1.0),
       di_fgsm=dict(name="di_fgsm", norm="linf", eps=linf, steps=10, decay=1.0,
-                   prob=0.5, resize_rate=0.9),
+                   prob=0.5, resize_rate=resize_rate),
       apgd_ce=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="ce"),
       apgd_dlr=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="dlr"))
 
@@ -72,7 +75,7 @@ def setting(name):
                      warmup_steps=100, weight_decay=0.0)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
-  c.eval.attacks = eval_attacks(*EPS[name])
+  c.eval.attacks = eval_attacks(*EPS[name], RESIZE_RATE[name])
   return c
 
 

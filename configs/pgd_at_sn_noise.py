@@ -6,7 +6,9 @@ whose every Conv and Dense layer is spectrally normalised (operator norm,
 clipped at 1; Farnia et al. 2019). Each step crafts PGD-7 L-infinity examples
 on the base classifier f and trains f on x_adv + d, one fresh draw per
 example. Evaluation: the mean softmax over `model.noise.samples` fixed draws,
-attacked through them (EOT).
+attacked through them (EOT). Normalised layers learn slowly: with the digits
+setting's SGD this model stayed at chance (10 %) after 20 epochs, so it trains
+with Adam (lr 3e-3 on digits; the seed setting's Adam 1e-3 on CIFAR-10).
 Command: python train.py --config configs/pgd_at_sn_noise.py --workdir runs/pgd_at_sn_noise
 Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at_sn_noise.py:cifar10
 """
@@ -18,4 +20,7 @@ def get_config(setting="digits"):
   c.objective = "pgd_at"
   c.model.spectral = dict(mode="operator", target=1.0, n_steps=1, rescale="clip")
   c.model.noise = dict(sigma=0.25 if setting == "digits" else 0.1, samples=8, seed=0)
+  if setting == "digits":
+    c.optimizer = dict(name="adam", learning_rate=3e-3, schedule="cosine", warmup_steps=50,
+                       weight_decay=0.0)
   return c
