@@ -390,7 +390,8 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
   config's `eval.default`). `source`: an optional `(model, state)` to
   craft the examples on (transfer). With `lipschitz`, a spectrally normalised
   model also gets `evaluation.lipschitz_certificate` (report key
-  "lipschitz") at radius 0 and the eps of every L2 attack; for a randomized
+  "lipschitz") at radius 0 and 1/4, 1/2 and 1 times the eps of every L2
+  attack; for a randomized
   model it certifies the base classifier f, without noise.
   """
   test_set = load_split(resolved, split)
@@ -408,9 +409,10 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
       source=source and (apply(source[0]), source[1].variables), sanity=sanity)
   if lipschitz and resolved["model"].get("spectral"):
     randomized = models.is_randomized(model)
-    base = (lambda v, xb: model.apply(v, xb, train=False, method="base")) if randomized \
-        else apply(model)
-    radii = sorted({0.0} | {r["eps"] for r in rep["results"] if r["norm"] == "l2"})
+    method = "base" if randomized else None
+    base = lambda v, xb: model.apply(v, xb, train=False, method=method)
+    radii = sorted({0.0} | {f * r["eps"] for r in rep["results"] if r["norm"] == "l2"
+                             for f in (0.25, 0.5, 1.0)})
     rep["lipschitz"] = evaluation.lipschitz_certificate(
         base, jax.device_get(state.variables), x, y, radii, batch_size=batch_size)
     rep["lipschitz"]["of"] = ("the base classifier f (without noise)" if randomized
