@@ -6,7 +6,7 @@ step with c = 1, 20 Adam steps; PGD-7 L-infinity as in configs/pgd_at.py.
 Command: python train.py --config configs/cw_pgd_mix.py --workdir runs/cw_pgd_mix
 Seed setting (seed_cnn, CIFAR-10): --config configs/cw_pgd_mix.py:cifar10
 """
-from configs import common, pgd_at
+from configs import pgd_at
 
 
 def get_config(setting="digits"):

@@ -12,7 +12,7 @@ with Adam (lr 3e-3 on digits; the seed setting's Adam 1e-3 on CIFAR-10).
 Command: python train.py --config configs/pgd_at_sn_noise.py --workdir runs/pgd_at_sn_noise
 Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at_sn_noise.py:cifar10
 """
-from configs import common, pgd_at
+from configs import pgd_at
 
 
 def get_config(setting="digits"):

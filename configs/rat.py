@@ -9,7 +9,7 @@ through them (EOT).
 Command: python train.py --config configs/rat.py --workdir runs/rat
 Seed setting (seed_cnn, CIFAR-10): --config configs/rat.py:cifar10
 """
-from configs import common, pgd_at
+from configs import pgd_at
 
 
 def get_config(setting="digits"):

@@ -22,7 +22,7 @@ Two settings of `create` change what a model computes:
   (EOT) over exactly the draws the prediction uses.
 """
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax

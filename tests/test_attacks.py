@@ -1,6 +1,5 @@
 """The attack engine: closed-form optima on linear models, ball and box
 invariants, loop-form equivalence and bad input."""
-import functools
 
 import jax
 import jax.numpy as jnp

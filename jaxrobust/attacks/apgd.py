@@ -8,7 +8,6 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.pgd import better
 
 MOMENTUM = 0.75  # alpha in the paper
 
@@ -143,12 +142,7 @@ def apgd(*, norm="linf", eps, steps=100, loss="ce", targeted=False, restarts=1,
               jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
               s["success"])
 
-    best = run(jax.random.fold_in(key, 0))
-    for r in range(1, restarts):
-      candidate = run(jax.random.fold_in(key, r))
-      take = better(candidate, best)
-      best = jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
-    return x + best[0]
+    return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key):
     num_classes = core.num_classes_of(logits_fn, x)

@@ -75,6 +75,20 @@ def steepest_ascent(grad, norm):
   return grad / jnp.maximum(l2_norm(grad), _TINY)
 
 
+def best_of_restarts(run, key, restarts):
+  """The best of `restarts` runs: `run(fold_in(key, r))` for r = 0, 1, ...
+  returns (delta, value, success) per example; the best succeeds if any run
+  does, with the highest value among those that succeed (or among all)."""
+  best = run(jax.random.fold_in(key, 0))
+  for r in range(1, restarts):
+    candidate = run(jax.random.fold_in(key, r))
+    _, value, success = candidate
+    _, best_value, best_success = best
+    take = (success & ~best_success) | ((success == best_success) & (value > best_value))
+    best = jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
+  return best
+
+
 def iterate(body, state, steps, unroll=False):
   """Applies `state = body(i, state)` for i in 0..steps-1: a `lax.fori_loop`,
   or straight-line code when `unroll` (each step compiled separately).

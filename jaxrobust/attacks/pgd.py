@@ -72,25 +72,13 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
       value, logits = objective(logits_one, x + delta, y)
       return delta, value, succeeded(logits, y)
 
-    best = run(jax.random.fold_in(key, 0))
-    for r in range(1, restarts):
-      candidate = run(jax.random.fold_in(key, r))
-      take = better(candidate, best)
-      best = jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
-    return x + best[0]
+    return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps=None):
     eps = default_eps if eps is None else core.check_eps(eps)
     return core.batched(attack_one, logits_fn, x, y, key, jnp.asarray(eps, x.dtype))
 
   return attack
-
-
-def better(candidate, best):
-  """Whether (delta, value, success) `candidate` beats `best`: success first, then value."""
-  _, value, success = candidate
-  _, best_value, best_success = best
-  return (success & ~best_success) | ((success == best_success) & (value > best_value))
 
 
 def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
