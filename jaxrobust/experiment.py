@@ -387,12 +387,11 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
 
   The attacks are `specs` (`{label: spec}`), or else those of the config's
   `eval.attacks` named in `names` (comma-separated, or "all"; default: the
-  config's `eval.default`). `source`: an optional `(model, state)` to
-  craft the examples on (transfer). With `lipschitz`, a spectrally normalised
-  model also gets `evaluation.lipschitz_certificate` (report key
-  "lipschitz") at radius 0 and 1/4, 1/2 and 1 times the eps of every L2
-  attack; for a randomized
-  model it certifies the base classifier f, without noise.
+  config's `eval.default`). `source`: an optional `(model, state)` to craft
+  the examples on (transfer). With `lipschitz`, a spectrally normalised model
+  also gets `evaluation.lipschitz_certificate` (report key "lipschitz") at
+  radius 0 and 1/4, 1/2 and 1 times the eps of every L2 attack; for a
+  randomized model it certifies the base classifier f, without noise.
   """
   test_set = load_split(resolved, split)
   x, y = test_set.x, test_set.y
