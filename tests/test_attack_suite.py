@@ -128,12 +128,13 @@ def test_cw_returns_x_where_it_fails_and_reaches_targets():
   failed = run(A.cw_l2(steps=1, binary_search_steps=1, c=1e-6), logits_fn, x, label)
   np.testing.assert_array_equal(failed, x)
   target = (label + 1 + jnp.arange(6) % 2) % 3
-  x_adv = run(A.cw_l2(steps=50, binary_search_steps=5, lr=0.05, kappa=1.0, targeted=True),
-              logits_fn, x, target)
-  np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1), target)
-  # kappa: the target wins by more than kappa.
-  z = logits_fn(x_adv)
-  assert np.all(z[jnp.arange(6), target] - jax.vmap(A.losses.other_max)(z, target) > 1.0)
+  for schedule in ({"steps": 100}, {"steps": 50, "schedule": "constant", "overshoot": 0.0}):
+    x_adv = run(A.cw_l2(binary_search_steps=5, lr=0.05, kappa=1.0, targeted=True, **schedule),
+                logits_fn, x, target)
+    np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1), target)
+    # kappa: the target wins by more than kappa.
+    z = logits_fn(x_adv)
+    assert np.all(z[jnp.arange(6), target] - jax.vmap(A.losses.other_max)(z, target) > 1.0)
 
 
 # --- MI-FGSM and M-DI2-FGSM ------------------------------------------------

@@ -7,21 +7,27 @@ and must run the model in inference mode. Compose under `jax.jit`:
   x_adv = jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 """
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.apgd import apgd
+from jaxrobust.attacks.apgd import apgd, apgd_t
+from jaxrobust.attacks.attack import Attack
+from jaxrobust.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
+from jaxrobust.attacks.autoattack import autoattack
 from jaxrobust.attacks.combinators import mixture, random_choice, worst_case
 from jaxrobust.attacks.cw import cw_l2
+from jaxrobust.attacks.fab import fab, fab_t
 from jaxrobust.attacks.momentum import di_fgsm, mi_fgsm
 from jaxrobust.attacks.pgd import fgsm, pgd
+from jaxrobust.attacks.square import square
 
 from jaxrobust import checks
 
 ATTACKS = {"fgsm": fgsm, "pgd": pgd, "cw_l2": cw_l2, "mi_fgsm": mi_fgsm,
-           "di_fgsm": di_fgsm, "apgd": apgd, "worst_case": worst_case,
+           "di_fgsm": di_fgsm, "apgd": apgd, "apgd_t": apgd_t, "fab": fab, "fab_t": fab_t,
+           "square": square, "autoattack": autoattack, "worst_case": worst_case,
            "random_choice": random_choice, "mixture": mixture}
 COMBINATORS = ("worst_case", "random_choice", "mixture")
 
 
-def create(name, **settings):
+def create(name, **settings) -> Attack:
   """Builds attack `name` (one of `ATTACKS`) from keyword `settings`, as in a config.
 
   `name` may also be a whole spec `{"name": ..., **settings}` (a dict or

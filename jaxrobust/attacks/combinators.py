@@ -1,8 +1,10 @@
 """Attacks made of attacks: the per-example worst case, a random choice and a
 mixture that splits a batch between attacks.
 
-Each takes attacks `attack(logits_fn, x, y, key) -> x_adv` and returns one.
-Randomness: with per-example keys k_i (the key itself if it is a batch of
+Each takes attacks `attack(logits_fn, x, y, key) -> x_adv` (an `Attack`, or
+any function of that form) and returns an `Attack`, whose threat model is
+that of its parts when they share one (norm and eps; then `eps=` at call
+time changes every part's), else None. Randomness: with per-example keys k_i (the key itself if it is a batch of
 keys, else `fold_in(key, i)`), inner attack j sees `fold_in(k_i, j)` for
 example i, and the combinator's own draws use `fold_in(k_i, J)`, J the number
 of attacks. Labels are true classes: the combinators judge success
@@ -16,34 +18,45 @@ import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
+from jaxrobust.attacks.attack import Attack, make
 
 
-def worst_case(attacks):
+def worst_case(attacks) -> Attack:
   """Runs every attack and keeps, per example, the worst one for the model.
 
   Per example: the first attack's output (in list order) that is
   misclassified, else the one with the highest cross-entropy loss. Costs the
   sum of the attacks plus one forward pass each; an example counts as robust
-  only if it resists all of them (MAT-Max of Araujo et al. 2019 over p).
+  only if it resists all of them. The attacks are its `stages`: an
+  evaluation may run each only on the examples the ones before left robust
+  (the same per-example outcome, for less work). A stochastic model
+  (attacks with EOT, `logits_fn(x, key)`) is judged on one draw per example.
   """
   attacks = _check_attacks(attacks)
+  stochastic = any(getattr(a, "stochastic", False) for a in attacks)
 
-  def attack(logits_fn, x, y, key):
-    core.check_batch(logits_fn, x, y)
+  def attack(logits_fn, x, y, key, eps):
+    core.check_batch(logits_fn, x, y, stochastic=stochastic)
     keys = core.example_keys(key, x.shape[0])
-    candidates = jnp.stack([a(logits_fn, x, y, _fold(keys, j))
+    candidates = jnp.stack([_call(a, logits_fn, x, y, _fold(keys, j), eps)
                             for j, a in enumerate(attacks)])       # [J, B, ...]
-    logits = logits_fn(candidates.reshape((-1,) + x.shape[1:]))
+    if stochastic:
+      judge = _fold(keys, len(attacks))
+      logits = jax.vmap(lambda c: jax.vmap(lambda xi, k: logits_fn(xi[None], k)[0])(
+          c, judge))(candidates)
+    else:
+      logits = logits_fn(candidates.reshape((-1,) + x.shape[1:]))
     logits = logits.reshape(len(attacks), x.shape[0], -1)          # [J, B, K]
     fooled = jnp.argmax(logits, -1) != y
     loss = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
     choice = jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
     return candidates[choice, jnp.arange(x.shape[0])]
 
-  return attack
+  return _combined(attack, "worst_case", attacks,
+                   stages=attacks if all(isinstance(a, Attack) for a in attacks) else ())
 
 
-def random_choice(attacks, per_example=False):
+def random_choice(attacks, per_example=False) -> Attack:
   """One attack drawn uniformly at random.
 
   Per batch (default): one draw for the whole batch, made from the first
@@ -55,25 +68,26 @@ def random_choice(attacks, per_example=False):
   attacks = _check_attacks(attacks)
   count = len(attacks)
 
-  def attack(logits_fn, x, y, key):
+  def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y)
     keys = core.example_keys(key, x.shape[0])
     if per_example:
       choice = jax.vmap(lambda k: jax.random.randint(k, (), 0, count))(_fold(keys, count))
-      outputs = jnp.stack([a(logits_fn, x, y, _fold(keys, j)) for j, a in enumerate(attacks)])
+      outputs = jnp.stack([_call(a, logits_fn, x, y, _fold(keys, j), eps)
+                           for j, a in enumerate(attacks)])
       return outputs[choice, jnp.arange(x.shape[0])]
     choice = jax.random.randint(jax.random.fold_in(keys[0], count), (), 0, count)
     # Each branch is a computation of its own, where XLA:CPU would not
     # canonicalise (and so speed up) the attack's convolutions by itself.
     branches = [core.canonical_convolutions(
-        lambda x, y, keys, a=a, j=j: a(logits_fn, x, y, _fold(keys, j)))
+        lambda x, y, keys, a=a, j=j: _call(a, logits_fn, x, y, _fold(keys, j), eps))
                 for j, a in enumerate(attacks)]
     return jax.lax.switch(choice, branches, x, y, keys)
 
-  return attack
+  return _combined(attack, "random_choice", attacks, per_example=per_example)
 
 
-def mixture(attacks, weights):
+def mixture(attacks, weights) -> Attack:
   """Splits each batch between the attacks in the proportions `weights`.
 
   Every example goes to exactly one attack and each attack runs only on its
@@ -92,7 +106,7 @@ def mixture(attacks, weights):
   attacks = _check_attacks(attacks)
   weights = _check_weights(weights, len(attacks))
 
-  def attack(logits_fn, x, y, key):
+  def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y)
     keys = core.example_keys(key, x.shape[0])
     draws = jax.vmap(jax.random.uniform)(_fold(keys, len(attacks)))
@@ -101,11 +115,13 @@ def mixture(attacks, weights):
     for j, (a, size) in enumerate(zip(attacks, share_sizes(weights, x.shape[0]))):
       if size:
         share = order[start:start + size]
-        x_adv = x_adv.at[share].set(a(logits_fn, x[share], y[share], _fold(keys[share], j)))
+        part_eps = eps[share] if eps is not None and jnp.ndim(eps) else eps
+        x_adv = x_adv.at[share].set(
+            _call(a, logits_fn, x[share], y[share], _fold(keys[share], j), part_eps))
         start += size
     return x_adv
 
-  return attack
+  return _combined(attack, "mixture", attacks, weights=weights)
 
 
 def share_sizes(weights, batch_size):
@@ -116,6 +132,24 @@ def share_sizes(weights, batch_size):
   for j in by_remainder[:batch_size - sum(sizes)]:
     sizes[j] += 1
   return sizes
+
+
+def _combined(fn, name, attacks, stages=(), **settings):
+  """The `Attack` of a combinator: the threat model its parts share, if any."""
+  norms = {getattr(a, "norm", None) for a in attacks}
+  radii = {getattr(a, "eps", None) for a in attacks}
+  norm = norms.pop() if len(norms) == 1 else None
+  eps = radii.pop() if len(radii) == 1 and norm is not None else None
+  return make(fn, name, norm=norm, eps=eps,
+              targeted=any(getattr(a, "targeted", False) for a in attacks),
+              stages=stages, attacks=attacks, **settings)
+
+
+def _call(attack, logits_fn, x, y, keys, eps):
+  """Calls a part with the combinator's eps (None: the part's own)."""
+  if eps is None or not isinstance(attack, Attack):
+    return attack(logits_fn, x, y, keys)
+  return attack(logits_fn, x, y, keys, eps=eps)
 
 
 def _fold(keys, j):

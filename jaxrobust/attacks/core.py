@@ -8,8 +8,11 @@ so the per-example code calls it on `x[None]`.
 Threat models: the L-infinity ball {d : max_i |d_i| <= eps} and the L2 ball
 {d : ||d||_2 <= eps} around x, intersected with the image box x + d in [0, 1].
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
 from jaxrobust import checks
@@ -22,15 +25,37 @@ def check_norm(norm):
   return checks.one_of("norm", norm, NORMS)
 
 
-def check_eps(eps):
-  """Validates eps: a number > 0, or a [B] array of them (checked when concrete)."""
+def check_eps(eps, name="eps"):
+  """Validates eps: a number > 0, or an array of them (checked when concrete)."""
   if jnp.ndim(eps) == 0 and checks.is_concrete(eps):
-    return checks.positive("eps", float(eps))
+    return checks.positive(name, float(eps))
   if checks.is_concrete(eps):
-    eps_np = jnp.asarray(eps)
-    bad = eps_np[~(eps_np > 0) | ~jnp.isfinite(eps_np)]
-    checks.require(bad.size == 0, f"eps must be finite and > 0, got {bad[:5].tolist()}")
+    eps_np = np.asarray(eps)
+    bad = eps_np[~(eps_np > 0) | ~np.isfinite(eps_np)]
+    checks.require(bad.size == 0, f"{name} must be finite and > 0, got {bad[:5].tolist()}")
   return eps
+
+
+def check_step_size(step_size):
+  """Validates an optional step size (None: the attack's default rule)."""
+  return None if step_size is None else checks.positive("step_size", step_size)
+
+
+# The default step size of each iterative attack, a multiple of eps / steps:
+# the rule of the paper that introduced it.
+STEP_SIZE_FACTORS = {
+    "pgd": 2.5,      # Madry et al. 2018: 2.5 eps / steps
+    "fgsm": 1.0,     # Goodfellow et al. 2015: one step of eps
+    "mi_fgsm": 1.0,  # Dong et al. 2018: eps / T
+    "di_fgsm": 1.0,  # Xie et al. 2019: as MI-FGSM
+}
+
+
+def default_step_size(name, eps, steps):
+  """The step size attack `name` uses when none is given: the factor of its
+  paper (`STEP_SIZE_FACTORS`) times eps / steps. (APGD, FAB, Square and C&W
+  adapt their steps themselves.)"""
+  return STEP_SIZE_FACTORS[name] * eps / steps
 
 
 def l2_norm(v):
@@ -77,16 +102,30 @@ def steepest_ascent(grad, norm):
 
 def best_of_restarts(run, key, restarts):
   """The best of `restarts` runs: `run(fold_in(key, r))` for r = 0, 1, ...
-  returns (delta, value, success) per example; the best succeeds if any run
-  does, with the highest value among those that succeed (or among all)."""
+
+  Each run returns (delta, value, success) for one example; the best
+  succeeds if any run does, with the highest value among those that succeed
+  (or among all). The restarts are a `lax.fori_loop`: the program holds one
+  run whatever their number.
+  """
   best = run(jax.random.fold_in(key, 0))
-  for r in range(1, restarts):
+  if restarts == 1:
+    return best
+
+  def restart(r, best):
     candidate = run(jax.random.fold_in(key, r))
-    _, value, success = candidate
-    _, best_value, best_success = best
-    take = (success & ~best_success) | ((success == best_success) & (value > best_value))
-    best = jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
-  return best
+    return better(candidate, best)
+
+  return jax.lax.fori_loop(1, restarts, restart, best)
+
+
+def better(candidate, best):
+  """Per example the better of two (delta, value, success) results: success
+  first, then the higher value; ties keep `best`."""
+  _, value, success = candidate
+  _, best_value, best_success = best
+  take = (success & ~best_success) | ((success == best_success) & (value > best_value))
+  return jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
 
 
 def iterate(body, state, steps, unroll=False):
@@ -194,23 +233,33 @@ def num_classes_of(logits_fn, x):
   return shape[1]
 
 
-def check_batch(logits_fn, x, y):
-  """Checks images and labels of an attack call; returns the number of classes."""
+def check_batch(logits_fn, x, y, *, stochastic=False):
+  """Checks images and labels of an attack call; returns the number of classes.
+
+  A `stochastic` model is `logits_fn(x, key)`.
+  """
   checks.check_images(x)
+  if stochastic:
+    logits_fn = functools.partial(_with_fixed_key, logits_fn)
   num_classes = num_classes_of(logits_fn, x)
   checks.check_labels(y, x.shape[0], num_classes)
   return num_classes
 
 
-def batched(attack_one, logits_fn, x, y, key, *per_example):
+def _with_fixed_key(logits_fn, x):
+  return logits_fn(x, jax.random.key(0))
+
+
+def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False):
   """Runs `attack_one(logits_fn_one, x_i, y_i, key_i, *args_i)` over the batch with vmap.
 
-  `logits_fn_one` maps one example to its logits [K]. `per_example` are extra
-  arguments of shape [B] or scalars (broadcast), such as a per-example eps.
-  Returns the attacked batch, the same shape and dtype as `x`.
+  `logits_fn_one` maps one example to its logits [K] (a `stochastic` model:
+  one example and a key). `per_example` are extra arguments of shape [B] or
+  scalars (broadcast), such as a per-example eps. Returns the attacked
+  batch, the same shape and dtype as `x`.
   """
-  check_batch(logits_fn, x, y)
-  logits_one = lambda xi: logits_fn(xi[None])[0]
+  check_batch(logits_fn, x, y, stochastic=stochastic)
+  logits_one = lambda xi, *key: logits_fn(xi[None], *key)[0]
   keys = example_keys(key, x.shape[0])
   axes = tuple(0 if jnp.ndim(a) else None for a in per_example)
   run = jax.vmap(lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a),

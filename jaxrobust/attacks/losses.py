@@ -38,17 +38,30 @@ def dlr(logits, y):
   return margin(logits, y) / (top[0] - top[2] + 1e-12)
 
 
+def _dlr_t_scale(logits):
+  top = _top(logits, 4)
+  return top[0] - (top[2] + top[3]) / 2 + 1e-12
+
+
 def dlr_targeted(logits, t):
-  """The targeted DLR loss for target t, for K >= 4 classes; attacks minimise it:
+  """A targeted DLR loss that needs only the target t, for K >= 4 classes;
+  attacks minimise it:
 
     (max_{i != t} z_i - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
 
-  Croce & Hein 2020 maximise -(z_y - z_t) / (...) with y the true class; an
-  attack here knows only the target, so the strongest other class stands in
-  for y (it is y wherever the model classifies x correctly).
+  The strongest class other than t stands in for the true class y of Croce &
+  Hein's loss (`dlr_t`); it is y wherever the model classifies x correctly.
   """
-  top = _top(logits, 4)
-  return margin(logits, t) / (top[0] - (top[2] + top[3]) / 2 + 1e-12)
+  return margin(logits, t) / _dlr_t_scale(logits)
+
+
+def dlr_t(logits, y, t):
+  """Croce & Hein's targeted DLR loss (APGD-T), for K >= 4 classes, which
+  attacks maximise: y the true class, t the target,
+
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
+  """
+  return -(logits[y] - logits[t]) / _dlr_t_scale(logits)
 
 
 LOSSES = {"ce": cross_entropy, "cw": margin, "dlr": dlr}

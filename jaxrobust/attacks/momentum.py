@@ -5,9 +5,11 @@ import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
+from jaxrobust.attacks.attack import Attack, make
 
 
-def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=False):
+def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf",
+            unroll=False) -> Attack:
   """The momentum iterative fast gradient sign method (Dong et al. 2018,
   "Boosting adversarial attacks with momentum").
 
@@ -32,14 +34,16 @@ def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=Fal
       unrolled (True); see `core.iterate`.
 
   Returns:
-    `attack(logits_fn, x, y, key) -> x_adv`, the same shape as x.
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  return _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
-                          norm=norm, transform=None, unroll=unroll)
+  fn = _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
+                        norm=norm, transform=None, unroll=unroll, name="mi_fgsm")
+  return make(fn, "mi_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size,
+              decay=decay, unroll=unroll)
 
 
 def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0.9,
-            norm="linf", unroll=False):
+            norm="linf", unroll=False) -> Attack:
   """M-DI2-FGSM (Xie et al. 2019, "Improving transferability of adversarial
   examples with input diversity"): `mi_fgsm` whose every gradient is taken
   through a random input transformation T, drawn afresh for each step and
@@ -57,7 +61,8 @@ def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0
     resize_rate: the smallest shrink factor, in (0, 1].
 
   Returns:
-    `attack(logits_fn, x, y, key) -> x_adv` for images x [B, H, W, C].
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`, for
+    images x [B, H, W, C].
   """
   checks.in_interval("prob", prob, 0.0, 1.0)
   checks.in_interval("resize_rate", resize_rate, 0.0, 1.0, closed=(False, True))
@@ -65,8 +70,10 @@ def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0
   def transform(draws, x):
     return random_resize_and_pad(draws, x, prob=prob, resize_rate=resize_rate)
 
-  return _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
-                          norm=norm, transform=transform, unroll=unroll)
+  fn = _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
+                        norm=norm, transform=transform, unroll=unroll, name="di_fgsm")
+  return make(fn, "di_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size,
+              decay=decay, prob=prob, resize_rate=resize_rate, unroll=unroll)
 
 
 def random_resize_and_pad(draws, image, *, prob, resize_rate):
@@ -93,14 +100,15 @@ def random_resize_and_pad(draws, image, *, prob, resize_rate):
   return jnp.where(draws[0] < prob, resized, image)
 
 
-def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll):
-  norm = core.check_norm(norm)
-  checks.positive("eps", eps)
-  steps = checks.integer_at_least("steps", steps, 1)
+def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll, name):
+  core.check_norm(norm)
+  core.check_eps(eps)
+  checks.integer_at_least("steps", steps, 1)
   checks.non_negative("decay", decay)
-  alpha = eps / steps if step_size is None else checks.positive("step_size", step_size)
+  core.check_step_size(step_size)
 
-  def attack_one(logits_one, x, y, key):
+  def attack_one(logits_one, x, y, key, eps):
+    alpha = core.default_step_size(name, eps, steps) if step_size is None else step_size
 
     # Every step's random draws at once: a loop of per-step PRNG calls compiles slowly.
     draws = jax.random.uniform(key, (steps, 4))
@@ -122,10 +130,10 @@ def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll):
     delta, _ = core.iterate(step, (zeros, zeros), steps, unroll)
     return x + delta
 
-  def attack(logits_fn, x, y, key):
+  def attack(logits_fn, x, y, key, eps):
     if transform is not None:
       checks.require(jnp.ndim(x) == 4, "di_fgsm needs images [batch, height, width, "
                      f"channels], got shape {tuple(jnp.shape(x))}")
-    return core.batched(attack_one, logits_fn, x, y, key)
+    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
   return attack

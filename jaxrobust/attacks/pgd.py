@@ -4,10 +4,11 @@ import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
+from jaxrobust.attacks.attack import Attack, make
 
 
 def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
-        restarts=1, loss="ce", targeted=False, unroll=False):
+        restarts=1, loss="ce", targeted=False, unroll=False) -> Attack:
   """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
@@ -26,7 +27,8 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
     norm: "linf" or "l2".
     eps: radius of the ball, > 0; a scalar, or per example an array [B] passed
       to the attack as the keyword argument `eps=` instead.
-    step_size: step length; default 2.5 * eps / steps (Madry et al.).
+    step_size: step length; default 2.5 * eps / steps (Madry et al.; see
+      `core.default_step_size`).
     steps: gradient steps per restart, >= 1.
     random_start: start uniformly in the ball (else at x).
     restarts: independent runs per example, >= 1.
@@ -37,17 +39,42 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
       unrolled (True); see `core.iterate`.
 
   Returns:
-    `attack(logits_fn, x, y, key, eps=None) -> x_adv`, the same shape as x.
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
+  fn = _projected_gradient(norm=norm, eps=eps, step_size=step_size, steps=steps,
+                           random_start=random_start, restarts=restarts, loss=loss,
+                           targeted=targeted, unroll=unroll, rule="pgd")
+  return make(fn, "pgd", norm=norm, eps=eps, targeted=targeted, steps=steps,
+              step_size=step_size, random_start=random_start, restarts=restarts,
+              loss=loss, unroll=unroll)
+
+
+def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
+         targeted=False) -> Attack:
+  """The fast gradient sign method: one step of `pgd`.
+
+  x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))), d_0 = 0 by
+  default (Goodfellow et al. 2015, step_size = eps) or uniform in the ball with
+  `random_start` (Wong et al. 2020's FGSM-RS uses step_size = 1.25 eps).
+  With norm="l2" the step follows grad / ||grad||_2 (the fast gradient method).
+  """
+  fn = _projected_gradient(norm=norm, eps=eps, step_size=step_size, steps=1,
+                           random_start=random_start, restarts=1, loss=loss,
+                           targeted=targeted, unroll=False, rule="fgsm")
+  return make(fn, "fgsm", norm=norm, eps=eps, targeted=targeted,
+              random_start=random_start, step_size=step_size, loss=loss)
+
+
+def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, loss,
+                        targeted, unroll, rule):
+  """The attack function of `pgd` (and `fgsm`), with the step-size `rule`."""
   norm = core.check_norm(norm)
   core.check_eps(eps)
   steps = checks.integer_at_least("steps", steps, 1)
   restarts = checks.integer_at_least("restarts", restarts, 1)
-  if step_size is not None:
-    checks.positive("step_size", step_size)
+  core.check_step_size(step_size)
   loss_fn = losses.get(loss)
   sign = -1.0 if targeted else 1.0
-  default_eps = eps
 
   def objective(logits_one, x_adv, y):
     logits = logits_one(x_adv)
@@ -58,7 +85,7 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
     return hit if targeted else ~hit
 
   def attack_one(logits_one, x, y, key, eps):
-    alpha = 2.5 * eps / steps if step_size is None else step_size
+    alpha = core.default_step_size(rule, eps, steps) if step_size is None else step_size
     gradient = core.canonical_convolutions(jax.grad(lambda d: objective(logits_one, x + d, y)[0]))
 
     def step(_, delta):
@@ -74,21 +101,7 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
 
     return x + core.best_of_restarts(run, key, restarts)[0]
 
-  def attack(logits_fn, x, y, key, eps=None):
-    eps = default_eps if eps is None else core.check_eps(eps)
-    return core.batched(attack_one, logits_fn, x, y, key, jnp.asarray(eps, x.dtype))
+  def attack(logits_fn, x, y, key, eps):
+    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
   return attack
-
-
-def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
-         targeted=False):
-  """The fast gradient sign method: one step of `pgd`.
-
-  x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))), d_0 = 0 by
-  default (Goodfellow et al. 2015, step_size = eps) or uniform in the ball with
-  `random_start` (Wong et al. 2020's FGSM-RS uses step_size = 1.25 eps).
-  With norm="l2" the step follows grad / ||grad||_2 (the fast gradient method).
-  """
-  return pgd(norm=norm, eps=eps, step_size=eps if step_size is None else step_size,
-             steps=1, random_start=random_start, loss=loss, targeted=targeted)

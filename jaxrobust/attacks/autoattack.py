@@ -1,0 +1,65 @@
+"""AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial
+robustness with an ensemble of diverse parameter-free attacks"): the field's
+standard robustness evaluation, as a cascade of attacks."""
+from jaxrobust import checks
+from jaxrobust.attacks import core
+from jaxrobust.attacks.apgd import apgd, apgd_t
+from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.combinators import worst_case
+from jaxrobust.attacks.fab import fab, fab_t
+from jaxrobust.attacks.square import square
+
+VERSIONS = ("standard", "plus", "rand")
+
+
+def autoattack(*, norm="linf", eps, version="standard", steps=100, queries=5000,
+               num_targets=9) -> Attack:
+  """AutoAttack's suite in one of its versions, as in the authors' code.
+
+  * "standard": APGD-CE (1 run), APGD-T (`num_targets` targets), FAB-T
+    (`num_targets` targets) and Square (`queries` queries), in that order;
+  * "plus": APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts,
+    Square, APGD-T and FAB-T;
+  * "rand", for randomized models: APGD-CE and APGD-DLR, each gradient the
+    mean over 20 draws of the model (EOT); the model is then stochastic,
+    `logits_fn(x, key)` (see `apgd`'s `eot_samples`).
+
+  The iterative attacks run `steps` iterations (the authors: 100). Robust
+  accuracy is the fraction of examples classified correctly clean and after
+  every stage. Called as an attack, every stage runs on every example and
+  each example keeps the first stage's output that fools the model (the
+  stages in `stages`; `worst_case`); `evaluation.evaluate` instead runs
+  each stage only on the examples still robust, packed into full batches,
+  which gives the same per-example result at a cost that falls as the model
+  breaks, and reports the robust accuracy after each stage.
+
+  Args:
+    norm: "linf" or "l2".
+    eps: radius of the ball, > 0.
+    version: "standard", "plus" or "rand".
+    steps: iterations of APGD, APGD-T, FAB and FAB-T, >= 1.
+    queries: Square's queries, >= 0.
+    num_targets: target classes of APGD-T and FAB-T, >= 1.
+
+  Returns:
+    An `Attack` whose `stages` are the suite's attacks, in order.
+  """
+  norm = core.check_norm(norm)
+  core.check_eps(eps)
+  checks.one_of("version", version, VERSIONS)
+  ball = dict(norm=norm, eps=eps)
+  targeted = dict(ball, steps=steps, num_targets=num_targets)
+  if version == "standard":
+    stages = [apgd(**ball, steps=steps, loss="ce"), apgd_t(**targeted), fab_t(**targeted),
+              square(**ball, queries=queries)]
+  elif version == "plus":
+    stages = [apgd(**ball, steps=steps, loss="ce", restarts=5),
+              apgd(**ball, steps=steps, loss="dlr", restarts=5),
+              fab(**ball, steps=steps, restarts=5), square(**ball, queries=queries),
+              apgd_t(**targeted), fab_t(**targeted)]
+  else:
+    stages = [apgd(**ball, steps=steps, loss="ce", eot_samples=20),
+              apgd(**ball, steps=steps, loss="dlr", eot_samples=20)]
+  cascade = worst_case(stages)
+  return make(cascade.fn, "autoattack", norm=norm, eps=eps, version=version, steps=steps,
+              queries=queries, num_targets=num_targets, stages=tuple(stages))

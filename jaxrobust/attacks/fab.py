@@ -1,0 +1,259 @@
+"""The fast adaptive boundary attack, FAB and its targeted version FAB-T
+(Croce & Hein 2020, "Minimally distorted adversarial examples with a fast
+adaptive boundary attack"), as AutoAttack runs them."""
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+from jaxrobust.attacks import core
+from jaxrobust.attacks.attack import Attack, make
+
+_EXCLUDED = 1e10  # the distance of the true class's own "boundary"
+
+
+def fab(*, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05,
+        beta=0.9) -> Attack:
+  """FAB: the closest adversarial example it can find, in L-infinity or L2.
+
+  Per example, from x^(0) = x (restart r > 0: a random point at distance
+  eps / 2, as in the authors' code; without eps, half the distance of the
+  closest adversarial found so far), each step linearises the decision
+  boundaries f_j(z) = z_j - z_y of every class j != y at the iterate x^(k),
+  takes the closest one, j* = argmin_j |f_j| / ||grad f_j||_q (q the dual
+  norm), and projects both the iterate and the original point onto its
+  hyperplane {z : f_j*(x^(k)) + grad f_j*(x^(k)) . (z - x^(k)) = 0}
+  intersected with the box [0, 1]^d (`project_onto_hyperplane`): steps d_k
+  and d_0. With a_k = ||d_k||_p, a_0 = ||d_0||_p and
+  alpha = min(a_k / (a_k + a_0), alpha_max), the next iterate is the
+  extrapolated convex combination
+
+    x^(k+1) = clip((1 - alpha) (x^(k) + eta d_k) + alpha (x + eta d_0), 0, 1).
+
+  When x^(k+1) is misclassified it is recorded if it is the closest so far,
+  and the search steps back towards x: x^(k+1) <- x + beta (x^(k+1) - x).
+  Each step costs the Jacobian of the logits (K gradients) and one forward
+  pass; `fab_t` needs one gradient instead of K.
+
+  Threat model: with `eps`, success only within the ball; an example whose
+  closest adversarial found lies farther than eps is returned as x (so
+  accuracy under the attack is accuracy within the ball). Without `eps`,
+  FAB is a minimal-norm attack: report the distances.
+
+  Args:
+    norm: "linf" or "l2".
+    eps: radius of the ball, > 0, or None.
+    steps: iterations per restart, >= 1.
+    restarts: runs per example, >= 1.
+    alpha_max: the largest weight of the original point, in [0, 1].
+    eta: overshoot of the projections, >= 1.
+    beta: backward step after a success, in [0, 1].
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`: per
+    example the closest misclassified point found (within eps, if set), or x.
+  """
+  return _fab("fab", norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=None)
+
+
+def fab_t(*, norm="linf", eps=None, steps=100, num_targets=9, restarts=1,
+          alpha_max=0.1, eta=1.05, beta=0.9) -> Attack:
+  """FAB-T: FAB towards one target class at a time, as in AutoAttack ("fab-t").
+
+  y is the true label. For each target t among the `num_targets` classes
+  with the highest clean logits other than y (fewer when there are fewer
+  classes), FAB (`fab`'s step, with `restarts` runs) follows the single
+  boundary f(z) = z_t - z_y instead of the closest of all, so each step
+  costs one gradient. A point counts when it is misclassified (any class),
+  and the closest over all targets is returned. AutoAttack stops at the
+  first target that succeeds within eps; the closest over all targets
+  succeeds within eps exactly when some target does, so robust accuracy is
+  the same. The targets are a `lax.fori_loop` (one target's program).
+
+  Args:
+    norm, eps, steps, restarts, alpha_max, eta, beta: as in `fab`.
+    num_targets: target classes per example, >= 1 (AutoAttack: 9).
+
+  Returns:
+    An `Attack`, as `fab`'s.
+  """
+  num_targets = checks.integer_at_least("num_targets", num_targets, 1)
+  return _fab("fab_t", norm, eps, steps, restarts, alpha_max, eta, beta,
+              num_targets=num_targets)
+
+
+def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets):
+  norm = core.check_norm(norm)
+  if eps is not None:
+    core.check_eps(eps)
+  steps = checks.integer_at_least("steps", steps, 1)
+  restarts = checks.integer_at_least("restarts", restarts, 1)
+  checks.in_interval("alpha_max", alpha_max, 0.0, 1.0)
+  checks.require(isinstance(eta, (int, float)) and eta >= 1.0,
+                 f"eta must be a number >= 1, got {eta!r}")
+  checks.in_interval("beta", beta, 0.0, 1.0)
+  step_settings = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
+
+  def attack_one(logits_one, x, y, key, eps):
+    logits_at = core.canonical_convolutions(logits_one)
+
+    def search(boundaries, key):
+      """The closest success over the restarts for one set of boundaries."""
+      def restart(r, best):
+        return _search(boundaries, logits_at, x, y, jax.random.fold_in(key, r), r, best,
+                       eps, norm, **step_settings)
+      start = (x, jnp.asarray(jnp.inf, x.dtype))
+      return jax.lax.fori_loop(0, restarts, restart, start)
+
+    if num_targets is None:
+      best, distance = search(_all_boundaries(logits_one, y), key)
+    else:
+      clean = logits_one(x)
+      count = min(num_targets, clean.shape[-1] - 1)
+      targets = jax.lax.top_k(
+          jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[1]
+
+      def for_target(i, best):
+        found = search(_target_boundary(logits_one, y, targets[i]),
+                       jax.random.fold_in(key, i))
+        return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
+
+      best, distance = jax.lax.fori_loop(0, count, for_target,
+                                         (x, jnp.asarray(jnp.inf, x.dtype)))
+    inside = jnp.isfinite(distance) if eps is None else distance <= eps
+    return jnp.where(inside, best, x)
+
+  def attack(logits_fn, x, y, key, eps):
+    num_classes = core.check_batch(logits_fn, x, y)
+    checks.require(num_classes >= 2, f"{name} needs >= 2 classes, the model has "
+                   f"{num_classes}")
+    if eps is None:
+      return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
+    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
+
+  extra = {} if num_targets is None else {"num_targets": num_targets}
+  return make(attack, name, norm=norm, eps=eps, restarts=restarts, **step_settings, **extra)
+
+
+def _all_boundaries(logits_one, y):
+  """z -> (f [K], grad f [K, ...]): f_j(z) = z_j - z_y, and f_y = 1e10 (never
+  the closest)."""
+  jacobian = core.canonical_convolutions(jax.jacrev(logits_one))
+
+  def boundaries(z):
+    logits, grads = logits_one(z), jacobian(z)
+    f = logits - logits[y]
+    f = jnp.where(jnp.arange(f.shape[0]) == y, _EXCLUDED, f)
+    return f, grads - grads[y]
+  return boundaries
+
+
+def _target_boundary(logits_one, y, target):
+  """z -> (f [1], grad f [1, ...]) of f(z) = z_t - z_y."""
+  def f(z):
+    logits = logits_one(z)
+    return logits[target] - logits[y]
+
+  value_and_grad = core.canonical_convolutions(jax.value_and_grad(f))
+
+  def boundary(z):
+    f, g = value_and_grad(z)
+    return f[None], g[None]
+  return boundary
+
+
+def _norm(v, norm):
+  return jnp.max(jnp.abs(v)) if norm == "linf" else core.l2_norm(v)
+
+
+def _dual_norm(v, norm):
+  """The norm of gradients whose distances are measured in `norm`: L1 for L-inf."""
+  return jnp.sum(jnp.abs(v)) if norm == "linf" else core.l2_norm(v)
+
+
+def _search(boundaries, logits_at, x, y, key, restart, best, eps, norm, *, steps,
+            alpha_max, eta, beta):
+  """One FAB run (restart number `restart`) updating `best`, the closest
+  success so far and its distance."""
+  # Restarts after the first start at a random point at half the radius.
+  radius = 0.5 * (best[1] if eps is None else jnp.minimum(best[1], eps))
+  radius = jnp.where((restart > 0) & jnp.isfinite(radius), radius, 0.0)
+  if norm == "linf":
+    u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    u = u / jnp.maximum(jnp.max(jnp.abs(u)), 1e-12)
+  else:
+    u = jax.random.normal(key, x.shape, x.dtype)
+    u = u / jnp.maximum(core.l2_norm(u), 1e-12)
+  start = jnp.clip(x + radius * u, 0.0, 1.0)
+
+  def step(_, state):
+    point, best, distance = state
+    f, g = boundaries(point)
+    closest = jnp.argmin(jnp.abs(f) / (jax.vmap(_dual_norm, (0, None))(g, norm) + 1e-12))
+    w = g[closest]
+    b = jnp.vdot(w, point) - f[closest]  # the hyperplane w . z = b
+    d_point = project_onto_hyperplane(point, w, b, norm)
+    d_origin = project_onto_hyperplane(x, w, b, norm)
+    a_point = jnp.maximum(_norm(d_point, norm), 1e-8)
+    a_origin = jnp.maximum(_norm(d_origin, norm), 1e-8)
+    alpha = jnp.clip(a_point / (a_point + a_origin), 0.0, alpha_max)
+    point = jnp.clip((1 - alpha) * (point + eta * d_point)
+                     + alpha * (x + eta * d_origin), 0.0, 1.0)
+    adversarial = jnp.argmax(logits_at(point)) != y
+    found = _norm(point - x, norm)
+    closer = adversarial & (found < distance)
+    best = jnp.where(closer, point, best)
+    distance = jnp.where(closer, found, distance)
+    point = jnp.where(adversarial, x + beta * (point - x), point)
+    return point, best, distance
+
+  _, best_point, distance = jax.lax.fori_loop(0, steps, step, (start, *best))
+  return best_point, distance
+
+
+def project_onto_hyperplane(t, w, b, norm):
+  """The shortest step d (in `norm`) with w . (t + d) = b and t + d in [0, 1].
+
+  With c = b - w . t and the sign of w flipped so that c >= 0, coordinate i
+  can move by at most cap_i = 1 - t_i (w_i > 0) or t_i (w_i < 0) in the
+  direction that raises w . d. The minimisers are, for a multiplier
+  lambda >= 0,
+
+    L-inf: d_i = sign(w_i) min(lambda, cap_i),
+    L2:    d_i = w_i min(lambda, cap_i / |w_i|)   (KKT: d = clip(lambda w)),
+
+  and g(lambda) = w . d(lambda) = sum_i a_i min(lambda, r_i) is piecewise
+  linear and nondecreasing, with (a_i, r_i) = (|w_i|, cap_i) for L-inf and
+  (w_i^2, cap_i / |w_i|) for L2. Sorting the breakpoints r_i gives g at each
+  of them by prefix sums, and lambda solves g(lambda) = c on its segment.
+  When no lambda reaches c (the hyperplane misses the box), d saturates
+  every coordinate: the box's point closest to the hyperplane's side. Works
+  on one example of any shape (vmap it for a batch).
+  """
+  shape = t.shape
+  t, w = t.ravel(), w.ravel()
+  c = b - jnp.vdot(w, t)
+  flip = jnp.where(c < 0, -1.0, 1.0).astype(t.dtype)
+  w, c = w * flip, c * flip
+  cap = jnp.where(w > 0, 1.0 - t, t)
+  nonzero = w != 0
+  if norm == "linf":
+    a, r = jnp.abs(w), cap
+  else:  # a coordinate the hyperplane ignores (w_i = 0) adds a breakpoint, no slope
+    a = jnp.square(w)
+    r = jnp.where(nonzero, cap / jnp.where(nonzero, jnp.abs(w), 1.0), 0.0)
+  order = jnp.argsort(r)
+  r_sorted, a_sorted = r[order], a[order]
+  a_after = jnp.cumsum(a_sorted[::-1])[::-1]            # sum_{j>=k} a_j
+  ar_before = jnp.cumsum(a_sorted * r_sorted) - a_sorted * r_sorted  # sum_{j<k} a_j r_j
+  g = ar_before + r_sorted * a_after                    # g(r_k)
+  m = jnp.sum(g < c)                                    # lambda lies past r_{m-1}
+  inside = m < r.size
+  k = jnp.where(inside, m, 0)
+  lam = jnp.where(inside, (c - ar_before[k]) / jnp.where(a_after[k] > 0, a_after[k], 1.0),
+                  jnp.inf)
+  lam = jnp.maximum(lam, 0.0)
+  if norm == "linf":
+    d = jnp.sign(w) * jnp.minimum(lam, cap)
+  else:
+    d = jnp.where(nonzero, w * jnp.minimum(lam, r), 0.0)
+  return d.reshape(shape)
