@@ -1,17 +1,22 @@
-"""Evaluates a trained run: accuracy under attack, transfer attacks, certification.
+"""Evaluates a trained run: robust accuracy under attack, transfer attacks, certification.
 
-  python eval.py --workdir runs/pgd_at                       # the config's default attacks
-  python eval.py --workdir runs/pgd_at --attacks all         # every attack of eval.attacks
+  python eval.py --workdir runs/pgd_at                       # AutoAttack + PGD (eval.default)
+  python eval.py --workdir runs/pgd_at --suite autoattack --norm l2 --eps 1.0
+  python eval.py --workdir runs/pgd_at --attacks all --individual   # every attack alone
   python eval.py --workdir runs/pgd_at --attacks pgd_linf,cw_l2 --limit 200 --out r.json
   python eval.py --workdir runs/pgd_at --config.eval.attacks.pgd_linf.eps=0.3
   python eval.py --workdir runs/pgd_at --sweep               # accuracy vs eps, PNG
   python eval.py --workdir runs/b --transfer-from runs/a     # black-box, crafted on runs/a
-  python eval.py --workdir runs/gaussian --certify --sigma 0.25 --n 10000 --limit 100
+  python eval.py --workdir runs/gaussian --certify --n 10000 --limit 100
 
 Attacks are those of the run's config (`eval.attacks`), by label; any setting
-can be overridden with --config.eval.attacks.<label>.<key>=<value>. Every
-attack report also runs sanity checks that flag gradient masking.
+can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
+run as a cascade: each only on the examples the attacks of its threat model
+before it left robust (`--individual`: each on every clean-correct example).
+Every report also runs sanity checks that flag gradient masking. `--state
+FILE` writes the progress after every batch; the same command resumes it.
 """
+import functools
 import json
 import sys
 import time
@@ -26,12 +31,29 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, smoothing
+from jaxrobust import attacks as attacks_lib
+from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, report
+from jaxrobust import sanity, smoothing
+
+SUITES = ("autoattack",)
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
 _ATTACKS = flags.DEFINE_string(
     "attacks", None, "Comma-separated attack labels of the run's eval.attacks, or "
     "'all' (default: the config's eval.default).")
+_SUITE = flags.DEFINE_string("suite", None, "Evaluate with a whole suite instead of "
+                             "--attacks: 'autoattack'.")
+_NORM = flags.DEFINE_string("norm", None, "The suite's threat model, linf or l2 (default: "
+                            "the run's training threat model).")
+_EPS = flags.DEFINE_float("eps", None, "The suite's eps (default: the run's setting's eps "
+                          "for that norm).")
+_VERSION = flags.DEFINE_string("version", "standard", "AutoAttack's version: standard, "
+                               "plus, or rand (randomized models).")
+_INDIVIDUAL = flags.DEFINE_boolean("individual", False, "Run every attack on every "
+                                   "clean-correct example, not as a cascade.")
+_STATE = flags.DEFINE_string("state", None, "Write the evaluation's progress to this file "
+                             "after every batch, and resume from it.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Data split to evaluate.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N examples (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the config's).")
@@ -44,7 +66,8 @@ _TRANSFER = flags.DEFINE_string("transfer-from", None,
                                 "Craft the examples on this run's model (black-box).")
 _CERTIFY = flags.DEFINE_boolean("certify", False,
                                 "Certify with randomized smoothing (Cohen et al. 2019).")
-_SIGMA = flags.DEFINE_float("sigma", 0.25, "Smoothing noise level for --certify.")
+_SIGMA = flags.DEFINE_float("sigma", None, "Smoothing noise level for --certify "
+                            "(default: the model's noise.sigma, else 0.25).")
 _N = flags.DEFINE_integer("n", 100_000, "Noise draws to certify each example.")
 _N0 = flags.DEFINE_integer("n0", 100, "Noise draws to guess each example's class.")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
@@ -86,7 +109,7 @@ def main(argv):
 
 
 def attack(resolved, model, state):
-  names = _ATTACKS.value or resolved["eval"].get("default")
+  specs = attack_specs(resolved, model)
   source = None
   if _TRANSFER.value:
     _, source_model, source_state = experiment.restore(_TRANSFER.value)
@@ -100,29 +123,80 @@ def attack(resolved, model, state):
     print(f"Randomized model f~(x) = f(x + d), d ~ N(0, {noise['sigma']:g}^2 I): "
           f"classified by the mean softmax over {noise['samples']} fixed noise draws "
           f"and attacked through the same draws (expectation over transformation)")
-  rep = evaluate(names=names, sanity=_SANITY.value and source is None,
-                 lipschitz=source is None)
-  print(evaluation.format_table(rep))
+  rep = evaluate(specs=specs, sanity=_SANITY.value and source is None,
+                 lipschitz=source is None, individual=_INDIVIDUAL.value,
+                 state_path=_STATE.value, log=print)
+  print(report.format_table(rep))
   if "lipschitz" in rep:
-    print(evaluation.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
+    print(report.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
   if "sanity" in rep:
-    print(evaluation.format_sanity(rep["sanity"]))
+    print(report.format_sanity(rep["sanity"]))
+  rep["robustbench"] = [evaluation.robustbench_report(rep, label) for label, spec
+                        in specs.items() if spec["name"] == "autoattack"]
   if _SWEEP.value:
-    rep["sweep"] = sweep(resolved, names, evaluate)
+    rep["sweep"] = sweep(specs, evaluate)
   return rep
 
 
-def sweep(resolved, names, evaluate):
-  """Accuracy at multiples of each attack's eps, plotted to a PNG."""
+def attack_specs(resolved, model):
+  """The attacks to run: --suite, else --attacks (or the config's eval.default)."""
+  if _SUITE.value is None:
+    checks.require(_NORM.value is None and _EPS.value is None,
+                   "--norm and --eps set a --suite's threat model; use "
+                   "--config.eval.attacks.<label>.eps=... to change an attack's")
+    return evaluation.select(resolved["eval"]["attacks"],
+                             _ATTACKS.value or resolved["eval"].get("default"))
+  checks.require(_ATTACKS.value is None, "give either --suite or --attacks, not both")
+  checks.one_of("--suite", _SUITE.value, SUITES)
+  checks.one_of("--version", _VERSION.value, attacks_lib.AUTOATTACK_VERSIONS)
+  norm = _NORM.value or training_norm(resolved)
+  checks.one_of("--norm", norm, ("linf", "l2"))
+  eps = _EPS.value if _EPS.value is not None else setting_eps(resolved, norm)
+  if _VERSION.value == "rand" and not models.is_randomized(model):
+    print("warning: --version rand is for randomized models; this model is "
+          "deterministic, so its 20 draws per gradient are all the same")
+  spec = dict(name="autoattack", norm=norm, eps=eps, version=_VERSION.value)
+  attacks_lib.create(spec)  # refuses a bad eps now
+  return {f"autoattack_{norm}": spec}
+
+
+def training_attack(resolved):
+  """The run's training attack (None for clean training)."""
+  spec = resolved.get("train_attack")
+  if not spec:
+    return None
+  return attacks_lib.create({k: v for k, v in dict(spec).items() if k != "eot_samples"})
+
+
+def training_norm(resolved):
+  """The norm of the run's training attack (L-infinity for clean training,
+  and when its parts have several)."""
+  train = training_attack(resolved)
+  return (train and train.norm) or "linf"
+
+
+def setting_eps(resolved, norm):
+  """The eps of the run's setting for `norm`: that of its training attack in
+  this norm, else of its PGD evaluation attack in this norm."""
+  train = training_attack(resolved)
+  if train and train.norm == norm and train.eps is not None:
+    return train.eps
+  for spec in resolved["eval"]["attacks"].values():
+    if spec.get("name") == "pgd" and spec.get("norm", "linf") == norm:
+      return spec["eps"]
+  raise checks.InputError(f"the run has no default eps for norm {norm!r}; pass --eps")
+
+
+def sweep(specs, evaluate):
+  """Robust accuracy at multiples of each attack's eps, plotted to a PNG."""
   curves = {}
-  for label, spec in evaluation.select(resolved["eval"]["attacks"], names).items():
-    if "eps" in spec:
-      eps_values = [spec["eps"] * f for f in evaluation.SWEEP_FACTORS]
-      rep = evaluate(specs={f"{label}@{e:g}": evaluation.scaled(spec, e / spec["eps"])
-                            for e in eps_values})
-      curves[label] = [(e, r["accuracy"]) for e, r in zip(eps_values, rep["results"])]
+  for label, spec in specs.items():
+    if spec.get("eps") is not None:
+      eps_values = [spec["eps"] * f for f in SWEEP_FACTORS]
+      curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec,
+                                       eps_values)
   path = _PLOT.value or str(Path(_WORKDIR.value) / "sweep.png")
-  evaluation.plot_sweep(curves, path)
+  report.plot_sweep(curves, path)
   print(f"wrote {path}")
   return {label: [{"eps": e, "accuracy": a} for e, a in c] for label, c in curves.items()}
 
@@ -135,10 +209,15 @@ def certify(resolved, model, state):
     checks.integer_at_least("limit", _LIMIT.value, 1)
     x, y = x[:_LIMIT.value], y[:_LIMIT.value]
   # A noise-trained model is smoothed through its base classifier f: the
-  # smoothing supplies the noise.
-  method = "base" if models.is_randomized(model) else None
-  logits_fn = lambda xb: model.apply(state.variables, xb, train=False, method=method)
-  settings = dict(sigma=_SIGMA.value, n0=_N0.value, n=_N.value, alpha=_ALPHA.value)
+  # smoothing supplies the noise, by default at the sigma it was trained with.
+  logits_fn = functools.partial(models.inference_fn(model, base=True), state.variables)
+  sigma = _SIGMA.value
+  if sigma is None:
+    sigma = resolved["model"]["noise"]["sigma"] if models.is_randomized(model) else 0.25
+  print(f"Smoothing with sigma {sigma:g} ("
+        + ("--sigma" if _SIGMA.value is not None else "the model's noise.sigma"
+           if models.is_randomized(model) else "the default") + ")")
+  settings = dict(sigma=sigma, n0=_N0.value, n=_N.value, alpha=_ALPHA.value)
   start = time.perf_counter()
   pred, radius = smoothing.certify(
       logits_fn, x, jax.random.key(resolved["seed"]),
@@ -146,7 +225,7 @@ def certify(resolved, model, state):
   rep = smoothing.certification_report(pred, radius, y, seconds=time.perf_counter() - start,
                                        **settings)
   print(smoothing.format_certification_table(rep))
-  path = _PLOT.value or str(Path(_WORKDIR.value) / f"certify_sigma{_SIGMA.value:g}.png")
+  path = _PLOT.value or str(Path(_WORKDIR.value) / f"certify_sigma{sigma:g}.png")
   smoothing.plot_certified_accuracy(rep, path)
   print(f"wrote {path}")
   return rep

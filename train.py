@@ -4,7 +4,9 @@
   python train.py --config configs/natural.py --workdir runs/natural
   python train.py --config configs/pgd_at.py --config.epochs=5 --config.batch_size=128
 
-At the end it prints the test accuracy, clean and under the config's attacks.
+At the end it prints the test accuracy, clean and under the config's
+`eval.after_training` attacks (PGD); `python eval.py --workdir ...` then
+evaluates with AutoAttack.
 Rerunning the same command resumes an interrupted run (kill -9 included) and
 ends as an uninterrupted run would; SIGTERM or Ctrl-C saves a checkpoint and
 exits (codes 143, 130). Several processes (hosts) train one run together with
@@ -21,7 +23,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
-from jaxrobust import checkpoints, cli, evaluation, experiment
+from jaxrobust import checkpoints, cli, experiment, report
 
 ROOT = Path(__file__).resolve().parent
 _CONFIG = cli.define_config_flag(str(ROOT / "configs" / "pgd_at.py"))
@@ -42,10 +44,11 @@ def main(argv):
     mesh = parallel.mesh(jax.local_devices())
     resolved = checkpoints.load_config(workdir)
     state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
-    report = experiment.evaluate(resolved, experiment.build_model(resolved), state,
-                                 limit=config.eval.limit, mesh=mesh)
+    rep = experiment.evaluate(resolved, experiment.build_model(resolved), state,
+                              names=config.eval.after_training, limit=config.eval.limit,
+                              mesh=mesh)
     print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")
-    print(evaluation.format_table(report))
+    print(report.format_table(rep))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ SETTINGS = ("digits", "cifar10", "cifar10_tfds")
 # factor (on 8x8 digits 0.9 would shrink by less than a pixel).
 EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
 RESIZE_RATE = {"digits": 0.75, "cifar10": 0.9, "cifar10_tfds": 0.9}
+# AutoAttack's standard version, its settings spelled out so they can be
+# overridden (--config.eval.attacks.autoattack_linf.queries=1000).
+AUTOATTACK = dict(version="standard", steps=100, queries=5000, num_targets=9)
 
 
 def base():
@@ -29,20 +32,25 @@ def base():
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
-  # eval.py runs `default` unless --attacks names others (or "all").
-  c.eval = dict(batch_size=500, limit=0, default="pgd_l2,pgd_linf",
+  # eval.py runs `default` unless --attacks names others (or "all"): AutoAttack
+  # in the training threat model (L-infinity), PGD in the other. train.py ends
+  # with the quicker `after_training`.
+  c.eval = dict(batch_size=500, limit=0, default="autoattack_linf,pgd_l2",
+                after_training="pgd_linf,pgd_l2",
                 attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]))
   return c
 
 
 def eval_attacks(linf, l2, resize_rate):
   """The evaluation's attacks at radii `linf` (L-infinity) and `l2`, by label:
-  PGD-20 in both norms (step eps / 4, one random start), C&W-L2 counted within
-  the L2 ball of radius `l2` (100 Adam steps for each of 5 values of c),
-  MI-FGSM and M-DI2-FGSM (10 steps of eps / 10, decay 1; DI shrinks by a
-  factor in [resize_rate, 1)), and APGD with the cross-entropy and the DLR
-  loss (100 iterations)."""
+  AutoAttack standard in both norms, PGD-20 in both norms (step eps / 4, one
+  random start), C&W-L2 counted within the L2 ball of radius `l2` (100 Adam
+  steps for each of 5 values of c), MI-FGSM and M-DI2-FGSM (10 steps of
+  eps / 10, decay 1; DI shrinks by a factor in [resize_rate, 1)), and APGD
+  with the cross-entropy and the DLR loss (100 iterations)."""
   return dict(
+      autoattack_linf=dict(name="autoattack", norm="linf", eps=linf, **AUTOATTACK),
+      autoattack_l2=dict(name="autoattack", norm="l2", eps=l2, **AUTOATTACK),
       pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
       pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20),
       cw_l2=dict(name="cw_l2", steps=100, binary_search_steps=5, c=0.1, lr=0.01, eps=l2),

@@ -1,39 +1,53 @@
-"""Clean and adversarial accuracy of a model, per example and in aggregate.
+"""Robust accuracy of a model under attacks, attacking only what is still robust.
 
-Every example is attacked by every attack; the worst case counts an example as
-robust only if it is classified correctly clean and under every attack (the
-per-example minimum over attacks, which is what an adaptive adversary who
-tries them all achieves). Attack randomness for example i under attack a is
-`fold_in(fold_in(key, a), i)`, so the result does not depend on the batch
-size or the device count.
+An example is robust to a threat model (a norm and an eps) when it is
+classified correctly clean and under every attack of that threat model. The
+evaluation is a cascade: each attack, and each stage of a staged attack
+(AutoAttack, `worst_case`), runs only on the examples still robust, packed
+into full batches of one fixed size (so nothing recompiles), and its row
+reports the robust accuracy after it. Skipping changes no example's
+outcome: every attack is per example, with the key of example i under
+attack a `fold_in(fold_in(key, a), i)` (stage j: folded with j too), so the
+result is the same as running every attack on every example, for any batch
+size and device count, and it is the same when an interrupted evaluation is
+resumed from its state file (`state_path`). With `individual`, every attack
+runs on all clean-correct examples instead (each row: that attack alone).
 
-Transfer (black-box) evaluation crafts the examples on a source model and
-classifies them with the target model. Sanity checks (Carlini et al. 2019,
-"On evaluating adversarial robustness") flag results that gradient masking
-typically produces.
+An adversarial example counts only within its attack's ball (up to float
+rounding; the report's `outside_ball` counts any that was not, which a
+correct attack never produces). Transfer (black-box) evaluation crafts the
+examples on a source model and classifies them with the target.
+
+Compiled programs are cached per (model function, attack, batch shape,
+mesh), with eps an argument: eps sweeps and sanity checks reuse them. Pass
+the same `apply_fn` object across calls to benefit.
 """
-import inspect
+import dataclasses
+import functools
+import hashlib
+import json
 import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import attacks, checks, data, parallel, spectral
+from jaxrobust import attacks as attacks_lib
+from jaxrobust import checks, data, parallel
 
-# The sanity checks' budget: examples, and the "large" eps per norm, at which
-# an attack that follows gradients must fool almost any undefended model
-# (L-inf 0.5 reaches a grey image from any image; L2 0.5 sqrt(d) too).
-SANITY_EXAMPLES = 200
-LARGE_LINF_EPS = 0.5
-NEAR_ZERO = 0.1
-SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+# Float rounding allowed on the ball's radius when judging an adversarial example.
+BALL_TOLERANCE = 1e-4
 
 
 def build_attacks(specs):
-  """`{label: attack}` from `{label: {"name": ..., **settings}}` specs."""
-  return {label: attacks.create(**dict(spec)) for label, spec in specs.items()}
+  """`{label: Attack}` from `{label: spec}` (a spec: `{"name": ..., **settings}`,
+  or an `Attack` already)."""
+  return {label: spec if isinstance(spec, attacks_lib.Attack) else attacks_lib.create(spec)
+          for label, spec in specs.items()}
 
 
 def select(specs, names):
@@ -47,286 +61,347 @@ def select(specs, names):
   return {n: specs[n] for n in chosen}
 
 
-def make_eval_step(apply_fn, attack_fns, mesh, source_apply_fn=None):
-  """Jitted, data-parallel `(variables, source_variables, x, y, index, key) -> out`.
+@dataclasses.dataclass
+class Outcome:
+  """Per-example results of one attack (all its stages).
 
-  `out["clean"]["correct"]` and, per attack label, `out[label]["correct"]`
-  (the target model classifies the adversarial example correctly) and
-  `out[label]["l2"]` (||x_adv - x||_2). Examples are crafted on the source
-  model (`source_apply_fn`, `source_variables`) when given, else on the target.
+  Attributes:
+    robust: bool [N], correct clean and under the attack (and, in a
+      cascade, under the attacks of its threat model before it).
+    fooled_by: int [N], the stage that fooled the example (-1: none).
+    l2, size: float [N], ||x_adv - x||_2 and its size in the attack's norm,
+      where the attack fooled the example (NaN elsewhere).
+    attacked: bool [stages, N], the examples each stage ran on.
+    seconds: float [stages], the time each stage took.
+    outside_ball: adversarial examples found outside the ball (not counted).
   """
+  robust: np.ndarray
+  fooled_by: np.ndarray
+  l2: np.ndarray
+  size: np.ndarray
+  attacked: np.ndarray
+  seconds: np.ndarray
+  outside_ball: int = 0
 
-  def device_step(variables, source_variables, x, y, index, key):
-    target = lambda xb: apply_fn(variables, xb)
-    source = (target if source_apply_fn is None
-              else lambda xb: source_apply_fn(source_variables, xb))
-    out = {"clean": {"correct": jnp.argmax(target(x), -1) == y}}
-    for a, (label, attack) in enumerate(attack_fns.items()):
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, a), index)
-      x_adv = attack(source, x, y, keys)
-      out[label] = {"correct": jnp.argmax(target(x_adv), -1) == y,
-                    "l2": jnp.sqrt(jnp.sum(jnp.square(x_adv - x).reshape(len(x), -1), -1))}
-    return out
-
-  batch = P(parallel.BATCH_AXIS)
-  return jax.jit(parallel.data_parallel(
-      device_step, mesh, in_specs=(P(), P(), batch, batch, batch, P()),
-      out_specs=batch))
+  @classmethod
+  def start(cls, robust, stages):
+    n = len(robust)
+    return cls(robust=robust.copy(), fooled_by=np.full(n, -1, np.int32),
+               l2=np.full(n, np.nan, np.float32), size=np.full(n, np.nan, np.float32),
+               attacked=np.zeros((stages, n), bool), seconds=np.zeros(stages))
 
 
-def per_example_results(apply_fn, variables, x, y, attack_fns, *, key,
-                        batch_size=500, mesh=None, source=None):
-  """Per example: correct clean, and correct and L2 distance under each attack.
+def threat_model(attack):
+  """The (norm, eps) an attack's row is grouped by; an attack without a
+  ball is a group of its own."""
+  if attack.norm is None or attack.eps is None:
+    return (attack.norm, None, id(attack))
+  return (attack.norm, float(attack.eps))
+
+
+def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
+        source=None, stochastic_apply_fn=None, individual=False, state_path=None,
+        log=None):
+  """Runs the cascade; returns (clean correct [N], {label: Outcome}).
 
   Args:
-    apply_fn, variables: the target model, `apply_fn(variables, x) -> logits`.
-    x, y: images in [0, 1] [N, ...] and labels [N].
-    attack_fns: `{label: attack}`.
+    apply_fn: `apply_fn(variables, x) -> logits`, the model in inference mode.
+    variables: its variables.
+    x, y: images in [0, 1] [N, ...] and labels [N] (numpy).
+    attacks: `{label: Attack or spec}`, in order.
     key: PRNG key of the attacks.
-    batch_size: examples per compiled batch (rounded to the device count).
+    batch_size: examples per compiled batch (rounded to the device count);
+      every batch of a stage is padded to this size.
     mesh: devices to split batches over (default: all).
     source: optional `(apply_fn, variables)` of the model the attacks run on.
-
-  Returns:
-    `{"clean": {"correct": bool [N]}, label: {"correct": bool [N], "l2": [N]}}`.
+    stochastic_apply_fn: `(variables, x, key) -> logits`, one random draw of
+      a randomized model, for attacks with EOT (`Attack.stochastic`).
+    individual: run every attack on all clean-correct examples, not only on
+      those the attacks of its threat model before it left robust.
+    state_path: a file to write the progress to after every batch, and to
+      resume from (refused if it belongs to another evaluation).
+    log: optional `log(message)` for progress lines.
   """
   checks.check_images(x)
+  x, y = np.asarray(x), np.asarray(y)
+  checks.check_labels(y, len(x))
   checks.integer_at_least("batch_size", batch_size, 1)
+  attack_fns = build_attacks(attacks)
   mesh = mesh or parallel.mesh()
   devices = mesh.devices.size
-  batch_size = devices * math.ceil(min(batch_size, len(x)) / devices)
+  batch = devices * math.ceil(min(batch_size, len(x)) / devices)
   source_apply_fn, source_variables = source or (None, None)
-  step = make_eval_step(apply_fn, attack_fns, mesh, source_apply_fn)
-  results, start = [], 0
-  for xb, yb, mask in data.eval_batches(x, y, batch_size, multiple_of=batch_size):
-    index = np.arange(start, start + len(xb), dtype=np.int32)
-    arrays = data.to_devices((xb, yb, index), mesh)
-    out = jax.device_get(step(variables, source_variables, *arrays, key))
-    results.append(jax.tree.map(lambda v: v[mask], out))
-    start += int(mask.sum())
-  return jax.tree.map(lambda *v: np.concatenate(v), *results)
+  state = _State(state_path, _fingerprint(variables, x, y, attack_fns, key, source,
+                                          individual))
+  log = log or (lambda message: None)
+
+  clean = state.get("clean")
+  if clean is None:
+    clean = predictions(apply_fn, variables, x, batch_size=batch, mesh=mesh) == y
+    state.put("clean", clean)
+  if stochastic_apply_fn is None and any(a.stochastic for a in attack_fns.values()):
+    log("warning: attacks with EOT on a deterministic model: every draw is the same")
+
+  robust_of = {}
+  outcomes = {}
+  for index, (label, attack) in enumerate(attack_fns.items()):
+    group = threat_model(attack)
+    stages = attack.stages or (attack,)
+    start = clean if individual else robust_of.get(group, clean)
+    outcome = state.outcome(label, start, len(stages))
+    attack_key = jax.random.fold_in(key, index)
+    for j, stage in enumerate(stages):
+      todo = np.flatnonzero((outcome.robust | (outcome.fooled_by == j))
+                            & ~outcome.attacked[j])
+      if len(todo) == 0:
+        continue
+      program = _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn,
+                                _program_key(stage), mesh, bool(attack.stages))
+      eps = None if stage.eps is None else jnp.float32(stage.eps)
+      began = time.perf_counter()
+      for part in range(0, len(todo), batch):
+        chosen = todo[part:part + batch]
+        padded = np.resize(chosen, batch)  # the tail repeats examples, then is dropped
+        arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
+        correct, l2, size = jax.device_get(program(
+            variables, source_variables, *arrays, attack_key, jnp.int32(j), eps))
+        correct, l2, size = correct[:len(chosen)], l2[:len(chosen)], size[:len(chosen)]
+        inside = size <= (np.inf if stage.eps is None else _ball_limit(stage))
+        fooled = ~correct & inside
+        outcome.outside_ball += int(np.sum(~correct & ~inside))
+        hit = chosen[fooled]
+        outcome.robust[hit] = False
+        outcome.fooled_by[hit] = j
+        outcome.l2[hit], outcome.size[hit] = l2[fooled], size[fooled]
+        outcome.attacked[j, chosen] = True
+        outcome.seconds[j] += time.perf_counter() - began
+        began = time.perf_counter()
+        state.save(label, outcome)
+      log(f"{label}{'' if len(stages) == 1 else ' ' + stage.label}: robust accuracy "
+          f"{outcome.robust.mean():.2%} after {outcome.seconds[j]:.1f} s on {len(todo)} examples")
+    outcomes[label] = outcome
+    if not individual:
+      robust_of[group] = outcome.robust
+  return clean, outcomes
 
 
-def threat_norm(spec):
-  """The norm of an attack spec's ball: its `norm`, else its factory's default
-  ("l2" for C&W-L2; None for an attack without one, such as a combinator)."""
-  if "norm" in spec:
-    return spec["norm"]
-  if spec.get("name") == "cw_l2":
-    return "l2"
-  parameter = inspect.signature(attacks.ATTACKS[spec["name"]]).parameters.get("norm")
-  return None if parameter is None else parameter.default
+def predictions(apply_fn, variables, x, *, batch_size=500, mesh=None):
+  """The model's classes for images `x` [N, ...], in batches split over `mesh`."""
+  mesh = mesh or parallel.mesh()
+  devices = mesh.devices.size
+  batch = devices * math.ceil(min(batch_size, len(x)) / devices)
+  predict = _predict_program(apply_fn, mesh)
+  out = []
+  for xb, _, mask in data.eval_batches(x, np.zeros(len(x), np.int32), batch,
+                                       multiple_of=batch):
+    out.append(np.asarray(predict(variables, data.to_devices(xb, mesh)))[mask])
+  return np.concatenate(out)
 
 
-def report(results, specs):
-  """The JSON-ready summary of `per_example_results`.
+def evaluate(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
+             source=None, stochastic_apply_fn=None, individual=False, state_path=None,
+             log=None):
+  """Runs the attacks (see `run`) and returns the report.
 
-  `{"n_examples", "clean_accuracy", "results": [{"attack", "name", "norm",
-  "eps", "accuracy", "median_l2", "settings"}], "worst_case_accuracy"}`,
-  accuracies in [0, 1]; `median_l2` is the median L2 distance of the
-  successful adversarial examples (correct clean, wrong after the attack), None
-  if there are none; worst case: correct clean and under every attack.
+  `{"n_examples", "clean_accuracy", "mode": "cascade" | "individual",
+  "results": [{"attack", "name", "norm", "eps", "accuracy", "attacked",
+  "seconds", "median_l2", "max_perturbation", "outside_ball", "settings",
+  "stages": [{"stage", "accuracy", "attacked", "seconds"}]}],
+  "threat_models": [{"norm", "eps", "attacks", "accuracy"}],
+  "worst_case_accuracy", "seconds"}`, accuracies in [0, 1]: a row's
+  accuracy is the robust accuracy after its attack (cascade: and the
+  attacks of its threat model before it); a threat model's is after all of
+  its attacks; the worst case counts an example robust when it is robust to
+  every threat model. `median_l2` and `max_perturbation` are over the
+  successful adversarial examples (None if there are none).
   """
-  clean = results["clean"]["correct"]
-  worst = np.logical_and.reduce([clean] + [results[l]["correct"] for l in specs])
-  rows = []
-  for label, spec in specs.items():
-    spec = dict(spec)
-    fooled = clean & ~results[label]["correct"]
-    rows.append({
-        "attack": label, "name": spec.get("name"), "norm": threat_norm(spec),
-        "eps": float(spec["eps"]) if "eps" in spec else None,
-        "accuracy": float(results[label]["correct"].mean()),
-        "median_l2": float(np.median(results[label]["l2"][fooled])) if fooled.any() else None,
-        "settings": {k: v for k, v in spec.items() if k not in ("name", "norm", "eps")}})
-  return {"n_examples": int(len(clean)), "clean_accuracy": float(clean.mean()),
-          "results": rows, "worst_case_accuracy": float(worst.mean())}
-
-
-def evaluate(apply_fn, variables, x, y, specs, *, key, batch_size=500, mesh=None,
-             source=None, sanity=False, certified=False):
-  """Evaluates attack `specs` (`{label: spec}`) on (x, y) and returns `report`.
-
-  With `sanity`, the report's "sanity" entry holds `sanity_checks` run on the
-  first `SANITY_EXAMPLES` examples. Other arguments: `per_example_results`.
-  """
-  def run(x, y, specs):
-    return report(per_example_results(
-        apply_fn, variables, x, y, build_attacks(specs), key=key,
-        batch_size=batch_size, mesh=mesh, source=source), specs)
-
-  rep = run(x, y, specs)
-  if sanity:
-    subset = lambda s: run(x[:SANITY_EXAMPLES], y[:SANITY_EXAMPLES], s)
-    rep["sanity"] = sanity_checks(rep, subset, specs, x.shape[1:], certified=certified)
+  began = time.perf_counter()
+  attack_fns = build_attacks(attacks)
+  clean, outcomes = run(apply_fn, variables, x, y, attack_fns, key=key,
+                        batch_size=batch_size, mesh=mesh, source=source,
+                        stochastic_apply_fn=stochastic_apply_fn, individual=individual,
+                        state_path=state_path, log=log)
+  rep = report(clean, outcomes, attack_fns, individual=individual)
+  rep["seconds"] = time.perf_counter() - began
   return rep
 
 
-def scaled(spec, factor):
-  """The attack spec with its eps (and step size, if set) multiplied by `factor`."""
-  spec = dict(spec)
-  spec["eps"] = spec["eps"] * factor
-  if spec.get("step_size") is not None:
-    spec["step_size"] = spec["step_size"] * factor
-  return spec
+def report(clean, outcomes, attack_fns, *, individual=False):
+  """The JSON-ready summary of `run`'s results (see `evaluate`)."""
+  rows, groups = [], {}
+  for label, attack in attack_fns.items():
+    o = outcomes[label]
+    fooled = o.fooled_by >= 0
+    stages = attack.stages or (attack,)
+    robust_after = [(o.robust | (o.fooled_by > j)).mean() for j in range(len(stages))]
+    rows.append({
+        "attack": label, "name": attack.name, "norm": attack.norm, "eps": attack.eps,
+        "accuracy": float(o.robust.mean()), "attacked": int(o.attacked[0].sum()),
+        "seconds": float(o.seconds.sum()),
+        "median_l2": float(np.median(o.l2[fooled])) if fooled.any() else None,
+        "max_perturbation": float(np.max(o.size[fooled])) if fooled.any() else None,
+        "outside_ball": o.outside_ball,
+        "settings": {k: v for k, v in attack.spec.items() if k not in ("name", "norm", "eps")},
+        "stages": [{"stage": s.label, "accuracy": float(a), "attacked": int(o.attacked[j].sum()),
+                    "seconds": float(o.seconds[j])}
+                   for j, (s, a) in enumerate(zip(stages, robust_after))]})
+    group = threat_model(attack)
+    entry = groups.setdefault(group, {"norm": attack.norm, "eps": attack.eps,
+                                      "attacks": [], "robust": clean.copy()})
+    entry["attacks"].append(label)
+    entry["robust"] = entry["robust"] & o.robust
+  worst = np.logical_and.reduce([clean] + [g["robust"] for g in groups.values()])
+  threat_models = [{"norm": g["norm"], "eps": g["eps"], "attacks": g["attacks"],
+                    "accuracy": float(g["robust"].mean())} for g in groups.values()]
+  return {"n_examples": int(len(clean)), "clean_accuracy": float(clean.mean()),
+          "mode": "individual" if individual else "cascade", "results": rows,
+          "threat_models": threat_models, "worst_case_accuracy": float(worst.mean())}
 
 
-def eps_curve(evaluate_specs, spec, eps_values):
-  """Accuracy of attack `spec` at each eps in `eps_values`: [(eps, accuracy)].
-
-  `evaluate_specs(specs) -> report` runs the evaluation.
-  """
-  specs = {f"eps={e:g}": scaled(spec, e / spec["eps"]) for e in eps_values}
-  rep = evaluate_specs(specs)
-  return [(e, r["accuracy"]) for e, r in zip(eps_values, rep["results"])]
-
-
-def large_eps(norm, input_shape):
-  """An eps at which any image can be moved to a grey one (so gradient-based
-  attacks should fool an undefended model): 0.5 in L-inf, 0.5 sqrt(d) in L2."""
-  if norm == "l2":
-    return LARGE_LINF_EPS * math.sqrt(math.prod(input_shape))
-  return LARGE_LINF_EPS
+def robustbench_report(rep, row):
+  """One threat model of a report in the shape RobustBench records a result:
+  clean and robust accuracy (%), norm, eps, examples, version, the robust
+  accuracy after each stage, and the seconds it took."""
+  r = next(r for r in rep["results"] if r["attack"] == row)
+  return {"clean_acc": 100 * rep["clean_accuracy"], "robust_acc": 100 * r["accuracy"],
+          "threat_model": {"linf": "Linf", "l2": "L2"}.get(r["norm"], r["norm"]),
+          "eps": r["eps"], "n_examples": rep["n_examples"],
+          "version": r["settings"].get("version", r["name"]),
+          "stages": {s["stage"]: 100 * s["accuracy"] for s in r["stages"]},
+          "seconds": r["seconds"]}
 
 
-def sanity_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
-  """Runs and returns the sanity checks of a report: [{"check", "passed", "detail"}].
-
-  1. No attack's accuracy exceeds the clean accuracy.
-  2. Accuracy does not rise with eps: at eps / 2 it is at least that at eps
-     (up to one example in a hundred for the attacks' randomness).
-  3. At a large eps (`large_eps`) accuracy is near 0 (<= 10 %), unless the
-     model has a certified defence (`certified`).
-  `evaluate_specs(specs) -> report` runs an evaluation (on a subset).
-  """
-  results = []
-  clean = rep["clean_accuracy"]
-  for row in rep["results"]:
-    results.append({"check": f"{row['attack']}: accuracy <= clean accuracy",
-                    "passed": row["accuracy"] <= clean,
-                    "detail": f"{row['accuracy']:.4f} vs clean {clean:.4f}"})
-  swept = {l: s for l, s in specs.items() if "eps" in s and s.get("name") != "cw_l2"}
-  if not swept:
-    return results
-  check_specs = {}
-  for label, spec in swept.items():
-    check_specs[f"{label}@half"] = scaled(spec, 0.5)
-    check_specs[f"{label}@full"] = spec
-    check_specs[f"{label}@large"] = scaled(
-        spec, large_eps(threat_norm(spec), input_shape) / spec["eps"])
-  by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
-  for label, spec in swept.items():
-    half, full, large = (by_label[f"{label}@{k}"]["accuracy"]
-                         for k in ("half", "full", "large"))
-    results.append({"check": f"{label}: accuracy does not rise with eps",
-                    "passed": full <= half + 0.01,
-                    "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}"})
-    if not certified:
-      eps = large_eps(threat_norm(spec), input_shape)
-      results.append({"check": f"{label}: accuracy near 0 at a large eps",
-                      "passed": large <= NEAR_ZERO,
-                      "detail": f"eps {eps:g}: {large:.4f} (expected <= {NEAR_ZERO})"})
-  return results
+# ----------------------------------------------------------------------------
+# Compiled programs, cached.
 
 
-def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
-  """Certified L2 accuracy of a network from a bound on its Lipschitz constant.
-
-  With L = `spectral.lipschitz_bound(apply_fn, variables, ...)` (an upper
-  bound on the L2 Lipschitz constant of the logits), example i is certified
-  at radius r when it is classified correctly and
-  margin_i / (sqrt(2) L) > r, margin_i the top logit minus the second: no
-  perturbation of L2 norm <= r changes its prediction (Tsuzuku, Sato &
-  Sugiyama 2018). The guarantee is deterministic (no probability, unlike
-  randomized smoothing) and holds for any attack.
-
-  Args:
-    apply_fn: `apply_fn(variables, x) -> logits`, inference mode, not jitted.
-    variables: the model's variables.
-    x, y: images in [0, 1] [N, ...] and labels [N].
-    radii: the L2 radii at which to report certified accuracy.
-    batch_size: examples per forward pass.
-
-  Returns:
-    `{"lipschitz_bound": L, "median_radius": float (0 for misclassified
-    examples), "certified": [{"radius": r, "accuracy": float}]}`.
-  """
-  checks.check_images(x)
-  bound = spectral.lipschitz_bound(apply_fn, variables, x.shape[1:])
-  logits_of = jax.jit(apply_fn)
-  logits = np.concatenate([np.asarray(logits_of(variables, x[i:i + batch_size]))
-                           for i in range(0, len(x), batch_size)])
-  radius = np.asarray(spectral.certified_radius(logits, bound, np.asarray(y)))
-  return {"lipschitz_bound": float(bound), "median_radius": float(np.median(radius)),
-          "certified": [{"radius": float(r), "accuracy": float(np.mean(radius > r))}
-                        for r in radii]}
+def _ball_limit(attack):
+  return attack.eps * (1 + BALL_TOLERANCE) + 1e-6
 
 
-def lipschitz_sanity(rep, certificate):
-  """Sanity checks of a Lipschitz certificate against the same model's attacks:
-  no L2 attack may do better than the certificate allows, i.e. its accuracy
-  at eps is at least the certified accuracy at eps."""
-  certified = {c["radius"]: c["accuracy"] for c in certificate["certified"]}
-  return [{"check": f"{row['attack']}: accuracy >= Lipschitz-certified accuracy",
-           "passed": row["accuracy"] >= certified[row["eps"]],
-           "detail": f"eps {row['eps']:g}: {row['accuracy']:.4f} vs certified "
-                     f"{certified[row['eps']]:.4f}"}
-          for row in rep["results"] if row["norm"] == "l2" and row["eps"] in certified]
+def _program_key(attack):
+  """What a compiled program depends on: the attack with its eps left out
+  (eps is an argument), but whether it has one kept."""
+  return dataclasses.replace(attack, eps=None if attack.eps is None else 0.0)
 
 
-def format_lipschitz(certificate, what):
-  """A Lipschitz certificate as text: the bound and a table of certified accuracy."""
-  lines = [f"Lipschitz certificate of {what} (Tsuzuku et al. 2018): L <= "
-           f"{certificate['lipschitz_bound']:.4g}, median certified L2 radius "
-           f"{certificate['median_radius']:.4g}", "",
-           "| L2 radius | certified accuracy |", "| --- | --- |"]
-  lines += [f"| {c['radius']:g} | {100 * c['accuracy']:.2f} % |"
-            for c in certificate["certified"]]
-  return "\n".join(lines)
+@functools.lru_cache(maxsize=None)
+def _predict_program(apply_fn, mesh):
+  batch = P(parallel.BATCH_AXIS)
+  return jax.jit(parallel.data_parallel(
+      lambda variables, x: jnp.argmax(apply_fn(variables, x), -1), mesh,
+      in_specs=(P(), batch), out_specs=batch))
 
 
-def format_sanity(results):
-  """The sanity checks as text, with a warning naming gradient masking on failure."""
-  lines = ["Sanity checks:"]
-  for r in results:
-    lines.append(f"  [{'ok' if r['passed'] else 'FAILED'}] {r['check']} ({r['detail']})")
-  if not all(r["passed"] for r in results):
-    lines.append("WARNING: a sanity check failed. Gradient masking (obfuscated or "
-                 "noisy gradients) is a likely cause: the reported robustness may be "
-                 "overestimated. Try APGD, more steps or restarts, or transfer attacks.")
-  return "\n".join(lines)
+@functools.lru_cache(maxsize=None)
+def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged):
+  """Jitted, data-parallel `(variables, source_variables, x, y, index, key,
+  stage, eps) -> (correct, l2, size)` for `attack` (a `_program_key`: its
+  eps comes as an argument)."""
+
+  def device_step(variables, source_variables, x, y, index, key, stage, eps):
+    target = lambda xb: apply_fn(variables, xb)
+    crafted_on = variables if source_apply_fn is None else source_variables
+    model = apply_fn if source_apply_fn is None else source_apply_fn
+    if attack.stochastic:
+      if stochastic_apply_fn is None:
+        logits_fn = lambda xb, k: model(crafted_on, xb)
+      else:
+        logits_fn = lambda xb, k: stochastic_apply_fn(crafted_on, xb, k)
+    else:
+      logits_fn = lambda xb: model(crafted_on, xb)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+    if staged:
+      keys = jax.vmap(jax.random.fold_in, (0, None))(keys, stage)
+    x_adv = attack.fn(logits_fn, x, y, keys, eps)
+    d = (x_adv - x).reshape(len(x), -1)
+    l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))
+    size = jnp.max(jnp.abs(d), -1) if attack.norm == "linf" else l2
+    return jnp.argmax(target(x_adv), -1) == y, l2, size
+
+  batch = P(parallel.BATCH_AXIS)
+  return jax.jit(parallel.data_parallel(
+      device_step, mesh, in_specs=(P(), P(), batch, batch, batch, P(), P(), P()),
+      out_specs=batch))
 
 
-def format_table(rep):
-  """A markdown table of a `report`: clean, each attack, and the worst case."""
-  lines = ["| attack | norm | eps | settings | accuracy | median L2 of successes |",
-           "| --- | --- | --- | --- | --- | --- |",
-           f"| clean | | | | {100 * rep['clean_accuracy']:.2f} % | |"]
-  for r in rep["results"]:
-    settings = ", ".join(f"{k}={v}" for k, v in {"name": r["name"], **r["settings"]}.items())
-    eps = "" if r["eps"] is None else f"{r['eps']:.4g}"
-    l2 = "" if r["median_l2"] is None else f"{r['median_l2']:.4f}"
-    lines.append(f"| {r['attack']} | {r['norm'] or ''} | {eps} | {settings} | "
-                 f"{100 * r['accuracy']:.2f} % | {l2} |")
-  if rep["results"]:
-    lines.append(f"| worst case | | | per example, over all attacks | "
-                 f"{100 * rep['worst_case_accuracy']:.2f} % | |")
-  lines.append(f"\n{rep['n_examples']} examples")
-  return "\n".join(lines)
+# ----------------------------------------------------------------------------
+# Resumable progress.
 
 
-def plot_sweep(curves, path):
-  """PNG of accuracy against eps, one line per attack: `curves = {label: [(eps, acc)]}`."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for label, curve in curves.items():
-    eps, acc = zip(*curve)
-    ax.plot(eps, [100 * a for a in acc], marker="o", label=label)
-  ax.set_xlabel("eps")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_ylim(0, 100)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+def _digest(*arrays):
+  sha = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    sha.update(f"{a.shape}{a.dtype}".encode())
+    sha.update(a.tobytes())
+  return sha.hexdigest()[:16]
+
+
+def _fingerprint(variables, x, y, attack_fns, key, source, individual):
+  """What an evaluation's result depends on, to refuse a state file of another."""
+  leaves = jax.tree.leaves(jax.device_get(variables))
+  if source is not None:
+    leaves += jax.tree.leaves(jax.device_get(source[1]))
+  return {"model": _digest(*leaves), "data": _digest(x, y),
+          "attacks": json.dumps({l: a.spec for l, a in attack_fns.items()},
+                                sort_keys=True, default=str),
+          "key": _digest(np.asarray(jax.random.key_data(key))),
+          "mode": "individual" if individual else "cascade"}
+
+
+class _State:
+  """The progress of an evaluation in a .npz file, rewritten atomically
+  after every batch; None path: in memory only."""
+
+  def __init__(self, path, fingerprint):
+    self.path = None if path is None else Path(path)
+    self.fingerprint = fingerprint
+    self.arrays = {}
+    if self.path is not None and self.path.exists():
+      self.arrays = _read_state(self.path, fingerprint)
+
+  def get(self, name):
+    return self.arrays.get(name)
+
+  def put(self, name, value):
+    self.arrays[name] = value
+    self._write()
+
+  def outcome(self, label, robust, stages):
+    saved = {f: self.arrays.get(f"{label}/{f}") for f in _OUTCOME_FIELDS}
+    if saved["robust"] is None:
+      return Outcome.start(robust, stages)
+    return Outcome(**{f: v for f, v in saved.items() if f != "outside_ball"},
+                   outside_ball=int(saved["outside_ball"]))
+
+  def save(self, label, outcome):
+    for f in _OUTCOME_FIELDS:
+      self.arrays[f"{label}/{f}"] = np.asarray(getattr(outcome, f))
+    self._write()
+
+  def _write(self):
+    if self.path is None:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_name(f".{self.path.name}.tmp")
+    with open(tmp, "wb") as f:
+      np.savez(f, __fingerprint__=json.dumps(self.fingerprint), **self.arrays)
+    tmp.replace(self.path)
+
+
+_OUTCOME_FIELDS = ("robust", "fooled_by", "l2", "size", "attacked", "seconds", "outside_ball")
+
+
+def _read_state(path, fingerprint):
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {k: archive[k] for k in archive.files}
+    saved = json.loads(str(arrays.pop("__fingerprint__")))
+  except (OSError, ValueError, KeyError) as e:
+    raise checks.InputError(f"cannot read the evaluation state {str(path)!r}: {e}") from None
+  for what in ("model", "data", "attacks", "key", "mode"):
+    checks.require(saved.get(what) == fingerprint[what],
+                   f"the evaluation state {str(path)!r} belongs to another evaluation "
+                   f"(its {what} differs); use another --state file or delete this one")
+  return arrays

@@ -44,7 +44,9 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from jaxrobust import checkpoints, checks, data, evaluation, models, parallel, training
+from jaxrobust import certificates, checkpoints, checks, data, evaluation, models, parallel
+from jaxrobust import sanity as sanity_lib
+from jaxrobust import training
 
 # Fields of a metrics.jsonl line that measure time, not the computation.
 TIMING_FIELDS = ("seconds",)
@@ -124,6 +126,8 @@ def check_config(config, mesh):
   checks.integer_at_least("eval.batch_size", config.eval.batch_size, 1)
   checks.integer_at_least("eval.limit", config.eval.limit, 0)
   evaluation.build_attacks(config.eval.attacks)
+  for names in (config.eval.default, config.eval.get("after_training")):
+    evaluation.select(config.eval.attacks, names)
 
 
 def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
@@ -382,16 +386,20 @@ def restore(workdir, mesh=None):
 
 def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
              limit=None, batch_size=None, mesh=None, source=None, sanity=False,
-             lipschitz=False):
-  """Clean and attacked accuracy (see `evaluation.evaluate`) on `split`.
+             lipschitz=False, individual=False, state_path=None, log=None):
+  """Robust accuracy under attacks (see `evaluation.evaluate`) on `split`.
 
   The attacks are `specs` (`{label: spec}`), or else those of the config's
   `eval.attacks` named in `names` (comma-separated, or "all"; default: the
   config's `eval.default`). `source`: an optional `(model, state)` to craft
-  the examples on (transfer). With `lipschitz`, a spectrally normalised model
-  also gets `evaluation.lipschitz_certificate` (report key "lipschitz") at
-  radius 0 and 1/4, 1/2 and 1 times the eps of every L2 attack; for a
-  randomized model it certifies the base classifier f, without noise.
+  the examples on (transfer). With `sanity`, the report's "sanity" entry
+  holds the checks of `jaxrobust.sanity` (on the first
+  `sanity.SANITY_EXAMPLES` examples). With `lipschitz`, a spectrally
+  normalised model also gets `certificates.lipschitz_certificate` (report
+  key "lipschitz") at radius 0 and 1/4, 1/2 and 1 times the eps of every L2
+  attack; for a randomized model it certifies the base classifier f,
+  without noise. A randomized model is attacked with its fixed draws (EOT),
+  and with fresh draws by attacks that ask for them (`Attack.stochastic`).
   """
   test_set = load_split(resolved, split)
   x, y = test_set.x, test_set.y
@@ -401,21 +409,29 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
   specs = specs or evaluation.select(resolved["eval"]["attacks"],
                                      names or resolved["eval"].get("default"))
   batch_size = batch_size or resolved["eval"]["batch_size"]
-  apply = lambda m: lambda v, xb: m.apply(v, xb, train=False)
-  rep = evaluation.evaluate(
-      apply(model), state.variables, x, y, specs, key=jax.random.key(resolved["seed"]),
-      batch_size=batch_size, mesh=mesh,
-      source=source and (apply(source[0]), source[1].variables), sanity=sanity)
-  if lipschitz and resolved["model"].get("spectral"):
+  apply_fn = models.inference_fn(model)
+  key = jax.random.key(resolved["seed"])
+  run = lambda specs, x, y, **kw: evaluation.evaluate(
+      apply_fn, state.variables, x, y, specs, key=key, batch_size=batch_size, mesh=mesh,
+      source=source and (models.inference_fn(source[0]), source[1].variables),
+      stochastic_apply_fn=models.stochastic_fn(model), **kw)
+  rep = run(specs, x, y, individual=individual, state_path=state_path, log=log)
+  certified = bool(resolved["model"].get("spectral"))
+  if sanity and source is None:
+    subset = x[:sanity_lib.SANITY_EXAMPLES], y[:sanity_lib.SANITY_EXAMPLES]
+    rep["sanity"] = (
+        sanity_lib.model_checks(apply_fn, state.variables, *subset)
+        + sanity_lib.attack_checks(rep, lambda s, **kw: run(s, *subset, **kw), specs,
+                                   x.shape[1:], certified=certified))
+  if lipschitz and certified:
     randomized = models.is_randomized(model)
-    method = "base" if randomized else None
-    base = lambda v, xb: model.apply(v, xb, train=False, method=method)
     radii = sorted({0.0} | {f * r["eps"] for r in rep["results"] if r["norm"] == "l2"
                              for f in (0.25, 0.5, 1.0)})
-    rep["lipschitz"] = evaluation.lipschitz_certificate(
-        base, jax.device_get(state.variables), x, y, radii, batch_size=batch_size)
+    rep["lipschitz"] = certificates.lipschitz_certificate(
+        models.inference_fn(model, base=True), jax.device_get(state.variables),
+        x, y, radii, batch_size=batch_size)
     rep["lipschitz"]["of"] = ("the base classifier f (without noise)" if randomized
                               else "the model")
     if "sanity" in rep and not randomized and source is None:
-      rep["sanity"] += evaluation.lipschitz_sanity(rep, rep["lipschitz"])
+      rep["sanity"] += sanity_lib.lipschitz_checks(rep, rep["lipschitz"])
   return rep

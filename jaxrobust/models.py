@@ -254,6 +254,28 @@ def is_randomized(model):
   return isinstance(model, Randomized)
 
 
+@functools.lru_cache(maxsize=None)
+def inference_fn(model, base=False):
+  """`(variables, x) -> logits` of `model` in inference mode (the base
+  classifier f of a randomized model if `base`). One function object per
+  model (models compare by value), so evaluations reuse compiled programs."""
+  method = "base" if base and is_randomized(model) else None
+  return lambda variables, x: model.apply(variables, x, train=False, method=method)
+
+
+@functools.lru_cache(maxsize=None)
+def stochastic_fn(model):
+  """`(variables, x, key) -> logits` of a randomized model with one fresh
+  noise draw per call (for attacks with EOT); None for a deterministic model."""
+  if not is_randomized(model):
+    return None
+
+  def logits(variables, x, key):
+    noise = model.sigma * jax.random.normal(key, (1, *x.shape), x.dtype)
+    return model.apply(variables, x, train=False, noise=noise)
+  return logits
+
+
 MODELS = {
     "small_cnn": SmallCNN,
     "seed_cnn": SeedCNN,

@@ -132,14 +132,15 @@ def run_row(row, config_name, args):
   resolved = checkpoints.load_config(workdir)
   model = experiment.build_model(resolved)
   tick = time.perf_counter()
-  report = experiment.evaluate(resolved, model, state, limit=args.test_images)
+  report = experiment.evaluate(resolved, model, state, names="pgd_l2,pgd_linf",
+                               limit=args.test_images)
   eval_seconds = time.perf_counter() - tick
   checkpoints.write_atomic(workdir / "seed_report.json", json.dumps(report, indent=2) + "\n")
   commands = [f"python train.py {' '.join(flags)} --workdir {workdir.relative_to(REPO)}"
               if workdir.is_relative_to(REPO) else
               f"python train.py {' '.join(flags)} --workdir {shlex.quote(str(workdir))}"]
   commands.append(f"python eval.py --workdir {commands[0].split('--workdir ')[1]} "
-                  f"--limit {args.test_images}")
+                  f"--attacks pgd_l2,pgd_linf --limit {args.test_images}")
   accuracy = {r["attack"]: 100 * r["accuracy"] for r in report["results"]}
   result = {"row": row, "config": config_name, "epochs": config.epochs,
             "clean": 100 * report["clean_accuracy"], "l2": accuracy["pgd_l2"],

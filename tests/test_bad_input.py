@@ -286,12 +286,26 @@ EVAL_FLAGS = {
     "limit < 1": (["--limit", "-3"], ["limit", "-3"]),
     "unknown split": (["--split", "validation"], ["validation"]),
     "batch size < 1": (["--batch_size", "-5"], ["batch_size", "-5"]),
+    "unknown suite": (["--suite", "autoatack"], ["--suite", "'autoatack'"]),
+    "unknown version": (["--suite", "autoattack", "--version", "strong"], ["'strong'"]),
+    "unknown norm": (["--suite", "autoattack", "--norm", "l1"], ["--norm", "'l1'"]),
+    "eps <= 0": (["--suite", "autoattack", "--eps", "-0.1"], ["eps", "-0.1"]),
+    "eps NaN": (["--suite", "autoattack", "--eps", "nan"], ["eps", "nan"]),
+    "suite and attacks": (["--suite", "autoattack", "--attacks", "pgd_linf"],
+                          ["either --suite or --attacks"]),
+    "norm without a suite": (["--norm", "l2"], ["--norm and --eps set a --suite"]),
 }
 
 
 @pytest.mark.parametrize("args, fragments", EVAL_FLAGS.values(), ids=EVAL_FLAGS)
 def test_eval_refuses_a_bad_flag(args, fragments, run, untouched):
   assert_user_error(run("eval.py", "--workdir", untouched, *args), *fragments)
+
+
+def test_eval_refuses_a_state_file_that_is_not_one(run, untouched):
+  state = untouched / "config.json"
+  assert_user_error(run("eval.py", "--workdir", untouched, "--attacks", "pgd_linf",
+                        "--state", state), "evaluation state", str(state))
 
 
 def test_eval_needs_a_workdir(run):

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.model.width=4", "--config.epochs=1", "--config.eval.limit=40",
         "--config.train_attack.steps=1", "--config.eval.attacks.pgd_linf.steps=2",
         "--config.eval.attacks.pgd_l2.steps=2", "--progress=false"]
+TINY_AUTOATTACK = ["--config.eval.attacks.autoattack_linf.steps=3",
+                   "--config.eval.attacks.autoattack_linf.queries=20"]
 
 
 def cli(script, *args, cwd=ROOT):
@@ -45,17 +47,17 @@ def test_train_writes_a_complete_workdir(run_dir):
 
 def test_eval_prints_the_table_and_writes_json(run_dir, tmp_path):
   out = tmp_path / "report.json"
-  result = cli("eval.py", "--workdir", run_dir, "--limit", 30, "--out", out)
+  result = cli("eval.py", "--workdir", run_dir, "--limit", 30, "--out", out, *TINY_AUTOATTACK)
   assert result.returncode == 0, result.stderr
   report = json.loads(out.read_text())
   assert report["n_examples"] == 30
-  assert {r["attack"] for r in report["results"]} == {"pgd_linf", "pgd_l2"}
+  assert {r["attack"] for r in report["results"]} == {"autoattack_linf", "pgd_l2"}
   accuracies = [r["accuracy"] for r in report["results"]]
   for a in [report["clean_accuracy"], report["worst_case_accuracy"], *accuracies]:
     assert 0.0 <= a <= 1.0
   assert report["worst_case_accuracy"] <= min(accuracies)
   assert max(accuracies) <= report["clean_accuracy"]
-  linf = next(r for r in report["results"] if r["attack"] == "pgd_linf")
+  linf = next(r for r in report["results"] if r["attack"] == "autoattack_linf")
   assert linf["norm"] == "linf" and linf["eps"] == 0.2
   for r in report["results"]:
     assert f"{100 * r['accuracy']:.2f} %" in result.stdout

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import evaluation, experiment, parallel
+from jaxrobust import evaluation, experiment, parallel, report, sanity
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"pgd_linf": dict(name="pgd", norm="linf", eps=0.1, steps=3),
@@ -29,64 +29,87 @@ def problem():
   return {"w": w}, np.asarray(x), y
 
 
-def results_of(variables, x, y, batch_size=4, mesh=None, source=None):
-  return evaluation.per_example_results(
-      linear_apply, variables, x, y, evaluation.build_attacks(SPECS),
-      key=jax.random.key(3), batch_size=batch_size, mesh=mesh, source=source)
+def evaluate(variables, x, y, batch_size=4, mesh=None, source=None, individual=False):
+  return evaluation.evaluate(linear_apply, variables, x, y, SPECS, key=jax.random.key(3),
+                             batch_size=batch_size, mesh=mesh, source=source,
+                             individual=individual)
+
+
+def per_example(variables, x, y, **kw):
+  clean, outcomes = evaluation.run(linear_apply, variables, x, y, SPECS,
+                                   key=jax.random.key(3), batch_size=4, **kw)
+  return clean, {label: o.robust for label, o in outcomes.items()}
 
 
 def test_results_do_not_depend_on_batch_size_or_devices(problem):
-  a = results_of(*problem, batch_size=4, mesh=parallel.mesh(jax.devices()[:1]))
-  b = results_of(*problem, batch_size=10, mesh=parallel.mesh(jax.devices()[:2]))
-  for label in SPECS:
-    np.testing.assert_array_equal(a[label]["correct"], b[label]["correct"])
-    np.testing.assert_allclose(a[label]["l2"], b[label]["l2"], rtol=1e-5)
+  a = evaluate(*problem, batch_size=4, mesh=parallel.mesh(jax.devices()[:1]))
+  b = evaluate(*problem, batch_size=10, mesh=parallel.mesh(jax.devices()[:2]))
+  for ra, rb in zip(a["results"], b["results"]):
+    assert ra["accuracy"] == rb["accuracy"]
+    assert ra["median_l2"] == pytest.approx(rb["median_l2"], rel=1e-5)
 
 
 def test_report_counts(problem):
-  res = results_of(*problem)
-  rep = evaluation.report(res, SPECS)
-  clean = res["clean"]["correct"]
+  clean, robust = per_example(*problem)
+  rep = evaluate(*problem)
   assert rep["n_examples"] == 10 and rep["clean_accuracy"] == clean.mean() == 0.8
   for row in rep["results"]:
-    r = res[row["attack"]]
-    assert row["accuracy"] == r["correct"].mean() <= rep["clean_accuracy"]
-    fooled = clean & ~r["correct"]
-    assert row["median_l2"] == pytest.approx(float(np.median(r["l2"][fooled])))
-    assert row["median_l2"] <= SPECS[row["attack"]]["eps"] * (1 + 1e-5) or row["norm"] == "linf"
-  worst = clean & res["pgd_linf"]["correct"] & res["pgd_l2"]["correct"]
+    assert row["accuracy"] == robust[row["attack"]].mean() <= rep["clean_accuracy"]
+    assert row["attacked"] == clean.sum()  # the two threat models each start from clean
+    assert row["max_perturbation"] <= SPECS[row["attack"]]["eps"] * (1 + 1e-4)
+  worst = clean & robust["pgd_linf"] & robust["pgd_l2"]
   assert rep["worst_case_accuracy"] == worst.mean()
   assert rep["worst_case_accuracy"] <= min(r["accuracy"] for r in rep["results"])
-  table = evaluation.format_table(rep)
+  table = report.format_table(rep)
   assert "| worst case |" in table and f"{100 * worst.mean():.2f} %" in table
+
+
+def test_cascade_within_a_threat_model_equals_individual_worst_case(problem):
+  # Two attacks of one threat model: the second runs only on what the first
+  # left robust, and the worst case is that of running both on every example.
+  variables, x, y = problem
+  specs = {"fgsm": dict(name="fgsm", eps=0.1), "pgd": SPECS["pgd_linf"]}
+  run = lambda individual: evaluation.evaluate(
+      linear_apply, variables, x, y, specs, key=jax.random.key(3), batch_size=4,
+      individual=individual)
+  cascade, individual = run(False), run(True)
+  assert cascade["worst_case_accuracy"] == individual["worst_case_accuracy"]
+  assert cascade["results"][1]["attacked"] <= individual["results"][1]["attacked"]
+  assert cascade["results"][1]["accuracy"] == individual["worst_case_accuracy"]
 
 
 def test_transfer_from_the_same_model_equals_white_box(problem):
   variables, x, y = problem
-  white = results_of(variables, x, y)
-  transfer = results_of(variables, x, y, source=(linear_apply, variables))
+  white = per_example(variables, x, y)[1]
+  transfer = per_example(variables, x, y, source=(linear_apply, variables))[1]
   for label in SPECS:
-    np.testing.assert_array_equal(white[label]["correct"], transfer[label]["correct"])
+    np.testing.assert_array_equal(white[label], transfer[label])
   other = {"w": -variables["w"]}  # a source model that attacks the wrong way
-  weak = results_of(variables, x, y, source=(linear_apply, other))
-  assert all(weak[l]["correct"].sum() >= white[l]["correct"].sum() for l in SPECS)
+  weak = per_example(variables, x, y, source=(linear_apply, other))[1]
+  assert all(weak[l].sum() >= white[l].sum() for l in SPECS)
 
 
 def fake_evaluate(accuracy_of):
   """An `evaluate_specs` whose accuracy per label suffix is given."""
-  def evaluate_specs(specs):
+  def evaluate_specs(specs, **kw):
+    del kw
     return {"results": [{"attack": l, "accuracy": accuracy_of(l)} for l in specs]}
   return evaluate_specs
 
 
+def row(label, accuracy, stages=()):
+  return {"attack": label, "accuracy": accuracy, "outside_ball": 0,
+          "stages": [{"stage": s, "accuracy": a} for s, a in stages]}
+
+
 def test_sanity_checks_pass_for_a_sane_model():
-  rep = {"clean_accuracy": 0.9, "results": [{"attack": "pgd_linf", "accuracy": 0.5}]}
+  rep = {"clean_accuracy": 0.9, "results": [row("pgd_linf", 0.5)]}
   acc = {"half": 0.7, "full": 0.5, "large": 0.02}
-  checks = evaluation.sanity_checks(
+  checks = sanity.attack_checks(
       rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_linf": SPECS["pgd_linf"]},
       (4, 4, 1))
   assert len(checks) == 3 and all(c["passed"] for c in checks)
-  assert "WARNING" not in evaluation.format_sanity(checks)
+  assert "WARNING" not in report.format_sanity(checks)
 
 
 @pytest.mark.parametrize("clean, acc, failed", [
@@ -95,20 +118,39 @@ def test_sanity_checks_pass_for_a_sane_model():
     (0.9, {"half": 0.7, "full": 0.5, "large": 0.4}, "near 0"),
 ])
 def test_sanity_checks_flag_gradient_masking(clean, acc, failed):
-  rep = {"clean_accuracy": clean, "results": [{"attack": "pgd_l2", "accuracy": 0.5}]}
-  checks = evaluation.sanity_checks(
+  rep = {"clean_accuracy": clean, "results": [row("pgd_l2", 0.5)]}
+  checks = sanity.attack_checks(
       rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_l2": SPECS["pgd_l2"]},
       (4, 4, 1))
   failures = [c["check"] for c in checks if not c["passed"]]
   assert len(failures) == 1 and failed in failures[0]
-  assert "Gradient masking" in evaluation.format_sanity(checks)
+  assert "Gradient masking" in report.format_sanity(checks)
+
+
+def test_certified_models_skip_the_large_eps_check():
+  rep = {"clean_accuracy": 0.9, "results": [row("pgd_l2", 0.5)]}
+  acc = {"half": 0.7, "full": 0.5, "large": 0.4}  # a certificate keeps it robust
+  checks = sanity.attack_checks(
+      rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_l2": SPECS["pgd_l2"]},
+      (4, 4, 1), certified=True)
+  assert all(c["passed"] for c in checks) and not any("near 0" in c["check"] for c in checks)
+
+
+def test_square_check():
+  stages = [("apgd-ce", 0.5), ("apgd-t", 0.48), ("fab-t", 0.48), ("square", 0.47)]
+  rep = {"clean_accuracy": 0.9, "results": [row("aa", 0.47, stages)]}
+  failed = [c for c in sanity.attack_checks(rep, None, {}, (4, 4, 1)) if not c["passed"]]
+  assert len(failed) == 1 and "square" in failed[0]["check"]
+  stages[-1] = ("square", 0.479)  # within AutoAttack's 0.2 %
+  rep = {"clean_accuracy": 0.9, "results": [row("aa", 0.479, stages)]}
+  assert all(c["passed"] for c in sanity.attack_checks(rep, None, {}, (4, 4, 1)))
 
 
 def test_large_eps_reaches_grey_from_any_image():
   shape = (8, 8, 3)
-  assert evaluation.large_eps("linf", shape) == 0.5
+  assert sanity.large_eps("linf", shape) == 0.5
   # ||x - 0.5||_2 <= 0.5 sqrt(d) for every x in [0, 1]^d.
-  assert evaluation.large_eps("l2", shape) == pytest.approx(0.5 * np.sqrt(192))
+  assert sanity.large_eps("l2", shape) == pytest.approx(0.5 * np.sqrt(192))
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +166,11 @@ def trained_run(tmp_path_factory):
 
 def test_sanity_checks_on_a_trained_model_pass(trained_run):
   resolved, model, state = experiment.restore(trained_run)
-  rep = experiment.evaluate(resolved, model, state, limit=60, sanity=True)
-  assert rep["sanity"] and all(c["passed"] for c in rep["sanity"]), rep["sanity"]
+  specs = {"aa": dict(name="autoattack", norm="linf", eps=0.2, steps=10, queries=200),
+           "pgd_l2": resolved["eval"]["attacks"]["pgd_l2"]}
+  rep = experiment.evaluate(resolved, model, state, specs=specs, limit=60, sanity=True)
+  assert len(rep["sanity"]) == 3 + 3 + 4 and all(c["passed"] for c in rep["sanity"]), rep[
+      "sanity"]
 
 
 def eval_cli(*args):
@@ -141,8 +186,7 @@ def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
                "--config.eval.attacks.pgd_linf.steps=2", "--attacks", "pgd_linf")
   assert r.returncode == 0, r.stderr
   curve = json.loads(out.read_text())["sweep"]["pgd_linf"]
-  assert [p["eps"] for p in curve] == pytest.approx(
-      [0.2 * f for f in evaluation.SWEEP_FACTORS])
+  assert [p["eps"] for p in curve] == pytest.approx([0.2 * f for f in (0.25, 0.5, 1, 1.5, 2, 3)])
   accuracies = [p["accuracy"] for p in curve]
   assert accuracies[-1] <= accuracies[0]
   assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,6 +206,32 @@ def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
 
   r = eval_cli("--workdir", run, "--certify", "--sigma", -1)
   assert r.returncode == 2 and "sigma" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_autoattack_suite_resumes_from_its_state(trained_run, tmp_path):
+  state, out = tmp_path / "aa.npz", tmp_path / "aa.json"
+  args = ["--workdir", trained_run, "--suite", "autoattack", "--limit", 12, "--sanity=false",
+          "--state", state, "--out", out]
+  r = eval_cli(*args)
+  assert r.returncode == 0, r.stderr
+  rep = json.loads(out.read_text())
+  (row,) = rep["results"]
+  assert row["attack"] == "autoattack_linf" and row["eps"] == 0.2  # the run's setting
+  assert [s["stage"] for s in row["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  (rb,) = rep["robustbench"]
+  assert rb["threat_model"] == "Linf" and rb["n_examples"] == 12 and rb["version"] == "standard"
+  assert rb["robust_acc"] == pytest.approx(100 * row["accuracy"])
+  assert "| - square |" in r.stdout
+  # The same command again reads the finished state: same numbers, no attack run.
+  r = eval_cli(*args)
+  assert r.returncode == 0, r.stderr
+  again = json.loads(out.read_text())["results"][0]
+  assert again["accuracy"] == row["accuracy"] and again["stages"] == row["stages"]
+  # A state of another suite is refused, and left as it was.
+  before = state.read_bytes()
+  r = eval_cli(*args[:-4], "--norm", "l2", "--state", state)
+  assert r.returncode == 2 and "belongs to another evaluation" in r.stderr
+  assert state.read_bytes() == before
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +270,13 @@ def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
   assert cert["certified"][-1]["accuracy"] > 0  # the certificate says something
   # PGD-L2 never breaks a certified example.
   assert rep["results"][0]["accuracy"] >= cert["certified"][-1]["accuracy"]
-  assert all(c["passed"] for c in evaluation.lipschitz_sanity(rep, cert))
-  table = evaluation.format_lipschitz(cert, "the model")
+  assert all(c["passed"] for c in sanity.lipschitz_checks(rep, cert))
+  table = report.format_lipschitz(cert, "the model")
   assert f"L <= {bound:.4g}" in table and "| 0.01 |" in table
 
 
 def test_lipschitz_sanity_flags_an_attack_beating_the_certificate():
   rep = {"results": [{"attack": "pgd_l2", "norm": "l2", "eps": 0.5, "accuracy": 0.2}]}
   cert = {"certified": [{"radius": 0.0, "accuracy": 0.9}, {"radius": 0.5, "accuracy": 0.3}]}
-  (check,) = evaluation.lipschitz_sanity(rep, cert)
+  (check,) = sanity.lipschitz_checks(rep, cert)
   assert not check["passed"] and "0.2000 vs certified 0.3000" in check["detail"]

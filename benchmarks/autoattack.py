@@ -1,0 +1,217 @@
+"""AutoAttack side by side: jaxrobust against torchattacks, same weights, same images.
+
+  pip install -r requirements-bench.txt && pip install --no-deps torchattacks==3.5.1
+  python benchmarks/autoattack.py                      # 1,000 CIFAR-10 test images
+  python benchmarks/autoattack.py --images 200 --models pgd_at --norms linf
+
+For each model (the seed's network, `seed_cnn`, trained here with jaxrobust on
+the CIFAR-10 JPEG copy in `../shared/data`: naturally, and with PGD-7
+adversarial training; both cached under `runs/bench/`) and each threat model
+(L-infinity 8/255, L2 0.5), it converts the model to PyTorch
+(`benchmarks/torch_models.py`, logits checked to agree), runs AutoAttack's
+standard version with jaxrobust (`jr.attacks.autoattack`, a cascade on the
+clean-correct examples) and with torchattacks 3.5.1 (`torchattacks.AutoAttack`,
+run stage by stage as its `MultiAttack` does), on the same first `--images`
+test images, and prints both robust accuracies (after every stage), their
+difference, and both times; jaxrobust's compile time is measured apart (XLA's
+own compile events) and its steady time is the rest.
+
+torchattacks' `AutoAttack` runs 10 iterations of APGD, APGD-T and FAB where
+Croce & Hein's reference runs 100, and Square with a rescaled schedule where
+the reference's AutoAttack does not; here both sides use the reference's
+settings (100 iterations, 9 targets, 5,000 Square queries, no rescaling), set
+on torchattacks' own attack objects.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from jaxrobust import parallel  # pylint: disable=wrong-import-position  (does not start JAX)
+
+EPS = {"linf": 8 / 255, "l2": 0.5}
+MODELS = {"natural": "natural", "pgd_at": "pgd_at"}  # row -> config file
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--images", type=int, default=1000, help="first N CIFAR-10 test images")
+  p.add_argument("--models", default="natural,pgd_at", help="natural, pgd_at, or both")
+  p.add_argument("--norms", default="linf,l2", help="linf, l2, or both")
+  p.add_argument("--epochs", type=int, default=3, help="training epochs of each model")
+  p.add_argument("--batch-size", type=int, default=500, help="images per batch, both sides")
+  p.add_argument("--runs", default=str(REPO / "runs" / "bench"), help="trained models")
+  p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"),
+                 help="folder of cifar10-{train,test}-jpeg.tar.gz")
+  p.add_argument("--json", default=None, help="also write the results here")
+  args = p.parse_args(argv)
+  args.models = [m.strip() for m in args.models.split(",")]
+  args.norms = [n.strip() for n in args.norms.split(",")]
+  for m in args.models:
+    if m not in MODELS:
+      p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+  for n in args.norms:
+    if n not in EPS:
+      p.error(f"unknown norm {n!r}; choose from {', '.join(EPS)}")
+  if args.images < 1 or args.batch_size < 1 or args.epochs < 1:
+    p.error("--images, --batch-size and --epochs must be >= 1")
+  return args
+
+
+class CompileClock:
+  """Seconds XLA spends tracing, lowering and compiling, from JAX's events."""
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self, jax):
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del kwargs
+    if event in self.EVENTS:
+      self.seconds += duration
+
+
+def train(row, args, jr):
+  """The row's model, trained with jaxrobust (or restored from its run)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{MODELS[row]}").get_config("cifar10")
+  config.epochs = args.epochs
+  config.data.name = f"folder:{args.data}/cifar10-{{split}}-jpeg.tar.gz"
+  workdir = Path(args.runs) / f"seed_cnn-{row}-e{args.epochs}"
+  print(f"{row}: training or restoring {workdir}", flush=True)
+  jr.experiment.train(config, workdir, progress=sys.stderr.isatty())
+  return jr.experiment.restore(workdir)
+
+
+def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
+  """torchattacks' AutoAttack (standard) with the reference's settings, run
+  stage by stage as its MultiAttack does; returns (robust [N], robust
+  accuracy after each stage, seconds)."""
+  aa = torchattacks.AutoAttack(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                               version="standard", n_classes=10, seed=0)
+  stages = aa._autoattack.attacks  # pylint: disable=protected-access
+  for attack in stages:
+    if hasattr(attack, "steps"):
+      attack.steps = 100  # APGD, APGD-T, FAB: the reference's iterations
+  stages[-1].rescale_schedule = False  # Square as the reference's AutoAttack runs it
+  start = time.perf_counter()
+  robust, after = [], []
+  for begin in range(0, len(x), batch_size):
+    xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+    with torch.no_grad():
+      fails = torch.nonzero(net(xb).argmax(1) == yb).flatten()
+    counts = []
+    for attack in stages:
+      if len(fails):
+        adv = attack(xb[fails], yb[fails])
+        with torch.no_grad():
+          fails = fails[net(adv).argmax(1) == yb[fails]]
+      counts.append(len(fails))
+    mask = torch.zeros(len(xb), dtype=torch.bool)
+    mask[fails] = True
+    robust.append(mask.numpy())
+    after.append(counts)
+  seconds = time.perf_counter() - start
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  after = np.sum(after, 0) / len(x)
+  return np.concatenate(robust), [float(a) for a in after], seconds
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  parallel.use_host_devices()
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torchattacks  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
+                     f"  pip install -r requirements-bench.txt\n"
+                     f"  pip install --no-deps torchattacks==3.5.1") from None
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import jaxrobust as jr  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  clock = CompileClock(jax)
+  print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); torchattacks "
+        f"{torchattacks.__version__}", flush=True)
+  results = []
+  for row in args.models:
+    resolved, model, state = train(row, args, jr)
+    test = jr.experiment.load_split(resolved, "test")
+    x, y = test.x[:args.images], test.y[:args.images]
+    variables = jax.device_get(state.variables)
+    net = torch_models.to_torch(model, variables, x.shape[1:3])
+    for p in net.parameters():
+      p.requires_grad_(False)
+    x_t = torch_models.nhwc_to_nchw(x)
+    y_t = torch.from_numpy(y.astype(np.int64))
+    apply_fn = jr.models.inference_fn(model)
+    with torch.no_grad():
+      gap = float(np.abs(net(x_t[:100]).numpy()
+                         - np.asarray(apply_fn(variables, x[:100]))).max())
+    for norm in args.norms:
+      eps = EPS[norm]
+      compiled_before = clock.seconds
+      rep = jr.evaluation.evaluate(
+          apply_fn, variables, x, y, {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
+          key=jax.random.key(0), batch_size=args.batch_size)
+      compile_seconds = clock.seconds - compiled_before
+      (aa,) = rep["results"]
+      torch_robust, torch_after, torch_seconds = torch_autoattack(
+          torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size)
+      result = {
+          "model": row, "norm": norm, "eps": eps, "images": len(x), "logit_gap": gap,
+          "clean": rep["clean_accuracy"],
+          "jaxrobust": aa["accuracy"], "torchattacks": float(torch_robust.mean()),
+          "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
+          "torchattacks_stages": torch_after,
+          "jaxrobust_seconds": aa["seconds"], "jaxrobust_compile_seconds": compile_seconds,
+          "torchattacks_seconds": torch_seconds}
+      result["difference"] = result["jaxrobust"] - result["torchattacks"]
+      result["speedup"] = torch_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
+      results.append(result)
+      print(json.dumps(result), flush=True)
+  print()
+  print(format_table(results))
+  if args.json:
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+  return results
+
+
+def format_table(results):
+  lines = ["| model | threat model | clean | jaxrobust robust | torchattacks robust | "
+           "difference | jaxrobust s (compile) | torchattacks s | speed-up |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in results:
+    stages = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)
+    lines.append(
+        f"| `seed_cnn` {r['model']} | {r['norm']} {r['eps']:.4g} | {100 * r['clean']:.1f} % | "
+        f"{100 * r['jaxrobust']:.1f} % ({stages(r['jaxrobust_stages'])}) | "
+        f"{100 * r['torchattacks']:.1f} % ({stages(r['torchattacks_stages'])}) | "
+        f"{100 * r['difference']:+.1f} | "
+        f"{r['jaxrobust_seconds'] - r['jaxrobust_compile_seconds']:.0f} "
+        f"({r['jaxrobust_compile_seconds']:.0f}) | {r['torchattacks_seconds']:.0f} | "
+        f"{r['speedup']:.2f}x |")
+  lines.append("\nRobust accuracy after APGD-CE / APGD-T / FAB-T / Square in brackets; "
+               f"{results[0]['images'] if results else 0} CIFAR-10 test images (JPEG copy); "
+               "largest logit difference between the two models "
+               f"{max((r['logit_gap'] for r in results), default=0):.1e}.")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()

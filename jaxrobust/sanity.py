@@ -1,0 +1,166 @@
+"""Checks that flag an evaluation a reviewer should not trust.
+
+Carlini et al. 2019 ("On evaluating adversarial robustness") and AutoAttack's
+own checks (Croce & Hein 2020): results that gradient masking, randomness or
+a wrong model interface typically produce. Each check is a dict
+`{"check", "passed", "detail"}`; `report.format_sanity` prints them with a
+warning when one fails.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# The checks' budget: examples, and the "large" eps per norm, at which an
+# attack that follows gradients must fool almost any undefended model
+# (L-inf 0.5 reaches a grey image from any image; L2 0.5 sqrt(d) too).
+SANITY_EXAMPLES = 200
+LARGE_LINF_EPS = 0.5
+NEAR_ZERO = 0.1
+# AutoAttack's threshold: Square (no gradients) may break at most this
+# fraction of the examples the gradient-based stages left robust.
+SQUARE_MARGIN = 0.002
+GRADIENT_FREE = ("square",)
+
+
+def scaled(spec, factor):
+  """The attack spec with its eps (and step size, if set) multiplied by `factor`."""
+  spec = dict(spec)
+  spec["eps"] = spec["eps"] * factor
+  if spec.get("step_size") is not None:
+    spec["step_size"] = spec["step_size"] * factor
+  return spec
+
+
+def large_eps(norm, input_shape):
+  """An eps at which any image can be moved to a grey one (so gradient-based
+  attacks should fool an undefended model): 0.5 in L-inf, 0.5 sqrt(d) in L2."""
+  if norm == "l2":
+    return LARGE_LINF_EPS * math.sqrt(math.prod(input_shape))
+  return LARGE_LINF_EPS
+
+
+def eps_curve(evaluate_specs, spec, eps_values):
+  """Accuracy of attack `spec` at each eps in `eps_values`: [(eps, accuracy)],
+  every eps run on all clean-correct examples (`evaluate_specs(specs,
+  individual=True) -> report` runs the evaluation)."""
+  specs = {f"eps={e:g}": scaled(spec, e / spec["eps"]) for e in eps_values}
+  rep = evaluate_specs(specs, individual=True)
+  return [(e, r["accuracy"]) for e, r in zip(eps_values, rep["results"])]
+
+
+def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
+  """Checks of a report's attacks: [{"check", "passed", "detail"}].
+
+  1. No attack's robust accuracy exceeds the clean accuracy, and no
+     adversarial example was found outside its ball.
+  2. Accuracy does not rise with eps: at eps / 2 it is at least that at eps
+     (up to one example in a hundred for the attacks' randomness).
+  3. At a large eps (`large_eps`) accuracy is near 0 (<= 10 %), unless the
+     model has a certified defence (`certified`: its Lipschitz bound or
+     smoothing guarantees robustness that no attack can break).
+  4. Square, which uses no gradients, breaks at most 0.2 % of the examples
+     the gradient-based stages before it left robust (AutoAttack's check for
+     gradient masking).
+  `evaluate_specs(specs, individual=True) -> report` runs an evaluation (on a
+  subset) for checks 2 and 3.
+  """
+  results = []
+  clean = rep["clean_accuracy"]
+  for row in rep["results"]:
+    results.append({"check": f"{row['attack']}: accuracy <= clean accuracy",
+                    "passed": row["accuracy"] <= clean,
+                    "detail": f"{row['accuracy']:.4f} vs clean {clean:.4f}"})
+    if row["outside_ball"]:
+      results.append({"check": f"{row['attack']}: adversarial examples lie in the ball",
+                      "passed": False,
+                      "detail": f"{row['outside_ball']} outside it (not counted): a bug "
+                                "in the attack"})
+    results += _square_checks(row)
+  swept = {l: s for l, s in specs.items() if s.get("eps") is not None}
+  if not swept:
+    return results
+  check_specs = {}
+  for label, spec in swept.items():
+    check_specs[f"{label}@half"] = scaled(spec, 0.5)
+    check_specs[f"{label}@full"] = spec
+    check_specs[f"{label}@large"] = scaled(
+        spec, large_eps(spec["norm"], input_shape) / spec["eps"])
+  by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
+  for label, spec in swept.items():
+    half, full, large = (by_label[f"{label}@{k}"]["accuracy"]
+                         for k in ("half", "full", "large"))
+    results.append({"check": f"{label}: accuracy does not rise with eps",
+                    "passed": full <= half + 0.01,
+                    "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}"})
+    if not certified:
+      eps = large_eps(spec["norm"], input_shape)
+      results.append({"check": f"{label}: accuracy near 0 at a large eps",
+                      "passed": large <= NEAR_ZERO,
+                      "detail": f"eps {eps:g}: {large:.4f} (expected <= {NEAR_ZERO})"})
+  return results
+
+
+def _square_checks(row):
+  """Check 4 for a staged row whose gradient-free stage follows gradient ones."""
+  stages = row["stages"]
+  names = [s["stage"] for s in stages]
+  out = []
+  for j, stage in enumerate(stages):
+    if stage["stage"] in GRADIENT_FREE and j > 0 and not any(
+        n in GRADIENT_FREE for n in names[:j]):
+      before = stages[j - 1]["accuracy"]
+      out.append({"check": f"{row['attack']}: {stage['stage']} (no gradients) breaks "
+                           "almost nothing the gradient attacks missed",
+                  "passed": before - stage["accuracy"] <= SQUARE_MARGIN,
+                  "detail": f"robust accuracy {before:.4f} before it, "
+                            f"{stage['accuracy']:.4f} after"})
+  return out
+
+
+def model_checks(apply_fn, variables, x, y):
+  """AutoAttack's checks of the model itself, on a batch of clean examples.
+
+  1. Deterministic: two forward passes give the same logits (a randomized
+     defence needs `version="rand"`, or an evaluation through its draws).
+  2. Logits, not probabilities: rows in [0, 1] summing to 1 make the
+     cross-entropy of the attacks vanish (flagged).
+  3. Gradients: no example has a zero or non-finite gradient of the
+     cross-entropy with respect to the input (zero gradients stall every
+     gradient attack: masking).
+  """
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  logits_fn = jax.jit(lambda v, xb: apply_fn(v, xb))
+  first, second = np.asarray(logits_fn(variables, x)), np.asarray(logits_fn(variables, x))
+  scale = np.linalg.norm(first, axis=1, keepdims=True) + 1e-10
+  drift = float(np.max(np.linalg.norm((first - second) / scale, axis=1)))
+  probabilities = bool(first.min() > -1e-5 and first.max() < 1 + 1e-5
+                       and np.all(np.abs(first.sum(-1) - 1) < 1e-5))
+  grad = jax.jit(jax.grad(lambda xb, v: optax.softmax_cross_entropy_with_integer_labels(
+      apply_fn(v, xb), y).sum()))(x, variables)
+  grad = np.asarray(grad).reshape(len(x), -1)
+  zero = int(np.sum(np.abs(grad).sum(-1) == 0))
+  bad = int(np.sum(~np.isfinite(grad).all(-1)))
+  return [
+      {"check": "model: two clean passes agree (not a randomized defence)",
+       "passed": drift <= 1e-4, "detail": f"largest relative difference {drift:.2g}"},
+      {"check": "model: outputs are logits, not probabilities",
+       "passed": not probabilities,
+       "detail": "rows sum to 1 in [0, 1]" if probabilities else "not a distribution"},
+      {"check": "model: input gradients are nonzero and finite",
+       "passed": zero == 0 and bad == 0,
+       "detail": f"{zero} zero and {bad} non-finite of {len(x)}"},
+  ]
+
+
+def lipschitz_checks(rep, certificate):
+  """No L2 attack may do better than a Lipschitz certificate allows: its
+  accuracy at eps is at least the certified accuracy at eps."""
+  certified = {c["radius"]: c["accuracy"] for c in certificate["certified"]}
+  return [{"check": f"{row['attack']}: accuracy >= Lipschitz-certified accuracy",
+           "passed": row["accuracy"] >= certified[row["eps"]],
+           "detail": f"eps {row['eps']:g}: {row['accuracy']:.4f} vs certified "
+                     f"{certified[row['eps']]:.4f}"}
+          for row in rep["results"] if row["norm"] == "l2" and row["eps"] in certified]
