@@ -66,6 +66,13 @@ def one_of(name, value, choices):
   return value
 
 
+def known_keys(what, given, allowed):
+  """Refuses a setting of `what` that is not one of `allowed`, naming it."""
+  unknown = sorted(set(given) - set(allowed))
+  require(not unknown, f"{what} has no setting {unknown[0]!r}; choose from "
+          f"{', '.join(sorted(allowed))}" if unknown else "")
+
+
 def is_concrete(x):
   """True when the values of `x` are known (not a tracer inside `jax.jit`)."""
   return not isinstance(x, jax.core.Tracer)

@@ -185,7 +185,7 @@ SHAPE = (8, 8, 3)
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_cnn(spectral_norm=False):
+def tiny_bn_cnn(spectral_norm=False):
   """A TinyCNN with random BatchNorm statistics; (apply_fn, variables)."""
   model = TinyCNN(spectral_norm)
   x = uniform(0, (4, *SHAPE))
@@ -428,7 +428,7 @@ def test_gradient_flows_through_sigma_with_constant_vectors():
 
 
 def test_spectral_norm_inside_a_model_keeps_the_params_layout():
-  apply_fn, variables = tiny_cnn(spectral_norm=True)
+  apply_fn, variables = tiny_bn_cnn(spectral_norm=True)
   assert set(variables["params"]) == {"Conv_0", "Conv_1", "BatchNorm_0",
                                       "Dense_0"}
   assert variables["spectral"]["SpectralNorm_0"]["v"].shape == (8, 8, 3)
@@ -444,7 +444,7 @@ def test_spectral_norm_inside_a_model_keeps_the_params_layout():
 
 @pytest.mark.parametrize("spectral_norm", [False, True])
 def test_lipschitz_bound_is_above_every_measured_stretch(spectral_norm):
-  apply_fn, variables = tiny_cnn(spectral_norm)
+  apply_fn, variables = tiny_bn_cnn(spectral_norm)
   logits_fn = lambda x: apply_fn(variables, x)
   measured = empirical_lipschitz(logits_fn, jax.random.key(5), SHAPE)
   exact = spectral.lipschitz_bound(apply_fn, variables, SHAPE)
@@ -513,7 +513,7 @@ def test_lipschitz_bound_of_the_library_small_cnn():
 
 
 def test_certified_radius_is_never_contradicted_by_pgd():
-  apply_fn, variables = tiny_cnn(spectral_norm=True)
+  apply_fn, variables = tiny_bn_cnn(spectral_norm=True)
   logits_fn = lambda x: apply_fn(variables, x)
   bound = spectral.lipschitz_bound(apply_fn, variables, SHAPE, n_probes=0)
   x = uniform(9, (8, *SHAPE))
