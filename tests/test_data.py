@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from jaxrobust import data, parallel
+from jaxrobust.data import folder
 from jaxrobust.checks import InputError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
@@ -239,7 +240,7 @@ def test_folder_cache_is_used_and_corrupt_cache_rebuilt(tmp_path, monkeypatch):
   def no_decoding(*args):
     raise AssertionError("decoded despite the cache")
   with monkeypatch.context() as patch:
-    patch.setattr(data, "_decode_image", no_decoding)
+    patch.setattr(folder, "_decode_image", no_decoding)
     cached = data.load(f"folder:{archive}", "test")
   np.testing.assert_array_equal(cached.x, first.x)
   np.testing.assert_array_equal(cached.y, first.y)

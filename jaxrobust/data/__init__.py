@@ -1,0 +1,96 @@
+"""Image-classification data sets as numpy arrays, and their batches.
+
+`load(name, split)` returns a `Dataset`: images `x` as float32 in [0, 1]
+(NHWC, C-contiguous) and int32 labels `y`, from one of these sources:
+
+| name | source |
+| --- | --- |
+| `digits` | scikit-learn's bundled 8x8 digits (offline; the default) |
+| `npz:<path>` | a `.npz` file of arrays |
+| `idx:<dir>` | MNIST-format IDX files, gzip'd or not |
+| `folder:<path>` | one sub-folder of images per class, or a tarball of them |
+| `tfds:<name>` | a prepared tensorflow-datasets data set |
+
+In `npz:`, `idx:` and `folder:` paths, `{split}` is replaced by the split name,
+so one name can point at a training and a test file.
+
+Batches are numpy arrays: `train_batches` (shuffled, resumable at any step),
+`eval_batches` (in order, padded and masked); `to_devices` splits one over a
+mesh.
+"""
+from jaxrobust.checks import InputError, one_of, require
+from jaxrobust.data.arrays import load_digits, load_idx, load_npz
+from jaxrobust.data.batches import (channel_stats, epoch_permutation, eval_batches,
+                                    to_devices, train_batches)
+from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
+from jaxrobust.data.folder import cache_directory, load_folder
+from jaxrobust.data.tfds import load_tfds
+
+SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>")
+
+
+def load(name, split, *, data_dir=None, cache_dir=None):
+  """Loads split `split` ("train" or "test") of the data set `name`.
+
+  Sources:
+    `digits`: the 1,797 8x8 grey digits bundled with scikit-learn, pixel
+      values divided by 16, 10 classes. Fixed split, stratified: the examples
+      are shuffled by `np.random.default_rng(0).permutation(1797)` and the
+      first 30 of each class in that order (300) form "test"; the other 1,497
+      form "train". Both are returned in that shuffled order.
+    `npz:<path>`: arrays `x_<split>` and `y_<split>` when the file holds both,
+      else `x` and `y` (so a file holding only `x` and `y` serves either
+      split: name two files with `{split}`). Images are uint8 (divided by 255)
+      or floats in [0, 1], [N, H, W] or [N, H, W, C]; labels are integers. An
+      optional array `class_names` names the classes and fixes their number;
+      without it the number of classes is the largest label + 1.
+    `idx:<dir>`: `train-images-idx3-ubyte` and `train-labels-idx1-ubyte` for
+      "train", `t10k-...` for "test", each optionally ending in `.gz`. Pixels
+      are divided by 255; the number of classes is the largest label + 1.
+    `folder:<path>`: a directory, or a tar archive (such as `.tar.gz`), of
+      one sub-folder per class; class `i` is the `i`-th folder name in sorted
+      order (classes are the folders that hold files). When the top level
+      holds `train/` or `test/` folders, the class folders are read from
+      `<split>/`. Every file under a class folder (at any depth; names
+      starting with "." skipped) must be an image of one common size;
+      examples are ordered by class, then relative file name. Images are
+      decoded with Pillow to grey when all of them are grey (modes 1, L, LA),
+      else to RGB. The decoded arrays are cached in `cache_dir`, keyed by the
+      absolute path, size and modification time (of each file, for a
+      directory). Tarballs are read as a stream, never extracted.
+    `tfds:<name>`: `tfds.data_source(name, split=split, data_dir=data_dir)`
+      of a data set prepared with tensorflow-datasets, with features "image"
+      (uint8, divided by 255) and "label"; classes and their names come from
+      the data set's info. Nothing is ever downloaded.
+
+  Args:
+    name: one of the sources above.
+    split: "train" or "test".
+    data_dir: tensorflow-datasets' data directory (default: `$TFDS_DATA_DIR`,
+      else `~/tensorflow_datasets`); other sources ignore it.
+    cache_dir: where `folder:` caches decoded images (default:
+      `$JAXROBUST_CACHE`, else `~/.cache/jaxrobust`).
+
+  Returns:
+    A `Dataset` (`x, y = load(...)` unpacks the images and labels).
+
+  Raises:
+    InputError: for an unknown name or split, a missing, unreadable or
+      inconsistent file, or a data set that is not prepared.
+  """
+  one_of("split", split, SPLITS)
+  require(isinstance(name, str),
+          f"data set name must be a string, got {name!r}")
+  source, _, argument = name.partition(":")
+  if name == "digits":
+    return load_digits(split)
+  if source == "npz" and argument:
+    return load_npz(path_for_split(argument, split), split)
+  if source == "idx" and argument:
+    return load_idx(path_for_split(argument, split), split)
+  if source == "folder" and argument:
+    return load_folder(path_for_split(argument, split), split, cache_directory(cache_dir))
+  if source == "tfds" and argument:
+    return load_tfds(argument, split, data_dir)
+  raise InputError(f"unknown data set {name!r}; the sources are "
+                   f"{', '.join(SOURCES)}")
