@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from jaxrobust import attacks as attacks_lib
 from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, report
+from jaxrobust import config as config_lib
 from jaxrobust import sanity, smoothing
 
 SUITES = ("autoattack",)
@@ -203,7 +204,7 @@ def sweep(specs, evaluate):
 
 def certify(resolved, model, state):
   """Certified accuracy of the smoothed model at radii 0, 0.25, 0.5, ...."""
-  test_set = experiment.load_split(resolved, _SPLIT.value)
+  test_set = config_lib.load_split(resolved, _SPLIT.value)
   x, y = test_set.x, test_set.y
   if _LIMIT.value:
     checks.integer_at_least("limit", _LIMIT.value, 1)

@@ -24,6 +24,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from ml_collections import config_flags
 
 from jaxrobust import checkpoints, cli, experiment, report
+from jaxrobust import config as config_lib
 
 ROOT = Path(__file__).resolve().parent
 _CONFIG = cli.define_config_flag(str(ROOT / "configs" / "pgd_at.py"))
@@ -37,14 +38,14 @@ def main(argv):
   cli.parse_flags(argv)
   config = cli.config_value(_CONFIG)
   cli.init_distributed()
-  name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+  name = Path(cli.config_path(_CONFIG)).stem
   workdir = _WORKDIR.value or str(Path("runs") / name)
   state = experiment.train(config, workdir, progress=_PROGRESS.value)
   if jax.process_index() == 0:  # evaluates on its own devices, from memory
     mesh = parallel.mesh(jax.local_devices())
     resolved = checkpoints.load_config(workdir)
     state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
-    rep = experiment.evaluate(resolved, experiment.build_model(resolved), state,
+    rep = experiment.evaluate(resolved, config_lib.build_model(resolved), state,
                               names=config.eval.after_training, limit=config.eval.limit,
                               mesh=mesh)
     print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")

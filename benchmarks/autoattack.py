@@ -81,16 +81,16 @@ class CompileClock:
       self.seconds += duration
 
 
-def train(row, args, jr):
+def train(row, args, experiment):
   """The row's model, trained with jaxrobust (or restored from its run)."""
   import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f"configs.{MODELS[row]}").get_config("cifar10")
-  config.epochs = args.epochs
-  config.data.name = f"folder:{args.data}/cifar10-{{split}}-jpeg.tar.gz"
+  run_config = importlib.import_module(f"configs.{MODELS[row]}").get_config("cifar10")
+  run_config.epochs = args.epochs
+  run_config.data.name = f"folder:{args.data}/cifar10-{{split}}-jpeg.tar.gz"
   workdir = Path(args.runs) / f"seed_cnn-{row}-e{args.epochs}"
   print(f"{row}: training or restoring {workdir}", flush=True)
-  jr.experiment.train(config, workdir, progress=sys.stderr.isatty())
-  return jr.experiment.restore(workdir)
+  experiment.train(run_config, workdir, progress=sys.stderr.isatty())
+  return experiment.restore(workdir)
 
 
 def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
@@ -142,6 +142,7 @@ def main(argv=None):
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+  from jaxrobust import config, evaluation, experiment  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   clock = CompileClock(jax)
@@ -150,8 +151,8 @@ def main(argv=None):
         f"{torchattacks.__version__}", flush=True)
   results = []
   for row in args.models:
-    resolved, model, state = train(row, args, jr)
-    test = jr.experiment.load_split(resolved, "test")
+    resolved, model, state = train(row, args, experiment)
+    test = config.load_split(resolved, "test")
     x, y = test.x[:args.images], test.y[:args.images]
     variables = jax.device_get(state.variables)
     net = torch_models.to_torch(model, variables, x.shape[1:3])
@@ -166,7 +167,7 @@ def main(argv=None):
     for norm in args.norms:
       eps = EPS[norm]
       compiled_before = clock.seconds
-      rep = jr.evaluation.evaluate(
+      rep = evaluation.evaluate(
           apply_fn, variables, x, y, {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
           key=jax.random.key(0), batch_size=args.batch_size)
       compile_seconds = clock.seconds - compiled_before

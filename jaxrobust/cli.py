@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import checks, experiment
+from jaxrobust import checks, experiment, signals
 
 
 # How absl and ml_collections report bad flags, config files and overrides.
@@ -84,9 +84,17 @@ def parse_flags(argv):
     raise _flag_error(e) from None
 
 
+def config_path(config_flag):
+  """The file of an ml_collections config flag, without its `:setting` argument."""
+  return config_flags.get_config_filename(flags.FLAGS[config_flag.name]).split(":", 1)[0]
+
+
 def config_value(config_flag):
-  """The config of an ml_collections config flag, loaded and overridden now."""
-  path = config_flags.get_config_filename(flags.FLAGS[config_flag.name])
+  """The config of an ml_collections config flag, loaded and overridden now.
+
+  `--config path.py:setting` passes `setting` to the file's `get_config`.
+  """
+  path = config_path(config_flag)
   checks.require(os.path.isfile(path), f"config file {path!r} not found")
   try:
     config = config_flag.value
@@ -97,6 +105,8 @@ def config_value(config_flag):
 
 
 def _flag_error(e):
+  if "Error whilst parsing config file" in str(e):  # ml_collections adds the traceback
+    return checks.InputError(f"bad config: {str(e).strip().splitlines()[-1]}")
   if isinstance(e, flags.Error):
     return checks.InputError(str(e))
   cause = e.__cause__ or e
@@ -120,7 +130,7 @@ def run(main, argv=None):
   except experiment.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except experiment.Interrupted as e:
+  except signals.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(e.exit_code)
   except KeyboardInterrupt:

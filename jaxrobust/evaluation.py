@@ -29,7 +29,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrobust import attacks as attacks_lib
 from jaxrobust import checks, data, parallel
+from jaxrobust import keys as keys_lib
 
 # Float rounding allowed on the ball's radius when judging an adversarial example.
 BALL_TOLERANCE = 1e-4
@@ -310,9 +310,9 @@ def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh
         logits_fn = lambda xb, k: stochastic_apply_fn(crafted_on, xb, k)
     else:
       logits_fn = lambda xb: model(crafted_on, xb)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+    keys = keys_lib.example_keys(key, index)
     if staged:
-      keys = jax.vmap(jax.random.fold_in, (0, None))(keys, stage)
+      keys = keys_lib.fold(keys, stage)
     x_adv = attack.fn(logits_fn, x, y, keys, eps)
     d = (x_adv - x).reshape(len(x), -1)
     l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))

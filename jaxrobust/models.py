@@ -289,9 +289,7 @@ def spectral_settings(settings):
   if not settings:
     return None
   settings = dict(settings)
-  unknown = sorted(set(settings) - set(SpectralSettings._fields))
-  checks.require(not unknown, f"model.spectral has no setting {unknown[0]!r}; choose "
-                 f"from {', '.join(SpectralSettings._fields)}" if unknown else "")
+  checks.known_keys("model.spectral", settings, SpectralSettings._fields)
   s = SpectralSettings(**settings)
   checks.one_of("model.spectral.mode", s.mode, spectral_lib.MODES)
   checks.one_of("model.spectral.rescale", s.rescale, spectral_lib.RESCALES)
@@ -305,10 +303,7 @@ def noise_settings(settings):
   if not settings:
     return None
   settings = dict(settings)
-  allowed = ("sigma", "samples", "seed")
-  unknown = sorted(set(settings) - set(allowed))
-  checks.require(not unknown, f"model.noise has no setting {unknown[0]!r}; choose "
-                 f"from {', '.join(allowed)}" if unknown else "")
+  checks.known_keys("model.noise", settings, ("sigma", "samples", "seed"))
   checks.require("sigma" in settings, "model.noise needs sigma (the noise's "
                  "standard deviation, > 0)")
   return {"sigma": float(checks.positive("model.noise.sigma", settings["sigma"])),
@@ -333,9 +328,9 @@ def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise
                    f"model {name!r} has no spectral normalisation; use "
                    "small_cnn or seed_cnn")
     kwargs["spectral"] = spectral
-  unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
-  checks.require(not unknown, f"model {name!r} has no setting {unknown[0]!r}"
-                 if unknown else "")
+  checks.known_keys(f"model {name!r}", kwargs,
+                    set(cls.__dataclass_fields__) - {"num_classes", "mean", "std", "axis_name",
+                                                     "parent", "name"})
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
               axis_name=axis_name, **kwargs)
   noise = noise_settings(noise)

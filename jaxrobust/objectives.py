@@ -94,8 +94,9 @@ def create(name, attack_cfg=None):
   return Objective(name, attack, randomized=name == "rat", eot_samples=eot_samples)
 
 
-def check_model(objective, model_cfg):
-  """Refuses an objective that needs noise on a model config without `noise`."""
-  checks.require(not objective.randomized or bool(dict(model_cfg).get("noise")),
+def check_model(objective, randomized):
+  """Refuses an objective that needs noise for a model without noise
+  (`randomized`: the model, or its config, has `noise`)."""
+  checks.require(not objective.randomized or randomized,
                  f"objective {objective.name!r} trains a randomized model: set "
                  "model.noise = dict(sigma=..., samples=...)")

@@ -8,10 +8,15 @@ On CPU, XLA uses two cores better as two host devices than as one device with
 two threads; `use_host_devices()` asks for one host device per core and must
 run before JAX initialises its backends.
 """
+import contextlib
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrobust import checks
 
 BATCH_AXIS = "batch"
 
@@ -44,11 +49,46 @@ def replicated(m):
   return NamedSharding(m, P())
 
 
-def data_parallel(fn, m, in_specs, out_specs):
+def data_parallel(fn, m, in_specs, out_specs, *, check_vma=True):
   """`jax.shard_map(fn)` over mesh `m`: `fn` sees one device's shard.
 
   Specs use `P(BATCH_AXIS)` for per-example arrays and `P()` for replicated
-  ones (parameters, keys).
+  ones (parameters, keys). JAX checks that every output declared replicated
+  is (a missing `lax.pmean` is an error); `check_vma=False` turns that off
+  for a step whose outputs are per device by design.
   """
   return jax.shard_map(fn, mesh=m, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)
+                       check_vma=check_vma)
+
+
+def global_batch(batch, mesh):
+  """A global batch of numpy arrays (the same on every process) as `jax.Array`s
+  split over `mesh`: each process supplies only the rows of its own devices."""
+  sharding = batch_sharding(mesh)
+
+  def put(array):
+    slices = [index[0] for index in
+              sharding.addressable_devices_indices_map(array.shape).values()]
+    rows = sorted({s.indices(len(array))[:2] for s in slices})
+    start, stop = rows[0][0], rows[-1][1]
+    assert sum(b - a for a, b in rows) == stop - start, "a process's rows must be contiguous"
+    return jax.make_array_from_process_local_data(sharding, array[start:stop], array.shape)
+
+  return jax.tree.map(put, batch)
+
+
+@contextlib.contextmanager
+def on_every_process(what):
+  """Runs a block on every process; if it fails on one, it fails on all (no hang)."""
+  try:
+    yield
+  except BaseException:
+    all_ok(False)
+    raise
+  checks.require(all_ok(True), f"another process failed to {what}; see its error")
+
+
+def all_ok(ok):
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.bool_(ok)).all())

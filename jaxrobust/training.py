@@ -20,6 +20,7 @@ training noise, and the EOT draws of `rat` (shared by the batch) come from
 the EOT key, so the draws depend neither on the device count nor on whether
 the run was resumed.
 """
+import functools
 from typing import Any
 
 import flax
@@ -29,6 +30,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxrobust import checks, models, objectives, parallel
+from jaxrobust import keys as keys_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -106,7 +108,7 @@ def make_input_fn(objective, attack_cfg=None, model_cfg=None):
   """
   objective = objectives.create(objective, attack_cfg)
   if model_cfg is not None:
-    objectives.check_model(objective, model_cfg)
+    objectives.check_model(objective, bool(dict(model_cfg).get("noise")))
   return objective
 
 
@@ -115,10 +117,9 @@ def gaussian_noise(keys, shape, sigma):
   return sigma * jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys)
 
 
-def example_keys(step_key, local_batch):
-  """Keys of this device's examples: `fold_in(step_key, i)`, i the global index."""
-  first = jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch
-  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, first + jnp.arange(local_batch))
+def global_index(local_batch):
+  """The global indices of this device's examples in the step's batch."""
+  return jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch + jnp.arange(local_batch)
 
 
 def make_train_step(model, tx, input_fn, mesh):
@@ -138,29 +139,26 @@ def make_train_step(model, tx, input_fn, mesh):
   objective = (input_fn if isinstance(input_fn, objectives.Objective)
                else objectives.Objective("custom", input_fn))
   randomized = models.is_randomized(model)
-  checks.require(randomized or not objective.randomized,
-                 f"objective {objective.name!r} trains a randomized model: set "
-                 "model.noise = dict(sigma=..., samples=...)")
+  objectives.check_model(objective, randomized)
   mutable = ["batch_stats", "spectral"]
 
   def attack_logits_fn(variables, eot_key, shape):
-    if not randomized:
-      return lambda xb: model.apply(variables, xb, train=False)
-    if objective.eot_samples:
+    if randomized and objective.eot_samples:
       draws = gaussian_noise(jax.random.split(eot_key, objective.eot_samples),
                              (objective.eot_samples, 1, *shape), model.sigma)
       return lambda xb: model.apply(variables, xb, train=False, noise=draws)
-    return lambda xb: model.apply(variables, xb, train=False, method="base")
+    return functools.partial(models.inference_fn(model, base=True), variables)
 
   def device_step(state, x, y, key):
     step_key = jax.random.fold_in(key, state.step)
     attack_key, noise_key, eot_key = jax.random.split(step_key, 3)
     logits_fn = attack_logits_fn(state.variables, eot_key, x.shape[1:])
+    index = global_index(x.shape[0])
     x_train = jax.lax.stop_gradient(
-        objective(logits_fn, x, y, example_keys(attack_key, x.shape[0])))
+        objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index)))
     apply_kwargs = {}
     if randomized:
-      apply_kwargs["noise"] = gaussian_noise(example_keys(noise_key, x.shape[0]),
+      apply_kwargs["noise"] = gaussian_noise(keys_lib.example_keys(noise_key, index),
                                              x.shape, model.sigma)
 
     def loss_fn(params):
@@ -168,11 +166,13 @@ def make_train_step(model, tx, input_fn, mesh):
       logits, updates = model.apply(variables, x_train, train=True, **apply_kwargs,
                                     mutable=[c for c in mutable if c in variables])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, (logits, updates)
+      # This device's share of the global mean: the gradient with respect to
+      # the replicated parameters is summed over the devices by shard_map
+      # (the transpose of their broadcast), which makes it the global mean's.
+      return loss / jax.lax.axis_size(parallel.BATCH_AXIS), (loss, logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    grads = jax.lax.pmean(grads, parallel.BATCH_AXIS)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     new_state = state.replace(

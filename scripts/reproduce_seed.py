@@ -40,7 +40,8 @@ parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
 
-from jaxrobust import checkpoints, experiment  # pylint: disable=wrong-import-position
+from jaxrobust import checkpoints, experiment, metrics  # pylint: disable=wrong-import-position
+from jaxrobust import config as config_lib  # pylint: disable=wrong-import-position
 
 # (row, config file, the seed's row it reproduces)
 ROWS = (
@@ -120,7 +121,7 @@ def row_config(row, config_name, args):
 def train_seconds(workdir):
   """Training wall-clock: the sum of the logged step times (resume-proof)."""
   lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return sum(sum(json.loads(l).get(f, 0.0) for f in experiment.TIMING_FIELDS)
+  return sum(sum(json.loads(l).get(f, 0.0) for f in metrics.TIMING_FIELDS)
              for l in lines if l.strip())
 
 
@@ -130,7 +131,7 @@ def run_row(row, config_name, args):
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
   state = experiment.train(config, workdir, progress=sys.stderr.isatty())
   resolved = checkpoints.load_config(workdir)
-  model = experiment.build_model(resolved)
+  model = config_lib.build_model(resolved)
   tick = time.perf_counter()
   report = experiment.evaluate(resolved, model, state, names="pgd_l2,pgd_linf",
                                limit=args.test_images)

@@ -176,7 +176,7 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1,
       return jax.tree.map(lambda f, c: jnp.where(keep, f, c), found, candidate)
 
     start = (jnp.zeros_like(x), jnp.asarray(-jnp.inf, x.dtype), jnp.array(False))
-    return x + jax.lax.fori_loop(0, count, for_target, start)[0]
+    return x + core.loop(0, count, for_target, start, like=x)[0]
 
   def attack(logits_fn, x, y, key, eps):
     _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
@@ -279,7 +279,7 @@ def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
            best=delta, best_grad=grad, best_value=value, success=success,
            adversarial=delta, adversarial_value=value,
            halved=jnp.array(True), checked_value=value)
-  s = jax.lax.fori_loop(0, steps, step, s)
+  s = core.loop(0, steps, step, s, like=x)
   return (jnp.where(s["success"], s["adversarial"], s["best"]),
           jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
           s["success"])

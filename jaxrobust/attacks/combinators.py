@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
+from jaxrobust import keys as keys_lib
 from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
@@ -37,11 +38,11 @@ def worst_case(attacks) -> Attack:
 
   def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y, stochastic=stochastic)
-    keys = core.example_keys(key, x.shape[0])
-    candidates = jnp.stack([_call(a, logits_fn, x, y, _fold(keys, j), eps)
+    keys = keys_lib.example_keys(key, x.shape[0])
+    candidates = jnp.stack([_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps)
                             for j, a in enumerate(attacks)])       # [J, B, ...]
     if stochastic:
-      judge = _fold(keys, len(attacks))
+      judge = keys_lib.fold(keys, len(attacks))
       logits = jax.vmap(lambda c: jax.vmap(lambda xi, k: logits_fn(xi[None], k)[0])(
           c, judge))(candidates)
     else:
@@ -70,17 +71,17 @@ def random_choice(attacks, per_example=False) -> Attack:
 
   def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y)
-    keys = core.example_keys(key, x.shape[0])
+    keys = keys_lib.example_keys(key, x.shape[0])
     if per_example:
-      choice = jax.vmap(lambda k: jax.random.randint(k, (), 0, count))(_fold(keys, count))
-      outputs = jnp.stack([_call(a, logits_fn, x, y, _fold(keys, j), eps)
+      choice = jax.vmap(lambda k: jax.random.randint(k, (), 0, count))(keys_lib.fold(keys, count))
+      outputs = jnp.stack([_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps)
                            for j, a in enumerate(attacks)])
       return outputs[choice, jnp.arange(x.shape[0])]
     choice = jax.random.randint(jax.random.fold_in(keys[0], count), (), 0, count)
     # Each branch is a computation of its own, where XLA:CPU would not
     # canonicalise (and so speed up) the attack's convolutions by itself.
     branches = [core.canonical_convolutions(
-        lambda x, y, keys, a=a, j=j: _call(a, logits_fn, x, y, _fold(keys, j), eps))
+        lambda x, y, keys, a=a, j=j: _call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps))
                 for j, a in enumerate(attacks)]
     return jax.lax.switch(choice, branches, x, y, keys)
 
@@ -108,8 +109,8 @@ def mixture(attacks, weights) -> Attack:
 
   def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y)
-    keys = core.example_keys(key, x.shape[0])
-    draws = jax.vmap(jax.random.uniform)(_fold(keys, len(attacks)))
+    keys = keys_lib.example_keys(key, x.shape[0])
+    draws = jax.vmap(jax.random.uniform)(keys_lib.fold(keys, len(attacks)))
     order = jnp.argsort(draws)
     x_adv, start = x, 0
     for j, (a, size) in enumerate(zip(attacks, share_sizes(weights, x.shape[0]))):
@@ -117,7 +118,7 @@ def mixture(attacks, weights) -> Attack:
         share = order[start:start + size]
         part_eps = eps[share] if eps is not None and jnp.ndim(eps) else eps
         x_adv = x_adv.at[share].set(
-            _call(a, logits_fn, x[share], y[share], _fold(keys[share], j), part_eps))
+            _call(a, logits_fn, x[share], y[share], keys_lib.fold(keys[share], j), part_eps))
         start += size
     return x_adv
 
@@ -150,10 +151,6 @@ def _call(attack, logits_fn, x, y, keys, eps):
   if eps is None or not isinstance(attack, Attack):
     return attack(logits_fn, x, y, keys)
   return attack(logits_fn, x, y, keys, eps=eps)
-
-
-def _fold(keys, j):
-  return jax.vmap(jax.random.fold_in, (0, None))(keys, j)
 
 
 def _check_attacks(attacks):

@@ -16,6 +16,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from jaxrobust import checks
+from jaxrobust import keys as keys_lib
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -116,7 +117,7 @@ def best_of_restarts(run, key, restarts):
     candidate = run(jax.random.fold_in(key, r))
     return better(candidate, best)
 
-  return jax.lax.fori_loop(1, restarts, restart, best)
+  return loop(1, restarts, restart, best, like=best[0])
 
 
 def better(candidate, best):
@@ -126,6 +127,24 @@ def better(candidate, best):
   _, best_value, best_success = best
   take = (success & ~best_success) | ((success == best_success) & (value > best_value))
   return jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
+
+
+def loop(lower, upper, body, init, *, like):
+  """`lax.fori_loop(lower, upper, body, init)`, with every carry varying over
+  the same devices as `like` (the example attacked).
+
+  Inside `jax.shard_map`, JAX types each value by the mesh axes it varies
+  over, and a loop refuses a carry that starts constant (the same on every
+  device, e.g. a best distance of inf) and becomes data-dependent. Selecting
+  each initial carry with a condition computed from `like` (both branches
+  the carry itself: the value is unchanged and XLA drops the select) types
+  it like the data, for any mesh and JAX version, so data-parallel steps
+  keep JAX's check that catches a missing `pmean`.
+  """
+  flat = jnp.ravel(like)
+  data_dependent = flat[0] == flat[0]
+  init = jax.tree.map(lambda c: jnp.where(data_dependent, c, c), init)
+  return jax.lax.fori_loop(lower, upper, body, init)
 
 
 def iterate(body, state, steps, unroll=False):
@@ -142,7 +161,7 @@ def iterate(body, state, steps, unroll=False):
     for i in range(steps):
       state = body(i, state)
     return state
-  return jax.lax.fori_loop(0, steps, body, state)
+  return loop(0, steps, body, state, like=jax.tree.leaves(state)[0])
 
 
 def canonical_convolutions(fn):
@@ -210,20 +229,6 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
   return jnp.transpose(out, sorted(range(n), key=lambda axis: order[axis]))
 
 
-def example_keys(key, batch_size):
-  """One PRNG key per example: `key` itself if it is already a batch of
-  `batch_size` keys, else `fold_in(key, i)` for example i."""
-  if _is_key_batch(key, batch_size):
-    return key
-  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch_size))
-
-
-def _is_key_batch(key, batch_size):
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key.shape == (batch_size,)
-  return key.ndim == 2 and key.shape[0] == batch_size  # raw uint32 keys [B, 2]
-
-
 def num_classes_of(logits_fn, x):
   """The number of classes `logits_fn` predicts, from its output shape (no compute)."""
   shape = jax.eval_shape(logits_fn, x).shape
@@ -260,7 +265,7 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False):
   """
   check_batch(logits_fn, x, y, stochastic=stochastic)
   logits_one = lambda xi, *key: logits_fn(xi[None], *key)[0]
-  keys = example_keys(key, x.shape[0])
+  keys = keys_lib.example_keys(key, x.shape[0])
   axes = tuple(0 if jnp.ndim(a) else None for a in per_example)
   run = jax.vmap(lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a),
                  in_axes=(0, 0, 0) + axes)

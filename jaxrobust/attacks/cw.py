@@ -123,7 +123,7 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
                 jnp.where(closer, x_adv, best), succeeded | success)
 
       inner = (w0, optimizer.init(w0), best_distance, best, jnp.array(False))
-      _, _, best_distance, best, succeeded = jax.lax.fori_loop(0, steps, adam_step, inner)
+      _, _, best_distance, best, succeeded = core.loop(0, steps, adam_step, inner, like=x)
       upper = jnp.where(succeeded, jnp.minimum(upper, const), upper)
       lower = jnp.where(succeeded, lower, jnp.maximum(lower, const))
       const = jnp.where(upper < _NO_UPPER_BOUND, (lower + upper) / 2, const * 10)
@@ -131,7 +131,7 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
 
     state = (jnp.asarray(c, x.dtype), jnp.zeros((), x.dtype),
              jnp.asarray(_NO_UPPER_BOUND, x.dtype), jnp.asarray(jnp.inf, x.dtype), x)
-    best_distance, best = jax.lax.fori_loop(0, search_steps, search_step, state)[-2:]
+    best_distance, best = core.loop(0, search_steps, search_step, state, like=x)[-2:]
     if eps is None:
       return best
     return jnp.where(best_distance <= eps**2, best, x)

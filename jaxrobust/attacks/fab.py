@@ -102,7 +102,7 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
         return _search(boundaries, logits_at, x, y, jax.random.fold_in(key, r), r, best,
                        eps, norm, **step_settings)
       start = (x, jnp.asarray(jnp.inf, x.dtype))
-      return jax.lax.fori_loop(0, restarts, restart, start)
+      return core.loop(0, restarts, restart, start, like=x)
 
     if num_targets is None:
       best, distance = search(_all_boundaries(logits_one, y), key)
@@ -117,8 +117,8 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
                        jax.random.fold_in(key, i))
         return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
 
-      best, distance = jax.lax.fori_loop(0, count, for_target,
-                                         (x, jnp.asarray(jnp.inf, x.dtype)))
+      best, distance = core.loop(0, count, for_target,
+                                         (x, jnp.asarray(jnp.inf, x.dtype)), like=x)
     inside = jnp.isfinite(distance) if eps is None else distance <= eps
     return jnp.where(inside, best, x)
 
@@ -206,7 +206,7 @@ def _search(boundaries, logits_at, x, y, key, restart, best, eps, norm, *, steps
     point = jnp.where(adversarial, x + beta * (point - x), point)
     return point, best, distance
 
-  _, best_point, distance = jax.lax.fori_loop(0, steps, step, (start, *best))
+  _, best_point, distance = core.loop(0, steps, step, (start, *best), like=x)
   return best_point, distance
 
 

@@ -158,7 +158,7 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
         take = (best_margin > 0) & (candidate_margin < best_margin)
         return jnp.where(take, candidate, best), jnp.where(take, candidate_margin, best_margin)
 
-      best, best_margin = jax.lax.fori_loop(0, queries - 1, query, (best, best_margin))
+      best, best_margin = core.loop(0, queries - 1, query, (best, best_margin), like=x)
       return best - x, -best_margin, best_margin <= 0
 
     if queries == 0:

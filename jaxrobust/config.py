@@ -1,0 +1,55 @@
+"""A run's config: checked, resolved with the facts of its data, and turned into
+the model, the optimizer and the data splits it names."""
+from jaxrobust import checks, data, evaluation, models, training
+
+
+def resolve(config, train_set):
+  """The config as a plain dict plus the facts of its training data."""
+  resolved = config.to_dict()
+  mean, std = data.channel_stats(train_set.x)
+  resolved["dataset"] = {"num_classes": int(train_set.num_classes),
+                         "input_shape": list(train_set.x.shape[1:]),
+                         "mean": list(mean), "std": list(std),
+                         "train_examples": int(len(train_set.x))}
+  return resolved
+
+
+def build_model(resolved, axis_name=None):
+  settings = dict(resolved["model"])
+  ds = resolved["dataset"]
+  return models.create(settings.pop("name"), num_classes=ds["num_classes"],
+                       mean=ds["mean"], std=ds["std"], axis_name=axis_name, **settings)
+
+
+def schedule_length(resolved):
+  """(steps per epoch, total steps) of a run."""
+  steps_per_epoch = resolved["dataset"]["train_examples"] // resolved["batch_size"]
+  return steps_per_epoch, resolved["epochs"] * steps_per_epoch
+
+
+def make_optimizer(resolved):
+  return training.make_optimizer(resolved["optimizer"], schedule_length(resolved)[1])
+
+
+def load_split(resolved_or_config, split):
+  """Split `split` of the data set the config names."""
+  cfg = resolved_or_config["data"]
+  return data.load(cfg["name"], split, data_dir=cfg.get("data_dir") or None)
+
+
+def check_config(config, mesh):
+  """Checks the settings that need no data, before anything is loaded or written."""
+  checks.integer_at_least("batch_size", config.batch_size, 1)
+  training.check_divisible(config.batch_size, mesh)
+  checks.integer_at_least("epochs", config.epochs, 1)
+  checks.integer_at_least("seed", config.seed, 0)
+  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    checks.integer_at_least(name, config[name], 1)
+  training.make_optimizer(config.optimizer, total_steps=1)
+  training.make_input_fn(config.objective, config.get("train_attack"))
+  # train.py evaluates with these at the end: refuse them now, not after training.
+  checks.integer_at_least("eval.batch_size", config.eval.batch_size, 1)
+  checks.integer_at_least("eval.limit", config.eval.limit, 0)
+  evaluation.build_attacks(config.eval.attacks)
+  for names in (config.eval.default, config.eval.get("after_training")):
+    evaluation.select(config.eval.attacks, names)
