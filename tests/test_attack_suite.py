@@ -35,14 +35,6 @@ def normal(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-def linear_model(w, b=0.0):
-  """Two classes with logits [0, w.x + b]: class 1 iff w.x + b > 0."""
-  def logits_fn(x):
-    z = x.reshape(x.shape[0], -1) @ w.reshape(-1) + b
-    return jnp.stack([jnp.zeros_like(z), z], -1)
-  return logits_fn
-
-
 def mlp(num_classes=4, inputs=64):
   """A random tanh network on flattened inputs: nonlinear, and quick to compile."""
   w1 = 4 * normal(0, (inputs, 16)) / np.sqrt(inputs)
@@ -90,7 +82,7 @@ def digits_mlp():
 
 # --- C&W L2 ---------------------------------------------------------------
 
-def test_cw_finds_the_closest_point_of_a_linear_classifier():
+def test_cw_finds_the_closest_point_of_a_linear_classifier(linear_model):
   # Points at known distances t from the boundary w.x + b = 0 (moving along
   # w / ||w||, away from the box's faces): the minimal L2 perturbation that
   # flips the class has norm |w.x + b| / ||w|| = |t|.
@@ -238,7 +230,7 @@ def test_apgd_at_least_as_strong_as_pgd(digits_mlp, norm, eps):
   assert apgd.mean() <= pgd.mean()
 
 
-def test_apgd_linear_optimum():
+def test_apgd_linear_optimum(linear_model):
   # On a linear 2-class model the L-inf optimum is x + eps sign(w) for y = 0.
   w = normal(0, (6, 6, 1))
   x = uniform(2, (4, 6, 6, 1), 0.3, 0.7)
@@ -463,7 +455,7 @@ def test_bad_combinations(build, message):
     build()
 
 
-def test_bad_inputs_at_call_time():
+def test_bad_inputs_at_call_time(linear_model):
   x, y = jnp.full((2, 16), 0.5), jnp.array([0, 1])
   two_classes = linear_model(jnp.ones(16))
   with pytest.raises(checks.InputError, match="needs >= 3 classes, the model has 2"):

@@ -12,31 +12,16 @@ from jaxrobust import checks
 TOL = 1e-5  # float32 rounding of x + d - x
 
 
-def linear_model(w, b=0.0):
-  """Two classes with logits [0, w.x + b]: class 1 iff w.x + b > 0."""
-  def logits_fn(x):
-    z = x.reshape(x.shape[0], -1) @ w.reshape(-1) + b
-    return jnp.stack([jnp.zeros_like(z), z], -1)
-  return logits_fn
-
-
 def interior_batch(key, shape=(4, 6, 6, 1)):
   """Images in [0.3, 0.7], so that eps <= 0.3 never touches the box."""
   return jax.random.uniform(key, shape, minval=0.3, maxval=0.7)
-
-
-def tiny_cnn(num_classes=3, channels=1):
-  model = jr.models.SmallCNN(num_classes=num_classes, mean=(0.5,) * channels,
-                             std=(0.25,) * channels, width=4)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, channels)))
-  return lambda x: model.apply(variables, x)
 
 
 def run(attack, logits_fn, x, y, key=jax.random.key(1), **kw):
   return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key, **kw)
 
 
-def test_linf_pgd_reaches_the_linear_optimum():
+def test_linf_pgd_reaches_the_linear_optimum(linear_model):
   # Cross-entropy of a linear 2-class model is increasing in w.x for y = 0, so
   # the L-inf optimum is x + eps sign(w) (x - eps sign(w) for y = 1).
   w = jax.random.normal(jax.random.key(0), (6, 6, 1))
@@ -49,7 +34,7 @@ def test_linf_pgd_reaches_the_linear_optimum():
 
 
 @pytest.mark.parametrize("random_start", [False, True])
-def test_l2_pgd_reaches_the_linear_optimum(random_start):
+def test_l2_pgd_reaches_the_linear_optimum(linear_model, random_start):
   # The L2 optimum is x + eps w / ||w|| for y = 0.
   w = jax.random.normal(jax.random.key(0), (6, 6, 1))
   x = interior_batch(jax.random.key(2))
@@ -60,7 +45,7 @@ def test_l2_pgd_reaches_the_linear_optimum(random_start):
   np.testing.assert_allclose(x_adv, x + 0.5 * w / jnp.linalg.norm(w), atol=1e-4)
 
 
-def test_fgsm_is_one_signed_gradient_step():
+def test_fgsm_is_one_signed_gradient_step(tiny_cnn):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (5, 8, 8, 1))
   y = jnp.array([0, 1, 2, 0, 1])
@@ -83,7 +68,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-def test_stays_in_ball_and_box(options):
+def test_stays_in_ball_and_box(tiny_cnn, options):
   logits_fn = tiny_cnn()
   # Half the pixels at the edges of the box, where clipping binds.
   x = jnp.round(jax.random.uniform(jax.random.key(0), (6, 8, 8, 1)) * 2) / 2
@@ -97,7 +82,7 @@ def test_stays_in_ball_and_box(options):
   assert float(size.max()) > 0  # it moved
 
 
-def test_per_example_eps():
+def test_per_example_eps(tiny_cnn):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
   y = jnp.array([0, 1, 2, 0])
@@ -110,7 +95,7 @@ def test_per_example_eps():
   np.testing.assert_array_equal(same, run(attack, logits_fn, x, y))
 
 
-def test_restarts_never_worse_than_one_run():
+def test_restarts_never_worse_than_one_run(tiny_cnn):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   y = jnp.arange(16) % 3
@@ -134,7 +119,7 @@ def test_targeted_reaches_targets():
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_unrolled_and_fori_loop_forms_agree(norm):
+def test_unrolled_and_fori_loop_forms_agree(tiny_cnn, norm):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
   y = jnp.array([0, 1, 2, 0])
@@ -144,7 +129,7 @@ def test_unrolled_and_fori_loop_forms_agree(norm):
   np.testing.assert_allclose(unrolled, looped, atol=1e-6)
 
 
-def test_any_input_shape_and_key_batches():
+def test_any_input_shape_and_key_batches(linear_model):
   logits_fn = linear_model(jnp.linspace(-1, 1, 10))
   x = jax.random.uniform(jax.random.key(0), (3, 10))
   y = jnp.array([0, 1, 0])
@@ -157,7 +142,7 @@ def test_any_input_shape_and_key_batches():
   np.testing.assert_array_equal(first, per_example[:1])
 
 
-def test_eager_and_jit_agree():
+def test_eager_and_jit_agree(tiny_cnn):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
   y = jnp.array([0, 1])
@@ -192,14 +177,14 @@ def test_bad_settings(kwargs, message):
     (np.full((2, 4, 4, 1), 0.5, np.float32), [0, 1, 1], r"shape \(2,\)"),
     (np.full((16,), 0.5, np.float32), [0], r"rank"),
 ])
-def test_bad_inputs(x, y, message):
+def test_bad_inputs(linear_model, x, y, message):
   attack = jr.attacks.pgd(eps=0.1, steps=1)
   logits_fn = linear_model(jnp.ones(16))
   with pytest.raises(checks.InputError, match=message):
     attack(logits_fn, x, np.array(y), jax.random.key(0))
 
 
-def test_bad_per_example_eps():
+def test_bad_per_example_eps(linear_model):
   attack = jr.attacks.pgd(eps=0.1, steps=1)
   x = np.full((2, 4, 4, 1), 0.5, np.float32)
   with pytest.raises(checks.InputError, match="-0.2"):

@@ -34,10 +34,7 @@ can create; train.py refuses both with "cannot write to workdir" before
 touching anything (it checks the nearest existing ancestor with os.access).
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,80 +48,12 @@ SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
 NATURAL = ["--config", "configs/natural.py", *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
 
 
-# Runs train.py or eval.py as `python <script> <args>` would, in a child forked
-# from this server, which has already imported what every run imports (without
-# starting JAX's backends): a case costs its own work, not a Python start-up.
-_SERVER = r"""
-import json, os, runpy, sys, time, traceback
-import jax, jaxrobust.cli, jaxrobust.experiment, jaxrobust.evaluation
-assert not jax._src.xla_bridge._backends, "forking is safe only before JAX starts"
-for line in sys.stdin:
-  script, args, env, out, err = json.loads(line)
-  pid = os.fork()
-  if pid == 0:
-    os.environ.update(env)
-    for fd, path in ((1, out), (2, err)):
-      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv = [script, *args]
-    try:
-      runpy.run_path(script, run_name="__main__")
-      code = 0
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-      if not isinstance(e.code, (int, type(None))):
-        print(e.code, file=sys.stderr)
-    except BaseException:
-      traceback.print_exc()
-      code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  deadline = time.monotonic() + 300
-  while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-    if time.monotonic() > deadline:
-      os.kill(pid, 9)
-    time.sleep(0.005)
-  print(os.waitstatus_to_exitcode(done[1]), flush=True)
-"""
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """`run(script, *args, env=None)`: runs `python <script> <args>` in the
-  repository with 2 CPU devices; returns its return code, stdout and stderr."""
-  logs = tmp_path_factory.mktemp("cli_logs")
-  server = subprocess.Popen(
-      [sys.executable, "-c", _SERVER], cwd=ROOT, text=True, stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-
-  def run_script(script, *args, env=None):
-    out, err = logs / "stdout", logs / "stderr"
-    server.stdin.write(json.dumps([script, list(map(str, args)), env or {}, str(out),
-                                   str(err)]) + "\n")
-    server.stdin.flush()
-    code = server.stdout.readline()
-    assert code, "the CLI server died"
-    return subprocess.CompletedProcess([script, *args], int(code), out.read_text(),
-                                       err.read_text())
-
-  yield run_script
-  server.stdin.close()
-  server.wait(timeout=60)
-
-
 def assert_user_error(result, *fragments):
   assert result.returncode == 2, (result.stdout, result.stderr)
   assert "Traceback" not in result.stderr
   assert "error: " in result.stderr
   for fragment in fragments:
     assert fragment in result.stderr, result.stderr
-
-
-def snapshot(directory):
-  """Every file's bytes and every directory under `directory`."""
-  return {p.relative_to(directory): p.read_bytes() if p.is_file() else "dir"
-          for p in Path(directory).rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +67,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture
-def untouched(trained):
+def untouched(snapshot, trained):
   """The trained workdir, checked to be unchanged after the test."""
   before = snapshot(trained)
   yield trained
@@ -181,9 +110,9 @@ TRAIN_SETTINGS = {
 
 
 @pytest.mark.parametrize("args, fragments", TRAIN_SETTINGS.values(), ids=TRAIN_SETTINGS)
-def test_train_refuses_a_bad_setting(args, fragments, run, tmp_path):
+def test_train_refuses_a_bad_setting(args, fragments, cli, tmp_path):
   workdir = tmp_path / "run"
-  assert_user_error(run("train.py", "--workdir", workdir, *args), *fragments)
+  assert_user_error(cli("train.py", "--workdir", workdir, *args), *fragments)
   assert not workdir.exists()
 
 
@@ -232,10 +161,10 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("make, fragments", BAD_DATA.values(), ids=BAD_DATA)
-def test_train_refuses_bad_data(make, fragments, run, tmp_path):
+def test_train_refuses_bad_data(snapshot, make, fragments, cli, tmp_path):
   name = make(tmp_path)
   before = snapshot(tmp_path)
-  result = run("train.py", "--workdir", tmp_path / "run", f"--config.data.name={name}",
+  result = cli("train.py", "--workdir", tmp_path / "run", f"--config.data.name={name}",
                env={"JAXROBUST_CACHE": str(tmp_path / "cache")})
   assert_user_error(result, *fragments)
   assert snapshot(tmp_path) == before
@@ -243,27 +172,27 @@ def test_train_refuses_bad_data(make, fragments, run, tmp_path):
 
 # train.py: bad workdirs.
 
-def test_train_refuses_a_workdir_that_is_a_file(run, tmp_path):
+def test_train_refuses_a_workdir_that_is_a_file(snapshot, cli, tmp_path):
   path = tmp_path / "file"
   path.write_text("keep me")
-  assert_user_error(run("train.py", "--workdir", path), str(path), "not a directory")
+  assert_user_error(cli("train.py", "--workdir", path), str(path), "not a directory")
   assert snapshot(tmp_path) == {Path("file"): b"keep me"}
 
 
-def test_train_refuses_a_workdir_it_cannot_write(run, tmp_path):
+def test_train_refuses_a_workdir_it_cannot_write(snapshot, cli, tmp_path):
   (tmp_path / "file").write_text("keep me")
   workdir = tmp_path / "file/run"
-  assert_user_error(run("train.py", "--workdir", workdir),
+  assert_user_error(cli("train.py", "--workdir", workdir),
                     f"cannot write to workdir {str(workdir)!r}", str(tmp_path / "file"))
   assert snapshot(tmp_path) == {Path("file"): b"keep me"}
 
 
-def test_train_refuses_a_workdir_of_another_config(run, untouched):
-  result = run("train.py", "--workdir", untouched, *NATURAL, "--config.seed=7")
+def test_train_refuses_a_workdir_of_another_config(cli, untouched):
+  result = cli("train.py", "--workdir", untouched, *NATURAL, "--config.seed=7")
   assert_user_error(result, "different config", "seed = 0 there, 7 here")
 
 
-def test_incompatible_checkpoint_is_refused_by_train_and_eval(run, trained, tmp_path):
+def test_incompatible_checkpoint_is_refused_by_train_and_eval(snapshot, cli, trained, tmp_path):
   # The checkpoint holds a width-4 model; config.json is edited to width 8.
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
@@ -273,8 +202,8 @@ def test_incompatible_checkpoint_is_refused_by_train_and_eval(run, trained, tmp_
   before = snapshot(workdir)
   message = [f"checkpoint {str(workdir.absolute() / 'checkpoints/2')!r} does not fit",
              "params['Conv_0']['bias'] (4,) float32 where the model has (8,) float32"]
-  assert_user_error(run("eval.py", "--workdir", workdir), *message)
-  assert_user_error(run("train.py", "--workdir", workdir, *NATURAL,
+  assert_user_error(cli("eval.py", "--workdir", workdir), *message)
+  assert_user_error(cli("train.py", "--workdir", workdir, *NATURAL,
                         "--config.model.width=8"), *message)
   assert snapshot(workdir) == before  # in particular, not moved aside as corrupt
 
@@ -298,42 +227,42 @@ EVAL_FLAGS = {
 
 
 @pytest.mark.parametrize("args, fragments", EVAL_FLAGS.values(), ids=EVAL_FLAGS)
-def test_eval_refuses_a_bad_flag(args, fragments, run, untouched):
-  assert_user_error(run("eval.py", "--workdir", untouched, *args), *fragments)
+def test_eval_refuses_a_bad_flag(args, fragments, cli, untouched):
+  assert_user_error(cli("eval.py", "--workdir", untouched, *args), *fragments)
 
 
-def test_eval_refuses_a_state_file_that_is_not_one(run, untouched):
+def test_eval_refuses_a_state_file_that_is_not_one(cli, untouched):
   state = untouched / "config.json"
-  assert_user_error(run("eval.py", "--workdir", untouched, "--attacks", "pgd_linf",
+  assert_user_error(cli("eval.py", "--workdir", untouched, "--attacks", "pgd_linf",
                         "--state", state), "evaluation state", str(state))
 
 
-def test_eval_needs_a_workdir(run):
-  assert_user_error(run("eval.py"), "--workdir")
+def test_eval_needs_a_workdir(cli):
+  assert_user_error(cli("eval.py"), "--workdir")
 
 
-def test_eval_refuses_a_directory_without_a_run(run, tmp_path):
-  assert_user_error(run("eval.py", "--workdir", tmp_path), str(tmp_path), "config.json")
+def test_eval_refuses_a_directory_without_a_run(snapshot, cli, tmp_path):
+  assert_user_error(cli("eval.py", "--workdir", tmp_path), str(tmp_path), "config.json")
   assert snapshot(tmp_path) == {}
 
 
-def test_eval_refuses_a_run_without_a_checkpoint(run, trained, tmp_path):
+def test_eval_refuses_a_run_without_a_checkpoint(snapshot, cli, trained, tmp_path):
   shutil.copy(trained / "config.json", tmp_path / "config.json")
   before = snapshot(tmp_path)
-  assert_user_error(run("eval.py", "--workdir", tmp_path), "no intact checkpoint",
+  assert_user_error(cli("eval.py", "--workdir", tmp_path), "no intact checkpoint",
                     str(tmp_path))
   assert snapshot(tmp_path) == before  # no checkpoints/ directory made
 
 
-def test_eval_refuses_an_unreadable_config(run, tmp_path):
+def test_eval_refuses_an_unreadable_config(snapshot, cli, tmp_path):
   (tmp_path / "config.json").write_text('{"model": ')
-  assert_user_error(run("eval.py", "--workdir", tmp_path), str(tmp_path / "config.json"))
+  assert_user_error(cli("eval.py", "--workdir", tmp_path), str(tmp_path / "config.json"))
   assert snapshot(tmp_path) == {Path("config.json"): b'{"model": '}
 
 
 # Library API (what the command lines cannot reach)
 
-def test_write_atomic_names_a_path_it_cannot_write(tmp_path):
+def test_write_atomic_names_a_path_it_cannot_write(snapshot, tmp_path):
   with pytest.raises(checks.InputError, match="missing/report.json"):
     checkpoints.write_atomic(tmp_path / "missing/report.json", "{}")
   assert snapshot(tmp_path) == {}

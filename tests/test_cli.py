@@ -22,10 +22,6 @@ def cli(script, *args, cwd=ROOT):
                         capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
-def snapshot(directory):
-  return {p: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cli") / "run"
@@ -63,7 +59,7 @@ def test_eval_prints_the_table_and_writes_json(run_dir, tmp_path):
     assert f"{100 * r['accuracy']:.2f} %" in result.stdout
 
 
-def test_rerun_of_a_finished_run_resumes_without_training(run_dir):
+def test_rerun_of_a_finished_run_resumes_without_training(snapshot, run_dir):
   before = snapshot(run_dir / "checkpoints")
   result = cli("train.py", "--workdir", run_dir, *TINY)
   assert result.returncode == 0, result.stderr

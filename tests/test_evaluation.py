@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrobust import config as config_lib
 from jaxrobust import evaluation, experiment, parallel, report, sanity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +261,7 @@ def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
   apply = lambda v, x: model.apply(v, x, train=False)
   bound = spectral.lipschitz_bound(apply, jax.device_get(state.variables), (8, 8, 1))
   assert cert["lipschitz_bound"] == pytest.approx(bound, rel=1e-6)
-  x, y = experiment.load_split(resolved, "test")
+  x, y = config_lib.load_split(resolved, "test")
   logits = np.sort(np.asarray(apply(state.variables, x[:100])), axis=1)
   correct = np.asarray(apply(state.variables, x[:100])).argmax(1) == y[:100]
   radius = np.where(correct, (logits[:, -1] - logits[:, -2]) / (np.sqrt(2) * bound), 0)

@@ -152,20 +152,9 @@ def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path
       (8, 8, 1)) == pytest.approx(effective, rel=1e-3)
 
 
-def two_steps(mesh, model, objective, x, y):
-  tx = training.make_optimizer(dict(name="sgd", learning_rate=0.1, momentum=0.9), 10)
-  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
-  state = jax.device_put(state, parallel.replicated(mesh))
-  step = training.make_train_step(model, tx, objective, mesh)
-  batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
-  for _ in range(2):
-    state, metrics = step(state, *batch, jax.random.key(1))
-  return state, metrics
-
-
 @pytest.mark.parametrize("name, noise", [("pgd_at", None),
                                          ("rat", dict(sigma=0.2, samples=2))])
-def test_two_devices_equal_one_device_for_a_spectral_step(name, noise):
+def test_two_devices_equal_one_device_for_a_spectral_step(two_steps, name, noise):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   model = small_model(spectral=dict(mode="operator", target=1.0), noise=noise)
   spec = dict(name="pgd", norm="linf", eps=0.1, steps=2)

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import natural
 from jaxrobust import checkpoints, experiment, parallel
+from jaxrobust import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "log_every_steps": 1,
@@ -49,12 +49,6 @@ async_path.rename = rename_or_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def tiny_config(**settings):
-  config = natural.get_config()
-  config.update_from_flattened_dict({**SETTINGS, **settings})
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +85,7 @@ def wait_for_steps(workdir, count, process, timeout=300):
 def metrics(workdir):
   """metrics.jsonl without its timing fields."""
   lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(line).items() if k not in experiment.TIMING_FIELDS}
+  return [{k: v for k, v in json.loads(line).items() if k not in metrics_lib.TIMING_FIELDS}
           for line in lines]
 
 
@@ -105,16 +99,16 @@ def assert_identical(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tiny_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
-  state = experiment.train(tiny_config(), workdir, progress=False)
+  state = experiment.train(tiny_config(**SETTINGS), workdir, progress=False)
   assert int(state.step) == STEPS
   return types.SimpleNamespace(state=state, metrics=metrics(workdir), workdir=workdir)
 
 
-def test_rerun_of_a_finished_run_changes_nothing(reference):
+def test_rerun_of_a_finished_run_changes_nothing(tiny_config, reference):
   before = {p: p.read_bytes() if p.is_file() else "dir" for p in reference.workdir.rglob("*")}
-  assert_identical(experiment.train(tiny_config(), reference.workdir, progress=False),
+  assert_identical(experiment.train(tiny_config(**SETTINGS), reference.workdir, progress=False),
                    reference.state)
   assert {p: p.read_bytes() if p.is_file() else "dir"
           for p in reference.workdir.rglob("*")} == before
@@ -122,7 +116,7 @@ def test_rerun_of_a_finished_run_changes_nothing(reference):
 
 # Crash safety
 
-def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(reference, python, tmp_path):
+def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(tiny_config, reference, python, tmp_path):
   workdir = tmp_path / "run"
   # kill -9 wherever the run is (checkpoint saves take most of its time).
   run = python(*TRAIN, "--workdir", workdir)
@@ -143,14 +137,14 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(reference, pyt
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write('{"step": 16, "loss": 0.')
   with pytest.warns(UserWarning, match="unreadable line"):
-    state = experiment.train(tiny_config(), workdir, progress=False)
+    state = experiment.train(tiny_config(**SETTINGS), workdir, progress=False)
   assert not any("tmp" in name for name in checkpoint_names(workdir))
   assert_identical(state, reference.state)
   assert metrics(workdir) == reference.metrics
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_the_current_step_and_exit(signum, reference, python, tmp_path):
+def test_sigterm_and_sigint_save_the_current_step_and_exit(tiny_config, signum, reference, python, tmp_path):
   workdir = tmp_path / "run"
   run = python(*TRAIN, "--workdir", workdir)
   wait_for_steps(workdir, 12, run)
@@ -162,7 +156,7 @@ def test_sigterm_and_sigint_save_the_current_step_and_exit(signum, reference, py
   assert step < STEPS
   assert f"stopped by {signal.Signals(signum).name} at step {step}" in result.stderr
   assert str(step) in checkpoint_names(workdir)
-  state = experiment.train(tiny_config(), workdir, progress=False)
+  state = experiment.train(tiny_config(**SETTINGS), workdir, progress=False)
   assert_identical(state, reference.state)
   assert metrics(workdir) == reference.metrics
 
@@ -185,16 +179,16 @@ def corrupt_digest(path):
 
 
 @pytest.fixture(scope="module")
-def run_to_step_15(tmp_path_factory):
+def run_to_step_15(tiny_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("step15")
-  experiment.train(tiny_config(), workdir, max_steps=15, progress=False)
+  experiment.train(tiny_config(**SETTINGS), workdir, max_steps=15, progress=False)
   return workdir
 
 
 # orbax's reader threads report, harmlessly, that its event loop closed under them.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corrupt", [corrupt_arrays, corrupt_metadata, corrupt_digest])
-def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(corrupt, run_to_step_15,
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tiny_config, corrupt, run_to_step_15,
                                                              reference, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(run_to_step_15, workdir)
@@ -207,7 +201,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(corrupt, run_to_ste
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
   # Training moves it aside and resumes from the previous one.
   with pytest.warns(checkpoints.CorruptCheckpointWarning, match="checkpoints/15.*corrupt-15"):
-    experiment.train(tiny_config(), workdir, max_steps=20, progress=False)
+    experiment.train(tiny_config(**SETTINGS), workdir, max_steps=20, progress=False)
   assert checkpoint_names(workdir) == ["10", "15", "20", "corrupt-15"]
   assert metrics(workdir) == reference.metrics[:20]
 
@@ -227,8 +221,8 @@ def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(python,
 
 # Determinism
 
-def test_same_seed_same_run_and_one_device_agrees_with_two(tmp_path):
-  config = tiny_config(objective="adversarial")
+def test_same_seed_same_run_and_one_device_agrees_with_two(tiny_config, tmp_path):
+  config = tiny_config(**SETTINGS, objective="adversarial")
   config.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2)
   a, b, one = [experiment.train(config, tmp_path / name, max_steps=6, progress=False,
                                 mesh=parallel.mesh(jax.devices()[:n]))
