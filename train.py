@@ -1,56 +1,5 @@
-"""Trains a model from a config file, resuming from its workdir's newest checkpoint.
-
-  python train.py                                  # configs/pgd_at.py on digits
-  python train.py --config configs/natural.py --workdir runs/natural
-  python train.py --config configs/pgd_at.py --config.epochs=5 --config.batch_size=128
-
-At the end it prints the test accuracy, clean and under the config's
-`eval.after_training` attacks (PGD); `python eval.py --workdir ...` then
-evaluates with AutoAttack.
-Rerunning the same command resumes an interrupted run (kill -9 included) and
-ends as an uninterrupted run would; SIGTERM or Ctrl-C saves a checkpoint and
-exits (codes 143, 130). Several processes (hosts) train one run together with
---coordinator_address=HOST:PORT --num_processes=N --process_id=I, or
---distributed under SLURM or on a Cloud TPU pod slice.
-"""
-from pathlib import Path
-
-from jaxrobust import parallel
-
-parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags
-
-from jaxrobust import checkpoints, cli, experiment, report
-from jaxrobust import config as config_lib
-
-ROOT = Path(__file__).resolve().parent
-_CONFIG = cli.define_config_flag(str(ROOT / "configs" / "pgd_at.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Run directory (default: runs/<config file name>).")
-_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
-cli.define_distributed_flags()
-
-
-def main(argv):
-  cli.parse_flags(argv)
-  config = cli.config_value(_CONFIG)
-  cli.init_distributed()
-  name = Path(cli.config_path(_CONFIG)).stem
-  workdir = _WORKDIR.value or str(Path("runs") / name)
-  state = experiment.train(config, workdir, progress=_PROGRESS.value)
-  if jax.process_index() == 0:  # evaluates on its own devices, from memory
-    mesh = parallel.mesh(jax.local_devices())
-    resolved = checkpoints.load_config(workdir)
-    state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
-    rep = experiment.evaluate(resolved, config_lib.build_model(resolved), state,
-                              names=config.eval.after_training, limit=config.eval.limit,
-                              mesh=mesh)
-    print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")
-    print(report.format_table(rep))
-
+"""`python train.py ...` in a clone: the `jaxrobust-train` command (jaxrobust/programs/train.py)."""
+from jaxrobust.programs import train
 
 if __name__ == "__main__":
-  cli.run(main)
+  train.run()

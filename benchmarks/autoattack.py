@@ -84,7 +84,7 @@ class CompileClock:
 def train(row, args, experiment):
   """The row's model, trained with jaxrobust (or restored from its run)."""
   import importlib  # pylint: disable=g-import-not-at-top
-  run_config = importlib.import_module(f"configs.{MODELS[row]}").get_config("cifar10")
+  run_config = importlib.import_module(f"jaxrobust.configs.{MODELS[row]}").get_config("cifar10")
   run_config.epochs = args.epochs
   run_config.data.name = f"folder:{args.data}/cifar10-{{split}}-jpeg.tar.gz"
   workdir = Path(args.runs) / f"seed_cnn-{row}-e{args.epochs}"

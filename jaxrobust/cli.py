@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import checks, experiment, signals
+from jaxrobust import checks, configs, experiment, signals
 
 
 # How absl and ml_collections report bad flags, config files and overrides.
@@ -77,7 +77,17 @@ def init_distributed():
 
 
 def parse_flags(argv):
-  """Parses absl flags (including ml_collections config flags) from `argv`."""
+  """Parses absl flags (including ml_collections config flags) from `argv`.
+
+  `--config NAME` names a packaged config (`jaxrobust.configs`); any other
+  value is a path.
+  """
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + configs.resolve(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = configs.resolve(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except _FLAG_ERRORS as e:

@@ -1,6 +1,6 @@
 """Reproduces the seed study's tables in its own setting, and writes them as markdown.
 
-Trains every row of the seed's tables from its config (`configs/<row>.py`,
+Trains every row of the seed's tables from its config (`jaxrobust/configs/<row>.py`,
 setting `cifar10`: the seed's network `seed_cnn` on all 50,000 CIFAR-10
 training images, the JPEG copy in `<repo>/../shared/data` read as `folder:`),
 evaluates each on the first `--test_images` test images with the same attacks
@@ -98,9 +98,9 @@ def parse_args(argv):
 
 
 def row_config(row, config_name, args):
-  """The row's config and the overrides that made it from `configs/<name>.py:<setting>`."""
+  """The row's config and the overrides that made it from `--config <name>:<setting>`."""
   setting, _ = DATA[args.data]
-  config = importlib.import_module(f"configs.{config_name}").get_config(setting)
+  config = importlib.import_module(f"jaxrobust.configs.{config_name}").get_config(setting)
   overrides = {"epochs": args.epochs[row]}
   if args.batch_size:
     overrides["batch_size"] = args.batch_size
@@ -113,7 +113,7 @@ def row_config(row, config_name, args):
   for key, value in overrides.items():
     target, _, leaf = key.rpartition(".")
     (config[target] if target else config)[leaf] = value
-  flags = [f"--config configs/{config_name}.py:{setting}"]
+  flags = [f"--config {config_name}:{setting}"]
   flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   return config, flags, note
 
@@ -179,7 +179,7 @@ def markdown(results, args):
     seed = SEED.get(seed_row[r["row"]], (None, None, None))
     label = r["row"] + (" (randomized, EOT)" if r["randomized"] else "")
     lines.append(
-        f"| {label} | `configs/{r['config']}.py` | {r['epochs']} | {_pct(r['clean'])} "
+        f"| {label} | `{r['config']}` | {r['epochs']} | {_pct(r['clean'])} "
         f"| {_pct(r['l2'])} | {_pct(r['linf'])} | {_pct(r['worst'])} "
         f"| {seed_row[r['row']]} | {_pct(seed[0])} | {_pct(seed[1])} | {_pct(seed[2])} "
         f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")

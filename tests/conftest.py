@@ -55,7 +55,7 @@ def tiny_config():
   `TINY_SETTINGS` (width 4, one epoch of batch 32, ...), then `overrides`
   (flattened keys, e.g. `{"optimizer.learning_rate": 0.1}`, or top-level
   values)."""
-  from configs import natural
+  from jaxrobust.configs import natural
 
   def build(**overrides):
     config = natural.get_config()

@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import natural
+from jaxrobust.configs import natural
 from jaxrobust import checkpoints, checks, experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
-NATURAL = ["--config", "configs/natural.py", *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
+NATURAL = ["--config", "natural", *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
 
 
 def assert_user_error(result, *fragments):
@@ -95,6 +95,7 @@ TRAIN_SETTINGS = {
     "nested key that does not exist": (["--config.optimizer.momentun=0.5"], ["momentun"]),
     "override value of the wrong type": (["--config.epochs=two"], ["two"]),
     "override of a section by a value": (["--config.model=4"], ["--config.model=4"]),
+    "unknown packaged config": (["--config", "pgd_att"], ["'pgd_att'", "pgd_at, pgd_at_sn_noise"]),
     "missing config file": (["--config", "configs/missing.py"],
                             ["configs/missing.py", "not found"]),
     "unknown model": (["--config.model.name=resnet9000"], ["'resnet9000'"]),

@@ -28,8 +28,8 @@ def shorten(spec):
 
 
 def tiny(name, **overrides):
-  """Config `configs/<name>.py` on digits with a width-4 CNN and short attacks."""
-  c = importlib.import_module(f"configs.{name}").get_config()
+  """Config `<name>` on digits with a width-4 CNN and short attacks."""
+  c = importlib.import_module(f"jaxrobust.configs.{name}").get_config()
   c.model.width = 4
   c.batch_size = 16
   c.epochs = 1

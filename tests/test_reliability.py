@@ -31,7 +31,7 @@ SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "log_every_steps": 
             "checkpoint_every_steps": 5, "eval.limit": 8,
             "eval.attacks.pgd_linf.steps": 1, "eval.attacks.pgd_l2.steps": 1}
 STEPS = 1497 // 32
-TRAIN = ["train.py", "--config", "configs/natural.py", "--progress=false",
+TRAIN = ["train.py", "--config", "natural", "--progress=false",
          *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
 
 # Runs train.py, but SIGKILLs itself inside the checkpoint save of the step

@@ -5,10 +5,10 @@ C&W-L2 (Carlini & Wagner 2017), shortened for training: one binary-search
 step with c = 1, 20 Adam steps at the paper's constant learning rate (a
 decaying rate reaches less far in 20 steps); PGD-7 L-infinity as in
 configs/pgd_at.py.
-Command: python train.py --config configs/cw_pgd_mix.py --workdir runs/cw_pgd_mix
-Seed setting (seed_cnn, CIFAR-10): --config configs/cw_pgd_mix.py:cifar10
+Command: python train.py --config cw_pgd_mix --workdir runs/cw_pgd_mix
+Seed setting (seed_cnn, CIFAR-10): --config cw_pgd_mix:cifar10
 """
-from configs import pgd_at
+from jaxrobust.configs import pgd_at
 
 
 def get_config(setting="digits"):

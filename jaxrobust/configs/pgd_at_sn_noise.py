@@ -9,10 +9,10 @@ example. Evaluation: the mean softmax over `model.noise.samples` fixed draws,
 attacked through them (EOT). Normalised layers learn slowly: with the digits
 setting's SGD this model stayed at chance (10 %) after 20 epochs, so it trains
 with Adam (lr 3e-3 on digits; the seed setting's Adam 1e-3 on CIFAR-10).
-Command: python train.py --config configs/pgd_at_sn_noise.py --workdir runs/pgd_at_sn_noise
-Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at_sn_noise.py:cifar10
+Command: python train.py --config pgd_at_sn_noise --workdir runs/pgd_at_sn_noise
+Seed setting (seed_cnn, CIFAR-10): --config pgd_at_sn_noise:cifar10
 """
-from configs import pgd_at
+from jaxrobust.configs import pgd_at
 
 
 def get_config(setting="digits"):

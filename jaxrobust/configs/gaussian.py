@@ -4,10 +4,10 @@ Trains f on x + d, d ~ N(0, sigma^2 I), one fresh draw per example and step.
 The model is the randomized classifier f~(x) = f(x + d): it is evaluated by
 the mean softmax over `model.noise.samples` fixed draws and attacked through
 them (EOT); `jaxrobust.smoothing` certifies its base classifier.
-Command: python train.py --config configs/gaussian.py --workdir runs/gaussian
-Seed setting (seed_cnn, CIFAR-10): --config configs/gaussian.py:cifar10
+Command: python train.py --config gaussian --workdir runs/gaussian
+Seed setting (seed_cnn, CIFAR-10): --config gaussian:cifar10
 """
-from configs import common
+from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):

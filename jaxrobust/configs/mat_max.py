@@ -2,10 +2,10 @@
 
 Per example, the worse (`attacks.worst_case`: misclassified first, else the
 higher loss) of the PGD-7 L2 and PGD-7 L-infinity examples.
-Command: python train.py --config configs/mat_max.py --workdir runs/mat_max
-Seed setting (seed_cnn, CIFAR-10): --config configs/mat_max.py:cifar10
+Command: python train.py --config mat_max --workdir runs/mat_max
+Seed setting (seed_cnn, CIFAR-10): --config mat_max:cifar10
 """
-from configs import common
+from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):

@@ -2,10 +2,10 @@
 
 Training inputs: PGD-7 L-infinity, eps 0.2 (8/255 in the seed's setting),
 step 2.5 eps / 7, random start.
-Command: python train.py --config configs/pgd_at.py --workdir runs/pgd_at
-Seed setting (seed_cnn, CIFAR-10): --config configs/pgd_at.py:cifar10
+Command: python train.py --config pgd_at --workdir runs/pgd_at
+Seed setting (seed_cnn, CIFAR-10): --config pgd_at:cifar10
 """
-from configs import common
+from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):

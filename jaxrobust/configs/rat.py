@@ -6,10 +6,10 @@ through the noise, averaged over `train_attack.eot_samples` fresh draws
 (expectation over transformation), and f is trained on x_adv + d.
 Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
 through them (EOT).
-Command: python train.py --config configs/rat.py --workdir runs/rat
-Seed setting (seed_cnn, CIFAR-10): --config configs/rat.py:cifar10
+Command: python train.py --config rat --workdir runs/rat
+Seed setting (seed_cnn, CIFAR-10): --config rat:cifar10
 """
-from configs import pgd_at
+from jaxrobust.configs import pgd_at
 
 
 def get_config(setting="digits"):

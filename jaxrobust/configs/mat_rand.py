@@ -2,10 +2,10 @@
 
 Each step draws one of PGD-7 L2 and PGD-7 L-infinity uniformly
 (`attacks.random_choice`) and trains on its examples.
-Command: python train.py --config configs/mat_rand.py --workdir runs/mat_rand
-Seed setting (seed_cnn, CIFAR-10): --config configs/mat_rand.py:cifar10
+Command: python train.py --config mat_rand --workdir runs/mat_rand
+Seed setting (seed_cnn, CIFAR-10): --config mat_rand:cifar10
 """
-from configs import common
+from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):

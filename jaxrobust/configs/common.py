@@ -1,12 +1,15 @@
 """Settings shared by the configs: the small CNN on scikit-learn's digits."""
+import os
 from pathlib import Path
 
 import ml_collections
 
 # The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
-# L2 eps 0.5. `REPO/../shared/data` holds the JPEG copy of CIFAR-10.
-REPO = Path(__file__).resolve().parents[1]
-CIFAR10_JPEG = str((REPO / ".." / "shared" / "data" / "cifar10").resolve()
+# L2 eps 0.5. The JPEG copy of CIFAR-10 lies in $JAXROBUST_DATA/cifar10, by
+# default `../shared/data` beside a clone of the repository.
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("JAXROBUST_DATA", REPO / ".." / "shared" / "data"))
+CIFAR10_JPEG = str((DATA / "cifar10").resolve()
                    / "cifar10-{split}-jpeg.tar.gz")
 SETTINGS = ("digits", "cifar10", "cifar10_tfds")
 # Attack radii per setting, (L-infinity, L2), and M-DI2-FGSM's smallest shrink
@@ -67,7 +70,7 @@ def setting(name):
   original through tensorflow-datasets), both with `seed_cnn`, Adam and the
   seed's eps (8/255 L-inf, 0.5 L2) in the evaluation's attacks.
 
-  Config files take it as their argument: `--config configs/rat.py:cifar10`.
+  Config files take it as their argument: `--config rat:cifar10`.
   """
   if name not in SETTINGS:
     raise ValueError(f"unknown setting {name!r}; choose one of {', '.join(SETTINGS)}")

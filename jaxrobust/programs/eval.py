@@ -1,0 +1,241 @@
+"""Evaluates a trained run: robust accuracy under attack, transfer attacks, certification.
+
+(`python eval.py ...` in a clone of the repository is the same program as
+`jaxrobust-eval ...`.)
+
+  python eval.py --workdir runs/pgd_at                       # AutoAttack + PGD (eval.default)
+  python eval.py --workdir runs/pgd_at --suite autoattack --norm l2 --eps 1.0
+  python eval.py --workdir runs/pgd_at --attacks all --individual   # every attack alone
+  python eval.py --workdir runs/pgd_at --attacks pgd_linf,cw_l2 --limit 200 --out r.json
+  python eval.py --workdir runs/pgd_at --config.eval.attacks.pgd_linf.eps=0.3
+  python eval.py --workdir runs/pgd_at --sweep               # accuracy vs eps, PNG
+  python eval.py --workdir runs/b --transfer-from runs/a     # black-box, crafted on runs/a
+  python eval.py --workdir runs/gaussian --certify --n 10000 --limit 100
+
+Attacks are those of the run's config (`eval.attacks`), by label; any setting
+can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
+run as a cascade: each only on the examples the attacks of its threat model
+before it left robust (`--individual`: each on every clean-correct example).
+Every report also runs sanity checks that flag gradient masking. `--state
+FILE` writes the progress after every batch; the same command resumes it.
+"""
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from jaxrobust import attacks as attacks_lib
+from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, parallel, report
+from jaxrobust import config as config_lib
+from jaxrobust import sanity, smoothing
+
+SUITES = ("autoattack",)
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
+_ATTACKS = flags.DEFINE_string(
+    "attacks", None, "Comma-separated attack labels of the run's eval.attacks, or "
+    "'all' (default: the config's eval.default).")
+_SUITE = flags.DEFINE_string("suite", None, "Evaluate with a whole suite instead of "
+                             "--attacks: 'autoattack'.")
+_NORM = flags.DEFINE_string("norm", None, "The suite's threat model, linf or l2 (default: "
+                            "the run's training threat model).")
+_EPS = flags.DEFINE_float("eps", None, "The suite's eps (default: the run's setting's eps "
+                          "for that norm).")
+_VERSION = flags.DEFINE_string("version", "standard", "AutoAttack's version: standard, "
+                               "plus, or rand (randomized models).")
+_INDIVIDUAL = flags.DEFINE_boolean("individual", False, "Run every attack on every "
+                                   "clean-correct example, not as a cascade.")
+_STATE = flags.DEFINE_string("state", None, "Write the evaluation's progress to this file "
+                             "after every batch, and resume from it.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Data split to evaluate.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N examples (0: all).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the config's).")
+_OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file.")
+_PLOT = flags.DEFINE_string("plot", None, "PNG path for --sweep or --certify "
+                            "(default: in the workdir).")
+_SANITY = flags.DEFINE_boolean("sanity", True, "Run the sanity checks.")
+_SWEEP = flags.DEFINE_boolean("sweep", False, "Plot accuracy against eps per attack.")
+_TRANSFER = flags.DEFINE_string("transfer-from", None,
+                                "Craft the examples on this run's model (black-box).")
+_CERTIFY = flags.DEFINE_boolean("certify", False,
+                                "Certify with randomized smoothing (Cohen et al. 2019).")
+_SIGMA = flags.DEFINE_float("sigma", None, "Smoothing noise level for --certify "
+                            "(default: the model's noise.sigma, else 0.25).")
+_N = flags.DEFINE_integer("n", 100_000, "Noise draws to certify each example.")
+_N0 = flags.DEFINE_integer("n0", 100, "Noise draws to guess each example's class.")
+_ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
+
+
+def workdir_in(argv):
+  """The --workdir value in `argv`, read before the flags are parsed."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def define_config_overrides(argv):
+  """--config.<key>=<value> overrides of the run's saved config."""
+  workdir = workdir_in(argv)
+  saved = checkpoints.load_config(workdir, required=False) if workdir else None
+  if saved is not None:
+    try:  # ml_collections applies the overrides in argv here
+      config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(saved))
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+      raise checks.InputError(f"bad --config override: {e}") from None
+
+
+def main(argv):
+  define_config_overrides(argv)
+  cli.parse_flags(argv)
+  checks.require(_WORKDIR.value, "--workdir is required")
+  resolved, model, state = experiment.restore(_WORKDIR.value)
+  if "config" in flags.FLAGS:
+    resolved = flags.FLAGS.config.to_dict()
+  rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)
+  rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value)
+  if _OUT.value:
+    checkpoints.write_atomic(Path(_OUT.value), json.dumps(rep, indent=2) + "\n")
+    print(f"wrote {_OUT.value}")
+
+
+def attack(resolved, model, state):
+  specs = attack_specs(resolved, model)
+  source = None
+  if _TRANSFER.value:
+    _, source_model, source_state = experiment.restore(_TRANSFER.value)
+    source = (source_model, source_state)
+    print(f"Transfer: examples crafted on {_TRANSFER.value}, classified by {_WORKDIR.value}")
+  evaluate = lambda **kw: experiment.evaluate(
+      resolved, model, state, split=_SPLIT.value, limit=_LIMIT.value,
+      batch_size=_BATCH.value or None, source=source, **kw)
+  if models.is_randomized(model):
+    noise = resolved["model"]["noise"]
+    print(f"Randomized model f~(x) = f(x + d), d ~ N(0, {noise['sigma']:g}^2 I): "
+          f"classified by the mean softmax over {noise['samples']} fixed noise draws "
+          f"and attacked through the same draws (expectation over transformation)")
+  rep = evaluate(specs=specs, sanity=_SANITY.value and source is None,
+                 lipschitz=source is None, individual=_INDIVIDUAL.value,
+                 state_path=_STATE.value, log=print)
+  print(report.format_table(rep))
+  if "lipschitz" in rep:
+    print(report.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
+  if "sanity" in rep:
+    print(report.format_sanity(rep["sanity"]))
+  rep["robustbench"] = [evaluation.robustbench_report(rep, label) for label, spec
+                        in specs.items() if spec["name"] == "autoattack"]
+  if _SWEEP.value:
+    rep["sweep"] = sweep(specs, evaluate)
+  return rep
+
+
+def attack_specs(resolved, model):
+  """The attacks to run: --suite, else --attacks (or the config's eval.default)."""
+  if _SUITE.value is None:
+    checks.require(_NORM.value is None and _EPS.value is None,
+                   "--norm and --eps set a --suite's threat model; use "
+                   "--config.eval.attacks.<label>.eps=... to change an attack's")
+    return evaluation.select(resolved["eval"]["attacks"],
+                             _ATTACKS.value or resolved["eval"].get("default"))
+  checks.require(_ATTACKS.value is None, "give either --suite or --attacks, not both")
+  checks.one_of("--suite", _SUITE.value, SUITES)
+  checks.one_of("--version", _VERSION.value, attacks_lib.AUTOATTACK_VERSIONS)
+  norm = _NORM.value or training_norm(resolved)
+  checks.one_of("--norm", norm, ("linf", "l2"))
+  eps = _EPS.value if _EPS.value is not None else setting_eps(resolved, norm)
+  if _VERSION.value == "rand" and not models.is_randomized(model):
+    print("warning: --version rand is for randomized models; this model is "
+          "deterministic, so its 20 draws per gradient are all the same")
+  spec = dict(name="autoattack", norm=norm, eps=eps, version=_VERSION.value)
+  attacks_lib.create(spec)  # refuses a bad eps now
+  return {f"autoattack_{norm}": spec}
+
+
+def training_attack(resolved):
+  """The run's training attack (None for clean training)."""
+  spec = resolved.get("train_attack")
+  if not spec:
+    return None
+  return attacks_lib.create({k: v for k, v in dict(spec).items() if k != "eot_samples"})
+
+
+def training_norm(resolved):
+  """The norm of the run's training attack (L-infinity for clean training,
+  and when its parts have several)."""
+  train = training_attack(resolved)
+  return (train and train.norm) or "linf"
+
+
+def setting_eps(resolved, norm):
+  """The eps of the run's setting for `norm`: that of its training attack in
+  this norm, else of its PGD evaluation attack in this norm."""
+  train = training_attack(resolved)
+  if train and train.norm == norm and train.eps is not None:
+    return train.eps
+  for spec in resolved["eval"]["attacks"].values():
+    if spec.get("name") == "pgd" and spec.get("norm", "linf") == norm:
+      return spec["eps"]
+  raise checks.InputError(f"the run has no default eps for norm {norm!r}; pass --eps")
+
+
+def sweep(specs, evaluate):
+  """Robust accuracy at multiples of each attack's eps, plotted to a PNG."""
+  curves = {}
+  for label, spec in specs.items():
+    if spec.get("eps") is not None:
+      eps_values = [spec["eps"] * f for f in SWEEP_FACTORS]
+      curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec,
+                                       eps_values)
+  path = _PLOT.value or str(Path(_WORKDIR.value) / "sweep.png")
+  report.plot_sweep(curves, path)
+  print(f"wrote {path}")
+  return {label: [{"eps": e, "accuracy": a} for e, a in c] for label, c in curves.items()}
+
+
+def certify(resolved, model, state):
+  """Certified accuracy of the smoothed model at radii 0, 0.25, 0.5, ...."""
+  test_set = config_lib.load_split(resolved, _SPLIT.value)
+  x, y = test_set.x, test_set.y
+  if _LIMIT.value:
+    checks.integer_at_least("limit", _LIMIT.value, 1)
+    x, y = x[:_LIMIT.value], y[:_LIMIT.value]
+  # A noise-trained model is smoothed through its base classifier f: the
+  # smoothing supplies the noise, by default at the sigma it was trained with.
+  logits_fn = functools.partial(models.inference_fn(model, base=True), state.variables)
+  sigma = _SIGMA.value
+  if sigma is None:
+    sigma = resolved["model"]["noise"]["sigma"] if models.is_randomized(model) else 0.25
+  print(f"Smoothing with sigma {sigma:g} ("
+        + ("--sigma" if _SIGMA.value is not None else "the model's noise.sigma"
+           if models.is_randomized(model) else "the default") + ")")
+  settings = dict(sigma=sigma, n0=_N0.value, n=_N.value, alpha=_ALPHA.value)
+  start = time.perf_counter()
+  pred, radius = smoothing.certify(
+      logits_fn, x, jax.random.key(resolved["seed"]),
+      batch_size=_BATCH.value or 1000, **settings)
+  rep = smoothing.certification_report(pred, radius, y, seconds=time.perf_counter() - start,
+                                       **settings)
+  print(smoothing.format_certification_table(rep))
+  path = _PLOT.value or str(Path(_WORKDIR.value) / f"certify_sigma{sigma:g}.png")
+  smoothing.plot_certified_accuracy(rep, path)
+  print(f"wrote {path}")
+  return rep
+
+
+def run():
+  """The `jaxrobust-eval` command."""
+  parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
+  cli.run(main, sys.argv)
+
+
+if __name__ == "__main__":
+  run()
