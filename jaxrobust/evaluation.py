@@ -41,6 +41,8 @@ from jaxrobust import keys as keys_lib
 
 # Float rounding allowed on the ball's radius when judging an adversarial example.
 BALL_TOLERANCE = 1e-4
+# The smallest batch a device gets for a stage's last few examples.
+MIN_PER_DEVICE = 8
 
 
 def build_attacks(specs):
@@ -110,8 +112,11 @@ def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
     x, y: images in [0, 1] [N, ...] and labels [N] (numpy).
     attacks: `{label: Attack or spec}`, in order.
     key: PRNG key of the attacks.
-    batch_size: examples per compiled batch (rounded to the device count);
-      every batch of a stage is padded to this size.
+    batch_size: examples per compiled batch (rounded to the device count).
+      A stage's last batch is padded to the smallest of batch_size / 2^k
+      that holds it (at least `MIN_PER_DEVICE` examples a device), so a
+      stage left with few examples costs little; each of these few shapes
+      compiles once.
     mesh: devices to split batches over (default: all).
     source: optional `(apply_fn, variables)` of the model the attacks run on.
     stochastic_apply_fn: `(variables, x, key) -> logits`, one random draw of
@@ -161,7 +166,8 @@ def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
       began = time.perf_counter()
       for part in range(0, len(todo), batch):
         chosen = todo[part:part + batch]
-        padded = np.resize(chosen, batch)  # the tail repeats examples, then is dropped
+        # The tail repeats examples, then is dropped.
+        padded = np.resize(chosen, _bucket(len(chosen), batch, devices))
         arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
         correct, l2, size = jax.device_get(program(
             variables, source_variables, *arrays, attack_key, jnp.int32(j), eps))
@@ -273,6 +279,18 @@ def robustbench_report(rep, row):
 
 # ----------------------------------------------------------------------------
 # Compiled programs, cached.
+
+
+def _bucket(n, batch, devices):
+  """The compiled batch size for `n` examples: `batch`, halved (rounded up to a
+  multiple of `devices`) while the half still holds `n` and has at least
+  `MIN_PER_DEVICE` examples a device."""
+  size = batch
+  while True:
+    half = devices * math.ceil(size / 2 / devices)
+    if half < n or half < MIN_PER_DEVICE * devices or half >= size:
+      return size
+    size = half
 
 
 def _ball_limit(attack):

@@ -156,7 +156,7 @@ def test_large_eps_reaches_grey_from_any_image():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from jaxrobust.configs import common  # pylint: disable=g-import-not-at-top
   config = common.base()
   config.model = dict(name="small_cnn", width=4)
   config.epochs = 2
@@ -239,7 +239,7 @@ def test_eval_autoattack_suite_resumes_from_its_state(trained_run, tmp_path):
 def spectral_run(tmp_path_factory):
   """Three epochs of natural training (Adam) of a width-4 CNN, spectrally
   normalised (about 60 % test accuracy: normalised layers learn slowly)."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from jaxrobust.configs import common  # pylint: disable=g-import-not-at-top
   config = common.base()
   config.model = dict(name="small_cnn", width=4,
                       spectral=dict(mode="operator", target=1.0, n_steps=1, rescale="clip"))
@@ -281,3 +281,11 @@ def test_lipschitz_sanity_flags_an_attack_beating_the_certificate():
   cert = {"certified": [{"radius": 0.0, "accuracy": 0.9}, {"radius": 0.5, "accuracy": 0.3}]}
   (check,) = sanity.lipschitz_checks(rep, cert)
   assert not check["passed"] and "0.2000 vs certified 0.3000" in check["detail"]
+
+
+@pytest.mark.parametrize("n, batch, devices, expected", [
+    (500, 500, 2, 500), (251, 500, 2, 500), (250, 500, 2, 250), (3, 500, 2, 16),
+    (17, 500, 2, 32), (9, 40, 1, 10), (1, 16, 2, 16), (300, 501, 3, 501)])
+def test_the_last_batch_shrinks_to_a_bucket_that_holds_it(n, batch, devices, expected):
+  size = evaluation._bucket(n, batch, devices)
+  assert size == expected and size >= n and size % devices == 0
