@@ -1,0 +1,98 @@
+"""Every command in the README's ```bash blocks runs, in the README's order,
+with settings that make it take seconds (`TINY`), in one scratch directory:
+what a user types after cloning. So does the `Command:` line of every
+packaged config's docstring. A documented command that breaks fails here.
+
+Not run here (`NOT_RUN`): installs, the test command itself, cluster
+launchers, and the benchmarks and the seed reproduction, which train on
+CIFAR-10 for minutes to hours (their parts are tested: conversion to PyTorch,
+the evaluation, the configs they train).
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_SETTINGS
+
+README = ROOT / "README.md"
+NOT_RUN = ("pip ", "python -m pytest", "srun ", "gcloud ", "bash ", "cd ", "python benchmarks/",
+           "python scripts/")
+# The programs, as `python <script>` in a clone or as the installed commands.
+PROGRAMS = {"train.py": "train.py", "eval.py": "eval.py", "jaxrobust-train": "train.py",
+            "jaxrobust-eval": "eval.py"}
+TINY = {"train.py": [f"--config.{k}={v}" for k, v in TINY_SETTINGS.items()] + ["--progress=false"],
+        "eval.py": ["--limit=8", "--config.eval.batch_size=8"]}
+TINY_CERTIFY = ["--n=64", "--n0=8"]
+
+
+def commands(text=None):
+  """The README's ```bash commands, in order (comments and blank lines dropped)."""
+  text = README.read_text() if text is None else text
+  lines = []
+  for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = line.split(" #", 1)[0].strip()
+      if line and not line.startswith("#"):
+        lines.append(line)
+  return lines
+
+
+def config_commands():
+  """The `Command: ...` line of every packaged config's docstring."""
+  found = []
+  for path in sorted((ROOT / "jaxrobust" / "configs").glob("*.py")):
+    found += re.findall(r"^Command: (.+)$", path.read_text(), re.M)
+  return found
+
+
+def _program(command):
+  words = shlex.split(command.rstrip("&"))
+  if words[0] == "python" and words[1] in PROGRAMS:
+    return PROGRAMS[words[1]], words[2:]
+  if words[0] in PROGRAMS:
+    return PROGRAMS[words[0]], words[1:]
+  return None, words
+
+
+def test_the_readme_has_commands_and_every_one_is_understood():
+  found = commands()
+  assert any(c.startswith("python train.py") for c in found)
+  assert any(c.startswith("python eval.py") for c in found)
+  for command in found:
+    program, words = _program(command)
+    assert program or command.startswith(NOT_RUN), f"README command not understood: {command}"
+
+
+def test_every_config_documents_its_command():
+  names = {p.stem for p in (ROOT / "jaxrobust" / "configs").glob("*.py")} - {"__init__", "common"}
+  assert len(config_commands()) == len(names)
+
+
+@pytest.mark.parametrize("source", ["README.md", "config docstrings"])
+def test_every_documented_command_runs(cli, tmp_path, source):
+  background = []
+  ran = 0
+  for command in commands() if source == "README.md" else config_commands():
+    program, args = _program(command)
+    if program is None:
+      continue
+    args = args + TINY[program] + (TINY_CERTIFY if "--certify" in args else [])
+    if command.endswith("&"):  # the multi-process example: one process in the background
+      background.append(subprocess.Popen(
+          [sys.executable, str(ROOT / program), *args], cwd=tmp_path, text=True,
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+          env={**os.environ, "PYTHONPATH": str(ROOT),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+      continue
+    result = cli(ROOT / program, *args, cwd=tmp_path)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    for process in background:
+      out, _ = process.communicate(timeout=600)
+      assert process.returncode == 0, f"background process of {command}\n{out}"
+    background = []
+    ran += 1
+  assert ran >= 5
