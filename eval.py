@@ -177,6 +177,8 @@ def load_torch_checkpoint(path, arch, data_name):
   PyTorch checkpoint `path` of architecture `arch` (default: the one it
   records), evaluated on `data_name`."""
   config = data_config(data_name)
+  if arch:
+    interop.architecture(arch)  # an unknown name is refused before the file is read
   checkpoint = interop.load_checkpoint(path)
   recorded = interop.checkpoint_architecture(checkpoint)
   checks.require(arch or recorded, f"{path!r} records no architecture; pass --arch "

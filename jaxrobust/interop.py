@@ -419,6 +419,10 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
   needed = {k for k, _, kind in entries if kind != "count"}
   optional = {k for k, _, kind in entries if kind == "count"} | {"mean", "std"}
   missing, unknown = needed - set(state), set(state) - needed - optional
+  for key, path, kind in entries:  # shapes first: they say the most (e.g. another width)
+    want = None if kind == "count" else _torch_shape(kind, _get(shapes, path))
+    if key in state and want is not None and tuple(state[key].shape) != want:
+      raise _shapes_error(arch, key, state[key].shape, want)
   if missing:
     raise checks.InputError(f"checkpoint does not fit arch {arch!r}: it lacks "
                             f"{_some(missing)}, which the architecture needs")
@@ -427,12 +431,8 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
                             f"{_some(unknown)}, which the architecture does not")
   variables = {}
   for key, path, kind in entries:
-    if kind == "count":
-      continue
-    want = _torch_shape(kind, _get(shapes, path))
-    if tuple(state[key].shape) != want:
-      raise _shapes_error(arch, key, state[key].shape, want)
-    _set(variables, path, jnp.asarray(from_torch_layout(kind, state[key]), jnp.float32))
+    if kind != "count":
+      _set(variables, path, jnp.asarray(from_torch_layout(kind, state[key]), jnp.float32))
   return model, variables
 
 

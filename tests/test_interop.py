@@ -6,6 +6,7 @@ whichever side the weights start on, and a Flax -> PyTorch -> Flax round trip
 returns the arrays it started from. The checkpoints of RobustBench's zoo are
 stood in for by small PyTorch networks written here in RobustBench's layout.
 """
+import functools
 import json
 import subprocess
 import sys
@@ -28,17 +29,28 @@ ATOL = 1e-4
 
 # Every architecture, tiny: (arch, settings, image height and width).
 ARCHS = {
-    "small_cnn": ("small_cnn", dict(width=4), (28, 28)),
-    "seed_cnn": ("seed_cnn", {}, (32, 32)),
-    "preact-resnet-18": ("preact-resnet-18", dict(width=4), (16, 16)),
-    "preact_resnet18 (same)": ("preact_resnet18", dict(width=4), (16, 16)),
-    "resnet-18": ("resnet-18", dict(width=4), (16, 16)),
-    "wrn-10-1": ("wrn-10-1", {}, (16, 16)),
-    "wide_resnet (same, odd size)": ("wide_resnet", dict(depth=10, width=1), (15, 15)),
-    "dm-wrn-10-1": ("dm-wrn-10-1", {}, (16, 16)),
+    "small_cnn": ("small_cnn", dict(width=2), (12, 8)),
+    "seed_cnn": ("seed_cnn", {}, (20, 16)),
+    "preact-resnet-18": ("preact-resnet-18", dict(width=2), (8, 8)),
+    "preact_resnet18 (same)": ("preact_resnet18", dict(width=2), (8, 8)),
+    "resnet-18": ("resnet-18", dict(width=2), (8, 8)),
+    "wrn-10-1": ("wrn-10-1", {}, (8, 8)),
+    "wide_resnet (same, pads 0-1 then 1-1)": ("wide_resnet", dict(depth=10, width=1), (10, 10)),
+    "dm-wrn-10-1": ("dm-wrn-10-1", {}, (8, 8)),
     "dm-wrn-10-1 (relu, input padding)": ("dm-wrn-10-1", dict(activation="relu",
-                                                              input_padding=2), (16, 16)),
+                                                              input_padding=2), (8, 8)),
 }
+
+
+@functools.cache
+def compiled(model):
+  return jax.jit(model.apply)
+
+
+def logits(model, variables, x):
+  """The model's logits, compiled once per model (models compare by value, so
+  both directions of a test share the program)."""
+  return np.asarray(compiled(model)(variables, x))
 
 
 def flatten_hw(name, hw):
@@ -91,14 +103,14 @@ def torch_logits(net, x):
 def test_torch_weights_give_the_same_logits_in_jaxrobust(arch, settings, hw):
   name, full = interop.architecture(arch, **settings)
   net = randomize_batch_norm(
-      interop.twin(name, num_classes=7, mean=MEAN, std=STD, input_hw=hw, **full), seed=0)
+      interop.twin(name, num_classes=5, mean=MEAN, std=STD, input_hw=hw, **full), seed=0)
   x = images(hw)
   model, variables = interop.from_torch(net.state_dict(), arch, input_hw=flatten_hw(name, hw),
                                         **settings)
-  assert model.mean == pytest.approx(MEAN) and model.num_classes == 7
+  assert model.mean == MEAN and model.std == STD and model.num_classes == 5
   expected = torch_logits(net, x)
-  got = np.asarray(model.apply(variables, x))
-  assert got.shape == expected.shape == (3, 7)
+  got = logits(model, variables, x)
+  assert got.shape == expected.shape == (3, 5)
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
@@ -110,7 +122,7 @@ def test_flax_weights_give_the_same_logits_in_torch_and_round_trip(arch, setting
   variables = random_variables(model, hw)
   net = interop.to_torch(model, variables, input_hw=flatten_hw(name, hw))
   assert not net.training
-  np.testing.assert_allclose(torch_logits(net, x), np.asarray(model.apply(variables, x)),
+  np.testing.assert_allclose(torch_logits(net, x), logits(model, variables, x),
                              atol=ATOL, rtol=0)
 
   back, back_variables = interop.from_torch(net.state_dict(), arch,
@@ -270,7 +282,7 @@ def test_robustbench_checkpoints_load(arch, net, wrap, tmp_path):
   torch.save({wrap: {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
   model, variables = interop.from_torch(interop.load_checkpoint(path), arch)
   x = images((32, 32), n=4)
-  np.testing.assert_allclose(np.asarray(model.apply(variables, x)), torch_logits(net, x),
+  np.testing.assert_allclose(logits(model, variables, x), torch_logits(net, x),
                              atol=ATOL, rtol=0)
   if arch.startswith("dm"):
     assert model.activation == "swish" and model.mean == pytest.approx(MEAN)
@@ -284,7 +296,7 @@ def test_mean_and_std_without_buffers_come_from_the_settings():
   model, variables = interop.from_torch(net.state_dict(), "wrn-10-1", mean=MEAN, std=STD)
   x = images((32, 32))
   normalised = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-  np.testing.assert_allclose(np.asarray(model.apply(variables, x)),
+  np.testing.assert_allclose(logits(model, variables, x),
                              torch_logits(net, normalised), atol=ATOL, rtol=0)
 
 
@@ -430,10 +442,10 @@ def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_input_gradients_agree():
-  model = jr.models.create("small_cnn", num_classes=10, mean=MEAN, std=STD, width=4)
-  x = jnp.asarray(images((32, 32), n=2))
+  model = jr.models.create("small_cnn", num_classes=10, mean=MEAN, std=STD, width=2)
+  x = jnp.asarray(images((8, 8), n=2))
   y = jnp.array([3, 7])
-  variables = random_variables(model, (32, 32))
+  variables = random_variables(model, (8, 8))
   loss = lambda x: -jnp.sum(jax.nn.log_softmax(model.apply(variables, x))[jnp.arange(2), y])
   expected = np.asarray(jax.grad(loss)(x))
   net = interop.to_torch(model, variables)
@@ -448,3 +460,61 @@ def test_batch_norm_settings_match_flax():
   bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
   assert len(bns) == 17
   assert all(bn.eps == 1e-5 and abs(bn.momentum - 0.1) < 1e-9 for bn in bns)
+
+
+# The command line: eval.py --export-torch and --torch-checkpoint.
+
+
+def test_eval_exports_a_run_and_evaluates_the_checkpoint(cli, trained, tmp_path):
+  # `trained`: a digits run of the small CNN, width 4 (conftest).
+  workdir = trained
+  from jaxrobust import data, experiment  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "small.pt"
+  result = cli("eval.py", "--workdir", workdir, "--export-torch", out)
+  assert result.returncode == 0, result.stderr
+  assert f"wrote {out}" in result.stdout
+  _, model, state = experiment.restore(workdir)
+  checkpoint = interop.load_checkpoint(out)
+  assert interop.checkpoint_architecture(checkpoint) == (
+      "small_cnn", dict(width=4, input_hw=[8, 8]))
+  _, variables = interop.from_torch(checkpoint, "small_cnn", width=4)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.variables)), jax.tree.leaves(variables)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+  # Evaluated without the workdir: the checkpoint records its architecture.
+  report = tmp_path / "report.json"
+  result = cli("eval.py", "--torch-checkpoint", out, "--data", "digits", "--attacks",
+               "pgd_linf", "--config.eval.attacks.pgd_linf.steps=2", "--limit", 16,
+               "--sanity=false", "--out", report)
+  assert result.returncode == 0, result.stderr
+  assert f"PyTorch checkpoint {out}: arch small_cnn" in result.stdout
+  assert "data digits (test split" in result.stdout
+  rep = json.loads(report.read_text())
+  assert (rep["torch_checkpoint"], rep["arch"], rep["data"]) == (str(out), "small_cnn", "digits")
+  test = data.load("digits", "test")
+  net = interop.to_torch(model, jax.device_get(state.variables))
+  predicted = torch_logits(net, test.x[:16]).argmax(1)
+  assert rep["n_examples"] == 16
+  assert rep["clean_accuracy"] == pytest.approx(np.mean(predicted == test.y[:16]))
+  pgd = rep["results"][0]
+  assert pgd["attack"] == "pgd_linf" and pgd["settings"]["steps"] == 2
+  assert pgd["accuracy"] <= rep["clean_accuracy"]
+
+
+def test_eval_reads_a_robustbench_style_safetensors_file(cli, tmp_path):
+  # A DeepMind WideResNet in RobustBench's layout, as safetensors: --arch names it.
+  net = randomize_batch_norm(interop.twin("dm_wide_resnet", num_classes=10, mean=(0.5,),
+                                          std=(0.3,), depth=10, width=1), seed=3)
+  path = tmp_path / "dm.safetensors"
+  interop.write_safetensors(path, {f"module.{k}": v.numpy() for k, v in net.state_dict().items()})
+  report = tmp_path / "report.json"
+  result = cli("eval.py", "--torch-checkpoint", path, "--arch", "dm-wrn-10-1", "--data",
+               "digits", "--attacks", "pgd_linf", "--config.eval.attacks.pgd_linf.steps=1",
+               "--limit", 8, "--sanity=false", "--out", report)
+  assert result.returncode == 0, result.stderr
+  assert "arch dm-wrn-10-1 (jaxrobust dm_wide_resnet" in result.stdout
+  from jaxrobust import data  # pylint: disable=g-import-not-at-top
+  test = data.load("digits", "test")
+  predicted = torch_logits(net, test.x[:8]).argmax(1)
+  assert json.loads(report.read_text())["clean_accuracy"] == pytest.approx(
+      np.mean(predicted == test.y[:8]))
