@@ -25,7 +25,9 @@ and the PyTorch tensor T of the same layer:
 
 RobustBench's checkpoints are read as they are stored: the state dict may
 be nested under "state_dict" or "model", and its keys may start with
-"module." (saved from `nn.DataParallel`). Files: `.pt`/`.pth` (`torch.load`
+"module." (saved from `nn.DataParallel`); a WideResNet's `sub_block1` (an
+unused copy of `block1` in TRADES-derived checkpoints, such as Carmon et
+al.'s) is ignored. Files: `.pt`/`.pth` (`torch.load`
 with `weights_only=True`, needs PyTorch) and `.safetensors` (read here with
 numpy, no PyTorch needed); `load_checkpoint`, `save_checkpoint`.
 
@@ -418,6 +420,8 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
   entries = layout(model, shapes["params"], hw)
   needed = {k for k, _, kind in entries if kind != "count"}
   optional = {k for k, _, kind in entries if kind == "count"} | {"mean", "std"}
+  if name == "wide_resnet":  # TRADES-derived WideResNets keep an unused copy of block1
+    optional |= {k for k in state if k.startswith("sub_block1.")}
   missing, unknown = needed - set(state), set(state) - needed - optional
   for key, path, kind in entries:  # shapes first: they say the most (e.g. another width)
     want = None if kind == "count" else _torch_shape(kind, _get(shapes, path))
