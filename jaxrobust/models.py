@@ -310,11 +310,11 @@ class DMWideResNet(nn.Module):
   """DeepMind's WideResNet-`depth`-`width` (Gowal et al. 2020, Rebuffi et al. 2021).
 
   The WideResNet above with `activation` (Swish, x sigmoid(x), by default)
-  everywhere, "dm" padding (a stride-2 3x3 conv pads (0, 1), a stride-1 one
-  (1, 1)), and `input_padding` zero pixels around the image before it is
-  normalised (RobustBench's `DMWideResNet(padding=...)`; 0 by default). Its
-  PyTorch layout is RobustBench's `DMWideResNet` (`init_conv`, `layer`,
-  `logits`).
+  everywhere and "dm" padding (a stride-2 3x3 conv pads (0, 1), a stride-1
+  one (1, 1)). Its PyTorch layout is RobustBench's `DMWideResNet`
+  (`init_conv`, `layer`, `logits`). RobustBench's pools with an 8x8 window,
+  the whole map of a 32x32 image; this pools the whole map of any size (and
+  does not pad the input: `DMWideResNet(padding=0)`, RobustBench's default).
   """
   num_classes: int
   mean: Sequence[float] = CIFAR10_MEAN
@@ -322,14 +322,10 @@ class DMWideResNet(nn.Module):
   depth: int = 28
   width: int = 10
   activation: str = "swish"
-  input_padding: int = 0
   axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train=False):
-    if self.input_padding:
-      p = self.input_padding
-      x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     x = Normalize(self.mean, self.std)(x)
     x = _wide_resnet(x, depth=self.depth, width=self.width, activation=self.activation,
                      norm=_batch_norm(train, self.axis_name), padding="dm")

@@ -183,9 +183,9 @@ class DMWideResNet(Twin):
   """`models.DMWideResNet`, in RobustBench's `DMWideResNet` layout."""
 
   def __init__(self, num_classes, mean=models.CIFAR10_MEAN, std=models.CIFAR10_STD, *,
-               depth=28, width=10, activation="swish", input_padding=0):
+               depth=28, width=10, activation="swish"):
     super().__init__(mean, std)
-    self.act, self.input_padding = ACTIVATIONS[activation], input_padding
+    self.act = ACTIVATIONS[activation]
     self.init_conv = Conv2d(len(mean), 16, 3, padding="dm")
     self.layer = nn.Sequential(*[
         Group("block", blocks) for blocks in _wrn_stages(
@@ -194,8 +194,6 @@ class DMWideResNet(Twin):
     self.logits = nn.Linear(64 * width, num_classes)
 
   def forward(self, x):
-    if self.input_padding:
-      x = F.pad(x, (self.input_padding,) * 4)
     x = self.layer(self.init_conv(self.normalize(x)))
     return self.logits(torch.mean(self.act(self.batchnorm(x)), dim=(2, 3)))
 

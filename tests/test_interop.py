@@ -35,9 +35,8 @@ ARCHS = {
     "resnet-18": ("resnet-18", dict(width=2), (8, 8)),
     "wrn-10-1": ("wrn-10-1", {}, (8, 8)),
     "wide_resnet (same, pads 0-1 then 1-1)": ("wide_resnet", dict(depth=10, width=1), (10, 10)),
-    # Swish and no input padding: test_robustbench_checkpoints_load.
-    "dm-wrn-10-1 (relu, input padding)": ("dm-wrn-10-1", dict(activation="relu",
-                                                              input_padding=2), (8, 8)),
+    # Swish: test_robustbench_checkpoints_load.
+    "dm-wrn-10-1 (relu)": ("dm-wrn-10-1", dict(activation="relu"), (8, 8)),
 }
 
 
