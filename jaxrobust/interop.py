@@ -497,7 +497,7 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "Weights only load failed" in reason:
+    if "Unsupported global" in str(e):  # a pickled class, not only tensors
       raise checks.InputError(f"{str(path)!r} holds pickled Python objects (a whole "
                               "nn.Module?), which are not read here: save its "
                               "model.state_dict() instead") from None
