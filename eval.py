@@ -42,8 +42,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import attacks as attacks_lib
 from configs import common
+from jaxrobust import attacks as attacks_lib
 from jaxrobust import checkpoints, checks, cli, evaluation, experiment, interop, models, report
 from jaxrobust import config as config_lib
 from jaxrobust import sanity, smoothing
