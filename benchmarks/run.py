@@ -13,7 +13,7 @@ column: the accuracy of the model under each implementation's attack (or the
 training accuracy, or the smoothed classifier's accuracy) on the same images,
 so a faster but weaker attack would show. Both sides use the same batch, the
 same number of steps, the same hyper-parameters and the same weights: the
-PyTorch model is converted from the Flax one (`benchmarks/torch_models.py`).
+PyTorch model is converted from the Flax one (`jaxrobust.interop.to_torch`).
 
 The model is trained in the benchmark itself with jaxrobust (FGSM-RS
 adversarial training, so that accuracies under attack are neither 0 nor the

@@ -1,5 +1,6 @@
 """jaxrobust: adversarial attacks, robust training and certification in JAX."""
-from jaxrobust import attacks, checks, data, evaluation, models, parallel, report, smoothing, spectral
+from jaxrobust import attacks, checks, data, evaluation, interop, models, parallel, report
+from jaxrobust import smoothing, spectral
 from jaxrobust.checks import InputError
 
 __version__ = "0.1.0"

@@ -33,6 +33,41 @@ from jaxrobust import checks, layers, spectral as spectral_lib
 # nn.Conv with the kernel gradient XLA:CPU computes fast (`layers`).
 Conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
 
+# How the residual networks pad their convolutions (`padding_pair`).
+PADDINGS = ("same", "torch", "dm")
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def padding_pair(mode, size, kernel, stride):
+  """(before, after) zeros padded to one spatial axis of length `size` for a
+  convolution with `kernel` taps and `stride`.
+
+  * "same": XLA's SAME, total p = max((ceil(size / s) - 1) s + k - size, 0),
+    the smaller half before: a stride-2 3x3 conv on an even size pads (0, 1).
+  * "torch": PyTorch's `padding=k // 2`, (k // 2, k // 2) whatever the stride
+    (RobustBench's ResNet-18 and WideResNet).
+  * "dm": p = max(k - s, 0), smaller half before: XLA's SAME for a size the
+    stride divides, fixed for every size (DeepMind's WideResNet pads
+    (1, 1) at stride 1 and (0, 1) at stride 2).
+  """
+  if mode == "torch":
+    return (kernel // 2, kernel // 2)
+  if mode == "same":
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  else:
+    total = max(kernel - stride, 0)
+  return (total // 2, total - total // 2)
+
+
+def conv_padding(mode, kernel, stride):
+  """`nn.Conv`'s padding argument for padding `mode` (see `padding_pair`)."""
+  checks.one_of("padding", mode, PADDINGS)
+  if mode == "same":
+    return "SAME"
+  return [padding_pair(mode, 0, kernel, stride)] * 2
+
 
 class Normalize(nn.Module):
   """(x - mean) / std per channel: an affine map with Lipschitz constant 1 / min(std)."""
@@ -115,22 +150,59 @@ class SeedCNN(nn.Module):
 
 
 class PreActBlock(nn.Module):
-  """Pre-activation residual block (He et al. 2016): BN-ReLU-conv, BN-ReLU-conv, plus shortcut."""
+  """Pre-activation residual block (He et al. 2016): BN-act-conv, BN-act-conv, plus shortcut.
+
+  The shortcut is the input, or a strided 1x1 conv of the first activation
+  when the stride or the width changes. `activation`: a key of `ACTIVATIONS`;
+  `padding`: one of `PADDINGS`.
+  """
   residual = True  # `spectral.lipschitz_bound` refuses: a product of layer norms is no bound
   features: int
   strides: int
   norm: Callable[..., Any]
+  activation: str = "relu"
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(self.norm()(x))
+    act = ACTIVATIONS[self.activation]
+    out = act(self.norm()(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False)(out)
-    out = Conv(self.features, (3, 3), self.strides, use_bias=False)(out)
-    out = nn.relu(self.norm()(out))
-    out = Conv(self.features, (3, 3), use_bias=False)(out)
+      shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False,
+                      padding=conv_padding(self.padding, 1, self.strides))(out)
+    out = Conv(self.features, (3, 3), self.strides, use_bias=False,
+               padding=conv_padding(self.padding, 3, self.strides))(out)
+    out = act(self.norm()(out))
+    out = Conv(self.features, (3, 3), use_bias=False,
+               padding=conv_padding(self.padding, 3, 1))(out)
     return out + shortcut
+
+
+class BasicBlock(nn.Module):
+  """ResNet block (He et al. 2015): relu(BN(conv(relu(BN(conv(x))))) + shortcut(x)).
+
+  The shortcut is x, or BN of a strided 1x1 conv of x when the stride or the
+  width changes.
+  """
+  residual = True
+  features: int
+  strides: int
+  norm: Callable[..., Any]
+  padding: str = "same"
+
+  @nn.compact
+  def __call__(self, x):
+    out = Conv(self.features, (3, 3), self.strides, use_bias=False,
+               padding=conv_padding(self.padding, 3, self.strides))(x)
+    out = nn.relu(self.norm()(out))
+    out = self.norm()(Conv(self.features, (3, 3), use_bias=False,
+                           padding=conv_padding(self.padding, 3, 1))(out))
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = self.norm()(Conv(self.features, (1, 1), self.strides, use_bias=False,
+                                  padding=conv_padding(self.padding, 1, self.strides))(x))
+    return nn.relu(out + shortcut)
 
 
 def _batch_norm(train, axis_name):
@@ -141,25 +213,73 @@ def _batch_norm(train, axis_name):
 class PreActResNet18(nn.Module):
   """PreAct ResNet-18 (He et al. 2016), the usual CIFAR form (3x3 stem, no stem pooling).
 
-  Four stages of two pre-activation blocks with 64, 128, 256, 512 channels
-  (stride 2 at the start of stages 2-4), final BN-ReLU, global average pooling,
-  dense `num_classes`.
+  Four stages of two pre-activation blocks with `width` (64) times 1, 2, 4,
+  8 channels (stride 2 at the start of stages 2-4), final BN-ReLU, global
+  average pooling, dense `num_classes`. `padding` (one of `PADDINGS`): "torch" is the layout
+  of RobustBench's `PreActResNet` with `PreActBlockV2` and `bn_before_fc`.
   """
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
   axis_name: Optional[str] = None
+  padding: str = "same"
+  width: int = 64
 
   @nn.compact
   def __call__(self, x, train=False):
     norm = _batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
-    x = Conv(64, (3, 3), use_bias=False)(x)
-    for stage, features in enumerate((64, 128, 256, 512)):
+    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
+    for stage in range(4):
+      features = self.width * 2**stage
       for block in range(2):
-        x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm)(x)
+        x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm,
+                        padding=self.padding)(x)
     x = nn.relu(norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 (He et al. 2015), the CIFAR form (3x3 stem, no stem pooling).
+
+  Conv 3x3 `width` (64), BN, ReLU; four stages of two `BasicBlock`s with
+  `width` times 1, 2, 4, 8 channels (stride 2 at the start of stages 2-4); global average
+  pooling; dense `num_classes`. `padding` "torch" is RobustBench's `ResNet18`.
+  """
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  axis_name: Optional[str] = None
+  padding: str = "same"
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    norm = _batch_norm(train, self.axis_name)
+    x = Normalize(self.mean, self.std)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
+    x = nn.relu(norm()(x))
+    for stage in range(4):
+      features = self.width * 2**stage
+      for block in range(2):
+        x = BasicBlock(features, 2 if stage > 0 and block == 0 else 1, norm,
+                       padding=self.padding)(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def _wide_resnet(x, *, depth, width, norm, activation, padding):
+  """The body of a WideResNet after its normalisation: stem, blocks, BN-act, mean pool."""
+  checks.require((depth - 4) % 6 == 0 and depth >= 10,
+                 f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
+  checks.one_of("activation", activation, tuple(ACTIVATIONS))
+  blocks = (depth - 4) // 6
+  x = Conv(16, (3, 3), use_bias=False, padding=conv_padding(padding, 3, 1))(x)
+  for stage, features in enumerate((16, 32, 64)):
+    for block in range(blocks):
+      strides = 2 if stage > 0 and block == 0 else 1
+      x = PreActBlock(features * width, strides, norm, activation, padding)(x)
+  x = ACTIVATIONS[activation](norm()(x))
+  return jnp.mean(x, axis=(1, 2))
 
 
 class WideResNet(nn.Module):
@@ -167,7 +287,8 @@ class WideResNet(nn.Module):
 
   Three stages of (depth - 4) / 6 blocks with 16 `width`, 32 `width` and
   64 `width` channels (stride 2 at the start of stages 2 and 3), final
-  BN-ReLU, global average pooling, dense `num_classes`.
+  BN-ReLU, global average pooling, dense `num_classes`. `padding` "torch" is
+  RobustBench's (and TRADES') `WideResNet`.
   """
   num_classes: int
   mean: Sequence[float]
@@ -175,21 +296,40 @@ class WideResNet(nn.Module):
   depth: int = 28
   width: int = 10
   axis_name: Optional[str] = None
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x, train=False):
-    checks.require((self.depth - 4) % 6 == 0 and self.depth >= 10,
-                   f"WideResNet depth must be 6n + 4 with n >= 1, got {self.depth}")
-    norm = _batch_norm(train, self.axis_name)
-    blocks = (self.depth - 4) // 6
     x = Normalize(self.mean, self.std)(x)
-    x = Conv(16, (3, 3), use_bias=False)(x)
-    for stage, features in enumerate((16, 32, 64)):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(features * self.width, strides, norm)(x)
-    x = nn.relu(norm()(x))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    x = _wide_resnet(x, depth=self.depth, width=self.width, activation="relu",
+                     norm=_batch_norm(train, self.axis_name), padding=self.padding)
+    return nn.Dense(self.num_classes)(x)
+
+
+class DMWideResNet(nn.Module):
+  """DeepMind's WideResNet-`depth`-`width` (Gowal et al. 2020, Rebuffi et al. 2021).
+
+  The WideResNet above with `activation` (Swish, x sigmoid(x), by default)
+  everywhere and "dm" padding (a stride-2 3x3 conv pads (0, 1), a stride-1
+  one (1, 1)). Its PyTorch layout is RobustBench's `DMWideResNet`
+  (`init_conv`, `layer`, `logits`). RobustBench's pools with an 8x8 window,
+  the whole map of a 32x32 image; this pools the whole map of any size (and
+  does not pad the input: `DMWideResNet(padding=0)`, RobustBench's default).
+  """
+  num_classes: int
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+  depth: int = 28
+  width: int = 10
+  activation: str = "swish"
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = Normalize(self.mean, self.std)(x)
+    x = _wide_resnet(x, depth=self.depth, width=self.width, activation=self.activation,
+                     norm=_batch_norm(train, self.axis_name), padding="dm")
+    return nn.Dense(self.num_classes)(x)
 
 
 class Randomized(nn.Module):
@@ -281,6 +421,8 @@ MODELS = {
     "seed_cnn": SeedCNN,
     "preact_resnet18": PreActResNet18,
     "wide_resnet": WideResNet,
+    "resnet18": ResNet18,
+    "dm_wide_resnet": DMWideResNet,
 }
 
 
@@ -331,6 +473,10 @@ def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise
   checks.known_keys(f"model {name!r}", kwargs,
                     set(cls.__dataclass_fields__) - {"num_classes", "mean", "std", "axis_name",
                                                      "parent", "name"})
+  if "padding" in kwargs:
+    checks.one_of(f"model {name!r} padding", kwargs["padding"], PADDINGS)
+  if "activation" in kwargs:
+    checks.one_of(f"model {name!r} activation", kwargs["activation"], tuple(ACTIVATIONS))
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
               axis_name=axis_name, **kwargs)
   noise = noise_settings(noise)

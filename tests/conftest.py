@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Settings that make a digits run take seconds.
 TINY_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8,
                  "log_every_steps": 1, "checkpoint_every_steps": 3}
+# The settings of the `trained` workdir (test_bad_input.SETTINGS).
+BAD_INPUT_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,19 @@ def tiny_config():
     config.update({k: v for k, v in overrides.items() if "." not in k})
     return config
   return build
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A workdir of the natural digits config with `BAD_INPUT_SETTINGS` (small
+  CNN of width 4) and a checkpoint at step 2. Tests must not change it."""
+  from jaxrobust.configs import natural
+  from jaxrobust import experiment
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  config = natural.get_config()
+  config.update_from_flattened_dict(BAD_INPUT_SETTINGS)
+  experiment.train(config, workdir, max_steps=2, progress=False)
+  return workdir
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ is tested ("here" means this module):
 | config keys that do not exist, malformed overrides | here |
 | unreadable or non-image files in folder: data | here; test_data.py::test_folder_errors_name_the_file |
 | a workdir that is a file, no write permission, an incompatible checkpoint | here |
+| eval.py --torch-checkpoint: not a checkpoint, truncated (.pt, .safetensors), another architecture, missing keys, wrong shapes, no --arch or --data, images or classes of the data that do not fit | here; in the library: test_interop.py |
 
 No write permission: tests run as root, for whom permission bits do not
 apply, so the case tested is a workdir below a regular file, which no user
@@ -40,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxrobust.configs import natural
-from jaxrobust import checkpoints, checks, experiment
+from jaxrobust import checkpoints, checks, interop
 
 ROOT = Path(__file__).resolve().parents[1]
+# The settings of the `trained` workdir (conftest.BAD_INPUT_SETTINGS).
 SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
 NATURAL = ["--config", "natural", *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
 
@@ -54,16 +55,6 @@ def assert_user_error(result, *fragments):
   assert "error: " in result.stderr
   for fragment in fragments:
     assert fragment in result.stderr, result.stderr
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A workdir of the natural config (with SETTINGS) and a checkpoint at step 2."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  config = natural.get_config()
-  config.update_from_flattened_dict(SETTINGS)
-  experiment.train(config, workdir, max_steps=2, progress=False)
-  return workdir
 
 
 @pytest.fixture
@@ -259,6 +250,113 @@ def test_eval_refuses_an_unreadable_config(snapshot, cli, tmp_path):
   (tmp_path / "config.json").write_text('{"model": ')
   assert_user_error(cli("eval.py", "--workdir", tmp_path), str(tmp_path / "config.json"))
   assert snapshot(tmp_path) == {Path("config.json"): b'{"model": '}
+
+
+# eval.py --torch-checkpoint and --export-torch: bad files and flags, refused
+# before anything is evaluated. The checkpoint: RobustBench's WideResNet-10-1
+# on grey images, nested as RobustBench stores it.
+
+
+@pytest.fixture(scope="module")
+def wrn_state():
+  pytest.importorskip("torch")
+  net = interop.twin("wide_resnet", num_classes=10, mean=(0.5,), std=(0.3,), depth=10, width=1,
+                     padding="torch")
+  return net.state_dict()
+
+
+def save_pt(path, state):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+  return path
+
+
+def save_safetensors(path, state):
+  """As `save_pt`, as .safetensors: eval.py then runs without importing torch."""
+  interop.write_safetensors(path, {f"module.{k}": v.numpy() for k, v in state.items()})
+  return path
+
+
+def torch_eval(cli, path, *args):
+  return cli("eval.py", "--torch-checkpoint", path, "--data", "digits", *args)
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(snapshot, cli, tmp_path):
+  for name in ("model.pt", "model.safetensors"):
+    (tmp_path / name).write_text("not a checkpoint\n")
+    assert_user_error(torch_eval(cli, tmp_path / name, "--arch", "wrn-10-1"),
+                      str(tmp_path / name), "cannot read")
+  assert_user_error(torch_eval(cli, tmp_path / "missing.pt", "--arch", "wrn-10-1"),
+                    "missing.pt", "not found")
+
+
+def test_eval_refuses_a_truncated_checkpoint(cli, wrn_state, tmp_path):
+  path = save_pt(tmp_path / "model.pt", wrn_state)
+  path.write_bytes(path.read_bytes()[:-100])
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"), str(path),
+                    "not one, or truncated")
+  path = tmp_path / "model.safetensors"
+  interop.write_safetensors(path, {k: v.numpy() for k, v in wrn_state.items()})
+  path.write_bytes(path.read_bytes()[:-100])
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"), str(path), "truncated")
+
+
+def test_eval_refuses_a_checkpoint_of_another_architecture(cli, wrn_state, tmp_path):
+  path = save_safetensors(tmp_path / "model.safetensors", wrn_state)
+  assert_user_error(torch_eval(cli, path, "--arch", "dm-wrn-10-1"),
+                    "does not fit arch 'dm-wrn-10-1'", "'init_conv.weight'")
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-28"), "unknown architecture 'wrn-28'")
+  assert_user_error(torch_eval(cli, path), "records no architecture; pass --arch")
+
+
+def test_eval_refuses_a_checkpoint_with_a_missing_key(cli, wrn_state, tmp_path):
+  state = dict(wrn_state)
+  del state["block3.layer.0.convShortcut.weight"]
+  path = save_safetensors(tmp_path / "model.safetensors", state)
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
+                    "lacks 'block3.layer.0.convShortcut.weight'")
+
+
+def test_eval_refuses_a_checkpoint_with_a_wrong_shape(cli, wrn_state, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  path = save_safetensors(tmp_path / "model.safetensors",
+                         {**wrn_state, "fc.bias": torch.zeros(12)})
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
+                    "'fc.bias' has shape (12,) in the checkpoint, the architecture needs (10,)")
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-2"),
+                    "'block1.layer.0.bn2.weight' has shape (16,) in the checkpoint, the "
+                    "architecture needs (32,)")
+
+
+def test_eval_refuses_a_checkpoint_that_does_not_fit_the_data(cli, tmp_path):
+  pytest.importorskip("torch")
+  rgb = interop.twin("wide_resnet", num_classes=10, mean=(0.5,) * 3, std=(0.3,) * 3, depth=10,
+                     width=1, padding="torch")
+  path = save_safetensors(tmp_path / "rgb.safetensors", rgb.state_dict())
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
+                    "takes 3-channel images; data set 'digits' has 1 channels")
+  five = interop.twin("wide_resnet", num_classes=5, mean=(0.5,), std=(0.3,), depth=10, width=1)
+  path = save_safetensors(tmp_path / "five.safetensors", five.state_dict())
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
+                    "has 5 classes; data set 'digits' has 10")
+
+
+def test_eval_refuses_bad_torch_checkpoint_flags(cli, wrn_state, trained, tmp_path):
+  path = save_pt(tmp_path / "model.pt", wrn_state)
+  assert_user_error(cli("eval.py", "--torch-checkpoint", path, "--arch", "wrn-10-1"),
+                    "--torch-checkpoint needs --data")
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1", "--workdir", trained),
+                    "either --workdir or --torch-checkpoint")
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1", "--certify"),
+                    "--certify needs a --workdir")
+  assert_user_error(cli("eval.py", "--workdir", trained, "--arch", "wrn-10-1"),
+                    "--arch and --data go with --torch-checkpoint")
+
+
+def test_export_refuses_a_bad_file_name(snapshot, cli, untouched, tmp_path):
+  assert_user_error(cli("eval.py", "--workdir", untouched, "--export-torch",
+                        tmp_path / "model.onnx"), "'model.onnx'", ".safetensors")
+  assert snapshot(tmp_path) == {}
 
 
 # Library API (what the command lines cannot reach)

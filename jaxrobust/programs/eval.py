@@ -11,6 +11,9 @@
   python eval.py --workdir runs/pgd_at --sweep               # accuracy vs eps, PNG
   python eval.py --workdir runs/b --transfer-from runs/a     # black-box, crafted on runs/a
   python eval.py --workdir runs/gaussian --certify --n 10000 --limit 100
+  python eval.py --torch-checkpoint models/cifar10/Linf/Carmon2019Unlabeled.pt \
+      --arch wrn-28-10 --data cifar10 --suite autoattack --limit 1000   # a PyTorch model
+  python eval.py --workdir runs/pgd_at --export-torch pgd_at.pt      # to PyTorch
 
 Attacks are those of the run's config (`eval.attacks`), by label; any setting
 can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
@@ -18,7 +21,15 @@ run as a cascade: each only on the examples the attacks of its threat model
 before it left robust (`--individual`: each on every clean-correct example).
 Every report also runs sanity checks that flag gradient masking. `--state
 FILE` writes the progress after every batch; the same command resumes it.
+
+`--torch-checkpoint` evaluates a PyTorch checkpoint (`.pt`, `.pth`,
+`.safetensors`; e.g. from RobustBench's zoo, see docs/interop.md) of
+architecture `--arch` on `--data` (a setting of jaxrobust/configs/common.py, whose
+attacks and radii it uses, or a jaxrobust data-set name, with CIFAR-10's
+radii), without a workdir. `--export-torch` writes a workdir's model as a
+PyTorch checkpoint that records its architecture.
 """
+import collections
 import functools
 import json
 import sys
@@ -31,9 +42,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import checkpoints, checks, cli, evaluation, experiment, models, parallel, report
+from jaxrobust import checkpoints, checks, cli, evaluation, experiment, interop, models
 from jaxrobust import config as config_lib
-from jaxrobust import sanity, smoothing
+from jaxrobust import parallel, report, sanity, smoothing
+from jaxrobust.configs import common
 
 SUITES = ("autoattack",)
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -71,22 +83,56 @@ _SIGMA = flags.DEFINE_float("sigma", None, "Smoothing noise level for --certify 
 _N = flags.DEFINE_integer("n", 100_000, "Noise draws to certify each example.")
 _N0 = flags.DEFINE_integer("n0", 100, "Noise draws to guess each example's class.")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
+_TORCH = flags.DEFINE_string("torch-checkpoint", None, "Evaluate this PyTorch checkpoint "
+                             "(.pt, .pth or .safetensors) instead of a workdir's model.")
+_ARCH = flags.DEFINE_string("arch", None, "The --torch-checkpoint's architecture: wrn-28-10, "
+                            "wrn-34-10, wrn-34-20, wrn-70-16, dm-wrn-28-10, dm-wrn-70-16, "
+                            "resnet-18, preact-resnet-18, or a jaxrobust model name "
+                            "(default: the one the checkpoint records).")
+_DATA = flags.DEFINE_string("data", None, "The --torch-checkpoint's data set: "
+                            f"{', '.join(common.SETTINGS)} (jaxrobust/configs/common.py), or a "
+                            "jaxrobust data-set name (folder:..., npz:..., tfds:...).")
+_EXPORT = flags.DEFINE_string("export-torch", None, "Write the workdir's model as a PyTorch "
+                              "checkpoint (.pt, .pth or .safetensors) and exit.")
+
+# A --torch-checkpoint's model state: its variables, never trained here.
+Loaded = collections.namedtuple("Loaded", "variables step")
 
 
-def workdir_in(argv):
-  """The --workdir value in `argv`, read before the flags are parsed."""
+def flag_in(argv, name):
+  """The --`name` value in `argv`, read before the flags are parsed."""
   for i, arg in enumerate(argv):
-    if arg.startswith("--workdir="):
+    if arg.startswith(f"--{name}="):
       return arg.split("=", 1)[1]
-    if arg == "--workdir" and i + 1 < len(argv):
+    if arg == f"--{name}" and i + 1 < len(argv):
       return argv[i + 1]
   return None
 
 
+def workdir_in(argv):
+  """The --workdir value in `argv`, read before the flags are parsed."""
+  return flag_in(argv, "workdir")
+
+
+def data_config(name):
+  """The config a --torch-checkpoint is evaluated with on data set `name`: its
+  setting's (jaxrobust/configs/common.py), or CIFAR-10's with data `name`."""
+  checks.require(name, "--torch-checkpoint needs --data: "
+                 f"{', '.join(common.SETTINGS)}, or a jaxrobust data-set name")
+  if name in common.SETTINGS:
+    return common.setting(name)
+  config = common.setting("cifar10")
+  config.data = dict(name=name, data_dir="")
+  return config
+
+
 def define_config_overrides(argv):
-  """--config.<key>=<value> overrides of the run's saved config."""
+  """--config.<key>=<value> overrides of the run's saved config (of the data
+  setting's config, with --torch-checkpoint)."""
   workdir = workdir_in(argv)
   saved = checkpoints.load_config(workdir, required=False) if workdir else None
+  if saved is None and flag_in(argv, "torch-checkpoint") and flag_in(argv, "data"):
+    saved = data_config(flag_in(argv, "data")).to_dict()
   if saved is not None:
     try:  # ml_collections applies the overrides in argv here
       config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(saved))
@@ -97,15 +143,77 @@ def define_config_overrides(argv):
 def main(argv):
   define_config_overrides(argv)
   cli.parse_flags(argv)
-  checks.require(_WORKDIR.value, "--workdir is required")
-  resolved, model, state = experiment.restore(_WORKDIR.value)
-  if "config" in flags.FLAGS:
-    resolved = flags.FLAGS.config.to_dict()
-  rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)
-  rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value)
+  if _TORCH.value:
+    checks.require(not _WORKDIR.value, "give either --workdir or --torch-checkpoint, not both")
+    for flag, value in (("--export-torch", _EXPORT), ("--transfer-from", _TRANSFER),
+                        ("--certify", _CERTIFY)):
+      checks.require(not value.value, f"{flag} needs a --workdir, not a --torch-checkpoint")
+    resolved, model, state, about = load_torch_checkpoint(_TORCH.value, _ARCH.value,
+                                                          _DATA.value)
+    if "config" in flags.FLAGS:
+      resolved = {**flags.FLAGS.config.to_dict(), "model": resolved["model"]}
+    rep = attack(resolved, model, state)
+    rep.update(**about, split=_SPLIT.value)
+  else:
+    checks.require(_WORKDIR.value, "--workdir (or --torch-checkpoint) is required")
+    checks.require(_ARCH.value is None and _DATA.value is None,
+                   "--arch and --data go with --torch-checkpoint")
+    resolved, model, state = experiment.restore(_WORKDIR.value)
+    if _EXPORT.value:
+      export_torch(model, state, _EXPORT.value)
+      return
+    if "config" in flags.FLAGS:
+      resolved = flags.FLAGS.config.to_dict()
+    rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)
+    rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value)
   if _OUT.value:
     checkpoints.write_atomic(Path(_OUT.value), json.dumps(rep, indent=2) + "\n")
     print(f"wrote {_OUT.value}")
+
+
+def load_torch_checkpoint(path, arch, data_name):
+  """(resolved config, model, state, what the report says of them) of the
+  PyTorch checkpoint `path` of architecture `arch` (default: the one it
+  records), evaluated on `data_name`."""
+  config = data_config(data_name)
+  if arch:
+    interop.architecture(arch)  # an unknown name is refused before the file is read
+  checkpoint = interop.load_checkpoint(path)
+  recorded = interop.checkpoint_architecture(checkpoint)
+  checks.require(arch or recorded, f"{path!r} records no architecture; pass --arch "
+                 "(e.g. wrn-28-10, dm-wrn-70-16)")
+  settings = recorded[1] if recorded and recorded[0] == (arch or recorded[0]) else {}
+  arch = arch or recorded[0]
+  model, variables = interop.from_torch(checkpoint, arch, **settings)
+  test_set = config_lib.load_split(config, _SPLIT.value)
+  channels = test_set.x.shape[-1]
+  checks.require(len(model.mean) == channels,
+                 f"arch {arch!r} from {path!r} takes {len(model.mean)}-channel images; data "
+                 f"set {data_name!r} has {channels} channels")
+  checks.require(model.num_classes == test_set.num_classes,
+                 f"{path!r} has {model.num_classes} classes; data set {data_name!r} has "
+                 f"{test_set.num_classes}")
+  resolved = config.to_dict()
+  resolved["model"] = {"name": interop.model_name(model), **interop.model_settings(model)}
+  n_params = sum(a.size for a in jax.tree.leaves(variables["params"]))
+  print(f"PyTorch checkpoint {path}: arch {arch} (jaxrobust {resolved['model']['name']}, "
+        f"{n_params:,} parameters), data {data_name} ({_SPLIT.value} split, "
+        f"{config.data['name']})")
+  about = dict(torch_checkpoint=str(path), arch=arch, data=data_name)
+  return resolved, model, Loaded(variables, 0), about
+
+
+def export_torch(model, state, path):
+  """Writes the workdir's model as a PyTorch checkpoint recording its architecture."""
+  interop.save_checkpoint(path, model, jax.device_get(state.variables))
+  print(f"wrote {path}: {interop.model_name(model)} {interop.model_settings(model)}, "
+        f"a PyTorch state_dict (jaxrobust.interop.from_torch or eval.py "
+        f"--torch-checkpoint read it back)")
+
+
+def output_dir():
+  """Where plots go by default: the workdir, else the checkpoint's folder."""
+  return Path(_WORKDIR.value) if _WORKDIR.value else Path(_TORCH.value).parent
 
 
 def attack(resolved, model, state):
@@ -195,7 +303,7 @@ def sweep(specs, evaluate):
       eps_values = [spec["eps"] * f for f in SWEEP_FACTORS]
       curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec,
                                        eps_values)
-  path = _PLOT.value or str(Path(_WORKDIR.value) / "sweep.png")
+  path = _PLOT.value or str(output_dir() / "sweep.png")
   report.plot_sweep(curves, path)
   print(f"wrote {path}")
   return {label: [{"eps": e, "accuracy": a} for e, a in c] for label, c in curves.items()}

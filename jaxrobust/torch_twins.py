@@ -1,0 +1,269 @@
+"""PyTorch twins of jaxrobust's models: the same functions, in PyTorch's layout.
+
+Each twin takes NCHW images in [0, 1] and computes the logits of its Flax
+model (`jaxrobust.models`) with the same hyper-parameters; `interop` moves
+the weights between the two. The twins of the zoo's architectures carry
+RobustBench's parameter names (`state_dict` keys), so RobustBench's
+checkpoints load into them and into the Flax models:
+
+| jaxrobust model | PyTorch layout |
+| --- | --- |
+| `wide_resnet` | RobustBench's `WideResNet` (`conv1`, `block1.layer.0.bn1`, `fc`) |
+| `dm_wide_resnet` | RobustBench's `DMWideResNet` (`init_conv`, `layer.0.block.0.conv_0`) |
+| `resnet18` | RobustBench's `ResNet18` (`conv1`, `layer1.0.shortcut.0`, `linear`) |
+| `preact_resnet18` | RobustBench's `PreActResNet` with `PreActBlockV2` and `bn_before_fc` |
+| `small_cnn`, `seed_cnn` | jaxrobust's own (`convs.0`, `fc1`; `conv1`, `fc1`) |
+
+Every twin holds the normalisation as buffers `mean` and `std` of shape
+[C, 1, 1] (as `DMWideResNet` does). This module imports PyTorch: import it
+only through `interop`, which says how to install PyTorch when it is missing.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxrobust import models
+
+ACTIVATIONS = {"relu": F.relu, "swish": F.silu}  # silu(x) = x sigmoid(x)
+
+
+class Conv2d(nn.Conv2d):
+  """`nn.Conv2d` padded as jaxrobust pads: `padding` is "valid" or one of
+  `models.PADDINGS` ("same" depends on the input's size, so it pads in
+  `forward`)."""
+
+  def __init__(self, in_channels, out_channels, kernel, stride=1, *, bias=False,
+               padding="same"):
+    super().__init__(in_channels, out_channels, kernel, stride, padding=0, bias=bias)
+    self.mode = padding
+
+  def forward(self, x):
+    if self.mode != "valid":
+      (top, bottom), (left, right) = (
+          models.padding_pair(self.mode, n, k, s)
+          for n, k, s in zip(x.shape[2:], self.kernel_size, self.stride))
+      if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    return super().forward(x)
+
+
+def batch_norm(channels):
+  """PyTorch's BatchNorm2d with Flax's `nn.BatchNorm(momentum=0.9)` conventions:
+  eps 1e-5, and PyTorch's momentum is 1 - Flax's."""
+  return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
+
+
+class Twin(nn.Module):
+  """A twin's normalisation: buffers `mean` and `std` [C, 1, 1]."""
+
+  def __init__(self, mean, std):
+    super().__init__()
+    self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+    self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+  def normalize(self, x):
+    return (x - self.mean) / self.std
+
+
+class SmallCNN(Twin):
+  """`models.SmallCNN`: conv-conv-pool twice, dense, dense."""
+
+  def __init__(self, num_classes, mean, std, *, width=32, input_hw=(32, 32)):
+    super().__init__(mean, std)
+    c = len(mean)
+    chans = [(c, width), (width, width), (width, 2 * width), (2 * width, 2 * width)]
+    self.convs = nn.ModuleList([Conv2d(i, o, 3, bias=True) for i, o in chans])
+    h, w = input_hw[0] // 4, input_hw[1] // 4
+    self.fc1 = nn.Linear(h * w * 2 * width, 4 * width)
+    self.fc2 = nn.Linear(4 * width, num_classes)
+
+  def forward(self, x):
+    x = self.normalize(x)
+    for stage in range(2):
+      x = F.relu(self.convs[2 * stage](x))
+      x = F.max_pool2d(F.relu(self.convs[2 * stage + 1](x)), 2, 2)
+    return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class SeedCNN(Twin):
+  """`models.SeedCNN`, the PyTorch tutorial's network."""
+
+  def __init__(self, num_classes, mean, std, *, input_hw=(32, 32)):
+    super().__init__(mean, std)
+    self.conv1 = Conv2d(len(mean), 6, 5, bias=True, padding="valid")
+    self.conv2 = Conv2d(6, 16, 5, bias=True, padding="valid")
+    h, w = input_hw
+    for _ in range(2):
+      h, w = (h - 4) // 2, (w - 4) // 2
+    self.fc1 = nn.Linear(h * w * 16, 120)
+    self.fc2 = nn.Linear(120, 84)
+    self.fc3 = nn.Linear(84, num_classes)
+
+  def forward(self, x):
+    x = self.normalize(x)
+    x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+    x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+    x = torch.flatten(x, 1)
+    return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class PreActBlock(nn.Module):
+  """`models.PreActBlock`, its layers named by `names` (role -> attribute):
+  roles bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in ".0" is a
+  one-conv `nn.Sequential`."""
+
+  def __init__(self, cin, cout, stride, *, names, activation="relu", padding="same"):
+    super().__init__()
+    self.names, self.act = names, ACTIVATIONS[activation]
+    setattr(self, names["bn1"], batch_norm(cin))
+    setattr(self, names["conv1"], Conv2d(cin, cout, 3, stride, padding=padding))
+    setattr(self, names["bn2"], batch_norm(cout))
+    setattr(self, names["conv2"], Conv2d(cout, cout, 3, padding=padding))
+    self.has_shortcut = stride != 1 or cin != cout
+    if self.has_shortcut:
+      conv = Conv2d(cin, cout, 1, stride, padding=padding)
+      attr = names["shortcut"].removesuffix(".0")
+      setattr(self, attr, nn.Sequential(conv) if attr != names["shortcut"] else conv)
+
+  def forward(self, x):
+    layer = lambda role: getattr(self, self.names[role].removesuffix(".0"))
+    out = self.act(layer("bn1")(x))
+    shortcut = layer("shortcut")(out) if self.has_shortcut else x
+    out = layer("conv1")(out)
+    out = layer("conv2")(self.act(layer("bn2")(out)))
+    return out + shortcut
+
+
+RB_WRN_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="convShortcut")
+DM_BLOCK = dict(bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1",
+                shortcut="shortcut")
+RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
+
+
+class Group(nn.Module):
+  """Blocks in an `nn.Sequential` named `attr` (RobustBench's `NetworkBlock.layer`,
+  `_BlockGroup.block`)."""
+
+  def __init__(self, attr, blocks):
+    super().__init__()
+    self.attr = attr
+    setattr(self, attr, nn.Sequential(*blocks))
+
+  def forward(self, x):
+    return getattr(self, self.attr)(x)
+
+
+def _wrn_stages(depth, width, names, **block_settings):
+  """[[block, ...] per stage] of a WideResNet-depth-width."""
+  n = (depth - 4) // 6
+  chans = [16, 16 * width, 32 * width, 64 * width]
+  return [[PreActBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
+                       2 if s > 0 and b == 0 else 1, names=names, **block_settings)
+           for b in range(n)] for s in range(3)]
+
+
+class WideResNet(Twin):
+  """`models.WideResNet`, in RobustBench's `WideResNet` layout."""
+
+  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same"):
+    super().__init__(mean, std)
+    self.conv1 = Conv2d(len(mean), 16, 3, padding=padding)
+    for s, blocks in enumerate(_wrn_stages(depth, width, RB_WRN_BLOCK, padding=padding)):
+      setattr(self, f"block{s + 1}", Group("layer", blocks))
+    self.bn1 = batch_norm(64 * width)
+    self.fc = nn.Linear(64 * width, num_classes)
+
+  def forward(self, x):
+    x = self.conv1(self.normalize(x))
+    x = self.block3(self.block2(self.block1(x)))
+    return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
+
+
+class DMWideResNet(Twin):
+  """`models.DMWideResNet`, in RobustBench's `DMWideResNet` layout."""
+
+  def __init__(self, num_classes, mean=models.CIFAR10_MEAN, std=models.CIFAR10_STD, *,
+               depth=28, width=10, activation="swish"):
+    super().__init__(mean, std)
+    self.act = ACTIVATIONS[activation]
+    self.init_conv = Conv2d(len(mean), 16, 3, padding="dm")
+    self.layer = nn.Sequential(*[
+        Group("block", blocks) for blocks in _wrn_stages(
+            depth, width, DM_BLOCK, activation=activation, padding="dm")])
+    self.batchnorm = batch_norm(64 * width)
+    self.logits = nn.Linear(64 * width, num_classes)
+
+  def forward(self, x):
+    x = self.layer(self.init_conv(self.normalize(x)))
+    return self.logits(torch.mean(self.act(self.batchnorm(x)), dim=(2, 3)))
+
+
+class PreActResNet18(Twin):
+  """`models.PreActResNet18`, in the layout of RobustBench's `PreActResNet`
+  (`PreActBlockV2`, `bn_before_fc=True`)."""
+
+  def __init__(self, num_classes, mean, std, *, padding="same", width=64):
+    super().__init__(mean, std)
+    self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
+    chans = [width, width, 2 * width, 4 * width, 8 * width]
+    for s in range(4):
+      setattr(self, f"layer{s + 1}", nn.Sequential(*[
+          PreActBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
+                      2 if s > 0 and b == 0 else 1, names=RB_PREACT_BLOCK, padding=padding)
+          for b in range(2)]))
+    self.bn = batch_norm(8 * width)
+    self.linear = nn.Linear(8 * width, num_classes)
+
+  def forward(self, x):
+    x = self.conv1(self.normalize(x))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.linear(torch.mean(F.relu(self.bn(x)), dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+  """`models.BasicBlock`, in RobustBench's layout (`shortcut.0` conv, `shortcut.1` BN)."""
+
+  def __init__(self, cin, cout, stride, *, padding="same"):
+    super().__init__()
+    self.conv1 = Conv2d(cin, cout, 3, stride, padding=padding)
+    self.bn1 = batch_norm(cout)
+    self.conv2 = Conv2d(cout, cout, 3, padding=padding)
+    self.bn2 = batch_norm(cout)
+    self.shortcut = nn.Sequential()
+    if stride != 1 or cin != cout:
+      self.shortcut = nn.Sequential(Conv2d(cin, cout, 1, stride, padding=padding),
+                                    batch_norm(cout))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(Twin):
+  """`models.ResNet18`, in RobustBench's `ResNet18` layout."""
+
+  def __init__(self, num_classes, mean, std, *, padding="same", width=64):
+    super().__init__(mean, std)
+    self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
+    self.bn1 = batch_norm(width)
+    chans = [width, width, 2 * width, 4 * width, 8 * width]
+    for s in range(4):
+      setattr(self, f"layer{s + 1}", nn.Sequential(*[
+          BasicBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
+                     2 if s > 0 and b == 0 else 1, padding=padding) for b in range(2)]))
+    self.linear = nn.Linear(8 * width, num_classes)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.linear(torch.mean(x, dim=(2, 3)))
+
+
+TWINS = {
+    "small_cnn": SmallCNN,
+    "seed_cnn": SeedCNN,
+    "preact_resnet18": PreActResNet18,
+    "wide_resnet": WideResNet,
+    "resnet18": ResNet18,
+    "dm_wide_resnet": DMWideResNet,
+}
