@@ -14,7 +14,7 @@ spec as `attacks.create` takes it, nested for the combinators):
 | `gaussian`   | x + d, d ~ N(0, sigma^2 I) (Cohen et al. 2019)           | gaussian.py     |
 | `rat`        | the attack on the randomized model f~(x) = f(x + d), EOT | rat.py          |
 | `mat_rand`   | PGD-L2 or PGD-Linf, drawn uniformly (`random_choice`)    | mat_rand.py     |
-| `mat_max`    | per example the worse of the two (`worst_case`)          | mat_max.py      |
+| `mat_max`    | per example the larger-loss of the two (`max_loss`)      | mat_max.py      |
 
 (`adversarial` is another name of `pgd_at`.) MAT-Rand and MAT-Max are the
 mixed adversarial training of Araujo et al. 2019 over p in {2, inf}.
@@ -28,6 +28,22 @@ base classifier f, and the step then trains f on x_adv + d (PGD-AT with noise,
 the seed's "PGD model with smoothing"); `rat` attacks f~ itself, its
 gradients averaged over `eot_samples` draws (expectation over
 transformation), so the examples are adversarial for the randomized network.
+
+RAT's EOT maximises the loss of the mean prediction,
+-log (1/S) sum_s softmax(f(x' + d_s))_y, not the mean loss
+(1/S) sum_s -log softmax(f(x' + d_s))_y: the randomized classifier predicts
+argmax of the mean softmax (`models.Randomized`), so this is the loss of the
+classifier that is trained and evaluated, and the attack is the one the
+evaluation runs (EOT on the same function). The mean of the losses would
+attack the average base classifier instead; its log inside the mean lets
+draws already misclassified (p_y -> 0, loss -> infinity) dominate the
+gradient, spending the steps on noise draws that no longer matter. By
+Jensen's inequality the loss of the mean is at most the mean loss.
+
+MAT-Max trains on the inner maximum over p in {2, inf}: per example the
+perturbation of larger cross-entropy (`attacks.max_loss`), whether or not
+it is misclassified; `attacks.worst_case` (first misclassified in list
+order) is the evaluation's rule and not used for training.
 """
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +51,7 @@ from jaxrobust import attacks, checks
 
 # The combinator each mixed objective's `train_attack` must use.
 _COMBINATORS = {"cw_pgd_mix": "mixture", "mat_rand": "random_choice",
-                "mat_max": "worst_case"}
+                "mat_max": "max_loss"}
 ALIASES = {"adversarial": "pgd_at"}
 NAMES = ("natural", "pgd_at", "cw_pgd_mix", "gaussian", "rat", "mat_rand", "mat_max",
          *ALIASES)
