@@ -22,7 +22,11 @@ def base():
   """The default run: small CNN, digits, SGD with cosine decay, PGD evaluation."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(name="digits", data_dir="")
+  # Training augmentation (`jaxrobust.augment`): "none" on digits (a flipped
+  # digit is another digit); random crop (4 pixels of zero padding) and flip on
+  # CIFAR-10.
+  c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4,
+                padding_mode="zero")
   c.model = dict(name="small_cnn", width=16)
   c.objective = "natural"
   c.batch_size = 64
@@ -75,7 +79,8 @@ def setting(name):
   if name == "digits":
     return c
   c.data = dict(name="tfds:cifar10" if name == "cifar10_tfds"
-                else f"folder:{CIFAR10_JPEG}", data_dir="")
+                else f"folder:{CIFAR10_JPEG}", data_dir="", augment="crop_flip",
+                crop_padding=4, padding_mode="zero")
   c.model = dict(name="seed_cnn")
   c.batch_size = 128
   c.epochs = 10

@@ -93,7 +93,8 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   model = config_lib.build_model(resolved, axis_name=parallel.BATCH_AXIS)
   tx = config_lib.make_optimizer(resolved)
   target = abstract_state(resolved, model, tx, mesh)
-  input_fn = training.make_input_fn(config.objective, config.get("train_attack"))
+  input_fn = training.make_input_fn(config.objective, config.get("train_attack"),
+                                    settings=config.get("objective_settings"))
   # Everything the config sets up is checked: now the workdir may be touched.
   primary = jax.process_index() == 0
   with parallel.on_every_process("claim the workdir"):
@@ -109,7 +110,8 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
     if start >= end:
       return state
 
-    step_fn = training.make_train_step(model, tx, input_fn, mesh)
+    step_fn = training.make_train_step(model, tx, input_fn, mesh,
+                                       augment=config_lib.make_augment(resolved))
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
                                  seed=config.seed, start_step=start)

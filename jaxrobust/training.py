@@ -14,7 +14,8 @@ batch. The step is mapped over all devices with `jax.shard_map` under
 `jax.jit`, with the state donated.
 
 Randomness: the key of step s is `fold_in(seed_key, s)`, split into an
-attack, a noise and an EOT key; example i of the global batch gets
+attack, a noise and an EOT key (and `fold_in(step key, 3)` is the
+augmentation's key); example i of the global batch gets
 `fold_in(attack_key, i)` for its attack and `fold_in(noise_key, i)` for its
 training noise, and the EOT draws of `rat` (shared by the batch) come from
 the EOT key, so the draws depend neither on the device count nor on whether
@@ -96,7 +97,7 @@ def make_optimizer(cfg, total_steps):
   return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
 
 
-def make_input_fn(objective, attack_cfg=None, model_cfg=None):
+def make_input_fn(objective, attack_cfg=None, model_cfg=None, settings=None):
   """How a batch becomes training inputs: an `objectives.Objective`, called as
   `(logits_fn, x, y, keys) -> x_train`.
 
@@ -105,8 +106,9 @@ def make_input_fn(objective, attack_cfg=None, model_cfg=None):
   settings, e.g. PGD as in Madry et al. 2018). With `model_cfg` (the config's
   `model`), an objective that needs a randomized model is refused unless the
   model has `noise`; `make_train_step` checks the same on the model itself.
+  `settings` are the objective's (`objective_settings`, e.g. TRADES's beta).
   """
-  objective = objectives.create(objective, attack_cfg)
+  objective = objectives.create(objective, attack_cfg, settings)
   if model_cfg is not None:
     objectives.check_model(objective, bool(dict(model_cfg).get("noise")))
   return objective
@@ -122,8 +124,12 @@ def global_index(local_batch):
   return jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch + jnp.arange(local_batch)
 
 
-def make_train_step(model, tx, input_fn, mesh):
+def make_train_step(model, tx, input_fn, mesh, *, augment=None):
   """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
+
+  With `augment` (`augment.create`: `(x, keys) -> x`), the batch is first
+  augmented on device, example i with `fold_in(fold_in(step_key, 3), i)` (i
+  its global index), and everything after sees the augmented images.
 
   `input_fn` is an `objectives.Objective` or any `(logits_fn, x, y, keys) ->
   x_train` (such as an attack). `x`, `y` are the global batch, split over
@@ -154,6 +160,8 @@ def make_train_step(model, tx, input_fn, mesh):
     attack_key, noise_key, eot_key = jax.random.split(step_key, 3)
     logits_fn = attack_logits_fn(state.variables, eot_key, x.shape[1:])
     index = global_index(x.shape[0])
+    if augment is not None:
+      x = augment(x, keys_lib.example_keys(jax.random.fold_in(step_key, 3), index))
     x_train = jax.lax.stop_gradient(
         objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index)))
     apply_kwargs = {}
@@ -163,9 +171,17 @@ def make_train_step(model, tx, input_fn, mesh):
 
     def loss_fn(params):
       variables = {**state.variables, "params": params}
-      logits, updates = model.apply(variables, x_train, train=True, **apply_kwargs,
-                                    mutable=[c for c in mutable if c in variables])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      collections = [c for c in mutable if c in variables]
+      if objective.loss is None:
+        logits, updates = model.apply(variables, x_train, train=True, **apply_kwargs,
+                                      mutable=collections)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      else:  # clean, then training inputs (statistics updated twice, as in PyTorch)
+        clean, updates = model.apply(variables, x, train=True, **apply_kwargs,
+                                     mutable=collections)
+        logits, updates = model.apply({**variables, **updates}, x_train, train=True,
+                                      **apply_kwargs, mutable=collections)
+        loss = objective.loss(clean, logits, y).mean()
       # This device's share of the global mean: the gradient with respect to
       # the replicated parameters is summed over the devices by shard_map
       # (the transpose of their broadcast), which makes it the global mean's.

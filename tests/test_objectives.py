@@ -12,7 +12,7 @@ from jaxrobust import attacks, checks, data, experiment, models, objectives, par
 from jaxrobust import spectral, training
 
 CONFIGS = ("natural", "pgd_at", "pgd_at_sn_noise", "gaussian", "rat", "cw_pgd_mix",
-           "mat_rand", "mat_max")
+           "mat_rand", "mat_max", "trades", "mart")
 
 
 def shorten(spec):

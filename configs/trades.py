@@ -1,0 +1,21 @@
+"""TRADES (Zhang et al. 2019) of the small CNN on digits.
+
+Loss CE(f(x), y) + beta * KL(f(x) || f(x')), beta = 6 (the paper's CIFAR-10
+setting), x' maximising the KL divergence by PGD-10 L-infinity from
+x + 0.001 N(0, I), step eps / 4 (0.007 for eps 8/255 in the paper); eps 0.2
+on digits, 8/255 in the seed's setting. `objectives.trades_loss`.
+Command: python train.py --config configs/trades.py --workdir runs/trades
+Seed setting (seed_cnn, CIFAR-10): --config configs/trades.py:cifar10
+Result: RESULT
+"""
+from configs import common
+
+
+def get_config(setting="digits"):
+  c = common.setting(setting)
+  c.objective = "trades"
+  eps = common.EPS[setting][0]
+  c.train_attack = dict(name="pgd", norm="linf", eps=eps, step_size=eps / 4, steps=10,
+                        random_start=0.001)
+  c.objective_settings = dict(beta=6.0)
+  return c

@@ -1,0 +1,115 @@
+"""Training recipes: TRADES and MART losses by hand, their inner attacks, Fast-AT."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jaxrobust import attacks, checks, data, objectives, parallel, training
+from jaxrobust import keys as keys_lib
+
+
+def softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def trades_by_hand(clean, adv, y, beta):
+  p, q = softmax(clean), softmax(adv)
+  ce = -np.log(p[np.arange(len(y)), y])
+  kl = np.sum(p * (np.log(p) - np.log(q)), -1)
+  return ce + beta * kl
+
+
+def mart_by_hand(clean, adv, y, lam):
+  p, q = softmax(clean), softmax(adv)
+  rows = np.arange(len(y))
+  wrong = np.array([max(q[i, k] for k in range(q.shape[1]) if k != y[i]) for i in rows])
+  bce = -np.log(q[rows, y]) - np.log(1 - wrong)
+  kl = np.sum(p * (np.log(p) - np.log(q)), -1)
+  return bce + lam * kl * (1 - p[rows, y])
+
+
+def logits(seed, shape=(6, 4)):
+  return np.random.default_rng(seed).normal(0, 2, shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("weight", [0.0, 6.0])
+def test_trades_and_mart_losses_equal_their_formulas(weight):
+  clean, adv, y = logits(0), logits(1), np.array([0, 1, 2, 3, 0, 1])
+  np.testing.assert_allclose(
+      objectives.trades_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), beta=weight),
+      trades_by_hand(clean, adv, y, weight), rtol=1e-5)
+  np.testing.assert_allclose(
+      objectives.mart_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), lam=weight),
+      mart_by_hand(clean, adv, y, weight), rtol=1e-3)  # the code's 1e-4 guard in log(1 - p)
+
+
+class Mlp(nn.Module):
+  """A 64-16-10 tanh network: a Flax model that compiles in a blink."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(10)(jnp.tanh(nn.Dense(16)(x.reshape(x.shape[0], -1))))
+
+
+def tiny_model():
+  x, y = data.load("digits", "train")
+  return Mlp(), jnp.asarray(x[:8]), jnp.asarray(y[:8])
+
+
+@pytest.mark.parametrize("name, settings, by_hand", [
+    ("trades", dict(beta=6.0), lambda c, a, y: trades_by_hand(c, a, y, 6.0)),
+    ("mart", dict(lam=5.0), lambda c, a, y: mart_by_hand(c, a, y, 5.0)),
+])
+def test_training_step_minimises_the_objectives_loss(name, settings, by_hand):
+  model, x, y = tiny_model()
+  spec = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2, random_start=0.001)
+  objective = training.make_input_fn(name, spec, settings=settings)
+  tx = optax.sgd(0.1)
+  mesh = parallel.mesh(jax.devices()[:1])
+  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
+  # The step's attack keys (training module docstring): step 0, key 1.
+  attack_key = jax.random.split(jax.random.fold_in(jax.random.key(1), 0), 3)[0]
+  logits_fn = lambda xb: model.apply(state.variables, xb, train=False)
+  x_adv = objective(logits_fn, x, y, keys_lib.example_keys(attack_key, 8))
+  assert float(jnp.abs(x_adv - x).max()) <= 0.2 + 1e-6
+  expected = by_hand(np.asarray(logits_fn(x), np.float64),
+                     np.asarray(logits_fn(x_adv), np.float64), np.asarray(y)).mean()
+  step = training.make_train_step(model, tx, objective, mesh)
+  _, metrics = step(jax.device_put(state, parallel.replicated(mesh)), x, y, jax.random.key(1))
+  np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+
+
+def test_trades_attack_maximises_the_kl_from_the_clean_prediction():
+  model, x, y = tiny_model()
+  variables = model.init(jax.random.key(0), x[:1])
+  logits_fn = lambda xb: model.apply(variables, xb)
+  objective = training.make_input_fn(
+      "trades", dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=5,
+                     random_start=0.001))
+  keys = keys_lib.example_keys(jax.random.key(2), 8)
+  x_adv = jax.jit(lambda x, y, k: objective(logits_fn, x, y, k))(x, y, keys)
+  p = jax.nn.softmax(logits_fn(x))
+  kl = lambda xa: jax.vmap(attacks.losses.kl_divergence)(logits_fn(xa), p)
+  # Larger than at the 0.001 start and than any corner of the ball drawn at random.
+  assert (np.asarray(kl(x_adv)) > 10 * np.asarray(kl(x + 0.001))).all()
+  corners = jnp.clip(x + 0.2 * jnp.sign(jax.random.normal(jax.random.key(3), x.shape)), 0, 1)
+  assert (np.asarray(kl(x_adv)) > np.asarray(kl(corners))).all()
+
+
+@pytest.mark.parametrize("name, spec, settings, match", [
+    ("trades", dict(name="pgd", eps=0.1), dict(beta=-1.0), "objective_settings.beta.*-1.0"),
+    ("mart", dict(name="pgd", eps=0.1), dict(lam=-0.5), "objective_settings.lam.*-0.5"),
+    ("trades", dict(name="pgd", eps=0.1), dict(lam=1.0), "no setting 'lam'"),
+    ("pgd_at", dict(name="pgd", eps=0.1), dict(beta=1.0), "'pgd_at' takes no objective_settings"),
+    ("trades", dict(name="fgsm", eps=0.1), None, "'trades' takes a 'pgd' attack"),
+    ("trades", dict(name="pgd", eps=0.1, loss="cw"), None, "without a loss"),
+    ("fast_at", dict(name="pgd", eps=0.1), None, "'fast_at' takes an 'fgsm' attack"),
+    ("pgd_at", dict(name="pgd", eps=0.1, random_start=-0.1), None, "random_start.*-0.1"),
+])
+def test_bad_recipe_settings(name, spec, settings, match):
+  with pytest.raises(checks.InputError, match=match):
+    training.make_input_fn(name, spec, settings=settings)
