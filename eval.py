@@ -100,6 +100,9 @@ def main(argv):
   cli.parse_flags(argv)
   checks.require(_WORKDIR.value, "--workdir is required")
   resolved, model, state = experiment.restore(_WORKDIR.value)
+  if resolved.get("ema"):
+    print(f"Model: the exponential moving average of the parameters (decay "
+          f"{resolved['ema']:g}), step {int(state.step)}")
   if "config" in flags.FLAGS:
     resolved = flags.FLAGS.config.to_dict()
   rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)

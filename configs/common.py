@@ -31,6 +31,9 @@ def base():
   c.objective = "natural"
   c.batch_size = 64
   c.epochs = 20
+  # Exponential moving average of the parameters, evaluated instead of them
+  # (0: off; 0.995 is typical).
+  c.ema = 0.0
   c.optimizer = dict(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, schedule="cosine", warmup_steps=50)
   c.log_every_steps = 10

@@ -9,7 +9,10 @@ for MART notes 5 for the paper's CIFAR-10 setting: set
 --config.objective_settings.lam=5 to follow that. `objectives.mart_loss`.
 Command: python train.py --config configs/mart.py --workdir runs/mart
 Seed setting (seed_cnn, CIFAR-10): --config configs/mart.py:cifar10
-Result: RESULT
+Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluation):
+  clean 10.00 %, pgd_linf 10.00 %, pgd_l2 10.00 %: with these defaults (SGD 0.05,
+  eps 0.2) MART did not leave the uniform prediction on digits (training loss
+  stuck at ln 10 - ln 0.9 = 2.408 from the first steps). Not tuned yet.
 """
 from configs import common
 

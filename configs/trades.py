@@ -6,7 +6,9 @@ x + 0.001 N(0, I), step eps / 4 (0.007 for eps 8/255 in the paper); eps 0.2
 on digits, 8/255 in the seed's setting. `objectives.trades_loss`.
 Command: python train.py --config configs/trades.py --workdir runs/trades
 Seed setting (seed_cnn, CIFAR-10): --config configs/trades.py:cifar10
-Result: RESULT
+Result (digits, the defaults above, 2 shared CPU cores, 272 s with the evaluation;
+train.py's printed table, 300 test examples):
+  clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 64.67 %, pgd_l2 (PGD-20, eps 1) 24.00 %
 """
 from configs import common
 

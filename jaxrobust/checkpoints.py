@@ -205,7 +205,7 @@ def restore_latest(mgr, target, *, quarantine=False):
       warnings.warn(f"checkpoint {str(path)!r} is corrupt ({e}); {action}, "
                     f"using the previous one", CorruptCheckpointWarning, stacklevel=2)
       if quarantine:
-        _move_aside(mgr, path)
+        move_aside(mgr, step)
   return None
 
 
@@ -260,13 +260,16 @@ def _check_fits(saved, expected, path):
       f"or the model code changed?)")
 
 
-def _move_aside(mgr, path):
+def move_aside(mgr, step, prefix=CORRUPT_PREFIX):
+  """Renames checkpoint `step` to `<prefix><step>` (kept, never deleted; orbax
+  ignores it) and makes `mgr` forget it."""
+  path = mgr.directory / str(step)
   if jax.process_index() == 0:
-    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+    target = path.with_name(f"{prefix}{path.name}")
     n = 1
     while target.exists():
       n += 1
-      target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{n}")
+      target = path.with_name(f"{prefix}{path.name}-{n}")
     path.rename(target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jaxrobust: moved aside {path}")

@@ -1,7 +1,7 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
 from jaxrobust import augment as augment_lib
-from jaxrobust import checks, data, evaluation, models, training
+from jaxrobust import checks, data, evaluation, guard, models, training
 
 
 def resolve(config, train_set):
@@ -55,6 +55,8 @@ def check_config(config, mesh):
     checks.integer_at_least(name, config[name], 1)
   training.make_optimizer(config.optimizer, total_steps=1)
   make_augment(config)
+  training.check_ema(config.get("ema", 0.0))
+  guard.settings(config.get("overfit_guard"), config.get("train_attack"))
   training.make_input_fn(config.objective, config.get("train_attack"),
                          settings=config.get("objective_settings"))
   # train.py evaluates with these at the end: refuse them now, not after training.

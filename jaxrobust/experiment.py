@@ -8,6 +8,7 @@ finished or running model for evaluation. The workdir holds:
                      input shape, the per-channel mean and std the model uses)
   checkpoints/<step> orbax checkpoints of the TrainState (see `checkpoints`)
   metrics.jsonl      one JSON line per logged step
+  overfit_guard.json with `overfit_guard` (Fast-AT): its checks and stop (`guard`)
   tensorboard/       the same metrics for TensorBoard
 
 Reliability:
@@ -39,13 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrobust import certificates, checkpoints, checks, config as config_lib, data, evaluation
-from jaxrobust import models
+from jaxrobust import guard as guard_lib, models
 from jaxrobust import metrics as metrics_lib, parallel, sanity as sanity_lib, signals, training
 
 
 def _init_fn(resolved, model, tx):
   shape = resolved["dataset"]["input_shape"]
-  return lambda key: training.init_state(model, tx, shape, key)
+  ema = bool(resolved.get("ema", 0.0))
+  return lambda key: training.init_state(model, tx, shape, key, ema=ema)
 
 
 def initial_state(resolved, model, tx, mesh):
@@ -110,12 +112,26 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
     if start >= end:
       return state
 
+    guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
+    if guard:
+      record = guard_lib.read(workdir, start)
+      if "stopped" in record:
+        if primary:
+          print(f"the overfitting guard stopped this run at step "
+                f"{record['stopped']['step']}; not training further (step {start} is "
+                f"the last good checkpoint)", flush=True)
+        return state
+      check = guard_lib.make_check(config_lib.build_model(resolved), train_set.x,
+                                   train_set.y, guard, config.seed)
+      previous = record["checks"][-1]["robust_accuracy"] if record["checks"] else None
     step_fn = training.make_train_step(model, tx, input_fn, mesh,
-                                       augment=config_lib.make_augment(resolved))
+                                       augment=config_lib.make_augment(resolved),
+                                       ema=resolved.get("ema", 0.0))
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
                                  seed=config.seed, start_step=start)
-    log = metrics_lib.MetricsLog(workdir, resume_step=start) if primary else contextlib.nullcontext()
+    log = (metrics_lib.MetricsLog(workdir, resume_step=start) if primary
+           else contextlib.nullcontext())
     progress = metrics_lib.Progress(start, end, f"train {Path(workdir).name}",
                                     enabled=progress and primary)
     first_bad = jnp.int32(-1)  # on the device: the first step with non-finite metrics
@@ -127,12 +143,28 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
         state, metrics = step_fn(state, *parallel.global_batch(next(batches), mesh), key)
         first_bad = _first_non_finite(first_bad, metrics, jnp.int32(step))
         progress.step()
-        logging = step % config.log_every_steps == 0 or step == end
+        epoch_end = bool(guard) and step % steps_per_epoch == 0
+        logging = step % config.log_every_steps == 0 or step == end or epoch_end
         stopping = stop.requested(step)
-        saving = stopping or step == end or step % config.checkpoint_every_steps == 0
+        saving = (stopping or step == end or step % config.checkpoint_every_steps == 0
+                  or epoch_end)
         if logging or saving:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, int(first_bad), step, mgr)
+        if epoch_end:  # Fast-AT's guard (`jaxrobust.guard`): once per epoch
+          accuracy = float(check(state.variables))
+          metrics["guard_robust_accuracy"] = accuracy
+          if guard_lib.collapsed(previous, accuracy, guard["max_drop"]):
+            message = guard_lib.stop(mgr, record, step, accuracy)
+            if primary:
+              log.write(step, {**metrics, "epoch": step / steps_per_epoch})
+              guard_lib.write(workdir, record)
+              print(message, flush=True)
+            return checkpoints.restore_latest(mgr, target)
+          previous = accuracy
+          record["checks"].append({"step": step, "robust_accuracy": accuracy})
+          if primary:
+            guard_lib.write(workdir, record)
         if logging and primary:
           now = time.perf_counter()
           log.write(step, {**metrics, "epoch": step / steps_per_epoch, "seconds": now - tick})
@@ -194,7 +226,9 @@ def save_checkpoint(mgr, state, step):
 
 def restore(workdir, mesh=None):
   """The resolved config, model and state of the newest intact checkpoint in
-  `workdir`, which is only read (corrupt checkpoints are skipped, not moved)."""
+  `workdir`, which is only read (corrupt checkpoints are skipped, not moved).
+  With `ema` set, the state's parameters are their moving average
+  (`training.for_evaluation`): the model to evaluate."""
   mesh = mesh or parallel.mesh()
   workdir = checkpoints.check_workdir(workdir)
   resolved = checkpoints.load_config(workdir)
@@ -209,7 +243,7 @@ def restore(workdir, mesh=None):
       mgr.close()
   checks.require(state is not None, f"no intact checkpoint in {str(workdir)!r}; "
                  "train first with train.py --workdir")
-  return resolved, model, state
+  return resolved, model, training.for_evaluation(state)
 
 
 def evaluate(resolved, model, state, *, split="test", names=None, specs=None,

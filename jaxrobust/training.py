@@ -42,23 +42,43 @@ class TrainState(flax.struct.PyTreeNode):
     params: the model's "params" collection.
     model_state: the model's other collections (e.g. "batch_stats").
     opt_state: the optax optimizer state.
+    ema_params: None, or the exponential moving average of the parameters
+      (config `ema`, the decay d): ema_0 = params_0 and, after every step t,
+      ema_t = d * ema_{t-1} + (1 - d) * params_t. Evaluated in place of the
+      parameters (`for_evaluation`), with the model's other collections
+      (BatchNorm statistics) as trained.
   """
   step: jax.Array
   params: Any
   model_state: Any
   opt_state: Any
+  ema_params: Any = None
 
   @property
   def variables(self):
     return {"params": self.params, **self.model_state}
 
 
-def init_state(model, tx, input_shape, key):
-  """A fresh TrainState for `model` on inputs of shape [1, *input_shape]."""
+def init_state(model, tx, input_shape, key, *, ema=False):
+  """A fresh TrainState for `model` on inputs of shape [1, *input_shape]
+  (with `ema`, an average of the parameters starting at them)."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=dict(variables), opt_state=tx.init(params))
+                    model_state=dict(variables), opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def check_ema(decay):
+  """The EMA decay of config `ema`: 0 (off) or in (0, 1)."""
+  return checks.in_interval("ema", decay, 0.0, 1.0, closed=(True, False))
+
+
+def for_evaluation(state):
+  """The state a run is evaluated with: its parameters, or their EMA when kept."""
+  if state.ema_params is None:
+    return state
+  return state.replace(params=state.ema_params)
 
 
 def make_schedule(cfg, total_steps):
@@ -66,12 +86,21 @@ def make_schedule(cfg, total_steps):
 
   The learning-rate schedule: "constant", "cosine" (to 0, after linear
   warm-up over `warmup_steps`) or "piecewise" (multiply by `decay_factor` at
-  each fraction of training in `decay_at`)."""
+  each fraction of training in `decay_at`) or "cyclic" (Smith's one cycle as
+  Wong et al. 2020 use it for Fast-AT: linear from 0 up to the learning rate
+  at the fraction `peak_at` of training, default 2/5, then linear down to 0)."""
   lr = checks.positive("optimizer.learning_rate", cfg["learning_rate"])
   name = checks.one_of("optimizer.schedule", cfg.get("schedule", "constant"),
-                       ("constant", "cosine", "piecewise"))
+                       ("constant", "cosine", "piecewise", "cyclic"))
   if name == "constant":
     return optax.constant_schedule(lr)
+  if name == "cyclic":
+    peak_at = checks.in_interval("optimizer.peak_at", cfg.get("peak_at", 0.4), 0.0, 1.0,
+                                 closed=(False, False))
+    peak = min(max(1, round(peak_at * total_steps)), max(total_steps - 1, 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, peak),
+                                 optax.linear_schedule(lr, 0.0, max(total_steps - peak, 1))],
+                                [peak])
   if name == "cosine":
     warmup = min(cfg.get("warmup_steps", 0), total_steps - 1)
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
@@ -124,8 +153,11 @@ def global_index(local_batch):
   return jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch + jnp.arange(local_batch)
 
 
-def make_train_step(model, tx, input_fn, mesh, *, augment=None):
+def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0):
   """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
+
+  With `ema` = d > 0 (and a state with `ema_params`), the step also updates
+  ema <- d * ema + (1 - d) * params with the new parameters.
 
   With `augment` (`augment.create`: `(x, keys) -> x`), the batch is first
   augmented on device, example i with `fold_in(fold_in(step_key, 3), i)` (i
@@ -142,6 +174,7 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None):
   objective has `eot_samples` (`rat`), the randomized classifier averaged
   over that many fresh draws (shared by the batch).
   """
+  check_ema(ema)
   objective = (input_fn if isinstance(input_fn, objectives.Objective)
                else objectives.Objective("custom", input_fn))
   randomized = models.is_randomized(model)
@@ -191,9 +224,14 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None):
         state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    params = optax.apply_updates(state.params, param_updates)
+    ema_params = state.ema_params
+    if ema and ema_params is not None:
+      ema_params = jax.tree.map(lambda e, p: ema * e + (1 - ema) * p, ema_params, params)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, param_updates),
+        params=params,
+        ema_params=ema_params,
         model_state={**state.model_state,
                      **jax.lax.pmean(dict(updates), parallel.BATCH_AXIS)},
         opt_state=opt_state)

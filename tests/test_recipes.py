@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jaxrobust import attacks, checks, data, objectives, parallel, training
+from jaxrobust import attacks, checks, data, experiment, objectives, parallel, training
 from jaxrobust import keys as keys_lib
 
 
@@ -113,3 +113,46 @@ def test_trades_attack_maximises_the_kl_from_the_clean_prediction():
 def test_bad_recipe_settings(name, spec, settings, match):
   with pytest.raises(checks.InputError, match=match):
     training.make_input_fn(name, spec, settings=settings)
+
+
+def test_ema_follows_its_recursion_exactly():
+  model, x, y = tiny_model()
+  decay = 0.75
+  tx = optax.sgd(0.5)
+  mesh = parallel.mesh(jax.devices()[:1])
+  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0), ema=True)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh,
+                                  ema=decay)
+  recorded = [jax.tree.map(np.asarray, state.params)]
+  for _ in range(4):
+    state, _ = step(state, x, y, jax.random.key(1))
+    recorded.append(jax.tree.map(np.asarray, state.params))
+  # By hand: e_0 = p_0, e_t = d e_{t-1} + (1 - d) p_t; in closed form
+  # e_n = d^n p_0 + sum_{t=1..n} (1 - d) d^(n-t) p_t.
+  n = len(recorded) - 1
+  expected = jax.tree.map(
+      lambda *p: decay**n * p[0] + sum((1 - decay) * decay**(n - t) * p[t]
+                                       for t in range(1, n + 1)), *recorded)
+  for got, want, last in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected),
+                             jax.tree.leaves(recorded[-1])):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(want, last)  # the average is not the last parameters
+  assert training.for_evaluation(state).params is state.ema_params
+
+
+def test_ema_is_checkpointed_and_evaluated(tiny_config, tmp_path):
+  final = experiment.train(tiny_config(ema=0.9), tmp_path, max_steps=3, progress=False)
+  _, _, restored = experiment.restore(tmp_path)
+  for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(final.ema_params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert not np.array_equal(jax.tree.leaves(final.ema_params)[0],
+                            jax.tree.leaves(final.params)[0])
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_bad_ema_decay(tiny_config, tmp_path, decay, snapshot):
+  before = snapshot(tmp_path)
+  with pytest.raises(checks.InputError, match=f"ema must lie in \\[0.0, 1.0\\), got {decay}"):
+    experiment.train(tiny_config(ema=decay), tmp_path / "run", progress=False)
+  assert snapshot(tmp_path) == before
