@@ -101,18 +101,20 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   primary = jax.process_index() == 0
   with parallel.on_every_process("claim the workdir"):
     workdir = checkpoints.claim_workdir(workdir, resolved, write=primary)
-  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
+  steps_per_epoch, total = config_lib.schedule_length(resolved)
+  # With the guard, every epoch end it passed is kept: the last good model.
+  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
+                            keep_period=steps_per_epoch if guard else None)
   try:
     state = checkpoints.restore_latest(mgr, target, quarantine=True)
     if state is None:
       state = initial_state(resolved, model, tx, mesh)
     start = int(state.step)
-    steps_per_epoch, total = config_lib.schedule_length(resolved)
     end = total if max_steps is None else min(total, max_steps)
     if start >= end:
       return state
 
-    guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
     if guard:
       record = guard_lib.read(workdir, start)
       if "stopped" in record:

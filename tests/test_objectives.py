@@ -12,7 +12,7 @@ from jaxrobust import attacks, checks, data, experiment, models, objectives, par
 from jaxrobust import spectral, training
 
 CONFIGS = ("natural", "pgd_at", "pgd_at_sn_noise", "gaussian", "rat", "cw_pgd_mix",
-           "mat_rand", "mat_max", "trades", "mart")
+           "mat_rand", "mat_max", "trades", "mart", "fast_at")
 
 
 def shorten(spec):
@@ -22,6 +22,8 @@ def shorten(spec):
     spec["attacks"] = [shorten(a) for a in spec["attacks"]]
   elif spec["name"] == "cw_l2":
     spec["steps"] = 2
+  elif spec["name"] == "fgsm":
+    pass  # one step already
   else:
     spec.update(steps=2, step_size=None)
   return spec

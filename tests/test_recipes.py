@@ -1,4 +1,6 @@
 """Training recipes: TRADES and MART losses by hand, their inner attacks, Fast-AT."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +158,43 @@ def test_bad_ema_decay(tiny_config, tmp_path, decay, snapshot):
   with pytest.raises(checks.InputError, match=f"ema must lie in \\[0.0, 1.0\\), got {decay}"):
     experiment.train(tiny_config(ema=decay), tmp_path / "run", progress=False)
   assert snapshot(tmp_path) == before
+
+
+def guarded(tiny_config, jump):
+  """Two epochs (46 steps each) of Adam on digits with the overfitting guard
+  (PGD-5 at eps 0.02 on 64 training images); with `jump`, the learning rate
+  jumps 300-fold after the first epoch, which wrecks the model."""
+  optimizer = dict(name="adam", learning_rate=1e-2, schedule="piecewise" if jump else "constant",
+                   decay_at=[0.5], decay_factor=300.0)
+  return tiny_config(epochs=2, optimizer=optimizer, checkpoint_every_steps=10,
+                     overfit_guard=dict(examples=64, steps=5, max_drop=0.2, eps=0.02))
+
+
+def test_overfitting_guard_stops_a_collapsing_run_and_keeps_the_last_good_checkpoint(
+    tiny_config, tmp_path, capsys):
+  state = experiment.train(guarded(tiny_config, jump=True), tmp_path, progress=False)
+  record = json.loads((tmp_path / "overfit_guard.json").read_text())
+  first = record["checks"][0]
+  assert first["step"] == 46 and first["robust_accuracy"] > 0.4
+  stopped = record["stopped"]
+  assert stopped["step"] == 92 and stopped["last_good_step"] == 46
+  assert stopped["robust_accuracy"] < first["robust_accuracy"] - 0.2
+  assert "training stopped, keeping the last good checkpoint (step 46)" in capsys.readouterr().out
+  assert int(state.step) == 46
+  # The newest checkpoint is the last good one; the later ones were moved aside.
+  names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+  assert {"overfit-70", "overfit-80", "overfit-90"} <= names  # the 3 kept (keep_checkpoints)
+  assert max(int(n) for n in names if n.isdigit()) == 46
+  assert int(experiment.restore(tmp_path)[2].step) == 46
+  # Rerunning the command does not train past the stop.
+  again = experiment.train(guarded(tiny_config, jump=True), tmp_path, progress=False)
+  assert int(again.step) == 46 and "stopped this run at step 92" in capsys.readouterr().out
+
+
+def test_overfitting_guard_lets_a_healthy_run_finish(tiny_config, tmp_path):
+  state = experiment.train(guarded(tiny_config, jump=False), tmp_path, progress=False)
+  record = json.loads((tmp_path / "overfit_guard.json").read_text())
+  assert int(state.step) == 92 and "stopped" not in record
+  assert [c["step"] for c in record["checks"]] == [46, 92]
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [m["step"] for m in logged if "guard_robust_accuracy" in m] == [46, 92]
