@@ -34,6 +34,9 @@ def base():
   # Exponential moving average of the parameters, evaluated instead of them
   # (0: off; 0.995 is typical).
   c.ema = 0.0
+  # Adversarial weight perturbation (Wu et al. 2020): its gamma, 0 = off; 5e-3
+  # on top of pgd_at or trades (--config.awp=5e-3).
+  c.awp = 0.0
   c.optimizer = dict(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, schedule="cosine", warmup_steps=50)
   c.log_every_steps = 10

@@ -9,7 +9,11 @@ checkpoint (`jaxrobust.guard`). eps 0.2 on digits, 8/255 in the seed's
 setting.
 Command: python train.py --config configs/fast_at.py --workdir runs/fast_at
 Seed setting (seed_cnn, CIFAR-10): --config configs/fast_at.py:cifar10
-Result: RESULT
+Result (digits, the defaults above, 2 shared CPU cores, 177 s with the evaluation;
+train.py's printed table, 300 test examples):
+  clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 58.33 %, pgd_l2 (PGD-20, eps 1) 24.00 %;
+  the guard's PGD-5 accuracy rose from 4 % (epoch 1) to 75 % (epoch 20) and
+  never fired.
 """
 from configs import common
 

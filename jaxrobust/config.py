@@ -56,6 +56,7 @@ def check_config(config, mesh):
   training.make_optimizer(config.optimizer, total_steps=1)
   make_augment(config)
   training.check_ema(config.get("ema", 0.0))
+  training.check_awp(config.get("awp", 0.0))
   guard.settings(config.get("overfit_guard"), config.get("train_attack"))
   training.make_input_fn(config.objective, config.get("train_attack"),
                          settings=config.get("objective_settings"))

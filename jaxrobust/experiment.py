@@ -128,7 +128,8 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
       previous = record["checks"][-1]["robust_accuracy"] if record["checks"] else None
     step_fn = training.make_train_step(model, tx, input_fn, mesh,
                                        augment=config_lib.make_augment(resolved),
-                                       ema=resolved.get("ema", 0.0))
+                                       ema=resolved.get("ema", 0.0),
+                                       awp=resolved.get("awp", 0.0))
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
                                  seed=config.seed, start_step=start)

@@ -153,8 +153,36 @@ def global_index(local_batch):
   return jax.lax.axis_index(parallel.BATCH_AXIS) * local_batch + jnp.arange(local_batch)
 
 
-def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0):
+def awp_perturbation(params, grads, *, gamma):
+  """Adversarial weight perturbation (Wu et al. 2020), per layer l:
+
+    v_l = gamma * ||w_l|| * g_l / ||g_l||,
+
+  g_l the gradient of the training loss with respect to w_l (the ascent
+  direction: one step of the authors' proxy optimizer, normalised), for every
+  weight array with more than one axis (kernels); biases and scales are not
+  perturbed (v = 0). So ||v_l|| = gamma ||w_l||: the relative size of the
+  perturbation is gamma (5e-3 in the paper) in every layer."""
+  def one(w, g):
+    if w.ndim <= 1:
+      return jnp.zeros_like(w)
+    return gamma * jnp.linalg.norm(w) * g / (jnp.linalg.norm(g) + 1e-20)
+  return jax.tree.map(one, params, grads)
+
+
+def check_awp(gamma):
+  """AWP's gamma (config `awp`): 0 (off) or a number in (0, 1)."""
+  return checks.in_interval("awp", gamma, 0.0, 1.0, closed=(True, False))
+
+
+def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0):
   """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
+
+  With `awp` = gamma > 0 (Wu et al. 2020), the gradient of the objective's
+  loss is taken at the perturbed weights w + v (`awp_perturbation`, v from
+  the loss gradient at w on the same training inputs) and applied to w: the
+  perturbation is removed before the update, which costs one more forward
+  and backward pass. The batch statistics are those of the perturbed pass.
 
   With `ema` = d > 0 (and a state with `ema_params`), the step also updates
   ema <- d * ema + (1 - d) * params with the new parameters.
@@ -175,6 +203,7 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0):
   over that many fresh draws (shared by the batch).
   """
   check_ema(ema)
+  check_awp(awp)
   objective = (input_fn if isinstance(input_fn, objectives.Objective)
                else objectives.Objective("custom", input_fn))
   randomized = models.is_randomized(model)
@@ -220,8 +249,11 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0):
       # (the transpose of their broadcast), which makes it the global mean's.
       return loss / jax.lax.axis_size(parallel.BATCH_AXIS), (loss, logits, updates)
 
-    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    at = state.params
+    if awp:  # ascend in weight space first: the gradient is taken at w + v
+      at = jax.tree.map(jnp.add, at, awp_perturbation(
+          state.params, jax.grad(lambda p: loss_fn(p)[0])(state.params), gamma=awp))
+    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     params = optax.apply_updates(state.params, param_updates)

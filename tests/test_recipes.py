@@ -198,3 +198,40 @@ def test_overfitting_guard_lets_a_healthy_run_finish(tiny_config, tmp_path):
   assert [c["step"] for c in record["checks"]] == [46, 92]
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert [m["step"] for m in logged if "guard_robust_accuracy" in m] == [46, 92]
+
+
+def test_awp_perturbation_has_the_relative_norm_gamma_per_layer():
+  model, x, y = tiny_model()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean()
+  v = training.awp_perturbation(params, jax.grad(loss)(params), gamma=5e-3)
+  for layer in ("Dense_0", "Dense_1"):
+    w, vw = params[layer]["kernel"], v[layer]["kernel"]
+    assert float(jnp.linalg.norm(vw) / jnp.linalg.norm(w)) == pytest.approx(5e-3, rel=1e-5)
+    np.testing.assert_array_equal(v[layer]["bias"], 0.0)
+  # An ascent direction: the loss rises at w + v.
+  assert float(loss(jax.tree.map(jnp.add, params, v))) > float(loss(params))
+
+
+def test_awp_step_applies_the_gradient_at_w_plus_v_to_w():
+  model, x, y = tiny_model()
+  lr, gamma = 0.5, 0.05
+  tx = optax.sgd(lr)
+  mesh = parallel.mesh(jax.devices()[:1])
+  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
+  w = jax.tree.map(np.asarray, state.params)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean()
+  # By hand: v from the gradient at w, then w - lr * grad at (w + v).
+  v = training.awp_perturbation(w, jax.grad(loss)(w), gamma=gamma)
+  expected = jax.tree.map(lambda p, g: p - lr * g, w,
+                          jax.grad(loss)(jax.tree.map(jnp.add, w, v)))
+  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh,
+                                  awp=gamma)
+  new, _ = step(jax.device_put(state, parallel.replicated(mesh)), x, y, jax.random.key(1))
+  for got, want, plain in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected),
+                              jax.tree.leaves(jax.tree.map(
+                                  lambda p, g: p - lr * g, w, jax.grad(loss)(w)))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+  assert not np.allclose(np.asarray(want), np.asarray(plain), atol=1e-7)  # AWP mattered
