@@ -10,9 +10,15 @@ seconds per step of each and their ratio.
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from jaxrobust import parallel
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))  # `python benchmarks/augment_cost.py` from a clone
+
+from jaxrobust import parallel  # noqa: E402
 
 parallel.use_host_devices()
 

@@ -47,6 +47,10 @@ def base():
   # with the quicker `after_training`.
   c.eval = dict(batch_size=500, limit=0, default="autoattack_linf,pgd_l2",
                 after_training="pgd_linf,pgd_l2",
+                # The best checkpoint (Rice et al. 2020): PGD-10 accuracy on the
+                # last `validation_examples` training images (held out) every
+                # `every_epochs` epochs; 0: off.
+                every_epochs=0, validation_examples=0,
                 attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]))
   return c
 

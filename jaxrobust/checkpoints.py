@@ -142,7 +142,7 @@ def first_difference(a, b, prefix=""):
   return None
 
 
-def manager(workdir, *, keep=3, read_only=False, keep_period=None):
+def manager(workdir, *, keep=3, read_only=False, keep_period=None, directory=None):
   """An orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last `keep`.
 
   Saves are synchronous, so that a finished `save` is on disk. A writing
@@ -150,13 +150,15 @@ def manager(workdir, *, keep=3, read_only=False, keep_period=None):
   `read_only` one creates and deletes nothing (it is only used to restore;
   orbax's own read-only mode would log a warning on every evaluation).
   With `keep_period`, checkpoints at multiples of it are never deleted (the
-  epoch ends that Fast-AT's overfitting guard found good).
+  epoch ends that Fast-AT's overfitting guard found good). `directory`: another
+  directory than `<workdir>/checkpoints` (the best checkpoint's).
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_period, enable_async_checkpointing=False,
       create=not read_only,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+  directory = Path(directory or Path(workdir) / "checkpoints").absolute()
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mgr, state):

@@ -1,7 +1,7 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
 from jaxrobust import augment as augment_lib
-from jaxrobust import checks, data, evaluation, guard, models, training
+from jaxrobust import checks, data, evaluation, guard, models, selection, training
 
 
 def resolve(config, train_set):
@@ -57,6 +57,7 @@ def check_config(config, mesh):
   make_augment(config)
   training.check_ema(config.get("ema", 0.0))
   training.check_awp(config.get("awp", 0.0))
+  selection.settings(config.eval, None)
   guard.settings(config.get("overfit_guard"), config.get("train_attack"))
   training.make_input_fn(config.objective, config.get("train_attack"),
                          settings=config.get("objective_settings"))

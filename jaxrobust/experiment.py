@@ -7,6 +7,8 @@ finished or running model for evaluation. The workdir holds:
   config.json        the resolved config (the config plus data facts: classes,
                      input shape, the per-channel mean and std the model uses)
   checkpoints/<step> orbax checkpoints of the TrainState (see `checkpoints`)
+  checkpoints/best/  with eval.every_epochs: the best by validation robust
+                     accuracy, and best.json its record (`selection`)
   metrics.jsonl      one JSON line per logged step
   overfit_guard.json with `overfit_guard` (Fast-AT): its checks and stop (`guard`)
   tensorboard/       the same metrics for TensorBoard
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrobust import certificates, checkpoints, checks, config as config_lib, data, evaluation
-from jaxrobust import guard as guard_lib, models
+from jaxrobust import guard as guard_lib, models, selection
 from jaxrobust import metrics as metrics_lib, parallel, sanity as sanity_lib, signals, training
 
 
@@ -88,6 +90,9 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   config_lib.check_config(config, mesh)
   checkpoints.check_workdir(workdir, writable=True)
   train_set = config_lib.load_split(config, "train")
+  every, val_size = selection.settings(config.eval, len(train_set.x))
+  if every:  # the validation slice (Rice et al.): never trained on
+    train_set, val_set = selection.split(train_set, val_size)
   checks.require(config.batch_size <= len(train_set.x),
                  f"batch_size {config.batch_size} exceeds the {len(train_set.x)} "
                  f"training examples")
@@ -106,6 +111,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   # With the guard, every epoch end it passed is kept: the last good model.
   mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
                             keep_period=steps_per_epoch if guard else None)
+  stack = contextlib.ExitStack()
   try:
     state = checkpoints.restore_latest(mgr, target, quarantine=True)
     if state is None:
@@ -126,6 +132,14 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
       check = guard_lib.make_check(config_lib.build_model(resolved), train_set.x,
                                    train_set.y, guard, config.seed)
       previous = record["checks"][-1]["robust_accuracy"] if record["checks"] else None
+    if every:
+      best_record = selection.read(workdir, start)
+      val_check = guard_lib.make_check(
+          config_lib.build_model(resolved), val_set.x, val_set.y,
+          dict(eps=config.eval.attacks.pgd_linf.eps, steps=selection.STEPS,
+               examples=val_size), config.seed)
+      best_mgr = selection.manager(workdir)
+      stack.callback(best_mgr.close)
     step_fn = training.make_train_step(model, tx, input_fn, mesh,
                                        augment=config_lib.make_augment(resolved),
                                        ema=resolved.get("ema", 0.0),
@@ -147,7 +161,9 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
         first_bad = _first_non_finite(first_bad, metrics, jnp.int32(step))
         progress.step()
         epoch_end = bool(guard) and step % steps_per_epoch == 0
-        logging = step % config.log_every_steps == 0 or step == end or epoch_end
+        validating = bool(every) and step % (every * steps_per_epoch) == 0
+        logging = (step % config.log_every_steps == 0 or step == end or epoch_end
+                   or validating)
         stopping = stop.requested(step)
         saving = (stopping or step == end or step % config.checkpoint_every_steps == 0
                   or epoch_end)
@@ -168,6 +184,15 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
           record["checks"].append({"step": step, "robust_accuracy": accuracy})
           if primary:
             guard_lib.write(workdir, record)
+        if validating:  # the best checkpoint (`selection`)
+          accuracy = float(val_check(training.for_evaluation(state).variables))
+          metrics["val_robust_accuracy"] = accuracy
+          best_record["checks"].append({"step": step, "val_robust_accuracy": accuracy})
+          if selection.best_of(best_record["checks"]) is best_record["checks"][-1]:
+            save_checkpoint(best_mgr, state, step)
+          best_record["best"] = selection.best_of(best_record["checks"])
+          if primary:
+            selection.write(workdir, best_record)
         if logging and primary:
           now = time.perf_counter()
           log.write(step, {**metrics, "epoch": step / steps_per_epoch, "seconds": now - tick})
@@ -179,6 +204,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
           raise signals.Interrupted(stop.signum, step, mgr.directory / str(step))
     return state
   finally:
+    stack.close()
     mgr.close()
 
 
@@ -227,9 +253,10 @@ def save_checkpoint(mgr, state, step):
   checkpoints.save(mgr, state)
 
 
-def restore(workdir, mesh=None):
+def restore(workdir, mesh=None, checkpoint="latest"):
   """The resolved config, model and state of the newest intact checkpoint in
-  `workdir`, which is only read (corrupt checkpoints are skipped, not moved).
+  `workdir` (`checkpoint="best"`: the best by validation robust accuracy, see
+  `selection`), which is only read (corrupt checkpoints are skipped, not moved).
   With `ema` set, the state's parameters are their moving average
   (`training.for_evaluation`): the model to evaluate."""
   mesh = mesh or parallel.mesh()
@@ -239,7 +266,8 @@ def restore(workdir, mesh=None):
   target = abstract_state(resolved, model, config_lib.make_optimizer(resolved), mesh)
   state = None
   if (workdir / "checkpoints").is_dir():
-    mgr = checkpoints.manager(workdir, keep=None, read_only=True)
+    mgr = (selection.manager(workdir, read_only=True) if checkpoint == "best"
+           else checkpoints.manager(workdir, keep=None, read_only=True))
     try:
       state = checkpoints.restore_latest(mgr, target)
     finally:

@@ -235,3 +235,69 @@ def test_awp_step_applies_the_gradient_at_w_plus_v_to_w():
                                   lambda p, g: p - lr * g, w, jax.grad(loss)(w)))):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
   assert not np.allclose(np.asarray(want), np.asarray(plain), atol=1e-7)  # AWP mattered
+
+
+def with_validation(tiny_config, jump):
+  """Two epochs of natural training, PGD-10 (eps 0.02) validation on 64 held-out
+  training images after each; with `jump` the learning rate jumps 300-fold
+  after the first epoch (so the first epoch's model is the best)."""
+  optimizer = dict(name="adam", learning_rate=1e-2, schedule="piecewise" if jump else "constant",
+                   decay_at=[0.5], decay_factor=300.0)
+  return tiny_config(epochs=2, optimizer=optimizer, checkpoint_every_steps=10,
+                     **{"eval.every_epochs": 1, "eval.validation_examples": 64,
+                        "eval.attacks.pgd_linf.eps": 0.02})
+
+
+def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy(
+    tiny_config, tmp_path, cli):
+  config = with_validation(tiny_config, jump=True)
+  final = experiment.train(config, tmp_path, progress=False)
+  resolved = json.loads((tmp_path / "config.json").read_text())
+  assert resolved["dataset"]["train_examples"] == 1497 - 64  # the slice is held out
+  record = json.loads((tmp_path / "best.json").read_text())
+  accuracies = {c["step"]: c["val_robust_accuracy"] for c in record["checks"]}
+  assert sorted(accuracies) == [44, 88]
+  best_step = max(accuracies, key=accuracies.get)
+  assert record["best"]["step"] == best_step == 44 and accuracies[44] > accuracies[88] + 0.2
+  logged = {m["step"]: m["val_robust_accuracy"] for m in map(
+      json.loads, (tmp_path / "metrics.jsonl").open()) if "val_robust_accuracy" in m}
+  assert logged == accuracies
+  assert [p.name for p in (tmp_path / "checkpoints/best").iterdir()] == ["44"]
+  _, _, best = experiment.restore(tmp_path, checkpoint="best")
+  _, _, latest = experiment.restore(tmp_path)
+  assert int(best.step) == 44 and int(latest.step) == int(final.step) == 88
+  # eval.py takes the best by default and says so; --checkpoint latest the newest.
+  for args, step in (((), 44), (("--checkpoint", "latest"), 88)):
+    result = cli("eval.py", "--workdir", tmp_path, "--attacks", "pgd_linf", "--limit", 8,
+                 "--nosanity", *args)
+    assert result.returncode == 0, result.stderr
+    which = "best" if not args else "latest"
+    assert f"Checkpoint: {which} (step {step})" in result.stdout
+
+
+def test_eval_of_best_without_one_is_refused(tiny_config, tmp_path, cli, snapshot):
+  experiment.train(tiny_config(), tmp_path, max_steps=2, progress=False)
+  before = snapshot(tmp_path)
+  result = cli("eval.py", "--workdir", tmp_path, "--checkpoint", "best")
+  assert result.returncode == 2
+  assert "no best checkpoint in" in result.stderr and len(result.stderr.splitlines()) == 1
+  assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"eval.every_epochs": 1, "eval.validation_examples": 0},
+     "eval.validation_examples must be >= 1 when eval.every_epochs is 1"),
+    ({"eval.every_epochs": 1, "eval.validation_examples": 5000},
+     "eval.validation_examples 5000 must be smaller than the 1497"),
+    ({"eval.every_epochs": -1}, "eval.every_epochs must be an integer >= 0, got -1"),
+    ({"data.augment": "cutout"}, "unknown data.augment 'cutout'"),
+    ({"data.augment": "crop", "data.padding_mode": "edge"}, "unknown data.padding_mode 'edge'"),
+    ({"awp": -0.1}, "awp must lie in"),
+    ({"objective": "trades", "train_attack": dict(name="pgd", eps=0.1),
+      "objective_settings": dict(beta=-6.0)}, "objective_settings.beta.*-6.0"),
+])
+def test_bad_recipe_configs_touch_nothing(tiny_config, tmp_path, snapshot, overrides, match):
+  before = snapshot(tmp_path)
+  with pytest.raises(checks.InputError, match=match):
+    experiment.train(tiny_config(**overrides), tmp_path / "run", progress=False)
+  assert snapshot(tmp_path) == before
