@@ -301,3 +301,12 @@ def test_bad_recipe_configs_touch_nothing(tiny_config, tmp_path, snapshot, overr
   with pytest.raises(checks.InputError, match=match):
     experiment.train(tiny_config(**overrides), tmp_path / "run", progress=False)
   assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("recipe", ["preact_pgd_at", "wrn_trades", "preact_fast_at"])
+def test_gpu_recipe_configs_are_valid(recipe):
+  from configs import gpu_recipes
+  from jaxrobust import config as config_lib
+  c = gpu_recipes.get_config(recipe)
+  config_lib.check_config(c, parallel.mesh())
+  assert c.data.augment == "crop_flip" and c.train_attack.eps == pytest.approx(8 / 255)
