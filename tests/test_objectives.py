@@ -217,7 +217,8 @@ def test_spectral_normalisation_of_a_resnet_is_refused():
     ("cw_pgd_mix", dict(name="worst_case", attacks=[dict(name="pgd", eps=0.1)]),
      "'mixture'"),
     ("pgd_at", None, "needs train_attack"),
-    ("trades", None, "'trades'"),
+    ("free_at", None, "unknown objective 'free_at'"),
+    ("trades", None, "'trades' needs train_attack"),
 ])
 def test_bad_objective_settings(name, spec, match):
   with pytest.raises(checks.InputError, match=match):

@@ -118,5 +118,5 @@ def test_bad_optimizer_settings(cfg, message):
 
 
 def test_unknown_objective():
-  with pytest.raises(checks.InputError, match="'trades'"):
-    training.make_input_fn("trades")
+  with pytest.raises(checks.InputError, match="unknown objective 'free_at'"):
+    training.make_input_fn("free_at")
