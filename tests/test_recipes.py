@@ -310,3 +310,27 @@ def test_gpu_recipe_configs_are_valid(recipe):
   c = gpu_recipes.get_config(recipe)
   config_lib.check_config(c, parallel.mesh())
   assert c.data.augment == "crop_flip" and c.train_attack.eps == pytest.approx(8 / 255)
+
+
+def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices():
+  assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
+  from jaxrobust import augment
+  model, x, y = tiny_model()
+  objective = training.make_input_fn(
+      "trades", dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2,
+                     random_start=0.001), settings=dict(beta=6.0))
+  tx = optax.sgd(0.1, momentum=0.9)
+  results = []
+  for devices in (1, 2):
+    mesh = parallel.mesh(jax.devices()[:devices])
+    state = jax.device_put(training.init_state(model, tx, x.shape[1:], jax.random.key(0),
+                                               ema=True), parallel.replicated(mesh))
+    step = training.make_train_step(model, tx, objective, mesh, awp=5e-3, ema=0.9,
+                                    augment=augment.create("crop", padding=2))
+    batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
+    for _ in range(2):
+      state, metrics = step(state, *batch, jax.random.key(1))
+    results.append(jax.tree.map(np.asarray, (state, metrics)))
+  for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(results[1][1]["loss"])
