@@ -12,7 +12,11 @@ Seed setting (seed_cnn, CIFAR-10): --config configs/mart.py:cifar10
 Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluation):
   clean 10.00 %, pgd_linf 10.00 %, pgd_l2 10.00 %: with these defaults (SGD 0.05,
   eps 0.2) MART did not leave the uniform prediction on digits (training loss
-  stuck at ln 10 - ln 0.9 = 2.408 from the first steps). Not tuned yet.
+  stuck at ln 10 - ln 0.9 = 2.408 from the first steps), also with learning
+  rate 0.01 (clean 11.33 %). Trained at half the radius, it learns:
+  python train.py --config configs/mart.py --workdir runs/mart_eps01 \
+    --config.train_attack.eps=0.1 --config.train_attack.step_size=0.025
+  clean 99.00 %, pgd_linf (eps 0.2) 35.67 %, pgd_l2 (eps 1) 8.67 %.
 """
 from configs import common
 
