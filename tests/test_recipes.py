@@ -333,3 +333,12 @@ def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices():
   for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
   assert np.isfinite(results[1][1]["loss"])
+
+
+def test_cyclic_schedule_is_the_triangle_of_fast_at():
+  # Wong et al.: 0 -> peak at 2/5 of training -> 0, linear in between.
+  schedule = training.make_schedule(dict(learning_rate=0.2, schedule="cyclic"), 100)
+  for step, lr in ((0, 0.0), (20, 0.1), (40, 0.2), (70, 0.1), (100, 0.0)):
+    assert float(schedule(step)) == pytest.approx(lr, abs=1e-7)
+  with pytest.raises(checks.InputError, match="optimizer.peak_at must lie in"):
+    training.make_schedule(dict(learning_rate=0.2, schedule="cyclic", peak_at=1.0), 100)
