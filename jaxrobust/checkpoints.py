@@ -142,18 +142,23 @@ def first_difference(a, b, prefix=""):
   return None
 
 
-def manager(workdir, *, keep=3, read_only=False):
+def manager(workdir, *, keep=3, read_only=False, keep_period=None, directory=None):
   """An orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last `keep`.
 
   Saves are synchronous, so that a finished `save` is on disk. A writing
   manager deletes the temporary directories of saves that were killed; a
   `read_only` one creates and deletes nothing (it is only used to restore;
   orbax's own read-only mode would log a warning on every evaluation).
+  With `keep_period`, checkpoints at multiples of it are never deleted (the
+  epoch ends that Fast-AT's overfitting guard found good). `directory`: another
+  directory than `<workdir>/checkpoints` (the best checkpoint's).
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=False, create=not read_only,
+      max_to_keep=keep, keep_period=keep_period, enable_async_checkpointing=False,
+      create=not read_only,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+  directory = Path(directory or Path(workdir) / "checkpoints").absolute()
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mgr, state):
@@ -205,7 +210,7 @@ def restore_latest(mgr, target, *, quarantine=False):
       warnings.warn(f"checkpoint {str(path)!r} is corrupt ({e}); {action}, "
                     f"using the previous one", CorruptCheckpointWarning, stacklevel=2)
       if quarantine:
-        _move_aside(mgr, path)
+        move_aside(mgr, step)
   return None
 
 
@@ -260,13 +265,16 @@ def _check_fits(saved, expected, path):
       f"or the model code changed?)")
 
 
-def _move_aside(mgr, path):
+def move_aside(mgr, step, prefix=CORRUPT_PREFIX):
+  """Renames checkpoint `step` to `<prefix><step>` (kept, never deleted; orbax
+  ignores it) and makes `mgr` forget it."""
+  path = mgr.directory / str(step)
   if jax.process_index() == 0:
-    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+    target = path.with_name(f"{prefix}{path.name}")
     n = 1
     while target.exists():
       n += 1
-      target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{n}")
+      target = path.with_name(f"{prefix}{path.name}-{n}")
     path.rename(target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jaxrobust: moved aside {path}")

@@ -1,6 +1,7 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
-from jaxrobust import checks, data, evaluation, models, training
+from jaxrobust import augment as augment_lib
+from jaxrobust import checks, data, evaluation, guard, models, selection, training
 
 
 def resolve(config, train_set):
@@ -31,6 +32,13 @@ def make_optimizer(resolved):
   return training.make_optimizer(resolved["optimizer"], schedule_length(resolved)[1])
 
 
+def make_augment(resolved_or_config):
+  """The training augmentation of `data.augment` (`augment.create`), or None."""
+  cfg = resolved_or_config["data"]
+  return augment_lib.create(cfg.get("augment", "none"), padding=cfg.get("crop_padding", 4),
+                            padding_mode=cfg.get("padding_mode", "zero"))
+
+
 def load_split(resolved_or_config, split):
   """Split `split` of the data set the config names."""
   cfg = resolved_or_config["data"]
@@ -46,7 +54,13 @@ def check_config(config, mesh):
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     checks.integer_at_least(name, config[name], 1)
   training.make_optimizer(config.optimizer, total_steps=1)
-  training.make_input_fn(config.objective, config.get("train_attack"))
+  make_augment(config)
+  training.check_ema(config.get("ema", 0.0))
+  training.check_awp(config.get("awp", 0.0))
+  selection.settings(config.eval, None)
+  guard.settings(config.get("overfit_guard"), config.get("train_attack"))
+  training.make_input_fn(config.objective, config.get("train_attack"),
+                         settings=config.get("objective_settings"))
   # train.py evaluates with these at the end: refuse them now, not after training.
   checks.integer_at_least("eval.batch_size", config.eval.batch_size, 1)
   checks.integer_at_least("eval.limit", config.eval.limit, 0)

@@ -7,7 +7,10 @@ finished or running model for evaluation. The workdir holds:
   config.json        the resolved config (the config plus data facts: classes,
                      input shape, the per-channel mean and std the model uses)
   checkpoints/<step> orbax checkpoints of the TrainState (see `checkpoints`)
+  checkpoints/best/  with eval.every_epochs: the best by validation robust
+                     accuracy, and best.json its record (`selection`)
   metrics.jsonl      one JSON line per logged step
+  overfit_guard.json with `overfit_guard` (Fast-AT): its checks and stop (`guard`)
   tensorboard/       the same metrics for TensorBoard
 
 Reliability:
@@ -39,13 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrobust import certificates, checkpoints, checks, config as config_lib, data, evaluation
-from jaxrobust import models
+from jaxrobust import guard as guard_lib, models, selection
 from jaxrobust import metrics as metrics_lib, parallel, sanity as sanity_lib, signals, training
 
 
 def _init_fn(resolved, model, tx):
   shape = resolved["dataset"]["input_shape"]
-  return lambda key: training.init_state(model, tx, shape, key)
+  ema = bool(resolved.get("ema", 0.0))
+  return lambda key: training.init_state(model, tx, shape, key, ema=ema)
 
 
 def initial_state(resolved, model, tx, mesh):
@@ -86,6 +90,9 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   config_lib.check_config(config, mesh)
   checkpoints.check_workdir(workdir, writable=True)
   train_set = config_lib.load_split(config, "train")
+  every, val_size = selection.settings(config.eval, len(train_set.x))
+  if every:  # the validation slice (Rice et al.): never trained on
+    train_set, val_set = selection.split(train_set, val_size)
   checks.require(config.batch_size <= len(train_set.x),
                  f"batch_size {config.batch_size} exceeds the {len(train_set.x)} "
                  f"training examples")
@@ -93,27 +100,55 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   model = config_lib.build_model(resolved, axis_name=parallel.BATCH_AXIS)
   tx = config_lib.make_optimizer(resolved)
   target = abstract_state(resolved, model, tx, mesh)
-  input_fn = training.make_input_fn(config.objective, config.get("train_attack"))
+  input_fn = training.make_input_fn(config.objective, config.get("train_attack"),
+                                    settings=config.get("objective_settings"))
   # Everything the config sets up is checked: now the workdir may be touched.
   primary = jax.process_index() == 0
   with parallel.on_every_process("claim the workdir"):
     workdir = checkpoints.claim_workdir(workdir, resolved, write=primary)
-  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
+  steps_per_epoch, total = config_lib.schedule_length(resolved)
+  # With the guard, every epoch end it passed is kept: the last good model.
+  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
+                            keep_period=steps_per_epoch if guard else None)
+  stack = contextlib.ExitStack()
   try:
     state = checkpoints.restore_latest(mgr, target, quarantine=True)
     if state is None:
       state = initial_state(resolved, model, tx, mesh)
     start = int(state.step)
-    steps_per_epoch, total = config_lib.schedule_length(resolved)
     end = total if max_steps is None else min(total, max_steps)
     if start >= end:
       return state
 
-    step_fn = training.make_train_step(model, tx, input_fn, mesh)
+    if guard:
+      record = guard_lib.read(workdir, start)
+      if "stopped" in record:
+        if primary:
+          print(f"the overfitting guard stopped this run at step "
+                f"{record['stopped']['step']}; not training further (step {start} is "
+                f"the last good checkpoint)", flush=True)
+        return state
+      check = guard_lib.make_check(config_lib.build_model(resolved), train_set.x,
+                                   train_set.y, guard, config.seed)
+      previous = record["checks"][-1]["robust_accuracy"] if record["checks"] else None
+    if every:
+      best_record = selection.read(workdir, start)
+      val_check = guard_lib.make_check(
+          config_lib.build_model(resolved), val_set.x, val_set.y,
+          dict(eps=config.eval.attacks.pgd_linf.eps, steps=selection.STEPS,
+               examples=val_size), config.seed)
+      best_mgr = selection.manager(workdir)
+      stack.callback(best_mgr.close)
+    step_fn = training.make_train_step(model, tx, input_fn, mesh,
+                                       augment=config_lib.make_augment(resolved),
+                                       ema=resolved.get("ema", 0.0),
+                                       awp=resolved.get("awp", 0.0))
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
                                  seed=config.seed, start_step=start)
-    log = metrics_lib.MetricsLog(workdir, resume_step=start) if primary else contextlib.nullcontext()
+    log = (metrics_lib.MetricsLog(workdir, resume_step=start) if primary
+           else contextlib.nullcontext())
     progress = metrics_lib.Progress(start, end, f"train {Path(workdir).name}",
                                     enabled=progress and primary)
     first_bad = jnp.int32(-1)  # on the device: the first step with non-finite metrics
@@ -125,12 +160,39 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
         state, metrics = step_fn(state, *parallel.global_batch(next(batches), mesh), key)
         first_bad = _first_non_finite(first_bad, metrics, jnp.int32(step))
         progress.step()
-        logging = step % config.log_every_steps == 0 or step == end
+        epoch_end = bool(guard) and step % steps_per_epoch == 0
+        validating = bool(every) and step % (every * steps_per_epoch) == 0
+        logging = (step % config.log_every_steps == 0 or step == end or epoch_end
+                   or validating)
         stopping = stop.requested(step)
-        saving = stopping or step == end or step % config.checkpoint_every_steps == 0
+        saving = (stopping or step == end or step % config.checkpoint_every_steps == 0
+                  or epoch_end)
         if logging or saving:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, int(first_bad), step, mgr)
+        if epoch_end:  # Fast-AT's guard (`jaxrobust.guard`): once per epoch
+          accuracy = float(check(state.variables))
+          metrics["guard_robust_accuracy"] = accuracy
+          if guard_lib.collapsed(previous, accuracy, guard["max_drop"]):
+            message = guard_lib.stop(mgr, record, step, accuracy)
+            if primary:
+              log.write(step, {**metrics, "epoch": step / steps_per_epoch})
+              guard_lib.write(workdir, record)
+              print(message, flush=True)
+            return checkpoints.restore_latest(mgr, target)
+          previous = accuracy
+          record["checks"].append({"step": step, "robust_accuracy": accuracy})
+          if primary:
+            guard_lib.write(workdir, record)
+        if validating:  # the best checkpoint (`selection`)
+          accuracy = float(val_check(training.for_evaluation(state).variables))
+          metrics["val_robust_accuracy"] = accuracy
+          best_record["checks"].append({"step": step, "val_robust_accuracy": accuracy})
+          if selection.best_of(best_record["checks"]) is best_record["checks"][-1]:
+            save_checkpoint(best_mgr, state, step)
+          best_record["best"] = selection.best_of(best_record["checks"])
+          if primary:
+            selection.write(workdir, best_record)
         if logging and primary:
           now = time.perf_counter()
           log.write(step, {**metrics, "epoch": step / steps_per_epoch, "seconds": now - tick})
@@ -142,6 +204,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
           raise signals.Interrupted(stop.signum, step, mgr.directory / str(step))
     return state
   finally:
+    stack.close()
     mgr.close()
 
 
@@ -190,9 +253,12 @@ def save_checkpoint(mgr, state, step):
   checkpoints.save(mgr, state)
 
 
-def restore(workdir, mesh=None):
+def restore(workdir, mesh=None, checkpoint="latest"):
   """The resolved config, model and state of the newest intact checkpoint in
-  `workdir`, which is only read (corrupt checkpoints are skipped, not moved)."""
+  `workdir` (`checkpoint="best"`: the best by validation robust accuracy, see
+  `selection`), which is only read (corrupt checkpoints are skipped, not moved).
+  With `ema` set, the state's parameters are their moving average
+  (`training.for_evaluation`): the model to evaluate."""
   mesh = mesh or parallel.mesh()
   workdir = checkpoints.check_workdir(workdir)
   resolved = checkpoints.load_config(workdir)
@@ -200,14 +266,15 @@ def restore(workdir, mesh=None):
   target = abstract_state(resolved, model, config_lib.make_optimizer(resolved), mesh)
   state = None
   if (workdir / "checkpoints").is_dir():
-    mgr = checkpoints.manager(workdir, keep=None, read_only=True)
+    mgr = (selection.manager(workdir, read_only=True) if checkpoint == "best"
+           else checkpoints.manager(workdir, keep=None, read_only=True))
     try:
       state = checkpoints.restore_latest(mgr, target)
     finally:
       mgr.close()
   checks.require(state is not None, f"no intact checkpoint in {str(workdir)!r}; "
                  "train first with train.py --workdir")
-  return resolved, model, state
+  return resolved, model, training.for_evaluation(state)
 
 
 def evaluate(resolved, model, state, *, split="test", names=None, specs=None,

@@ -14,10 +14,20 @@ spec as `attacks.create` takes it, nested for the combinators):
 | `gaussian`   | x + d, d ~ N(0, sigma^2 I) (Cohen et al. 2019)           | gaussian.py     |
 | `rat`        | the attack on the randomized model f~(x) = f(x + d), EOT | rat.py          |
 | `mat_rand`   | PGD-L2 or PGD-Linf, drawn uniformly (`random_choice`)    | mat_rand.py     |
-| `mat_max`    | per example the worse of the two (`worst_case`)          | mat_max.py      |
+| `mat_max`    | per example the larger-loss of the two (`max_loss`)      | mat_max.py      |
+| `trades`     | x' maximising KL(f(x) || f(x')); loss CE + beta KL       | trades.py       |
+| `mart`       | PGD-CE x'; loss BCE(x') + lambda (1 - p_y(x)) KL         | mart.py         |
+| `fast_at`    | FGSM with random start, step 1.25 eps (Wong et al. 2020) | fast_at.py      |
 
 (`adversarial` is another name of `pgd_at`.) MAT-Rand and MAT-Max are the
 mixed adversarial training of Araujo et al. 2019 over p in {2, inf}.
+
+Most objectives train on the cross-entropy of the training inputs. `trades`
+and `mart` have a loss of their own (`Objective.loss`), of the clean and the
+adversarial logits together; their weights come from `objective_settings`
+(`beta` for TRADES, `lam` for MART), checked >= 0. `fast_at` trains on the
+cross-entropy of its FGSM examples; its cyclic learning rate and its guard
+against catastrophic overfitting are settings of the run (config `fast_at`).
 
 Noise belongs to the model: a model with `model.noise = dict(sigma=...)` is
 the randomized classifier f~ (`models.Randomized`), and every training step
@@ -28,17 +38,40 @@ base classifier f, and the step then trains f on x_adv + d (PGD-AT with noise,
 the seed's "PGD model with smoothing"); `rat` attacks f~ itself, its
 gradients averaged over `eot_samples` draws (expectation over
 transformation), so the examples are adversarial for the randomized network.
+
+RAT's EOT maximises the loss of the mean prediction,
+-log (1/S) sum_s softmax(f(x' + d_s))_y, not the mean loss
+(1/S) sum_s -log softmax(f(x' + d_s))_y: the randomized classifier predicts
+argmax of the mean softmax (`models.Randomized`), so this is the loss of the
+classifier that is trained and evaluated, and the attack is the one the
+evaluation runs (EOT on the same function). The mean of the losses would
+attack the average base classifier instead; its log inside the mean lets
+draws already misclassified (p_y -> 0, loss -> infinity) dominate the
+gradient, spending the steps on noise draws that no longer matter. By
+Jensen's inequality the loss of the mean is at most the mean loss.
+
+MAT-Max trains on the inner maximum over p in {2, inf}: per example the
+perturbation of larger cross-entropy (`attacks.max_loss`), whether or not
+it is misclassified; `attacks.worst_case` (first misclassified in list
+order) is the evaluation's rule and not used for training.
 """
-from typing import Any, Callable, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
 
 from jaxrobust import attacks, checks
 
 # The combinator each mixed objective's `train_attack` must use.
 _COMBINATORS = {"cw_pgd_mix": "mixture", "mat_rand": "random_choice",
-                "mat_max": "worst_case"}
+                "mat_max": "max_loss"}
 ALIASES = {"adversarial": "pgd_at"}
 NAMES = ("natural", "pgd_at", "cw_pgd_mix", "gaussian", "rat", "mat_rand", "mat_max",
-         *ALIASES)
+         "trades", "mart", "fast_at", *ALIASES)
+# The settings (`objective_settings`) each objective takes, with their defaults.
+SETTINGS = {"trades": {"beta": 6.0}, "mart": {"lam": 6.0}}
 
 
 class Objective(NamedTuple):
@@ -50,11 +83,16 @@ class Objective(NamedTuple):
     randomized: it needs a model with noise (`models.Randomized`).
     eot_samples: 0, or the number of noise draws the attack averages over:
       the step gives `inputs` the randomized model, not the base classifier.
+    loss: None (the cross-entropy of the training inputs), or
+      `loss(logits_clean, logits_train, y) -> [B]`, the per-example loss of
+      the model's logits on the clean and on the training inputs (both in
+      training mode); the step minimises its mean.
   """
   name: str
   inputs: Callable[..., Any]
   randomized: bool = False
   eot_samples: int = 0
+  loss: Optional[Callable[..., Any]] = None
 
   def __call__(self, logits_fn, x, y, keys):
     return self.inputs(logits_fn, x, y, keys)
@@ -65,14 +103,77 @@ def _clean(logits_fn, x, y, keys):
   return x
 
 
-def create(name, attack_cfg=None):
-  """The objective `name` with its attack spec `attack_cfg` (a dict, or None).
+def trades_loss(logits_clean, logits_adv, y, *, beta):
+  """TRADES (Zhang et al. 2019, eq. 5), per example:
 
-  Raises InputError for an unknown name, a missing or wrong attack spec, or
-  `eot_samples` < 1.
+    CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x')),
+
+  KL(p || q) = sum_k p_k (log p_k - log q_k); the gradient flows through both
+  f(x) and f(x') (as in the authors' code). beta = 6 in the paper's CIFAR-10
+  results (1/lambda in its notation)."""
+  log_p = jax.nn.log_softmax(logits_clean)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(logits_adv)), -1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_clean, y) + beta * kl
+
+
+def mart_loss(logits_clean, logits_adv, y, *, lam):
+  """MART (Wang et al. 2020, eq. 9), per example, with p = softmax f(x) and
+  p' = softmax f(x'):
+
+    BCE(p', y) + lam * KL(p || p') * (1 - p_y),
+    BCE(p', y) = -log p'_y - log(1 - max_{k != y} p'_k)
+
+  (the boosted cross-entropy: CE plus a margin term on the strongest wrong
+  class), with the authors' code's guards against log 0: log(1.0001 - p'_k),
+  log(p' + 1e-12) inside the KL, and 1.0000001 - p_y."""
+  p_adv = jax.nn.softmax(logits_adv)
+  wrong = jnp.max(jnp.where(jax.nn.one_hot(y, p_adv.shape[-1]) > 0, -1.0, p_adv), -1)
+  bce = (optax.softmax_cross_entropy_with_integer_labels(logits_adv, y)
+         - jnp.log(1.0001 - wrong + 1e-12))
+  p = jax.nn.softmax(logits_clean)
+  kl = jnp.sum(jax.scipy.special.xlogy(p, p) - p * jnp.log(p_adv + 1e-12), -1)
+  p_true = jnp.take_along_axis(p, y[:, None], -1)[:, 0]
+  return bce + lam * kl * (1.0000001 - p_true)
+
+
+def _trades_inputs(attack):
+  """x' maximising KL(f(x) || f(x')) by `attack` (PGD with the KL loss, soft
+  labels: the clean prediction, in inference mode)."""
+  def inputs(logits_fn, x, y, keys):
+    del y
+    p = jax.nn.softmax(jax.lax.stop_gradient(logits_fn(x)))
+    return attack(logits_fn, x, p, keys)
+  return inputs
+
+
+def _settings(name, settings):
+  """`objective_settings` of `name`: its defaults, updated and checked."""
+  allowed = SETTINGS.get(name, {})
+  settings = dict(settings or {})
+  if not allowed:
+    checks.require(not settings, f"objective {name!r} takes no objective_settings, got "
+                   f"{sorted(settings)}")
+    return {}
+  checks.known_keys(f"objective_settings of {name!r}", settings, allowed)
+  merged = {**allowed, **settings}
+  for key, value in merged.items():
+    checks.non_negative(f"objective_settings.{key}", value)
+  return merged
+
+
+def create(name, attack_cfg=None, settings=None):
+  """The objective `name` with its attack spec `attack_cfg` (a dict, or None)
+  and its `settings` (`objective_settings`: `beta` of trades, `lam` of mart).
+
+  `trades` takes a `pgd` spec whose loss it sets to the KL divergence from the
+  clean prediction (`attacks.losses.kl_divergence`); `fast_at` an `fgsm` spec.
+
+  Raises InputError for an unknown name, a missing or wrong attack spec, a
+  setting the objective does not take or a negative weight, or `eot_samples` < 1.
   """
   checks.one_of("objective", name, NAMES)
   name = ALIASES.get(name, name)
+  options = _settings(name, settings)
   if name in ("natural", "gaussian"):
     return Objective(name, _clean, randomized=name == "gaussian")
   checks.require(attack_cfg is not None and "name" in attack_cfg,
@@ -90,7 +191,20 @@ def create(name, attack_cfg=None):
   checks.require(combinator is None or settings["name"] == combinator,
                  f"objective {name!r} takes a {combinator!r} attack, got "
                  f"train_attack.name {settings['name']!r}")
+  if name == "trades":
+    checks.require(settings["name"] == "pgd" and "loss" not in settings,
+                   f"objective 'trades' takes a 'pgd' attack without a loss (its loss is "
+                   f"the KL divergence), got {dict(attack_cfg)!r}")
+    attack = attacks.create(**settings, loss=attacks.losses.kl_divergence)
+    return Objective(name, _trades_inputs(attack),
+                     loss=functools.partial(trades_loss, beta=options["beta"]))
+  if name == "fast_at":
+    checks.require(settings["name"] == "fgsm",
+                   f"objective 'fast_at' takes an 'fgsm' attack, got train_attack.name "
+                   f"{settings['name']!r}")
   attack = attacks.create(**settings)
+  if name == "mart":
+    return Objective(name, attack, loss=functools.partial(mart_loss, lam=options["lam"]))
   return Objective(name, attack, randomized=name == "rat", eot_samples=eot_samples)
 
 

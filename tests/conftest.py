@@ -83,16 +83,16 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_steps():
-  """`two_steps(mesh, model, objective, x, y)`: the state and metrics after two
-  SGD steps of `training.make_train_step` on the batch (x, y) split over
-  `mesh`, from the same initial state whatever the mesh."""
+  """`two_steps(mesh, model, objective, x, y, augment=None)`: the state and
+  metrics after two SGD steps of `training.make_train_step` on the batch
+  (x, y) split over `mesh`, from the same initial state whatever the mesh."""
   from jaxrobust import parallel, training
 
-  def run(mesh, model, objective, x, y):
+  def run(mesh, model, objective, x, y, augment=None):
     tx = training.make_optimizer(dict(name="sgd", learning_rate=0.1, momentum=0.9), 10)
     state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = training.make_train_step(model, tx, objective, mesh)
+    step = training.make_train_step(model, tx, objective, mesh, augment=augment)
     batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
     for _ in range(2):
       state, metrics = step(state, *batch, jax.random.key(1))

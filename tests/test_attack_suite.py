@@ -326,6 +326,42 @@ def test_worst_case_is_at_most_every_attack(digits_mlp):
   np.testing.assert_allclose(loss(worst)[robust], highest[robust], rtol=1e-6)
 
 
+def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
+    linear_model):
+  # Two fixed "attacks" on the linear model [0, w.x]: each adds its own
+  # per-example shift along w. Logit z = w.x; true class 0, so an output
+  # fools the model iff z > 0, and its loss is CE = log(1 + e^z).
+  w = jnp.ones((2, 2, 1)) / 4  # z = mean pixel value
+  logits_fn = linear_model(w)
+  x = jnp.full((4, 2, 2, 1), 0.5)
+  y = jnp.zeros(4, jnp.int32)
+  shift_a = jnp.asarray([0.1, 0.3, -0.3, -0.2])   # example 0: both fool, b more
+  shift_b = jnp.asarray([0.2, 0.1, -0.1, -0.4])   # 1: both fool, a more; 2, 3: none
+  first = lambda f, x, y, key: x + shift_a[:, None, None, None] - 0.5
+  second = lambda f, x, y, key: x + shift_b[:, None, None, None] - 0.5
+  # Ground truth in numpy: z = shift, loss = log(1 + e^z), per example.
+  z = np.stack([np.asarray(shift_a), np.asarray(shift_b)])
+  loss = np.log1p(np.exp(z))
+  fooled = z > 0
+  expected_max = np.argmax(loss, 0)
+  expected_worst = np.where(fooled.any(0), np.argmax(fooled, 0), np.argmax(loss, 0))
+  assert list(expected_max) == [1, 0, 1, 0] and list(expected_worst) == [0, 0, 1, 0]
+  outputs = np.stack([np.asarray(first(None, x, y, None)), np.asarray(second(None, x, y, None))])
+  for combinator, expected in ((A.max_loss, expected_max), (A.worst_case, expected_worst)):
+    out = np.asarray(run(combinator([first, second]), logits_fn, x, y))
+    np.testing.assert_array_equal(out, outputs[expected, np.arange(4)])
+
+
+def test_max_loss_is_an_attack_built_by_create():
+  parts = [{"name": "pgd", "norm": "l2", "eps": 0.5, "steps": 2},
+           {"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 2}]
+  attack = A.create("max_loss", attacks=parts)
+  assert isinstance(attack, A.Attack) and attack.name == "max_loss"
+  assert attack.norm is None and attack.stages == ()  # no shared ball, no cascade
+  assert A.create(**attack.spec) == attack
+  assert A.max_loss([A.create(p) for p in parts]) == attack
+
+
 @pytest.mark.parametrize("per_example", [False, True])
 def test_random_choice(per_example):
   logits_fn = mlp()

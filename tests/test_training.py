@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import attacks, checks, experiment, models, parallel, training
+from jaxrobust import attacks, augment, checks, experiment, models, parallel, training
 
 # PGD-2 adversarial training of the tiny digits run.
 ADVERSARIAL = dict(objective="adversarial",
@@ -18,17 +18,19 @@ def leaves_close(a, b, rtol):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=1e-6)
 
 
-def test_two_devices_equal_one_device_with_batchnorm_and_pgd(two_steps):
+def test_two_devices_equal_one_device_with_batchnorm_pgd_and_augmentation(two_steps):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   # BatchNorm statistics are synchronised over devices, and every example's
-  # random start depends on its global index only, so the split is invisible.
+  # random start, crop and flip depend on its global index only, so the split
+  # is invisible.
   model = models.WideResNet(num_classes=3, mean=(0.5,), std=(0.3,), depth=10,
                             width=1, axis_name=parallel.BATCH_AXIS)
   input_fn = attacks.pgd(norm="linf", eps=0.1, steps=2)
   x = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1))
   y = jnp.arange(8) % 3
-  one, m1 = two_steps(parallel.mesh(jax.devices()[:1]), model, input_fn, x, y)
-  two, m2 = two_steps(parallel.mesh(jax.devices()[:2]), model, input_fn, x, y)
+  crop_flip = augment.create("crop_flip", padding=2, padding_mode="reflect")
+  one, m1 = two_steps(parallel.mesh(jax.devices()[:1]), model, input_fn, x, y, crop_flip)
+  two, m2 = two_steps(parallel.mesh(jax.devices()[:2]), model, input_fn, x, y, crop_flip)
   assert "batch_stats" in one.model_state
   leaves_close(one, two, rtol=1e-5)
   leaves_close(m1, m2, rtol=1e-5)
@@ -37,7 +39,8 @@ def test_two_devices_equal_one_device_with_batchnorm_and_pgd(two_steps):
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
-  config = tiny_config(**ADVERSARIAL)
+  # With augmentation: the crops and flips of a resumed run are the same too.
+  config = tiny_config(**ADVERSARIAL, **{"data.augment": "crop_flip"})
   straight = experiment.train(config, tmp_path / "a", max_steps=8, progress=False)
   experiment.train(config, tmp_path / "b", max_steps=5, progress=False)
   resumed = experiment.train(config, tmp_path / "b", max_steps=8, progress=False)
@@ -115,5 +118,5 @@ def test_bad_optimizer_settings(cfg, message):
 
 
 def test_unknown_objective():
-  with pytest.raises(checks.InputError, match="'trades'"):
-    training.make_input_fn("trades")
+  with pytest.raises(checks.InputError, match="unknown objective 'free_at'"):
+    training.make_input_fn("free_at")

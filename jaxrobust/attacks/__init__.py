@@ -11,7 +11,7 @@ from jaxrobust.attacks.apgd import apgd, apgd_t
 from jaxrobust.attacks.attack import Attack
 from jaxrobust.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxrobust.attacks.autoattack import autoattack
-from jaxrobust.attacks.combinators import mixture, random_choice, worst_case
+from jaxrobust.attacks.combinators import max_loss, mixture, random_choice, worst_case
 from jaxrobust.attacks.cw import cw_l2
 from jaxrobust.attacks.fab import fab, fab_t
 from jaxrobust.attacks.momentum import di_fgsm, mi_fgsm
@@ -23,8 +23,8 @@ from jaxrobust import checks
 ATTACKS = {"fgsm": fgsm, "pgd": pgd, "cw_l2": cw_l2, "mi_fgsm": mi_fgsm,
            "di_fgsm": di_fgsm, "apgd": apgd, "apgd_t": apgd_t, "fab": fab, "fab_t": fab_t,
            "square": square, "autoattack": autoattack, "worst_case": worst_case,
-           "random_choice": random_choice, "mixture": mixture}
-COMBINATORS = ("worst_case", "random_choice", "mixture")
+           "max_loss": max_loss, "random_choice": random_choice, "mixture": mixture}
+COMBINATORS = ("worst_case", "max_loss", "random_choice", "mixture")
 
 
 def create(name, **settings) -> Attack:

@@ -1,5 +1,6 @@
-"""Attacks made of attacks: the per-example worst case, a random choice and a
-mixture that splits a batch between attacks.
+"""Attacks made of attacks: the per-example worst case (for evaluation), the
+per-example largest loss (for training), a random choice and a mixture that
+splits a batch between attacks.
 
 Each takes attacks `attack(logits_fn, x, y, key) -> x_adv` (an `Attack`, or
 any function of that form) and returns an `Attack`, whose threat model is
@@ -23,7 +24,8 @@ from jaxrobust.attacks.attack import Attack, make
 
 
 def worst_case(attacks) -> Attack:
-  """Runs every attack and keeps, per example, the worst one for the model.
+  """Runs every attack and keeps, per example, the worst one for the model: the
+  rule for evaluation.
 
   Per example: the first attack's output (in list order) that is
   misclassified, else the one with the highest cross-entropy loss. Costs the
@@ -32,8 +34,47 @@ def worst_case(attacks) -> Attack:
   evaluation may run each only on the examples the ones before left robust
   (the same per-example outcome, for less work). A stochastic model
   (attacks with EOT, `logits_fn(x, key)`) is judged on one draw per example.
+  For training on the inner maximum over attacks (MAT-Max) use `max_loss`:
+  this rule prefers the earlier attack whenever both fool the model, whatever
+  their losses.
   """
   attacks = _check_attacks(attacks)
+
+  def choose(fooled, loss):
+    return jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
+
+  return _combined(_select(attacks, choose), "worst_case", attacks,
+                   stages=attacks if all(isinstance(a, Attack) for a in attacks) else ())
+
+
+def max_loss(attacks) -> Attack:
+  """Runs every attack and keeps, per example, the output of largest loss: the
+  rule for training (MAT-Max, Araujo et al. 2019).
+
+  Per example i, with candidates x_i^(j) from attack j:
+
+    x_adv_i = x_i^(j*),  j* = argmax_j CE(logits_fn(x_i^(j)), y_i),
+
+  CE the cross-entropy -log softmax(z)_y of the model's logits (the loss
+  adversarial training minimises), ties to the earlier attack. This is the
+  inner maximum max_j max_{d in B_j} L(x + d, y) over the attacks' balls
+  (for MAT-Max, p in {2, inf}), whether or not the candidates are
+  misclassified: unlike `worst_case`, success is not looked at. Costs the sum
+  of the attacks plus one forward pass each. A stochastic model (attacks with
+  EOT, `logits_fn(x, key)`) is judged on one draw per example.
+  """
+  attacks = _check_attacks(attacks)
+
+  def choose(fooled, loss):
+    del fooled
+    return jnp.argmax(loss, 0)
+
+  return _combined(_select(attacks, choose), "max_loss", attacks)
+
+
+def _select(attacks, choose):
+  """The attack function that runs every attack and keeps, per example, the
+  candidate `choose(fooled [J, B], loss [J, B]) -> [B]` picks."""
   stochastic = any(getattr(a, "stochastic", False) for a in attacks)
 
   def attack(logits_fn, x, y, key, eps):
@@ -50,11 +91,9 @@ def worst_case(attacks) -> Attack:
     logits = logits.reshape(len(attacks), x.shape[0], -1)          # [J, B, K]
     fooled = jnp.argmax(logits, -1) != y
     loss = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
-    choice = jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
-    return candidates[choice, jnp.arange(x.shape[0])]
+    return candidates[choose(fooled, loss), jnp.arange(x.shape[0])]
 
-  return _combined(attack, "worst_case", attacks,
-                   stages=attacks if all(isinstance(a, Attack) for a in attacks) else ())
+  return attack
 
 
 def random_choice(attacks, per_example=False) -> Attack:

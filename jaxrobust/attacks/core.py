@@ -238,16 +238,22 @@ def num_classes_of(logits_fn, x):
   return shape[1]
 
 
-def check_batch(logits_fn, x, y, *, stochastic=False):
+def check_batch(logits_fn, x, y, *, stochastic=False, soft_labels=False):
   """Checks images and labels of an attack call; returns the number of classes.
 
-  A `stochastic` model is `logits_fn(x, key)`.
+  A `stochastic` model is `logits_fn(x, key)`. With `soft_labels`, `y` may
+  also be a distribution over the classes per example, [B, K].
   """
   checks.check_images(x)
   if stochastic:
     logits_fn = functools.partial(_with_fixed_key, logits_fn)
   num_classes = num_classes_of(logits_fn, x)
-  checks.check_labels(y, x.shape[0], num_classes)
+  if soft_labels and jnp.ndim(y) == 2:
+    checks.require(jnp.shape(y) == (x.shape[0], num_classes),
+                   f"soft labels must have shape ({x.shape[0]}, {num_classes}), "
+                   f"got shape {tuple(jnp.shape(y))}")
+  else:
+    checks.check_labels(y, x.shape[0], num_classes)
   return num_classes
 
 
@@ -255,7 +261,8 @@ def _with_fixed_key(logits_fn, x):
   return logits_fn(x, jax.random.key(0))
 
 
-def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False):
+def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False,
+            soft_labels=False):
   """Runs `attack_one(logits_fn_one, x_i, y_i, key_i, *args_i)` over the batch with vmap.
 
   `logits_fn_one` maps one example to its logits [K] (a `stochastic` model:
@@ -263,7 +270,7 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False):
   scalars (broadcast), such as a per-example eps. Returns the attacked
   batch, the same shape and dtype as `x`.
   """
-  check_batch(logits_fn, x, y, stochastic=stochastic)
+  check_batch(logits_fn, x, y, stochastic=stochastic, soft_labels=soft_labels)
   logits_one = lambda xi, *key: logits_fn(xi[None], *key)[0]
   keys = keys_lib.example_keys(key, x.shape[0])
   axes = tuple(0 if jnp.ndim(a) else None for a in per_example)

@@ -72,3 +72,10 @@ def get(loss):
   if callable(loss):
     return loss
   return LOSSES[checks.one_of("loss", loss, tuple(LOSSES))]
+
+
+def kl_divergence(logits, p):
+  """KL(p || softmax(z)) = sum_k p_k (log p_k - log softmax(z)_k), for soft
+  labels p [K] (0 log 0 = 0): TRADES's inner loss (Zhang et al. 2019), with p
+  the model's prediction on the clean input. A callable loss of `pgd`."""
+  return jnp.sum(jax.scipy.special.xlogy(p, p) - p * jax.nn.log_softmax(logits))

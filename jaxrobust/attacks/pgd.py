@@ -12,7 +12,9 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
   """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
-  [0, 1]. From d_0 (uniform in the ball if `random_start`, else 0), each step is
+  [0, 1]. From d_0 (uniform in the ball if `random_start` is True; sigma N(0, I)
+  projected onto the ball if it is a number sigma > 0, TRADES's start of
+  Zhang et al. 2019 with sigma = 0.001; else 0), each step is
 
     d <- clip_box(proj_eps(d + step_size * u)),
 
@@ -30,10 +32,13 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
     step_size: step length; default 2.5 * eps / steps (Madry et al.; see
       `core.default_step_size`).
     steps: gradient steps per restart, >= 1.
-    random_start: start uniformly in the ball (else at x).
+    random_start: True: start uniformly in the ball; a number sigma > 0:
+      start at x + sigma N(0, I) (projected, clipped to the box); False: at x.
     restarts: independent runs per example, >= 1.
     loss: "ce" (cross-entropy), "cw" (margin max_{i!=y} z_i - z_y) or a
-      callable `loss(logits [K], y) -> scalar`.
+      callable `loss(logits [K], y) -> scalar`. With a callable loss, `y`
+      may also be soft labels [B, K] (e.g. the clean prediction, for TRADES's
+      KL divergence); success (for restarts) is then argmax z != argmax y.
     targeted: drive towards class y instead of away from it.
     unroll: loop form: a `lax.fori_loop` (default, every backend), or
       unrolled (True); see `core.iterate`.
@@ -73,7 +78,9 @@ def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, 
   steps = checks.integer_at_least("steps", steps, 1)
   restarts = checks.integer_at_least("restarts", restarts, 1)
   core.check_step_size(step_size)
+  _check_random_start(random_start)
   loss_fn = losses.get(loss)
+  soft_labels = callable(loss)
   sign = -1.0 if targeted else 1.0
 
   def objective(logits_one, x_adv, y):
@@ -81,7 +88,7 @@ def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, 
     return sign * loss_fn(logits, y), logits
 
   def succeeded(logits, y):
-    hit = jnp.argmax(logits) == y
+    hit = jnp.argmax(logits) == (jnp.argmax(y) if jnp.ndim(y) else y)
     return hit if targeted else ~hit
 
   def attack_one(logits_one, x, y, key, eps):
@@ -93,8 +100,13 @@ def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, 
       return core.clip_to_box(x, core.project(delta, eps, norm))
 
     def run(restart_key):
-      delta = (core.random_start(restart_key, x, eps, norm) if random_start
-               else jnp.zeros_like(x))
+      if random_start is True:
+        delta = core.random_start(restart_key, x, eps, norm)
+      elif random_start:
+        delta = random_start * jax.random.normal(restart_key, x.shape, x.dtype)
+        delta = core.clip_to_box(x, core.project(delta, eps, norm))
+      else:
+        delta = jnp.zeros_like(x)
       delta = core.iterate(step, delta, steps, unroll)
       value, logits = objective(logits_one, x + delta, y)
       return delta, value, succeeded(logits, y)
@@ -102,6 +114,12 @@ def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, 
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
-    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
+    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps),
+                        soft_labels=soft_labels)
 
   return attack
+
+
+def _check_random_start(random_start):
+  if not isinstance(random_start, bool):
+    checks.positive("random_start (a bool, or the std of a Gaussian start)", random_start)

@@ -25,11 +25,21 @@ def base():
   """The default run: small CNN, digits, SGD with cosine decay, PGD evaluation."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(name="digits", data_dir="")
+  # Training augmentation (`jaxrobust.augment`): "none" on digits (a flipped
+  # digit is another digit); random crop (4 pixels of zero padding) and flip on
+  # CIFAR-10.
+  c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4,
+                padding_mode="zero")
   c.model = dict(name="small_cnn", width=16)
   c.objective = "natural"
   c.batch_size = 64
   c.epochs = 20
+  # Exponential moving average of the parameters, evaluated instead of them
+  # (0: off; 0.995 is typical).
+  c.ema = 0.0
+  # Adversarial weight perturbation (Wu et al. 2020): its gamma, 0 = off; 5e-3
+  # on top of pgd_at or trades (--config.awp=5e-3).
+  c.awp = 0.0
   c.optimizer = dict(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, schedule="cosine", warmup_steps=50)
   c.log_every_steps = 10
@@ -40,6 +50,10 @@ def base():
   # with the quicker `after_training`.
   c.eval = dict(batch_size=500, limit=0, default="autoattack_linf,pgd_l2",
                 after_training="pgd_linf,pgd_l2",
+                # The best checkpoint (Rice et al. 2020): PGD-10 accuracy on the
+                # last `validation_examples` training images (held out) every
+                # `every_epochs` epochs; 0: off.
+                every_epochs=0, validation_examples=0,
                 attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]))
   return c
 
@@ -78,7 +92,8 @@ def setting(name):
   if name == "digits":
     return c
   c.data = dict(name="tfds:cifar10" if name == "cifar10_tfds"
-                else f"folder:{CIFAR10_JPEG}", data_dir="")
+                else f"folder:{CIFAR10_JPEG}", data_dir="", augment="crop_flip",
+                crop_padding=4, padding_mode="zero")
   c.model = dict(name="seed_cnn")
   c.batch_size = 128
   c.epochs = 10

@@ -3,7 +3,10 @@
 Adversarial training of the randomized network f~(x) = f(x + d),
 d ~ N(0, sigma^2 I): each step's PGD-7 L-infinity attack takes its gradients
 through the noise, averaged over `train_attack.eot_samples` fresh draws
-(expectation over transformation), and f is trained on x_adv + d.
+(expectation over transformation), and f is trained on x_adv + d. The attack
+maximises the loss of the mean prediction, -log mean_s softmax(f(x' + d_s))_y,
+not the mean of the losses: that is the classifier f~ predicts with and is
+evaluated on (see `jaxrobust.objectives`).
 Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
 through them (EOT).
 Command: python train.py --config rat --workdir runs/rat

@@ -4,6 +4,7 @@
 `jaxrobust-eval ...`.)
 
   python eval.py --workdir runs/pgd_at                       # AutoAttack + PGD (eval.default)
+  python eval.py --workdir runs/pgd_at --checkpoint latest   # not the best (the default)
   python eval.py --workdir runs/pgd_at --suite autoattack --norm l2 --eps 1.0
   python eval.py --workdir runs/pgd_at --attacks all --individual   # every attack alone
   python eval.py --workdir runs/pgd_at --attacks pgd_linf,cw_l2 --limit 200 --out r.json
@@ -44,7 +45,7 @@ from ml_collections import config_flags
 from jaxrobust import attacks as attacks_lib
 from jaxrobust import checkpoints, checks, cli, evaluation, experiment, interop, models
 from jaxrobust import config as config_lib
-from jaxrobust import parallel, report, sanity, smoothing
+from jaxrobust import parallel, report, sanity, selection, smoothing
 from jaxrobust.configs import common
 
 SUITES = ("autoattack",)
@@ -64,6 +65,9 @@ _VERSION = flags.DEFINE_string("version", "standard", "AutoAttack's version: sta
                                "plus, or rand (randomized models).")
 _INDIVIDUAL = flags.DEFINE_boolean("individual", False, "Run every attack on every "
                                    "clean-correct example, not as a cascade.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Which checkpoint to evaluate: 'best' (by validation robust "
+    "accuracy, with eval.every_epochs) or 'latest' (default: best when it exists).")
 _STATE = flags.DEFINE_string("state", None, "Write the evaluation's progress to this file "
                              "after every batch, and resume from it.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Data split to evaluate.")
@@ -158,14 +162,20 @@ def main(argv):
     checks.require(_WORKDIR.value, "--workdir (or --torch-checkpoint) is required")
     checks.require(_ARCH.value is None and _DATA.value is None,
                    "--arch and --data go with --torch-checkpoint")
-    resolved, model, state = experiment.restore(_WORKDIR.value)
+    which = selection.choose(checkpoints.check_workdir(_WORKDIR.value), _CHECKPOINT.value)
+    resolved, model, state = experiment.restore(_WORKDIR.value, checkpoint=which)
+    print(f"Checkpoint: {which} (step {int(state.step)})")
+    if resolved.get("ema"):
+      print(f"Model: the exponential moving average of the parameters (decay "
+            f"{resolved['ema']:g}), step {int(state.step)}")
     if _EXPORT.value:
       export_torch(model, state, _EXPORT.value)
       return
     if "config" in flags.FLAGS:
       resolved = flags.FLAGS.config.to_dict()
     rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)
-    rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value)
+    rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value,
+               checkpoint=which)
   if _OUT.value:
     checkpoints.write_atomic(Path(_OUT.value), json.dumps(rep, indent=2) + "\n")
     print(f"wrote {_OUT.value}")

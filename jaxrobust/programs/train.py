@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 from absl import flags
 
-from jaxrobust import checkpoints, cli, configs, experiment, parallel, report
+from jaxrobust import checkpoints, cli, configs, experiment, parallel, report, training
 from jaxrobust import config as config_lib
 
 _CONFIG = cli.define_config_flag(configs.resolve("pgd_at"))
@@ -41,11 +41,14 @@ def main(argv):
   if jax.process_index() == 0:  # evaluates on its own devices, from memory
     mesh = parallel.mesh(jax.local_devices())
     resolved = checkpoints.load_config(workdir)
-    state = jax.device_put(jax.device_get(state), parallel.replicated(mesh))
+    state = jax.device_put(jax.device_get(training.for_evaluation(state)),
+                           parallel.replicated(mesh))
     rep = experiment.evaluate(resolved, config_lib.build_model(resolved), state,
                               names=config.eval.after_training, limit=config.eval.limit,
                               mesh=mesh)
-    print(f"\n{workdir}: step {int(state.step)}, test accuracy\n")
+    averaged = (f" (EMA of the parameters, decay {resolved['ema']:g})"
+                if resolved.get("ema") else "")
+    print(f"\n{workdir}: step {int(state.step)}{averaged}, test accuracy\n")
     print(report.format_table(rep))
 
 
