@@ -20,6 +20,7 @@ workdir untouched. A checkpoint whose shapes differ from the model's is not
 corrupt but incompatible (the config or the code changed): that is an error.
 Checkpoints written before records existed are restored unverified.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -214,13 +215,29 @@ def restore_latest(mgr, target, *, quarantine=False):
   return None
 
 
+def _restore_fields(mgr, step, abstract):
+  """`abstract` restored from checkpoint `step`. A checkpoint written before a
+  field that defaults to None was added to the state (`ema_params`) lacks
+  it; when such a field is None, the others are restored on their own."""
+  try:
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception:  # pylint: disable=broad-except
+    if not dataclasses.is_dataclass(abstract):
+      raise
+    present = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)
+               if getattr(abstract, f.name) is not None}
+    if len(present) == len(dataclasses.fields(abstract)):
+      raise
+    return abstract.replace(**mgr.restore(step, args=ocp.args.StandardRestore(present)))
+
+
 def _restore(mgr, step, abstract, expected):
   path = mgr.directory / str(step)
   record = _read_record(path)
   if record is not None:
     _check_fits(record["arrays"], expected, path)
   try:
-    state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    state = _restore_fields(mgr, step, abstract)
   except Exception as e:  # orbax raises many types for unreadable or mismatched data
     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if record is None:  # unverified: it may as well be incompatible

@@ -272,3 +272,27 @@ def test_two_processes_pre_empted_and_resumed_train_as_one_process_with_two_devi
   assert [m["step"] for m in logged] == list(range(1, STEPS + 1))  # process 0 alone
   for m, r in zip(logged, reference.metrics):
     assert m == pytest.approx(r, rel=1e-5)
+
+
+def test_a_checkpoint_written_before_ema_params_existed_still_restores(tmp_path):
+  # The state as checkpoints held it before the `ema_params` field was added.
+  import flax  # pylint: disable=g-import-not-at-top
+  from jaxrobust import training  # pylint: disable=g-import-not-at-top
+
+  class OldState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    model_state: dict
+    opt_state: tuple
+
+  params = {"w": jax.numpy.arange(6.0).reshape(2, 3)}
+  old = OldState(jax.numpy.int32(7), params, {}, (jax.numpy.ones(3),))
+  mgr = checkpoints.manager(tmp_path)
+  checkpoints.save(mgr, old)
+  new = training.TrainState(jax.numpy.int32(0), jax.tree.map(jax.numpy.zeros_like, params), {},
+                            (jax.numpy.zeros(3),))
+  restored = checkpoints.restore_latest(mgr, new)
+  mgr.close()
+  assert restored.ema_params is None and int(restored.step) == 7
+  np.testing.assert_array_equal(restored.params["w"], params["w"])
+  np.testing.assert_array_equal(restored.opt_state[0], np.ones(3))
