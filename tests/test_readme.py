@@ -68,8 +68,11 @@ def test_the_readme_has_commands_and_every_one_is_understood():
 
 
 def test_every_config_documents_its_command():
-  names = {p.stem for p in (ROOT / "jaxrobust" / "configs").glob("*.py")} - {"__init__", "common"}
-  assert len(config_commands()) == len(names)
+  # gpu_recipes documents GPU-scale runs (ResNets, 15-200 CIFAR-10 epochs), not
+  # commands for this machine; test_recipes.py builds and checks its configs.
+  names = {p.stem for p in (ROOT / "jaxrobust" / "configs").glob("*.py")} - {
+      "__init__", "common", "gpu_recipes"}
+  assert sorted(c.split()[3] for c in config_commands()) == sorted(names)
 
 
 @pytest.mark.parametrize("source", ["README.md", "config docstrings"])
