@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks, models, objectives, parallel
+from jaxrobust import checks, fastpath, models, objectives, parallel
 from jaxrobust import keys as keys_lib
 
 
@@ -171,8 +171,10 @@ def make_train_step(model, tx, input_fn, mesh):
       # (the transpose of their broadcast), which makes it the global mean's.
       return loss / jax.lax.axis_size(parallel.BATCH_AXIS), (loss, logits, updates)
 
-    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    # The CPU fast path (identity elsewhere): XLA:CPU's fast forms of the
+    # model's pooling and convolutions and of their gradients.
+    (_, (loss, logits, updates)), grads = fastpath.fast(
+        jax.value_and_grad(loss_fn, has_aux=True))(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     new_state = state.replace(
