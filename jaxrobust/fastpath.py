@@ -43,6 +43,7 @@ The transform reads JAX internals (primitive names and parameters of jax
 0.10): `tests/test_fastpath.py` pins what it reads and fails if an upgrade
 changes it. Use it under `jax.jit` (it traces `fn` on every call).
 """
+import contextlib
 import functools
 
 import jax
@@ -62,9 +63,23 @@ SMALL_CHANNELS = 16
 _MAX_TAPS = 49  # at most 7x7 kernels: the patches are `taps` times the input
 
 
+_disabled = []  # `disabled()` contexts entered and not yet left
+
+
 def enabled():
-  """Whether `fast` rewrites anything: on the CPU backend only."""
-  return jax.default_backend() == "cpu"
+  """Whether `fast` rewrites anything: on the CPU backend, outside `disabled()`."""
+  return jax.default_backend() == "cpu" and not _disabled
+
+
+@contextlib.contextmanager
+def disabled():
+  """Within it, `fast(fn)` is `fn` (decided when `fast` is called, e.g. while
+  a jitted function traces): to measure what the fast path is worth."""
+  _disabled.append(True)
+  try:
+    yield
+  finally:
+    _disabled.pop()
 
 
 def fast(fn):

@@ -171,10 +171,11 @@ def make_train_step(model, tx, input_fn, mesh):
       # (the transpose of their broadcast), which makes it the global mean's.
       return loss / jax.lax.axis_size(parallel.BATCH_AXIS), (loss, logits, updates)
 
-    # The CPU fast path (identity elsewhere): XLA:CPU's fast forms of the
-    # model's pooling and convolutions and of their gradients.
+    # The CPU fast path (identity elsewhere), before differentiating and after:
+    # XLA:CPU's fast forms of the model's pooling and convolutions and of their
+    # gradients (a small-channel convolution's kernel gradient: one matmul).
     (_, (loss, logits, updates)), grads = fastpath.fast(
-        jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+        jax.value_and_grad(fastpath.fast(loss_fn), has_aux=True))(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     new_state = state.replace(

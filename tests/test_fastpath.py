@@ -68,9 +68,10 @@ class LinenCNN(nn.Module):
 def linen_fn():
   model = LinenCNN()
   x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)
   # Non-trivial running statistics, so that BatchNorm is not the identity.
-  stats = jax.tree.map(lambda s: s + 0.3 * jnp.abs(normal(2, s.shape)), variables["batch_stats"])
+  stats = jax.jit(lambda s: jax.tree.map(lambda s: s + 0.3 * jnp.abs(normal(2, s.shape)), s))(
+      variables["batch_stats"])
   variables = {**variables, "batch_stats": stats}
   return lambda x: model.apply(variables, x), x
 
