@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -51,7 +50,8 @@ if str(REPO) not in sys.path:
 from jaxrobust import parallel  # pylint: disable=wrong-import-position  (does not start JAX)
 
 ROWS = ("pgd_linf", "pgd_l2", "cw_l2", "mi_fgsm", "di_fgsm", "pgd_at_step",
-        "smoothing", "eval_early_stop", "loop_forms", "loop_unrolled")
+        "smoothing", "eval_early_stop", "loop_forms", "loop_unrolled", "user_model",
+        "seed_network")
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18")
 LINF_EPS, L2_EPS = 8 / 255, 0.5
 SIGMA = 0.25
@@ -84,6 +84,10 @@ def parse_args(argv=None):
                  help="images per timed run in the smoothing row (default 4)")
   p.add_argument("--smoothing-batch", type=int, default=1000,
                  help="forward passes per chunk in the smoothing row, both sides")
+  p.add_argument("--user-images", type=int, default=256,
+                 help="images per timed run in the user_model row (batches of 256)")
+  p.add_argument("--seed-images", type=int, default=1000,
+                 help="images per timed run in the seed_network row (batches of 500)")
   p.add_argument("--cache", default=None,
                  help="where trained weights are cached (default: $JAXROBUST_CACHE "
                       "or ~/.cache/jaxrobust, under bench/)")
@@ -481,10 +485,10 @@ class Bench:
 
   def loop_forms(self):
     """jaxrobust's PGD-10 in its default loop form (a `fori_loop` whose
-    gradients go through `core.canonical_convolutions`) against the same
+    model and gradients go through `jaxrobust.fastpath.fast`) against the same
     `fori_loop` without that transform, in the reference column: what the
     transform is worth on this backend (it is the identity off CPU)."""
-    return self._loop_row("loop_forms", "plain fori_loop, no canonical convolutions",
+    return self._loop_row("loop_forms", "plain fori_loop, no fast path",
                           plain=True)
 
   def loop_unrolled(self):
@@ -502,8 +506,8 @@ class Bench:
                                                   steps=steps, unroll=unroll))
       run = lambda i: attack(self.variables, self.x_dev[i], self.y_dev[i],
                              jax.random.fold_in(key, i)).block_until_ready()
-      if plain:  # compile (trace) the attack once with the transform switched off
-        with mock.patch.object(jr.attacks.core, "canonical_convolutions", lambda fn: fn):
+      if plain:  # compile (trace) the attack once with the fast path switched off
+        with jr.fastpath.disabled():
           run(0)
       return run
 
@@ -748,6 +752,198 @@ class Bench:
         f"accuracy cannot change) and packs the rest into full batches of {B}; "
         f"the reference attacks all {work}.")
     return row
+
+
+  # -- the fast path on models jaxrobust did not write (issue 11) ----------------
+
+  def user_model(self):
+    """PGD-10 L-inf (8/255, step 2/255) on a plain Flax CNN a user would write
+    (`nn.Conv` 3x3 32-32-64-64, `nn.max_pool` 2x2 after each pair, dense 256,
+    10 classes; random weights, copied into the PyTorch twin below), batch 256:
+    jaxrobust with and without its CPU fast path against torchattacks."""
+    jax, np = self.jax, self.np
+    model = UserCNN(num_classes=self.test_set.num_classes)
+    variables = model.init(jax.random.key(0), np.zeros((1, *self.test_set.x.shape[1:]),
+                                                        np.float32))
+    net = user_torch_cnn(self.torch, variables).to(self.torch_device)
+    return self._fast_path_row(
+        "user_model", "PGD-10 L-inf, plain Flax CNN (nn.Conv, nn.max_pool), batch 256",
+        lambda v, x: model.apply(v, x), variables, net, steps=10, batch=256,
+        images=self.args.user_images)
+
+  def seed_network(self):
+    """PGD-20 L-inf (8/255, step 2/255) on the seed's network (`seed_cnn`: 5x5
+    convolutions 3->6->16 channels), batches of 500 (1,000 images a run by
+    default): jaxrobust with and without its CPU fast path against
+    torchattacks. The benchmark's model when `--model seed_cnn`, else a
+    freshly initialised one."""
+    jax, jr, np = self.jax, self.jr, self.np
+    if self.args.model == "seed_cnn":
+      model, variables = self.model, jax.device_get(self.variables)
+    else:
+      mean, std = jr.data.channel_stats(self.train_set.x)
+      model = jr.models.create("seed_cnn", num_classes=self.test_set.num_classes,
+                               mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+      variables = jax.device_get(model.init(jax.random.key(0), np.zeros(
+          (1, *self.test_set.x.shape[1:]), np.float32)))
+    net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
+    return self._fast_path_row(
+        "seed_network", "PGD-20 L-inf, seed_cnn (5x5 convs 3->6->16), batch 500",
+        lambda v, x: model.apply(v, x, train=False), variables, net, steps=20,
+        batch=500, images=self.args.seed_images)
+
+  def _fast_path_row(self, name, label, apply, variables, net, *, steps, batch, images):
+    """Times three sides alternately on the same images: jaxrobust's PGD (the
+    fast path on, its default), the same PGD traced inside
+    `jaxrobust.fastpath.disabled()`, and torchattacks' PGD on `net`."""
+    jax, jr, np, torch = self.jax, self.jr, self.np, self.torch
+    P = jax.sharding.PartitionSpec
+    spec = P(jr.parallel.BATCH_AXIS)
+    alpha = 2 / 255
+    for p in net.parameters():
+      p.requires_grad_(False)
+    batch = batch - batch % self.devices
+    n = max(batch, images // batch * batch)
+    x, y = self.test_set.x[:n], self.test_set.y[:n]
+    variables = jax.device_put(variables, jr.parallel.replicated(self.mesh))
+    xs = [jax.device_put(x[s:s + batch], self.batch_spec) for s in range(0, n, batch)]
+    ys = [jax.device_put(y[s:s + batch], self.batch_spec) for s in range(0, n, batch)]
+
+    def jax_side(fast):  # everything built anew per side: no trace is shared
+      attack = jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps)
+      mapped = jr.parallel.data_parallel(
+          lambda v, xb, yb, keys: attack(lambda z: apply(v, z), xb, yb, keys), self.mesh,
+          in_specs=(P(), spec, spec, spec), out_specs=spec)
+      program = jax.jit(lambda v, xb, yb, key: mapped(v, xb, yb,
+                                                      self.example_keys(key, xb.shape[0])))
+
+      def run(i):
+        context = contextlib.nullcontext() if fast else jr.fastpath.disabled()
+        with context:  # only the first call traces
+          outs = [program(variables, xb, yb, jax.random.fold_in(jax.random.key(i), j))
+                  for j, (xb, yb) in enumerate(zip(xs, ys))]
+        return np.concatenate([np.asarray(o) for o in outs])
+      return run
+
+    ta_attack = self.torchattacks.PGD(net, eps=LINF_EPS, alpha=alpha, steps=steps,
+                                      random_start=True)
+    xs_t = [self.tm.nhwc_to_nchw(x[s:s + batch]).to(self.torch_device)
+            for s in range(0, n, batch)]
+    ys_t = [torch.from_numpy(y[s:s + batch].astype(np.int64)).to(self.torch_device)
+            for s in range(0, n, batch)]
+
+    def torch_side(i):
+      torch.manual_seed(i)
+      outs = [ta_attack(xb, yb) for xb, yb in zip(xs_t, ys_t)]
+      torch_synchronize()
+      return np.concatenate([self.tm.nchw_to_nhwc(o) for o in outs])
+
+    sides = {"fast": jax_side(True), "no_fast": jax_side(False), "torch": torch_side}
+    first, times, outputs, ceilings = {}, {k: [] for k in sides}, {}, []
+    for k, run in sides.items():
+      start = time.perf_counter()
+      outputs[k] = run(0)
+      first[k] = time.perf_counter() - start
+    order = list(sides)
+    for i in range(1, self.args.repeats + 1):
+      for k in order[i % 3:] + order[:i % 3]:
+        start = time.perf_counter()
+        sides[k](i)
+        times[k].append(time.perf_counter() - start)
+      ceilings.append(self.ceiling.sample())
+    predict = jax.jit(lambda v, xb: jnp_argmax(self.jnp, apply(v, xb)))
+    accuracy = lambda xa: float(np.mean(np.concatenate([
+        np.asarray(predict(variables, jax.device_put(xa[s:s + batch], self.batch_spec)))
+        for s in range(0, n, batch)]) == y))
+    per = batch // self.devices
+    x1 = jax.ShapeDtypeStruct((per, *x.shape[1:]), np.float32)
+    grad_cost = jax.jit(lambda v, z: jax.grad(lambda z: apply(v, z).sum())(z)).lower(
+        jax.device_get(variables), x1).cost_analysis()
+    flops = steps * float(grad_cost["flops"]) / per * n
+    row = self.row(name, label, times["fast"], times["torch"], ceilings, n, "images/s",
+                   flops, flops)
+    no_fast_rate = n / median(times["no_fast"])
+    row.update({
+        "jaxrobust_no_fast_path": no_fast_rate,
+        "ratio_no_fast_path": no_fast_rate / row["pytorch"],
+        "jaxrobust_no_fast_path_seconds": times["no_fast"],
+        "fast_path_speedup": row["jaxrobust"] / no_fast_rate,
+        "compile_seconds": {k: first[k] - median(times[k]) for k in ("fast", "no_fast")},
+        "agreement": {"jaxrobust": accuracy(outputs["fast"]),
+                      "pytorch": accuracy(outputs["torch"]), "what": "accuracy under the attack",
+                      "examples": n},
+        "jaxrobust_no_fast_path_accuracy": accuracy(outputs["no_fast"]),
+    })
+    self.notes.append(
+        f"{name}: without the fast path (`jaxrobust.fastpath.disabled()`) jaxrobust ran "
+        f"{format_rate(no_fast_rate)} images/s ({row['ratio_no_fast_path']:.2f}x PyTorch; "
+        f"accuracy under it {100 * row['jaxrobust_no_fast_path_accuracy']:.1f} %); the fast "
+        f"path is {row['fast_path_speedup']:.2f}x. Compile (first call minus a steady one): "
+        f"{row['compile_seconds']['fast']:.1f} s with, {row['compile_seconds']['no_fast']:.1f} s "
+        f"without. {n} images a run.")
+    return row
+
+
+def _user_cnn_class():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class UserCNNModule(nn.Module):
+    """A plain Flax CNN: conv 3x3 32, 32, max-pool 2; conv 3x3 64, 64, max-pool 2;
+    dense 256; dense `num_classes` (ReLU between)."""
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+      for features in (32, 64):
+        x = nn.relu(nn.Conv(features, (3, 3))(x))
+        x = nn.relu(nn.Conv(features, (3, 3))(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(self.num_classes)(x)
+
+  return UserCNNModule
+
+
+def UserCNN(num_classes):  # pylint: disable=invalid-name
+  return _user_cnn_class()(num_classes=num_classes)
+
+
+def user_torch_cnn(torch, variables):
+  """The PyTorch twin of `UserCNN` with its Flax `variables` (NCHW images)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  nn = torch.nn
+  params = variables["params"]
+  tensor = lambda a: torch.from_numpy(np.array(a, np.float32))
+
+  class Net(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.convs = nn.ModuleList()
+      for i in range(4):
+        kernel, bias = params[f"Conv_{i}"]["kernel"], params[f"Conv_{i}"]["bias"]
+        conv = nn.Conv2d(kernel.shape[2], kernel.shape[3], 3, padding=1)
+        with torch.no_grad():
+          conv.weight.copy_(tensor(np.transpose(kernel, (3, 2, 0, 1))))
+          conv.bias.copy_(tensor(bias))
+        self.convs.append(conv)
+      self.dense = nn.ModuleList()
+      for i in range(2):
+        kernel, bias = params[f"Dense_{i}"]["kernel"], params[f"Dense_{i}"]["bias"]
+        linear = nn.Linear(*kernel.shape)
+        with torch.no_grad():
+          linear.weight.copy_(tensor(np.asarray(kernel).T))
+          linear.bias.copy_(tensor(bias))
+        self.dense.append(linear)
+
+    def forward(self, x):
+      for i, conv in enumerate(self.convs):
+        x = torch.relu(conv(x))
+        if i % 2:
+          x = torch.nn.functional.max_pool2d(x, 2)
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)   # Flax's NHWC flatten order
+      return self.dense[1](torch.relu(self.dense[0](x)))
+
+  return Net().eval()
 
 
 def jnp_argmax(jnp, logits):

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import checks, data, parallel
+from jaxrobust import checks, data, fastpath, parallel
 from jaxrobust import keys as keys_lib
 
 # Float rounding allowed on the ball's radius when judging an adversarial example.
@@ -307,7 +307,7 @@ def _program_key(attack):
 def _predict_program(apply_fn, mesh):
   batch = P(parallel.BATCH_AXIS)
   return jax.jit(parallel.data_parallel(
-      lambda variables, x: jnp.argmax(apply_fn(variables, x), -1), mesh,
+      lambda variables, x: jnp.argmax(fastpath.fast(apply_fn)(variables, x), -1), mesh,
       in_specs=(P(), batch), out_specs=batch))
 
 
@@ -318,7 +318,7 @@ def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh
   eps comes as an argument)."""
 
   def device_step(variables, source_variables, x, y, index, key, stage, eps):
-    target = lambda xb: apply_fn(variables, xb)
+    target = lambda xb: fastpath.fast(apply_fn)(variables, xb)  # attacks: fast already
     crafted_on = variables if source_apply_fn is None else source_variables
     model = apply_fn if source_apply_fn is None else source_apply_fn
     if attack.stochastic:

@@ -140,9 +140,9 @@ class SeedCNN(nn.Module):
   def __call__(self, x, train=False):
     linear = lambda layer: _linear(layer, self.spectral, train)
     x = Normalize(self.mean, self.std)(x)
-    for features in (6, 16):
-      x = nn.relu(linear(Conv(features, (5, 5), padding="VALID"))(x))
-      x = layers.max_pool(x)
+    for features in (6, 16):  # plain Flax layers: `fastpath` makes them fast on CPU
+      x = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(linear(nn.Dense(120))(x))
     x = nn.relu(linear(nn.Dense(84))(x))

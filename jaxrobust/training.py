@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks, models, objectives, parallel
+from jaxrobust import checks, fastpath, models, objectives, parallel
 from jaxrobust import keys as keys_lib
 
 
@@ -249,11 +249,16 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
       # (the transpose of their broadcast), which makes it the global mean's.
       return loss / jax.lax.axis_size(parallel.BATCH_AXIS), (loss, logits, updates)
 
+    # The CPU fast path (identity elsewhere), before differentiating and after:
+    # XLA:CPU's fast forms of the model's pooling and convolutions and of their
+    # gradients (a small-channel convolution's kernel gradient: one matmul).
+    fast_loss = fastpath.fast(loss_fn)
+    value_and_grad = fastpath.fast(jax.value_and_grad(fast_loss, has_aux=True))
     at = state.params
     if awp:  # ascend in weight space first: the gradient is taken at w + v
       at = jax.tree.map(jnp.add, at, awp_perturbation(
-          state.params, jax.grad(lambda p: loss_fn(p)[0])(state.params), gamma=awp))
-    (_, (loss, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
+          state.params, jax.grad(lambda p: fast_loss(p)[0])(state.params), gamma=awp))
+    (_, (loss, logits, updates)), grads = value_and_grad(at)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     params = optax.apply_updates(state.params, param_updates)

@@ -13,10 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jax_core
 
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
+# Every attack's gradients go through the CPU fast path (`jaxrobust.fastpath`;
+# the identity off CPU), under its historical name here.
+from jaxrobust.fastpath import canonical_convolutions, fast  # noqa: F401
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -152,7 +154,7 @@ def iterate(body, state, steps, unroll=False):
   or straight-line code when `unroll` (each step compiled separately).
 
   The loop is the fast form on every backend once the body's gradients go
-  through `canonical_convolutions` (the attacks' do): on XLA:CPU, PGD-10 in
+  through `fast` (`jaxrobust.fastpath`, the attacks' do): on XLA:CPU, PGD-10 in
   that loop runs as fast as unrolled and 8x faster than in a loop without the
   transform (`benchmarks/run.py --rows loop_forms,loop_unrolled`), and it
   compiles one step whatever the step count.
@@ -162,71 +164,6 @@ def iterate(body, state, steps, unroll=False):
       state = body(i, state)
     return state
   return loop(0, steps, body, state, like=jax.tree.leaves(state)[0])
-
-
-def canonical_convolutions(fn):
-  """`fn` with every convolution in canonical form, so that XLA:CPU runs it fast
-  inside loops (identity on other backends).
-
-  XLA:CPU runs a convolution with its fast (Eigen) kernel only when its
-  dimension numbers are canonical: input [batch, spatial..., feature], kernel
-  [spatial..., in, out]. Its `ConvCanonicalization` pass rewrites the others by
-  transposing their operands, but only in the top-level computation: inside a
-  `while` loop (`fori_loop`, `scan`) a non-canonical convolution falls back to a
-  naive loop. The input gradient of a convolution is one (JAX transposes the
-  kernel through its dimension numbers, [spatial..., out, in]), which is why a
-  CNN's input gradient ran about 5x slower in a loop body (DESIGN.md). This
-  transform traces `fn`, inlines nested `jit`s, and writes each convolution as
-  explicit transposes around a canonical one, which XLA:CPU runs with its fast
-  kernel at any loop depth. The result is the same function (up to float
-  rounding); convolutions inside control flow within `fn` itself are left as
-  they are.
-  """
-  if jax.default_backend() != "cpu":
-    return fn
-
-  def canonical(*args):
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs = _eval_canonical(closed.jaxpr, closed.consts, jax.tree.leaves(args))
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-
-  return canonical
-
-
-def _eval_canonical(jaxpr, consts, args):
-  env = dict(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
-  for eqn in jaxpr.eqns:
-    inputs = [read(v) for v in eqn.invars]
-    if eqn.primitive is jax.lax.conv_general_dilated_p:
-      outs = [_canonical_conv(*inputs, **eqn.params)]
-    elif eqn.primitive.name in ("jit", "pjit"):
-      inner = eqn.params["jaxpr"]
-      outs = _eval_canonical(inner.jaxpr, inner.consts, inputs)
-    else:
-      with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
-      outs = outs if eqn.primitive.multiple_results else [outs]
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
-  """`conv_general_dilated` with canonical dimension numbers and explicit transposes."""
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
-  n = lhs.ndim
-  spatial = tuple(range(1, n - 1))
-  canonical = jax.lax.ConvDimensionNumbers(
-      lhs_spec=(0, n - 1) + spatial, rhs_spec=(n - 1, n - 2) + tuple(range(n - 2)),
-      out_spec=(0, n - 1) + spatial)
-  out = jax.lax.conv_general_dilated_p.bind(
-      jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
-      jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
-      dimension_numbers=canonical, **params)
-  # `out` is [batch, spatial..., feature]; move each axis to where out_spec has it.
-  order = (out_spec[0], *out_spec[2:], out_spec[1])
-  return jnp.transpose(out, sorted(range(n), key=lambda axis: order[axis]))
 
 
 def num_classes_of(logits_fn, x):
@@ -271,7 +208,11 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False,
   batch, the same shape and dtype as `x`.
   """
   check_batch(logits_fn, x, y, stochastic=stochastic, soft_labels=soft_labels)
-  logits_one = lambda xi, *key: logits_fn(xi[None], *key)[0]
+  # The model through the CPU fast path before the attack differentiates it,
+  # and (in each attack) the gradient after: pooling and small-channel
+  # convolutions get the gradients XLA:CPU runs fast (`jaxrobust.fastpath`).
+  fast_logits = fast(logits_fn)
+  logits_one = lambda xi, *key: fast_logits(xi[None], *key)[0]
   keys = keys_lib.example_keys(key, x.shape[0])
   axes = tuple(0 if jnp.ndim(a) else None for a in per_example)
   run = jax.vmap(lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a),
