@@ -1,4 +1,5 @@
 """`python eval.py ...` in a clone: the `jaxrobust-eval` command (jaxrobust/programs/eval.py)."""
+
 from jaxrobust.programs import eval as eval_program
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ the reference's AutoAttack does not; here both sides use the reference's
 settings (100 iterations, 9 targets, 5,000 Square queries, no rescaling), set
 on torchattacks' own attack objects.
 """
+
 import argparse
 import json
 import os
@@ -47,8 +48,11 @@ def parse_args(argv=None):
   p.add_argument("--epochs", type=int, default=3, help="training epochs of each model")
   p.add_argument("--batch-size", type=int, default=500, help="images per batch, both sides")
   p.add_argument("--runs", default=str(REPO / "runs" / "bench"), help="trained models")
-  p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"),
-                 help="folder of cifar10-{train,test}-jpeg.tar.gz")
+  p.add_argument(
+    "--data",
+    default=str(REPO.parent / "shared" / "data" / "cifar10"),
+    help="folder of cifar10-{train,test}-jpeg.tar.gz",
+  )
   p.add_argument("--json", default=None, help="also write the results here")
   args = p.parse_args(argv)
   args.models = [m.strip() for m in args.models.split(",")]
@@ -67,9 +71,11 @@ def parse_args(argv=None):
 class CompileClock:
   """Seconds XLA spends tracing, lowering and compiling, from JAX's events."""
 
-  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration",
-            "/jax/core/compile/backend_compile_duration")
+  EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
 
   def __init__(self, jax):
     self.seconds = 0.0
@@ -84,6 +90,7 @@ class CompileClock:
 def train(row, args, experiment):
   """The row's model, trained with jaxrobust (or restored from its run)."""
   import importlib  # pylint: disable=g-import-not-at-top
+
   run_config = importlib.import_module(f"jaxrobust.configs.{MODELS[row]}").get_config("cifar10")
   run_config.epochs = args.epochs
   run_config.data.name = f"folder:{args.data}/cifar10-{{split}}-jpeg.tar.gz"
@@ -97,8 +104,9 @@ def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
   """torchattacks' AutoAttack (standard) with the reference's settings, run
   stage by stage as its MultiAttack does; returns (robust [N], robust
   accuracy after each stage, seconds)."""
-  aa = torchattacks.AutoAttack(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
-                               version="standard", n_classes=10, seed=0)
+  aa = torchattacks.AutoAttack(
+    net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", n_classes=10, seed=0
+  )
   stages = aa._autoattack.attacks  # pylint: disable=protected-access
   for attack in stages:
     if hasattr(attack, "steps"):
@@ -107,7 +115,7 @@ def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
   start = time.perf_counter()
   robust, after = [], []
   for begin in range(0, len(x), batch_size):
-    xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+    xb, yb = x[begin : begin + batch_size], y[begin : begin + batch_size]
     with torch.no_grad():
       fails = torch.nonzero(net(xb).argmax(1) == yb).flatten()
     counts = []
@@ -123,6 +131,7 @@ def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
     after.append(counts)
   seconds = time.perf_counter() - start
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   after = np.sum(after, 0) / len(x)
   return np.concatenate(robust), [float(a) for a in after], seconds
 
@@ -134,9 +143,11 @@ def main(argv=None):
     import torch  # pylint: disable=g-import-not-at-top
     import torchattacks  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise SystemExit(f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
-                     f"  pip install -r requirements-bench.txt\n"
-                     f"  pip install --no-deps torchattacks==3.5.1") from None
+    raise SystemExit(
+      f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
+      f"  pip install -r requirements-bench.txt\n"
+      f"  pip install --no-deps torchattacks==3.5.1"
+    ) from None
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -146,14 +157,17 @@ def main(argv=None):
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   clock = CompileClock(jax)
-  print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); torchattacks "
-        f"{torchattacks.__version__}", flush=True)
+  print(
+    f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads); torchattacks "
+    f"{torchattacks.__version__}",
+    flush=True,
+  )
   results = []
   for row in args.models:
     resolved, model, state = train(row, args, experiment)
     test = config.load_split(resolved, "test")
-    x, y = test.x[:args.images], test.y[:args.images]
+    x, y = test.x[: args.images], test.y[: args.images]
     variables = jax.device_get(state.variables)
     net = torch_models.to_torch(model, variables, x.shape[1:3])
     for p in net.parameters():
@@ -162,26 +176,39 @@ def main(argv=None):
     y_t = torch.from_numpy(y.astype(np.int64))
     apply_fn = jr.models.inference_fn(model)
     with torch.no_grad():
-      gap = float(np.abs(net(x_t[:100]).numpy()
-                         - np.asarray(apply_fn(variables, x[:100]))).max())
+      gap = float(np.abs(net(x_t[:100]).numpy() - np.asarray(apply_fn(variables, x[:100]))).max())
     for norm in args.norms:
       eps = EPS[norm]
       compiled_before = clock.seconds
       rep = evaluation.evaluate(
-          apply_fn, variables, x, y, {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
-          key=jax.random.key(0), batch_size=args.batch_size)
+        apply_fn,
+        variables,
+        x,
+        y,
+        {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
+        key=jax.random.key(0),
+        batch_size=args.batch_size,
+      )
       compile_seconds = clock.seconds - compiled_before
       (aa,) = rep["results"]
       torch_robust, torch_after, torch_seconds = torch_autoattack(
-          torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size)
+        torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size
+      )
       result = {
-          "model": row, "norm": norm, "eps": eps, "images": len(x), "logit_gap": gap,
-          "clean": rep["clean_accuracy"],
-          "jaxrobust": aa["accuracy"], "torchattacks": float(torch_robust.mean()),
-          "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
-          "torchattacks_stages": torch_after,
-          "jaxrobust_seconds": aa["seconds"], "jaxrobust_compile_seconds": compile_seconds,
-          "torchattacks_seconds": torch_seconds}
+        "model": row,
+        "norm": norm,
+        "eps": eps,
+        "images": len(x),
+        "logit_gap": gap,
+        "clean": rep["clean_accuracy"],
+        "jaxrobust": aa["accuracy"],
+        "torchattacks": float(torch_robust.mean()),
+        "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
+        "torchattacks_stages": torch_after,
+        "jaxrobust_seconds": aa["seconds"],
+        "jaxrobust_compile_seconds": compile_seconds,
+        "torchattacks_seconds": torch_seconds,
+      }
       result["difference"] = result["jaxrobust"] - result["torchattacks"]
       result["speedup"] = torch_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
       results.append(result)
@@ -194,23 +221,28 @@ def main(argv=None):
 
 
 def format_table(results):
-  lines = ["| model | threat model | clean | jaxrobust robust | torchattacks robust | "
-           "difference | jaxrobust s (compile) | torchattacks s | speed-up |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    "| model | threat model | clean | jaxrobust robust | torchattacks robust | "
+    "difference | jaxrobust s (compile) | torchattacks s | speed-up |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
   for r in results:
     stages = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)
     lines.append(
-        f"| `seed_cnn` {r['model']} | {r['norm']} {r['eps']:.4g} | {100 * r['clean']:.1f} % | "
-        f"{100 * r['jaxrobust']:.1f} % ({stages(r['jaxrobust_stages'])}) | "
-        f"{100 * r['torchattacks']:.1f} % ({stages(r['torchattacks_stages'])}) | "
-        f"{100 * r['difference']:+.1f} | "
-        f"{r['jaxrobust_seconds'] - r['jaxrobust_compile_seconds']:.0f} "
-        f"({r['jaxrobust_compile_seconds']:.0f}) | {r['torchattacks_seconds']:.0f} | "
-        f"{r['speedup']:.2f}x |")
-  lines.append("\nRobust accuracy after APGD-CE / APGD-T / FAB-T / Square in brackets; "
-               f"{results[0]['images'] if results else 0} CIFAR-10 test images (JPEG copy); "
-               "largest logit difference between the two models "
-               f"{max((r['logit_gap'] for r in results), default=0):.1e}.")
+      f"| `seed_cnn` {r['model']} | {r['norm']} {r['eps']:.4g} | {100 * r['clean']:.1f} % | "
+      f"{100 * r['jaxrobust']:.1f} % ({stages(r['jaxrobust_stages'])}) | "
+      f"{100 * r['torchattacks']:.1f} % ({stages(r['torchattacks_stages'])}) | "
+      f"{100 * r['difference']:+.1f} | "
+      f"{r['jaxrobust_seconds'] - r['jaxrobust_compile_seconds']:.0f} "
+      f"({r['jaxrobust_compile_seconds']:.0f}) | {r['torchattacks_seconds']:.0f} | "
+      f"{r['speedup']:.2f}x |"
+    )
+  lines.append(
+    "\nRobust accuracy after APGD-CE / APGD-T / FAB-T / Square in brackets; "
+    f"{results[0]['images'] if results else 0} CIFAR-10 test images (JPEG copy); "
+    "largest logit difference between the two models "
+    f"{max((r['logit_gap'] for r in results), default=0):.1e}."
+  )
   return "\n".join(lines)
 
 

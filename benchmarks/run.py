@@ -31,6 +31,7 @@ On a GPU: install jax with CUDA and a CUDA build of torch, and run the same
 command; rows then run on the first GPU (jaxrobust on every local GPU, split
 over the batch) and `--devices` is ignored.
 """
+
 import argparse
 import contextlib
 import hashlib
@@ -49,9 +50,20 @@ if str(REPO) not in sys.path:
 
 from jaxrobust import parallel  # pylint: disable=wrong-import-position  (does not start JAX)
 
-ROWS = ("pgd_linf", "pgd_l2", "cw_l2", "mi_fgsm", "di_fgsm", "pgd_at_step",
-        "smoothing", "eval_early_stop", "loop_forms", "loop_unrolled", "user_model",
-        "seed_network")
+ROWS = (
+  "pgd_linf",
+  "pgd_l2",
+  "cw_l2",
+  "mi_fgsm",
+  "di_fgsm",
+  "pgd_at_step",
+  "smoothing",
+  "eval_early_stop",
+  "loop_forms",
+  "loop_unrolled",
+  "user_model",
+  "seed_network",
+)
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18")
 LINF_EPS, L2_EPS = 8 / 255, 0.5
 SIGMA = 0.25
@@ -59,40 +71,81 @@ SIGMA = 0.25
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--model", choices=MODELS, default="small_cnn")
-  p.add_argument("--batch-size", type=int, default=256,
-                 help="images per attack call and per training step (default 256)")
-  p.add_argument("--devices", type=int, default=None,
-                 help="XLA:CPU host devices (default: one per core; ignored when "
-                      "XLA_FLAGS is set)")
-  p.add_argument("--rows", default="all",
-                 help=f"comma-separated rows, or 'all': {', '.join(ROWS)}")
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=256,
+    help="images per attack call and per training step (default 256)",
+  )
+  p.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    help="XLA:CPU host devices (default: one per core; ignored when XLA_FLAGS is set)",
+  )
+  p.add_argument("--rows", default="all", help=f"comma-separated rows, or 'all': {', '.join(ROWS)}")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per side and row (>= 5)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
-  p.add_argument("--workdir", default=None,
-                 help="use the model of a train.py run instead of training one")
-  p.add_argument("--data", default=None,
-                 help="folder holding cifar10/cifar10-{train,test}-jpeg.tar.gz "
-                      "(default: ../shared/data relative to the repository root)")
-  p.add_argument("--train-steps", type=int, default=None,
-                 help="steps of the benchmark's own training (default: per model)")
-  p.add_argument("--smoothing-draws", type=int, default=1000,
-                 help="noise draws per image in the smoothing row (default 1000)")
-  p.add_argument("--smoothing-images", type=int, default=4,
-                 help="images per timed run in the smoothing row (default 4)")
-  p.add_argument("--smoothing-batch", type=int, default=1000,
-                 help="forward passes per chunk in the smoothing row, both sides")
-  p.add_argument("--user-images", type=int, default=256,
-                 help="images per timed run in the user_model row (batches of 256)")
-  p.add_argument("--seed-images", type=int, default=1000,
-                 help="images per timed run in the seed_network row (batches of 500)")
-  p.add_argument("--cache", default=None,
-                 help="where trained weights are cached (default: $JAXROBUST_CACHE "
-                      "or ~/.cache/jaxrobust, under bench/)")
+  p.add_argument(
+    "--workdir", default=None, help="use the model of a train.py run instead of training one"
+  )
+  p.add_argument(
+    "--data",
+    default=None,
+    help="folder holding cifar10/cifar10-{train,test}-jpeg.tar.gz "
+    "(default: ../shared/data relative to the repository root)",
+  )
+  p.add_argument(
+    "--train-steps",
+    type=int,
+    default=None,
+    help="steps of the benchmark's own training (default: per model)",
+  )
+  p.add_argument(
+    "--smoothing-draws",
+    type=int,
+    default=1000,
+    help="noise draws per image in the smoothing row (default 1000)",
+  )
+  p.add_argument(
+    "--smoothing-images",
+    type=int,
+    default=4,
+    help="images per timed run in the smoothing row (default 4)",
+  )
+  p.add_argument(
+    "--smoothing-batch",
+    type=int,
+    default=1000,
+    help="forward passes per chunk in the smoothing row, both sides",
+  )
+  p.add_argument(
+    "--user-images",
+    type=int,
+    default=256,
+    help="images per timed run in the user_model row (batches of 256)",
+  )
+  p.add_argument(
+    "--seed-images",
+    type=int,
+    default=1000,
+    help="images per timed run in the seed_network row (batches of 500)",
+  )
+  p.add_argument(
+    "--cache",
+    default=None,
+    help="where trained weights are cached (default: $JAXROBUST_CACHE "
+    "or ~/.cache/jaxrobust, under bench/)",
+  )
   args = p.parse_args(argv)
-  rows = ROWS if args.rows in ("all", "") else tuple(r.strip() for r in args.rows.split(",") if r.strip())
+  rows = (
+    ROWS
+    if args.rows in ("all", "")
+    else tuple(r.strip() for r in args.rows.split(",") if r.strip())
+  )
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
@@ -106,6 +159,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------
 # The machine.
+
 
 def cpu_name():
   try:
@@ -139,26 +193,27 @@ def machine_description(jax, torch, torchattacks, torch_threads):
   cores = len(os.sched_getaffinity(0))
   devices = jax.devices()
   return {
-      "cpu": cpu_name(),
-      "cpu_features": cpu_flags(),
-      "cores": cores,
-      "memory_gib": memory_gib(),
-      "os": platform.platform(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jax_backend": jax.default_backend(),
-      "jax_devices": f"{len(devices)} x {devices[0].device_kind}",
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "torch": torch.__version__,
-      "torchattacks": torchattacks.__version__,
-      "torch_threads": torch_threads,
-      "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
-      "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+    "cpu": cpu_name(),
+    "cpu_features": cpu_flags(),
+    "cores": cores,
+    "memory_gib": memory_gib(),
+    "os": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jax_backend": jax.default_backend(),
+    "jax_devices": f"{len(devices)} x {devices[0].device_kind}",
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "torch": torch.__version__,
+    "torchattacks": torchattacks.__version__,
+    "torch_threads": torch_threads,
+    "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
+    "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
   }
 
 
 # ----------------------------------------------------------------------------
 # Data and model.
+
 
 def load_data(args, jr):
   """(train, test, description): CIFAR-10 (JPEG copy) if present, else digits upscaled."""
@@ -166,16 +221,27 @@ def load_data(args, jr):
   tarballs = [root / "cifar10" / f"cifar10-{s}-jpeg.tar.gz" for s in ("train", "test")]
   if all(t.exists() for t in tarballs):
     name = f"folder:{root / 'cifar10'}/cifar10-{{split}}-jpeg.tar.gz"
-    return (jr.data.load(name, "train"), jr.data.load(name, "test"),
-            f"CIFAR-10 (JPEG copy) from {root / 'cifar10'}")
-  print(f"NOTE: no CIFAR-10 under {root / 'cifar10'}; using scikit-learn's digits "
-        f"upscaled to 32x32x3 instead (accuracies are not CIFAR-10's)", flush=True)
+    return (
+      jr.data.load(name, "train"),
+      jr.data.load(name, "test"),
+      f"CIFAR-10 (JPEG copy) from {root / 'cifar10'}",
+    )
+  print(
+    f"NOTE: no CIFAR-10 under {root / 'cifar10'}; using scikit-learn's digits "
+    f"upscaled to 32x32x3 instead (accuracies are not CIFAR-10's)",
+    flush=True,
+  )
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   def upscale(ds):
     x = np.repeat(np.repeat(np.repeat(ds.x, 4, axis=1), 4, axis=2), 3, axis=3)
     return jr.data.Dataset(np.ascontiguousarray(x), ds.y, ds.num_classes)
-  return (upscale(jr.data.load("digits", "train")), upscale(jr.data.load("digits", "test")),
-          "scikit-learn digits, 8x8 upscaled to 32x32x3 (no CIFAR-10 found)")
+
+  return (
+    upscale(jr.data.load("digits", "train")),
+    upscale(jr.data.load("digits", "test")),
+    "scikit-learn digits, 8x8 upscaled to 32x32x3 (no CIFAR-10 found)",
+  )
 
 
 DEFAULT_TRAIN_STEPS = {"small_cnn": 600, "seed_cnn": 800, "preact_resnet18": 60}
@@ -189,65 +255,98 @@ TRAIN_BATCH = 128
 def train_settings(args):
   steps = args.train_steps or DEFAULT_TRAIN_STEPS[args.model]
   return {
-      "model": args.model, "steps": steps, "batch_size": TRAIN_BATCH, "seed": 0,
-      "optimizer": {"name": "adam", "learning_rate": 1e-3, "schedule": "cosine",
-                    "warmup_steps": min(100, steps // 5), "weight_decay": 0.0},
-      # FGSM-RS (Wong et al. 2020, "Fast is better than free").
-      "attack": {"name": "fgsm", "eps": LINF_EPS, "random_start": True,
-                 "step_size": 1.25 * LINF_EPS},
+    "model": args.model,
+    "steps": steps,
+    "batch_size": TRAIN_BATCH,
+    "seed": 0,
+    "optimizer": {
+      "name": "adam",
+      "learning_rate": 1e-3,
+      "schedule": "cosine",
+      "warmup_steps": min(100, steps // 5),
+      "weight_decay": 0.0,
+    },
+    # FGSM-RS (Wong et al. 2020, "Fast is better than free").
+    "attack": {"name": "fgsm", "eps": LINF_EPS, "random_start": True, "step_size": 1.25 * LINF_EPS},
   }
 
 
 def trained_model(args, jax, jr, train_set, data_description):
   """(model, variables, description) for the benchmark."""
   import flax.serialization  # pylint: disable=g-import-not-at-top
+
   if args.workdir:
     resolved, model, state = jr.experiment.restore(args.workdir)
     variables = jax.device_get(state.variables)
-    return model, variables, f"{resolved['model']['name']} from --workdir {args.workdir} (step {int(state.step)})"
+    return (
+      model,
+      variables,
+      f"{resolved['model']['name']} from --workdir {args.workdir} (step {int(state.step)})",
+    )
 
   settings = train_settings(args)
   mean, std = jr.data.channel_stats(train_set.x)
-  model = jr.models.create(args.model, num_classes=train_set.num_classes,
-                           mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
-  tag = json.dumps({"settings": settings, "natural_fraction": NATURAL_FRACTION, "data": data_description,
-                    "n": int(len(train_set.x)), "jax": jax.__version__,
-                    "mean": [round(float(m), 6) for m in mean]}, sort_keys=True)
-  cache_dir = Path(args.cache or os.environ.get("JAXROBUST_CACHE")
-                   or "~/.cache/jaxrobust").expanduser() / "bench"
+  model = jr.models.create(
+    args.model,
+    num_classes=train_set.num_classes,
+    mean=tuple(float(m) for m in mean),
+    std=tuple(float(s) for s in std),
+  )
+  tag = json.dumps(
+    {
+      "settings": settings,
+      "natural_fraction": NATURAL_FRACTION,
+      "data": data_description,
+      "n": int(len(train_set.x)),
+      "jax": jax.__version__,
+      "mean": [round(float(m), 6) for m in mean],
+    },
+    sort_keys=True,
+  )
+  cache_dir = (
+    Path(args.cache or os.environ.get("JAXROBUST_CACHE") or "~/.cache/jaxrobust").expanduser()
+    / "bench"
+  )
   cache_file = cache_dir / f"{args.model}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.msgpack"
   # One device: on a heavily loaded machine the data-parallel step's all-reduce
   # over XLA:CPU host devices once stalled past XLA's 40 s rendezvous timeout
   # and aborted the process; training the benchmark's model needs no speed.
   mesh = jr.parallel.mesh(jax.devices()[:1])
   tx = jr.training.make_optimizer(settings["optimizer"], settings["steps"])
-  template = jax.device_get(jr.training.init_state(
-      model, tx, train_set.x.shape[1:], jax.random.key(settings["seed"])))
+  template = jax.device_get(
+    jr.training.init_state(model, tx, train_set.x.shape[1:], jax.random.key(settings["seed"]))
+  )
   natural_steps = int(settings["steps"] * NATURAL_FRACTION)
-  description = (f"{args.model} trained here with jaxrobust: {natural_steps} natural steps, "
-                 f"then FGSM-RS adversarial training (eps 8/255) to step {settings['steps']}, "
-                 f"batch {TRAIN_BATCH}, Adam")
+  description = (
+    f"{args.model} trained here with jaxrobust: {natural_steps} natural steps, "
+    f"then FGSM-RS adversarial training (eps 8/255) to step {settings['steps']}, "
+    f"batch {TRAIN_BATCH}, Adam"
+  )
   if cache_file.exists():
     variables = flax.serialization.from_bytes(template.variables, cache_file.read_bytes())
     return model, variables, description + f" (cached in {cache_file})"
 
   print(f"training the benchmark's model ({description}) ...", flush=True)
-  natural = jr.training.make_train_step(
-      model, tx, jr.training.make_input_fn("natural"), mesh)
+  natural = jr.training.make_train_step(model, tx, jr.training.make_input_fn("natural"), mesh)
   adversarial = jr.training.make_train_step(
-      model, tx, jr.training.make_input_fn("adversarial", settings["attack"]), mesh)
+    model, tx, jr.training.make_input_fn("adversarial", settings["attack"]), mesh
+  )
   state = jax.device_put(template, jr.parallel.replicated(mesh))
   key = jax.random.key(settings["seed"])
   start = time.perf_counter()
-  for i, (xb, yb) in enumerate(jr.data.train_batches(train_set.x, train_set.y, TRAIN_BATCH,
-                                                     seed=settings["seed"])):
+  for i, (xb, yb) in enumerate(
+    jr.data.train_batches(train_set.x, train_set.y, TRAIN_BATCH, seed=settings["seed"])
+  ):
     if i == settings["steps"]:
       break
     step = natural if i < natural_steps else adversarial
     state, metrics = step(state, *jr.data.to_devices((xb, yb), mesh), key)
     if (i + 1) % 100 == 0:
-      print(f"  step {i + 1}: loss {float(metrics['loss']):.3f}, "
-            f"training accuracy {float(metrics['accuracy']):.3f}", flush=True)
+      print(
+        f"  step {i + 1}: loss {float(metrics['loss']):.3f}, "
+        f"training accuracy {float(metrics['accuracy']):.3f}",
+        flush=True,
+      )
   variables = jax.device_get(state.variables)
   print(f"  trained in {time.perf_counter() - start:.0f} s", flush=True)
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +358,7 @@ def trained_model(args, jax, jr, train_set, data_description):
 
 # ----------------------------------------------------------------------------
 # Timing.
+
 
 def median(values):
   return statistics.median(values) if values else float("nan")
@@ -278,9 +378,11 @@ class MatmulCeiling:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     self.dot = jax.jit(jnp.dot)
     self.pairs = [
-        (jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])),
-        (jax.device_put(a, parallel.batch_sharding(mesh)),
-         jax.device_put(b, parallel.replicated(mesh))),
+      (jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])),
+      (
+        jax.device_put(a, parallel.batch_sharding(mesh)),
+        jax.device_put(b, parallel.replicated(mesh)),
+      ),
     ]
     for pair in self.pairs:
       self.dot(*pair).block_until_ready()
@@ -298,6 +400,7 @@ class MatmulCeiling:
 def torch_synchronize():
   """Waits for queued CUDA work (PyTorch runs asynchronously on a GPU)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   if torch.cuda.is_available():
     torch.cuda.synchronize()
 
@@ -336,6 +439,7 @@ def time_alternately(jax_run, torch_run, repeats, ceiling):
 # ----------------------------------------------------------------------------
 # The benchmark.
 
+
 class Bench:
   """Everything the rows share: model, weights, data, both frameworks, the mesh."""
 
@@ -346,8 +450,10 @@ class Bench:
     self.devices = self.mesh.devices.size
     self.batch = args.batch_size
     if self.batch % self.devices:
-      raise SystemExit(f"--batch-size {self.batch} is not divisible by the "
-                       f"{self.devices} devices; choose a multiple of {self.devices}")
+      raise SystemExit(
+        f"--batch-size {self.batch} is not divisible by the "
+        f"{self.devices} devices; choose a multiple of {self.devices}"
+      )
     self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     self.notes = []
 
@@ -356,7 +462,8 @@ class Bench:
     train, test, self.data_description = load_data(self.args, jr)
     self.train_set, self.test_set = train, test
     self.model, variables, self.model_description = trained_model(
-        self.args, jax, jr, train, self.data_description)
+      self.args, jax, jr, train, self.data_description
+    )
     self.variables = jax.device_put(variables, jr.parallel.replicated(self.mesh))
     self.input_hw = tuple(test.x.shape[1:3])
     self.net = self.tm.to_torch(self.model, variables, self.input_hw).to(self.torch_device)
@@ -378,14 +485,18 @@ class Bench:
     self.y_dev = [jax.device_put(y, batch_spec) for y in self.y]
     self.x_torch = [self.tm.nhwc_to_nchw(x).to(self.torch_device) for x in self.x]
     self.y_torch = [self.torch.from_numpy(y.astype(np.int64)).to(self.torch_device) for y in self.y]
-    self.clean_correct = np.concatenate([np.asarray(self.predict(self.variables, x)) == y
-                                         for x, y in zip(self.x_dev, self.y)])
+    self.clean_correct = np.concatenate(
+      [np.asarray(self.predict(self.variables, x)) == y for x, y in zip(self.x_dev, self.y)]
+    )
     self.ceiling = MatmulCeiling(jax, self.jnp, self.mesh)
     # XLA's count of one forward and one input-gradient pass, per image.
     x1 = jax.ShapeDtypeStruct((self.batch // self.devices, *test.x.shape[1:]), np.float32)
     forward = jax.jit(apply).lower(variables, x1).cost_analysis()
-    grad = jax.jit(lambda v, x: jax.grad(
-        lambda x: apply(v, x).sum())(x)).lower(variables, x1).cost_analysis()
+    grad = (
+      jax.jit(lambda v, x: jax.grad(lambda x: apply(v, x).sum())(x))
+      .lower(variables, x1)
+      .cost_analysis()
+    )
     per = self.batch // self.devices
     self.forward_flops = float(forward["flops"]) / per
     self.step_flops = float(grad["flops"]) / per
@@ -405,8 +516,9 @@ class Bench:
     def device_attack(variables, x, y, keys):
       return attack(lambda xb: apply(variables, xb), x, y, keys)
 
-    mapped = jr.parallel.data_parallel(device_attack, self.mesh,
-                                       in_specs=(P(), batch, batch, batch), out_specs=batch)
+    mapped = jr.parallel.data_parallel(
+      device_attack, self.mesh, in_specs=(P(), batch, batch, batch), out_specs=batch
+    )
     return jax.jit(lambda v, x, y, key: mapped(v, x, y, self.example_keys(key, x.shape[0])))
 
   def accuracy_of(self, x_advs, nchw=False):
@@ -416,8 +528,11 @@ class Bench:
     for i, x_adv in enumerate(x_advs):
       if nchw:
         x_adv = self.tm.nchw_to_nhwc(x_adv)
-      pred = np.asarray(self.predict(self.variables, self.jax.device_put(
-          np.asarray(x_adv, np.float32), self.batch_spec)))
+      pred = np.asarray(
+        self.predict(
+          self.variables, self.jax.device_put(np.asarray(x_adv, np.float32), self.batch_spec)
+        )
+      )
       correct.append(pred == self.y[i])
     return float(np.mean(np.concatenate(correct)))
 
@@ -427,8 +542,9 @@ class Bench:
     for i, x_adv in enumerate(x_advs):
       x_adv = self.tm.nchw_to_nhwc(x_adv) if nchw else np.asarray(x_adv)
       d = (x_adv - self.x[i]).reshape(self.batch, -1)
-      worst = max(worst, float(np.abs(d).max() if norm == "linf"
-                               else np.sqrt((d**2).sum(-1)).max()))
+      worst = max(
+        worst, float(np.abs(d).max() if norm == "linf" else np.sqrt((d**2).sum(-1)).max())
+      )
     return worst
 
   # -- rows ------------------------------------------------------------------
@@ -439,8 +555,9 @@ class Bench:
     base_key = jax.random.key(1234)
 
     def jax_run(i):
-      out = run_jax_attack(self.variables, self.x_dev[i], self.y_dev[i],
-                           jax.random.fold_in(base_key, i))
+      out = run_jax_attack(
+        self.variables, self.x_dev[i], self.y_dev[i], jax.random.fold_in(base_key, i)
+      )
       return out.block_until_ready()
 
     def torch_run(i):
@@ -450,23 +567,35 @@ class Bench:
     jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
     flops = steps * self.step_flops * self.batch
     row = self.row(name, label, jt, tt, ceil, self.batch, "images/s", flops, flops)
-    row["agreement"] = {"jaxrobust": self.accuracy_of(jo), "pytorch": self.accuracy_of(to, nchw=True),
-                        "what": "accuracy under the attack", "examples": len(jo) * self.batch}
+    row["agreement"] = {
+      "jaxrobust": self.accuracy_of(jo),
+      "pytorch": self.accuracy_of(to, nchw=True),
+      "what": "accuracy under the attack",
+      "examples": len(jo) * self.batch,
+    }
     if norm is not None:
-      row["max_perturbation"] = {"jaxrobust": self.max_perturbation(jo, norm),
-                                 "pytorch": self.max_perturbation(to, norm, nchw=True),
-                                 "norm": norm, "eps": eps}
+      row["max_perturbation"] = {
+        "jaxrobust": self.max_perturbation(jo, norm),
+        "pytorch": self.max_perturbation(to, norm, nchw=True),
+        "norm": norm,
+        "eps": eps,
+      }
     return row
 
-  def row(self, name, label, jax_times, torch_times, ceilings, work, unit, jax_flops,
-          torch_flops):
+  def row(self, name, label, jax_times, torch_times, ceilings, work, unit, jax_flops, torch_flops):
     jax_rate, torch_rate = work / median(jax_times), work / median(torch_times)
     ceiling = median(ceilings)
     out = {
-        "row": name, "label": label, "unit": unit, "work_per_run": work,
-        "jaxrobust": jax_rate, "pytorch": torch_rate, "ratio": jax_rate / torch_rate,
-        "jaxrobust_seconds": jax_times, "pytorch_seconds": torch_times,
-        "matmul_ceiling_flops": ceiling,
+      "row": name,
+      "label": label,
+      "unit": unit,
+      "work_per_run": work,
+      "jaxrobust": jax_rate,
+      "pytorch": torch_rate,
+      "ratio": jax_rate / torch_rate,
+      "jaxrobust_seconds": jax_times,
+      "pytorch_seconds": torch_times,
+      "matmul_ceiling_flops": ceiling,
     }
     if jax_flops:
       out["gflop_per_run"] = jax_flops / 1e9
@@ -478,18 +607,21 @@ class Bench:
     jr, ta = self.jr, self.torchattacks
     steps, alpha = 10, 2 / 255
     return self.attack_row(
-        "pgd_linf", "PGD-10 L-inf (eps 8/255, step 2/255, random start)",
-        jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps),
-        ta.PGD(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True),
-        steps, "linf", LINF_EPS)
+      "pgd_linf",
+      "PGD-10 L-inf (eps 8/255, step 2/255, random start)",
+      jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps),
+      ta.PGD(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True),
+      steps,
+      "linf",
+      LINF_EPS,
+    )
 
   def loop_forms(self):
     """jaxrobust's PGD-10 in its default loop form (a `fori_loop` whose
     model and gradients go through `jaxrobust.fastpath.fast`) against the same
     `fori_loop` without that transform, in the reference column: what the
     transform is worth on this backend (it is the identity off CPU)."""
-    return self._loop_row("loop_forms", "plain fori_loop, no fast path",
-                          plain=True)
+    return self._loop_row("loop_forms", "plain fori_loop, no fast path", plain=True)
 
   def loop_unrolled(self):
     """The default loop form against the same attack unrolled (`unroll=True`),
@@ -502,33 +634,52 @@ class Bench:
     key = jax.random.key(1234)
 
     def timed(unroll, plain):
-      attack = self.sharded_attack(jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha,
-                                                  steps=steps, unroll=unroll))
-      run = lambda i: attack(self.variables, self.x_dev[i], self.y_dev[i],
-                             jax.random.fold_in(key, i)).block_until_ready()
+      attack = self.sharded_attack(
+        jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps, unroll=unroll)
+      )
+      run = lambda i: attack(
+        self.variables, self.x_dev[i], self.y_dev[i], jax.random.fold_in(key, i)
+      ).block_until_ready()
       if plain:  # compile (trace) the attack once with the fast path switched off
         with jr.fastpath.disabled():
           run(0)
       return run
 
-    jt, tt, ceil, jo, to = time_alternately(timed(False, False), timed(unroll, plain),
-                                            self.args.repeats, self.ceiling)
+    jt, tt, ceil, jo, to = time_alternately(
+      timed(False, False), timed(unroll, plain), self.args.repeats, self.ceiling
+    )
     flops = steps * self.step_flops * self.batch
-    row = self.row(name, f"PGD-10 L-inf, jaxrobust default (fori_loop) vs {reference} "
-                   f"(in the PyTorch column)", jt, tt, ceil, self.batch, "images/s",
-                   flops, flops)
-    row["agreement"] = {"jaxrobust": self.accuracy_of(jo), "pytorch": self.accuracy_of(to),
-                        "what": "accuracy under the attack", "examples": len(jo) * self.batch}
+    row = self.row(
+      name,
+      f"PGD-10 L-inf, jaxrobust default (fori_loop) vs {reference} (in the PyTorch column)",
+      jt,
+      tt,
+      ceil,
+      self.batch,
+      "images/s",
+      flops,
+      flops,
+    )
+    row["agreement"] = {
+      "jaxrobust": self.accuracy_of(jo),
+      "pytorch": self.accuracy_of(to),
+      "what": "accuracy under the attack",
+      "examples": len(jo) * self.batch,
+    }
     return row
 
   def pgd_l2(self):
     jr, ta = self.jr, self.torchattacks
     steps, alpha = 10, 2.5 * L2_EPS / 10
     return self.attack_row(
-        "pgd_l2", f"PGD-10 L2 (eps {L2_EPS}, step {alpha:g}, random start)",
-        jr.attacks.pgd(norm="l2", eps=L2_EPS, step_size=alpha, steps=steps),
-        ta.PGDL2(self.net, eps=L2_EPS, alpha=alpha, steps=steps, random_start=True),
-        steps, "l2", L2_EPS)
+      "pgd_l2",
+      f"PGD-10 L2 (eps {L2_EPS}, step {alpha:g}, random start)",
+      jr.attacks.pgd(norm="l2", eps=L2_EPS, step_size=alpha, steps=steps),
+      ta.PGDL2(self.net, eps=L2_EPS, alpha=alpha, steps=steps, random_start=True),
+      steps,
+      "l2",
+      L2_EPS,
+    )
 
   def cw_l2(self):
     jr, ta = self.jr, self.torchattacks
@@ -537,9 +688,12 @@ class Bench:
     hook = self.net.register_forward_hook(lambda *_: forward_calls.append(1))
     try:
       row = self.attack_row(
-          "cw_l2", "C&W-L2, 100 Adam steps (lr 0.01), c = 1, 1 search step",
-          jr.attacks.cw_l2(steps=steps, binary_search_steps=1, c=1.0, kappa=0.0, lr=0.01),
-          ta.CW(self.net, c=1.0, kappa=0.0, steps=steps, lr=0.01), steps)
+        "cw_l2",
+        "C&W-L2, 100 Adam steps (lr 0.01), c = 1, 1 search step",
+        jr.attacks.cw_l2(steps=steps, binary_search_steps=1, c=1.0, kappa=0.0, lr=0.01),
+        ta.CW(self.net, c=1.0, kappa=0.0, steps=steps, lr=0.01),
+        steps,
+      )
     finally:
       hook.remove()
     # torchattacks' CW calls the model once per step (and only there).
@@ -547,32 +701,52 @@ class Bench:
     row["pytorch_ceiling_fraction"] *= torch_steps / steps
     row["pytorch_steps"] = torch_steps
     self.notes.append(
-        f"cw_l2: torchattacks' CW stops early once its summed loss rose since the check "
-        f"10 steps before: it ran {torch_steps:.0f} of the {steps} steps per run here "
-        f"(its % of ceiling counts those), jaxrobust always runs all {steps}.")
+      f"cw_l2: torchattacks' CW stops early once its summed loss rose since the check "
+      f"10 steps before: it ran {torch_steps:.0f} of the {steps} steps per run here "
+      f"(its % of ceiling counts those), jaxrobust always runs all {steps}."
+    )
     return row
 
   def mi_fgsm(self):
     jr, ta = self.jr, self.torchattacks
     steps, alpha = 10, 2 / 255
     return self.attack_row(
-        "mi_fgsm", "MI-FGSM, 10 steps (eps 8/255, step 2/255, decay 1)",
-        jr.attacks.mi_fgsm(eps=LINF_EPS, steps=steps, step_size=alpha, decay=1.0),
-        ta.MIFGSM(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, decay=1.0),
-        steps, "linf", LINF_EPS)
+      "mi_fgsm",
+      "MI-FGSM, 10 steps (eps 8/255, step 2/255, decay 1)",
+      jr.attacks.mi_fgsm(eps=LINF_EPS, steps=steps, step_size=alpha, decay=1.0),
+      ta.MIFGSM(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, decay=1.0),
+      steps,
+      "linf",
+      LINF_EPS,
+    )
 
   def di_fgsm(self):
     jr, ta = self.jr, self.torchattacks
     steps, alpha = 10, 2 / 255
     row = self.attack_row(
-        "di_fgsm", "M-DI2-FGSM, 10 steps (decay 1, p 0.5, resize 0.9)",
-        jr.attacks.di_fgsm(eps=LINF_EPS, steps=steps, step_size=alpha, decay=1.0,
-                           prob=0.5, resize_rate=0.9),
-        ta.DIFGSM(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, decay=1.0,
-                  resize_rate=0.9, diversity_prob=0.5, random_start=False),
-        steps, "linf", LINF_EPS)
-    self.notes.append("di_fgsm: torchattacks draws one resize-and-pad per step for the "
-                      "whole batch, jaxrobust one per step and example.")
+      "di_fgsm",
+      "M-DI2-FGSM, 10 steps (decay 1, p 0.5, resize 0.9)",
+      jr.attacks.di_fgsm(
+        eps=LINF_EPS, steps=steps, step_size=alpha, decay=1.0, prob=0.5, resize_rate=0.9
+      ),
+      ta.DIFGSM(
+        self.net,
+        eps=LINF_EPS,
+        alpha=alpha,
+        steps=steps,
+        decay=1.0,
+        resize_rate=0.9,
+        diversity_prob=0.5,
+        random_start=False,
+      ),
+      steps,
+      "linf",
+      LINF_EPS,
+    )
+    self.notes.append(
+      "di_fgsm: torchattacks draws one resize-and-pad per step for the "
+      "whole batch, jaxrobust one per step and example."
+    )
     return row
 
   def pgd_at_step(self):
@@ -582,15 +756,18 @@ class Bench:
     opt = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
     tx = jr.training.make_optimizer(opt, total_steps=1000)
     input_fn = jr.training.make_input_fn(
-        "adversarial", {"name": "pgd", "norm": "linf", "eps": LINF_EPS,
-                        "step_size": alpha, "steps": steps})
+      "adversarial",
+      {"name": "pgd", "norm": "linf", "eps": LINF_EPS, "step_size": alpha, "steps": steps},
+    )
     step = jr.training.make_train_step(self.model, tx, input_fn, self.mesh)
     variables = jax.device_get(self.variables)
     params = variables["params"]
     state = jr.training.TrainState(
-        step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-        model_state={k: v for k, v in variables.items() if k != "params"},
-        opt_state=tx.init(params))
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      params=params,
+      model_state={k: v for k, v in variables.items() if k != "params"},
+      opt_state=tx.init(params),
+    )
     holder = {"state": jax.device_put(state, jr.parallel.replicated(self.mesh))}
     # Training batches: from the training set, the same for both sides.
     n = self.args.repeats + 1
@@ -608,8 +785,7 @@ class Bench:
       return float(metrics["accuracy"])  # blocks
 
     net = self.tm.to_torch(self.model, variables, self.input_hw).to(self.torch_device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=opt["learning_rate"],
-                                momentum=opt["momentum"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=opt["learning_rate"], momentum=opt["momentum"])
     attack = ta.PGD(net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True)
     xs_t = [self.tm.nhwc_to_nchw(x).to(self.torch_device) for x in xs]
     ys_t = [torch.from_numpy(y.astype(np.int64)).to(self.torch_device) for y in ys]
@@ -629,11 +805,23 @@ class Bench:
     # Attack: 7 forward + input-gradient passes; then one forward and a full backward
     # (input and weight gradients, about two forward passes).
     flops = (steps * self.step_flops + 3 * self.forward_flops) * self.batch
-    row = self.row("pgd_at_step", "PGD-7 adversarial training step (SGD, momentum 0.9)",
-                   jt, tt, ceil, self.batch, "images/s", flops, flops)
-    row["agreement"] = {"jaxrobust": float(np.mean(jo)), "pytorch": float(np.mean(to)),
-                        "what": "training accuracy on the PGD-7 examples of each step",
-                        "examples": len(jo) * self.batch}
+    row = self.row(
+      "pgd_at_step",
+      "PGD-7 adversarial training step (SGD, momentum 0.9)",
+      jt,
+      tt,
+      ceil,
+      self.batch,
+      "images/s",
+      flops,
+      flops,
+    )
+    row["agreement"] = {
+      "jaxrobust": float(np.mean(jo)),
+      "pytorch": float(np.mean(to)),
+      "what": "training accuracy on the PGD-7 examples of each step",
+      "examples": len(jo) * self.batch,
+    }
     return row
 
   def smoothing(self):
@@ -648,8 +836,15 @@ class Bench:
     logits_fn = lambda xb: self.apply(variables, xb)  # one object: one compilation
 
     def jax_run(i):
-      return jr.smoothing.noise_counts(logits_fn, images[i], jax.random.key(100 + i),
-                                       sigma=SIGMA, n=n, batch_size=chunk, mesh=self.mesh)
+      return jr.smoothing.noise_counts(
+        logits_fn,
+        images[i],
+        jax.random.key(100 + i),
+        sigma=SIGMA,
+        n=n,
+        batch_size=chunk,
+        mesh=self.mesh,
+      )
 
     images_t = [self.tm.nhwc_to_nchw(x).to(self.torch_device) for x in images]
 
@@ -673,14 +868,26 @@ class Bench:
     jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
     draws = k * n
     flops = draws * self.forward_flops
-    row = self.row("smoothing", f"randomized smoothing: {n} noise draws x {k} images "
-                   f"(sigma {SIGMA}, chunks of {chunk})", jt, tt, ceil, draws, "draws/s",
-                   flops, flops)
-    smoothed = lambda outs: float(np.mean(np.concatenate(
-        [c.argmax(1) == labels[i] for i, c in enumerate(outs)])))
-    row["agreement"] = {"jaxrobust": smoothed(jo), "pytorch": smoothed(to),
-                        "what": "smoothed classifier's accuracy (top count)",
-                        "examples": runs * k}
+    row = self.row(
+      "smoothing",
+      f"randomized smoothing: {n} noise draws x {k} images (sigma {SIGMA}, chunks of {chunk})",
+      jt,
+      tt,
+      ceil,
+      draws,
+      "draws/s",
+      flops,
+      flops,
+    )
+    smoothed = lambda outs: float(
+      np.mean(np.concatenate([c.argmax(1) == labels[i] for i, c in enumerate(outs)]))
+    )
+    row["agreement"] = {
+      "jaxrobust": smoothed(jo),
+      "pytorch": smoothed(to),
+      "what": "smoothed classifier's accuracy (top count)",
+      "examples": runs * k,
+    }
     return row
 
   def eval_early_stop(self):
@@ -704,19 +911,29 @@ class Bench:
 
     def jax_run(i):
       x, y = xs[i], ys[i]
-      clean = np.concatenate([np.asarray(predict(self.variables, jax.device_put(
-          x[s:s + B], self.batch_spec))) for s in range(0, len(x), B)]) == y
+      clean = (
+        np.concatenate(
+          [
+            np.asarray(predict(self.variables, jax.device_put(x[s : s + B], self.batch_spec)))
+            for s in range(0, len(x), B)
+          ]
+        )
+        == y
+      )
       todo = np.nonzero(clean)[0]
       attacked.append(len(todo))
       robust = np.zeros(len(x), bool)
       for s in range(0, len(todo), B):
-        part = todo[s:s + B]
+        part = todo[s : s + B]
         pad = np.resize(part, B)  # the last batch is padded with repeats, then ignored
-        x_adv = run_attack(self.variables, jax.device_put(x[pad], self.batch_spec),
-                           jax.device_put(y[pad], self.batch_spec),
-                           jax.random.fold_in(base_key, i * 1000 + s))
+        x_adv = run_attack(
+          self.variables,
+          jax.device_put(x[pad], self.batch_spec),
+          jax.device_put(y[pad], self.batch_spec),
+          jax.random.fold_in(base_key, i * 1000 + s),
+        )
         pred = np.asarray(predict(self.variables, x_adv))
-        robust[part] = pred[:len(part)] == y[part]
+        robust[part] = pred[: len(part)] == y[part]
       return float(robust.mean())
 
     torch_attack = ta.PGD(self.net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True)
@@ -725,8 +942,8 @@ class Bench:
       torch.manual_seed(i)
       robust = []
       for s in range(0, len(xs[i]), B):
-        x = self.tm.nhwc_to_nchw(xs[i][s:s + B]).to(self.torch_device)
-        y = torch.from_numpy(ys[i][s:s + B].astype(np.int64)).to(self.torch_device)
+        x = self.tm.nhwc_to_nchw(xs[i][s : s + B]).to(self.torch_device)
+        y = torch.from_numpy(ys[i][s : s + B].astype(np.int64)).to(self.torch_device)
         with torch.inference_mode():
           clean = self.net(x).argmax(1) == y
         x_adv = torch_attack(x, y)
@@ -737,22 +954,35 @@ class Bench:
     jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
     work = per_run * B
     batches_attacked = np.mean([math.ceil(a / B) for a in attacked])
-    jax_flops = (work * self.forward_flops
-                 + batches_attacked * B * (steps * self.step_flops + self.forward_flops))
+    jax_flops = work * self.forward_flops + batches_attacked * B * (
+      steps * self.step_flops + self.forward_flops
+    )
     torch_flops = work * (2 * self.forward_flops + steps * self.step_flops)
-    row = self.row("eval_early_stop", f"PGD-10 L-inf robust accuracy of {work} images, "
-                   f"early stop", jt, tt, ceil, work, "images/s", jax_flops, torch_flops)
-    row["agreement"] = {"jaxrobust": float(np.mean(jo)), "pytorch": float(np.mean(to)),
-                        "what": "robust accuracy (correct clean and under attack)",
-                        "examples": runs * work}
+    row = self.row(
+      "eval_early_stop",
+      f"PGD-10 L-inf robust accuracy of {work} images, early stop",
+      jt,
+      tt,
+      ceil,
+      work,
+      "images/s",
+      jax_flops,
+      torch_flops,
+    )
+    row["agreement"] = {
+      "jaxrobust": float(np.mean(jo)),
+      "pytorch": float(np.mean(to)),
+      "what": "robust accuracy (correct clean and under attack)",
+      "examples": runs * work,
+    }
     row["attacked_fraction"] = float(np.mean(attacked)) / work
     self.notes.append(
-        f"eval_early_stop: jaxrobust skips the attack on the examples already "
-        f"misclassified (here {100 * (1 - row['attacked_fraction']):.0f} %; the "
-        f"accuracy cannot change) and packs the rest into full batches of {B}; "
-        f"the reference attacks all {work}.")
+      f"eval_early_stop: jaxrobust skips the attack on the examples already "
+      f"misclassified (here {100 * (1 - row['attacked_fraction']):.0f} %; the "
+      f"accuracy cannot change) and packs the rest into full batches of {B}; "
+      f"the reference attacks all {work}."
+    )
     return row
-
 
   # -- the fast path on models jaxrobust did not write (issue 11) ----------------
 
@@ -763,13 +993,18 @@ class Bench:
     jaxrobust with and without its CPU fast path against torchattacks."""
     jax, np = self.jax, self.np
     model = UserCNN(num_classes=self.test_set.num_classes)
-    variables = model.init(jax.random.key(0), np.zeros((1, *self.test_set.x.shape[1:]),
-                                                        np.float32))
+    variables = model.init(jax.random.key(0), np.zeros((1, *self.test_set.x.shape[1:]), np.float32))
     net = user_torch_cnn(self.torch, variables).to(self.torch_device)
     return self._fast_path_row(
-        "user_model", "PGD-10 L-inf, plain Flax CNN (nn.Conv, nn.max_pool), batch 256",
-        lambda v, x: model.apply(v, x), variables, net, steps=10, batch=256,
-        images=self.args.user_images)
+      "user_model",
+      "PGD-10 L-inf, plain Flax CNN (nn.Conv, nn.max_pool), batch 256",
+      lambda v, x: model.apply(v, x),
+      variables,
+      net,
+      steps=10,
+      batch=256,
+      images=self.args.user_images,
+    )
 
   def seed_network(self):
     """PGD-20 L-inf (8/255, step 2/255) on the seed's network (`seed_cnn`: 5x5
@@ -782,15 +1017,26 @@ class Bench:
       model, variables = self.model, jax.device_get(self.variables)
     else:
       mean, std = jr.data.channel_stats(self.train_set.x)
-      model = jr.models.create("seed_cnn", num_classes=self.test_set.num_classes,
-                               mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-      variables = jax.device_get(model.init(jax.random.key(0), np.zeros(
-          (1, *self.test_set.x.shape[1:]), np.float32)))
+      model = jr.models.create(
+        "seed_cnn",
+        num_classes=self.test_set.num_classes,
+        mean=tuple(map(float, mean)),
+        std=tuple(map(float, std)),
+      )
+      variables = jax.device_get(
+        model.init(jax.random.key(0), np.zeros((1, *self.test_set.x.shape[1:]), np.float32))
+      )
     net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
     return self._fast_path_row(
-        "seed_network", "PGD-20 L-inf, seed_cnn (5x5 convs 3->6->16), batch 500",
-        lambda v, x: model.apply(v, x, train=False), variables, net, steps=20,
-        batch=500, images=self.args.seed_images)
+      "seed_network",
+      "PGD-20 L-inf, seed_cnn (5x5 convs 3->6->16), batch 500",
+      lambda v, x: model.apply(v, x, train=False),
+      variables,
+      net,
+      steps=20,
+      batch=500,
+      images=self.args.seed_images,
+    )
 
   def _fast_path_row(self, name, label, apply, variables, net, *, steps, batch, images):
     """Times three sides alternately on the same images: jaxrobust's PGD (the
@@ -806,31 +1052,42 @@ class Bench:
     n = max(batch, images // batch * batch)
     x, y = self.test_set.x[:n], self.test_set.y[:n]
     variables = jax.device_put(variables, jr.parallel.replicated(self.mesh))
-    xs = [jax.device_put(x[s:s + batch], self.batch_spec) for s in range(0, n, batch)]
-    ys = [jax.device_put(y[s:s + batch], self.batch_spec) for s in range(0, n, batch)]
+    xs = [jax.device_put(x[s : s + batch], self.batch_spec) for s in range(0, n, batch)]
+    ys = [jax.device_put(y[s : s + batch], self.batch_spec) for s in range(0, n, batch)]
 
     def jax_side(fast):  # everything built anew per side: no trace is shared
       attack = jr.attacks.pgd(norm="linf", eps=LINF_EPS, step_size=alpha, steps=steps)
       mapped = jr.parallel.data_parallel(
-          lambda v, xb, yb, keys: attack(lambda z: apply(v, z), xb, yb, keys), self.mesh,
-          in_specs=(P(), spec, spec, spec), out_specs=spec)
-      program = jax.jit(lambda v, xb, yb, key: mapped(v, xb, yb,
-                                                      self.example_keys(key, xb.shape[0])))
+        lambda v, xb, yb, keys: attack(lambda z: apply(v, z), xb, yb, keys),
+        self.mesh,
+        in_specs=(P(), spec, spec, spec),
+        out_specs=spec,
+      )
+      program = jax.jit(
+        lambda v, xb, yb, key: mapped(v, xb, yb, self.example_keys(key, xb.shape[0]))
+      )
 
       def run(i):
         context = contextlib.nullcontext() if fast else jr.fastpath.disabled()
         with context:  # only the first call traces
-          outs = [program(variables, xb, yb, jax.random.fold_in(jax.random.key(i), j))
-                  for j, (xb, yb) in enumerate(zip(xs, ys))]
+          outs = [
+            program(variables, xb, yb, jax.random.fold_in(jax.random.key(i), j))
+            for j, (xb, yb) in enumerate(zip(xs, ys))
+          ]
         return np.concatenate([np.asarray(o) for o in outs])
+
       return run
 
-    ta_attack = self.torchattacks.PGD(net, eps=LINF_EPS, alpha=alpha, steps=steps,
-                                      random_start=True)
-    xs_t = [self.tm.nhwc_to_nchw(x[s:s + batch]).to(self.torch_device)
-            for s in range(0, n, batch)]
-    ys_t = [torch.from_numpy(y[s:s + batch].astype(np.int64)).to(self.torch_device)
-            for s in range(0, n, batch)]
+    ta_attack = self.torchattacks.PGD(
+      net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True
+    )
+    xs_t = [
+      self.tm.nhwc_to_nchw(x[s : s + batch]).to(self.torch_device) for s in range(0, n, batch)
+    ]
+    ys_t = [
+      torch.from_numpy(y[s : s + batch].astype(np.int64)).to(self.torch_device)
+      for s in range(0, n, batch)
+    ]
 
     def torch_side(i):
       torch.manual_seed(i)
@@ -846,41 +1103,59 @@ class Bench:
       first[k] = time.perf_counter() - start
     order = list(sides)
     for i in range(1, self.args.repeats + 1):
-      for k in order[i % 3:] + order[:i % 3]:
+      for k in order[i % 3 :] + order[: i % 3]:
         start = time.perf_counter()
         sides[k](i)
         times[k].append(time.perf_counter() - start)
       ceilings.append(self.ceiling.sample())
     predict = jax.jit(lambda v, xb: jnp_argmax(self.jnp, apply(v, xb)))
-    accuracy = lambda xa: float(np.mean(np.concatenate([
-        np.asarray(predict(variables, jax.device_put(xa[s:s + batch], self.batch_spec)))
-        for s in range(0, n, batch)]) == y))
+    accuracy = lambda xa: float(
+      np.mean(
+        np.concatenate(
+          [
+            np.asarray(predict(variables, jax.device_put(xa[s : s + batch], self.batch_spec)))
+            for s in range(0, n, batch)
+          ]
+        )
+        == y
+      )
+    )
     per = batch // self.devices
     x1 = jax.ShapeDtypeStruct((per, *x.shape[1:]), np.float32)
-    grad_cost = jax.jit(lambda v, z: jax.grad(lambda z: apply(v, z).sum())(z)).lower(
-        jax.device_get(variables), x1).cost_analysis()
+    grad_cost = (
+      jax.jit(lambda v, z: jax.grad(lambda z: apply(v, z).sum())(z))
+      .lower(jax.device_get(variables), x1)
+      .cost_analysis()
+    )
     flops = steps * float(grad_cost["flops"]) / per * n
-    row = self.row(name, label, times["fast"], times["torch"], ceilings, n, "images/s",
-                   flops, flops)
+    row = self.row(
+      name, label, times["fast"], times["torch"], ceilings, n, "images/s", flops, flops
+    )
     no_fast_rate = n / median(times["no_fast"])
-    row.update({
+    row.update(
+      {
         "jaxrobust_no_fast_path": no_fast_rate,
         "ratio_no_fast_path": no_fast_rate / row["pytorch"],
         "jaxrobust_no_fast_path_seconds": times["no_fast"],
         "fast_path_speedup": row["jaxrobust"] / no_fast_rate,
         "compile_seconds": {k: first[k] - median(times[k]) for k in ("fast", "no_fast")},
-        "agreement": {"jaxrobust": accuracy(outputs["fast"]),
-                      "pytorch": accuracy(outputs["torch"]), "what": "accuracy under the attack",
-                      "examples": n},
+        "agreement": {
+          "jaxrobust": accuracy(outputs["fast"]),
+          "pytorch": accuracy(outputs["torch"]),
+          "what": "accuracy under the attack",
+          "examples": n,
+        },
         "jaxrobust_no_fast_path_accuracy": accuracy(outputs["no_fast"]),
-    })
+      }
+    )
     self.notes.append(
-        f"{name}: without the fast path (`jaxrobust.fastpath.disabled()`) jaxrobust ran "
-        f"{format_rate(no_fast_rate)} images/s ({row['ratio_no_fast_path']:.2f}x PyTorch; "
-        f"accuracy under it {100 * row['jaxrobust_no_fast_path_accuracy']:.1f} %); the fast "
-        f"path is {row['fast_path_speedup']:.2f}x. Compile (first call minus a steady one): "
-        f"{row['compile_seconds']['fast']:.1f} s with, {row['compile_seconds']['no_fast']:.1f} s "
-        f"without. {n} images a run.")
+      f"{name}: without the fast path (`jaxrobust.fastpath.disabled()`) jaxrobust ran "
+      f"{format_rate(no_fast_rate)} images/s ({row['ratio_no_fast_path']:.2f}x PyTorch; "
+      f"accuracy under it {100 * row['jaxrobust_no_fast_path_accuracy']:.1f} %); the fast "
+      f"path is {row['fast_path_speedup']:.2f}x. Compile (first call minus a steady one): "
+      f"{row['compile_seconds']['fast']:.1f} s with, {row['compile_seconds']['no_fast']:.1f} s "
+      f"without. {n} images a run."
+    )
     return row
 
 
@@ -890,6 +1165,7 @@ def _user_cnn_class():
   class UserCNNModule(nn.Module):
     """A plain Flax CNN: conv 3x3 32, 32, max-pool 2; conv 3x3 64, 64, max-pool 2;
     dense 256; dense `num_classes` (ReLU between)."""
+
     num_classes: int = 10
 
     @nn.compact
@@ -911,6 +1187,7 @@ def UserCNN(num_classes):  # pylint: disable=invalid-name
 def user_torch_cnn(torch, variables):
   """The PyTorch twin of `UserCNN` with its Flax `variables` (NCHW images)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   nn = torch.nn
   params = variables["params"]
   tensor = lambda a: torch.from_numpy(np.array(a, np.float32))
@@ -940,7 +1217,7 @@ def user_torch_cnn(torch, variables):
         x = torch.relu(conv(x))
         if i % 2:
           x = torch.nn.functional.max_pool2d(x, 2)
-      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)   # Flax's NHWC flatten order
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # Flax's NHWC flatten order
       return self.dense[1](torch.relu(self.dense[0](x)))
 
   return Net().eval()
@@ -953,6 +1230,7 @@ def jnp_argmax(jnp, logits):
 # ----------------------------------------------------------------------------
 # Output.
 
+
 def format_rate(v):
   return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -960,34 +1238,42 @@ def format_rate(v):
 def format_table(results):
   m = results["machine"]
   lines = [
-      f"Machine: {m['cpu']} ({m['cores']} cores; {', '.join(m['cpu_features'])}), "
-      f"{m['memory_gib']} GiB; {m['os']}",
-      f"jax {m['jax']} on {m['jax_devices']} ({m['jax_backend']}; XLA_FLAGS={m['xla_flags']!r}); "
-      f"torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} threads), "
-      f"torchattacks {m['torchattacks']}; Python {m['python']}",
-      f"Model: {results['model']}; data: {results['data']}",
-      f"Batch {results['batch_size']}; median of {results['repeats']} timed runs per side "
-      f"after a warm-up, alternating; clean accuracy on the attacked images "
-      f"{100 * results['clean_accuracy']:.1f} %",
-      f"Matmul ceiling (float32 jnp.dot 2048^2, median over the run): "
-      f"{results['matmul_ceiling_gflops']:.0f} GFLOP/s; forward {results['forward_mflop']:.1f} "
-      f"MFLOP/image, forward + input gradient {results['step_mflop']:.1f} MFLOP/image "
-      f"(XLA cost analysis)",
-      f"Load average at start {m['load_average_at_start']}, at end {results['load_average_at_end']}",
-      "",
-      "| row | jaxrobust | PyTorch | ratio | GFLOP/run | % of ceiling jr / pt | agreement jr / pt |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    f"Machine: {m['cpu']} ({m['cores']} cores; {', '.join(m['cpu_features'])}), "
+    f"{m['memory_gib']} GiB; {m['os']}",
+    f"jax {m['jax']} on {m['jax_devices']} ({m['jax_backend']}; XLA_FLAGS={m['xla_flags']!r}); "
+    f"torch {m['torch']} on {m['torch_device']} ({m['torch_threads']} threads), "
+    f"torchattacks {m['torchattacks']}; Python {m['python']}",
+    f"Model: {results['model']}; data: {results['data']}",
+    f"Batch {results['batch_size']}; median of {results['repeats']} timed runs per side "
+    f"after a warm-up, alternating; clean accuracy on the attacked images "
+    f"{100 * results['clean_accuracy']:.1f} %",
+    f"Matmul ceiling (float32 jnp.dot 2048^2, median over the run): "
+    f"{results['matmul_ceiling_gflops']:.0f} GFLOP/s; forward {results['forward_mflop']:.1f} "
+    f"MFLOP/image, forward + input gradient {results['step_mflop']:.1f} MFLOP/image "
+    f"(XLA cost analysis)",
+    f"Load average at start {m['load_average_at_start']}, at end {results['load_average_at_end']}",
+    "",
+    "| row | jaxrobust | PyTorch | ratio | GFLOP/run | % of ceiling jr / pt | agreement jr / pt |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for r in results["rows"]:
     unit = r["unit"]
-    flop = (f"{r['gflop_per_run']:.1f}" if "gflop_per_run" in r else "")
-    frac = (f"{100 * r['jaxrobust_ceiling_fraction']:.0f} / "
-            f"{100 * r['pytorch_ceiling_fraction']:.0f} %" if "gflop_per_run" in r else "")
+    flop = f"{r['gflop_per_run']:.1f}" if "gflop_per_run" in r else ""
+    frac = (
+      f"{100 * r['jaxrobust_ceiling_fraction']:.0f} / {100 * r['pytorch_ceiling_fraction']:.0f} %"
+      if "gflop_per_run" in r
+      else ""
+    )
     a = r.get("agreement", {})
-    agree = (f"{100 * a['jaxrobust']:.1f} / {100 * a['pytorch']:.1f} % ({a['what']}, "
-             f"{a['examples']})" if a else "")
-    lines.append(f"| {r['label']} | {format_rate(r['jaxrobust'])} {unit} | "
-                 f"{format_rate(r['pytorch'])} {unit} | {r['ratio']:.2f}x | {flop} | {frac} | {agree} |")
+    agree = (
+      f"{100 * a['jaxrobust']:.1f} / {100 * a['pytorch']:.1f} % ({a['what']}, {a['examples']})"
+      if a
+      else ""
+    )
+    lines.append(
+      f"| {r['label']} | {format_rate(r['jaxrobust'])} {unit} | "
+      f"{format_rate(r['pytorch'])} {unit} | {r['ratio']:.2f}x | {flop} | {frac} | {agree} |"
+    )
   if results["notes"]:
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
   return "\n".join(lines)
@@ -996,30 +1282,37 @@ def format_table(results):
 def main(argv=None):
   args = parse_args(argv)
   if not parallel.use_host_devices(args.devices) and args.devices:  # before JAX starts
-    print(f"NOTE: XLA_FLAGS is set ({os.environ.get('XLA_FLAGS')!r}), so --devices "
-          f"{args.devices} is ignored", flush=True)
+    print(
+      f"NOTE: XLA_FLAGS is set ({os.environ.get('XLA_FLAGS')!r}), so --devices "
+      f"{args.devices} is ignored",
+      flush=True,
+    )
 
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import torchattacks  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise SystemExit(f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
-                     f"  pip install -r requirements-bench.txt\n"
-                     f"  pip install --no-deps torchattacks==3.5.1") from None
+    raise SystemExit(
+      f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
+      f"  pip install -r requirements-bench.txt\n"
+      f"  pip install --no-deps torchattacks==3.5.1"
+    ) from None
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
-  from jaxrobust import experiment, smoothing, training  # pylint: disable=g-import-not-at-top,unused-import
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
 
   cores = len(os.sched_getaffinity(0))
   torch.set_num_threads(cores)
   bench = Bench(args, jax, jnp, np, torch, torchattacks, jr, torch_models)
   machine = machine_description(jax, torch, torchattacks, torch.get_num_threads())
-  print(f"{machine['cpu']}, {cores} cores; jax {machine['jax']} on {machine['jax_devices']}; "
-        f"torch {machine['torch']} ({machine['torch_threads']} threads)", flush=True)
+  print(
+    f"{machine['cpu']}, {cores} cores; jax {machine['jax']} on {machine['jax_devices']}; "
+    f"torch {machine['torch']} ({machine['torch_threads']} threads)",
+    flush=True,
+  )
   bench.setup()
   print(f"model: {bench.model_description}", flush=True)
 
@@ -1033,13 +1326,18 @@ def main(argv=None):
 
   ceilings = [r["matmul_ceiling_flops"] for r in rows if "matmul_ceiling_flops" in r]
   results = {
-      "machine": machine, "model": bench.model_description, "data": bench.data_description,
-      "batch_size": args.batch_size, "repeats": args.repeats,
-      "clean_accuracy": float(np.mean(bench.clean_correct)),
-      "matmul_ceiling_gflops": median(ceilings) / 1e9 if ceilings else float("nan"),
-      "forward_mflop": bench.forward_flops / 1e6, "step_mflop": bench.step_flops / 1e6,
-      "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-      "rows": rows, "notes": bench.notes,
+    "machine": machine,
+    "model": bench.model_description,
+    "data": bench.data_description,
+    "batch_size": args.batch_size,
+    "repeats": args.repeats,
+    "clean_accuracy": float(np.mean(bench.clean_correct)),
+    "matmul_ceiling_gflops": median(ceilings) / 1e9 if ceilings else float("nan"),
+    "forward_mflop": bench.forward_flops / 1e6,
+    "step_mflop": bench.step_flops / 1e6,
+    "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+    "rows": rows,
+    "notes": bench.notes,
   }
   print()
   print(format_table(results))

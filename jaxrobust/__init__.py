@@ -1,4 +1,5 @@
 """jaxrobust: adversarial attacks, robust training and certification in JAX."""
+
 from jaxrobust import attacks, checks, data, evaluation, interop, models, parallel, report
 from jaxrobust import smoothing, spectral
 from jaxrobust.checks import InputError

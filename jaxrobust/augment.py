@@ -17,6 +17,7 @@ the flip from `fold_in(k_i, 1)`.
 
 A flipped digit is another digit: `digits` trains without augmentation.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -59,12 +60,15 @@ def create(name="crop_flip", *, padding=4, padding_mode="zero"):
     return x
 
   def augment(x, keys):
-    checks.require(x.ndim == 4, f"augmentation takes images [B, H, W, C], got shape "
-                   f"{tuple(x.shape)}")
+    checks.require(
+      x.ndim == 4, f"augmentation takes images [B, H, W, C], got shape {tuple(x.shape)}"
+    )
     if crop and padding_mode == "reflect":
-      checks.require(padding < min(x.shape[1:3]),
-                     f"data.crop_padding {padding} must be smaller than the image "
-                     f"({x.shape[1]}x{x.shape[2]}) to reflect")
+      checks.require(
+        padding < min(x.shape[1:3]),
+        f"data.crop_padding {padding} must be smaller than the image "
+        f"({x.shape[1]}x{x.shape[2]}) to reflect",
+      )
     return jax.vmap(augment_one)(x, keys)
 
   return augment

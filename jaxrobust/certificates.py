@@ -1,4 +1,5 @@
 """Deterministic robustness certificates from a bound on a network's Lipschitz constant."""
+
 import jax
 import numpy as np
 
@@ -30,9 +31,12 @@ def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
   checks.check_images(x)
   bound = spectral.lipschitz_bound(apply_fn, variables, x.shape[1:])
   logits_of = jax.jit(apply_fn)
-  logits = np.concatenate([np.asarray(logits_of(variables, x[i:i + batch_size]))
-                           for i in range(0, len(x), batch_size)])
+  logits = np.concatenate(
+    [np.asarray(logits_of(variables, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+  )
   radius = np.asarray(spectral.certified_radius(logits, bound, np.asarray(y)))
-  return {"lipschitz_bound": float(bound), "median_radius": float(np.median(radius)),
-          "certified": [{"radius": float(r), "accuracy": float(np.mean(radius > r))}
-                        for r in radii]}
+  return {
+    "lipschitz_bound": float(bound),
+    "median_radius": float(np.median(radius)),
+    "certified": [{"radius": float(r), "accuracy": float(np.mean(radius > r))} for r in radii],
+  }

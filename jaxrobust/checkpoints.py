@@ -20,6 +20,7 @@ workdir untouched. A checkpoint whose shapes differ from the model's is not
 corrupt but incompatible (the config or the code changed): that is an error.
 Checkpoints written before records existed are restored unverified.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -75,18 +76,22 @@ def check_workdir(workdir, *, writable=False):
   its nearest existing ancestor must be a directory this process may write.
   """
   workdir = Path(workdir)
-  checks.require(not workdir.exists() or workdir.is_dir(),
-                 f"workdir {str(workdir)!r} exists and is not a directory")
+  checks.require(
+    not workdir.exists() or workdir.is_dir(),
+    f"workdir {str(workdir)!r} exists and is not a directory",
+  )
   if writable:
     existing = workdir.absolute()
     while not existing.exists():  # False also below a file: ENOTDIR
       existing = existing.parent
-    checks.require(existing.is_dir(),
-                   f"cannot write to workdir {str(workdir)!r}: {str(existing)!r} "
-                   f"is not a directory")
-    checks.require(os.access(existing, os.W_OK | os.X_OK),
-                   f"cannot write to workdir {str(workdir)!r}: no write "
-                   f"permission in {str(existing)!r}")
+    checks.require(
+      existing.is_dir(),
+      f"cannot write to workdir {str(workdir)!r}: {str(existing)!r} is not a directory",
+    )
+    checks.require(
+      os.access(existing, os.W_OK | os.X_OK),
+      f"cannot write to workdir {str(workdir)!r}: no write permission in {str(existing)!r}",
+    )
   return workdir
 
 
@@ -101,16 +106,17 @@ def claim_workdir(workdir, config_dict, *, write=True):
   saved = load_config(workdir, required=False)
   if saved is not None:
     diff = first_difference(saved, config_dict)
-    checks.require(diff is None,
-                   f"workdir {str(workdir)!r} holds a run of a different config "
-                   f"({diff}); use a new --workdir or the same config")
+    checks.require(
+      diff is None,
+      f"workdir {str(workdir)!r} holds a run of a different config "
+      f"({diff}); use a new --workdir or the same config",
+    )
     return workdir
   if write:
     try:
       workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-      raise checks.InputError(
-          f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
+      raise checks.InputError(f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
     write_atomic(workdir / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
   return workdir
 
@@ -119,8 +125,11 @@ def load_config(workdir, required=True):
   """The config dict saved in `workdir`, or None if absent and not `required`."""
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
-    checks.require(not required, f"no training run in {str(workdir)!r} "
-                   f"({CONFIG_FILE} not found); train one with train.py --workdir")
+    checks.require(
+      not required,
+      f"no training run in {str(workdir)!r} "
+      f"({CONFIG_FILE} not found); train one with train.py --workdir",
+    )
     return None
   try:
     return json.loads(path.read_text())
@@ -155,9 +164,12 @@ def manager(workdir, *, keep=3, read_only=False, keep_period=None, directory=Non
   directory than `<workdir>/checkpoints` (the best checkpoint's).
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_period, enable_async_checkpointing=False,
-      create=not read_only,
-      cleanup_tmp_directories=not read_only)
+    max_to_keep=keep,
+    keep_period=keep_period,
+    enable_async_checkpointing=False,
+    create=not read_only,
+    cleanup_tmp_directories=not read_only,
+  )
   directory = Path(directory or Path(workdir) / "checkpoints").absolute()
   return ocp.CheckpointManager(directory, options=options)
 
@@ -168,14 +180,17 @@ def save(mgr, state):
   if step in mgr.all_steps():
     return False
   record = {"arrays": signature(state), "sha256": digest(state)}
-  return mgr.save(step, args=ocp.args.StandardSave(state),
-                  custom_metadata={RECORD_KEY: record}, force=True)
+  return mgr.save(
+    step, args=ocp.args.StandardSave(state), custom_metadata={RECORD_KEY: record}, force=True
+  )
 
 
 def signature(tree):
   """`[path, shape, dtype]` of every array of `tree` (arrays or ShapeDtypeStructs)."""
-  return [[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+  return [
+    [jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  ]
 
 
 def digest(tree):
@@ -208,8 +223,11 @@ def restore_latest(mgr, target, *, quarantine=False):
       return _restore(mgr, step, abstract, expected)
     except _Corrupt as e:
       action = f"moved to {CORRUPT_PREFIX}{step}" if quarantine else "skipped"
-      warnings.warn(f"checkpoint {str(path)!r} is corrupt ({e}); {action}, "
-                    f"using the previous one", CorruptCheckpointWarning, stacklevel=2)
+      warnings.warn(
+        f"checkpoint {str(path)!r} is corrupt ({e}); {action}, using the previous one",
+        CorruptCheckpointWarning,
+        stacklevel=2,
+      )
       if quarantine:
         move_aside(mgr, step)
   return None
@@ -224,8 +242,11 @@ def _restore_fields(mgr, step, abstract):
   except Exception:  # pylint: disable=broad-except
     if not dataclasses.is_dataclass(abstract):
       raise
-    present = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)
-               if getattr(abstract, f.name) is not None}
+    present = {
+      f.name: getattr(abstract, f.name)
+      for f in dataclasses.fields(abstract)
+      if getattr(abstract, f.name) is not None
+    }
     if len(present) == len(dataclasses.fields(abstract)):
       raise
     return abstract.replace(**mgr.restore(step, args=ocp.args.StandardRestore(present)))
@@ -255,8 +276,9 @@ def _read_record(path):
   except (OSError, ValueError) as e:  # ValueError includes UnicodeDecodeError
     raise _Corrupt(f"cannot read {STEP_METADATA_FILE}: {e}") from None
   record = (metadata.get("custom_metadata") or {}).get(RECORD_KEY)
-  if record is not None and not (isinstance(record, dict) and "arrays" in record
-                                 and "sha256" in record):
+  if record is not None and not (
+    isinstance(record, dict) and "arrays" in record and "sha256" in record
+  ):
     raise _Corrupt(f"its record in {STEP_METADATA_FILE} is malformed")
   return record
 
@@ -270,16 +292,20 @@ def _check_fits(saved, expected, path):
   for entry in expected:
     if entry not in saved:
       there = saved_by_path.get(entry[0])
-      problem = (f"it has {shown(there)} where the model has {tuple(entry[1])} {entry[2]}"
-                 if there else f"it has no array {entry[0]}")
+      problem = (
+        f"it has {shown(there)} where the model has {tuple(entry[1])} {entry[2]}"
+        if there
+        else f"it has no array {entry[0]}"
+      )
       break
   else:
     extra = next(entry for entry in saved if entry not in expected)
     problem = f"it has an array the model lacks: {shown(extra)}"
   raise checks.InputError(
-      f"checkpoint {str(path)!r} does not fit the model of this run's config.json: "
-      f"{problem}; it was written by a different model (was config.json edited, "
-      f"or the model code changed?)")
+    f"checkpoint {str(path)!r} does not fit the model of this run's config.json: "
+    f"{problem}; it was written by a different model (was config.json edited, "
+    f"or the model code changed?)"
+  )
 
 
 def move_aside(mgr, step, prefix=CORRUPT_PREFIX):

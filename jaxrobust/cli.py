@@ -6,6 +6,7 @@ and exit with code 2, without a traceback; a diverged run exits with code 1; a
 run stopped by SIGTERM or SIGINT saves a checkpoint and exits with code 128 +
 the signal number (143, 130). Warnings print as `warning: ...` lines.
 """
+
 import os
 import sys
 import warnings
@@ -18,8 +19,7 @@ from jaxrobust import checks, configs, experiment, signals
 
 
 # How absl and ml_collections report bad flags, config files and overrides.
-_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, ValueError, TypeError,
-                OSError, SyntaxError)
+_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError)
 
 
 def define_config_flag(default):
@@ -30,8 +30,8 @@ def define_config_flag(default):
   """
   try:
     return config_flags.DEFINE_config_file(
-        "config", default,
-        "Experiment config file; override settings with --config.<key>=<value>.")
+      "config", default, "Experiment config file; override settings with --config.<key>=<value>."
+    )
   except _FLAG_ERRORS as e:
     fail(_flag_error(e))
 
@@ -39,16 +39,21 @@ def define_config_flag(default):
 def define_distributed_flags():
   """Flags that start a multi-process run with `jax.distributed.initialize`."""
   flags.DEFINE_boolean(
-      "distributed", False,
-      "Run as one of several processes (one per host, or per GPU). Without "
-      "the three flags below, JAX finds them from the cluster: SLURM, Open "
-      "MPI, Cloud TPU pod slices, Kubernetes (JAX_COORDINATOR_ADDRESS also works).")
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0, reachable from every process "
-                      "(implies --distributed).")
+    "distributed",
+    False,
+    "Run as one of several processes (one per host, or per GPU). Without "
+    "the three flags below, JAX finds them from the cluster: SLURM, Open "
+    "MPI, Cloud TPU pod slices, Kubernetes (JAX_COORDINATOR_ADDRESS also works).",
+  )
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, reachable from every process (implies --distributed).",
+  )
   flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
-  flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 "
-                       "(implies --distributed).")
+  flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 to num_processes - 1 (implies --distributed)."
+  )
 
 
 def init_distributed():
@@ -57,22 +62,28 @@ def init_distributed():
   Must run before anything starts JAX's backends. Returns True if it did.
   """
   f = flags.FLAGS
-  explicit = {name: f[name].value for name in ("coordinator_address", "num_processes",
-                                               "process_id") if f[name].value is not None}
+  explicit = {
+    name: f[name].value
+    for name in ("coordinator_address", "num_processes", "process_id")
+    if f[name].value is not None
+  }
   if not (f.distributed or explicit):
     return False
   if "num_processes" in explicit:
     checks.integer_at_least("--num_processes", explicit["num_processes"], 1)
   if "process_id" in explicit:
-    checks.require(0 <= explicit["process_id"] < explicit.get("num_processes", sys.maxsize),
-                   f"--process_id must lie in [0, --num_processes), got "
-                   f"{explicit['process_id']}")
+    checks.require(
+      0 <= explicit["process_id"] < explicit.get("num_processes", sys.maxsize),
+      f"--process_id must lie in [0, --num_processes), got {explicit['process_id']}",
+    )
   try:
     jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:
-    raise checks.InputError(f"cannot start the multi-process run ({e}); pass "
-                            f"--coordinator_address, --num_processes and "
-                            f"--process_id") from None
+    raise checks.InputError(
+      f"cannot start the multi-process run ({e}); pass "
+      f"--coordinator_address, --num_processes and "
+      f"--process_id"
+    ) from None
   return True
 
 

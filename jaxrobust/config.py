@@ -1,5 +1,6 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
+
 from jaxrobust import augment as augment_lib
 from jaxrobust import checks, data, evaluation, guard, models, selection, training
 
@@ -8,18 +9,27 @@ def resolve(config, train_set):
   """The config as a plain dict plus the facts of its training data."""
   resolved = config.to_dict()
   mean, std = data.channel_stats(train_set.x)
-  resolved["dataset"] = {"num_classes": int(train_set.num_classes),
-                         "input_shape": list(train_set.x.shape[1:]),
-                         "mean": list(mean), "std": list(std),
-                         "train_examples": int(len(train_set.x))}
+  resolved["dataset"] = {
+    "num_classes": int(train_set.num_classes),
+    "input_shape": list(train_set.x.shape[1:]),
+    "mean": list(mean),
+    "std": list(std),
+    "train_examples": int(len(train_set.x)),
+  }
   return resolved
 
 
 def build_model(resolved, axis_name=None):
   settings = dict(resolved["model"])
   ds = resolved["dataset"]
-  return models.create(settings.pop("name"), num_classes=ds["num_classes"],
-                       mean=ds["mean"], std=ds["std"], axis_name=axis_name, **settings)
+  return models.create(
+    settings.pop("name"),
+    num_classes=ds["num_classes"],
+    mean=ds["mean"],
+    std=ds["std"],
+    axis_name=axis_name,
+    **settings,
+  )
 
 
 def schedule_length(resolved):
@@ -35,8 +45,11 @@ def make_optimizer(resolved):
 def make_augment(resolved_or_config):
   """The training augmentation of `data.augment` (`augment.create`), or None."""
   cfg = resolved_or_config["data"]
-  return augment_lib.create(cfg.get("augment", "none"), padding=cfg.get("crop_padding", 4),
-                            padding_mode=cfg.get("padding_mode", "zero"))
+  return augment_lib.create(
+    cfg.get("augment", "none"),
+    padding=cfg.get("crop_padding", 4),
+    padding_mode=cfg.get("padding_mode", "zero"),
+  )
 
 
 def load_split(resolved_or_config, split):
@@ -59,8 +72,9 @@ def check_config(config, mesh):
   training.check_awp(config.get("awp", 0.0))
   selection.settings(config.eval, None)
   guard.settings(config.get("overfit_guard"), config.get("train_attack"))
-  training.make_input_fn(config.objective, config.get("train_attack"),
-                         settings=config.get("objective_settings"))
+  training.make_input_fn(
+    config.objective, config.get("train_attack"), settings=config.get("objective_settings")
+  )
   # train.py evaluates with these at the end: refuse them now, not after training.
   checks.integer_at_least("eval.batch_size", config.eval.batch_size, 1)
   checks.integer_at_least("eval.limit", config.eval.limit, 0)

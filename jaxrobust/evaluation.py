@@ -22,6 +22,7 @@ Compiled programs are cached per (model function, attack, batch shape,
 mesh), with eps an argument: eps sweeps and sanity checks reuse them. Pass
 the same `apply_fn` object across calls to benefit.
 """
+
 import dataclasses
 import functools
 import hashlib
@@ -48,8 +49,10 @@ MIN_PER_DEVICE = 8
 def build_attacks(specs):
   """`{label: Attack}` from `{label: spec}` (a spec: `{"name": ..., **settings}`,
   or an `Attack` already)."""
-  return {label: spec if isinstance(spec, attacks_lib.Attack) else attacks_lib.create(spec)
-          for label, spec in specs.items()}
+  return {
+    label: spec if isinstance(spec, attacks_lib.Attack) else attacks_lib.create(spec)
+    for label, spec in specs.items()
+  }
 
 
 def select(specs, names):
@@ -58,8 +61,12 @@ def select(specs, names):
     return dict(specs)
   chosen = [n.strip() for n in names.split(",") if n.strip()]
   unknown = [n for n in chosen if n not in specs]
-  checks.require(not unknown, f"unknown attack {unknown[0]!r}; this run defines "
-                 f"{', '.join(specs) or 'none'}" if unknown else "")
+  checks.require(
+    not unknown,
+    f"unknown attack {unknown[0]!r}; this run defines {', '.join(specs) or 'none'}"
+    if unknown
+    else "",
+  )
   return {n: specs[n] for n in chosen}
 
 
@@ -77,6 +84,7 @@ class Outcome:
     seconds: float [stages], the time each stage took.
     outside_ball: adversarial examples found outside the ball (not counted).
   """
+
   robust: np.ndarray
   fooled_by: np.ndarray
   l2: np.ndarray
@@ -88,9 +96,14 @@ class Outcome:
   @classmethod
   def start(cls, robust, stages):
     n = len(robust)
-    return cls(robust=robust.copy(), fooled_by=np.full(n, -1, np.int32),
-               l2=np.full(n, np.nan, np.float32), size=np.full(n, np.nan, np.float32),
-               attacked=np.zeros((stages, n), bool), seconds=np.zeros(stages))
+    return cls(
+      robust=robust.copy(),
+      fooled_by=np.full(n, -1, np.int32),
+      l2=np.full(n, np.nan, np.float32),
+      size=np.full(n, np.nan, np.float32),
+      attacked=np.zeros((stages, n), bool),
+      seconds=np.zeros(stages),
+    )
 
 
 def threat_model(attack):
@@ -101,9 +114,22 @@ def threat_model(attack):
   return (attack.norm, float(attack.eps))
 
 
-def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
-        source=None, stochastic_apply_fn=None, individual=False, state_path=None,
-        log=None):
+def run(
+  apply_fn,
+  variables,
+  x,
+  y,
+  attacks,
+  *,
+  key,
+  batch_size=500,
+  mesh=None,
+  source=None,
+  stochastic_apply_fn=None,
+  individual=False,
+  state_path=None,
+  log=None,
+):
   """Runs the cascade; returns (clean correct [N], {label: Outcome}).
 
   Args:
@@ -136,8 +162,7 @@ def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
   devices = mesh.devices.size
   batch = devices * math.ceil(min(batch_size, len(x)) / devices)
   source_apply_fn, source_variables = source or (None, None)
-  state = _State(state_path, _fingerprint(variables, x, y, attack_fns, key, source,
-                                          individual))
+  state = _State(state_path, _fingerprint(variables, x, y, attack_fns, key, source, individual))
   log = log or (lambda message: None)
 
   clean = state.get("clean")
@@ -156,22 +181,28 @@ def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
     outcome = state.outcome(label, start, len(stages))
     attack_key = jax.random.fold_in(key, index)
     for j, stage in enumerate(stages):
-      todo = np.flatnonzero((outcome.robust | (outcome.fooled_by == j))
-                            & ~outcome.attacked[j])
+      todo = np.flatnonzero((outcome.robust | (outcome.fooled_by == j)) & ~outcome.attacked[j])
       if len(todo) == 0:
         continue
-      program = _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn,
-                                _program_key(stage), mesh, bool(attack.stages))
+      program = _attack_program(
+        apply_fn,
+        source_apply_fn,
+        stochastic_apply_fn,
+        _program_key(stage),
+        mesh,
+        bool(attack.stages),
+      )
       eps = None if stage.eps is None else jnp.float32(stage.eps)
       began = time.perf_counter()
       for part in range(0, len(todo), batch):
-        chosen = todo[part:part + batch]
+        chosen = todo[part : part + batch]
         # The tail repeats examples, then is dropped.
         padded = np.resize(chosen, _bucket(len(chosen), batch, devices))
         arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
-        correct, l2, size = jax.device_get(program(
-            variables, source_variables, *arrays, attack_key, jnp.int32(j), eps))
-        correct, l2, size = correct[:len(chosen)], l2[:len(chosen)], size[:len(chosen)]
+        correct, l2, size = jax.device_get(
+          program(variables, source_variables, *arrays, attack_key, jnp.int32(j), eps)
+        )
+        correct, l2, size = correct[: len(chosen)], l2[: len(chosen)], size[: len(chosen)]
         inside = size <= (np.inf if stage.eps is None else _ball_limit(stage))
         fooled = ~correct & inside
         outcome.outside_ball += int(np.sum(~correct & ~inside))
@@ -183,8 +214,10 @@ def run(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
         outcome.seconds[j] += time.perf_counter() - began
         began = time.perf_counter()
         state.save(label, outcome)
-      log(f"{label}{'' if len(stages) == 1 else ' ' + stage.label}: robust accuracy "
-          f"{outcome.robust.mean():.2%} after {outcome.seconds[j]:.1f} s on {len(todo)} examples")
+      log(
+        f"{label}{'' if len(stages) == 1 else ' ' + stage.label}: robust accuracy "
+        f"{outcome.robust.mean():.2%} after {outcome.seconds[j]:.1f} s on {len(todo)} examples"
+      )
     outcomes[label] = outcome
     if not individual:
       robust_of[group] = outcome.robust
@@ -198,15 +231,27 @@ def predictions(apply_fn, variables, x, *, batch_size=500, mesh=None):
   batch = devices * math.ceil(min(batch_size, len(x)) / devices)
   predict = _predict_program(apply_fn, mesh)
   out = []
-  for xb, _, mask in data.eval_batches(x, np.zeros(len(x), np.int32), batch,
-                                       multiple_of=batch):
+  for xb, _, mask in data.eval_batches(x, np.zeros(len(x), np.int32), batch, multiple_of=batch):
     out.append(np.asarray(predict(variables, data.to_devices(xb, mesh)))[mask])
   return np.concatenate(out)
 
 
-def evaluate(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=None,
-             source=None, stochastic_apply_fn=None, individual=False, state_path=None,
-             log=None):
+def evaluate(
+  apply_fn,
+  variables,
+  x,
+  y,
+  attacks,
+  *,
+  key,
+  batch_size=500,
+  mesh=None,
+  source=None,
+  stochastic_apply_fn=None,
+  individual=False,
+  state_path=None,
+  log=None,
+):
   """Runs the attacks (see `run`) and returns the report.
 
   `{"n_examples", "clean_accuracy", "mode": "cascade" | "individual",
@@ -223,10 +268,21 @@ def evaluate(apply_fn, variables, x, y, attacks, *, key, batch_size=500, mesh=No
   """
   began = time.perf_counter()
   attack_fns = build_attacks(attacks)
-  clean, outcomes = run(apply_fn, variables, x, y, attack_fns, key=key,
-                        batch_size=batch_size, mesh=mesh, source=source,
-                        stochastic_apply_fn=stochastic_apply_fn, individual=individual,
-                        state_path=state_path, log=log)
+  clean, outcomes = run(
+    apply_fn,
+    variables,
+    x,
+    y,
+    attack_fns,
+    key=key,
+    batch_size=batch_size,
+    mesh=mesh,
+    source=source,
+    stochastic_apply_fn=stochastic_apply_fn,
+    individual=individual,
+    state_path=state_path,
+    log=log,
+  )
   rep = report(clean, outcomes, attack_fns, individual=individual)
   rep["seconds"] = time.perf_counter() - began
   return rep
@@ -240,28 +296,54 @@ def report(clean, outcomes, attack_fns, *, individual=False):
     fooled = o.fooled_by >= 0
     stages = attack.stages or (attack,)
     robust_after = [(o.robust | (o.fooled_by > j)).mean() for j in range(len(stages))]
-    rows.append({
-        "attack": label, "name": attack.name, "norm": attack.norm, "eps": attack.eps,
-        "accuracy": float(o.robust.mean()), "attacked": int(o.attacked[0].sum()),
+    rows.append(
+      {
+        "attack": label,
+        "name": attack.name,
+        "norm": attack.norm,
+        "eps": attack.eps,
+        "accuracy": float(o.robust.mean()),
+        "attacked": int(o.attacked[0].sum()),
         "seconds": float(o.seconds.sum()),
         "median_l2": float(np.median(o.l2[fooled])) if fooled.any() else None,
         "max_perturbation": float(np.max(o.size[fooled])) if fooled.any() else None,
         "outside_ball": o.outside_ball,
         "settings": {k: v for k, v in attack.spec.items() if k not in ("name", "norm", "eps")},
-        "stages": [{"stage": s.label, "accuracy": float(a), "attacked": int(o.attacked[j].sum()),
-                    "seconds": float(o.seconds[j])}
-                   for j, (s, a) in enumerate(zip(stages, robust_after))]})
+        "stages": [
+          {
+            "stage": s.label,
+            "accuracy": float(a),
+            "attacked": int(o.attacked[j].sum()),
+            "seconds": float(o.seconds[j]),
+          }
+          for j, (s, a) in enumerate(zip(stages, robust_after))
+        ],
+      }
+    )
     group = threat_model(attack)
-    entry = groups.setdefault(group, {"norm": attack.norm, "eps": attack.eps,
-                                      "attacks": [], "robust": clean.copy()})
+    entry = groups.setdefault(
+      group, {"norm": attack.norm, "eps": attack.eps, "attacks": [], "robust": clean.copy()}
+    )
     entry["attacks"].append(label)
     entry["robust"] = entry["robust"] & o.robust
   worst = np.logical_and.reduce([clean] + [g["robust"] for g in groups.values()])
-  threat_models = [{"norm": g["norm"], "eps": g["eps"], "attacks": g["attacks"],
-                    "accuracy": float(g["robust"].mean())} for g in groups.values()]
-  return {"n_examples": int(len(clean)), "clean_accuracy": float(clean.mean()),
-          "mode": "individual" if individual else "cascade", "results": rows,
-          "threat_models": threat_models, "worst_case_accuracy": float(worst.mean())}
+  threat_models = [
+    {
+      "norm": g["norm"],
+      "eps": g["eps"],
+      "attacks": g["attacks"],
+      "accuracy": float(g["robust"].mean()),
+    }
+    for g in groups.values()
+  ]
+  return {
+    "n_examples": int(len(clean)),
+    "clean_accuracy": float(clean.mean()),
+    "mode": "individual" if individual else "cascade",
+    "results": rows,
+    "threat_models": threat_models,
+    "worst_case_accuracy": float(worst.mean()),
+  }
 
 
 def robustbench_report(rep, row):
@@ -269,12 +351,16 @@ def robustbench_report(rep, row):
   clean and robust accuracy (%), norm, eps, examples, version, the robust
   accuracy after each stage, and the seconds it took."""
   r = next(r for r in rep["results"] if r["attack"] == row)
-  return {"clean_acc": 100 * rep["clean_accuracy"], "robust_acc": 100 * r["accuracy"],
-          "threat_model": {"linf": "Linf", "l2": "L2"}.get(r["norm"], r["norm"]),
-          "eps": r["eps"], "n_examples": rep["n_examples"],
-          "version": r["settings"].get("version", r["name"]),
-          "stages": {s["stage"]: 100 * s["accuracy"] for s in r["stages"]},
-          "seconds": r["seconds"]}
+  return {
+    "clean_acc": 100 * rep["clean_accuracy"],
+    "robust_acc": 100 * r["accuracy"],
+    "threat_model": {"linf": "Linf", "l2": "L2"}.get(r["norm"], r["norm"]),
+    "eps": r["eps"],
+    "n_examples": rep["n_examples"],
+    "version": r["settings"].get("version", r["name"]),
+    "stages": {s["stage"]: 100 * s["accuracy"] for s in r["stages"]},
+    "seconds": r["seconds"],
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -303,15 +389,20 @@ def _program_key(attack):
   return dataclasses.replace(attack, eps=None if attack.eps is None else 0.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _predict_program(apply_fn, mesh):
   batch = P(parallel.BATCH_AXIS)
-  return jax.jit(parallel.data_parallel(
-      lambda variables, x: jnp.argmax(fastpath.fast(apply_fn)(variables, x), -1), mesh,
-      in_specs=(P(), batch), out_specs=batch))
+  return jax.jit(
+    parallel.data_parallel(
+      lambda variables, x: jnp.argmax(fastpath.fast(apply_fn)(variables, x), -1),
+      mesh,
+      in_specs=(P(), batch),
+      out_specs=batch,
+    )
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged):
   """Jitted, data-parallel `(variables, source_variables, x, y, index, key,
   stage, eps) -> (correct, l2, size)` for `attack` (a `_program_key`: its
@@ -338,9 +429,11 @@ def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh
     return jnp.argmax(target(x_adv), -1) == y, l2, size
 
   batch = P(parallel.BATCH_AXIS)
-  return jax.jit(parallel.data_parallel(
-      device_step, mesh, in_specs=(P(), P(), batch, batch, batch, P(), P(), P()),
-      out_specs=batch))
+  return jax.jit(
+    parallel.data_parallel(
+      device_step, mesh, in_specs=(P(), P(), batch, batch, batch, P(), P(), P()), out_specs=batch
+    )
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -361,11 +454,13 @@ def _fingerprint(variables, x, y, attack_fns, key, source, individual):
   leaves = jax.tree.leaves(jax.device_get(variables))
   if source is not None:
     leaves += jax.tree.leaves(jax.device_get(source[1]))
-  return {"model": _digest(*leaves), "data": _digest(x, y),
-          "attacks": json.dumps({l: a.spec for l, a in attack_fns.items()},
-                                sort_keys=True, default=str),
-          "key": _digest(np.asarray(jax.random.key_data(key))),
-          "mode": "individual" if individual else "cascade"}
+  return {
+    "model": _digest(*leaves),
+    "data": _digest(x, y),
+    "attacks": json.dumps({l: a.spec for l, a in attack_fns.items()}, sort_keys=True, default=str),
+    "key": _digest(np.asarray(jax.random.key_data(key))),
+    "mode": "individual" if individual else "cascade",
+  }
 
 
 class _State:
@@ -390,8 +485,10 @@ class _State:
     saved = {f: self.arrays.get(f"{label}/{f}") for f in _OUTCOME_FIELDS}
     if saved["robust"] is None:
       return Outcome.start(robust, stages)
-    return Outcome(**{f: v for f, v in saved.items() if f != "outside_ball"},
-                   outside_ball=int(saved["outside_ball"]))
+    return Outcome(
+      **{f: v for f, v in saved.items() if f != "outside_ball"},
+      outside_ball=int(saved["outside_ball"]),
+    )
 
   def save(self, label, outcome):
     for f in _OUTCOME_FIELDS:
@@ -419,7 +516,9 @@ def _read_state(path, fingerprint):
   except (OSError, ValueError, KeyError) as e:
     raise checks.InputError(f"cannot read the evaluation state {str(path)!r}: {e}") from None
   for what in ("model", "data", "attacks", "key", "mode"):
-    checks.require(saved.get(what) == fingerprint[what],
-                   f"the evaluation state {str(path)!r} belongs to another evaluation "
-                   f"(its {what} differs); use another --state file or delete this one")
+    checks.require(
+      saved.get(what) == fingerprint[what],
+      f"the evaluation state {str(path)!r} belongs to another evaluation "
+      f"(its {what} differs); use another --state file or delete this one",
+    )
   return arrays

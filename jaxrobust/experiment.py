@@ -33,6 +33,7 @@ Reliability:
   process 0 alone writes config.json, metrics and TensorBoard logs, and orbax
   coordinates the checkpoint writes.
 """
+
 import contextlib
 import time
 from pathlib import Path
@@ -70,8 +71,7 @@ def abstract_state(resolved, model, tx, mesh):
   found without running the model (the target a checkpoint is restored into)."""
   shapes = jax.eval_shape(_init_fn(resolved, model, tx), jax.random.key(0))
   sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      shapes)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
@@ -93,15 +93,17 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   every, val_size = selection.settings(config.eval, len(train_set.x))
   if every:  # the validation slice (Rice et al.): never trained on
     train_set, val_set = selection.split(train_set, val_size)
-  checks.require(config.batch_size <= len(train_set.x),
-                 f"batch_size {config.batch_size} exceeds the {len(train_set.x)} "
-                 f"training examples")
+  checks.require(
+    config.batch_size <= len(train_set.x),
+    f"batch_size {config.batch_size} exceeds the {len(train_set.x)} training examples",
+  )
   resolved = config_lib.resolve(config, train_set)
   model = config_lib.build_model(resolved, axis_name=parallel.BATCH_AXIS)
   tx = config_lib.make_optimizer(resolved)
   target = abstract_state(resolved, model, tx, mesh)
-  input_fn = training.make_input_fn(config.objective, config.get("train_attack"),
-                                    settings=config.get("objective_settings"))
+  input_fn = training.make_input_fn(
+    config.objective, config.get("train_attack"), settings=config.get("objective_settings")
+  )
   # Everything the config sets up is checked: now the workdir may be touched.
   primary = jax.process_index() == 0
   with parallel.on_every_process("claim the workdir"):
@@ -109,8 +111,9 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
   guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
   steps_per_epoch, total = config_lib.schedule_length(resolved)
   # With the guard, every epoch end it passed is kept: the last good model.
-  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
-                            keep_period=steps_per_epoch if guard else None)
+  mgr = checkpoints.manager(
+    workdir, keep=config.keep_checkpoints, keep_period=steps_per_epoch if guard else None
+  )
   stack = contextlib.ExitStack()
   try:
     state = checkpoints.restore_latest(mgr, target, quarantine=True)
@@ -125,32 +128,47 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
       record = guard_lib.read(workdir, start)
       if "stopped" in record:
         if primary:
-          print(f"the overfitting guard stopped this run at step "
-                f"{record['stopped']['step']}; not training further (step {start} is "
-                f"the last good checkpoint)", flush=True)
+          print(
+            f"the overfitting guard stopped this run at step "
+            f"{record['stopped']['step']}; not training further (step {start} is "
+            f"the last good checkpoint)",
+            flush=True,
+          )
         return state
-      check = guard_lib.make_check(config_lib.build_model(resolved), train_set.x,
-                                   train_set.y, guard, config.seed)
+      check = guard_lib.make_check(
+        config_lib.build_model(resolved), train_set.x, train_set.y, guard, config.seed
+      )
       previous = record["checks"][-1]["robust_accuracy"] if record["checks"] else None
     if every:
       best_record = selection.read(workdir, start)
       val_check = guard_lib.make_check(
-          config_lib.build_model(resolved), val_set.x, val_set.y,
-          dict(eps=config.eval.attacks.pgd_linf.eps, steps=selection.STEPS,
-               examples=val_size), config.seed)
+        config_lib.build_model(resolved),
+        val_set.x,
+        val_set.y,
+        dict(eps=config.eval.attacks.pgd_linf.eps, steps=selection.STEPS, examples=val_size),
+        config.seed,
+      )
       best_mgr = selection.manager(workdir)
       stack.callback(best_mgr.close)
-    step_fn = training.make_train_step(model, tx, input_fn, mesh,
-                                       augment=config_lib.make_augment(resolved),
-                                       ema=resolved.get("ema", 0.0),
-                                       awp=resolved.get("awp", 0.0))
+    step_fn = training.make_train_step(
+      model,
+      tx,
+      input_fn,
+      mesh,
+      augment=config_lib.make_augment(resolved),
+      ema=resolved.get("ema", 0.0),
+      awp=resolved.get("awp", 0.0),
+    )
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    batches = data.train_batches(train_set.x, train_set.y, config.batch_size,
-                                 seed=config.seed, start_step=start)
-    log = (metrics_lib.MetricsLog(workdir, resume_step=start) if primary
-           else contextlib.nullcontext())
-    progress = metrics_lib.Progress(start, end, f"train {Path(workdir).name}",
-                                    enabled=progress and primary)
+    batches = data.train_batches(
+      train_set.x, train_set.y, config.batch_size, seed=config.seed, start_step=start
+    )
+    log = (
+      metrics_lib.MetricsLog(workdir, resume_step=start) if primary else contextlib.nullcontext()
+    )
+    progress = metrics_lib.Progress(
+      start, end, f"train {Path(workdir).name}", enabled=progress and primary
+    )
     first_bad = jnp.int32(-1)  # on the device: the first step with non-finite metrics
     tick = time.perf_counter()
     with signals.StopRequests() as stop, log, progress:
@@ -162,11 +180,9 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
         progress.step()
         epoch_end = bool(guard) and step % steps_per_epoch == 0
         validating = bool(every) and step % (every * steps_per_epoch) == 0
-        logging = (step % config.log_every_steps == 0 or step == end or epoch_end
-                   or validating)
+        logging = step % config.log_every_steps == 0 or step == end or epoch_end or validating
         stopping = stop.requested(step)
-        saving = (stopping or step == end or step % config.checkpoint_every_steps == 0
-                  or epoch_end)
+        saving = stopping or step == end or step % config.checkpoint_every_steps == 0 or epoch_end
         if logging or saving:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, int(first_bad), step, mgr)
@@ -232,24 +248,29 @@ def check_finite(metrics, first_bad, step, mgr):
   if first_bad >= 0:
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     found = "" if first_bad == step else f" (found at step {step})"
-    raise Diverged(f"training diverged at step {first_bad}{found}: {bad}; nothing of "
-                   f"steps {first_bad}-{step} was saved; {_last_good(mgr)}; lower the "
-                   f"learning rate")
+    raise Diverged(
+      f"training diverged at step {first_bad}{found}: {bad}; nothing of "
+      f"steps {first_bad}-{step} was saved; {_last_good(mgr)}; lower the "
+      f"learning rate"
+    )
 
 
 @jax.jit
 def _all_finite(tree):
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def save_checkpoint(mgr, state, step):
   """Saves `state` unless a parameter or optimizer statistic is not finite."""
   if not bool(_all_finite(state)):
-    raise Diverged(f"training diverged at step {step}: the parameters or optimizer "
-                   f"state are not finite (the loss was still finite); nothing of "
-                   f"this state was saved; {_last_good(mgr)}; lower the learning rate")
+    raise Diverged(
+      f"training diverged at step {step}: the parameters or optimizer "
+      f"state are not finite (the loss was still finite); nothing of "
+      f"this state was saved; {_last_good(mgr)}; lower the learning rate"
+    )
   checkpoints.save(mgr, state)
 
 
@@ -266,20 +287,40 @@ def restore(workdir, mesh=None, checkpoint="latest"):
   target = abstract_state(resolved, model, config_lib.make_optimizer(resolved), mesh)
   state = None
   if (workdir / "checkpoints").is_dir():
-    mgr = (selection.manager(workdir, read_only=True) if checkpoint == "best"
-           else checkpoints.manager(workdir, keep=None, read_only=True))
+    mgr = (
+      selection.manager(workdir, read_only=True)
+      if checkpoint == "best"
+      else checkpoints.manager(workdir, keep=None, read_only=True)
+    )
     try:
       state = checkpoints.restore_latest(mgr, target)
     finally:
       mgr.close()
-  checks.require(state is not None, f"no intact checkpoint in {str(workdir)!r}; "
-                 "train first with train.py --workdir")
+  checks.require(
+    state is not None,
+    f"no intact checkpoint in {str(workdir)!r}; train first with train.py --workdir",
+  )
   return resolved, model, training.for_evaluation(state)
 
 
-def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
-             limit=None, batch_size=None, mesh=None, source=None, sanity=False,
-             lipschitz=False, individual=False, state_path=None, log=None):
+def evaluate(
+  resolved,
+  model,
+  state,
+  *,
+  split="test",
+  names=None,
+  specs=None,
+  limit=None,
+  batch_size=None,
+  mesh=None,
+  source=None,
+  sanity=False,
+  lipschitz=False,
+  individual=False,
+  state_path=None,
+  log=None,
+):
   """Robust accuracy under attacks (see `evaluation.evaluate`) on `split`.
 
   The attacks are `specs` (`{label: spec}`), or else those of the config's
@@ -299,32 +340,48 @@ def evaluate(resolved, model, state, *, split="test", names=None, specs=None,
   if limit:
     checks.integer_at_least("limit", limit, 1)
     x, y = x[:limit], y[:limit]
-  specs = specs or evaluation.select(resolved["eval"]["attacks"],
-                                     names or resolved["eval"].get("default"))
+  specs = specs or evaluation.select(
+    resolved["eval"]["attacks"], names or resolved["eval"].get("default")
+  )
   batch_size = batch_size or resolved["eval"]["batch_size"]
   apply_fn = models.inference_fn(model)
   key = jax.random.key(resolved["seed"])
   run = lambda specs, x, y, **kw: evaluation.evaluate(
-      apply_fn, state.variables, x, y, specs, key=key, batch_size=batch_size, mesh=mesh,
-      source=source and (models.inference_fn(source[0]), source[1].variables),
-      stochastic_apply_fn=models.stochastic_fn(model), **kw)
+    apply_fn,
+    state.variables,
+    x,
+    y,
+    specs,
+    key=key,
+    batch_size=batch_size,
+    mesh=mesh,
+    source=source and (models.inference_fn(source[0]), source[1].variables),
+    stochastic_apply_fn=models.stochastic_fn(model),
+    **kw,
+  )
   rep = run(specs, x, y, individual=individual, state_path=state_path, log=log)
   certified = bool(resolved["model"].get("spectral"))
   if sanity and source is None:
-    subset = x[:sanity_lib.SANITY_EXAMPLES], y[:sanity_lib.SANITY_EXAMPLES]
-    rep["sanity"] = (
-        sanity_lib.model_checks(apply_fn, state.variables, *subset)
-        + sanity_lib.attack_checks(rep, lambda s, **kw: run(s, *subset, **kw), specs,
-                                   x.shape[1:], certified=certified))
+    subset = x[: sanity_lib.SANITY_EXAMPLES], y[: sanity_lib.SANITY_EXAMPLES]
+    rep["sanity"] = sanity_lib.model_checks(
+      apply_fn, state.variables, *subset
+    ) + sanity_lib.attack_checks(
+      rep, lambda s, **kw: run(s, *subset, **kw), specs, x.shape[1:], certified=certified
+    )
   if lipschitz and certified:
     randomized = models.is_randomized(model)
-    radii = sorted({0.0} | {f * r["eps"] for r in rep["results"] if r["norm"] == "l2"
-                             for f in (0.25, 0.5, 1.0)})
+    radii = sorted(
+      {0.0} | {f * r["eps"] for r in rep["results"] if r["norm"] == "l2" for f in (0.25, 0.5, 1.0)}
+    )
     rep["lipschitz"] = certificates.lipschitz_certificate(
-        models.inference_fn(model, base=True), jax.device_get(state.variables),
-        x, y, radii, batch_size=batch_size)
-    rep["lipschitz"]["of"] = ("the base classifier f (without noise)" if randomized
-                              else "the model")
+      models.inference_fn(model, base=True),
+      jax.device_get(state.variables),
+      x,
+      y,
+      radii,
+      batch_size=batch_size,
+    )
+    rep["lipschitz"]["of"] = "the base classifier f (without noise)" if randomized else "the model"
     if "sanity" in rep and not randomized and source is None:
       rep["sanity"] += sanity_lib.lipschitz_checks(rep, rep["lipschitz"])
   return rep

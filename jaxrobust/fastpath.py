@@ -43,6 +43,7 @@ The transform reads JAX internals (primitive names and parameters of jax
 0.10): `tests/test_fastpath.py` pins what it reads and fails if an upgrade
 changes it. Use it under `jax.jit` (it traces `fn` on every call).
 """
+
 import contextlib
 import functools
 
@@ -98,8 +99,7 @@ def fast(fn):
 
   @functools.wraps(fn)
   def rewritten(*args, **kwargs):
-    closed, out_shape = jax.make_jaxpr(functools.partial(fn, **kwargs),
-                                       return_shape=True)(*args)
+    closed, out_shape = jax.make_jaxpr(functools.partial(fn, **kwargs), return_shape=True)(*args)
     outs = evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
@@ -150,8 +150,12 @@ def _closed(closed_jaxpr):
 def non_overlapping(window, strides, padding, base_dilation=None, window_dilation=None):
   """Whether a reduce-window is over disjoint windows that `_windows` can form."""
   ones = lambda d: d is None or all(v == 1 for v in d)
-  return (tuple(window) == tuple(strides) and ones(base_dilation) and ones(window_dilation)
-          and all(lo >= 0 and hi >= 0 for lo, hi in padding))
+  return (
+    tuple(window) == tuple(strides)
+    and ones(base_dilation)
+    and ones(window_dilation)
+    and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+  )
 
 
 def _windows(x, window, padding, fill):
@@ -197,8 +201,10 @@ def _window_max_jvp(window, padding, primals, tangents):
   windows, axes = _windows(x, window, padding, -jnp.inf)
   mask = _first_max_mask(windows, axes)
   t_windows, _ = _windows(t, window, padding, 0)
-  return (jnp.max(windows, axis=axes),
-          jnp.sum(jnp.where(mask, t_windows, jnp.zeros_like(t_windows)), axis=axes))
+  return (
+    jnp.max(windows, axis=axes),
+    jnp.sum(jnp.where(mask, t_windows, jnp.zeros_like(t_windows)), axis=axes),
+  )
 
 
 def window_sum(x, window, padding):
@@ -209,16 +215,26 @@ def window_sum(x, window, padding):
 
 def _reduce_window_max(eqn, x):
   p = eqn.params
-  if not non_overlapping(p["window_dimensions"], p["window_strides"], p["padding"],
-                         p["base_dilation"], p["window_dilation"]):
+  if not non_overlapping(
+    p["window_dimensions"],
+    p["window_strides"],
+    p["padding"],
+    p["base_dilation"],
+    p["window_dilation"],
+  ):
     return None
   return [window_max(x, tuple(p["window_dimensions"]), tuple(map(tuple, p["padding"])))]
 
 
 def _reduce_window_sum(eqn, x):
   p = eqn.params
-  if not non_overlapping(p["window_dimensions"], p["window_strides"], p["padding"],
-                         p["base_dilation"], p["window_dilation"]):
+  if not non_overlapping(
+    p["window_dimensions"],
+    p["window_strides"],
+    p["padding"],
+    p["base_dilation"],
+    p["window_dilation"],
+  ):
     return None
   return [window_sum(x, tuple(p["window_dimensions"]), tuple(map(tuple, p["padding"])))]
 
@@ -231,12 +247,15 @@ def _upsample(eqn, pad_eqn, pad_inputs):
   window = tuple(p["window_dimensions"])
   x, fill = pad_inputs
   ones = lambda d: all(v == 1 for v in d)
-  if (not (ones(p["window_strides"]) and ones(p["base_dilation"])
-           and ones(p["window_dilation"]))
-      or any(lo or hi for lo, hi in p["padding"])
-      or any(tuple(config) != (k - 1,) * 3
-             for config, k in zip(pad_eqn.params["padding_config"], window))
-      or not isinstance(fill, (int, float, np.ndarray, np.generic)) or np.any(fill != 0)):
+  if (
+    not (ones(p["window_strides"]) and ones(p["base_dilation"]) and ones(p["window_dilation"]))
+    or any(lo or hi for lo, hi in p["padding"])
+    or any(
+      tuple(config) != (k - 1,) * 3 for config, k in zip(pad_eqn.params["padding_config"], window)
+    )
+    or not isinstance(fill, (int, float, np.ndarray, np.generic))
+    or np.any(fill != 0)
+  ):
     return None
   shape, tiled = [], []
   for n, k in zip(x.shape, window):
@@ -248,23 +267,30 @@ def _upsample(eqn, pad_eqn, pad_inputs):
 
 def _select_and_scatter_add(eqn, source, operand):
   p = eqn.params
-  if (p["select_prim"] is not lax.ge_p
-      or not non_overlapping(p["window_dimensions"], p["window_strides"], p["padding"])):
+  if p["select_prim"] is not lax.ge_p or not non_overlapping(
+    p["window_dimensions"], p["window_strides"], p["padding"]
+  ):
     return None
-  pool = functools.partial(window_max, window=tuple(p["window_dimensions"]),
-                           padding=tuple(map(tuple, p["padding"])))
+  pool = functools.partial(
+    window_max, window=tuple(p["window_dimensions"]), padding=tuple(map(tuple, p["padding"]))
+  )
   _, vjp = jax.vjp(pool, operand)
   return list(vjp(source))
 
 
 def _select_and_gather_add(eqn, tangent, operand):
   p = eqn.params
-  if (p["select_prim"] is not lax.ge_p
-      or not non_overlapping(p["window_dimensions"], p["window_strides"], p["padding"],
-                             p["base_dilation"], p["window_dilation"])):
+  if p["select_prim"] is not lax.ge_p or not non_overlapping(
+    p["window_dimensions"],
+    p["window_strides"],
+    p["padding"],
+    p["base_dilation"],
+    p["window_dilation"],
+  ):
     return None
-  pool = functools.partial(window_max, window=tuple(p["window_dimensions"]),
-                           padding=tuple(map(tuple, p["padding"])))
+  pool = functools.partial(
+    window_max, window=tuple(p["window_dimensions"]), padding=tuple(map(tuple, p["padding"]))
+  )
   return [jax.jvp(pool, (operand,), (tangent,))[1]]
 
 
@@ -287,20 +313,36 @@ def canonical_conv(lhs, rhs, *, dimension_numbers, **params):
   n = lhs.ndim
   spatial = tuple(range(1, n - 1))
   canonical = lax.ConvDimensionNumbers(
-      lhs_spec=(0, n - 1) + spatial, rhs_spec=(n - 1, n - 2) + tuple(range(n - 2)),
-      out_spec=(0, n - 1) + spatial)
+    lhs_spec=(0, n - 1) + spatial,
+    rhs_spec=(n - 1, n - 2) + tuple(range(n - 2)),
+    out_spec=(0, n - 1) + spatial,
+  )
   out = lax.conv_general_dilated_p.bind(
-      jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
-      jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
-      dimension_numbers=canonical, **params)
+    jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+    jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
+    dimension_numbers=canonical,
+    **params,
+  )
   # `out` is [batch, spatial..., feature]; move each axis to where out_spec has it.
   order = (out_spec[0], *out_spec[2:], out_spec[1])
   return jnp.transpose(out, sorted(range(n), key=lambda axis: order[axis]))
 
 
-def _patch_conv(lhs, rhs, dimension_numbers, *, window_strides, padding, lhs_dilation,
-                rhs_dilation, feature_group_count, batch_group_count, precision,
-                preferred_element_type, **other):
+def _patch_conv(
+  lhs,
+  rhs,
+  dimension_numbers,
+  *,
+  window_strides,
+  padding,
+  lhs_dilation,
+  rhs_dilation,
+  feature_group_count,
+  batch_group_count,
+  precision,
+  preferred_element_type,
+  **other,
+):
   """A small-channel 2-D convolution as y = patches(x) @ K, or None where it
   does not apply.
 
@@ -316,14 +358,20 @@ def _patch_conv(lhs, rhs, dimension_numbers, *, window_strides, padding, lhs_dil
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   kh, kw = rhs.shape[rhs_spec[2]], rhs.shape[rhs_spec[3]]
   c_in, c_out = lhs.shape[lhs_spec[1]], rhs.shape[rhs_spec[0]]
-  if (any(d != 1 for d in tuple(lhs_dilation) + tuple(rhs_dilation))
-      or feature_group_count != 1 or batch_group_count != 1
-      or preferred_element_type is not None or any(v is not None for v in other.values())
-      or kh * kw > _MAX_TAPS or kh * kw == 1
-      or rhs.shape[rhs_spec[1]] != c_in or max(c_in, c_out) > SMALL_CHANNELS
-      or not jnp.issubdtype(lhs.dtype, jnp.floating)):
+  if (
+    any(d != 1 for d in tuple(lhs_dilation) + tuple(rhs_dilation))
+    or feature_group_count != 1
+    or batch_group_count != 1
+    or preferred_element_type is not None
+    or any(v is not None for v in other.values())
+    or kh * kw > _MAX_TAPS
+    or kh * kw == 1
+    or rhs.shape[rhs_spec[1]] != c_in
+    or max(c_in, c_out) > SMALL_CHANNELS
+    or not jnp.issubdtype(lhs.dtype, jnp.floating)
+  ):
     return None
-  x = jnp.transpose(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1]))   # NHWC
+  x = jnp.transpose(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1]))  # NHWC
   kernel = jnp.transpose(rhs, (rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0]))  # HWIO
   (sh, sw), ((ph0, ph1), (pw0, pw1)) = window_strides, padding
   # At most "SAME" padding: a wider one is the input gradient of a convolution
@@ -336,8 +384,13 @@ def _patch_conv(lhs, rhs, dimension_numbers, *, window_strides, padding, lhs_dil
   if out_h < 1 or out_w < 1:
     return None
   patches = jnp.concatenate(
-      [x[:, a:a + (out_h - 1) * sh + 1:sh, b:b + (out_w - 1) * sw + 1:sw]
-       for a in range(kh) for b in range(kw)], axis=-1)
+    [
+      x[:, a : a + (out_h - 1) * sh + 1 : sh, b : b + (out_w - 1) * sw + 1 : sw]
+      for a in range(kh)
+      for b in range(kw)
+    ],
+    axis=-1,
+  )
   out = jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out), precision=precision)
   # `out` is NHWC; move each axis to where out_spec has it.
   order = (out_spec[0], out_spec[2], out_spec[3], out_spec[1])
@@ -362,46 +415,50 @@ def _checkpoint(eqn, *inputs):
 def _scan(eqn, *inputs):
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
-  consts, carry, xs = (list(inputs[:n_consts]), list(inputs[n_consts:n_consts + n_carry]),
-                       list(inputs[n_consts + n_carry:]))
+  consts, carry, xs = (
+    list(inputs[:n_consts]),
+    list(inputs[n_consts : n_consts + n_carry]),
+    list(inputs[n_consts + n_carry :]),
+  )
   body = _closed(p["jaxpr"])
 
   def step(carry, x):
     outs = body(*consts, *carry, *x)
     return list(outs[:n_carry]), list(outs[n_carry:])
 
-  carry, ys = lax.scan(step, carry, xs, length=p["length"], reverse=p["reverse"],
-                       unroll=p["unroll"])
+  carry, ys = lax.scan(
+    step, carry, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+  )
   return [*carry, *ys]
 
 
 def _while(eqn, *inputs):
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
-  cond_consts, body_consts, init = inputs[:nc], inputs[nc:nc + nb], list(inputs[nc + nb:])
+  cond_consts, body_consts, init = inputs[:nc], inputs[nc : nc + nb], list(inputs[nc + nb :])
   cond, body = _closed(p["cond_jaxpr"]), _closed(p["body_jaxpr"])
-  return lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
-                        lambda c: list(body(*body_consts, *c)), init)
+  return lax.while_loop(
+    lambda c: cond(*cond_consts, *c)[0], lambda c: list(body(*body_consts, *c)), init
+  )
 
 
 def _cond(eqn, index, *operands):
   branches = [_closed(b) for b in eqn.params["branches"]]
-  return list(lax.switch(index, [lambda *ops, b=b: list(b(*ops)) for b in branches],
-                         *operands))
+  return list(lax.switch(index, [lambda *ops, b=b: list(b(*ops)) for b in branches], *operands))
 
 
 _RULES = {
-    "conv_general_dilated": _conv,
-    "reduce_window_max": _reduce_window_max,
-    "reduce_window_sum": _reduce_window_sum,
-    "select_and_scatter_add": _select_and_scatter_add,
-    "select_and_gather_add": _select_and_gather_add,
-    "jit": _inline,
-    "pjit": _inline,
-    "closed_call": _inline,
-    "checkpoint": _checkpoint,
-    "remat2": _checkpoint,
-    "scan": _scan,
-    "while": _while,
-    "cond": _cond,
+  "conv_general_dilated": _conv,
+  "reduce_window_max": _reduce_window_max,
+  "reduce_window_sum": _reduce_window_sum,
+  "select_and_scatter_add": _select_and_scatter_add,
+  "select_and_gather_add": _select_and_gather_add,
+  "jit": _inline,
+  "pjit": _inline,
+  "closed_call": _inline,
+  "checkpoint": _checkpoint,
+  "remat2": _checkpoint,
+  "scan": _scan,
+  "while": _while,
+  "cond": _cond,
 }

@@ -18,6 +18,7 @@ checkpoint (what eval.py evaluates) is the last good one; `overfit_guard.json`
 in the workdir records every check and the stop, a rerun of the same command
 does not train further, and the log says so.
 """
+
 import json
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def settings(cfg, attack_cfg):
   checks.integer_at_least("overfit_guard.steps", cfg["steps"], 1)
   checks.in_interval("overfit_guard.max_drop", cfg["max_drop"], 0.0, 1.0)
   if cfg["eps"] is None:
-    checks.require(attack_cfg is not None and "eps" in attack_cfg,
-                   "overfit_guard needs an eps: set overfit_guard.eps or train_attack.eps")
+    checks.require(
+      attack_cfg is not None and "eps" in attack_cfg,
+      "overfit_guard needs an eps: set overfit_guard.eps or train_attack.eps",
+    )
     cfg["eps"] = attack_cfg["eps"]
   checks.positive("overfit_guard.eps", cfg["eps"])
   return cfg
@@ -52,10 +55,9 @@ def settings(cfg, attack_cfg):
 def make_check(model, x, y, cfg, seed):
   """`check(variables) -> accuracy` (a device scalar): PGD accuracy of `model`
   on the fixed batch (x, y) under the guard's attack."""
-  attack = attacks.pgd(norm="linf", eps=cfg["eps"], step_size=cfg["eps"] / 4,
-                       steps=cfg["steps"])
+  attack = attacks.pgd(norm="linf", eps=cfg["eps"], step_size=cfg["eps"] / 4, steps=cfg["steps"])
   apply_fn = models.inference_fn(model)
-  x, y = jnp.asarray(x[:cfg["examples"]]), jnp.asarray(y[:cfg["examples"]])
+  x, y = jnp.asarray(x[: cfg["examples"]]), jnp.asarray(y[: cfg["examples"]])
   key = jax.random.fold_in(jax.random.key(seed), 2)
 
   @jax.jit
@@ -94,9 +96,10 @@ def stop(mgr, record, step, accuracy):
   for saved in sorted(mgr.all_steps()):
     if saved > good["step"]:
       checkpoints.move_aside(mgr, saved, PREFIX)
-  record["stopped"] = {"step": step, "robust_accuracy": accuracy,
-                       "last_good_step": good["step"]}
-  return (f"catastrophic overfitting: PGD accuracy on the guard's training batch fell "
-          f"from {good['robust_accuracy']:.3f} (step {good['step']}) to {accuracy:.3f} at "
-          f"step {step}; training stopped, keeping the last good checkpoint (step "
-          f"{good['step']}); later checkpoints moved to checkpoints/{PREFIX}<step>")
+  record["stopped"] = {"step": step, "robust_accuracy": accuracy, "last_good_step": good["step"]}
+  return (
+    f"catastrophic overfitting: PGD accuracy on the guard's training batch fell "
+    f"from {good['robust_accuracy']:.3f} (step {good['step']}) to {accuracy:.3f} at "
+    f"step {step}; training stopped, keeping the last good checkpoint (step "
+    f"{good['step']}); later checkpoints moved to checkpoints/{PREFIX}<step>"
+  )

@@ -34,6 +34,7 @@ numpy, no PyTorch needed); `load_checkpoint`, `save_checkpoint`.
 PyTorch is optional (`pip install "jaxrobust[torch]"`): it is imported only
 by the functions that need it, and its absence raises `InputError`.
 """
+
 import json
 import math
 import re
@@ -49,22 +50,26 @@ INSTALL_TORCH = 'pip install "jaxrobust[torch]"'
 
 # RobustBench's names for the zoo's architectures: (jaxrobust model, settings).
 ZOO = {
-    "preact-resnet-18": ("preact_resnet18", {"padding": "torch"}),
-    "resnet-18": ("resnet18", {"padding": "torch"}),
+  "preact-resnet-18": ("preact_resnet18", {"padding": "torch"}),
+  "resnet-18": ("resnet18", {"padding": "torch"}),
 }
 _WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
-ARCHS = (*models.MODELS, *ZOO, "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, "
-         "wrn-70-16)", "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16)")
+ARCHS = (
+  *models.MODELS,
+  *ZOO,
+  "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
+  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16)",
+)
 
 # (first conv, classifier) of each model's PyTorch layout: they fix the input
 # channels and the classes.
 _ENDS = {
-    "small_cnn": ("convs.0", "fc2"),
-    "seed_cnn": ("conv1", "fc3"),
-    "preact_resnet18": ("conv1", "linear"),
-    "resnet18": ("conv1", "linear"),
-    "wide_resnet": ("conv1", "fc"),
-    "dm_wide_resnet": ("init_conv", "logits"),
+  "small_cnn": ("convs.0", "fc2"),
+  "seed_cnn": ("conv1", "fc3"),
+  "preact_resnet18": ("conv1", "linear"),
+  "resnet18": ("conv1", "linear"),
+  "wide_resnet": ("conv1", "fc"),
+  "dm_wide_resnet": ("init_conv", "logits"),
 }
 _FLATTENS = ("small_cnn", "seed_cnn")  # a dense layer after a flatten: input size matters
 
@@ -92,8 +97,9 @@ def architecture(arch, **settings):
   elif arch in ZOO:
     name, own = ZOO[arch][0], dict(ZOO[arch][1])
   else:
-    checks.require(arch in models.MODELS,
-                   f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    checks.require(
+      arch in models.MODELS, f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}"
+    )
     name, own = arch, {}
   return name, {**own, **settings}
 
@@ -111,16 +117,20 @@ def _conv(key, path, bias=False):
 
 
 def _dense(key, path, kind="dense"):
-  return [(f"{key}.weight", ("params", *path, "kernel"), kind),
-          (f"{key}.bias", ("params", *path, "bias"), "vector")]
+  return [
+    (f"{key}.weight", ("params", *path, "kernel"), kind),
+    (f"{key}.bias", ("params", *path, "bias"), "vector"),
+  ]
 
 
 def _bn(key, path):
-  return [(f"{key}.weight", ("params", *path, "scale"), "vector"),
-          (f"{key}.bias", ("params", *path, "bias"), "vector"),
-          (f"{key}.running_mean", ("batch_stats", *path, "mean"), "vector"),
-          (f"{key}.running_var", ("batch_stats", *path, "var"), "vector"),
-          (f"{key}.num_batches_tracked", None, "count")]
+  return [
+    (f"{key}.weight", ("params", *path, "scale"), "vector"),
+    (f"{key}.bias", ("params", *path, "bias"), "vector"),
+    (f"{key}.running_mean", ("batch_stats", *path, "mean"), "vector"),
+    (f"{key}.running_var", ("batch_stats", *path, "var"), "vector"),
+    (f"{key}.num_batches_tracked", None, "count"),
+  ]
 
 
 def _preact_block(key, path, params, names):
@@ -128,19 +138,27 @@ def _preact_block(key, path, params, names):
   convs = ["conv1", "conv2"]
   if "Conv_2" in params:
     convs = ["shortcut"] + convs
-  return (_bn(f"{key}.{names['bn1']}", (*path, "BatchNorm_0"))
-          + _bn(f"{key}.{names['bn2']}", (*path, "BatchNorm_1"))
-          + [e for i, role in enumerate(convs)
-             for e in _conv(f"{key}.{names[role]}", (*path, f"Conv_{i}"))])
+  return (
+    _bn(f"{key}.{names['bn1']}", (*path, "BatchNorm_0"))
+    + _bn(f"{key}.{names['bn2']}", (*path, "BatchNorm_1"))
+    + [
+      e for i, role in enumerate(convs) for e in _conv(f"{key}.{names[role]}", (*path, f"Conv_{i}"))
+    ]
+  )
 
 
 def _basic_block(key, path, params):
   """A `models.BasicBlock` (Flax: conv, BN, conv, BN, [shortcut conv, BN])."""
-  entries = (_conv(f"{key}.conv1", (*path, "Conv_0")) + _bn(f"{key}.bn1", (*path, "BatchNorm_0"))
-             + _conv(f"{key}.conv2", (*path, "Conv_1")) + _bn(f"{key}.bn2", (*path, "BatchNorm_1")))
+  entries = (
+    _conv(f"{key}.conv1", (*path, "Conv_0"))
+    + _bn(f"{key}.bn1", (*path, "BatchNorm_0"))
+    + _conv(f"{key}.conv2", (*path, "Conv_1"))
+    + _bn(f"{key}.bn2", (*path, "BatchNorm_1"))
+  )
   if "Conv_2" in params:
-    entries += (_conv(f"{key}.shortcut.0", (*path, "Conv_2"))
-                + _bn(f"{key}.shortcut.1", (*path, "BatchNorm_2")))
+    entries += _conv(f"{key}.shortcut.0", (*path, "Conv_2")) + _bn(
+      f"{key}.shortcut.1", (*path, "BatchNorm_2")
+    )
   return entries
 
 
@@ -153,29 +171,41 @@ def layout(model, params, input_hw=None):
   """[(torch key, Flax path, kind)] of `model` with parameters `params` (a
   tree of arrays or shapes); `input_hw`: the image size (`small_cnn`, `seed_cnn`)."""
   from jaxrobust import torch_twins as tt  # pylint: disable=g-import-not-at-top
+
   name = model_name(model)
   if name == "small_cnn":
     h, w = input_hw[0] // 4, input_hw[1] // 4
-    return ([e for i in range(4) for e in _conv(f"convs.{i}", (f"Conv_{i}",), bias=True)]
-            + _dense("fc1", ("Dense_0",), ("flatten", h, w)) + _dense("fc2", ("Dense_1",)))
+    return (
+      [e for i in range(4) for e in _conv(f"convs.{i}", (f"Conv_{i}",), bias=True)]
+      + _dense("fc1", ("Dense_0",), ("flatten", h, w))
+      + _dense("fc2", ("Dense_1",))
+    )
   if name == "seed_cnn":
     h, w = input_hw
     for _ in range(2):
       h, w = (h - 4) // 2, (w - 4) // 2
-    return (_conv("conv1", ("Conv_0",), bias=True) + _conv("conv2", ("Conv_1",), bias=True)
-            + _dense("fc1", ("Dense_0",), ("flatten", h, w)) + _dense("fc2", ("Dense_1",))
-            + _dense("fc3", ("Dense_2",)))
+    return (
+      _conv("conv1", ("Conv_0",), bias=True)
+      + _conv("conv2", ("Conv_1",), bias=True)
+      + _dense("fc1", ("Dense_0",), ("flatten", h, w))
+      + _dense("fc2", ("Dense_1",))
+      + _dense("fc3", ("Dense_2",))
+    )
   if name in ("wide_resnet", "dm_wide_resnet"):
     n = (model.depth - 4) // 6
     dm = name == "dm_wide_resnet"
-    block_key = (lambda k: f"layer.{k // n}.block.{k % n}") if dm else (
-        lambda k: f"block{k // n + 1}.layer.{k % n}")
+    block_key = (
+      (lambda k: f"layer.{k // n}.block.{k % n}")
+      if dm
+      else (lambda k: f"block{k // n + 1}.layer.{k % n}")
+    )
     first, last = _ENDS[name]
     entries = _conv(first, ("Conv_0",))
     for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
       entries += _preact_block(block_key(k), (block,), p, tt.DM_BLOCK if dm else tt.RB_WRN_BLOCK)
-    return (entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",))
-            + _dense(last, ("Dense_0",)))
+    return (
+      entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + _dense(last, ("Dense_0",))
+    )
   if name == "preact_resnet18":
     entries = _conv("conv1", ("Conv_0",))
     for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
@@ -197,8 +227,9 @@ def to_torch_layout(kind, a):
   if isinstance(kind, tuple):  # rows (h, w, c) -> (c, h, w)
     _, h, w = kind
     c = a.shape[0] // (h * w)
-    return np.ascontiguousarray(a.reshape(h, w, c, -1).transpose(2, 0, 1, 3)
-                                .reshape(h * w * c, -1).T)
+    return np.ascontiguousarray(
+      a.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1).T
+    )
   return a
 
 
@@ -212,8 +243,9 @@ def from_torch_layout(kind, t):
   if isinstance(kind, tuple):
     _, h, w = kind
     c = t.shape[1] // (h * w)
-    return np.ascontiguousarray(t.T.reshape(c, h, w, -1).transpose(1, 2, 0, 3)
-                                .reshape(h * w * c, -1))
+    return np.ascontiguousarray(
+      t.T.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+    )
   return t
 
 
@@ -246,11 +278,15 @@ def model_name(model):
   for name, cls in models.MODELS.items():
     if type(model) is cls:  # pylint: disable=unidiomatic-typecheck
       return name
-  checks.require(not models.is_randomized(model),
-                 "no PyTorch converter for a randomized model (Randomized): convert its "
-                 "base classifier, model.classifier")
-  raise checks.InputError(f"no PyTorch converter for {type(model).__name__}; supported: "
-                          f"{', '.join(c.__name__ for c in models.MODELS.values())}")
+  checks.require(
+    not models.is_randomized(model),
+    "no PyTorch converter for a randomized model (Randomized): convert its "
+    "base classifier, model.classifier",
+  )
+  raise checks.InputError(
+    f"no PyTorch converter for {type(model).__name__}; supported: "
+    f"{', '.join(c.__name__ for c in models.MODELS.values())}"
+  )
 
 
 def model_settings(model):
@@ -271,9 +307,11 @@ def _input_hw(model, params, input_hw):
   rows = np.shape(params["Dense_0"]["kernel"])[0]
   channels = 2 * model.width if name == "small_cnn" else 16
   side = math.isqrt(rows // channels)
-  checks.require(side * side * channels == rows,
-                 f"{name}'s first dense layer has {rows} inputs, not those of a square "
-                 f"image; pass input_hw=(height, width)")
+  checks.require(
+    side * side * channels == rows,
+    f"{name}'s first dense layer has {rows} inputs, not those of a square "
+    f"image; pass input_hw=(height, width)",
+  )
   # side is the map size after the convs and pools; invert to the image size.
   return (side * 4, side * 4) if name == "small_cnn" else ((side * 2 + 4) * 2 + 4,) * 2
 
@@ -282,16 +320,21 @@ def torch_state_dict(model, variables, *, input_hw=None):
   """The PyTorch `state_dict` (numpy arrays, PyTorch's layout and key names)
   of jaxrobust `model` with `variables`; no PyTorch needed."""
   name = model_name(model)
-  checks.require(not getattr(model, "spectral", None),
-                 f"{name} with spectral normalisation has no PyTorch twin; its kernels are "
-                 "rescaled on the fly (export a model without model.spectral)")
+  checks.require(
+    not getattr(model, "spectral", None),
+    f"{name} with spectral normalisation has no PyTorch twin; its kernels are "
+    "rescaled on the fly (export a model without model.spectral)",
+  )
   variables = jax.device_get(variables)
   params = variables["params"]
   hw = _input_hw(model, params, input_hw)
   state = {}
   for key, path, kind in layout(model, params, hw):
-    state[key] = (np.zeros((), np.int64) if kind == "count"
-                  else to_torch_layout(kind, np.asarray(_get(variables, path), np.float32)))
+    state[key] = (
+      np.zeros((), np.int64)
+      if kind == "count"
+      else to_torch_layout(kind, np.asarray(_get(variables, path), np.float32))
+    )
   state["mean"] = np.asarray(model.mean, np.float32).reshape(-1, 1, 1)
   state["std"] = np.asarray(model.std, np.float32).reshape(-1, 1, 1)
   return state
@@ -302,6 +345,7 @@ def twin(name, *, num_classes, mean, std, input_hw=None, **settings):
   evaluation mode."""
   import_torch()
   from jaxrobust import torch_twins  # pylint: disable=g-import-not-at-top
+
   if name in _FLATTENS:
     settings["input_hw"] = tuple(input_hw or (32, 32))
   return torch_twins.TWINS[name](num_classes, mean, std, **settings).eval()
@@ -318,8 +362,14 @@ def to_torch(model, variables, input_hw=None):
   name = model_name(model)
   state = torch_state_dict(model, variables, input_hw=input_hw)
   hw = _input_hw(model, variables["params"], input_hw)
-  net = twin(name, num_classes=model.num_classes, mean=tuple(model.mean),
-             std=tuple(model.std), input_hw=hw, **model_settings(model))
+  net = twin(
+    name,
+    num_classes=model.num_classes,
+    mean=tuple(model.mean),
+    std=tuple(model.std),
+    input_hw=hw,
+    **model_settings(model),
+  )
   net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
   return net.eval()
 
@@ -327,8 +377,9 @@ def to_torch(model, variables, input_hw=None):
 def nhwc_to_nchw(x):
   """numpy NHWC images -> a contiguous float32 torch NCHW tensor."""
   torch = import_torch()
-  return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x, np.float32),
-                                                            (0, 3, 1, 2))))
+  return torch.from_numpy(
+    np.ascontiguousarray(np.transpose(np.asarray(x, np.float32), (0, 3, 1, 2)))
+  )
 
 
 def nchw_to_nhwc(x):
@@ -346,8 +397,9 @@ def _numpy(key, value):
   if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no numpy dtype)
     value = value.detach().cpu()
     return (value.float() if value.is_floating_point() else value).numpy()
-  raise checks.InputError(f"not a state_dict: key {key!r} holds a {type(value).__name__}, "
-                          "not a tensor")
+  raise checks.InputError(
+    f"not a state_dict: key {key!r} holds a {type(value).__name__}, not a tensor"
+  )
 
 
 def state_dict_of(checkpoint):
@@ -355,13 +407,16 @@ def state_dict_of(checkpoint):
   "state_dict" or "model" entries, with a "module." prefix removed."""
   state = checkpoint
   while isinstance(state, dict):
-    inner = next((state[k] for k in ("state_dict", "model")
-                  if isinstance(state.get(k), dict)), None)
+    inner = next(
+      (state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None
+    )
     if inner is None:
       break
     state = inner
-  checks.require(isinstance(state, dict) and state,
-                 f"not a state_dict: a {type(checkpoint).__name__} without tensors")
+  checks.require(
+    isinstance(state, dict) and state,
+    f"not a state_dict: a {type(checkpoint).__name__} without tensors",
+  )
   state = {k: v for k, v in state.items() if k != "__metadata__"}
   checks.require(state, "not a state_dict: a checkpoint without tensors")
   if all(k.startswith("module.") for k in state):
@@ -376,9 +431,11 @@ def _some(keys):
 
 
 def _shapes_error(arch, key, got, want):
-  return checks.InputError(f"checkpoint does not fit arch {arch!r}: {key!r} has shape "
-                           f"{tuple(got)} in the checkpoint, the architecture needs "
-                           f"{tuple(want)}")
+  return checks.InputError(
+    f"checkpoint does not fit arch {arch!r}: {key!r} has shape "
+    f"{tuple(got)} in the checkpoint, the architecture needs "
+    f"{tuple(want)}"
+  )
 
 
 def from_torch(state_dict, arch, *, input_hw=None, **settings):
@@ -404,17 +461,25 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
   name, settings = architecture(arch, **settings)
   first, last = _ENDS[name]
   for key in (f"{first}.weight", f"{last}.weight"):
-    checks.require(key in state, f"checkpoint does not fit arch {arch!r}: it has no "
-                   f"{key!r} (its keys begin {', '.join(list(state)[:3])})")
-  checks.require(state[f"{first}.weight"].ndim == 4 and state[f"{last}.weight"].ndim == 2,
-                 f"checkpoint does not fit arch {arch!r}: {first}.weight and {last}.weight "
-                 f"have shapes {state[f'{first}.weight'].shape} and "
-                 f"{state[f'{last}.weight'].shape}, not a conv's and a dense layer's")
+    checks.require(
+      key in state,
+      f"checkpoint does not fit arch {arch!r}: it has no "
+      f"{key!r} (its keys begin {', '.join(list(state)[:3])})",
+    )
+  checks.require(
+    state[f"{first}.weight"].ndim == 4 and state[f"{last}.weight"].ndim == 2,
+    f"checkpoint does not fit arch {arch!r}: {first}.weight and {last}.weight "
+    f"have shapes {state[f'{first}.weight'].shape} and "
+    f"{state[f'{last}.weight'].shape}, not a conv's and a dense layer's",
+  )
   channels, num_classes = state[f"{first}.weight"].shape[1], state[f"{last}.weight"].shape[0]
   mean, std = _normalisation(state, name, channels, settings)
   model = models.create(name, num_classes=int(num_classes), mean=mean, std=std, **settings)
-  hw = (_square_hw(state, name, arch, settings) if input_hw is None else tuple(input_hw)) \
-      if name in _FLATTENS else (32, 32)
+  hw = (
+    (_square_hw(state, name, arch, settings) if input_hw is None else tuple(input_hw))
+    if name in _FLATTENS
+    else (32, 32)
+  )
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *hw, channels)))
   shapes = jax.tree.map(lambda s: s.shape, shapes)
   entries = layout(model, shapes["params"], hw)
@@ -428,11 +493,15 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
     if key in state and want is not None and tuple(state[key].shape) != want:
       raise _shapes_error(arch, key, state[key].shape, want)
   if missing:
-    raise checks.InputError(f"checkpoint does not fit arch {arch!r}: it lacks "
-                            f"{_some(missing)}, which the architecture needs")
+    raise checks.InputError(
+      f"checkpoint does not fit arch {arch!r}: it lacks "
+      f"{_some(missing)}, which the architecture needs"
+    )
   if unknown:
-    raise checks.InputError(f"checkpoint does not fit arch {arch!r}: it has "
-                            f"{_some(unknown)}, which the architecture does not")
+    raise checks.InputError(
+      f"checkpoint does not fit arch {arch!r}: it has "
+      f"{_some(unknown)}, which the architecture does not"
+    )
   variables = {}
   for key, path, kind in entries:
     if kind != "count":
@@ -442,8 +511,11 @@ def from_torch(state_dict, arch, *, input_hw=None, **settings):
 
 def _normalisation(state, name, channels, settings):
   """(mean, std): the checkpoint's buffers, else `settings`', else the default."""
-  default = ((models.CIFAR10_MEAN, models.CIFAR10_STD) if name == "dm_wide_resnet"
-             and channels == 3 else ((0.0,) * channels, (1.0,) * channels))
+  default = (
+    (models.CIFAR10_MEAN, models.CIFAR10_STD)
+    if name == "dm_wide_resnet" and channels == 3
+    else ((0.0,) * channels, (1.0,) * channels)
+  )
   out = []
   for i, which in enumerate(("mean", "std")):
     given = settings.pop(which, None)
@@ -451,10 +523,14 @@ def _normalisation(state, name, channels, settings):
       # float32 buffers: the shortest decimals that round-trip in float32 (0.49, not
       # 0.49000000953674316), so a model exported and read back compares equal.
       stored = tuple(float(str(v)) for v in np.asarray(state[which], np.float32).reshape(-1))
-      checks.require(len(stored) == channels, f"the checkpoint's {which} has "
-                     f"{len(stored)} values for {channels} input channels")
-      checks.require(given is None or np.allclose(given, stored, rtol=1e-6, atol=0),
-                     f"{which} {tuple(given or ())} differs from the checkpoint's {stored}")
+      checks.require(
+        len(stored) == channels,
+        f"the checkpoint's {which} has {len(stored)} values for {channels} input channels",
+      )
+      checks.require(
+        given is None or np.allclose(given, stored, rtol=1e-6, atol=0),
+        f"{which} {tuple(given or ())} differs from the checkpoint's {stored}",
+      )
       out.append(stored)
     else:
       out.append(tuple(default[i] if given is None else given))
@@ -466,18 +542,29 @@ def _square_hw(state, name, arch, settings):
   rows = state["fc1.weight"].shape[1] if "fc1.weight" in state else 0
   channels = 2 * settings.get("width", 32) if name == "small_cnn" else 16
   side = math.isqrt(rows // channels) if rows else 0
-  checks.require(side > 0 and side * side * channels == rows,
-                 f"checkpoint does not fit arch {arch!r}: fc1.weight has "
-                 f"{rows} inputs, not those of a square image; pass input_hw")
+  checks.require(
+    side > 0 and side * side * channels == rows,
+    f"checkpoint does not fit arch {arch!r}: fc1.weight has "
+    f"{rows} inputs, not those of a square image; pass input_hw",
+  )
   return (side * 4, side * 4) if name == "small_cnn" else ((side * 2 + 4) * 2 + 4,) * 2
 
 
 # ----------------------------------------------------------------------------
 # Files.
 
-_SAFETENSORS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-                "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                "BOOL": np.bool_, "BF16": None}
+_SAFETENSORS = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+  "BF16": None,
+}
 
 
 def load_checkpoint(path):
@@ -498,11 +585,14 @@ def load_checkpoint(path):
   except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "Unsupported global" in str(e):  # a pickled class, not only tensors
-      raise checks.InputError(f"{str(path)!r} holds pickled Python objects (a whole "
-                              "nn.Module?), which are not read here: save its "
-                              "model.state_dict() instead") from None
-    raise checks.InputError(f"cannot read {str(path)!r} as a PyTorch checkpoint (not one, "
-                            f"or truncated): {reason[:200]}") from None
+      raise checks.InputError(
+        f"{str(path)!r} holds pickled Python objects (a whole "
+        "nn.Module?), which are not read here: save its "
+        "model.state_dict() instead"
+      ) from None
+    raise checks.InputError(
+      f"cannot read {str(path)!r} as a PyTorch checkpoint (not one, or truncated): {reason[:200]}"
+    ) from None
 
 
 def read_safetensors(path):
@@ -515,15 +605,17 @@ def read_safetensors(path):
     raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
   n = int.from_bytes(data[:8], "little")
   if n > len(data) - 8:
-    raise bad(f"its header needs {n} bytes, the file has {len(data) - 8} after the length "
-              "(truncated, or not safetensors)")
+    raise bad(
+      f"its header needs {n} bytes, the file has {len(data) - 8} after the length "
+      "(truncated, or not safetensors)"
+    )
   try:
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
   except (UnicodeDecodeError, json.JSONDecodeError):
     raise bad("the header is not JSON") from None
   if not isinstance(header, dict):
     raise bad("the header is not a JSON object")
-  buffer, out = memoryview(data)[8 + n:], {}
+  buffer, out = memoryview(data)[8 + n :], {}
   for key, info in header.items():
     if key == "__metadata__":
       out[key] = info
@@ -536,11 +628,15 @@ def read_safetensors(path):
       raise bad(f"tensor {key!r} has dtype {dtype!r}, not one of {', '.join(_SAFETENSORS)}")
     size = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS[dtype]).itemsize
     if not 0 <= begin <= end <= len(buffer):
-      raise bad(f"tensor {key!r} lies at bytes {begin}-{end}, past the data's "
-                f"{len(buffer)} bytes (truncated)")
+      raise bad(
+        f"tensor {key!r} lies at bytes {begin}-{end}, past the data's "
+        f"{len(buffer)} bytes (truncated)"
+      )
     if end - begin != size * math.prod(shape):
-      raise bad(f"tensor {key!r} of shape {shape} and dtype {dtype} needs "
-                f"{size * math.prod(shape)} bytes, has {end - begin}")
+      raise bad(
+        f"tensor {key!r} of shape {shape} and dtype {dtype} needs "
+        f"{size * math.prod(shape)} bytes, has {end - begin}"
+      )
     raw = buffer[begin:end]
     if dtype == "BF16":  # the high 16 bits of a float32
       a = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
@@ -558,8 +654,11 @@ def write_safetensors(path, tensors, metadata=None):
     a = np.ascontiguousarray(a)
     checks.require(a.dtype in codes, f"cannot write {key!r} of dtype {a.dtype} as safetensors")
     raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
-    header[key] = {"dtype": codes[a.dtype], "shape": list(a.shape),
-                   "data_offsets": [offset, offset + len(raw)]}
+    header[key] = {
+      "dtype": codes[a.dtype],
+      "shape": list(a.shape),
+      "data_offsets": [offset, offset + len(raw)],
+    }
     chunks.append(raw)
     offset += len(raw)
   if metadata:
@@ -583,11 +682,19 @@ def save_checkpoint(path, model, variables, *, input_hw=None):
   if path.suffix == ".safetensors":
     write_safetensors(path, state, {"arch": name, "settings": json.dumps(settings)})
     return
-  checks.require(path.suffix in (".pt", ".pth"),
-                 f"--export-torch writes .pt, .pth or .safetensors, not {path.name!r}")
+  checks.require(
+    path.suffix in (".pt", ".pth"),
+    f"--export-torch writes .pt, .pth or .safetensors, not {path.name!r}",
+  )
   torch = import_torch()
-  torch.save({"arch": name, "settings": settings,
-              "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
+  torch.save(
+    {
+      "arch": name,
+      "settings": settings,
+      "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+    },
+    path,
+  )
 
 
 def checkpoint_architecture(checkpoint):

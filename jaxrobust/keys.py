@@ -5,6 +5,7 @@ batch (or data set), and an attack made of parts gives part j of example i
 `fold_in(k_i, j)`. So every random draw of an example depends only on the
 key and its index: never on the batch size, the device count, or a resume.
 """
+
 import jax
 import jax.numpy as jnp
 

@@ -13,6 +13,7 @@ tests compare them), only the computation differs, and only on CPU:
   kernel is the whole image, 1.6x slower for the small CNN's training
   backward pass. The input gradient and the forward pass are unchanged.
 """
+
 import functools
 
 import jax
@@ -35,10 +36,19 @@ def max_pool(x, size=2):
   return windows.max(axis=(2, 4))
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+):
   """`lax.conv_general_dilated`, with a matrix-product kernel gradient on CPU.
 
   Used for 2-D NHWC convolutions without dilation or groups on the CPU
@@ -46,17 +56,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   `lax.conv_general_dilated` itself.
   """
   plain = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
   dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-  if (jax.default_backend() != "cpu" or lhs.ndim != 4 or dilated
-      or feature_group_count != 1 or batch_group_count != 1
-      or preferred_element_type is not None
-      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+  if (
+    jax.default_backend() != "cpu"
+    or lhs.ndim != 4
+    or dilated
+    or feature_group_count != 1
+    or batch_group_count != 1
+    or preferred_element_type is not None
+    or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  ):
     return plain(lhs, rhs)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -64,8 +85,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def _conv_fn(strides, padding, precision):
-  return functools.partial(lax.conv_general_dilated, window_strides=strides,
-                           padding=padding, dimension_numbers=_NHWC, precision=precision)
+  return functools.partial(
+    lax.conv_general_dilated,
+    window_strides=strides,
+    padding=padding,
+    dimension_numbers=_NHWC,
+    precision=precision,
+  )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
@@ -85,9 +111,8 @@ def _conv_jvp(strides, padding, precision, primals, tangents):
     terms.append(conv(dx, kernel))
   if not isinstance(dkernel, SymbolicZero):
     kh, kw, c_in, c_out = kernel.shape
-    patches = _patches(x, (kh, kw), strides, padding)           # [B, H', W', kh kw c_in]
-    terms.append(jnp.dot(patches, dkernel.reshape(kh * kw * c_in, c_out),
-                         precision=precision))
+    patches = _patches(x, (kh, kw), strides, padding)  # [B, H', W', kh kw c_in]
+    terms.append(jnp.dot(patches, dkernel.reshape(kh * kw * c_in, c_out), precision=precision))
   tangent = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
   return out, tangent
 
@@ -102,5 +127,10 @@ def _patches(x, window, strides, padding):
   (kh, kw), (sh, sw) = window, strides
   out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
   return jnp.concatenate(
-      [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw]
-       for i in range(kh) for j in range(kw)], axis=-1)
+    [
+      x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw]
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )

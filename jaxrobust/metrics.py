@@ -1,4 +1,5 @@
 """A run's metrics log: `metrics.jsonl` and TensorBoard, consistent across resumes."""
+
 import json
 import sys
 import time
@@ -30,8 +31,10 @@ class MetricsLog:
         checkpoints.write_atomic(self.path, "".join(l + "\n" for l in kept))
     self.file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
-                            purge_step=resume_step + 1 if resume_step else None)
+
+    self.tb = SummaryWriter(
+      str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+    )
 
   def write(self, step, metrics):
     self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -59,8 +62,9 @@ def _logged_step(line, path):
   except (ValueError, TypeError, KeyError):
     pass
   if line.strip():
-    warnings.warn(f"dropping an unreadable line of {path} (a write cut short?): "
-                  f"{line[:80]!r}")
+    warnings.warn(
+      f"dropping an unreadable line of {path} (a write cut short?): {line[:80]!r}", stacklevel=2
+    )
   return float("inf")
 
 
@@ -88,8 +92,12 @@ class Progress:
       now = time.perf_counter()
       rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
       self.last_time, self.last_step = now, step
-      print(f"{self.name}: step {step}/{self.end}, loss {metrics['loss']:.4f}, accuracy "
-            f"{metrics['accuracy']:.4f}, {rate:.2f} steps/s", file=sys.stderr, flush=True)
+      print(
+        f"{self.name}: step {step}/{self.end}, loss {metrics['loss']:.4f}, accuracy "
+        f"{metrics['accuracy']:.4f}, {rate:.2f} steps/s",
+        file=sys.stderr,
+        flush=True,
+      )
 
   def __enter__(self):
     return self
@@ -97,4 +105,3 @@ class Progress:
   def __exit__(self, *exc_info):
     if self.bar is not None:
       self.bar.close()
-

@@ -21,8 +21,10 @@ Two settings of `create` change what a model computes:
   of x and an attack differentiating it runs expectation over transformation
   (EOT) over exactly the draws the prediction uses.
 """
+
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,6 +73,7 @@ def conv_padding(mode, kernel, stride):
 
 class Normalize(nn.Module):
   """(x - mean) / std per channel: an affine map with Lipschitz constant 1 / min(std)."""
+
   mean: Sequence[float]
   std: Sequence[float]
 
@@ -83,6 +86,7 @@ class Normalize(nn.Module):
 
 class SpectralSettings(NamedTuple):
   """Settings of `spectral.SpectralNorm` for every Conv and Dense of a model."""
+
   mode: str = "operator"
   target: float = 1.0
   n_steps: int = 1
@@ -103,12 +107,13 @@ class SmallCNN(nn.Module):
   Conv 3x3 `width`, ReLU, conv 3x3 `width`, ReLU, max-pool 2; the same with
   `2 width`; dense 4 `width`, ReLU; dense `num_classes`.
   """
+
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
   width: int = 32
-  axis_name: Optional[str] = None  # unused: no BatchNorm
-  spectral: Optional[SpectralSettings] = None
+  axis_name: str | None = None  # unused: no BatchNorm
+  spectral: SpectralSettings | None = None
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -130,11 +135,12 @@ class SeedCNN(nn.Module):
   ReLU, max-pool 2; dense 120, ReLU; dense 84, ReLU; dense `num_classes`.
   On 32x32x3 inputs it has 62,006 parameters, as in the tutorial.
   """
+
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
-  axis_name: Optional[str] = None  # unused: no BatchNorm
-  spectral: Optional[SpectralSettings] = None
+  axis_name: str | None = None  # unused: no BatchNorm
+  spectral: SpectralSettings | None = None
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -156,6 +162,7 @@ class PreActBlock(nn.Module):
   when the stride or the width changes. `activation`: a key of `ACTIVATIONS`;
   `padding`: one of `PADDINGS`.
   """
+
   residual = True  # `spectral.lipschitz_bound` refuses: a product of layer norms is no bound
   features: int
   strides: int
@@ -169,13 +176,22 @@ class PreActBlock(nn.Module):
     out = act(self.norm()(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False,
-                      padding=conv_padding(self.padding, 1, self.strides))(out)
-    out = Conv(self.features, (3, 3), self.strides, use_bias=False,
-               padding=conv_padding(self.padding, 3, self.strides))(out)
+      shortcut = Conv(
+        self.features,
+        (1, 1),
+        self.strides,
+        use_bias=False,
+        padding=conv_padding(self.padding, 1, self.strides),
+      )(out)
+    out = Conv(
+      self.features,
+      (3, 3),
+      self.strides,
+      use_bias=False,
+      padding=conv_padding(self.padding, 3, self.strides),
+    )(out)
     out = act(self.norm()(out))
-    out = Conv(self.features, (3, 3), use_bias=False,
-               padding=conv_padding(self.padding, 3, 1))(out)
+    out = Conv(self.features, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(out)
     return out + shortcut
 
 
@@ -185,6 +201,7 @@ class BasicBlock(nn.Module):
   The shortcut is x, or BN of a strided 1x1 conv of x when the stride or the
   width changes.
   """
+
   residual = True
   features: int
   strides: int
@@ -193,21 +210,35 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    out = Conv(self.features, (3, 3), self.strides, use_bias=False,
-               padding=conv_padding(self.padding, 3, self.strides))(x)
+    out = Conv(
+      self.features,
+      (3, 3),
+      self.strides,
+      use_bias=False,
+      padding=conv_padding(self.padding, 3, self.strides),
+    )(x)
     out = nn.relu(self.norm()(out))
-    out = self.norm()(Conv(self.features, (3, 3), use_bias=False,
-                           padding=conv_padding(self.padding, 3, 1))(out))
+    out = self.norm()(
+      Conv(self.features, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(out)
+    )
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = self.norm()(Conv(self.features, (1, 1), self.strides, use_bias=False,
-                                  padding=conv_padding(self.padding, 1, self.strides))(x))
+      shortcut = self.norm()(
+        Conv(
+          self.features,
+          (1, 1),
+          self.strides,
+          use_bias=False,
+          padding=conv_padding(self.padding, 1, self.strides),
+        )(x)
+      )
     return nn.relu(out + shortcut)
 
 
 def _batch_norm(train, axis_name):
-  return lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                              axis_name=axis_name if train else None)
+  return lambda: nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, axis_name=axis_name if train else None
+  )
 
 
 class PreActResNet18(nn.Module):
@@ -218,10 +249,11 @@ class PreActResNet18(nn.Module):
   average pooling, dense `num_classes`. `padding` (one of `PADDINGS`): "torch" is the layout
   of RobustBench's `PreActResNet` with `PreActBlockV2` and `bn_before_fc`.
   """
+
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
   padding: str = "same"
   width: int = 64
 
@@ -233,8 +265,9 @@ class PreActResNet18(nn.Module):
     for stage in range(4):
       features = self.width * 2**stage
       for block in range(2):
-        x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm,
-                        padding=self.padding)(x)
+        x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm, padding=self.padding)(
+          x
+        )
     x = nn.relu(norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
@@ -246,10 +279,11 @@ class ResNet18(nn.Module):
   `width` times 1, 2, 4, 8 channels (stride 2 at the start of stages 2-4); global average
   pooling; dense `num_classes`. `padding` "torch" is RobustBench's `ResNet18`.
   """
+
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
   padding: str = "same"
   width: int = 64
 
@@ -262,15 +296,18 @@ class ResNet18(nn.Module):
     for stage in range(4):
       features = self.width * 2**stage
       for block in range(2):
-        x = BasicBlock(features, 2 if stage > 0 and block == 0 else 1, norm,
-                       padding=self.padding)(x)
+        x = BasicBlock(features, 2 if stage > 0 and block == 0 else 1, norm, padding=self.padding)(
+          x
+        )
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
 def _wide_resnet(x, *, depth, width, norm, activation, padding):
   """The body of a WideResNet after its normalisation: stem, blocks, BN-act, mean pool."""
-  checks.require((depth - 4) % 6 == 0 and depth >= 10,
-                 f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
+  checks.require(
+    (depth - 4) % 6 == 0 and depth >= 10,
+    f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}",
+  )
   checks.one_of("activation", activation, tuple(ACTIVATIONS))
   blocks = (depth - 4) // 6
   x = Conv(16, (3, 3), use_bias=False, padding=conv_padding(padding, 3, 1))(x)
@@ -290,19 +327,26 @@ class WideResNet(nn.Module):
   BN-ReLU, global average pooling, dense `num_classes`. `padding` "torch" is
   RobustBench's (and TRADES') `WideResNet`.
   """
+
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
   depth: int = 28
   width: int = 10
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
   padding: str = "same"
 
   @nn.compact
   def __call__(self, x, train=False):
     x = Normalize(self.mean, self.std)(x)
-    x = _wide_resnet(x, depth=self.depth, width=self.width, activation="relu",
-                     norm=_batch_norm(train, self.axis_name), padding=self.padding)
+    x = _wide_resnet(
+      x,
+      depth=self.depth,
+      width=self.width,
+      activation="relu",
+      norm=_batch_norm(train, self.axis_name),
+      padding=self.padding,
+    )
     return nn.Dense(self.num_classes)(x)
 
 
@@ -316,19 +360,26 @@ class DMWideResNet(nn.Module):
   the whole map of a 32x32 image; this pools the whole map of any size (and
   does not pad the input: `DMWideResNet(padding=0)`, RobustBench's default).
   """
+
   num_classes: int
   mean: Sequence[float] = CIFAR10_MEAN
   std: Sequence[float] = CIFAR10_STD
   depth: int = 28
   width: int = 10
   activation: str = "swish"
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train=False):
     x = Normalize(self.mean, self.std)(x)
-    x = _wide_resnet(x, depth=self.depth, width=self.width, activation=self.activation,
-                     norm=_batch_norm(train, self.axis_name), padding="dm")
+    x = _wide_resnet(
+      x,
+      depth=self.depth,
+      width=self.width,
+      activation=self.activation,
+      norm=_batch_norm(train, self.axis_name),
+      padding="dm",
+    )
     return nn.Dense(self.num_classes)(x)
 
 
@@ -361,6 +412,7 @@ class Randomized(nn.Module):
 
   Variables live under "classifier" (e.g. params["classifier"]["Conv_0"]).
   """
+
   classifier: nn.Module
   sigma: float
   samples: int = 8
@@ -373,14 +425,17 @@ class Randomized(nn.Module):
 
   def __call__(self, x, train=False, noise=None):
     if noise is None:
-      checks.require(not train, "Randomized in training mode needs noise=d, one draw "
-                     "per example of the input's shape")
+      checks.require(
+        not train,
+        "Randomized in training mode needs noise=d, one draw per example of the input's shape",
+      )
       noise = self.fixed_noise(x.shape[1:], x.dtype)
     if noise.shape == x.shape:
       return self.classifier(x + noise, train=train)
-    checks.require(noise.ndim == x.ndim + 1,
-                   f"noise must have the input's shape {x.shape} or [draws, batch "
-                   f"or 1, ...], got {noise.shape}")
+    checks.require(
+      noise.ndim == x.ndim + 1,
+      f"noise must have the input's shape {x.shape} or [draws, batch or 1, ...], got {noise.shape}",
+    )
     draws = noise.shape[0]
     noisy = (x[None] + noise).reshape(-1, *x.shape[1:])
     logits = self.classifier(noisy, train=train).reshape(draws, x.shape[0], -1)
@@ -394,7 +449,7 @@ def is_randomized(model):
   return isinstance(model, Randomized)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inference_fn(model, base=False):
   """`(variables, x) -> logits` of `model` in inference mode (the base
   classifier f of a randomized model if `base`). One function object per
@@ -403,7 +458,7 @@ def inference_fn(model, base=False):
   return lambda variables, x: model.apply(variables, x, train=False, method=method)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stochastic_fn(model):
   """`(variables, x, key) -> logits` of a randomized model with one fresh
   noise draw per call (for attacks with EOT); None for a deterministic model."""
@@ -413,16 +468,17 @@ def stochastic_fn(model):
   def logits(variables, x, key):
     noise = model.sigma * jax.random.normal(key, (1, *x.shape), x.dtype)
     return model.apply(variables, x, train=False, noise=noise)
+
   return logits
 
 
 MODELS = {
-    "small_cnn": SmallCNN,
-    "seed_cnn": SeedCNN,
-    "preact_resnet18": PreActResNet18,
-    "wide_resnet": WideResNet,
-    "resnet18": ResNet18,
-    "dm_wide_resnet": DMWideResNet,
+  "small_cnn": SmallCNN,
+  "seed_cnn": SeedCNN,
+  "preact_resnet18": PreActResNet18,
+  "wide_resnet": WideResNet,
+  "resnet18": ResNet18,
+  "dm_wide_resnet": DMWideResNet,
 }
 
 
@@ -435,9 +491,10 @@ def spectral_settings(settings):
   s = SpectralSettings(**settings)
   checks.one_of("model.spectral.mode", s.mode, spectral_lib.MODES)
   checks.one_of("model.spectral.rescale", s.rescale, spectral_lib.RESCALES)
-  return s._replace(target=float(checks.positive("model.spectral.target", s.target)),
-                    n_steps=checks.integer_at_least("model.spectral.n_steps",
-                                                    s.n_steps, 1))
+  return s._replace(
+    target=float(checks.positive("model.spectral.target", s.target)),
+    n_steps=checks.integer_at_least("model.spectral.n_steps", s.n_steps, 1),
+  )
 
 
 def noise_settings(settings):
@@ -446,16 +503,17 @@ def noise_settings(settings):
     return None
   settings = dict(settings)
   checks.known_keys("model.noise", settings, ("sigma", "samples", "seed"))
-  checks.require("sigma" in settings, "model.noise needs sigma (the noise's "
-                 "standard deviation, > 0)")
-  return {"sigma": float(checks.positive("model.noise.sigma", settings["sigma"])),
-          "samples": checks.integer_at_least("model.noise.samples",
-                                             settings.get("samples", 8), 1),
-          "seed": checks.integer_at_least("model.noise.seed", settings.get("seed", 0), 0)}
+  checks.require(
+    "sigma" in settings, "model.noise needs sigma (the noise's standard deviation, > 0)"
+  )
+  return {
+    "sigma": float(checks.positive("model.noise.sigma", settings["sigma"])),
+    "samples": checks.integer_at_least("model.noise.samples", settings.get("samples", 8), 1),
+    "seed": checks.integer_at_least("model.noise.seed", settings.get("seed", 0), 0),
+  }
 
 
-def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise=None,
-           **kwargs):
+def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise=None, **kwargs):
   """Builds model `name` (one of `MODELS`) with its hyper-parameters `kwargs`.
 
   `spectral` (a dict of `SpectralSettings`, SmallCNN and SeedCNN) normalises
@@ -466,18 +524,22 @@ def create(name, *, num_classes, mean, std, axis_name=None, spectral=None, noise
   cls = MODELS[name]
   spectral = spectral_settings(spectral)
   if spectral is not None:
-    checks.require("spectral" in cls.__dataclass_fields__,
-                   f"model {name!r} has no spectral normalisation; use "
-                   "small_cnn or seed_cnn")
+    checks.require(
+      "spectral" in cls.__dataclass_fields__,
+      f"model {name!r} has no spectral normalisation; use small_cnn or seed_cnn",
+    )
     kwargs["spectral"] = spectral
-  checks.known_keys(f"model {name!r}", kwargs,
-                    set(cls.__dataclass_fields__) - {"num_classes", "mean", "std", "axis_name",
-                                                     "parent", "name"})
+  checks.known_keys(
+    f"model {name!r}",
+    kwargs,
+    set(cls.__dataclass_fields__) - {"num_classes", "mean", "std", "axis_name", "parent", "name"},
+  )
   if "padding" in kwargs:
     checks.one_of(f"model {name!r} padding", kwargs["padding"], PADDINGS)
   if "activation" in kwargs:
     checks.one_of(f"model {name!r} activation", kwargs["activation"], tuple(ACTIVATIONS))
-  model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-              axis_name=axis_name, **kwargs)
+  model = cls(
+    num_classes=num_classes, mean=tuple(mean), std=tuple(std), axis_name=axis_name, **kwargs
+  )
   noise = noise_settings(noise)
   return model if noise is None else Randomized(model, **noise)

@@ -55,8 +55,10 @@ perturbation of larger cross-entropy (`attacks.max_loss`), whether or not
 it is misclassified; `attacks.worst_case` (first misclassified in list
 order) is the evaluation's rule and not used for training.
 """
+
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,21 @@ import optax
 from jaxrobust import attacks, checks
 
 # The combinator each mixed objective's `train_attack` must use.
-_COMBINATORS = {"cw_pgd_mix": "mixture", "mat_rand": "random_choice",
-                "mat_max": "max_loss"}
+_COMBINATORS = {"cw_pgd_mix": "mixture", "mat_rand": "random_choice", "mat_max": "max_loss"}
 ALIASES = {"adversarial": "pgd_at"}
-NAMES = ("natural", "pgd_at", "cw_pgd_mix", "gaussian", "rat", "mat_rand", "mat_max",
-         "trades", "mart", "fast_at", *ALIASES)
+NAMES = (
+  "natural",
+  "pgd_at",
+  "cw_pgd_mix",
+  "gaussian",
+  "rat",
+  "mat_rand",
+  "mat_max",
+  "trades",
+  "mart",
+  "fast_at",
+  *ALIASES,
+)
 # The settings (`objective_settings`) each objective takes, with their defaults.
 SETTINGS = {"trades": {"beta": 6.0}, "mart": {"lam": 6.0}}
 
@@ -88,11 +100,12 @@ class Objective(NamedTuple):
       the model's logits on the clean and on the training inputs (both in
       training mode); the step minimises its mean.
   """
+
   name: str
   inputs: Callable[..., Any]
   randomized: bool = False
   eot_samples: int = 0
-  loss: Optional[Callable[..., Any]] = None
+  loss: Callable[..., Any] | None = None
 
   def __call__(self, logits_fn, x, y, keys):
     return self.inputs(logits_fn, x, y, keys)
@@ -128,8 +141,9 @@ def mart_loss(logits_clean, logits_adv, y, *, lam):
   log(p' + 1e-12) inside the KL, and 1.0000001 - p_y."""
   p_adv = jax.nn.softmax(logits_adv)
   wrong = jnp.max(jnp.where(jax.nn.one_hot(y, p_adv.shape[-1]) > 0, -1.0, p_adv), -1)
-  bce = (optax.softmax_cross_entropy_with_integer_labels(logits_adv, y)
-         - jnp.log(1.0001 - wrong + 1e-12))
+  bce = optax.softmax_cross_entropy_with_integer_labels(logits_adv, y) - jnp.log(
+    1.0001 - wrong + 1e-12
+  )
   p = jax.nn.softmax(logits_clean)
   kl = jnp.sum(jax.scipy.special.xlogy(p, p) - p * jnp.log(p_adv + 1e-12), -1)
   p_true = jnp.take_along_axis(p, y[:, None], -1)[:, 0]
@@ -139,10 +153,12 @@ def mart_loss(logits_clean, logits_adv, y, *, lam):
 def _trades_inputs(attack):
   """x' maximising KL(f(x) || f(x')) by `attack` (PGD with the KL loss, soft
   labels: the clean prediction, in inference mode)."""
+
   def inputs(logits_fn, x, y, keys):
     del y
     p = jax.nn.softmax(jax.lax.stop_gradient(logits_fn(x)))
     return attack(logits_fn, x, p, keys)
+
   return inputs
 
 
@@ -151,8 +167,9 @@ def _settings(name, settings):
   allowed = SETTINGS.get(name, {})
   settings = dict(settings or {})
   if not allowed:
-    checks.require(not settings, f"objective {name!r} takes no objective_settings, got "
-                   f"{sorted(settings)}")
+    checks.require(
+      not settings, f"objective {name!r} takes no objective_settings, got {sorted(settings)}"
+    )
     return {}
   checks.known_keys(f"objective_settings of {name!r}", settings, allowed)
   merged = {**allowed, **settings}
@@ -176,32 +193,41 @@ def create(name, attack_cfg=None, settings=None):
   options = _settings(name, settings)
   if name in ("natural", "gaussian"):
     return Objective(name, _clean, randomized=name == "gaussian")
-  checks.require(attack_cfg is not None and "name" in attack_cfg,
-                 f"objective {name!r} needs train_attack, an attack spec with a name")
+  checks.require(
+    attack_cfg is not None and "name" in attack_cfg,
+    f"objective {name!r} needs train_attack, an attack spec with a name",
+  )
   settings = dict(attack_cfg)
   eot_samples = 0
   if name == "rat":
-    eot_samples = checks.integer_at_least("train_attack.eot_samples",
-                                          settings.pop("eot_samples", 4), 1)
+    eot_samples = checks.integer_at_least(
+      "train_attack.eot_samples", settings.pop("eot_samples", 4), 1
+    )
   else:
-    checks.require("eot_samples" not in settings,
-                   f"train_attack.eot_samples is a setting of objective 'rat', "
-                   f"not of {name!r}")
+    checks.require(
+      "eot_samples" not in settings,
+      f"train_attack.eot_samples is a setting of objective 'rat', not of {name!r}",
+    )
   combinator = _COMBINATORS.get(name)
-  checks.require(combinator is None or settings["name"] == combinator,
-                 f"objective {name!r} takes a {combinator!r} attack, got "
-                 f"train_attack.name {settings['name']!r}")
+  checks.require(
+    combinator is None or settings["name"] == combinator,
+    f"objective {name!r} takes a {combinator!r} attack, got train_attack.name {settings['name']!r}",
+  )
   if name == "trades":
-    checks.require(settings["name"] == "pgd" and "loss" not in settings,
-                   f"objective 'trades' takes a 'pgd' attack without a loss (its loss is "
-                   f"the KL divergence), got {dict(attack_cfg)!r}")
+    checks.require(
+      settings["name"] == "pgd" and "loss" not in settings,
+      f"objective 'trades' takes a 'pgd' attack without a loss (its loss is "
+      f"the KL divergence), got {dict(attack_cfg)!r}",
+    )
     attack = attacks.create(**settings, loss=attacks.losses.kl_divergence)
-    return Objective(name, _trades_inputs(attack),
-                     loss=functools.partial(trades_loss, beta=options["beta"]))
+    return Objective(
+      name, _trades_inputs(attack), loss=functools.partial(trades_loss, beta=options["beta"])
+    )
   if name == "fast_at":
-    checks.require(settings["name"] == "fgsm",
-                   f"objective 'fast_at' takes an 'fgsm' attack, got train_attack.name "
-                   f"{settings['name']!r}")
+    checks.require(
+      settings["name"] == "fgsm",
+      f"objective 'fast_at' takes an 'fgsm' attack, got train_attack.name {settings['name']!r}",
+    )
   attack = attacks.create(**settings)
   if name == "mart":
     return Objective(name, attack, loss=functools.partial(mart_loss, lam=options["lam"]))
@@ -211,6 +237,8 @@ def create(name, attack_cfg=None, settings=None):
 def check_model(objective, randomized):
   """Refuses an objective that needs noise for a model without noise
   (`randomized`: the model, or its config, has `noise`)."""
-  checks.require(not objective.randomized or randomized,
-                 f"objective {objective.name!r} trains a randomized model: set "
-                 "model.noise = dict(sigma=..., samples=...)")
+  checks.require(
+    not objective.randomized or randomized,
+    f"objective {objective.name!r} trains a randomized model: set "
+    "model.noise = dict(sigma=..., samples=...)",
+  )

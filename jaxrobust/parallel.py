@@ -8,6 +8,7 @@ On CPU, XLA uses two cores better as two host devices than as one device with
 two threads; `use_host_devices()` asks for one host device per core and must
 run before JAX initialises its backends.
 """
+
 import contextlib
 import os
 
@@ -57,8 +58,7 @@ def data_parallel(fn, m, in_specs, out_specs, *, check_vma=True):
   is (a missing `lax.pmean` is an error); `check_vma=False` turns that off
   for a step whose outputs are per device by design.
   """
-  return jax.shard_map(fn, mesh=m, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=check_vma)
+  return jax.shard_map(fn, mesh=m, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
 def global_batch(batch, mesh):
@@ -67,8 +67,7 @@ def global_batch(batch, mesh):
   sharding = batch_sharding(mesh)
 
   def put(array):
-    slices = [index[0] for index in
-              sharding.addressable_devices_indices_map(array.shape).values()]
+    slices = [index[0] for index in sharding.addressable_devices_indices_map(array.shape).values()]
     rows = sorted({s.indices(len(array))[:2] for s in slices})
     start, stop = rows[0][0], rows[-1][1]
     assert sum(b - a for a, b in rows) == stop - start, "a process's rows must be contiguous"

@@ -7,29 +7,41 @@ def format_table(rep):
   worst case, and the time each took."""
   individual = rep.get("mode") == "individual"
   what = "robust accuracy" if individual else "robust accuracy after it"
-  lines = [f"| attack | norm | eps | settings | {what} | attacked | seconds | "
-           "median L2 of successes |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |",
-           f"| clean | | | | {100 * rep['clean_accuracy']:.2f} % | | | |"]
+  lines = [
+    f"| attack | norm | eps | settings | {what} | attacked | seconds | median L2 of successes |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    f"| clean | | | | {100 * rep['clean_accuracy']:.2f} % | | | |",
+  ]
   for r in rep["results"]:
-    settings = ", ".join(f"{k}={v}" for k, v in {"name": r["name"], **r["settings"]}.items()
-                         if k != "attacks")
+    settings = ", ".join(
+      f"{k}={v}" for k, v in {"name": r["name"], **r["settings"]}.items() if k != "attacks"
+    )
     eps = "" if r["eps"] is None else f"{r['eps']:.4g}"
     l2 = "" if r["median_l2"] is None else f"{r['median_l2']:.4f}"
-    lines.append(f"| {r['attack']} | {r['norm'] or ''} | {eps} | {settings} | "
-                 f"{100 * r['accuracy']:.2f} % | {r['attacked']} | {r['seconds']:.1f} | {l2} |")
+    lines.append(
+      f"| {r['attack']} | {r['norm'] or ''} | {eps} | {settings} | "
+      f"{100 * r['accuracy']:.2f} % | {r['attacked']} | {r['seconds']:.1f} | {l2} |"
+    )
     if len(r["stages"]) > 1:
       for s in r["stages"]:
-        lines.append(f"| - {s['stage']} | | | | {100 * s['accuracy']:.2f} % | "
-                     f"{s['attacked']} | {s['seconds']:.1f} | |")
+        lines.append(
+          f"| - {s['stage']} | | | | {100 * s['accuracy']:.2f} % | "
+          f"{s['attacked']} | {s['seconds']:.1f} | |"
+        )
   if rep["results"]:
-    lines.append(f"| worst case | | | every threat model | "
-                 f"{100 * rep['worst_case_accuracy']:.2f} % | | "
-                 f"{rep.get('seconds', 0):.1f} | |")
-  lines.append(f"\n{rep['n_examples']} examples; "
-               + ("each attack on every clean-correct example" if individual else
-                  "each attack on the examples the attacks of its threat model before "
-                  "it left robust"))
+    lines.append(
+      f"| worst case | | | every threat model | "
+      f"{100 * rep['worst_case_accuracy']:.2f} % | | "
+      f"{rep.get('seconds', 0):.1f} | |"
+    )
+  lines.append(
+    f"\n{rep['n_examples']} examples; "
+    + (
+      "each attack on every clean-correct example"
+      if individual
+      else "each attack on the examples the attacks of its threat model before it left robust"
+    )
+  )
   return "\n".join(lines)
 
 
@@ -39,26 +51,32 @@ def format_sanity(results):
   for r in results:
     lines.append(f"  [{'ok' if r['passed'] else 'FAILED'}] {r['check']} ({r['detail']})")
   if not all(r["passed"] for r in results):
-    lines.append("WARNING: a sanity check failed. Gradient masking (obfuscated or "
-                 "noisy gradients) is a likely cause: the reported robustness may be "
-                 "overestimated. Try AutoAttack, more steps or restarts, or transfer attacks.")
+    lines.append(
+      "WARNING: a sanity check failed. Gradient masking (obfuscated or "
+      "noisy gradients) is a likely cause: the reported robustness may be "
+      "overestimated. Try AutoAttack, more steps or restarts, or transfer attacks."
+    )
   return "\n".join(lines)
 
 
 def format_lipschitz(certificate, what):
   """A Lipschitz certificate as text: the bound and a table of certified accuracy."""
-  lines = [f"Lipschitz certificate of {what} (Tsuzuku et al. 2018): L <= "
-           f"{certificate['lipschitz_bound']:.4g}, median certified L2 radius "
-           f"{certificate['median_radius']:.4g}", "",
-           "| L2 radius | certified accuracy |", "| --- | --- |"]
-  lines += [f"| {c['radius']:g} | {100 * c['accuracy']:.2f} % |"
-            for c in certificate["certified"]]
+  lines = [
+    f"Lipschitz certificate of {what} (Tsuzuku et al. 2018): L <= "
+    f"{certificate['lipschitz_bound']:.4g}, median certified L2 radius "
+    f"{certificate['median_radius']:.4g}",
+    "",
+    "| L2 radius | certified accuracy |",
+    "| --- | --- |",
+  ]
+  lines += [f"| {c['radius']:g} | {100 * c['accuracy']:.2f} % |" for c in certificate["certified"]]
   return "\n".join(lines)
 
 
 def plot_sweep(curves, path):
   """PNG of accuracy against eps, one line per attack: `curves = {label: [(eps, acc)]}`."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   for label, curve in curves.items():

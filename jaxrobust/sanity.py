@@ -6,6 +6,7 @@ a wrong model interface typically produce. Each check is a dict
 `{"check", "passed", "detail"}`; `report.format_sanity` prints them with a
 warning when one fails.
 """
+
 import math
 
 import jax
@@ -70,14 +71,21 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
   results = []
   clean = rep["clean_accuracy"]
   for row in rep["results"]:
-    results.append({"check": f"{row['attack']}: accuracy <= clean accuracy",
-                    "passed": row["accuracy"] <= clean,
-                    "detail": f"{row['accuracy']:.4f} vs clean {clean:.4f}"})
+    results.append(
+      {
+        "check": f"{row['attack']}: accuracy <= clean accuracy",
+        "passed": row["accuracy"] <= clean,
+        "detail": f"{row['accuracy']:.4f} vs clean {clean:.4f}",
+      }
+    )
     if row["outside_ball"]:
-      results.append({"check": f"{row['attack']}: adversarial examples lie in the ball",
-                      "passed": False,
-                      "detail": f"{row['outside_ball']} outside it (not counted): a bug "
-                                "in the attack"})
+      results.append(
+        {
+          "check": f"{row['attack']}: adversarial examples lie in the ball",
+          "passed": False,
+          "detail": f"{row['outside_ball']} outside it (not counted): a bug in the attack",
+        }
+      )
     results += _square_checks(row)
   swept = {l: s for l, s in specs.items() if s.get("eps") is not None}
   if not swept:
@@ -86,20 +94,26 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
   for label, spec in swept.items():
     check_specs[f"{label}@half"] = scaled(spec, 0.5)
     check_specs[f"{label}@full"] = spec
-    check_specs[f"{label}@large"] = scaled(
-        spec, large_eps(spec["norm"], input_shape) / spec["eps"])
+    check_specs[f"{label}@large"] = scaled(spec, large_eps(spec["norm"], input_shape) / spec["eps"])
   by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
   for label, spec in swept.items():
-    half, full, large = (by_label[f"{label}@{k}"]["accuracy"]
-                         for k in ("half", "full", "large"))
-    results.append({"check": f"{label}: accuracy does not rise with eps",
-                    "passed": full <= half + 0.01,
-                    "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}"})
+    half, full, large = (by_label[f"{label}@{k}"]["accuracy"] for k in ("half", "full", "large"))
+    results.append(
+      {
+        "check": f"{label}: accuracy does not rise with eps",
+        "passed": full <= half + 0.01,
+        "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}",
+      }
+    )
     if not certified:
       eps = large_eps(spec["norm"], input_shape)
-      results.append({"check": f"{label}: accuracy near 0 at a large eps",
-                      "passed": large <= NEAR_ZERO,
-                      "detail": f"eps {eps:g}: {large:.4f} (expected <= {NEAR_ZERO})"})
+      results.append(
+        {
+          "check": f"{label}: accuracy near 0 at a large eps",
+          "passed": large <= NEAR_ZERO,
+          "detail": f"eps {eps:g}: {large:.4f} (expected <= {NEAR_ZERO})",
+        }
+      )
   return results
 
 
@@ -109,14 +123,16 @@ def _square_checks(row):
   names = [s["stage"] for s in stages]
   out = []
   for j, stage in enumerate(stages):
-    if stage["stage"] in GRADIENT_FREE and j > 0 and not any(
-        n in GRADIENT_FREE for n in names[:j]):
+    if stage["stage"] in GRADIENT_FREE and j > 0 and not any(n in GRADIENT_FREE for n in names[:j]):
       before = stages[j - 1]["accuracy"]
-      out.append({"check": f"{row['attack']}: {stage['stage']} (no gradients) breaks "
-                           "almost nothing the gradient attacks missed",
-                  "passed": before - stage["accuracy"] <= SQUARE_MARGIN,
-                  "detail": f"robust accuracy {before:.4f} before it, "
-                            f"{stage['accuracy']:.4f} after"})
+      out.append(
+        {
+          "check": f"{row['attack']}: {stage['stage']} (no gradients) breaks "
+          "almost nothing the gradient attacks missed",
+          "passed": before - stage["accuracy"] <= SQUARE_MARGIN,
+          "detail": f"robust accuracy {before:.4f} before it, {stage['accuracy']:.4f} after",
+        }
+      )
   return out
 
 
@@ -136,22 +152,33 @@ def model_checks(apply_fn, variables, x, y):
   first, second = np.asarray(logits_fn(variables, x)), np.asarray(logits_fn(variables, x))
   scale = np.linalg.norm(first, axis=1, keepdims=True) + 1e-10
   drift = float(np.max(np.linalg.norm((first - second) / scale, axis=1)))
-  probabilities = bool(first.min() > -1e-5 and first.max() < 1 + 1e-5
-                       and np.all(np.abs(first.sum(-1) - 1) < 1e-5))
-  grad = jax.jit(jax.grad(lambda xb, v: optax.softmax_cross_entropy_with_integer_labels(
-      apply_fn(v, xb), y).sum()))(x, variables)
+  probabilities = bool(
+    first.min() > -1e-5 and first.max() < 1 + 1e-5 and np.all(np.abs(first.sum(-1) - 1) < 1e-5)
+  )
+  grad = jax.jit(
+    jax.grad(
+      lambda xb, v: optax.softmax_cross_entropy_with_integer_labels(apply_fn(v, xb), y).sum()
+    )
+  )(x, variables)
   grad = np.asarray(grad).reshape(len(x), -1)
   zero = int(np.sum(np.abs(grad).sum(-1) == 0))
   bad = int(np.sum(~np.isfinite(grad).all(-1)))
   return [
-      {"check": "model: two clean passes agree (not a randomized defence)",
-       "passed": drift <= 1e-4, "detail": f"largest relative difference {drift:.2g}"},
-      {"check": "model: outputs are logits, not probabilities",
-       "passed": not probabilities,
-       "detail": "rows sum to 1 in [0, 1]" if probabilities else "not a distribution"},
-      {"check": "model: input gradients are nonzero and finite",
-       "passed": zero == 0 and bad == 0,
-       "detail": f"{zero} zero and {bad} non-finite of {len(x)}"},
+    {
+      "check": "model: two clean passes agree (not a randomized defence)",
+      "passed": drift <= 1e-4,
+      "detail": f"largest relative difference {drift:.2g}",
+    },
+    {
+      "check": "model: outputs are logits, not probabilities",
+      "passed": not probabilities,
+      "detail": "rows sum to 1 in [0, 1]" if probabilities else "not a distribution",
+    },
+    {
+      "check": "model: input gradients are nonzero and finite",
+      "passed": zero == 0 and bad == 0,
+      "detail": f"{zero} zero and {bad} non-finite of {len(x)}",
+    },
   ]
 
 
@@ -159,8 +186,13 @@ def lipschitz_checks(rep, certificate):
   """No L2 attack may do better than a Lipschitz certificate allows: its
   accuracy at eps is at least the certified accuracy at eps."""
   certified = {c["radius"]: c["accuracy"] for c in certificate["certified"]}
-  return [{"check": f"{row['attack']}: accuracy >= Lipschitz-certified accuracy",
-           "passed": row["accuracy"] >= certified[row["eps"]],
-           "detail": f"eps {row['eps']:g}: {row['accuracy']:.4f} vs certified "
-                     f"{certified[row['eps']]:.4f}"}
-          for row in rep["results"] if row["norm"] == "l2" and row["eps"] in certified]
+  return [
+    {
+      "check": f"{row['attack']}: accuracy >= Lipschitz-certified accuracy",
+      "passed": row["accuracy"] >= certified[row["eps"]],
+      "detail": f"eps {row['eps']:g}: {row['accuracy']:.4f} vs certified "
+      f"{certified[row['eps']]:.4f}",
+    }
+    for row in rep["results"]
+    if row["norm"] == "l2" and row["eps"] in certified
+  ]

@@ -13,6 +13,7 @@ model of the highest so far (the earlier on ties) is saved to
 workdir holds every check and the best. `eval.py` evaluates the best
 checkpoint when there is one (`--checkpoint best|latest`).
 """
+
 import json
 from pathlib import Path
 
@@ -26,16 +27,22 @@ STEPS = 10
 def settings(eval_cfg, train_examples):
   """(every_epochs, validation_examples), checked; every_epochs 0: off."""
   every = checks.integer_at_least("eval.every_epochs", eval_cfg.get("every_epochs", 0), 0)
-  size = checks.integer_at_least("eval.validation_examples",
-                                 eval_cfg.get("validation_examples", 0), 0)
+  size = checks.integer_at_least(
+    "eval.validation_examples", eval_cfg.get("validation_examples", 0), 0
+  )
   if every:
-    checks.require(size >= 1, "eval.validation_examples must be >= 1 when "
-                   f"eval.every_epochs is {every} (the best checkpoint needs a validation "
-                   f"slice), got {size}")
+    checks.require(
+      size >= 1,
+      "eval.validation_examples must be >= 1 when "
+      f"eval.every_epochs is {every} (the best checkpoint needs a validation "
+      f"slice), got {size}",
+    )
     if train_examples is not None:
-      checks.require(size < train_examples,
-                     f"eval.validation_examples {size} must be smaller than the "
-                     f"{train_examples} training examples")
+      checks.require(
+        size < train_examples,
+        f"eval.validation_examples {size} must be smaller than the "
+        f"{train_examples} training examples",
+      )
   return every, size
 
 
@@ -44,13 +51,16 @@ def split(dataset, size):
   x, y = dataset
   cut = len(x) - size
   make = type(dataset)
-  return (make(x[:cut], y[:cut], dataset.num_classes, dataset.class_names),
-          make(x[cut:], y[cut:], dataset.num_classes, dataset.class_names))
+  return (
+    make(x[:cut], y[:cut], dataset.num_classes, dataset.class_names),
+    make(x[cut:], y[cut:], dataset.num_classes, dataset.class_names),
+  )
 
 
 def manager(workdir, *, read_only=False):
-  return checkpoints.manager(workdir, keep=1, read_only=read_only,
-                             directory=Path(workdir) / BEST_DIR)
+  return checkpoints.manager(
+    workdir, keep=1, read_only=read_only, directory=Path(workdir) / BEST_DIR
+  )
 
 
 def read(workdir, upto_step):
@@ -88,7 +98,10 @@ def choose(workdir, requested):
     return "best" if has_best(workdir) else "latest"
   checks.one_of("--checkpoint", requested, ("best", "latest"))
   if requested == "best":
-    checks.require(has_best(workdir), f"no best checkpoint in {str(workdir)!r}; train "
-                   "with eval.every_epochs > 0 (and eval.validation_examples) to keep one, "
-                   "or use --checkpoint latest")
+    checks.require(
+      has_best(workdir),
+      f"no best checkpoint in {str(workdir)!r}; train "
+      "with eval.every_epochs > 0 (and eval.validation_examples) to keep one, "
+      "or use --checkpoint latest",
+    )
   return requested

@@ -1,4 +1,5 @@
 """Pre-emption: SIGTERM and SIGINT turned into a request to stop after the current step."""
+
 import signal
 import threading
 
@@ -14,9 +15,11 @@ class Interrupted(Exception):
   """
 
   def __init__(self, signum, step, path):
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; "
-                     f"saved checkpoint {str(path)!r}; run the same command again "
-                     f"to resume")
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} at step {step}; "
+      f"saved checkpoint {str(path)!r}; run the same command again "
+      f"to resume"
+    )
     self.exit_code = 128 + signum
 
 

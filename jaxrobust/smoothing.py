@@ -20,6 +20,7 @@ counted. Draw j of example i uses the key `fold_in(fold_in(key, i), j)`, so
 the counts depend only on `key`, never on `batch_size` or on the number of
 devices.
 """
+
 import functools
 import math
 
@@ -82,11 +83,10 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
   if total == 0:
     return np.zeros((0, num_classes), np.int32)
   counts = jax.device_put(
-      np.zeros((num_devices * num_examples, num_classes), np.int32),
-      parallel.batch_sharding(mesh))
+    np.zeros((num_devices * num_examples, num_classes), np.int32), parallel.batch_sharding(mesh)
+  )
   replicate = functools.partial(jax.device_put, device=parallel.replicated(mesh))
-  x, key, sigma_array, n_array = map(
-      replicate, (x, key, np.float32(sigma), np.uint32(n)))
+  x, key, sigma_array, n_array = map(replicate, (x, key, np.float32(sigma), np.uint32(n)))
   # Each draw's noise is generated on one device from its own key, so the
   # partitionable threefry variant (JAX's default) buys nothing here, and on
   # XLA:CPU it generates normals about 5x slower than the original variant.
@@ -94,22 +94,32 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
   with jax.threefry_partitionable(False):
     for start in range(0, total, per_device * num_devices):
       counts = _add_chunk_counts(
-          counts, x, key, sigma_array, n_array, np.uint32(start // n), np.uint32(start % n),
-          logits_fn=logits_fn, mesh=mesh, per_device=per_device)
+        counts,
+        x,
+        key,
+        sigma_array,
+        n_array,
+        np.uint32(start // n),
+        np.uint32(start % n),
+        logits_fn=logits_fn,
+        mesh=mesh,
+        per_device=per_device,
+      )
   per_device_counts = np.asarray(counts).reshape(num_devices, num_examples, -1)
   return per_device_counts.sum(axis=0, dtype=np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "mesh", "per_device"),
-                   donate_argnums=0)
-def _add_chunk_counts(counts, x, key, sigma, n, start_example, start_draw, *,
-                      logits_fn, mesh, per_device):
+@functools.partial(jax.jit, static_argnames=("logits_fn", "mesh", "per_device"), donate_argnums=0)
+def _add_chunk_counts(
+  counts, x, key, sigma, n, start_example, start_draw, *, logits_fn, mesh, per_device
+):
   """Adds the classes of draws start .. start + chunk - 1 (flat index i * n + j) to `counts`.
 
   `counts` is [devices * B, classes], one block of B rows per device, so no
   collective is needed; the caller sums the blocks at the end. Draws past
   B * n (the padded tail of the last chunk) are computed and not counted.
   """
+
   def count_on_device(counts, x, key, sigma, n, start_example, start_draw):
     device = jax.lax.axis_index(parallel.BATCH_AXIS).astype(jnp.uint32)
     # uint32 cannot overflow: start_draw < n <= 2**31 - 1 and the offset within
@@ -120,16 +130,18 @@ def _add_chunk_counts(counts, x, key, sigma, n, start_example, start_draw, *,
     counted = example < x.shape[0]
     example = jnp.minimum(example, x.shape[0] - 1)
     noise = jax.vmap(_gaussian_draw, in_axes=(None, 0, 0, None, None))(
-        key, example, draw, x.shape[1:], x.dtype)
+      key, example, draw, x.shape[1:], x.dtype
+    )
     logits = logits_fn(x[example] + sigma * noise)
     predicted = jnp.argmax(logits, axis=-1)
     return counts.at[example, predicted].add(counted.astype(jnp.int32))
 
   replicated = P()
   return parallel.data_parallel(
-      count_on_device, mesh,
-      in_specs=(P(parallel.BATCH_AXIS),) + (replicated,) * 6,
-      out_specs=P(parallel.BATCH_AXIS),
+    count_on_device,
+    mesh,
+    in_specs=(P(parallel.BATCH_AXIS),) + (replicated,) * 6,
+    out_specs=P(parallel.BATCH_AXIS),
   )(counts, x, key, sigma, n, start_example, start_draw)
 
 
@@ -139,8 +151,7 @@ def _gaussian_draw(key, example, draw, shape, dtype):
   return jax.random.normal(key, shape, dtype)
 
 
-def predict(logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000,
-            mesh=None):
+def predict(logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000, mesh=None):
   """Cohen et al.'s PREDICT: the smoothed classifier's class, or -1 (abstain).
 
   For each image, counts f(x + d) over n draws d ~ N(0, sigma^2 I), takes the
@@ -169,8 +180,7 @@ def predict(logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000,
     int32 numpy array [B]: the predicted class, or -1 to abstain.
   """
   _check_alpha(alpha)
-  counts = noise_counts(logits_fn, x, key, sigma=sigma, n=n,
-                        batch_size=batch_size, mesh=mesh)
+  counts = noise_counts(logits_fn, x, key, sigma=sigma, n=n, batch_size=batch_size, mesh=mesh)
   return np.array([_predict_from_counts(row, alpha) for row in counts], np.int32)
 
 
@@ -185,8 +195,9 @@ def _predict_from_counts(counts, alpha):
   return int(top) if p_value <= alpha else -1
 
 
-def certify(logits_fn, x, key, *, sigma, n0=100, n=100_000, alpha=0.001,
-            batch_size=1000, mesh=None):
+def certify(
+  logits_fn, x, key, *, sigma, n0=100, n=100_000, alpha=0.001, batch_size=1000, mesh=None
+):
   """Cohen et al.'s CERTIFY: the smoothed class and a certified L2 radius, or abstain.
 
   For each image: guess cA, the most frequent class of f(x + d) over n0
@@ -233,11 +244,13 @@ def certify(logits_fn, x, key, *, sigma, n0=100, n=100_000, alpha=0.001,
   key = _threefry_key(key)
   # fold_in, unlike split, does not depend on the jax_threefry_partitionable flag.
   select_key, estimate_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-  guess_counts = noise_counts(logits_fn, x, select_key, sigma=sigma, n=n0,
-                              batch_size=batch_size, mesh=mesh)
+  guess_counts = noise_counts(
+    logits_fn, x, select_key, sigma=sigma, n=n0, batch_size=batch_size, mesh=mesh
+  )
   guess = np.argmax(guess_counts, axis=1)
-  counts = noise_counts(logits_fn, x, estimate_key, sigma=sigma, n=n,
-                        batch_size=batch_size, mesh=mesh)
+  counts = noise_counts(
+    logits_fn, x, estimate_key, sigma=sigma, n=n, batch_size=batch_size, mesh=mesh
+  )
   count_guess = np.take_along_axis(counts, guess[:, None], axis=1)[:, 0]
   p_lower = clopper_pearson_lower(count_guess, n, alpha)
   certified = p_lower > 0.5
@@ -267,12 +280,10 @@ def certified_accuracy(pred, radius, y, radii):
   """
   pred, radius, y = _check_results(pred, radius, y)
   correct = pred == y
-  return [float(np.mean(correct & (radius >= r))) if y.size else 0.0
-          for r in radii]
+  return [float(np.mean(correct & (radius >= r))) if y.size else 0.0 for r in radii]
 
 
-def certification_report(pred, radius, y, *, sigma, n0, n, alpha, seconds,
-                         radii=None):
+def certification_report(pred, radius, y, *, sigma, n0, n, alpha, seconds, radii=None):
   """A JSON-ready summary of a `certify` run against the true labels `y`.
 
   Args:
@@ -299,35 +310,35 @@ def certification_report(pred, radius, y, *, sigma, n0, n, alpha, seconds,
   curve_radii = _grid(max([top] + radii), CURVE_RADIUS_STEP)
   num_examples = int(y.size)
   return {
-      "method": "randomized smoothing CERTIFY (Cohen et al. 2019)",
-      "sigma": float(sigma),
-      "n0": int(n0),
-      "n": int(n),
-      "alpha": float(alpha),
-      "num_examples": num_examples,
-      "radii": radii,
-      "certified_accuracy": certified_accuracy(pred, radius, y, radii),
-      "abstain_rate": float(np.mean(pred == -1)) if num_examples else 0.0,
-      "max_radius": max_radius,
-      "seconds": float(seconds),
-      "seconds_per_image": float(seconds) / max(num_examples, 1),
-      "curve": {
-          "radius": curve_radii,
-          "certified_accuracy": certified_accuracy(pred, radius, y, curve_radii),
-      },
+    "method": "randomized smoothing CERTIFY (Cohen et al. 2019)",
+    "sigma": float(sigma),
+    "n0": int(n0),
+    "n": int(n),
+    "alpha": float(alpha),
+    "num_examples": num_examples,
+    "radii": radii,
+    "certified_accuracy": certified_accuracy(pred, radius, y, radii),
+    "abstain_rate": float(np.mean(pred == -1)) if num_examples else 0.0,
+    "max_radius": max_radius,
+    "seconds": float(seconds),
+    "seconds_per_image": float(seconds) / max(num_examples, 1),
+    "curve": {
+      "radius": curve_radii,
+      "certified_accuracy": certified_accuracy(pred, radius, y, curve_radii),
+    },
   }
 
 
 def format_certification_table(report):
   """The report as markdown: a settings line and a radius / certified accuracy table."""
   lines = [
-      f"Randomized smoothing (Cohen et al. 2019): sigma = {report['sigma']:g}, "
-      f"n0 = {report['n0']}, n = {report['n']}, alpha = {report['alpha']:g}; "
-      f"{report['num_examples']} images, {report['seconds_per_image']:.3g} s "
-      f"per image, {100 * report['abstain_rate']:.2f} % abstained.",
-      "",
-      "| L2 radius | certified accuracy (%) |",
-      "| --- | --- |",
+    f"Randomized smoothing (Cohen et al. 2019): sigma = {report['sigma']:g}, "
+    f"n0 = {report['n0']}, n = {report['n']}, alpha = {report['alpha']:g}; "
+    f"{report['num_examples']} images, {report['seconds_per_image']:.3g} s "
+    f"per image, {100 * report['abstain_rate']:.2f} % abstained.",
+    "",
+    "| L2 radius | certified accuracy (%) |",
+    "| --- | --- |",
   ]
   for r, accuracy in zip(report["radii"], report["certified_accuracy"]):
     lines.append(f"| {r:.2f} | {100 * accuracy:.2f} |")
@@ -338,6 +349,7 @@ def plot_certified_accuracy(report, path):
   """Saves certified accuracy against L2 radius (a step curve) as a PNG at `path`."""
   # A bare Figure renders with Agg and leaves pyplot's global backend alone.
   from matplotlib.figure import Figure
+
   curve = report["curve"]
   figure = Figure(figsize=(5, 3.5), dpi=120)
   axes = figure.subplots()
@@ -347,8 +359,7 @@ def plot_certified_accuracy(report, path):
   axes.set_ylim(0.0, 1.0)
   axes.set_xlim(left=0.0)
   axes.grid(alpha=0.3)
-  axes.set_title(f"sigma = {report['sigma']:g}, n = {report['n']}, "
-                 f"alpha = {report['alpha']:g}")
+  axes.set_title(f"sigma = {report['sigma']:g}, n = {report['n']}, alpha = {report['alpha']:g}")
   figure.tight_layout()
   figure.savefig(path, format="png")
 
@@ -362,9 +373,10 @@ def _num_classes(logits_fn, x, batch):
   """The number of classes `logits_fn` gives, checked on an abstract batch of `batch` images."""
   images = jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
   shape = jax.eval_shape(logits_fn, images).shape
-  checks.require(len(shape) == 2 and shape[0] == batch and shape[1] >= 1,
-                 f"logits_fn must map images [{batch}, ...] to logits "
-                 f"[{batch}, classes], got shape {shape}")
+  checks.require(
+    len(shape) == 2 and shape[0] == batch and shape[1] >= 1,
+    f"logits_fn must map images [{batch}, ...] to logits [{batch}, classes], got shape {shape}",
+  )
   return shape[1]
 
 
@@ -374,9 +386,11 @@ def _check_sigma(sigma):
 
 def _check_draws(name, value):
   checks.integer_at_least(name, value, 1)
-  checks.require(value <= MAX_DRAWS,
-                 f"{name} must be <= 2**31 - 1 = {MAX_DRAWS} so that int32 "
-                 f"counts cannot overflow, got {value!r}")
+  checks.require(
+    value <= MAX_DRAWS,
+    f"{name} must be <= 2**31 - 1 = {MAX_DRAWS} so that int32 "
+    f"counts cannot overflow, got {value!r}",
+  )
 
 
 def _check_alpha(alpha):
@@ -391,23 +405,29 @@ def _threefry_key(key):
   """
   dtype = getattr(key, "dtype", None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    checks.require(np.shape(key) == (), f"key must be a single PRNG key, got "
-                   f"a key array of shape {np.shape(key)}")
+    checks.require(
+      np.shape(key) == (),
+      f"key must be a single PRNG key, got a key array of shape {np.shape(key)}",
+    )
     impl = str(jax.random.key_impl(key))
-    checks.require(impl == "threefry2x32",
-                   f"key must be a threefry2x32 key (JAX's default generator), "
-                   f"got a {impl} key")
+    checks.require(
+      impl == "threefry2x32",
+      f"key must be a threefry2x32 key (JAX's default generator), got a {impl} key",
+    )
     return key
-  checks.require(np.shape(key) == (2,) and np.asarray(key).dtype == np.uint32,
-                 f"key must be a JAX PRNG key (jax.random.key or "
-                 f"jax.random.PRNGKey), got {key!r}")
+  checks.require(
+    np.shape(key) == (2,) and np.asarray(key).dtype == np.uint32,
+    f"key must be a JAX PRNG key (jax.random.key or jax.random.PRNGKey), got {key!r}",
+  )
   return jax.random.wrap_key_data(jnp.asarray(key), impl="threefry2x32")
 
 
 def _check_results(pred, radius, y):
   """Checks `certify` outputs against labels `y`: three arrays of one shape [B]."""
   pred, radius, y = np.asarray(pred), np.asarray(radius), np.asarray(y)
-  checks.require(pred.ndim == 1 and pred.shape == radius.shape == y.shape,
-                 f"pred, radius and labels must have the same shape [batch], "
-                 f"got {pred.shape}, {radius.shape} and {y.shape}")
+  checks.require(
+    pred.ndim == 1 and pred.shape == radius.shape == y.shape,
+    f"pred, radius and labels must have the same shape [batch], "
+    f"got {pred.shape}, {radius.shape} and {y.shape}",
+  )
   return pred, radius, y

@@ -18,6 +18,7 @@ Every twin holds the normalisation as buffers `mean` and `std` of shape
 [C, 1, 1] (as `DMWideResNet` does). This module imports PyTorch: import it
 only through `interop`, which says how to install PyTorch when it is missing.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,16 +33,16 @@ class Conv2d(nn.Conv2d):
   `models.PADDINGS` ("same" depends on the input's size, so it pads in
   `forward`)."""
 
-  def __init__(self, in_channels, out_channels, kernel, stride=1, *, bias=False,
-               padding="same"):
+  def __init__(self, in_channels, out_channels, kernel, stride=1, *, bias=False, padding="same"):
     super().__init__(in_channels, out_channels, kernel, stride, padding=0, bias=bias)
     self.mode = padding
 
   def forward(self, x):
     if self.mode != "valid":
       (top, bottom), (left, right) = (
-          models.padding_pair(self.mode, n, k, s)
-          for n, k, s in zip(x.shape[2:], self.kernel_size, self.stride))
+        models.padding_pair(self.mode, n, k, s)
+        for n, k, s in zip(x.shape[2:], self.kernel_size, self.stride)
+      )
       if top or bottom or left or right:
         x = F.pad(x, (left, right, top, bottom))
     return super().forward(x)
@@ -135,8 +136,9 @@ class PreActBlock(nn.Module):
 
 
 RB_WRN_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="convShortcut")
-DM_BLOCK = dict(bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1",
-                shortcut="shortcut")
+DM_BLOCK = dict(
+  bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1", shortcut="shortcut"
+)
 RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
 
 
@@ -157,9 +159,19 @@ def _wrn_stages(depth, width, names, **block_settings):
   """[[block, ...] per stage] of a WideResNet-depth-width."""
   n = (depth - 4) // 6
   chans = [16, 16 * width, 32 * width, 64 * width]
-  return [[PreActBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
-                       2 if s > 0 and b == 0 else 1, names=names, **block_settings)
-           for b in range(n)] for s in range(3)]
+  return [
+    [
+      PreActBlock(
+        chans[s] if b == 0 else chans[s + 1],
+        chans[s + 1],
+        2 if s > 0 and b == 0 else 1,
+        names=names,
+        **block_settings,
+      )
+      for b in range(n)
+    ]
+    for s in range(3)
+  ]
 
 
 class WideResNet(Twin):
@@ -182,14 +194,25 @@ class WideResNet(Twin):
 class DMWideResNet(Twin):
   """`models.DMWideResNet`, in RobustBench's `DMWideResNet` layout."""
 
-  def __init__(self, num_classes, mean=models.CIFAR10_MEAN, std=models.CIFAR10_STD, *,
-               depth=28, width=10, activation="swish"):
+  def __init__(
+    self,
+    num_classes,
+    mean=models.CIFAR10_MEAN,
+    std=models.CIFAR10_STD,
+    *,
+    depth=28,
+    width=10,
+    activation="swish",
+  ):
     super().__init__(mean, std)
     self.act = ACTIVATIONS[activation]
     self.init_conv = Conv2d(len(mean), 16, 3, padding="dm")
-    self.layer = nn.Sequential(*[
-        Group("block", blocks) for blocks in _wrn_stages(
-            depth, width, DM_BLOCK, activation=activation, padding="dm")])
+    self.layer = nn.Sequential(
+      *[
+        Group("block", blocks)
+        for blocks in _wrn_stages(depth, width, DM_BLOCK, activation=activation, padding="dm")
+      ]
+    )
     self.batchnorm = batch_norm(64 * width)
     self.logits = nn.Linear(64 * width, num_classes)
 
@@ -207,10 +230,22 @@ class PreActResNet18(Twin):
     self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
     chans = [width, width, 2 * width, 4 * width, 8 * width]
     for s in range(4):
-      setattr(self, f"layer{s + 1}", nn.Sequential(*[
-          PreActBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
-                      2 if s > 0 and b == 0 else 1, names=RB_PREACT_BLOCK, padding=padding)
-          for b in range(2)]))
+      setattr(
+        self,
+        f"layer{s + 1}",
+        nn.Sequential(
+          *[
+            PreActBlock(
+              chans[s] if b == 0 else chans[s + 1],
+              chans[s + 1],
+              2 if s > 0 and b == 0 else 1,
+              names=RB_PREACT_BLOCK,
+              padding=padding,
+            )
+            for b in range(2)
+          ]
+        ),
+      )
     self.bn = batch_norm(8 * width)
     self.linear = nn.Linear(8 * width, num_classes)
 
@@ -231,8 +266,7 @@ class BasicBlock(nn.Module):
     self.bn2 = batch_norm(cout)
     self.shortcut = nn.Sequential()
     if stride != 1 or cin != cout:
-      self.shortcut = nn.Sequential(Conv2d(cin, cout, 1, stride, padding=padding),
-                                    batch_norm(cout))
+      self.shortcut = nn.Sequential(Conv2d(cin, cout, 1, stride, padding=padding), batch_norm(cout))
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -248,9 +282,21 @@ class ResNet18(Twin):
     self.bn1 = batch_norm(width)
     chans = [width, width, 2 * width, 4 * width, 8 * width]
     for s in range(4):
-      setattr(self, f"layer{s + 1}", nn.Sequential(*[
-          BasicBlock(chans[s] if b == 0 else chans[s + 1], chans[s + 1],
-                     2 if s > 0 and b == 0 else 1, padding=padding) for b in range(2)]))
+      setattr(
+        self,
+        f"layer{s + 1}",
+        nn.Sequential(
+          *[
+            BasicBlock(
+              chans[s] if b == 0 else chans[s + 1],
+              chans[s + 1],
+              2 if s > 0 and b == 0 else 1,
+              padding=padding,
+            )
+            for b in range(2)
+          ]
+        ),
+      )
     self.linear = nn.Linear(8 * width, num_classes)
 
   def forward(self, x):
@@ -260,10 +306,10 @@ class ResNet18(Twin):
 
 
 TWINS = {
-    "small_cnn": SmallCNN,
-    "seed_cnn": SeedCNN,
-    "preact_resnet18": PreActResNet18,
-    "wide_resnet": WideResNet,
-    "resnet18": ResNet18,
-    "dm_wide_resnet": DMWideResNet,
+  "small_cnn": SmallCNN,
+  "seed_cnn": SeedCNN,
+  "preact_resnet18": PreActResNet18,
+  "wide_resnet": WideResNet,
+  "resnet18": ResNet18,
+  "dm_wide_resnet": DMWideResNet,
 }

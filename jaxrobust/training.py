@@ -21,6 +21,7 @@ training noise, and the EOT draws of `rat` (shared by the batch) come from
 the EOT key, so the draws depend neither on the device count nor on whether
 the run was resumed.
 """
+
 import functools
 from typing import Any
 
@@ -48,6 +49,7 @@ class TrainState(flax.struct.PyTreeNode):
       parameters (`for_evaluation`), with the model's other collections
       (BatchNorm statistics) as trained.
   """
+
   step: jax.Array
   params: Any
   model_state: Any
@@ -64,9 +66,13 @@ def init_state(model, tx, input_shape, key, *, ema=False):
   (with `ema`, an average of the parameters starting at them)."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
   params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=dict(variables), opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=dict(variables),
+    opt_state=tx.init(params),
+    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+  )
 
 
 def check_ema(decay):
@@ -90,22 +96,31 @@ def make_schedule(cfg, total_steps):
   Wong et al. 2020 use it for Fast-AT: linear from 0 up to the learning rate
   at the fraction `peak_at` of training, default 2/5, then linear down to 0)."""
   lr = checks.positive("optimizer.learning_rate", cfg["learning_rate"])
-  name = checks.one_of("optimizer.schedule", cfg.get("schedule", "constant"),
-                       ("constant", "cosine", "piecewise", "cyclic"))
+  name = checks.one_of(
+    "optimizer.schedule",
+    cfg.get("schedule", "constant"),
+    ("constant", "cosine", "piecewise", "cyclic"),
+  )
   if name == "constant":
     return optax.constant_schedule(lr)
   if name == "cyclic":
-    peak_at = checks.in_interval("optimizer.peak_at", cfg.get("peak_at", 0.4), 0.0, 1.0,
-                                 closed=(False, False))
+    peak_at = checks.in_interval(
+      "optimizer.peak_at", cfg.get("peak_at", 0.4), 0.0, 1.0, closed=(False, False)
+    )
     peak = min(max(1, round(peak_at * total_steps)), max(total_steps - 1, 1))
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, peak),
-                                 optax.linear_schedule(lr, 0.0, max(total_steps - peak, 1))],
-                                [peak])
+    return optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, lr, peak),
+        optax.linear_schedule(lr, 0.0, max(total_steps - peak, 1)),
+      ],
+      [peak],
+    )
   if name == "cosine":
     warmup = min(cfg.get("warmup_steps", 0), total_steps - 1)
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
-  boundaries = {int(f * total_steps): cfg.get("decay_factor", 0.1)
-                for f in cfg.get("decay_at", (0.5, 0.75))}
+  boundaries = {
+    int(f * total_steps): cfg.get("decay_factor", 0.1) for f in cfg.get("decay_at", (0.5, 0.75))
+  }
   return optax.piecewise_constant_schedule(lr, boundaries)
 
 
@@ -120,9 +135,11 @@ def make_optimizer(cfg, total_steps):
   decay = checks.non_negative("optimizer.weight_decay", cfg.get("weight_decay", 0.0))
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=decay)
-  base = (optax.sgd(schedule, momentum=cfg.get("momentum", 0.9),
-                    nesterov=cfg.get("nesterov", False))
-          if name == "sgd" else optax.adam(schedule))
+  base = (
+    optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False))
+    if name == "sgd"
+    else optax.adam(schedule)
+  )
   return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
 
 
@@ -163,10 +180,12 @@ def awp_perturbation(params, grads, *, gamma):
   weight array with more than one axis (kernels); biases and scales are not
   perturbed (v = 0). So ||v_l|| = gamma ||w_l||: the relative size of the
   perturbation is gamma (5e-3 in the paper) in every layer."""
+
   def one(w, g):
     if w.ndim <= 1:
       return jnp.zeros_like(w)
     return gamma * jnp.linalg.norm(w) * g / (jnp.linalg.norm(g) + 1e-20)
+
   return jax.tree.map(one, params, grads)
 
 
@@ -204,16 +223,22 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
   """
   check_ema(ema)
   check_awp(awp)
-  objective = (input_fn if isinstance(input_fn, objectives.Objective)
-               else objectives.Objective("custom", input_fn))
+  objective = (
+    input_fn
+    if isinstance(input_fn, objectives.Objective)
+    else objectives.Objective("custom", input_fn)
+  )
   randomized = models.is_randomized(model)
   objectives.check_model(objective, randomized)
   mutable = ["batch_stats", "spectral"]
 
   def attack_logits_fn(variables, eot_key, shape):
     if randomized and objective.eot_samples:
-      draws = gaussian_noise(jax.random.split(eot_key, objective.eot_samples),
-                             (objective.eot_samples, 1, *shape), model.sigma)
+      draws = gaussian_noise(
+        jax.random.split(eot_key, objective.eot_samples),
+        (objective.eot_samples, 1, *shape),
+        model.sigma,
+      )
       return lambda xb: model.apply(variables, xb, train=False, noise=draws)
     return functools.partial(models.inference_fn(model, base=True), variables)
 
@@ -225,24 +250,27 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
     if augment is not None:
       x = augment(x, keys_lib.example_keys(jax.random.fold_in(step_key, 3), index))
     x_train = jax.lax.stop_gradient(
-        objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index)))
+      objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index))
+    )
     apply_kwargs = {}
     if randomized:
-      apply_kwargs["noise"] = gaussian_noise(keys_lib.example_keys(noise_key, index),
-                                             x.shape, model.sigma)
+      apply_kwargs["noise"] = gaussian_noise(
+        keys_lib.example_keys(noise_key, index), x.shape, model.sigma
+      )
 
     def loss_fn(params):
       variables = {**state.variables, "params": params}
       collections = [c for c in mutable if c in variables]
       if objective.loss is None:
-        logits, updates = model.apply(variables, x_train, train=True, **apply_kwargs,
-                                      mutable=collections)
+        logits, updates = model.apply(
+          variables, x_train, train=True, **apply_kwargs, mutable=collections
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       else:  # clean, then training inputs (statistics updated twice, as in PyTorch)
-        clean, updates = model.apply(variables, x, train=True, **apply_kwargs,
-                                     mutable=collections)
-        logits, updates = model.apply({**variables, **updates}, x_train, train=True,
-                                      **apply_kwargs, mutable=collections)
+        clean, updates = model.apply(variables, x, train=True, **apply_kwargs, mutable=collections)
+        logits, updates = model.apply(
+          {**variables, **updates}, x_train, train=True, **apply_kwargs, mutable=collections
+        )
         loss = objective.loss(clean, logits, y).mean()
       # This device's share of the global mean: the gradient with respect to
       # the replicated parameters is summed over the devices by shard_map
@@ -256,8 +284,13 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
     value_and_grad = fastpath.fast(jax.value_and_grad(fast_loss, has_aux=True))
     at = state.params
     if awp:  # ascend in weight space first: the gradient is taken at w + v
-      at = jax.tree.map(jnp.add, at, awp_perturbation(
-          state.params, jax.grad(lambda p: fast_loss(p)[0])(state.params), gamma=awp))
+      at = jax.tree.map(
+        jnp.add,
+        at,
+        awp_perturbation(
+          state.params, jax.grad(lambda p: fast_loss(p)[0])(state.params), gamma=awp
+        ),
+      )
     (_, (loss, logits, updates)), grads = value_and_grad(at)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
@@ -266,24 +299,27 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
     if ema and ema_params is not None:
       ema_params = jax.tree.map(lambda e, p: ema * e + (1 - ema) * p, ema_params, params)
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        ema_params=ema_params,
-        model_state={**state.model_state,
-                     **jax.lax.pmean(dict(updates), parallel.BATCH_AXIS)},
-        opt_state=opt_state)
+      step=state.step + 1,
+      params=params,
+      ema_params=ema_params,
+      model_state={**state.model_state, **jax.lax.pmean(dict(updates), parallel.BATCH_AXIS)},
+      opt_state=opt_state,
+    )
     return new_state, jax.lax.pmean(metrics, parallel.BATCH_AXIS)
 
   batch = P(parallel.BATCH_AXIS)
-  step = parallel.data_parallel(device_step, mesh, in_specs=(P(), batch, batch, P()),
-                                out_specs=(P(), P()))
+  step = parallel.data_parallel(
+    device_step, mesh, in_specs=(P(), batch, batch, P()), out_specs=(P(), P())
+  )
   return jax.jit(step, donate_argnums=0)
 
 
 def check_divisible(batch_size, mesh):
   """Training refuses a global batch that does not split evenly over the devices."""
   devices = mesh.devices.size
-  checks.require(batch_size % devices == 0,
-                 f"batch_size {batch_size} is not divisible by the {devices} devices; "
-                 f"choose a multiple of {devices} (or set XLA_FLAGS to use fewer "
-                 f"host devices)")
+  checks.require(
+    batch_size % devices == 0,
+    f"batch_size {batch_size} is not divisible by the {devices} devices; "
+    f"choose a multiple of {devices} (or set XLA_FLAGS to use fewer "
+    f"host devices)",
+  )

@@ -23,6 +23,7 @@ go to `<runs>/<setting>-<model>-<row>-e<epochs>`; rerunning resumes or
 reuses finished runs, and the training time is the sum of the logged step
 times (`metrics.jsonl`), so it survives a resume.
 """
+
 import argparse
 import importlib
 import json
@@ -45,39 +46,59 @@ from jaxrobust import config as config_lib  # pylint: disable=wrong-import-posit
 
 # (row, config file, the seed's row it reproduces)
 ROWS = (
-    ("natural", "natural", ""),
-    ("pgd_at", "pgd_at", "AT"),
-    ("pgd_at_sn_noise", "pgd_at_sn_noise", "PGD model"),
-    ("cw_pgd_mix", "cw_pgd_mix", "C&W+PGD model"),
-    ("rat", "rat", "RAT"),
-    ("mat_rand", "mat_rand", "MAT"),
-    ("mat_max", "mat_max", "MAT"),
+  ("natural", "natural", ""),
+  ("pgd_at", "pgd_at", "AT"),
+  ("pgd_at_sn_noise", "pgd_at_sn_noise", "PGD model"),
+  ("cw_pgd_mix", "cw_pgd_mix", "C&W+PGD model"),
+  ("rat", "rat", "RAT"),
+  ("mat_rand", "mat_rand", "MAT"),
+  ("mat_max", "mat_max", "MAT"),
 )
 # The seed's accuracies (%): natural, PGD L2, PGD L-inf (DESIGN.md).
-SEED = {"PGD model": (None, 24.79, 36.14), "C&W+PGD model": (None, 2.73, 27.49),
-        "AT": (31.93, 31.34, 23.82), "RAT": (38.87, 38.18, 24.70),
-        "MAT": (40.72, 39.84, 27.14)}
-DATA = {"folder": ("cifar10", "CIFAR-10 (JPEG copy)"),
-        "tfds": ("cifar10_tfds", "CIFAR-10 (tfds:cifar10)")}
+SEED = {
+  "PGD model": (None, 24.79, 36.14),
+  "C&W+PGD model": (None, 2.73, 27.49),
+  "AT": (31.93, 31.34, 23.82),
+  "RAT": (38.87, 38.18, 24.70),
+  "MAT": (40.72, 39.84, 27.14),
+}
+DATA = {
+  "folder": ("cifar10", "CIFAR-10 (JPEG copy)"),
+  "tfds": ("cifar10_tfds", "CIFAR-10 (tfds:cifar10)"),
+}
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--epochs", default="10",
-                 help="training epochs per row: N, optionally with per-row "
-                      "exceptions, e.g. 2,rat=1,mat_max=1")
-  p.add_argument("--test_images", type=int, default=10_000,
-                 help="evaluate on the first N test images")
-  p.add_argument("--rows", default="all",
-                 help=f"comma-separated rows ({', '.join(r for r, _, _ in ROWS)}) or all")
-  p.add_argument("--data", choices=sorted(DATA), default="folder",
-                 help="folder: the JPEG copy in ../shared/data; tfds: tfds:cifar10")
-  p.add_argument("--model", default="seed_cnn",
-                 help="seed_cnn (the seed's network) or preact_resnet18 (for a GPU)")
+  p.add_argument(
+    "--epochs",
+    default="10",
+    help="training epochs per row: N, optionally with per-row exceptions, e.g. 2,rat=1,mat_max=1",
+  )
+  p.add_argument(
+    "--test_images", type=int, default=10_000, help="evaluate on the first N test images"
+  )
+  p.add_argument(
+    "--rows",
+    default="all",
+    help=f"comma-separated rows ({', '.join(r for r, _, _ in ROWS)}) or all",
+  )
+  p.add_argument(
+    "--data",
+    choices=sorted(DATA),
+    default="folder",
+    help="folder: the JPEG copy in ../shared/data; tfds: tfds:cifar10",
+  )
+  p.add_argument(
+    "--model",
+    default="seed_cnn",
+    help="seed_cnn (the seed's network) or preact_resnet18 (for a GPU)",
+  )
   p.add_argument("--batch_size", type=int, default=0, help="0: the configs' (128)")
   p.add_argument("--runs", default=str(REPO / "runs" / "seed"), help="run directories")
-  p.add_argument("--out", default=str(REPO / "docs" / "seed_reproduction.md"),
-                 help="the markdown file written")
+  p.add_argument(
+    "--out", default=str(REPO / "docs" / "seed_reproduction.md"), help="the markdown file written"
+  )
   args = p.parse_args(argv)
   names = [r for r, _, _ in ROWS]
   args.rows = names if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
@@ -121,8 +142,9 @@ def row_config(row, config_name, args):
 def train_seconds(workdir):
   """Training wall-clock: the sum of the logged step times (resume-proof)."""
   lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return sum(sum(json.loads(l).get(f, 0.0) for f in metrics.TIMING_FIELDS)
-             for l in lines if l.strip())
+  return sum(
+    sum(json.loads(l).get(f, 0.0) for f in metrics.TIMING_FIELDS) for l in lines if l.strip()
+  )
 
 
 def run_row(row, config_name, args):
@@ -133,23 +155,37 @@ def run_row(row, config_name, args):
   resolved = checkpoints.load_config(workdir)
   model = config_lib.build_model(resolved)
   tick = time.perf_counter()
-  report = experiment.evaluate(resolved, model, state, names="pgd_l2,pgd_linf",
-                               limit=args.test_images)
+  report = experiment.evaluate(
+    resolved, model, state, names="pgd_l2,pgd_linf", limit=args.test_images
+  )
   eval_seconds = time.perf_counter() - tick
   checkpoints.write_atomic(workdir / "seed_report.json", json.dumps(report, indent=2) + "\n")
-  commands = [f"python train.py {' '.join(flags)} --workdir {workdir.relative_to(REPO)}"
-              if workdir.is_relative_to(REPO) else
-              f"python train.py {' '.join(flags)} --workdir {shlex.quote(str(workdir))}"]
-  commands.append(f"python eval.py --workdir {commands[0].split('--workdir ')[1]} "
-                  f"--attacks pgd_l2,pgd_linf --limit {args.test_images}")
+  commands = [
+    f"python train.py {' '.join(flags)} --workdir {workdir.relative_to(REPO)}"
+    if workdir.is_relative_to(REPO)
+    else f"python train.py {' '.join(flags)} --workdir {shlex.quote(str(workdir))}"
+  ]
+  commands.append(
+    f"python eval.py --workdir {commands[0].split('--workdir ')[1]} "
+    f"--attacks pgd_l2,pgd_linf --limit {args.test_images}"
+  )
   accuracy = {r["attack"]: 100 * r["accuracy"] for r in report["results"]}
-  result = {"row": row, "config": config_name, "epochs": config.epochs,
-            "clean": 100 * report["clean_accuracy"], "l2": accuracy["pgd_l2"],
-            "linf": accuracy["pgd_linf"], "worst": 100 * report["worst_case_accuracy"],
-            "n": report["n_examples"], "train_seconds": train_seconds(workdir),
-            "eval_seconds": eval_seconds, "commands": commands, "note": note,
-            "randomized": bool(resolved["model"].get("noise")),
-            "noise": resolved["model"].get("noise") or None}
+  result = {
+    "row": row,
+    "config": config_name,
+    "epochs": config.epochs,
+    "clean": 100 * report["clean_accuracy"],
+    "l2": accuracy["pgd_l2"],
+    "linf": accuracy["pgd_linf"],
+    "worst": 100 * report["worst_case_accuracy"],
+    "n": report["n_examples"],
+    "train_seconds": train_seconds(workdir),
+    "eval_seconds": eval_seconds,
+    "commands": commands,
+    "note": note,
+    "randomized": bool(resolved["model"].get("noise")),
+    "noise": resolved["model"].get("noise") or None,
+  }
   print(json.dumps({k: v for k, v in result.items() if k != "commands"}), flush=True)
   return result
 
@@ -161,35 +197,43 @@ def _pct(value):
 def markdown(results, args):
   _, data_name = DATA[args.data]
   lines = [
-      f"<!-- written by scripts/reproduce_seed.py on "
-      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; do not edit by hand -->",
-      f"Model `{args.model}`, {data_name}: all 50,000 training images, "
-      f"the epochs of each row below; evaluated on the first {results[0]['n']:,} "
-      f"test images. Attacks: PGD-20 L2 eps 0.5 (step 0.125), PGD-20 L-inf eps 8/255 "
-      f"(step 2/255), one random start each; worst case: correct clean and under "
-      f"both. Accuracy %; the seed's numbers (CIFAR-10, the same network, short "
-      f"training) beside ours. Machine: {jax.device_count()} x "
-      f"{jax.devices()[0].platform.upper()} device(s), jax {jax.__version__}.",
-      "",
-      "| row | config | epochs | clean | PGD L2 | PGD L-inf | worst case "
-      "| seed row | seed clean | seed PGD L2 | seed PGD L-inf | train (s) | eval (s) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f"<!-- written by scripts/reproduce_seed.py on "
+    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; do not edit by hand -->",
+    f"Model `{args.model}`, {data_name}: all 50,000 training images, "
+    f"the epochs of each row below; evaluated on the first {results[0]['n']:,} "
+    f"test images. Attacks: PGD-20 L2 eps 0.5 (step 0.125), PGD-20 L-inf eps 8/255 "
+    f"(step 2/255), one random start each; worst case: correct clean and under "
+    f"both. Accuracy %; the seed's numbers (CIFAR-10, the same network, short "
+    f"training) beside ours. Machine: {jax.device_count()} x "
+    f"{jax.devices()[0].platform.upper()} device(s), jax {jax.__version__}.",
+    "",
+    "| row | config | epochs | clean | PGD L2 | PGD L-inf | worst case "
+    "| seed row | seed clean | seed PGD L2 | seed PGD L-inf | train (s) | eval (s) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   seed_row = {r: s for r, _, s in ROWS}
   for r in results:
     seed = SEED.get(seed_row[r["row"]], (None, None, None))
     label = r["row"] + (" (randomized, EOT)" if r["randomized"] else "")
     lines.append(
-        f"| {label} | `{r['config']}` | {r['epochs']} | {_pct(r['clean'])} "
-        f"| {_pct(r['l2'])} | {_pct(r['linf'])} | {_pct(r['worst'])} "
-        f"| {seed_row[r['row']]} | {_pct(seed[0])} | {_pct(seed[1])} | {_pct(seed[2])} "
-        f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+      f"| {label} | `{r['config']}` | {r['epochs']} | {_pct(r['clean'])} "
+      f"| {_pct(r['l2'])} | {_pct(r['linf'])} | {_pct(r['worst'])} "
+      f"| {seed_row[r['row']]} | {_pct(seed[0])} | {_pct(seed[1])} | {_pct(seed[2])} "
+      f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |"
+    )
   randomized = [r for r in results if r["randomized"]]
   if randomized:
-    lines += ["", "Randomized rows (model.noise) are classified by the mean softmax "
-              "over their fixed noise draws, and attacked through the same draws "
-              "(expectation over transformation): " + "; ".join(
-                  f"{r['row']}: sigma {r['noise']['sigma']}, {r['noise']['samples']} draws"
-                  for r in randomized) + "."]
+    lines += [
+      "",
+      "Randomized rows (model.noise) are classified by the mean softmax "
+      "over their fixed noise draws, and attacked through the same draws "
+      "(expectation over transformation): "
+      + "; ".join(
+        f"{r['row']}: sigma {r['noise']['sigma']}, {r['noise']['samples']} draws"
+        for r in randomized
+      )
+      + ".",
+    ]
   notes = [f"{r['row']}: {r['note']}" for r in results if r["note"]]
   if notes:
     lines += ["", "Notes: " + "; ".join(notes) + "."]

@@ -3,6 +3,7 @@
 XLA is asked for 2 host devices before JAX starts, so that multi-device code
 is tested on a CPU.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -19,8 +20,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Settings that make a digits run take seconds.
-TINY_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8,
-                 "log_every_steps": 1, "checkpoint_every_steps": 3}
+TINY_SETTINGS = {
+  "model.width": 4,
+  "batch_size": 32,
+  "epochs": 1,
+  "eval.limit": 8,
+  "log_every_steps": 1,
+  "checkpoint_every_steps": 3,
+}
 # The settings of the `trained` workdir (test_bad_input.SETTINGS).
 BAD_INPUT_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
 
@@ -29,11 +36,14 @@ BAD_INPUT_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.lim
 def linear_model():
   """`linear_model(w, b=0.0)`: a logits function of two classes, [0, w.x + b]
   (class 1 iff w.x + b > 0), whose optimal attacks have closed forms."""
+
   def build(w, b=0.0):
     def logits_fn(x):
       z = x.reshape(x.shape[0], -1) @ w.reshape(-1) + b
       return jnp.stack([jnp.zeros_like(z), z], -1)
+
     return logits_fn
+
   return build
 
 
@@ -44,10 +54,12 @@ def tiny_cnn():
   import jaxrobust as jr
 
   def build(num_classes=3, channels=1):
-    model = jr.models.SmallCNN(num_classes=num_classes, mean=(0.5,) * channels,
-                               std=(0.25,) * channels, width=4)
+    model = jr.models.SmallCNN(
+      num_classes=num_classes, mean=(0.5,) * channels, std=(0.25,) * channels, width=4
+    )
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, channels)))
     return lambda x: model.apply(variables, x)
+
   return build
 
 
@@ -62,9 +74,11 @@ def tiny_config():
   def build(**overrides):
     config = natural.get_config()
     config.update_from_flattened_dict(
-        {**TINY_SETTINGS, **{k: v for k, v in overrides.items() if "." in k}})
+      {**TINY_SETTINGS, **{k: v for k, v in overrides.items() if "." in k}}
+    )
     config.update({k: v for k, v in overrides.items() if "." not in k})
     return config
+
   return build
 
 
@@ -74,6 +88,7 @@ def trained(tmp_path_factory):
   CNN of width 4) and a checkpoint at step 2. Tests must not change it."""
   from jaxrobust.configs import natural
   from jaxrobust import experiment
+
   workdir = tmp_path_factory.mktemp("trained") / "run"
   config = natural.get_config()
   config.update_from_flattened_dict(BAD_INPUT_SETTINGS)
@@ -97,6 +112,7 @@ def two_steps():
     for _ in range(2):
       state, metrics = step(state, *batch, jax.random.key(1))
     return state, metrics
+
   return run
 
 
@@ -104,9 +120,13 @@ def two_steps():
 def snapshot():
   """`snapshot(directory)`: every file's bytes and every directory under it,
   to assert that a command left it unchanged."""
+
   def take(directory):
-    return {p.relative_to(directory): p.read_bytes() if p.is_file() else "dir"
-            for p in Path(directory).rglob("*")}
+    return {
+      p.relative_to(directory): p.read_bytes() if p.is_file() else "dir"
+      for p in Path(directory).rglob("*")
+    }
+
   return take
 
 
@@ -155,19 +175,28 @@ def cli(tmp_path_factory):
   stderr). `script` is relative to `cwd` (default: the repository)."""
   logs = tmp_path_factory.mktemp("cli_logs")
   server = subprocess.Popen(
-      [sys.executable, "-c", _SERVER], cwd=ROOT, text=True, stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    [sys.executable, "-c", _SERVER],
+    cwd=ROOT,
+    text=True,
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    env={
+      **os.environ,
+      "PYTHONPATH": str(ROOT),
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    },
+  )
 
   def run_script(script, *args, env=None, cwd=ROOT):
     out, err = logs / "stdout", logs / "stderr"
-    server.stdin.write(json.dumps([str(script), list(map(str, args)), env or {}, str(out),
-                                   str(err), str(cwd)]) + "\n")
+    server.stdin.write(
+      json.dumps([str(script), list(map(str, args)), env or {}, str(out), str(err), str(cwd)])
+      + "\n"
+    )
     server.stdin.flush()
     code = server.stdout.readline()
     assert code, "the CLI server died"
-    return subprocess.CompletedProcess([script, *args], int(code), out.read_text(),
-                                       err.read_text())
+    return subprocess.CompletedProcess([script, *args], int(code), out.read_text(), err.read_text())
 
   yield run_script
   server.stdin.close()

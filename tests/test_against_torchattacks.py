@@ -4,6 +4,7 @@ robust accuracies within 0.5 percentage points, for a naturally and an
 adversarially trained `seed_cnn`, in L-infinity and L2. Trains both models
 (cached under runs/bench/) on first use: about 10 minutes on 2 CPU cores,
 then about half an hour for the attacks."""
+
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ pytest.importorskip("torchattacks")
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason="no shared/data/cifar10")
 def test_autoattack_agrees_with_torchattacks():
   from benchmarks import autoattack  # pylint: disable=g-import-not-at-top
+
   results = autoattack.main(["--images", "1000"])
   assert len(results) == 4
   for r in results:

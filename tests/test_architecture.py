@@ -1,4 +1,5 @@
 """The layering the README's architecture section promises, read from the imports."""
+
 import ast
 from pathlib import Path
 
@@ -7,8 +8,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxrobust"
 # Attacks are pure functions of a logits function: they never see how the model
 # was built, where the data came from, or how it is trained.
-ATTACKS_MAY_NOT_IMPORT = {"models", "data", "training", "objectives", "experiment", "config",
-                          "configs", "checkpoints", "evaluation", "programs", "cli"}
+ATTACKS_MAY_NOT_IMPORT = {
+  "models",
+  "data",
+  "training",
+  "objectives",
+  "experiment",
+  "config",
+  "configs",
+  "checkpoints",
+  "evaluation",
+  "programs",
+  "cli",
+}
 
 
 def _jaxrobust_imports(path):
@@ -19,8 +31,7 @@ def _jaxrobust_imports(path):
       parts = node.module.split(".")
       found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
     elif isinstance(node, ast.Import):
-      found.update(a.name.split(".")[1] for a in node.names
-                   if a.name.startswith("jaxrobust."))
+      found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("jaxrobust."))
   return found
 
 

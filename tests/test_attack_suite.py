@@ -4,6 +4,7 @@ Closed forms on linear models, equivalences between attacks, exact shares of a
 mixture, targets reached and strength on a small trained model, ball and box
 invariants, loop forms, and bad input.
 """
+
 import re
 
 import chex
@@ -22,7 +23,10 @@ TOL = 1e-5  # float32 rounding of x + d - x
 A = jr.attacks
 
 
-def run(attack, logits_fn, x, y, key=jax.random.key(1)):
+KEY = jax.random.key(1)
+
+
+def run(attack, logits_fn, x, y, key=KEY):
   return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 
 
@@ -57,8 +61,12 @@ def digits_mlp():
   test accuracy), and 100 test examples."""
   x, y = jr.data.load("digits", "train")
   x_test, y_test = jr.data.load("digits", "test")
-  params = {"w1": 0.1 * normal(0, (64, 32)), "b1": jnp.zeros(32),
-            "w2": 0.1 * normal(1, (32, 10)), "b2": jnp.zeros(10)}
+  params = {
+    "w1": 0.1 * normal(0, (64, 32)),
+    "b1": jnp.zeros(32),
+    "w2": 0.1 * normal(1, (32, 10)),
+    "b2": jnp.zeros(10),
+  }
 
   def apply(p, x):
     hidden = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
@@ -70,10 +78,12 @@ def digits_mlp():
   def train(p):
     def step(state, _):
       p, s = state
-      g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          apply(p, x), y).mean())(p)
+      g = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+      )(p)
       updates, s = opt.update(g, s)
       return (optax.apply_updates(p, updates), s), None
+
     return jax.lax.scan(step, (p, opt.init(p)), None, 200)[0][0]
 
   params = train(params)
@@ -81,6 +91,7 @@ def digits_mlp():
 
 
 # --- C&W L2 ---------------------------------------------------------------
+
 
 def test_cw_finds_the_closest_point_of_a_linear_classifier(linear_model):
   # Points at known distances t from the boundary w.x + b = 0 (moving along
@@ -121,8 +132,12 @@ def test_cw_returns_x_where_it_fails_and_reaches_targets():
   np.testing.assert_array_equal(failed, x)
   target = (label + 1 + jnp.arange(6) % 2) % 3
   for schedule in ({"steps": 100}, {"steps": 50, "schedule": "constant", "overshoot": 0.0}):
-    x_adv = run(A.cw_l2(binary_search_steps=5, lr=0.05, kappa=1.0, targeted=True, **schedule),
-                logits_fn, x, target)
+    x_adv = run(
+      A.cw_l2(binary_search_steps=5, lr=0.05, kappa=1.0, targeted=True, **schedule),
+      logits_fn,
+      x,
+      target,
+    )
     np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1), target)
     # kappa: the target wins by more than kappa.
     z = logits_fn(x_adv)
@@ -131,14 +146,16 @@ def test_cw_returns_x_where_it_fails_and_reaches_targets():
 
 # --- MI-FGSM and M-DI2-FGSM ------------------------------------------------
 
+
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5)])
 def test_mi_fgsm_without_momentum_is_iterated_fgsm(norm, eps):
   logits_fn = mlp()
   x = uniform(0, (5, 8, 8, 1))
   y = jnp.arange(5) % 4
   mi = run(A.mi_fgsm(eps=eps, steps=4, decay=0.0, norm=norm), logits_fn, x, y)
-  fgsm = run(A.pgd(eps=eps, steps=4, step_size=eps / 4, random_start=False, norm=norm),
-             logits_fn, x, y)
+  fgsm = run(
+    A.pgd(eps=eps, steps=4, step_size=eps / 4, random_start=False, norm=norm), logits_fn, x, y
+  )
   np.testing.assert_allclose(mi, fgsm, atol=1e-6)
 
 
@@ -148,7 +165,9 @@ def test_di_without_transformation_is_mi_fgsm():
   y = jnp.arange(5) % 4
   key = jax.random.key(7)
   mi = run(A.mi_fgsm(eps=0.1, steps=3), logits_fn, x, y, key)
-  np.testing.assert_array_equal(run(A.di_fgsm(eps=0.1, steps=3, prob=0.0), logits_fn, x, y, key), mi)
+  np.testing.assert_array_equal(
+    run(A.di_fgsm(eps=0.1, steps=3, prob=0.0), logits_fn, x, y, key), mi
+  )
   assert not np.array_equal(run(A.di_fgsm(eps=0.1, steps=3, prob=1.0), logits_fn, x, y, key), mi)
 
 
@@ -162,22 +181,27 @@ def test_di_transformation_shrinks_and_pads():
     shown = np.asarray(out[..., 0] > 0)
     rows, cols = np.flatnonzero(shown.any(1)), np.flatnonzero(shown.any(0))
     # One contiguous block of size in [rate * 20, 20], the rest zero ...
-    assert np.all(shown[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]) and shown.sum() == (
-        len(rows) * len(cols))
+    assert np.all(shown[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]) and shown.sum() == (
+      len(rows) * len(cols)
+    )
     assert np.all(np.diff(rows) == 1) and 20 * rate - 1 <= len(rows) <= 20
     assert abs(len(rows) - len(cols)) <= 1
     # ... whose pixels are pixels of the image (nearest neighbour, no blending).
-    block = np.asarray(out)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    block = np.asarray(out)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     assert np.isin(block, np.asarray(image)).all()
-  untouched = momentum.random_resize_and_pad(jnp.array([0.7, 0.2, 0.5, 0.5]), image,
-                                             prob=0.5, resize_rate=rate)
+  untouched = momentum.random_resize_and_pad(
+    jnp.array([0.7, 0.2, 0.5, 0.5]), image, prob=0.5, resize_rate=rate
+  )
   np.testing.assert_array_equal(untouched, image)
 
 
-@pytest.mark.parametrize("name, settings", [
+@pytest.mark.parametrize(
+  "name, settings",
+  [
     ("mi_fgsm", dict(eps=0.1, steps=3, norm="l2")),
     ("di_fgsm", dict(eps=0.1, steps=3, prob=0.7)),
-])
+  ],
+)
 def test_unrolled_and_fori_loop_forms_agree(name, settings):
   logits_fn = mlp()
   x = uniform(0, (4, 8, 8, 1))
@@ -194,12 +218,19 @@ def test_canonical_convolutions(monkeypatch):
   x = normal(0, (2, 3, 9, 10))
   kernel = normal(1, (6, 3, 3, 2))
   conv = lambda x: jax.lax.conv_general_dilated(  # NCHW, OIHW, strides, dilations
-      x, kernel, (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
-      dimension_numbers=("NCHW", "OIHW", "NHWC"))
+    x,
+    kernel,
+    (2, 1),
+    ((1, 2), (0, 1)),
+    lhs_dilation=(1, 2),
+    rhs_dilation=(2, 1),
+    dimension_numbers=("NCHW", "OIHW", "NHWC"),
+  )
   gradient = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x))))
   for f in (conv, gradient):
-    np.testing.assert_allclose(jax.jit(core.canonical_convolutions(f))(x), jax.jit(f)(x),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      jax.jit(core.canonical_convolutions(f))(x), jax.jit(f)(x), rtol=1e-4, atol=1e-4
+    )
 
   # The attacks' loop bodies hold only canonical convolutions (every attack
   # of the suite takes its gradients through the same helper). Small-channel
@@ -207,15 +238,21 @@ def test_canonical_convolutions(monkeypatch):
   monkeypatch.setattr(fastpath, "SMALL_CHANNELS", None)
   kernel = normal(1, (3, 3, 1, 2))
   logits_fn = lambda x: jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).mean((1, 2))
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  ).mean((1, 2))
   x, y = edge_batch(2), jnp.arange(2)
-  hlo = jax.jit(A.mi_fgsm(eps=0.1, steps=2), static_argnums=0).lower(
-      logits_fn, x, y, jax.random.key(0)).compile().as_text()
+  hlo = (
+    jax.jit(A.mi_fgsm(eps=0.1, steps=2), static_argnums=0)
+    .lower(logits_fn, x, y, jax.random.key(0))
+    .compile()
+    .as_text()
+  )
   assert re.search(r"while\(", hlo)
   assert set(re.findall(r"dim_labels=\w+_(\w+)->", hlo)) == {"01io"}
 
 
 # --- APGD --------------------------------------------------------------------
+
 
 def test_apgd_checkpoints():
   assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -247,8 +284,7 @@ def test_apgd_dlr_reaches_targets():
   logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w.T
   x = uniform(1, (10, 4, 4, 1))
   target = (jnp.argmax(logits_fn(x), -1) + 1 + jnp.arange(10) % 4) % 5
-  x_adv = run(A.apgd(norm="l2", eps=4.0, steps=20, loss="dlr", targeted=True),
-              logits_fn, x, target)
+  x_adv = run(A.apgd(norm="l2", eps=4.0, steps=20, loss="dlr", targeted=True), logits_fn, x, target)
   np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1), target)
 
 
@@ -262,12 +298,15 @@ def test_dlr_loss():
 
 # --- combinators ---------------------------------------------------------------
 
+
 def spy(value, seen):
   """An attack that records the batch sizes it is traced with and returns a
   constant image, so the output shows which attack handled each example."""
+
   def attack(logits_fn, x, y, key):
     seen.append((x.shape[0], y.shape[0], key.shape[0]))
     return jnp.full_like(x, value)
+
   return attack
 
 
@@ -307,14 +346,19 @@ def test_mixture_runs_each_attack_on_its_share_only():
   to_pgd = np.flatnonzero(size > 0.05 + TOL)
   assert len(to_pgd) == 4
   fold = lambda k, j: jax.vmap(jax.random.fold_in, (0, None))(k, j)
-  np.testing.assert_allclose(out[to_pgd], run(pgd, logits_fn, x[to_pgd], y[to_pgd],
-                                              fold(keys[to_pgd], 0)), atol=1e-6)
+  np.testing.assert_allclose(
+    out[to_pgd], run(pgd, logits_fn, x[to_pgd], y[to_pgd], fold(keys[to_pgd], 0)), atol=1e-6
+  )
 
 
 def test_worst_case_is_at_most_every_attack(digits_mlp):
   logits_fn, x, y = digits_mlp
-  attacks = [A.fgsm(eps=0.05), A.pgd(eps=0.05, steps=3, random_start=False),
-             A.mi_fgsm(eps=0.05, steps=3), A.fgsm(eps=0.5, norm="l2")]
+  attacks = [
+    A.fgsm(eps=0.05),
+    A.pgd(eps=0.05, steps=3, random_start=False),
+    A.mi_fgsm(eps=0.05, steps=3),
+    A.fgsm(eps=0.5, norm="l2"),
+  ]
   worst = run(A.worst_case(attacks), logits_fn, x, y)
   singles = [run(a, logits_fn, x, y) for a in attacks]
   robust = correct(logits_fn, worst, y)
@@ -328,8 +372,7 @@ def test_worst_case_is_at_most_every_attack(digits_mlp):
   np.testing.assert_allclose(loss(worst)[robust], highest[robust], rtol=1e-6)
 
 
-def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
-    linear_model):
+def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(linear_model):
   # Two fixed "attacks" on the linear model [0, w.x]: each adds its own
   # per-example shift along w. Logit z = w.x; true class 0, so an output
   # fools the model iff z > 0, and its loss is CE = log(1 + e^z).
@@ -337,8 +380,8 @@ def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
   logits_fn = linear_model(w)
   x = jnp.full((4, 2, 2, 1), 0.5)
   y = jnp.zeros(4, jnp.int32)
-  shift_a = jnp.asarray([0.1, 0.3, -0.3, -0.2])   # example 0: both fool, b more
-  shift_b = jnp.asarray([0.2, 0.1, -0.1, -0.4])   # 1: both fool, a more; 2, 3: none
+  shift_a = jnp.asarray([0.1, 0.3, -0.3, -0.2])  # example 0: both fool, b more
+  shift_b = jnp.asarray([0.2, 0.1, -0.1, -0.4])  # 1: both fool, a more; 2, 3: none
   first = lambda f, x, y, key: x + shift_a[:, None, None, None] - 0.5
   second = lambda f, x, y, key: x + shift_b[:, None, None, None] - 0.5
   # Ground truth in numpy: z = shift, loss = log(1 + e^z), per example.
@@ -355,8 +398,10 @@ def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
 
 
 def test_max_loss_is_an_attack_built_by_create():
-  parts = [{"name": "pgd", "norm": "l2", "eps": 0.5, "steps": 2},
-           {"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 2}]
+  parts = [
+    {"name": "pgd", "norm": "l2", "eps": 0.5, "steps": 2},
+    {"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 2},
+  ]
   attack = A.create("max_loss", attacks=parts)
   assert isinstance(attack, A.Attack) and attack.name == "max_loss"
   assert attack.norm is None and attack.stages == ()  # no shared ball, no cascade
@@ -370,8 +415,9 @@ def test_random_choice(per_example):
   x, y = edge_batch(16), jnp.arange(16) % 4
   seen = [[], []]
   attack = A.random_choice([spy(0.25, seen[0]), spy(0.75, seen[1])], per_example=per_example)
-  picks = np.stack([np.asarray(run(attack, logits_fn, x, y, jax.random.key(k)))[:, 0, 0, 0]
-                    for k in range(8)])
+  picks = np.stack(
+    [np.asarray(run(attack, logits_fn, x, y, jax.random.key(k)))[:, 0, 0, 0] for k in range(8)]
+  )
   assert set(np.unique(picks)) == {0.25, 0.75}
   if per_example:
     assert not all(len(set(p)) == 1 for p in picks)  # examples draw independently
@@ -383,12 +429,26 @@ def test_random_choice(per_example):
 def test_create_builds_combinators_recursively():
   logits_fn = mlp()
   x, y = edge_batch(6), jnp.arange(6) % 4
-  spec = {"name": "worst_case", "attacks": [
+  spec = {
+    "name": "worst_case",
+    "attacks": [
       {"name": "fgsm", "eps": 0.05},
-      {"name": "mixture", "weights": [0.5, 0.5], "attacks": [
-          {"name": "mi_fgsm", "eps": 0.05, "steps": 1}, {"name": "fgsm", "eps": 0.05, "norm": "l2"}]}]}
-  direct = A.worst_case([A.fgsm(eps=0.05), A.mixture(
-      [A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], [0.5, 0.5])])
+      {
+        "name": "mixture",
+        "weights": [0.5, 0.5],
+        "attacks": [
+          {"name": "mi_fgsm", "eps": 0.05, "steps": 1},
+          {"name": "fgsm", "eps": 0.05, "norm": "l2"},
+        ],
+      },
+    ],
+  }
+  direct = A.worst_case(
+    [
+      A.fgsm(eps=0.05),
+      A.mixture([A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], [0.5, 0.5]),
+    ]
+  )
   expected = run(direct, logits_fn, x, y)
   np.testing.assert_array_equal(run(A.create(spec), logits_fn, x, y), expected)
   np.testing.assert_array_equal(run(A.create(**spec), logits_fn, x, y), expected)
@@ -397,20 +457,42 @@ def test_create_builds_combinators_recursively():
 # --- invariants for every new attack ---------------------------------------------
 
 BALL_ATTACKS = [
-    ("mi_fgsm", dict(eps=0.1, steps=3), "linf", 0.1),
-    ("mi_fgsm", dict(eps=0.5, steps=3, norm="l2", decay=0.5, step_size=0.3), "l2", 0.5),
-    ("di_fgsm", dict(eps=0.1, steps=3, prob=1.0, resize_rate=0.7), "linf", 0.1),
-    ("di_fgsm", dict(eps=0.5, steps=3, norm="l2"), "l2", 0.5),
-    ("apgd", dict(eps=0.1, steps=4), "linf", 0.1),
-    ("apgd", dict(eps=0.5, steps=4, norm="l2", loss="dlr", restarts=2), "l2", 0.5),
-    ("apgd", dict(eps=0.05, steps=4, targeted=True), "linf", 0.05),
-    ("worst_case", dict(attacks=[{"name": "pgd", "eps": 0.1, "steps": 2},
-                                 {"name": "mi_fgsm", "eps": 0.1, "steps": 2}]), "linf", 0.1),
-    ("random_choice", dict(per_example=True, attacks=[
+  ("mi_fgsm", dict(eps=0.1, steps=3), "linf", 0.1),
+  ("mi_fgsm", dict(eps=0.5, steps=3, norm="l2", decay=0.5, step_size=0.3), "l2", 0.5),
+  ("di_fgsm", dict(eps=0.1, steps=3, prob=1.0, resize_rate=0.7), "linf", 0.1),
+  ("di_fgsm", dict(eps=0.5, steps=3, norm="l2"), "l2", 0.5),
+  ("apgd", dict(eps=0.1, steps=4), "linf", 0.1),
+  ("apgd", dict(eps=0.5, steps=4, norm="l2", loss="dlr", restarts=2), "l2", 0.5),
+  ("apgd", dict(eps=0.05, steps=4, targeted=True), "linf", 0.05),
+  (
+    "worst_case",
+    dict(
+      attacks=[{"name": "pgd", "eps": 0.1, "steps": 2}, {"name": "mi_fgsm", "eps": 0.1, "steps": 2}]
+    ),
+    "linf",
+    0.1,
+  ),
+  (
+    "random_choice",
+    dict(
+      per_example=True,
+      attacks=[
         {"name": "pgd", "eps": 0.5, "norm": "l2", "steps": 2},
-        {"name": "apgd", "eps": 0.5, "norm": "l2", "steps": 2}]), "l2", 0.5),
-    ("mixture", dict(weights=[0.5, 0.5], attacks=[
-        {"name": "fgsm", "eps": 0.1}, {"name": "di_fgsm", "eps": 0.1, "steps": 2}]), "linf", 0.1),
+        {"name": "apgd", "eps": 0.5, "norm": "l2", "steps": 2},
+      ],
+    ),
+    "l2",
+    0.5,
+  ),
+  (
+    "mixture",
+    dict(
+      weights=[0.5, 0.5],
+      attacks=[{"name": "fgsm", "eps": 0.1}, {"name": "di_fgsm", "eps": 0.1, "steps": 2}],
+    ),
+    "linf",
+    0.1,
+  ),
 ]
 
 
@@ -440,7 +522,10 @@ def test_cw_stays_in_box_and_moves():
 
 # --- bad input ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory, kwargs, message", [
+
+@pytest.mark.parametrize(
+  "factory, kwargs, message",
+  [
     (A.cw_l2, dict(steps=-1), "steps must be an integer >= 1, got -1"),
     (A.cw_l2, dict(steps=0), "steps"),
     (A.cw_l2, dict(binary_search_steps=-2), "binary_search_steps.*-2"),
@@ -465,7 +550,8 @@ def test_cw_stays_in_box_and_moves():
     (A.apgd, dict(eps=0.1, rho=1.5), "rho.*1.5"),
     (A.apgd, dict(eps=0.1, restarts=0), "restarts"),
     (A.apgd, dict(eps=0.1, norm="l1"), "'l1'"),
-])
+  ],
+)
 def test_bad_settings(factory, kwargs, message):
   with pytest.raises(checks.InputError, match=message):
     factory(**kwargs)
@@ -474,7 +560,9 @@ def test_bad_settings(factory, kwargs, message):
 PGD = A.pgd(eps=0.1, steps=1)
 
 
-@pytest.mark.parametrize("build, message", [
+@pytest.mark.parametrize(
+  "build, message",
+  [
     (lambda: A.worst_case([]), "non-empty list"),
     (lambda: A.random_choice([]), "non-empty list"),
     (lambda: A.mixture([], []), "non-empty list"),
@@ -487,7 +575,8 @@ PGD = A.pgd(eps=0.1, steps=1)
     (lambda: A.create({"eps": 0.1}), "needs a 'name'"),
     (lambda: A.create("mixture", attacks=[{"name": "pgd", "eps": 0.1}]), "weights"),
     (lambda: A.create("apgd", eps=0.1, step_size=0.1), "step_size"),
-])
+  ],
+)
 def test_bad_combinations(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()
@@ -508,14 +597,18 @@ def test_bad_inputs_at_call_time(linear_model):
 
 # --- compilation ---------------------------------------------------------------
 
-@pytest.mark.parametrize("factory, kwargs", [
+
+@pytest.mark.parametrize(
+  "factory, kwargs",
+  [
     (A.pgd, dict(eps=0.1, steps=3)),
     (A.pgd, dict(norm="l2", eps=0.5, steps=3, restarts=2)),
     (A.cw_l2, dict(steps=5, binary_search_steps=2)),
     (A.mi_fgsm, dict(eps=0.1, steps=3)),
     (A.di_fgsm, dict(eps=0.1, steps=3)),
     (A.apgd, dict(eps=0.1, steps=5, loss="dlr")),
-])
+  ],
+)
 def test_one_compilation_per_configuration_and_shape(factory, kwargs):
   chex.clear_trace_counter()  # chex counts per function across parameterised runs
   logits_fn = mlp()
@@ -534,6 +627,9 @@ def test_one_compilation_per_configuration_and_shape(factory, kwargs):
 def test_cw_program_size_does_not_grow_with_its_steps():
   # Both C&W loops are `fori_loop`s: 9 x 1000 steps compile like 1 x 10.
   logits_fn, x, y = mlp(), uniform(0, (2, 8, 8, 1)), jnp.array([0, 1])
-  size = lambda **kw: str(jax.make_jaxpr(  # lines of the program: one per operation
-      lambda x, y: A.cw_l2(**kw)(logits_fn, x, y, jax.random.key(0)))(x, y)).count("\n")
+  size = lambda **kw: str(
+    jax.make_jaxpr(  # lines of the program: one per operation
+      lambda x, y: A.cw_l2(**kw)(logits_fn, x, y, jax.random.key(0))
+    )(x, y)
+  ).count("\n")
   assert size(steps=1000, binary_search_steps=9) == size(steps=10, binary_search_steps=1)

@@ -17,7 +17,10 @@ def interior_batch(key, shape=(4, 6, 6, 1)):
   return jax.random.uniform(key, shape, minval=0.3, maxval=0.7)
 
 
-def run(attack, logits_fn, x, y, key=jax.random.key(1), **kw):
+KEY = jax.random.key(1)
+
+
+def run(attack, logits_fn, x, y, key=KEY, **kw):
   return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key, **kw)
 
 
@@ -39,8 +42,7 @@ def test_l2_pgd_reaches_the_linear_optimum(linear_model, random_start):
   w = jax.random.normal(jax.random.key(0), (6, 6, 1))
   x = interior_batch(jax.random.key(2))
   y = jnp.zeros(4, jnp.int32)
-  attack = jr.attacks.pgd(norm="l2", eps=0.5, step_size=0.25, steps=60,
-                          random_start=random_start)
+  attack = jr.attacks.pgd(norm="l2", eps=0.5, step_size=0.25, steps=60, random_start=random_start)
   x_adv = run(attack, linear_model(w), x, y)
   np.testing.assert_allclose(x_adv, x + 0.5 * w / jnp.linalg.norm(w), atol=1e-4)
 
@@ -49,21 +51,19 @@ def test_fgsm_is_one_signed_gradient_step(tiny_cnn):
   logits_fn = tiny_cnn()
   x = jax.random.uniform(jax.random.key(0), (5, 8, 8, 1))
   y = jnp.array([0, 1, 2, 0, 1])
-  loss = lambda x: jnp.sum(
-      jax.vmap(jr.attacks.losses.cross_entropy)(logits_fn(x), y))
+  loss = lambda x: jnp.sum(jax.vmap(jr.attacks.losses.cross_entropy)(logits_fn(x), y))
   expected = jnp.clip(x + 0.05 * jnp.sign(jax.grad(loss)(x)), 0, 1)
   x_adv = run(jr.attacks.fgsm(eps=0.05), logits_fn, x, y)
   np.testing.assert_allclose(x_adv, expected, atol=1e-6)
 
 
 OPTIONS = [
-    dict(norm="linf", eps=0.1),
-    dict(norm="linf", eps=0.3, random_start=False, loss="cw"),
-    dict(norm="linf", eps=0.05, restarts=3, targeted=True),
-    dict(norm="l2", eps=0.5),
-    dict(norm="l2", eps=2.0, restarts=2, loss="cw", targeted=True),
-    dict(norm="l2", eps=1.0, step_size=0.5, random_start=False,
-         loss=lambda z, y: -z[y]),
+  dict(norm="linf", eps=0.1),
+  dict(norm="linf", eps=0.3, random_start=False, loss="cw"),
+  dict(norm="linf", eps=0.05, restarts=3, targeted=True),
+  dict(norm="l2", eps=0.5),
+  dict(norm="l2", eps=2.0, restarts=2, loss="cw", targeted=True),
+  dict(norm="l2", eps=1.0, step_size=0.5, random_start=False, loss=lambda z, y: -z[y]),
 ]
 
 
@@ -77,7 +77,7 @@ def test_stays_in_ball_and_box(tiny_cnn, options):
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
   d = (x_adv - x).reshape(6, -1)
-  size = (jnp.abs(d).max(1) if options["norm"] == "linf" else jnp.linalg.norm(d, axis=1))
+  size = jnp.abs(d).max(1) if options["norm"] == "linf" else jnp.linalg.norm(d, axis=1)
   assert float(size.max()) <= options["eps"] * (1 + TOL)
   assert float(size.max()) > 0  # it moved
 
@@ -148,11 +148,14 @@ def test_eager_and_jit_agree(tiny_cnn):
   y = jnp.array([0, 1])
   attack = jr.attacks.pgd(eps=0.1, steps=1)
   key = jax.random.key(3)
-  np.testing.assert_allclose(attack(logits_fn, x, y, key),
-                             run(attack, logits_fn, x, y, key), atol=1e-6)
+  np.testing.assert_allclose(
+    attack(logits_fn, x, y, key), run(attack, logits_fn, x, y, key), atol=1e-6
+  )
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(eps=-0.1), "eps"),
     (dict(eps=0.0), "eps"),
     (dict(eps=float("nan")), "nan"),
@@ -162,13 +165,16 @@ def test_eager_and_jit_agree(tiny_cnn):
     (dict(eps=0.1, norm="l1"), "'l1'"),
     (dict(eps=0.1, loss="hinge"), "'hinge'"),
     (dict(eps=0.1, restarts=0), "restarts"),
-])
+  ],
+)
 def test_bad_settings(kwargs, message):
   with pytest.raises(checks.InputError, match=message):
     jr.attacks.pgd(**kwargs)
 
 
-@pytest.mark.parametrize("x, y, message", [
+@pytest.mark.parametrize(
+  "x, y, message",
+  [
     (np.full((2, 4, 4, 1), 1.5, np.float32), [0, 1], r"\[0, 1\].*1.5"),
     (np.full((2, 4, 4, 1), -0.5, np.float32), [0, 1], r"-0.5"),
     (np.full((2, 4, 4, 1), np.nan, np.float32), [0, 1], "NaN"),
@@ -176,7 +182,8 @@ def test_bad_settings(kwargs, message):
     (np.full((2, 4, 4, 1), 0.5, np.float32), [0, -1], r"-1"),
     (np.full((2, 4, 4, 1), 0.5, np.float32), [0, 1, 1], r"shape \(2,\)"),
     (np.full((16,), 0.5, np.float32), [0], r"rank"),
-])
+  ],
+)
 def test_bad_inputs(linear_model, x, y, message):
   attack = jr.attacks.pgd(eps=0.1, steps=1)
   logits_fn = linear_model(jnp.ones(16))
@@ -188,5 +195,6 @@ def test_bad_per_example_eps(linear_model):
   attack = jr.attacks.pgd(eps=0.1, steps=1)
   x = np.full((2, 4, 4, 1), 0.5, np.float32)
   with pytest.raises(checks.InputError, match="-0.2"):
-    attack(linear_model(jnp.ones(16)), x, np.array([0, 1]), jax.random.key(0),
-           eps=np.array([0.1, -0.2]))
+    attack(
+      linear_model(jnp.ones(16)), x, np.array([0, 1]), jax.random.key(0), eps=np.array([0.1, -0.2])
+    )

@@ -1,5 +1,6 @@
 """Augmentation on device: crops are slices of the padded image, flips are exact
 mirrors, and every draw depends only on the example's key."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +20,13 @@ def images(n, h=6, w=8, c=2, seed=0):
 def candidates(x, padding, mode, flip):
   """Every (dy, dx, mirrored) output of one image [H, W, C], by numpy slicing."""
   h, w = x.shape[:2]
-  padded = np.pad(x, ((padding,) * 2, (padding,) * 2, (0, 0)),
-                  mode="constant" if mode == "zero" else "reflect")
+  padded = np.pad(
+    x, ((padding,) * 2, (padding,) * 2, (0, 0)), mode="constant" if mode == "zero" else "reflect"
+  )
   out = {}
   for dy in range(2 * padding + 1):
     for dx in range(2 * padding + 1):
-      crop = padded[dy:dy + h, dx:dx + w]
+      crop = padded[dy : dy + h, dx : dx + w]
       out[(dy, dx, False)] = crop
       if flip:
         out[(dy, dx, True)] = crop[:, ::-1]
@@ -56,15 +58,17 @@ def test_crop_at_equals_numpy_slicing(mode):
   options = candidates(x, PAD, mode, flip=False)
   for dy, dx in [(0, 0), (PAD, PAD), (2 * PAD, 1), (3, 2 * PAD)]:
     np.testing.assert_array_equal(
-        augment.crop_at(jnp.asarray(x), dy, dx, padding=PAD, padding_mode=mode),
-        options[(dy, dx, False)])
+      augment.crop_at(jnp.asarray(x), dy, dx, padding=PAD, padding_mode=mode),
+      options[(dy, dx, False)],
+    )
   np.testing.assert_array_equal(augment.crop_at(x, PAD, PAD, padding=PAD), x)
 
 
 def test_flip_alone_is_an_exact_mirror_or_the_image():
   x = images(32)
-  out = np.asarray(augment.create("flip")(jnp.asarray(x),
-                                          keys_lib.example_keys(jax.random.key(1), 32)))
+  out = np.asarray(
+    augment.create("flip")(jnp.asarray(x), keys_lib.example_keys(jax.random.key(1), 32))
+  )
   mirrored = np.array([np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, x)])
   same = np.array([np.array_equal(o, xi) for o, xi in zip(out, x)])
   assert (mirrored ^ same).all() and mirrored.any() and same.any()
@@ -87,11 +91,14 @@ def test_draws_depend_on_the_example_index_only():
   assert len({o.tobytes() for o in outs}) > 4
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(name="cutout"), "data.augment 'cutout'"),
     (dict(name="crop_flip", padding_mode="wrap"), "data.padding_mode 'wrap'"),
     (dict(name="crop", padding=0), "data.crop_padding.*0"),
-])
+  ],
+)
 def test_bad_augmentation_settings(kwargs, match):
   with pytest.raises(checks.InputError, match=match):
     augment.create(**kwargs)

@@ -7,6 +7,7 @@ attacks' own projections), the sign-vertex optimum of a linear model, the
 cascade against every attack run on every example, an interrupted evaluation
 against an uninterrupted one.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,10 @@ A = jr.attacks
 TOL = 1e-5
 
 
-def run(attack, logits_fn, x, y, key=jax.random.key(1)):
+KEY = jax.random.key(1)
+
+
+def run(attack, logits_fn, x, y, key=KEY):
   return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 
 
@@ -65,19 +69,31 @@ def minimal_distance(w, b, x, y, norm):
       n = len(xi)
       if norm == "linf":
         res = scipy.optimize.linprog(
-            np.r_[np.zeros(n), 1.0], A_ub=np.vstack([
-                np.hstack([np.eye(n), -np.ones((n, 1))]),
-                np.hstack([-np.eye(n), -np.ones((n, 1))]),
-                np.r_[-v, 0.0][None]]),
-            b_ub=np.r_[np.zeros(2 * n), -c], bounds=bounds + [(0, None)])
+          np.r_[np.zeros(n), 1.0],
+          A_ub=np.vstack(
+            [
+              np.hstack([np.eye(n), -np.ones((n, 1))]),
+              np.hstack([-np.eye(n), -np.ones((n, 1))]),
+              np.r_[-v, 0.0][None],
+            ]
+          ),
+          b_ub=np.r_[np.zeros(2 * n), -c],
+          bounds=bounds + [(0, None)],
+        )
         if res.status == 0:
           best = min(best, res.x[-1])
       else:
         res = scipy.optimize.minimize(
-            lambda d: d @ d, np.zeros(n), jac=lambda d: 2 * d, bounds=bounds,
-            constraints=[{"type": "ineq", "fun": lambda d, v=v, c=c: v @ d - c,
-                          "jac": lambda d, v=v: v}],
-            method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+          lambda d: d @ d,
+          np.zeros(n),
+          jac=lambda d: 2 * d,
+          bounds=bounds,
+          constraints=[
+            {"type": "ineq", "fun": lambda d, v=v, c=c: v @ d - c, "jac": lambda d, v=v: v}
+          ],
+          method="SLSQP",
+          options={"ftol": 1e-14, "maxiter": 500},
+        )
         if res.success and v @ res.x >= c - 1e-7 * abs(c):
           best = min(best, np.linalg.norm(res.x))
     out.append(best)
@@ -101,13 +117,15 @@ def near_boundary():
 
 # --- losses and APGD-T ---------------------------------------------------------
 
+
 def test_targeted_dlr_by_hand():
   z = jnp.array([3.0, 1.0, 0.0, -1.0])
   # y = 0, t = 1: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
   np.testing.assert_allclose(A.losses.dlr_t(z, 0, 1), -(3 - 1) / (3 - (0 - 1) / 2), rtol=1e-6)
   np.testing.assert_allclose(A.losses.dlr_t(z, 2, 3), -(0 + 1) / 3.5, rtol=1e-6)
-  np.testing.assert_allclose(A.losses.dlr_t(7 * z - 2, 0, 1), A.losses.dlr_t(z, 0, 1),
-                             rtol=1e-6)  # shift and scale invariant
+  np.testing.assert_allclose(
+    A.losses.dlr_t(7 * z - 2, 0, 1), A.losses.dlr_t(z, 0, 1), rtol=1e-6
+  )  # shift and scale invariant
 
 
 def test_apgd_t_targets_and_success_rule():
@@ -122,8 +140,7 @@ def test_apgd_t_targets_and_success_rule():
   x = uniform(0, (6, 4, 4, 1))
   x[:, 0, 0, 0] = 0.5
   y = np.zeros(6, np.int32)
-  np.testing.assert_array_equal(np.argsort(-np.asarray(logits_fn(x)), -1)[:, :3],
-                                [[0, 1, 2]] * 6)
+  np.testing.assert_array_equal(np.argsort(-np.asarray(logits_fn(x)), -1)[:, :3], [[0, 1, 2]] * 6)
   key = jax.random.key(3)
   one = np.asarray(run(A.apgd_t(eps=0.1, steps=10, num_targets=1), logits_fn, x, y, key))
   np.testing.assert_array_equal(np.asarray(jnp.argmax(logits_fn(one), -1)), 2)
@@ -139,11 +156,13 @@ def test_apgd_t_targets_and_success_rule():
 
 def test_apgd_t_needs_four_classes():
   with pytest.raises(checks.InputError, match="apgd_t needs >= 4 classes, the model has 3"):
-    A.apgd_t(eps=0.1)(mlp(num_classes=3), uniform(0, (2, 4, 4, 3)), np.array([0, 1]),
-                      jax.random.key(0))
+    A.apgd_t(eps=0.1)(
+      mlp(num_classes=3), uniform(0, (2, 4, 4, 3)), np.array([0, 1]), jax.random.key(0)
+    )
 
 
 # --- FAB -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_hyperplane_projection_is_the_exact_optimum(norm):
@@ -153,20 +172,30 @@ def test_hyperplane_projection_is_the_exact_optimum(norm):
     w = rng.standard_normal(8)
     w[trial % 8] = 0.0 if trial % 3 == 0 else w[trial % 8]
     b = w @ t + rng.standard_normal() * 0.5
-    d = np.asarray(project_onto_hyperplane(jnp.asarray(t, jnp.float32),
-                                           jnp.asarray(w, jnp.float32), jnp.float32(b), norm))
+    d = np.asarray(
+      project_onto_hyperplane(
+        jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32), jnp.float32(b), norm
+      )
+    )
     assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
     side = np.sign(b - w @ t)  # the half-space beyond the hyperplane, seen from t
-    exact = minimal_distance(side * w[:, None] * np.array([[0.0, 1.0]]),
-                             np.array([0.0, -side * b]), t[None], np.array([0]), norm)[0]
+    exact = minimal_distance(
+      side * w[:, None] * np.array([[0.0, 1.0]]),
+      np.array([0.0, -side * b]),
+      t[None],
+      np.array([0]),
+      norm,
+    )[0]
     reachable = np.isfinite(exact)
     if reachable:  # on the hyperplane, at the minimal distance
       np.testing.assert_allclose(w @ (t + d), b, atol=1e-4)
-      np.testing.assert_allclose(np.abs(d).max() if norm == "linf" else np.linalg.norm(d),
-                                 exact, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(
+        np.abs(d).max() if norm == "linf" else np.linalg.norm(d), exact, rtol=1e-4, atol=1e-6
+      )
     else:  # the box's point on the hyperplane's side that is closest to it
-      np.testing.assert_allclose(d, np.where(w * np.sign(b - w @ t) > 0, 1 - t,
-                                             np.where(w != 0, -t, 0.0)), atol=1e-6)
+      np.testing.assert_allclose(
+        d, np.where(w * np.sign(b - w @ t) > 0, 1 - t, np.where(w != 0, -t, 0.0)), atol=1e-6
+      )
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -182,7 +211,10 @@ def test_minimal_norm_attacks_reach_the_minimum(near_boundary, norm):
     ratio = size(x_adv, x, norm) / minimal[norm]
     assert ratio.min() >= 1 - 1e-4, name  # nothing beats the optimum
     assert np.median(ratio) <= 1.01 and np.percentile(ratio, 90) <= 1.05, (
-        name, np.median(ratio), np.percentile(ratio, 90))
+      name,
+      np.median(ratio),
+      np.percentile(ratio, 90),
+    )
 
 
 def test_cw_paper_schedule_oscillates(near_boundary):
@@ -197,8 +229,10 @@ def test_fab_with_eps_keeps_ball_and_box(norm, eps):
   logits_fn = mlp()
   x = np.round(uniform(2, (6, 4, 4, 3)) * 2) / 2  # pixels at the box's faces
   y = np.asarray(jnp.argmax(logits_fn(x), -1))
-  for attack in (A.fab(norm=norm, eps=eps, steps=20, restarts=2),
-                 A.fab_t(norm=norm, eps=eps, steps=20, num_targets=2)):
+  for attack in (
+    A.fab(norm=norm, eps=eps, steps=20, restarts=2),
+    A.fab_t(norm=norm, eps=eps, steps=20, num_targets=2),
+  ):
     x_adv = np.asarray(run(attack, logits_fn, x, y))
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert np.all(size(x_adv, x, norm) <= eps * (1 + TOL))
@@ -208,13 +242,14 @@ def test_fab_with_eps_keeps_ball_and_box(norm, eps):
 
 # --- Square --------------------------------------------------------------------
 
+
 def test_square_eta_pattern():
   for s in (1, 2, 5, 6, 9):
     eta = _eta(s)
     np.testing.assert_allclose(np.linalg.norm(eta), 1.0, rtol=1e-6)
     if s > 1:  # opposite signs in the two halves, nested rectangles in each
-      assert np.all(eta[:s // 2] >= 0) and np.all(eta[s // 2:] <= 0)
-      assert eta[s // 4, s // 2] == eta[:s // 2].max()
+      assert np.all(eta[: s // 2] >= 0) and np.all(eta[s // 2 :] <= 0)
+      assert eta[s // 4, s // 2] == eta[: s // 2].max()
 
 
 def test_square_with_no_queries_returns_x():
@@ -249,6 +284,7 @@ def test_square_keeps_ball_and_box(norm, eps):
 
 # --- the suite as a cascade -------------------------------------------------------
 
+
 def tiny_suite(norm="linf", eps=0.04, version="standard"):
   return A.autoattack(norm=norm, eps=eps, version=version, steps=5, queries=30, num_targets=3)
 
@@ -256,13 +292,20 @@ def tiny_suite(norm="linf", eps=0.04, version="standard"):
 def test_autoattack_versions_and_spec():
   assert [s.label for s in tiny_suite().stages] == ["apgd-ce", "apgd-t", "fab-t", "square"]
   assert [s.label for s in tiny_suite(version="plus").stages] == [
-      "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    "apgd-ce",
+    "apgd-dlr",
+    "fab",
+    "square",
+    "apgd-t",
+    "fab-t",
+  ]
   rand = tiny_suite(version="rand")
   assert [s.label for s in rand.stages] == ["apgd-ce", "apgd-dlr"] and rand.stochastic
   standard = A.autoattack(eps=8 / 255)
-  assert [(s.options.get("steps"), s.options.get("num_targets"), s.options.get("queries"))
-          for s in standard.stages] == [(100, None, None), (100, 9, None), (100, 9, None),
-                                        (None, None, 5000)]
+  assert [
+    (s.options.get("steps"), s.options.get("num_targets"), s.options.get("queries"))
+    for s in standard.stages
+  ] == [(100, None, None), (100, 9, None), (100, 9, None), (None, None, 5000)]
   assert A.create(**standard.spec) == standard
   assert standard.norm == "linf" and standard.eps == pytest.approx(8 / 255)
 
@@ -287,8 +330,7 @@ def test_cascade_equals_every_attack_on_every_example(problem):
   variables, x, y = problem
   suite = tiny_suite()
   key = jax.random.key(7)
-  clean, outcomes = evaluation.run(apply_mlp, variables, x, y, {"aa": suite}, key=key,
-                                   batch_size=8)
+  clean, outcomes = evaluation.run(apply_mlp, variables, x, y, {"aa": suite}, key=key, batch_size=8)
   # Every stage on every example: the suite called as one attack.
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 0), jnp.arange(24))
   x_all = run(suite, lambda xb: apply_mlp(variables, xb), x, y, keys)
@@ -302,18 +344,22 @@ def test_cascade_equals_every_attack_on_every_example(problem):
 
 def test_report_of_a_cascade(problem):
   variables, x, y = problem
-  rep = evaluation.evaluate(apply_mlp, variables, x, y,
-                            {"aa": tiny_suite(), "pgd_l2": dict(name="pgd", norm="l2", eps=0.3,
-                                                                steps=3)},
-                            key=jax.random.key(7), batch_size=8)
+  rep = evaluation.evaluate(
+    apply_mlp,
+    variables,
+    x,
+    y,
+    {"aa": tiny_suite(), "pgd_l2": dict(name="pgd", norm="l2", eps=0.3, steps=3)},
+    key=jax.random.key(7),
+    batch_size=8,
+  )
   aa, pgd = rep["results"]
   assert [s["stage"] for s in aa["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
   accuracies = [s["accuracy"] for s in aa["stages"]]
   assert accuracies == sorted(accuracies, reverse=True) and accuracies[-1] == aa["accuracy"]
   assert aa["max_perturbation"] <= 0.04 * (1 + 1e-4) and aa["outside_ball"] == 0
   assert pgd["attacked"] == round(rep["clean_accuracy"] * 24)  # its own threat model
-  assert {(t["norm"], t["eps"]) for t in rep["threat_models"]} == {("linf", 0.04),
-                                                                  ("l2", 0.3)}
+  assert {(t["norm"], t["eps"]) for t in rep["threat_models"]} == {("linf", 0.04), ("l2", 0.3)}
   assert rep["worst_case_accuracy"] <= min(aa["accuracy"], pgd["accuracy"])
   rb = evaluation.robustbench_report(rep, "aa")
   assert rb["threat_model"] == "Linf" and rb["robust_acc"] == pytest.approx(100 * aa["accuracy"])
@@ -323,10 +369,26 @@ def test_report_of_a_cascade(problem):
 def test_results_do_not_depend_on_batch_size_or_devices(problem):
   variables, x, y = problem
   attacks = {"aa": tiny_suite()}
-  a = evaluation.run(apply_mlp, variables, x, y, attacks, key=jax.random.key(1),
-                     batch_size=4, mesh=jr.parallel.mesh(jax.devices()[:1]))[1]["aa"]
-  b = evaluation.run(apply_mlp, variables, x, y, attacks, key=jax.random.key(1),
-                     batch_size=24, mesh=jr.parallel.mesh(jax.devices()[:2]))[1]["aa"]
+  a = evaluation.run(
+    apply_mlp,
+    variables,
+    x,
+    y,
+    attacks,
+    key=jax.random.key(1),
+    batch_size=4,
+    mesh=jr.parallel.mesh(jax.devices()[:1]),
+  )[1]["aa"]
+  b = evaluation.run(
+    apply_mlp,
+    variables,
+    x,
+    y,
+    attacks,
+    key=jax.random.key(1),
+    batch_size=24,
+    mesh=jr.parallel.mesh(jax.devices()[:2]),
+  )[1]["aa"]
   np.testing.assert_array_equal(a.robust, b.robust)
   np.testing.assert_array_equal(a.fooled_by, b.fooled_by)
 
@@ -338,8 +400,9 @@ class Interrupt(Exception):
 def test_resumed_evaluation_equals_an_uninterrupted_one(problem, tmp_path):
   variables, x, y = problem
   attacks = {"aa": tiny_suite(), "pgd": dict(name="pgd", eps=0.05, steps=2)}
-  evaluate = lambda **kw: evaluation.evaluate(apply_mlp, variables, x, y, attacks,
-                                              key=jax.random.key(2), batch_size=4, **kw)
+  evaluate = lambda **kw: evaluation.evaluate(
+    apply_mlp, variables, x, y, attacks, key=jax.random.key(2), batch_size=4, **kw
+  )
   whole = evaluate()
   state = tmp_path / "eval_state.npz"
   calls = []
@@ -354,15 +417,25 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(problem, tmp_path):
   assert state.exists()
   resumed = evaluate(state_path=state)
   for a, b in zip(whole["results"], resumed["results"]):
-    assert a["accuracy"] == b["accuracy"] and a["stages"][-1] == {**b["stages"][-1],
-                                                                  "seconds": a["stages"][-1]["seconds"]}
+    assert a["accuracy"] == b["accuracy"] and a["stages"][-1] == {
+      **b["stages"][-1],
+      "seconds": a["stages"][-1]["seconds"],
+    }
   assert whole["worst_case_accuracy"] == resumed["worst_case_accuracy"]
   # A state file belongs to its evaluation: another model is refused, and the
   # file is left as it was.
   before = state.read_bytes()
   with pytest.raises(checks.InputError, match="belongs to another evaluation.*model"):
-    evaluation.evaluate(apply_mlp, {**variables, "scale": jnp.float32(2.0)}, x, y, attacks,
-                        key=jax.random.key(2), batch_size=4, state_path=state)
+    evaluation.evaluate(
+      apply_mlp,
+      {**variables, "scale": jnp.float32(2.0)},
+      x,
+      y,
+      attacks,
+      key=jax.random.key(2),
+      batch_size=4,
+      state_path=state,
+    )
   assert state.read_bytes() == before
 
 
@@ -384,13 +457,25 @@ def test_evaluation_compiles_each_attack_once(problem):
     return apply_mlp(variables, counted(xb))
 
   for eps in (0.05, 0.1, 0.2):
-    evaluation.evaluate(apply_counted, variables, x, y,
-                        {"pgd": dict(name="pgd", eps=eps, steps=2)},
-                        key=jax.random.key(0), batch_size=8)
+    evaluation.evaluate(
+      apply_counted,
+      variables,
+      x,
+      y,
+      {"pgd": dict(name="pgd", eps=eps, steps=2)},
+      key=jax.random.key(0),
+      batch_size=8,
+    )
   first = len(traced)
-  evaluation.evaluate(apply_counted, variables, x, y,
-                      {"pgd": dict(name="pgd", eps=0.3, steps=2)}, key=jax.random.key(0),
-                      batch_size=8)
+  evaluation.evaluate(
+    apply_counted,
+    variables,
+    x,
+    y,
+    {"pgd": dict(name="pgd", eps=0.3, steps=2)},
+    key=jax.random.key(0),
+    batch_size=8,
+  )
   assert first > 0 and len(traced) == first
 
 
@@ -419,8 +504,9 @@ def test_masked_gradients_are_flagged_and_square_breaks_them():
   model = sanity.model_checks(masked, variables, x, y)
   assert not next(c for c in model if "gradients" in c["check"])["passed"]
   suite = A.autoattack(eps=0.05, steps=10, queries=300, num_targets=3)
-  rep = evaluation.evaluate(masked, variables, x, y, {"aa": suite}, key=jax.random.key(0),
-                            batch_size=24)
+  rep = evaluation.evaluate(
+    masked, variables, x, y, {"aa": suite}, key=jax.random.key(0), batch_size=24
+  )
   stages = {s["stage"]: s["accuracy"] for s in rep["results"][0]["stages"]}
   assert stages["fab-t"] > 0.5  # the gradient attacks see nothing ...
   assert stages["square"] < stages["fab-t"] - 0.3  # ... Square breaks the model
@@ -439,7 +525,10 @@ def test_model_checks_flag_probabilities():
 
 # --- bad input ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("build, message", [
+
+@pytest.mark.parametrize(
+  "build, message",
+  [
     (lambda: A.autoattack(eps=0.1, version="strong"), "unknown version 'strong'"),
     (lambda: A.autoattack(eps=-0.1), "eps must be a finite number > 0, got -0.1"),
     (lambda: A.autoattack(eps=float("nan")), "eps must be a finite number > 0, got nan"),
@@ -452,7 +541,8 @@ def test_model_checks_flag_probabilities():
     (lambda: A.apgd_t(eps=0.1, num_targets=0), "num_targets"),
     (lambda: A.cw_l2(schedule="linear"), "unknown schedule 'linear'"),
     (lambda: A.cw_l2(overshoot=-1.0), "overshoot must be a finite number >= 0"),
-])
+  ],
+)
 def test_bad_settings(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()

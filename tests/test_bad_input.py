@@ -34,6 +34,7 @@ apply, so the case tested is a workdir below a regular file, which no user
 can create; train.py refuses both with "cannot write to workdir" before
 touching anything (it checks the nearest existing ancestor with os.access).
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -68,46 +69,52 @@ def untouched(snapshot, trained):
 # train.py: bad settings, refused before anything is read or written.
 
 TRAIN_SETTINGS = {
-    "eps negative": (["--config.train_attack.eps=-0.1"], ["eps", "-0.1"]),
-    "eps NaN": (["--config.train_attack.eps=nan"], ["eps", "nan"]),
-    "steps < 1": (["--config.train_attack.steps=0"], ["steps", "got 0"]),
-    "step_size <= 0": (["--config.train_attack.step_size=0.0"], ["step_size", "0.0"]),
-    "unknown norm": (["--config.train_attack.norm=l3"], ["'l3'"]),
-    "unknown attack": (["--config.train_attack.name=deepfool"], ["'deepfool'"]),
-    "unknown objective": (["--config.objective=free_at"], ["unknown objective 'free_at'"]),
-    "unknown augmentation": (["--config.data.augment=cutout"], ["unknown data.augment 'cutout'"]),
-    "unknown padding mode": (["--config.data.augment=crop", "--config.data.padding_mode=edge"],
-                             ["unknown data.padding_mode 'edge'"]),
-    "ema decay 1": (["--config.ema=1.0"], ["ema must lie in [0.0, 1.0), got 1.0"]),
-    "ema decay negative": (["--config.ema=-0.5"], ["ema must lie in", "-0.5"]),
-    "validation slice zero": (["--config.eval.every_epochs=1"],
-                              ["eval.validation_examples must be >= 1", "got 0"]),
-    "validation slice too large": (["--config.eval.every_epochs=1",
-                                    "--config.eval.validation_examples=5000"],
-                                   ["eval.validation_examples 5000 must be smaller"]),
-    "learning rate <= 0": (["--config.optimizer.learning_rate=-1.0"], ["learning_rate", "-1.0"]),
-    "unknown optimizer": (["--config.optimizer.name=rmsprop"], ["'rmsprop'"]),
-    "bad evaluation attack": (["--config.eval.attacks.pgd_l2.eps=-1.0"], ["eps", "-1.0"]),
-    "epochs < 1": (["--config.epochs=0"], ["epochs", "got 0"]),
-    "log interval < 1": (["--config.log_every_steps=0"], ["log_every_steps", "got 0"]),
-    "batch not divisible by the devices": (["--config.batch_size=33"],
-                                           ["batch_size 33", "divisible by the 2 devices"]),
-    "config key that does not exist": (["--config.no_such_key=1"], ["no_such_key"]),
-    "nested key that does not exist": (["--config.optimizer.momentun=0.5"], ["momentun"]),
-    "override value of the wrong type": (["--config.epochs=two"], ["two"]),
-    "override of a section by a value": (["--config.model=4"], ["--config.model=4"]),
-    "unknown packaged config": (["--config", "pgd_att"], ["'pgd_att'", "pgd_at, pgd_at_sn_noise"]),
-    "missing config file": (["--config", "configs/missing.py"],
-                            ["configs/missing.py", "not found"]),
-    "unknown model": (["--config.model.name=resnet9000"], ["'resnet9000'"]),
-    "unknown data set": (["--config.data.name=cifar11"], ["'cifar11'"]),
-    "missing data file": (["--config.data.name=npz:/nonexistent/d.npz"], ["/nonexistent/d.npz"]),
-    "tfds data set not prepared, offline": (
-        ["--config.data.name=tfds:mnist", "--config.data.data_dir=/nonexistent/tfds"],
-        ["tfds:mnist", "not prepared", "/nonexistent/tfds"]),
-    "num_processes < 1": (["--num_processes=0"], ["--num_processes", "got 0"]),
-    "process_id out of range": (["--num_processes=2", "--process_id=2"],
-                                ["--process_id", "got 2"]),
+  "eps negative": (["--config.train_attack.eps=-0.1"], ["eps", "-0.1"]),
+  "eps NaN": (["--config.train_attack.eps=nan"], ["eps", "nan"]),
+  "steps < 1": (["--config.train_attack.steps=0"], ["steps", "got 0"]),
+  "step_size <= 0": (["--config.train_attack.step_size=0.0"], ["step_size", "0.0"]),
+  "unknown norm": (["--config.train_attack.norm=l3"], ["'l3'"]),
+  "unknown attack": (["--config.train_attack.name=deepfool"], ["'deepfool'"]),
+  "unknown objective": (["--config.objective=free_at"], ["unknown objective 'free_at'"]),
+  "unknown augmentation": (["--config.data.augment=cutout"], ["unknown data.augment 'cutout'"]),
+  "unknown padding mode": (
+    ["--config.data.augment=crop", "--config.data.padding_mode=edge"],
+    ["unknown data.padding_mode 'edge'"],
+  ),
+  "ema decay 1": (["--config.ema=1.0"], ["ema must lie in [0.0, 1.0), got 1.0"]),
+  "ema decay negative": (["--config.ema=-0.5"], ["ema must lie in", "-0.5"]),
+  "validation slice zero": (
+    ["--config.eval.every_epochs=1"],
+    ["eval.validation_examples must be >= 1", "got 0"],
+  ),
+  "validation slice too large": (
+    ["--config.eval.every_epochs=1", "--config.eval.validation_examples=5000"],
+    ["eval.validation_examples 5000 must be smaller"],
+  ),
+  "learning rate <= 0": (["--config.optimizer.learning_rate=-1.0"], ["learning_rate", "-1.0"]),
+  "unknown optimizer": (["--config.optimizer.name=rmsprop"], ["'rmsprop'"]),
+  "bad evaluation attack": (["--config.eval.attacks.pgd_l2.eps=-1.0"], ["eps", "-1.0"]),
+  "epochs < 1": (["--config.epochs=0"], ["epochs", "got 0"]),
+  "log interval < 1": (["--config.log_every_steps=0"], ["log_every_steps", "got 0"]),
+  "batch not divisible by the devices": (
+    ["--config.batch_size=33"],
+    ["batch_size 33", "divisible by the 2 devices"],
+  ),
+  "config key that does not exist": (["--config.no_such_key=1"], ["no_such_key"]),
+  "nested key that does not exist": (["--config.optimizer.momentun=0.5"], ["momentun"]),
+  "override value of the wrong type": (["--config.epochs=two"], ["two"]),
+  "override of a section by a value": (["--config.model=4"], ["--config.model=4"]),
+  "unknown packaged config": (["--config", "pgd_att"], ["'pgd_att'", "pgd_at, pgd_at_sn_noise"]),
+  "missing config file": (["--config", "configs/missing.py"], ["configs/missing.py", "not found"]),
+  "unknown model": (["--config.model.name=resnet9000"], ["'resnet9000'"]),
+  "unknown data set": (["--config.data.name=cifar11"], ["'cifar11'"]),
+  "missing data file": (["--config.data.name=npz:/nonexistent/d.npz"], ["/nonexistent/d.npz"]),
+  "tfds data set not prepared, offline": (
+    ["--config.data.name=tfds:mnist", "--config.data.data_dir=/nonexistent/tfds"],
+    ["tfds:mnist", "not prepared", "/nonexistent/tfds"],
+  ),
+  "num_processes < 1": (["--num_processes=0"], ["--num_processes", "got 0"]),
+  "process_id out of range": (["--num_processes=2", "--process_id=2"], ["--process_id", "got 2"]),
 }
 
 
@@ -120,8 +127,10 @@ def test_train_refuses_a_bad_setting(args, fragments, cli, tmp_path):
 
 # train.py: bad data files.
 
+
 def png(path, pixels):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(pixels).save(path)
   return path
@@ -144,21 +153,27 @@ def npz_with(tmp_path, **arrays):
 GREY = np.full((8, 8, 8), 0.5, np.float32)
 LABELS = np.arange(8) % 2
 BAD_DATA = {
-    "non-image file in folder:": (
-        lambda p: folder_with(p, "notes.txt", b"not an image"), ["data/b/notes.txt"]),
-    "unreadable (truncated) image in folder:": (
-        lambda p: folder_with(p, "4.png", png(p / "x.png", GREY[0].astype(np.uint8))
-                              .read_bytes()[:40]), ["data/b/4.png"]),
-    "images outside [0, 1]": (
-        lambda p: npz_with(p, x=GREY * 3, y=LABELS), ["[0, 1]", "1.5"]),
-    "images with NaN": (
-        lambda p: npz_with(p, x=np.where(LABELS[:, None, None], np.nan, GREY), y=LABELS),
-        ["d.npz", "NaN"]),
-    "batch larger than the data set": (
-        lambda p: npz_with(p, x=GREY, y=LABELS), ["batch_size 64", "8 training examples"]),
-    "labels outside [0, num_classes)": (
-        lambda p: npz_with(p, x=GREY, y=LABELS * 7, class_names=np.array(["a", "b"])),
-        ["[0, 2)", "[7]"]),
+  "non-image file in folder:": (
+    lambda p: folder_with(p, "notes.txt", b"not an image"),
+    ["data/b/notes.txt"],
+  ),
+  "unreadable (truncated) image in folder:": (
+    lambda p: folder_with(p, "4.png", png(p / "x.png", GREY[0].astype(np.uint8)).read_bytes()[:40]),
+    ["data/b/4.png"],
+  ),
+  "images outside [0, 1]": (lambda p: npz_with(p, x=GREY * 3, y=LABELS), ["[0, 1]", "1.5"]),
+  "images with NaN": (
+    lambda p: npz_with(p, x=np.where(LABELS[:, None, None], np.nan, GREY), y=LABELS),
+    ["d.npz", "NaN"],
+  ),
+  "batch larger than the data set": (
+    lambda p: npz_with(p, x=GREY, y=LABELS),
+    ["batch_size 64", "8 training examples"],
+  ),
+  "labels outside [0, num_classes)": (
+    lambda p: npz_with(p, x=GREY, y=LABELS * 7, class_names=np.array(["a", "b"])),
+    ["[0, 2)", "[7]"],
+  ),
 }
 
 
@@ -166,13 +181,19 @@ BAD_DATA = {
 def test_train_refuses_bad_data(snapshot, make, fragments, cli, tmp_path):
   name = make(tmp_path)
   before = snapshot(tmp_path)
-  result = cli("train.py", "--workdir", tmp_path / "run", f"--config.data.name={name}",
-               env={"JAXROBUST_CACHE": str(tmp_path / "cache")})
+  result = cli(
+    "train.py",
+    "--workdir",
+    tmp_path / "run",
+    f"--config.data.name={name}",
+    env={"JAXROBUST_CACHE": str(tmp_path / "cache")},
+  )
   assert_user_error(result, *fragments)
   assert snapshot(tmp_path) == before
 
 
 # train.py: bad workdirs.
+
 
 def test_train_refuses_a_workdir_that_is_a_file(snapshot, cli, tmp_path):
   path = tmp_path / "file"
@@ -184,8 +205,11 @@ def test_train_refuses_a_workdir_that_is_a_file(snapshot, cli, tmp_path):
 def test_train_refuses_a_workdir_it_cannot_write(snapshot, cli, tmp_path):
   (tmp_path / "file").write_text("keep me")
   workdir = tmp_path / "file/run"
-  assert_user_error(cli("train.py", "--workdir", workdir),
-                    f"cannot write to workdir {str(workdir)!r}", str(tmp_path / "file"))
+  assert_user_error(
+    cli("train.py", "--workdir", workdir),
+    f"cannot write to workdir {str(workdir)!r}",
+    str(tmp_path / "file"),
+  )
   assert snapshot(tmp_path) == {Path("file"): b"keep me"}
 
 
@@ -202,29 +226,34 @@ def test_incompatible_checkpoint_is_refused_by_train_and_eval(snapshot, cli, tra
   config["model"]["width"] = 8
   (workdir / "config.json").write_text(json.dumps(config))
   before = snapshot(workdir)
-  message = [f"checkpoint {str(workdir.absolute() / 'checkpoints/2')!r} does not fit",
-             "params['Conv_0']['bias'] (4,) float32 where the model has (8,) float32"]
+  message = [
+    f"checkpoint {str(workdir.absolute() / 'checkpoints/2')!r} does not fit",
+    "params['Conv_0']['bias'] (4,) float32 where the model has (8,) float32",
+  ]
   assert_user_error(cli("eval.py", "--workdir", workdir), *message)
-  assert_user_error(cli("train.py", "--workdir", workdir, *NATURAL,
-                        "--config.model.width=8"), *message)
+  assert_user_error(
+    cli("train.py", "--workdir", workdir, *NATURAL, "--config.model.width=8"), *message
+  )
   assert snapshot(workdir) == before  # in particular, not moved aside as corrupt
 
 
 # eval.py
 
 EVAL_FLAGS = {
-    "unknown attack name": (["--attacks", "pgd_linf,fgsm_l7"], ["'fgsm_l7'"]),
-    "limit < 1": (["--limit", "-3"], ["limit", "-3"]),
-    "unknown split": (["--split", "validation"], ["validation"]),
-    "batch size < 1": (["--batch_size", "-5"], ["batch_size", "-5"]),
-    "unknown suite": (["--suite", "autoatack"], ["--suite", "'autoatack'"]),
-    "unknown version": (["--suite", "autoattack", "--version", "strong"], ["'strong'"]),
-    "unknown norm": (["--suite", "autoattack", "--norm", "l1"], ["--norm", "'l1'"]),
-    "eps <= 0": (["--suite", "autoattack", "--eps", "-0.1"], ["eps", "-0.1"]),
-    "eps NaN": (["--suite", "autoattack", "--eps", "nan"], ["eps", "nan"]),
-    "suite and attacks": (["--suite", "autoattack", "--attacks", "pgd_linf"],
-                          ["either --suite or --attacks"]),
-    "norm without a suite": (["--norm", "l2"], ["--norm and --eps set a --suite"]),
+  "unknown attack name": (["--attacks", "pgd_linf,fgsm_l7"], ["'fgsm_l7'"]),
+  "limit < 1": (["--limit", "-3"], ["limit", "-3"]),
+  "unknown split": (["--split", "validation"], ["validation"]),
+  "batch size < 1": (["--batch_size", "-5"], ["batch_size", "-5"]),
+  "unknown suite": (["--suite", "autoatack"], ["--suite", "'autoatack'"]),
+  "unknown version": (["--suite", "autoattack", "--version", "strong"], ["'strong'"]),
+  "unknown norm": (["--suite", "autoattack", "--norm", "l1"], ["--norm", "'l1'"]),
+  "eps <= 0": (["--suite", "autoattack", "--eps", "-0.1"], ["eps", "-0.1"]),
+  "eps NaN": (["--suite", "autoattack", "--eps", "nan"], ["eps", "nan"]),
+  "suite and attacks": (
+    ["--suite", "autoattack", "--attacks", "pgd_linf"],
+    ["either --suite or --attacks"],
+  ),
+  "norm without a suite": (["--norm", "l2"], ["--norm and --eps set a --suite"]),
 }
 
 
@@ -235,8 +264,11 @@ def test_eval_refuses_a_bad_flag(args, fragments, cli, untouched):
 
 def test_eval_refuses_a_state_file_that_is_not_one(cli, untouched):
   state = untouched / "config.json"
-  assert_user_error(cli("eval.py", "--workdir", untouched, "--attacks", "pgd_linf",
-                        "--state", state), "evaluation state", str(state))
+  assert_user_error(
+    cli("eval.py", "--workdir", untouched, "--attacks", "pgd_linf", "--state", state),
+    "evaluation state",
+    str(state),
+  )
 
 
 def test_eval_needs_a_workdir(cli):
@@ -251,8 +283,7 @@ def test_eval_refuses_a_directory_without_a_run(snapshot, cli, tmp_path):
 def test_eval_refuses_a_run_without_a_checkpoint(snapshot, cli, trained, tmp_path):
   shutil.copy(trained / "config.json", tmp_path / "config.json")
   before = snapshot(tmp_path)
-  assert_user_error(cli("eval.py", "--workdir", tmp_path), "no intact checkpoint",
-                    str(tmp_path))
+  assert_user_error(cli("eval.py", "--workdir", tmp_path), "no intact checkpoint", str(tmp_path))
   assert snapshot(tmp_path) == before  # no checkpoints/ directory made
 
 
@@ -270,13 +301,15 @@ def test_eval_refuses_an_unreadable_config(snapshot, cli, tmp_path):
 @pytest.fixture(scope="module")
 def wrn_state():
   pytest.importorskip("torch")
-  net = interop.twin("wide_resnet", num_classes=10, mean=(0.5,), std=(0.3,), depth=10, width=1,
-                     padding="torch")
+  net = interop.twin(
+    "wide_resnet", num_classes=10, mean=(0.5,), std=(0.3,), depth=10, width=1, padding="torch"
+  )
   return net.state_dict()
 
 
 def save_pt(path, state):
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
   return path
 
@@ -294,17 +327,18 @@ def torch_eval(cli, path, *args):
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(snapshot, cli, tmp_path):
   for name in ("model.pt", "model.safetensors"):
     (tmp_path / name).write_text("not a checkpoint\n")
-    assert_user_error(torch_eval(cli, tmp_path / name, "--arch", "wrn-10-1"),
-                      str(tmp_path / name), "cannot read")
-  assert_user_error(torch_eval(cli, tmp_path / "missing.pt", "--arch", "wrn-10-1"),
-                    "missing.pt", "not found")
+    assert_user_error(
+      torch_eval(cli, tmp_path / name, "--arch", "wrn-10-1"), str(tmp_path / name), "cannot read"
+    )
+  assert_user_error(
+    torch_eval(cli, tmp_path / "missing.pt", "--arch", "wrn-10-1"), "missing.pt", "not found"
+  )
 
 
 def test_eval_refuses_a_truncated_checkpoint(cli, wrn_state, tmp_path):
   path = save_pt(tmp_path / "model.pt", wrn_state)
   path.write_bytes(path.read_bytes()[:-100])
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"), str(path),
-                    "not one, or truncated")
+  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"), str(path), "not one, or truncated")
   path = tmp_path / "model.safetensors"
   interop.write_safetensors(path, {k: v.numpy() for k, v in wrn_state.items()})
   path.write_bytes(path.read_bytes()[:-100])
@@ -313,8 +347,11 @@ def test_eval_refuses_a_truncated_checkpoint(cli, wrn_state, tmp_path):
 
 def test_eval_refuses_a_checkpoint_of_another_architecture(cli, wrn_state, tmp_path):
   path = save_safetensors(tmp_path / "model.safetensors", wrn_state)
-  assert_user_error(torch_eval(cli, path, "--arch", "dm-wrn-10-1"),
-                    "does not fit arch 'dm-wrn-10-1'", "'init_conv.weight'")
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "dm-wrn-10-1"),
+    "does not fit arch 'dm-wrn-10-1'",
+    "'init_conv.weight'",
+  )
   assert_user_error(torch_eval(cli, path, "--arch", "wrn-28"), "unknown architecture 'wrn-28'")
   assert_user_error(torch_eval(cli, path), "records no architecture; pass --arch")
 
@@ -323,53 +360,78 @@ def test_eval_refuses_a_checkpoint_with_a_missing_key(cli, wrn_state, tmp_path):
   state = dict(wrn_state)
   del state["block3.layer.0.convShortcut.weight"]
   path = save_safetensors(tmp_path / "model.safetensors", state)
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
-                    "lacks 'block3.layer.0.convShortcut.weight'")
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1"), "lacks 'block3.layer.0.convShortcut.weight'"
+  )
 
 
 def test_eval_refuses_a_checkpoint_with_a_wrong_shape(cli, wrn_state, tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
-  path = save_safetensors(tmp_path / "model.safetensors",
-                         {**wrn_state, "fc.bias": torch.zeros(12)})
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
-                    "'fc.bias' has shape (12,) in the checkpoint, the architecture needs (10,)")
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-2"),
-                    "'block1.layer.0.bn2.weight' has shape (16,) in the checkpoint, the "
-                    "architecture needs (32,)")
+
+  path = save_safetensors(tmp_path / "model.safetensors", {**wrn_state, "fc.bias": torch.zeros(12)})
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1"),
+    "'fc.bias' has shape (12,) in the checkpoint, the architecture needs (10,)",
+  )
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-2"),
+    "'block1.layer.0.bn2.weight' has shape (16,) in the checkpoint, the architecture needs (32,)",
+  )
 
 
 def test_eval_refuses_a_checkpoint_that_does_not_fit_the_data(cli, tmp_path):
   pytest.importorskip("torch")
-  rgb = interop.twin("wide_resnet", num_classes=10, mean=(0.5,) * 3, std=(0.3,) * 3, depth=10,
-                     width=1, padding="torch")
+  rgb = interop.twin(
+    "wide_resnet",
+    num_classes=10,
+    mean=(0.5,) * 3,
+    std=(0.3,) * 3,
+    depth=10,
+    width=1,
+    padding="torch",
+  )
   path = save_safetensors(tmp_path / "rgb.safetensors", rgb.state_dict())
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
-                    "takes 3-channel images; data set 'digits' has 1 channels")
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1"),
+    "takes 3-channel images; data set 'digits' has 1 channels",
+  )
   five = interop.twin("wide_resnet", num_classes=5, mean=(0.5,), std=(0.3,), depth=10, width=1)
   path = save_safetensors(tmp_path / "five.safetensors", five.state_dict())
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1"),
-                    "has 5 classes; data set 'digits' has 10")
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1"), "has 5 classes; data set 'digits' has 10"
+  )
 
 
 def test_eval_refuses_bad_torch_checkpoint_flags(cli, wrn_state, trained, tmp_path):
   path = save_pt(tmp_path / "model.pt", wrn_state)
-  assert_user_error(cli("eval.py", "--torch-checkpoint", path, "--arch", "wrn-10-1"),
-                    "--torch-checkpoint needs --data")
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1", "--workdir", trained),
-                    "either --workdir or --torch-checkpoint")
-  assert_user_error(torch_eval(cli, path, "--arch", "wrn-10-1", "--certify"),
-                    "--certify needs a --workdir")
-  assert_user_error(cli("eval.py", "--workdir", trained, "--arch", "wrn-10-1"),
-                    "--arch and --data go with --torch-checkpoint")
+  assert_user_error(
+    cli("eval.py", "--torch-checkpoint", path, "--arch", "wrn-10-1"),
+    "--torch-checkpoint needs --data",
+  )
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1", "--workdir", trained),
+    "either --workdir or --torch-checkpoint",
+  )
+  assert_user_error(
+    torch_eval(cli, path, "--arch", "wrn-10-1", "--certify"), "--certify needs a --workdir"
+  )
+  assert_user_error(
+    cli("eval.py", "--workdir", trained, "--arch", "wrn-10-1"),
+    "--arch and --data go with --torch-checkpoint",
+  )
 
 
 def test_export_refuses_a_bad_file_name(snapshot, cli, untouched, tmp_path):
-  assert_user_error(cli("eval.py", "--workdir", untouched, "--export-torch",
-                        tmp_path / "model.onnx"), "'model.onnx'", ".safetensors")
+  assert_user_error(
+    cli("eval.py", "--workdir", untouched, "--export-torch", tmp_path / "model.onnx"),
+    "'model.onnx'",
+    ".safetensors",
+  )
   assert snapshot(tmp_path) == {}
 
 
 # Library API (what the command lines cannot reach)
+
 
 def test_write_atomic_names_a_path_it_cannot_write(snapshot, tmp_path):
   with pytest.raises(checks.InputError, match="missing/report.json"):

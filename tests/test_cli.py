@@ -1,5 +1,6 @@
 """train.py and eval.py end to end on digits. Their handling of bad input is
 catalogued in test_bad_input.py."""
+
 import json
 import os
 import subprocess
@@ -9,17 +10,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config.model.width=4", "--config.epochs=1", "--config.eval.limit=40",
-        "--config.train_attack.steps=1", "--config.eval.attacks.pgd_linf.steps=2",
-        "--config.eval.attacks.pgd_l2.steps=2", "--progress=false"]
-TINY_AUTOATTACK = ["--config.eval.attacks.autoattack_linf.steps=3",
-                   "--config.eval.attacks.autoattack_linf.queries=20"]
+TINY = [
+  "--config.model.width=4",
+  "--config.epochs=1",
+  "--config.eval.limit=40",
+  "--config.train_attack.steps=1",
+  "--config.eval.attacks.pgd_linf.steps=2",
+  "--config.eval.attacks.pgd_l2.steps=2",
+  "--progress=false",
+]
+TINY_AUTOATTACK = [
+  "--config.eval.attacks.autoattack_linf.steps=3",
+  "--config.eval.attacks.autoattack_linf.queries=20",
+]
 
 
 def cli(script, *args, cwd=ROOT):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
-                        capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+  return subprocess.run(
+    [sys.executable, str(ROOT / script), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=env,
+    timeout=600,
+  )
 
 
 @pytest.fixture(scope="module")

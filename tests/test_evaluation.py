@@ -1,4 +1,5 @@
 """Evaluation: the report, its sanity checks, transfer, and eval.py's modes."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from jaxrobust import config as config_lib
 from jaxrobust import evaluation, experiment, parallel, report, sanity
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"pgd_linf": dict(name="pgd", norm="linf", eps=0.1, steps=3),
-         "pgd_l2": dict(name="pgd", norm="l2", eps=0.5, steps=3)}
+SPECS = {
+  "pgd_linf": dict(name="pgd", norm="linf", eps=0.1, steps=3),
+  "pgd_l2": dict(name="pgd", norm="l2", eps=0.5, steps=3),
+}
 
 
 def linear_apply(variables, x):
@@ -31,14 +34,24 @@ def problem():
 
 
 def evaluate(variables, x, y, batch_size=4, mesh=None, source=None, individual=False):
-  return evaluation.evaluate(linear_apply, variables, x, y, SPECS, key=jax.random.key(3),
-                             batch_size=batch_size, mesh=mesh, source=source,
-                             individual=individual)
+  return evaluation.evaluate(
+    linear_apply,
+    variables,
+    x,
+    y,
+    SPECS,
+    key=jax.random.key(3),
+    batch_size=batch_size,
+    mesh=mesh,
+    source=source,
+    individual=individual,
+  )
 
 
 def per_example(variables, x, y, **kw):
-  clean, outcomes = evaluation.run(linear_apply, variables, x, y, SPECS,
-                                   key=jax.random.key(3), batch_size=4, **kw)
+  clean, outcomes = evaluation.run(
+    linear_apply, variables, x, y, SPECS, key=jax.random.key(3), batch_size=4, **kw
+  )
   return clean, {label: o.robust for label, o in outcomes.items()}
 
 
@@ -71,8 +84,8 @@ def test_cascade_within_a_threat_model_equals_individual_worst_case(problem):
   variables, x, y = problem
   specs = {"fgsm": dict(name="fgsm", eps=0.1), "pgd": SPECS["pgd_linf"]}
   run = lambda individual: evaluation.evaluate(
-      linear_apply, variables, x, y, specs, key=jax.random.key(3), batch_size=4,
-      individual=individual)
+    linear_apply, variables, x, y, specs, key=jax.random.key(3), batch_size=4, individual=individual
+  )
   cascade, individual = run(False), run(True)
   assert cascade["worst_case_accuracy"] == individual["worst_case_accuracy"]
   assert cascade["results"][1]["attacked"] <= individual["results"][1]["attacked"]
@@ -92,37 +105,46 @@ def test_transfer_from_the_same_model_equals_white_box(problem):
 
 def fake_evaluate(accuracy_of):
   """An `evaluate_specs` whose accuracy per label suffix is given."""
+
   def evaluate_specs(specs, **kw):
     del kw
     return {"results": [{"attack": l, "accuracy": accuracy_of(l)} for l in specs]}
+
   return evaluate_specs
 
 
 def row(label, accuracy, stages=()):
-  return {"attack": label, "accuracy": accuracy, "outside_ball": 0,
-          "stages": [{"stage": s, "accuracy": a} for s, a in stages]}
+  return {
+    "attack": label,
+    "accuracy": accuracy,
+    "outside_ball": 0,
+    "stages": [{"stage": s, "accuracy": a} for s, a in stages],
+  }
 
 
 def test_sanity_checks_pass_for_a_sane_model():
   rep = {"clean_accuracy": 0.9, "results": [row("pgd_linf", 0.5)]}
   acc = {"half": 0.7, "full": 0.5, "large": 0.02}
   checks = sanity.attack_checks(
-      rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_linf": SPECS["pgd_linf"]},
-      (4, 4, 1))
+    rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_linf": SPECS["pgd_linf"]}, (4, 4, 1)
+  )
   assert len(checks) == 3 and all(c["passed"] for c in checks)
   assert "WARNING" not in report.format_sanity(checks)
 
 
-@pytest.mark.parametrize("clean, acc, failed", [
+@pytest.mark.parametrize(
+  "clean, acc, failed",
+  [
     (0.4, {"half": 0.7, "full": 0.5, "large": 0.0}, "accuracy <= clean"),
     (0.9, {"half": 0.3, "full": 0.5, "large": 0.0}, "does not rise"),
     (0.9, {"half": 0.7, "full": 0.5, "large": 0.4}, "near 0"),
-])
+  ],
+)
 def test_sanity_checks_flag_gradient_masking(clean, acc, failed):
   rep = {"clean_accuracy": clean, "results": [row("pgd_l2", 0.5)]}
   checks = sanity.attack_checks(
-      rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_l2": SPECS["pgd_l2"]},
-      (4, 4, 1))
+    rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_l2": SPECS["pgd_l2"]}, (4, 4, 1)
+  )
   failures = [c["check"] for c in checks if not c["passed"]]
   assert len(failures) == 1 and failed in failures[0]
   assert "Gradient masking" in report.format_sanity(checks)
@@ -132,8 +154,12 @@ def test_certified_models_skip_the_large_eps_check():
   rep = {"clean_accuracy": 0.9, "results": [row("pgd_l2", 0.5)]}
   acc = {"half": 0.7, "full": 0.5, "large": 0.4}  # a certificate keeps it robust
   checks = sanity.attack_checks(
-      rep, fake_evaluate(lambda l: acc[l.split("@")[1]]), {"pgd_l2": SPECS["pgd_l2"]},
-      (4, 4, 1), certified=True)
+    rep,
+    fake_evaluate(lambda l: acc[l.split("@")[1]]),
+    {"pgd_l2": SPECS["pgd_l2"]},
+    (4, 4, 1),
+    certified=True,
+  )
   assert all(c["passed"] for c in checks) and not any("near 0" in c["check"] for c in checks)
 
 
@@ -157,6 +183,7 @@ def test_large_eps_reaches_grey_from_any_image():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   from jaxrobust.configs import common  # pylint: disable=g-import-not-at-top
+
   config = common.base()
   config.model = dict(name="small_cnn", width=4)
   config.epochs = 2
@@ -167,24 +194,42 @@ def trained_run(tmp_path_factory):
 
 def test_sanity_checks_on_a_trained_model_pass(trained_run):
   resolved, model, state = experiment.restore(trained_run)
-  specs = {"aa": dict(name="autoattack", norm="linf", eps=0.2, steps=10, queries=200),
-           "pgd_l2": resolved["eval"]["attacks"]["pgd_l2"]}
+  specs = {
+    "aa": dict(name="autoattack", norm="linf", eps=0.2, steps=10, queries=200),
+    "pgd_l2": resolved["eval"]["attacks"]["pgd_l2"],
+  }
   rep = experiment.evaluate(resolved, model, state, specs=specs, limit=60, sanity=True)
-  assert len(rep["sanity"]) == 3 + 3 + 4 and all(c["passed"] for c in rep["sanity"]), rep[
-      "sanity"]
+  assert len(rep["sanity"]) == 3 + 3 + 4 and all(c["passed"] for c in rep["sanity"]), rep["sanity"]
 
 
 def eval_cli(*args):
-  return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  return subprocess.run(
+    [sys.executable, str(ROOT / "eval.py"), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
 
 
 def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
   run = trained_run
   out = tmp_path / "sweep.json"
-  r = eval_cli("--workdir", run, "--limit", 20, "--sweep", "--sanity=false",
-               "--plot", tmp_path / "sweep.png", "--out", out,
-               "--config.eval.attacks.pgd_linf.steps=2", "--attacks", "pgd_linf")
+  r = eval_cli(
+    "--workdir",
+    run,
+    "--limit",
+    20,
+    "--sweep",
+    "--sanity=false",
+    "--plot",
+    tmp_path / "sweep.png",
+    "--out",
+    out,
+    "--config.eval.attacks.pgd_linf.steps=2",
+    "--attacks",
+    "pgd_linf",
+  )
   assert r.returncode == 0, r.stderr
   curve = json.loads(out.read_text())["sweep"]["pgd_linf"]
   assert [p["eps"] for p in curve] == pytest.approx([0.2 * f for f in (0.25, 0.5, 1, 1.5, 2, 3)])
@@ -192,14 +237,38 @@ def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
   assert accuracies[-1] <= accuracies[0]
   assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  r = eval_cli("--workdir", run, "--transfer-from", run, "--limit", 20,
-               "--attacks", "pgd_linf", "--out", tmp_path / "t.json")
+  r = eval_cli(
+    "--workdir",
+    run,
+    "--transfer-from",
+    run,
+    "--limit",
+    20,
+    "--attacks",
+    "pgd_linf",
+    "--out",
+    tmp_path / "t.json",
+  )
   assert r.returncode == 0, r.stderr
   assert "Transfer" in r.stdout
 
-  r = eval_cli("--workdir", run, "--certify", "--sigma", 0.25, "--n", 200,
-               "--n0", 20, "--limit", 10, "--plot", tmp_path / "c.png",
-               "--out", tmp_path / "c.json")
+  r = eval_cli(
+    "--workdir",
+    run,
+    "--certify",
+    "--sigma",
+    0.25,
+    "--n",
+    200,
+    "--n0",
+    20,
+    "--limit",
+    10,
+    "--plot",
+    tmp_path / "c.png",
+    "--out",
+    tmp_path / "c.json",
+  )
   assert r.returncode == 0, r.stderr
   rep = json.loads((tmp_path / "c.json").read_text())
   assert rep["num_examples"] == 10 and rep["radii"][0] == 0.0
@@ -211,8 +280,19 @@ def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
 
 def test_eval_autoattack_suite_resumes_from_its_state(trained_run, tmp_path):
   state, out = tmp_path / "aa.npz", tmp_path / "aa.json"
-  args = ["--workdir", trained_run, "--suite", "autoattack", "--limit", 12, "--sanity=false",
-          "--state", state, "--out", out]
+  args = [
+    "--workdir",
+    trained_run,
+    "--suite",
+    "autoattack",
+    "--limit",
+    12,
+    "--sanity=false",
+    "--state",
+    state,
+    "--out",
+    out,
+  ]
   r = eval_cli(*args)
   assert r.returncode == 0, r.stderr
   rep = json.loads(out.read_text())
@@ -240,11 +320,14 @@ def spectral_run(tmp_path_factory):
   """Three epochs of natural training (Adam) of a width-4 CNN, spectrally
   normalised (about 60 % test accuracy: normalised layers learn slowly)."""
   from jaxrobust.configs import common  # pylint: disable=g-import-not-at-top
+
   config = common.base()
-  config.model = dict(name="small_cnn", width=4,
-                      spectral=dict(mode="operator", target=1.0, n_steps=1, rescale="clip"))
-  config.optimizer = dict(name="adam", learning_rate=1e-2, schedule="cosine",
-                          warmup_steps=20, weight_decay=0.0)
+  config.model = dict(
+    name="small_cnn", width=4, spectral=dict(mode="operator", target=1.0, n_steps=1, rescale="clip")
+  )
+  config.optimizer = dict(
+    name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=20, weight_decay=0.0
+  )
   config.epochs = 3
   workdir = tmp_path_factory.mktemp("spectral") / "run"
   experiment.train(config, workdir, progress=False)
@@ -253,6 +336,7 @@ def spectral_run(tmp_path_factory):
 
 def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
   from jaxrobust import spectral  # pylint: disable=g-import-not-at-top
+
   resolved, model, state = spectral_run
   specs = {"pgd_l2": dict(name="pgd", norm="l2", eps=0.01, steps=10)}
   rep = experiment.evaluate(resolved, model, state, specs=specs, limit=100, lipschitz=True)
@@ -283,9 +367,19 @@ def test_lipschitz_sanity_flags_an_attack_beating_the_certificate():
   assert not check["passed"] and "0.2000 vs certified 0.3000" in check["detail"]
 
 
-@pytest.mark.parametrize("n, batch, devices, expected", [
-    (500, 500, 2, 500), (251, 500, 2, 500), (250, 500, 2, 250), (3, 500, 2, 16),
-    (17, 500, 2, 32), (9, 40, 1, 10), (1, 16, 2, 16), (300, 501, 3, 501)])
+@pytest.mark.parametrize(
+  "n, batch, devices, expected",
+  [
+    (500, 500, 2, 500),
+    (251, 500, 2, 500),
+    (250, 500, 2, 250),
+    (3, 500, 2, 16),
+    (17, 500, 2, 32),
+    (9, 40, 1, 10),
+    (1, 16, 2, 16),
+    (300, 501, 3, 501),
+  ],
+)
 def test_the_last_batch_shrinks_to_a_bucket_that_holds_it(n, batch, devices, expected):
   size = evaluation._bucket(n, batch, devices)
   assert size == expected and size >= n and size % devices == 0

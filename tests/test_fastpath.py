@@ -1,6 +1,7 @@
 """The CPU fast path: the same values and gradients as the untransformed
 function, the structure it promises (no select-and-scatter), and the JAX
 internals it reads."""
+
 from unittest import mock
 
 import flax.linen as nn
@@ -44,8 +45,12 @@ def assert_fast_is_exact(f, x, rtol=1e-4, atol=1e-5):
   attacks use it) and the gradient of the transformed function all agree."""
   loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))
   grad = jax.grad(loss(f))
-  assert_same([(f, fastpath.fast(f)), (grad, fastpath.fast(grad)),
-               (grad, jax.grad(loss(fastpath.fast(f))))], x, rtol=rtol, atol=atol)
+  assert_same(
+    [(f, fastpath.fast(f)), (grad, fastpath.fast(grad)), (grad, jax.grad(loss(fastpath.fast(f))))],
+    x,
+    rtol=rtol,
+    atol=atol,
+  )
 
 
 class LinenCNN(nn.Module):
@@ -60,7 +65,7 @@ class LinenCNN(nn.Module):
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = nn.BatchNorm(use_running_average=True)(x)
     x = nn.relu(nn.Conv(20, (3, 3), strides=(2, 2))(x))
-    x = nn.max_pool(x, (3, 3), strides=(3, 3), padding="SAME")   # padded windows
+    x = nn.max_pool(x, (3, 3), strides=(3, 3), padding="SAME")  # padded windows
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
@@ -71,7 +76,8 @@ def linen_fn():
   variables = jax.jit(model.init)(jax.random.key(1), x)
   # Non-trivial running statistics, so that BatchNorm is not the identity.
   stats = jax.jit(lambda s: jax.tree.map(lambda s: s + 0.3 * jnp.abs(normal(2, s.shape)), s))(
-      variables["batch_stats"])
+    variables["batch_stats"]
+  )
   variables = {**variables, "batch_stats": stats}
   return lambda x: model.apply(variables, x), x
 
@@ -84,7 +90,7 @@ def test_linen_model_values_and_gradients(linen_fn):
 def test_gradient_has_no_select_and_scatter(linen_fn):
   f, x = linen_fn
   g = jax.grad(lambda x: f(x).sum())
-  assert "select_and_scatter" in jax.jit(g).lower(x).as_text()   # the test can fail
+  assert "select_and_scatter" in jax.jit(g).lower(x).as_text()  # the test can fail
   for fast_g in (fastpath.fast(g), jax.grad(lambda x: fastpath.fast(f)(x).sum())):
     assert "select_and_scatter" not in jax.jit(fast_g).lower(x).as_text()
     compiled = jax.jit(fast_g).lower(x).compile().as_text()
@@ -95,13 +101,19 @@ def test_bare_lax_model_nchw():
   kernel, dense = normal(1, (8, 3, 3, 3)), normal(2, (8 * 4 * 4, 5))
 
   def f(x):  # NCHW, OIHW, strided and dilated convolution, lax pooling
-    y = lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(1, 1),
-                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y = lax.conv_general_dilated(
+      x,
+      kernel,
+      (1, 1),
+      ((1, 1), (1, 1)),
+      rhs_dilation=(1, 1),
+      dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
     y = lax.reduce_window(jnp.tanh(y), -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
     y = lax.reduce_window(y, 0.0, lax.add, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") / 4
     return y.reshape(y.shape[0], -1) @ dense
 
-  assert_fast_is_exact(f, normal(0, (3, 3, 17, 16)))   # 17: VALID drops a row
+  assert_fast_is_exact(f, normal(0, (3, 3, 17, 16)))  # 17: VALID drops a row
 
 
 def test_overlapping_and_dilated_windows_fall_back():
@@ -120,7 +132,7 @@ def test_ties_take_the_first_maximum_in_row_major_order():
   expected = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]], np.float32)
   np.testing.assert_array_equal(fast_grad, expected)
   np.testing.assert_array_equal(jax.grad(lambda x: pool(x).sum())(x)[0, :, :, 0], expected)
-  assert_fast_is_exact(pool, jnp.round(normal(1, (2, 8, 8, 3))))    # many ties
+  assert_fast_is_exact(pool, jnp.round(normal(1, (2, 8, 8, 3))))  # many ties
   # forward mode (select_and_gather_add) too
   jvp = lambda f: lambda x: jax.jvp(f, (x,), (normal(3, x.shape),))[1]
   assert_same([(jvp(pool), fastpath.fast(jvp(pool)))], jnp.round(normal(1, (2, 8, 8, 3))))
@@ -129,8 +141,9 @@ def test_ties_take_the_first_maximum_in_row_major_order():
 def test_inside_control_flow_jit_and_remat():
   pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
   w = normal(5, (3, 3, 2, 2))
-  conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x: lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   up = lambda y: jnp.repeat(jnp.repeat(y, 2, 1), 2, 2)
 
   def f(x):
@@ -169,7 +182,8 @@ def test_small_channel_convolutions_become_a_matrix_product():
   w = normal(1, (5, 5, 3, 6)) * 0.2
   for padding, strides in (("VALID", (1, 1)), ("SAME", (2, 1))):
     f = lambda x, strides=strides, padding=padding: lax.conv_general_dilated(
-        x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     x = normal(0, (2, 12, 11, 3))
     assert_fast_is_exact(f, x, rtol=1e-4, atol=1e-5)
     rewritten = primitives(jax.make_jaxpr(fastpath.fast(f))(x).jaxpr)
@@ -210,32 +224,50 @@ def test_pinned_jax_primitives_and_params():
   x = normal(0, (2, 8, 8, 3))
   (eqn,) = jax.make_jaxpr(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))(x).eqns
   assert eqn.primitive is lax.reduce_window_max_p and eqn.primitive.name == "reduce_window_max"
-  assert set(eqn.params) == {"window_dimensions", "window_strides", "padding",
-                             "base_dilation", "window_dilation"}
+  assert set(eqn.params) == {
+    "window_dimensions",
+    "window_strides",
+    "padding",
+    "base_dilation",
+    "window_dilation",
+  }
   assert eqn.params["window_dimensions"] == (1, 2, 2, 1)
-  names = [e.primitive.name for e in
-           jax.make_jaxpr(lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2)))(x).eqns]
+  names = [
+    e.primitive.name
+    for e in jax.make_jaxpr(lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2)))(x).eqns
+  ]
   assert names[0] == "reduce_window_sum"
 
   grad = jax.make_jaxpr(jax.grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)).sum()))(x)
   (scatter,) = [e for e in grad.eqns if e.primitive.name == "select_and_scatter_add"]
   assert scatter.params["select_prim"] is lax.ge_p
-  assert set(scatter.params) == {"select_prim", "window_dimensions", "window_strides",
-                                 "padding"}
+  assert set(scatter.params) == {"select_prim", "window_dimensions", "window_strides", "padding"}
   # The gradient of average-pooling: pad (k - 1 everywhere), then a stride-1 window sum.
   grad = jax.make_jaxpr(jax.grad(lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2)).sum()))(x)
   pads = [e for e in grad.eqns if e.primitive.name == "pad"]
-  assert [tuple(c) for c in pads[0].params["padding_config"]] == [(0, 0, 0), (1, 1, 1),
-                                                                (1, 1, 1), (0, 0, 0)]
+  assert [tuple(c) for c in pads[0].params["padding_config"]] == [
+    (0, 0, 0),
+    (1, 1, 1),
+    (1, 1, 1),
+    (0, 0, 0),
+  ]
   assert grad.eqns[-1].primitive.name == "reduce_window_sum"
   assert grad.eqns[-1].invars[0] is pads[0].outvars[0]
 
-  conv = jax.make_jaxpr(lambda x: nn.Conv(4, (3, 3)).init_with_output(
-      jax.random.key(0), x)[0])(x)
+  conv = jax.make_jaxpr(lambda x: nn.Conv(4, (3, 3)).init_with_output(jax.random.key(0), x)[0])(x)
   (c,) = [e for e in conv.eqns if e.primitive is lax.conv_general_dilated_p]
-  assert set(c.params) <= {"window_strides", "padding", "lhs_dilation", "rhs_dilation",
-                           "dimension_numbers", "feature_group_count", "batch_group_count",
-                           "precision", "preferred_element_type", "out_sharding"}
+  assert set(c.params) <= {
+    "window_strides",
+    "padding",
+    "lhs_dilation",
+    "rhs_dilation",
+    "dimension_numbers",
+    "feature_group_count",
+    "batch_group_count",
+    "precision",
+    "preferred_element_type",
+    "out_sharding",
+  }
   sub = jax.make_jaxpr(lambda x: jax.jit(jnp.sin)(x))(x).eqns[0]
   assert sub.primitive.name in fastpath._RULES and "jaxpr" in sub.params
   remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(x).eqns[0]

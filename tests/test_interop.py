@@ -6,6 +6,7 @@ whichever side the weights start on, and a Flax -> PyTorch -> Flax round trip
 returns the arrays it started from. The checkpoints of RobustBench's zoo are
 stood in for by small PyTorch networks written here in RobustBench's layout.
 """
+
 import functools
 import json
 import subprocess
@@ -29,14 +30,14 @@ ATOL = 1e-4
 
 # Every architecture, tiny: (arch, settings, image height and width).
 ARCHS = {
-    "small_cnn": ("small_cnn", dict(width=2), (12, 8)),
-    "seed_cnn": ("seed_cnn", {}, (20, 16)),
-    "preact-resnet-18": ("preact-resnet-18", dict(width=2), (8, 8)),
-    "resnet-18": ("resnet-18", dict(width=2), (8, 8)),
-    "wrn-10-1": ("wrn-10-1", {}, (8, 8)),
-    "wide_resnet (same, pads 0-1 then 1-1)": ("wide_resnet", dict(depth=10, width=1), (10, 10)),
-    # Swish: test_robustbench_checkpoints_load.
-    "dm-wrn-10-1 (relu)": ("dm-wrn-10-1", dict(activation="relu"), (8, 8)),
+  "small_cnn": ("small_cnn", dict(width=2), (12, 8)),
+  "seed_cnn": ("seed_cnn", {}, (20, 16)),
+  "preact-resnet-18": ("preact-resnet-18", dict(width=2), (8, 8)),
+  "resnet-18": ("resnet-18", dict(width=2), (8, 8)),
+  "wrn-10-1": ("wrn-10-1", {}, (8, 8)),
+  "wide_resnet (same, pads 0-1 then 1-1)": ("wide_resnet", dict(depth=10, width=1), (10, 10)),
+  # Swish: test_robustbench_checkpoints_load.
+  "dm-wrn-10-1 (relu)": ("dm-wrn-10-1", dict(activation="relu"), (8, 8)),
 }
 
 
@@ -85,6 +86,7 @@ def random_variables(model, hw, channels=3, seed=0):
     else:
       a = (name == "scale") + 0.2 * rng.normal(size=s.shape)
     return jnp.asarray(a, jnp.float32)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -101,10 +103,12 @@ def torch_logits(net, x):
 def test_torch_weights_give_the_same_logits_in_jaxrobust(arch, settings, hw):
   name, full = interop.architecture(arch, **settings)
   net = randomize_batch_norm(
-      interop.twin(name, num_classes=5, mean=MEAN, std=STD, input_hw=hw, **full), seed=0)
+    interop.twin(name, num_classes=5, mean=MEAN, std=STD, input_hw=hw, **full), seed=0
+  )
   x = images(hw)
-  model, variables = interop.from_torch(net.state_dict(), arch, input_hw=flatten_hw(name, hw),
-                                        **settings)
+  model, variables = interop.from_torch(
+    net.state_dict(), arch, input_hw=flatten_hw(name, hw), **settings
+  )
   assert model.mean == MEAN and model.std == STD and model.num_classes == 5
   expected = torch_logits(net, x)
   got = logits(model, variables, x)
@@ -120,11 +124,11 @@ def test_flax_weights_give_the_same_logits_in_torch_and_round_trip(arch, setting
   variables = random_variables(model, hw)
   net = interop.to_torch(model, variables, input_hw=flatten_hw(name, hw))
   assert not net.training
-  np.testing.assert_allclose(torch_logits(net, x), logits(model, variables, x),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(torch_logits(net, x), logits(model, variables, x), atol=ATOL, rtol=0)
 
-  back, back_variables = interop.from_torch(net.state_dict(), arch,
-                                            input_hw=flatten_hw(name, hw), **settings)
+  back, back_variables = interop.from_torch(
+    net.state_dict(), arch, input_hw=flatten_hw(name, hw), **settings
+  )
   assert back == model
   assert jax.tree.structure(back_variables) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back_variables)):
@@ -133,9 +137,16 @@ def test_flax_weights_give_the_same_logits_in_torch_and_round_trip(arch, setting
 
 # Real sizes: the PyTorch layout of the zoo's architectures, on the meta
 # device (shapes only, no memory), against the Flax model's.
-REAL = {"wrn-28-10": 36_479_194, "wrn-34-10": 46_160_474, "wrn-34-20": None,
-        "wrn-70-16": None, "dm-wrn-28-10": 36_479_194, "dm-wrn-70-16": None,
-        "resnet-18": 11_173_962, "preact-resnet-18": None}
+REAL = {
+  "wrn-28-10": 36_479_194,
+  "wrn-34-10": 46_160_474,
+  "wrn-34-20": None,
+  "wrn-70-16": None,
+  "dm-wrn-28-10": 36_479_194,
+  "dm-wrn-70-16": None,
+  "resnet-18": 11_173_962,
+  "preact-resnet-18": None,
+}
 
 
 @pytest.mark.parametrize("arch", REAL)
@@ -144,15 +155,18 @@ def test_real_size_layouts_match_robustbench(arch):
   model = jr.models.create(name, num_classes=10, mean=MEAN, std=STD, **settings)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   shapes = jax.tree.map(lambda s: s.shape, shapes)
-  want = {key: (() if kind == "count" else interop._torch_shape(kind, interop._get(shapes, path)))
-          for key, path, kind in interop.layout(model, shapes["params"])}
+  want = {
+    key: (() if kind == "count" else interop._torch_shape(kind, interop._get(shapes, path)))
+    for key, path, kind in interop.layout(model, shapes["params"])
+  }
   with torch.device("meta"):
     net = interop.twin(name, num_classes=10, mean=MEAN, std=STD, **settings)
   got = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in ("mean", "std")}
   assert got == want
   n_params = sum(p.numel() for p in net.parameters())
-  assert n_params == sum(np.prod(s) for s in jax.tree.leaves(
-      shapes["params"], is_leaf=lambda s: isinstance(s, tuple)))
+  assert n_params == sum(
+    np.prod(s) for s in jax.tree.leaves(shapes["params"], is_leaf=lambda s: isinstance(s, tuple))
+  )
   if REAL[arch] is not None:
     assert n_params == REAL[arch]
   if arch == "wrn-28-10":
@@ -170,7 +184,6 @@ def test_real_size_layouts_match_robustbench(arch):
 
 
 class RBDMBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.batchnorm_0 = nn.BatchNorm2d(cin)
@@ -191,26 +204,26 @@ class RBDMBlock(nn.Module):
 
 
 class RBDMGroup(nn.Module):
-
   def __init__(self, n, cin, cout, stride):
     super().__init__()
-    self.block = nn.Sequential(*[RBDMBlock(cin if i == 0 else cout, cout,
-                                           stride if i == 0 else 1) for i in range(n)])
+    self.block = nn.Sequential(
+      *[RBDMBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+    )
 
   def forward(self, x):
     return self.block(x)
 
 
 class RBDMWideResNet(nn.Module):
-
   def __init__(self, depth, width, mean, std, num_classes=10):
     super().__init__()
     n, c = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
     self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1))
     self.register_buffer("std", torch.tensor(std).view(3, 1, 1))
     self.init_conv = nn.Conv2d(3, 16, 3, 1, padding=1, bias=False)
-    self.layer = nn.Sequential(RBDMGroup(n, c[0], c[1], 1), RBDMGroup(n, c[1], c[2], 2),
-                               RBDMGroup(n, c[2], c[3], 2))
+    self.layer = nn.Sequential(
+      RBDMGroup(n, c[0], c[1], 1), RBDMGroup(n, c[1], c[2], 2), RBDMGroup(n, c[2], c[3], 2)
+    )
     self.batchnorm = nn.BatchNorm2d(c[3])
     self.logits = nn.Linear(c[3], num_classes)
 
@@ -222,7 +235,6 @@ class RBDMWideResNet(nn.Module):
 
 
 class RBBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
@@ -239,18 +251,17 @@ class RBBlock(nn.Module):
 
 
 class RBNetworkBlock(nn.Module):
-
   def __init__(self, n, cin, cout, stride):
     super().__init__()
-    self.layer = nn.Sequential(*[RBBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
-                                 for i in range(n)])
+    self.layer = nn.Sequential(
+      *[RBBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+    )
 
   def forward(self, x):
     return self.layer(x)
 
 
 class RBWideResNet(nn.Module):
-
   def __init__(self, depth, width, num_classes=10):
     super().__init__()
     n, c = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
@@ -267,10 +278,13 @@ class RBWideResNet(nn.Module):
     return self.fc(out.flatten(1))
 
 
-@pytest.mark.parametrize("arch, net, wrap", [
+@pytest.mark.parametrize(
+  "arch, net, wrap",
+  [
     ("dm-wrn-10-2", lambda: RBDMWideResNet(10, 2, MEAN, STD), "state_dict"),
     ("wrn-10-2", lambda: RBWideResNet(10, 2), "model"),
-])
+  ],
+)
 def test_robustbench_checkpoints_load(arch, net, wrap, tmp_path):
   # As RobustBench stores them: saved from nn.DataParallel ("module."),
   # nested under a key; read back from the file.
@@ -279,13 +293,17 @@ def test_robustbench_checkpoints_load(arch, net, wrap, tmp_path):
   path = tmp_path / "model.pt"
   state = net.state_dict()
   if arch.startswith("wrn"):  # TRADES' checkpoints keep an unused copy of block1
-    state.update({k.replace("block1.", "sub_block1.", 1): torch.zeros_like(v)
-                  for k, v in state.items() if k.startswith("block1.")})
+    state.update(
+      {
+        k.replace("block1.", "sub_block1.", 1): torch.zeros_like(v)
+        for k, v in state.items()
+        if k.startswith("block1.")
+      }
+    )
   torch.save({wrap: {f"module.{k}": v for k, v in state.items()}}, path)
   model, variables = interop.from_torch(interop.load_checkpoint(path), arch)
   x = images((32, 32), n=4)
-  np.testing.assert_allclose(logits(model, variables, x), torch_logits(net, x),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits(model, variables, x), torch_logits(net, x), atol=ATOL, rtol=0)
   if arch.startswith("dm"):
     assert model.activation == "swish" and model.mean == pytest.approx(MEAN)
   else:  # RobustBench's plain models take [0, 1]: no normalisation
@@ -298,8 +316,9 @@ def test_mean_and_std_without_buffers_come_from_the_settings():
   model, variables = interop.from_torch(net.state_dict(), "wrn-10-1", mean=MEAN, std=STD)
   x = images((32, 32))
   normalised = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-  np.testing.assert_allclose(logits(model, variables, x),
-                             torch_logits(net, normalised), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+    logits(model, variables, x), torch_logits(net, normalised), atol=ATOL, rtol=0
+  )
 
 
 # Files.
@@ -326,8 +345,11 @@ def test_save_checkpoint_round_trips_and_records_the_architecture(suffix, tmp_pa
 
 
 def test_safetensors_are_read_with_numpy(tmp_path):
-  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int64),
-             "c": np.array([0.5, 1.5], np.float16)}
+  tensors = {
+    "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "b": np.array([1, -2], np.int64),
+    "c": np.array([0.5, 1.5], np.float16),
+  }
   path = tmp_path / "t.safetensors"
   interop.write_safetensors(path, tensors, {"arch": "x"})
   got = interop.read_safetensors(path)
@@ -339,26 +361,29 @@ def test_safetensors_are_read_with_numpy(tmp_path):
   raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
   header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
   (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw)
-  np.testing.assert_array_equal(interop.read_safetensors(tmp_path / "bf16.safetensors")["w"],
-                                values)
+  np.testing.assert_array_equal(
+    interop.read_safetensors(tmp_path / "bf16.safetensors")["w"], values
+  )
 
 
 def test_torch_tensors_in_bfloat16_are_read():
-  net = interop.twin("small_cnn", num_classes=3, mean=(0.5,), std=(0.5,), width=2,
-                     input_hw=(8, 8))
-  state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-           for k, v in net.state_dict().items()}
+  net = interop.twin("small_cnn", num_classes=3, mean=(0.5,), std=(0.5,), width=2, input_hw=(8, 8))
+  state = {
+    k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net.state_dict().items()
+  }
   model, variables = interop.from_torch(state, "small_cnn", width=2)
-  np.testing.assert_array_equal(np.asarray(variables["params"]["Conv_0"]["bias"]),
-                                state["convs.0.bias"].float().numpy())
+  np.testing.assert_array_equal(
+    np.asarray(variables["params"]["Conv_0"]["bias"]), state["convs.0.bias"].float().numpy()
+  )
 
 
 # Bad input: one clear InputError naming what is wrong.
 
 
 def tiny_wrn_state():
-  return interop.twin("wide_resnet", num_classes=10, mean=MEAN, std=STD, depth=10, width=1,
-                      padding="torch").state_dict()
+  return interop.twin(
+    "wide_resnet", num_classes=10, mean=MEAN, std=STD, depth=10, width=1, padding="torch"
+  ).state_dict()
 
 
 def test_a_missing_key_is_named():
@@ -378,27 +403,36 @@ def test_an_unknown_key_is_named():
 def test_a_wrong_shape_names_the_key_and_both_shapes():
   state = tiny_wrn_state()
   state["block2.layer.0.conv1.weight"] = torch.zeros(32, 16, 5, 5)
-  with pytest.raises(jr.InputError, match=r"'block2.layer.0.conv1.weight' has shape "
-                     r"\(32, 16, 5, 5\) in the checkpoint, the architecture needs "
-                     r"\(32, 16, 3, 3\)"):
+  with pytest.raises(
+    jr.InputError,
+    match=r"'block2.layer.0.conv1.weight' has shape "
+    r"\(32, 16, 5, 5\) in the checkpoint, the architecture needs "
+    r"\(32, 16, 3, 3\)",
+  ):
     interop.from_torch(state, "wrn-10-1")
 
 
 def test_a_checkpoint_of_another_architecture_is_refused():
   with pytest.raises(jr.InputError, match=r"does not fit arch 'dm-wrn-10-1'.*'init_conv.weight'"):
     interop.from_torch(tiny_wrn_state(), "dm-wrn-10-1")
-  with pytest.raises(jr.InputError, match=r"'wrn-16-1': it lacks 'block1.layer.1.bn1.bias' "
-                     r"\(and \d+ more\)"):
+  with pytest.raises(
+    jr.InputError,
+    match=r"'wrn-16-1': it lacks 'block1.layer.1.bn1.bias' "
+    r"\(and \d+ more\)",
+  ):
     interop.from_torch(tiny_wrn_state(), "wrn-16-1")
   with pytest.raises(jr.InputError, match="unknown architecture 'wrn28'"):
     interop.from_torch(tiny_wrn_state(), "wrn28")
 
 
-@pytest.mark.parametrize("content, fragment", [
+@pytest.mark.parametrize(
+  "content, fragment",
+  [
     (b"", "shorter than the 8-byte header"),
     (b"\xff" * 8 + b"{}", "truncated, or not safetensors"),
     ((2).to_bytes(8, "little") + b"no", "not JSON"),
-])
+  ],
+)
 def test_bad_safetensors_are_refused(content, fragment, tmp_path):
   path = tmp_path / "bad.safetensors"
   path.write_bytes(content)
@@ -427,8 +461,9 @@ def test_truncated_files_are_refused(tmp_path):
 def test_unsupported_models_are_refused():
   with pytest.raises(jr.InputError, match="no PyTorch converter"):
     interop.to_torch(object(), {})
-  spectral = jr.models.create("small_cnn", num_classes=3, mean=(0.5,), std=(0.5,), width=2,
-                              spectral=dict(mode="operator"))
+  spectral = jr.models.create(
+    "small_cnn", num_classes=3, mean=(0.5,), std=(0.5,), width=2, spectral=dict(mode="operator")
+  )
   variables = random_variables(spectral, (8, 8), channels=1)
   with pytest.raises(jr.InputError, match="spectral normalisation"):
     interop.to_torch(spectral, variables)
@@ -437,10 +472,13 @@ def test_unsupported_models_are_refused():
 def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path):
   # `import jaxrobust` (and interop) never imports torch; asking for it without
   # torch installed says how to install it.
-  code = ("import sys, jaxrobust; jaxrobust.interop.read_safetensors; "
-          "assert 'torch' not in sys.modules, 'torch imported'")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+  code = (
+    "import sys, jaxrobust; jaxrobust.interop.read_safetensors; "
+    "assert 'torch' not in sys.modules, 'torch imported'"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr
   monkeypatch.setitem(sys.modules, "torch", None)  # what Python does for a missing package
   with pytest.raises(jr.InputError, match=r'pip install "jaxrobust\[torch\]"'):
@@ -478,6 +516,7 @@ def test_eval_exports_a_run_and_evaluates_the_checkpoint(cli, trained, tmp_path)
   # `trained`: a digits run of the small CNN, width 4 (conftest).
   workdir = trained
   from jaxrobust import data, experiment  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "small.pt"
   result = cli("eval.py", "--workdir", workdir, "--export-torch", out)
   assert result.returncode == 0, result.stderr
@@ -485,16 +524,32 @@ def test_eval_exports_a_run_and_evaluates_the_checkpoint(cli, trained, tmp_path)
   _, model, state = experiment.restore(workdir)
   checkpoint = interop.load_checkpoint(out)
   assert interop.checkpoint_architecture(checkpoint) == (
-      "small_cnn", dict(width=4, input_hw=[8, 8]))
+    "small_cnn",
+    dict(width=4, input_hw=[8, 8]),
+  )
   _, variables = interop.from_torch(checkpoint, "small_cnn", width=4)
   for a, b in zip(jax.tree.leaves(jax.device_get(state.variables)), jax.tree.leaves(variables)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
   # Evaluated without the workdir (the checkpoint also records its architecture).
   report = tmp_path / "report.json"
-  result = cli("eval.py", "--torch-checkpoint", out, "--arch", "small_cnn", "--data", "digits",
-               "--attacks", "pgd_linf", "--config.eval.attacks.pgd_linf.steps=2",
-               "--limit", 16, "--sanity=false", "--out", report)
+  result = cli(
+    "eval.py",
+    "--torch-checkpoint",
+    out,
+    "--arch",
+    "small_cnn",
+    "--data",
+    "digits",
+    "--attacks",
+    "pgd_linf",
+    "--config.eval.attacks.pgd_linf.steps=2",
+    "--limit",
+    16,
+    "--sanity=false",
+    "--out",
+    report,
+  )
   assert result.returncode == 0, result.stderr
   assert f"PyTorch checkpoint {out}: arch small_cnn" in result.stdout
   assert "data digits (test split" in result.stdout

@@ -1,4 +1,5 @@
 """Training objectives, spectral normalisation and randomized models in training."""
+
 import functools
 import importlib
 
@@ -11,8 +12,19 @@ import pytest
 from jaxrobust import attacks, checks, data, experiment, models, objectives, parallel
 from jaxrobust import spectral, training
 
-CONFIGS = ("natural", "pgd_at", "pgd_at_sn_noise", "gaussian", "rat", "cw_pgd_mix",
-           "mat_rand", "mat_max", "trades", "mart", "fast_at")
+CONFIGS = (
+  "natural",
+  "pgd_at",
+  "pgd_at_sn_noise",
+  "gaussian",
+  "rat",
+  "cw_pgd_mix",
+  "mat_rand",
+  "mat_max",
+  "trades",
+  "mart",
+  "fast_at",
+)
 
 
 def shorten(spec):
@@ -44,7 +56,7 @@ def tiny(name, **overrides):
   return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits():
   return data.load("digits", "train")
 
@@ -68,8 +80,7 @@ def test_every_objective_trains_from_its_config(name, tmp_path):
 def small_model(**settings):
   ds = digits()
   mean, std = data.channel_stats(ds.x)
-  return models.create("small_cnn", num_classes=10, mean=mean, std=std, width=4,
-                       **settings)
+  return models.create("small_cnn", num_classes=10, mean=mean, std=std, width=4, **settings)
 
 
 def nearest_mean_classifier():
@@ -83,8 +94,10 @@ def nearest_mean_classifier():
 def test_mat_max_examples_are_the_larger_loss_of_the_two_norms():
   x, y = (jnp.asarray(a[:64]) for a in digits())
   logits_fn = nearest_mean_classifier()
-  specs = [dict(name="pgd", norm="l2", eps=0.5, steps=3, random_start=False),
-           dict(name="pgd", norm="linf", eps=0.05, steps=3, random_start=False)]
+  specs = [
+    dict(name="pgd", norm="l2", eps=0.5, steps=3, random_start=False),
+    dict(name="pgd", norm="linf", eps=0.05, steps=3, random_start=False),
+  ]
   objective = training.make_input_fn("mat_max", dict(name="max_loss", attacks=specs))
   keys = jax.random.split(jax.random.key(1), len(x))
   chosen = logits_fn(objective(logits_fn, x, y, keys))
@@ -104,10 +117,14 @@ def test_cw_pgd_mix_splits_each_batch_in_the_requested_proportions(weights):
   logits_fn = lambda xb: model.apply(variables, xb)
   # PGD moves every pixel it does not clip by exactly eps; this short C&W
   # barely moves any (or returns x itself).
-  spec = dict(name="mixture", weights=list(weights), attacks=[
+  spec = dict(
+    name="mixture",
+    weights=list(weights),
+    attacks=[
       dict(name="cw_l2", steps=2, binary_search_steps=1, c=1.0, lr=0.01),
-      dict(name="pgd", norm="linf", eps=0.3, step_size=0.3, steps=1,
-           random_start=False)])
+      dict(name="pgd", norm="linf", eps=0.3, step_size=0.3, steps=1, random_start=False),
+    ],
+  )
   objective = training.make_input_fn("cw_pgd_mix", spec)
   for seed in range(2):
     keys = jax.random.split(jax.random.key(seed), len(x))
@@ -129,16 +146,18 @@ def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path
   initial = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), x[:1])
   state = experiment.train(config, tmp_path, max_steps=30, progress=False)
   variables = jax.device_get(state.variables)
-  moved = jax.tree.map(lambda a, b: not np.allclose(a, b),
-                       initial["spectral"], variables["spectral"])
+  moved = jax.tree.map(
+    lambda a, b: not np.allclose(a, b), initial["spectral"], variables["spectral"]
+  )
   assert all(jax.tree.leaves(moved))  # every v and sigma advanced in training
   # Evaluation (train=False) reads the state and never changes it.
   _, after = model.apply(variables, x, train=False, mutable=["spectral"])
   jax.tree.map(np.testing.assert_array_equal, after["spectral"], variables["spectral"])
   # The layers' operator norms, exactly (SVD of each layer's matrix), with the
   # effective kernels: <= target (+5 % for the iteration's lag) ...
-  factors = spectral.lipschitz_factors(functools.partial(model.apply, train=False),
-                                       variables, x.shape[1:])
+  factors = spectral.lipschitz_factors(
+    functools.partial(model.apply, train=False), variables, x.shape[1:]
+  )
   linear = [f for f in factors if f.kind == "linear"]
   assert len(linear) == 6 and all(f.value <= 0.5 * 1.05 for f in linear)
   # ... while the raw kernels are larger: the normalisation does the work.
@@ -146,12 +165,11 @@ def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path
   assert spectral.conv_operator_norm(first, (8, 8, 1)) > 0.5
   effective = linear[0].value
   assert spectral.conv_operator_norm(
-      first / max(1.0, float(variables["spectral"]["SpectralNorm_0"]["sigma"]) / 0.5),
-      (8, 8, 1)) == pytest.approx(effective, rel=1e-3)
+    first / max(1.0, float(variables["spectral"]["SpectralNorm_0"]["sigma"]) / 0.5), (8, 8, 1)
+  ) == pytest.approx(effective, rel=1e-3)
 
 
-@pytest.mark.parametrize("name, noise", [("pgd_at", None),
-                                         ("rat", dict(sigma=0.2, samples=2))])
+@pytest.mark.parametrize("name, noise", [("pgd_at", None), ("rat", dict(sigma=0.2, samples=2))])
 def test_two_devices_equal_one_device_for_a_spectral_step(two_steps, name, noise):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   model = small_model(spectral=dict(mode="operator", target=1.0), noise=noise)
@@ -179,13 +197,15 @@ def test_randomized_model_is_the_mean_softmax_over_fixed_draws():
   np.testing.assert_allclose(jnp.exp(out), mean, rtol=1e-5, atol=1e-6)
   # Its input gradient goes through the noise (EOT over the same draws).
   loss = lambda z: -model.apply(variables, z)[:, 0].sum()
-  reference = lambda z: -jnp.log(jnp.mean(jnp.stack(
-      [jax.nn.softmax(base(z + d))[:, 0] for d in draws]), 0)).sum()
-  np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(reference)(x),
-                             rtol=1e-4, atol=1e-6)
+  reference = lambda z: (
+    -jnp.log(jnp.mean(jnp.stack([jax.nn.softmax(base(z + d))[:, 0] for d in draws]), 0)).sum()
+  )
+  np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(reference)(x), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings, match", [
+@pytest.mark.parametrize(
+  "settings, match",
+  [
     (dict(spectral=dict(target=0.0)), "model.spectral.target.*0.0"),
     (dict(spectral=dict(target=-1.0)), "model.spectral.target.*-1.0"),
     (dict(spectral=dict(n_steps=0)), "model.spectral.n_steps.*0"),
@@ -195,7 +215,8 @@ def test_randomized_model_is_the_mean_softmax_over_fixed_draws():
     (dict(noise=dict(sigma=-0.5)), "model.noise.sigma.*-0.5"),
     (dict(noise=dict(samples=4)), "needs sigma"),
     (dict(noise=dict(sigma=0.5, samples=0)), "model.noise.samples.*0"),
-])
+  ],
+)
 def test_bad_model_settings(settings, match):
   with pytest.raises(checks.InputError, match=match):
     small_model(**settings)
@@ -203,23 +224,29 @@ def test_bad_model_settings(settings, match):
 
 def test_spectral_normalisation_of_a_resnet_is_refused():
   with pytest.raises(checks.InputError, match="'preact_resnet18' has no spectral"):
-    models.create("preact_resnet18", num_classes=10, mean=(0.5,), std=(0.2,),
-                  spectral=dict(target=1.0))
+    models.create(
+      "preact_resnet18", num_classes=10, mean=(0.5,), std=(0.2,), spectral=dict(target=1.0)
+    )
 
 
-@pytest.mark.parametrize("name, spec, match", [
+@pytest.mark.parametrize(
+  "name, spec, match",
+  [
     ("rat", dict(name="pgd", eps=0.1, eot_samples=0), "eot_samples.*0"),
     ("rat", dict(name="pgd", eps=0.1, eot_samples=-2), "eot_samples.*-2"),
     ("pgd_at", dict(name="pgd", eps=0.1, eot_samples=2), "eot_samples.*'rat'"),
     ("mat_max", dict(name="pgd", eps=0.1), "'max_loss'.*'pgd'"),
-    ("mat_max", dict(name="worst_case", attacks=[dict(name="pgd", eps=0.1)]),
-     "'max_loss'.*'worst_case'"),
-    ("cw_pgd_mix", dict(name="worst_case", attacks=[dict(name="pgd", eps=0.1)]),
-     "'mixture'"),
+    (
+      "mat_max",
+      dict(name="worst_case", attacks=[dict(name="pgd", eps=0.1)]),
+      "'max_loss'.*'worst_case'",
+    ),
+    ("cw_pgd_mix", dict(name="worst_case", attacks=[dict(name="pgd", eps=0.1)]), "'mixture'"),
     ("pgd_at", None, "needs train_attack"),
     ("free_at", None, "unknown objective 'free_at'"),
     ("trades", None, "'trades' needs train_attack"),
-])
+  ],
+)
 def test_bad_objective_settings(name, spec, match):
   with pytest.raises(checks.InputError, match=match):
     training.make_input_fn(name, spec)

@@ -8,24 +8,38 @@ launchers, and the benchmarks and the seed reproduction, which train on
 CIFAR-10 for minutes to hours (their parts are tested: conversion to PyTorch,
 the evaluation, the configs they train).
 """
+
 import os
 import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_SETTINGS
 
 README = ROOT / "README.md"
-NOT_RUN = ("pip ", "python -m pytest", "srun ", "gcloud ", "bash ", "cd ", "python benchmarks/",
-           "python scripts/")
+NOT_RUN = (
+  "pip ",
+  "python -m pytest",
+  "srun ",
+  "gcloud ",
+  "bash ",
+  "cd ",
+  "python benchmarks/",
+  "python scripts/",
+)
 # The programs, as `python <script>` in a clone or as the installed commands.
-PROGRAMS = {"train.py": "train.py", "eval.py": "eval.py", "jaxrobust-train": "train.py",
-            "jaxrobust-eval": "eval.py"}
-TINY = {"train.py": [f"--config.{k}={v}" for k, v in TINY_SETTINGS.items()] + ["--progress=false"],
-        "eval.py": ["--limit=8", "--config.eval.batch_size=8"]}
+PROGRAMS = {
+  "train.py": "train.py",
+  "eval.py": "eval.py",
+  "jaxrobust-train": "train.py",
+  "jaxrobust-eval": "eval.py",
+}
+TINY = {
+  "train.py": [f"--config.{k}={v}" for k, v in TINY_SETTINGS.items()] + ["--progress=false"],
+  "eval.py": ["--limit=8", "--config.eval.batch_size=8"],
+}
 TINY_CERTIFY = ["--n=64", "--n0=8"]
 
 
@@ -71,7 +85,10 @@ def test_every_config_documents_its_command():
   # gpu_recipes documents GPU-scale runs (ResNets, 15-200 CIFAR-10 epochs), not
   # commands for this machine; test_recipes.py builds and checks its configs.
   names = {p.stem for p in (ROOT / "jaxrobust" / "configs").glob("*.py")} - {
-      "__init__", "common", "gpu_recipes"}
+    "__init__",
+    "common",
+    "gpu_recipes",
+  }
   assert sorted(c.split()[3] for c in config_commands()) == sorted(names)
 
 
@@ -85,11 +102,20 @@ def test_every_documented_command_runs(cli, tmp_path, source):
       continue
     args = args + TINY[program] + (TINY_CERTIFY if "--certify" in args else [])
     if command.endswith("&"):  # the multi-process example: one process in the background
-      background.append(subprocess.Popen(
-          [sys.executable, str(ROOT / program), *args], cwd=tmp_path, text=True,
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          env={**os.environ, "PYTHONPATH": str(ROOT),
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+      background.append(
+        subprocess.Popen(
+          [sys.executable, str(ROOT / program), *args],
+          cwd=tmp_path,
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+          },
+        )
+      )
       continue
     result = cli(ROOT / program, *args, cwd=tmp_path)
     assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"

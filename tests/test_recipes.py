@@ -1,4 +1,5 @@
 """Training recipes: TRADES and MART losses by hand, their inner attacks, Fast-AT."""
+
 import json
 
 import jax
@@ -41,11 +42,15 @@ def logits(seed, shape=(6, 4)):
 def test_trades_and_mart_losses_equal_their_formulas(weight):
   clean, adv, y = logits(0), logits(1), np.array([0, 1, 2, 3, 0, 1])
   np.testing.assert_allclose(
-      objectives.trades_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), beta=weight),
-      trades_by_hand(clean, adv, y, weight), rtol=1e-5)
+    objectives.trades_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), beta=weight),
+    trades_by_hand(clean, adv, y, weight),
+    rtol=1e-5,
+  )
   np.testing.assert_allclose(
-      objectives.mart_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), lam=weight),
-      mart_by_hand(clean, adv, y, weight), rtol=1e-3)  # the code's 1e-4 guard in log(1 - p)
+    objectives.mart_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(y), lam=weight),
+    mart_by_hand(clean, adv, y, weight),
+    rtol=1e-3,
+  )  # the code's 1e-4 guard in log(1 - p)
 
 
 class Mlp(nn.Module):
@@ -62,10 +67,13 @@ def tiny_model():
   return Mlp(), jnp.asarray(x[:8]), jnp.asarray(y[:8])
 
 
-@pytest.mark.parametrize("name, settings, by_hand", [
+@pytest.mark.parametrize(
+  "name, settings, by_hand",
+  [
     ("trades", dict(beta=6.0), lambda c, a, y: trades_by_hand(c, a, y, 6.0)),
     ("mart", dict(lam=5.0), lambda c, a, y: mart_by_hand(c, a, y, 5.0)),
-])
+  ],
+)
 def test_training_step_minimises_the_objectives_loss(name, settings, by_hand):
   model, x, y = tiny_model()
   spec = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2, random_start=0.001)
@@ -77,10 +85,12 @@ def test_training_step_minimises_the_objectives_loss(name, settings, by_hand):
   attack_key = jax.random.split(jax.random.fold_in(jax.random.key(1), 0), 3)[0]
   logits_fn = lambda xb: model.apply(state.variables, xb, train=False)
   x_adv = jax.jit(lambda x, y, k: objective(logits_fn, x, y, k))(
-      x, y, keys_lib.example_keys(attack_key, 8))
+    x, y, keys_lib.example_keys(attack_key, 8)
+  )
   assert float(jnp.abs(x_adv - x).max()) <= 0.2 + 1e-6
-  expected = by_hand(np.asarray(logits_fn(x), np.float64),
-                     np.asarray(logits_fn(x_adv), np.float64), np.asarray(y)).mean()
+  expected = by_hand(
+    np.asarray(logits_fn(x), np.float64), np.asarray(logits_fn(x_adv), np.float64), np.asarray(y)
+  ).mean()
   step = training.make_train_step(model, tx, objective, mesh)
   _, metrics = step(jax.device_put(state, parallel.replicated(mesh)), x, y, jax.random.key(1))
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
@@ -91,8 +101,8 @@ def test_trades_attack_maximises_the_kl_from_the_clean_prediction():
   variables = model.init(jax.random.key(0), x[:1])
   logits_fn = lambda xb: model.apply(variables, xb)
   objective = training.make_input_fn(
-      "trades", dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=5,
-                     random_start=0.001))
+    "trades", dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=5, random_start=0.001)
+  )
   keys = keys_lib.example_keys(jax.random.key(2), 8)
   x_adv = jax.jit(lambda x, y, k: objective(logits_fn, x, y, k))(x, y, keys)
   p = jax.nn.softmax(logits_fn(x))
@@ -103,7 +113,9 @@ def test_trades_attack_maximises_the_kl_from_the_clean_prediction():
   assert (np.asarray(kl(x_adv)) > np.asarray(kl(corners))).all()
 
 
-@pytest.mark.parametrize("name, spec, settings, match", [
+@pytest.mark.parametrize(
+  "name, spec, settings, match",
+  [
     ("trades", dict(name="pgd", eps=0.1), dict(beta=-1.0), "objective_settings.beta.*-1.0"),
     ("mart", dict(name="pgd", eps=0.1), dict(lam=-0.5), "objective_settings.lam.*-0.5"),
     ("trades", dict(name="pgd", eps=0.1), dict(lam=1.0), "no setting 'lam'"),
@@ -112,7 +124,8 @@ def test_trades_attack_maximises_the_kl_from_the_clean_prediction():
     ("trades", dict(name="pgd", eps=0.1, loss="cw"), None, "without a loss"),
     ("fast_at", dict(name="pgd", eps=0.1), None, "'fast_at' takes an 'fgsm' attack"),
     ("pgd_at", dict(name="pgd", eps=0.1, random_start=-0.1), None, "random_start.*-0.1"),
-])
+  ],
+)
 def test_bad_recipe_settings(name, spec, settings, match):
   with pytest.raises(checks.InputError, match=match):
     training.make_input_fn(name, spec, settings=settings)
@@ -125,8 +138,7 @@ def test_ema_follows_its_recursion_exactly():
   mesh = parallel.mesh(jax.devices()[:1])
   state = training.init_state(model, tx, x.shape[1:], jax.random.key(0), ema=True)
   state = jax.device_put(state, parallel.replicated(mesh))
-  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh,
-                                  ema=decay)
+  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh, ema=decay)
   recorded = [jax.tree.map(np.asarray, state.params)]
   for _ in range(4):
     state, _ = step(state, x, y, jax.random.key(1))
@@ -135,10 +147,14 @@ def test_ema_follows_its_recursion_exactly():
   # e_n = d^n p_0 + sum_{t=1..n} (1 - d) d^(n-t) p_t.
   n = len(recorded) - 1
   expected = jax.tree.map(
-      lambda *p: decay**n * p[0] + sum((1 - decay) * decay**(n - t) * p[t]
-                                       for t in range(1, n + 1)), *recorded)
-  for got, want, last in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected),
-                             jax.tree.leaves(recorded[-1])):
+    lambda *p: (
+      decay**n * p[0] + sum((1 - decay) * decay ** (n - t) * p[t] for t in range(1, n + 1))
+    ),
+    *recorded,
+  )
+  for got, want, last in zip(
+    jax.tree.leaves(state.ema_params), jax.tree.leaves(expected), jax.tree.leaves(recorded[-1])
+  ):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
     assert not np.allclose(want, last)  # the average is not the last parameters
   assert training.for_evaluation(state).params is state.ema_params
@@ -156,14 +172,24 @@ def guarded(tiny_config, jump):
   """Two epochs (46 steps each) of Adam on digits with the overfitting guard
   (PGD-5 at eps 0.02 on 64 training images); with `jump`, the learning rate
   jumps 300-fold after the first epoch, which wrecks the model."""
-  optimizer = dict(name="adam", learning_rate=1e-2, schedule="piecewise" if jump else "constant",
-                   decay_at=[0.5], decay_factor=300.0)
-  return tiny_config(epochs=2, optimizer=optimizer, checkpoint_every_steps=10,
-                     overfit_guard=dict(examples=64, steps=5, max_drop=0.2, eps=0.02))
+  optimizer = dict(
+    name="adam",
+    learning_rate=1e-2,
+    schedule="piecewise" if jump else "constant",
+    decay_at=[0.5],
+    decay_factor=300.0,
+  )
+  return tiny_config(
+    epochs=2,
+    optimizer=optimizer,
+    checkpoint_every_steps=10,
+    overfit_guard=dict(examples=64, steps=5, max_drop=0.2, eps=0.02),
+  )
 
 
 def test_overfitting_guard_stops_a_collapsing_run_and_keeps_the_last_good_checkpoint(
-    tiny_config, tmp_path, capsys):
+  tiny_config, tmp_path, capsys
+):
   state = experiment.train(guarded(tiny_config, jump=True), tmp_path, progress=False)
   record = json.loads((tmp_path / "overfit_guard.json").read_text())
   first = record["checks"][0]
@@ -196,7 +222,8 @@ def test_awp_perturbation_has_the_relative_norm_gamma_per_layer():
   model, x, y = tiny_model()
   params = model.init(jax.random.key(0), x[:1])["params"]
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": p}, x), y).mean()
+    model.apply({"params": p}, x), y
+  ).mean()
   v = training.awp_perturbation(params, jax.grad(loss)(params), gamma=5e-3)
   for layer in ("Dense_0", "Dense_1"):
     w, vw = params[layer]["kernel"], v[layer]["kernel"]
@@ -214,17 +241,17 @@ def test_awp_step_applies_the_gradient_at_w_plus_v_to_w():
   state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
   w = jax.tree.map(np.asarray, state.params)
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": p}, x), y).mean()
+    model.apply({"params": p}, x), y
+  ).mean()
   # By hand: v from the gradient at w, then w - lr * grad at (w + v).
   v = training.awp_perturbation(w, jax.grad(loss)(w), gamma=gamma)
-  expected = jax.tree.map(lambda p, g: p - lr * g, w,
-                          jax.grad(loss)(jax.tree.map(jnp.add, w, v)))
-  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh,
-                                  awp=gamma)
+  expected = jax.tree.map(lambda p, g: p - lr * g, w, jax.grad(loss)(jax.tree.map(jnp.add, w, v)))
+  step = training.make_train_step(model, tx, training.make_input_fn("natural"), mesh, awp=gamma)
   new, _ = step(jax.device_put(state, parallel.replicated(mesh)), x, y, jax.random.key(1))
   plain = jax.tree.map(lambda p, g: p - lr * g, w, jax.grad(loss)(w))  # without AWP
-  for got, want, without in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected),
-                                jax.tree.leaves(plain)):
+  for got, want, without in zip(
+    jax.tree.leaves(new.params), jax.tree.leaves(expected), jax.tree.leaves(plain)
+  ):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(want), np.asarray(without), atol=1e-7)  # AWP mattered
 
@@ -234,15 +261,25 @@ def with_validation(tiny_config, jump):
   PGD-10 (eps 0.02) validation of the EMA on 64 held-out training images after
   each; with `jump` the learning rate jumps 300-fold after the first epoch (so
   the first epoch's model is the best)."""
-  optimizer = dict(name="adam", learning_rate=1e-2, schedule="piecewise" if jump else "constant",
-                   decay_at=[0.5], decay_factor=300.0)
-  return tiny_config(epochs=2, optimizer=optimizer, checkpoint_every_steps=10, ema=0.5,
-                     **{"eval.every_epochs": 1, "eval.validation_examples": 64,
-                        "eval.attacks.pgd_linf.eps": 0.02})
+  optimizer = dict(
+    name="adam",
+    learning_rate=1e-2,
+    schedule="piecewise" if jump else "constant",
+    decay_at=[0.5],
+    decay_factor=300.0,
+  )
+  return tiny_config(
+    epochs=2,
+    optimizer=optimizer,
+    checkpoint_every_steps=10,
+    ema=0.5,
+    **{"eval.every_epochs": 1, "eval.validation_examples": 64, "eval.attacks.pgd_linf.eps": 0.02},
+  )
 
 
 def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy_and_ema_kept(
-    tiny_config, tmp_path, cli):
+  tiny_config, tmp_path, cli
+):
   config = with_validation(tiny_config, jump=True)
   final = experiment.train(config, tmp_path, progress=False)
   resolved = json.loads((tmp_path / "config.json").read_text())
@@ -252,8 +289,11 @@ def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy_and_em
   assert sorted(accuracies) == [44, 88]
   best_step = max(accuracies, key=accuracies.get)
   assert record["best"]["step"] == best_step == 44 and accuracies[44] > accuracies[88] + 0.2
-  logged = {m["step"]: m["val_robust_accuracy"] for m in map(
-      json.loads, (tmp_path / "metrics.jsonl").open()) if "val_robust_accuracy" in m}
+  logged = {
+    m["step"]: m["val_robust_accuracy"]
+    for m in map(json.loads, (tmp_path / "metrics.jsonl").open())
+    if "val_robust_accuracy" in m
+  }
   assert logged == accuracies
   assert [p.name for p in (tmp_path / "checkpoints/best").iterdir()] == ["44"]
   _, _, best = experiment.restore(tmp_path, checkpoint="best")
@@ -262,12 +302,12 @@ def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy_and_em
   # The EMA is checkpointed, and restored as the model to evaluate.
   for got, want in zip(jax.tree.leaves(latest.params), jax.tree.leaves(final.ema_params)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert not np.array_equal(jax.tree.leaves(final.ema_params)[0],
-                            jax.tree.leaves(final.params)[0])
+  assert not np.array_equal(jax.tree.leaves(final.ema_params)[0], jax.tree.leaves(final.params)[0])
   # eval.py takes the best by default and says so; --checkpoint latest the newest.
   for args, step in (((), 44), (("--checkpoint", "latest"), 88)):
-    result = cli("eval.py", "--workdir", tmp_path, "--attacks", "pgd_linf", "--limit", 8,
-                 "--nosanity", *args)
+    result = cli(
+      "eval.py", "--workdir", tmp_path, "--attacks", "pgd_linf", "--limit", 8, "--nosanity", *args
+    )
     assert result.returncode == 0, result.stderr
     which = "best" if not args else "latest"
     assert f"Checkpoint: {which} (step {step})" in result.stdout
@@ -283,18 +323,31 @@ def test_eval_of_best_without_one_is_refused(tiny_config, tmp_path, cli, snapsho
   assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"eval.every_epochs": 1, "eval.validation_examples": 0},
-     "eval.validation_examples must be >= 1 when eval.every_epochs is 1"),
-    ({"eval.every_epochs": 1, "eval.validation_examples": 5000},
-     "eval.validation_examples 5000 must be smaller than the 1497"),
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    (
+      {"eval.every_epochs": 1, "eval.validation_examples": 0},
+      "eval.validation_examples must be >= 1 when eval.every_epochs is 1",
+    ),
+    (
+      {"eval.every_epochs": 1, "eval.validation_examples": 5000},
+      "eval.validation_examples 5000 must be smaller than the 1497",
+    ),
     ({"eval.every_epochs": -1}, "eval.every_epochs must be an integer >= 0, got -1"),
     ({"data.augment": "cutout"}, "unknown data.augment 'cutout'"),
     ({"data.augment": "crop", "data.padding_mode": "edge"}, "unknown data.padding_mode 'edge'"),
     ({"awp": -0.1}, "awp must lie in"),
-    ({"objective": "trades", "train_attack": dict(name="pgd", eps=0.1),
-      "objective_settings": dict(beta=-6.0)}, "objective_settings.beta.*-6.0"),
-])
+    (
+      {
+        "objective": "trades",
+        "train_attack": dict(name="pgd", eps=0.1),
+        "objective_settings": dict(beta=-6.0),
+      },
+      "objective_settings.beta.*-6.0",
+    ),
+  ],
+)
 def test_bad_recipe_configs_touch_nothing(tiny_config, tmp_path, snapshot, overrides, match):
   before = snapshot(tmp_path)
   with pytest.raises(checks.InputError, match=match):
@@ -306,6 +359,7 @@ def test_bad_recipe_configs_touch_nothing(tiny_config, tmp_path, snapshot, overr
 def test_gpu_recipe_configs_are_valid(recipe):
   from jaxrobust.configs import gpu_recipes
   from jaxrobust import config as config_lib
+
   c = gpu_recipes.get_config(recipe)
   config_lib.check_config(c, parallel.mesh())
   assert c.data.augment == "crop_flip" and c.train_attack.eps == pytest.approx(8 / 255)
@@ -314,18 +368,24 @@ def test_gpu_recipe_configs_are_valid(recipe):
 def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices():
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   from jaxrobust import augment
+
   model, x, y = tiny_model()
   objective = training.make_input_fn(
-      "trades", dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2,
-                     random_start=0.001), settings=dict(beta=6.0))
+    "trades",
+    dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2, random_start=0.001),
+    settings=dict(beta=6.0),
+  )
   tx = optax.sgd(0.1, momentum=0.9)
   results = []
   for devices in (1, 2):
     mesh = parallel.mesh(jax.devices()[:devices])
-    state = jax.device_put(training.init_state(model, tx, x.shape[1:], jax.random.key(0),
-                                               ema=True), parallel.replicated(mesh))
-    step = training.make_train_step(model, tx, objective, mesh, awp=5e-3, ema=0.9,
-                                    augment=augment.create("crop", padding=2))
+    state = jax.device_put(
+      training.init_state(model, tx, x.shape[1:], jax.random.key(0), ema=True),
+      parallel.replicated(mesh),
+    )
+    step = training.make_train_step(
+      model, tx, objective, mesh, awp=5e-3, ema=0.9, augment=augment.create("crop", padding=2)
+    )
     batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
     for _ in range(2):
       state, metrics = step(state, *batch, jax.random.key(1))

@@ -8,6 +8,7 @@ every 5), and every interrupted run must end exactly as the uninterrupted
 must die; resumes run in this process, which has the same 2 CPU devices.
 Subprocesses share a persistent compilation cache, which only saves time.
 """
+
 import json
 import os
 import shutil
@@ -27,12 +28,24 @@ from jaxrobust import checkpoints, experiment, parallel
 from jaxrobust import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "log_every_steps": 1,
-            "checkpoint_every_steps": 5, "eval.limit": 8,
-            "eval.attacks.pgd_linf.steps": 1, "eval.attacks.pgd_l2.steps": 1}
+SETTINGS = {
+  "model.width": 4,
+  "batch_size": 32,
+  "epochs": 1,
+  "log_every_steps": 1,
+  "checkpoint_every_steps": 5,
+  "eval.limit": 8,
+  "eval.attacks.pgd_linf.steps": 1,
+  "eval.attacks.pgd_l2.steps": 1,
+}
 STEPS = 1497 // 32
-TRAIN = ["train.py", "--config", "natural", "--progress=false",
-         *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
+TRAIN = [
+  "train.py",
+  "--config",
+  "natural",
+  "--progress=false",
+  *[f"--config.{k}={v}" for k, v in SETTINGS.items()],
+]
 
 # Runs train.py, but SIGKILLs itself inside the checkpoint save of the step
 # named by $KILL_AT_SAVE: after orbax wrote the whole temporary directory,
@@ -55,14 +68,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def python(tmp_path_factory):
   """`python(*args, devices=2, env=None)` starts `python *args` in the
   repository with `devices` CPU devices, and returns the Popen."""
-  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+  cache = {
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+  }
 
   def start(*args, devices=2, env=None):
-    env = {**os.environ, **cache, **(env or {}),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+      **os.environ,
+      **cache,
+      **(env or {}),
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.Popen(
+      [sys.executable, *map(str, args)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
 
   return start
 
@@ -85,8 +110,10 @@ def wait_for_steps(workdir, count, process, timeout=300):
 def metrics(workdir):
   """metrics.jsonl without its timing fields."""
   lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(line).items() if k not in metrics_lib.TIMING_FIELDS}
-          for line in lines]
+  return [
+    {k: v for k, v in json.loads(line).items() if k not in metrics_lib.TIMING_FIELDS}
+    for line in lines
+  ]
 
 
 def checkpoint_names(workdir):
@@ -108,15 +135,20 @@ def reference(tiny_config, tmp_path_factory):
 
 def test_rerun_of_a_finished_run_changes_nothing(tiny_config, reference):
   before = {p: p.read_bytes() if p.is_file() else "dir" for p in reference.workdir.rglob("*")}
-  assert_identical(experiment.train(tiny_config(**SETTINGS), reference.workdir, progress=False),
-                   reference.state)
-  assert {p: p.read_bytes() if p.is_file() else "dir"
-          for p in reference.workdir.rglob("*")} == before
+  assert_identical(
+    experiment.train(tiny_config(**SETTINGS), reference.workdir, progress=False), reference.state
+  )
+  assert {
+    p: p.read_bytes() if p.is_file() else "dir" for p in reference.workdir.rglob("*")
+  } == before
 
 
 # Crash safety
 
-def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(tiny_config, reference, python, tmp_path):
+
+def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(
+  tiny_config, reference, python, tmp_path
+):
   workdir = tmp_path / "run"
   # kill -9 wherever the run is (checkpoint saves take most of its time).
   run = python(*TRAIN, "--workdir", workdir)
@@ -126,8 +158,7 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(tiny_config, r
   # Resume, and kill -9 during the next checkpoint write.
   newest = max(int(name) for name in checkpoint_names(workdir) if name.isdigit())
   doomed = str(newest + 5)
-  run = python("-c", KILL_DURING_SAVE, *TRAIN, "--workdir", workdir,
-              env={"KILL_AT_SAVE": doomed})
+  run = python("-c", KILL_DURING_SAVE, *TRAIN, "--workdir", workdir, env={"KILL_AT_SAVE": doomed})
   assert finish(run).returncode == -signal.SIGKILL
   names = checkpoint_names(workdir)
   assert doomed not in names
@@ -144,7 +175,9 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(tiny_config, r
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_the_current_step_and_exit(tiny_config, signum, reference, python, tmp_path):
+def test_sigterm_and_sigint_save_the_current_step_and_exit(
+  tiny_config, signum, reference, python, tmp_path
+):
   workdir = tmp_path / "run"
   run = python(*TRAIN, "--workdir", workdir)
   wait_for_steps(workdir, 12, run)
@@ -163,7 +196,7 @@ def test_sigterm_and_sigint_save_the_current_step_and_exit(tiny_config, signum, 
 
 def corrupt_arrays(path):
   for file in path.glob("default/**/d/*"):
-    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
 
 def corrupt_metadata(path):
@@ -188,8 +221,9 @@ def run_to_step_15(tiny_config, tmp_path_factory):
 # orbax's reader threads report, harmlessly, that its event loop closed under them.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corrupt", [corrupt_arrays, corrupt_metadata, corrupt_digest])
-def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tiny_config, corrupt, run_to_step_15,
-                                                             reference, tmp_path):
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(
+  tiny_config, corrupt, run_to_step_15, reference, tmp_path
+):
   workdir = tmp_path / "run"
   shutil.copytree(run_to_step_15, workdir)
   corrupt(workdir / "checkpoints/15")
@@ -208,9 +242,17 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tiny_config, corrup
 
 # Non-finite guard
 
+
 def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(python, tmp_path):
-  result = finish(python(*TRAIN, "--workdir", tmp_path, "--config.optimizer.learning_rate=1e3",
-                        "--config.checkpoint_every_steps=2"))
+  result = finish(
+    python(
+      *TRAIN,
+      "--workdir",
+      tmp_path,
+      "--config.optimizer.learning_rate=1e3",
+      "--config.checkpoint_every_steps=2",
+    )
+  )
   assert result.returncode == 1, result.stderr
   assert "Traceback" not in result.stderr
   assert "error: training diverged at step 5: {'loss': nan}" in result.stderr
@@ -221,12 +263,16 @@ def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(python,
 
 # Determinism
 
+
 def test_same_seed_same_run_and_one_device_agrees_with_two(tiny_config, tmp_path):
   config = tiny_config(**SETTINGS, objective="adversarial")
   config.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2)
-  a, b, one = [experiment.train(config, tmp_path / name, max_steps=6, progress=False,
-                                mesh=parallel.mesh(jax.devices()[:n]))
-               for name, n in [("a", 2), ("b", 2), ("one", 1)]]
+  a, b, one = [
+    experiment.train(
+      config, tmp_path / name, max_steps=6, progress=False, mesh=parallel.mesh(jax.devices()[:n])
+    )
+    for name, n in [("a", 2), ("b", 2), ("one", 1)]
+  ]
   assert_identical(a, b)
   assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(one), strict=True):
@@ -237,6 +283,7 @@ def test_same_seed_same_run_and_one_device_agrees_with_two(tiny_config, tmp_path
 
 # Multi-process data parallelism
 
+
 def free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -244,11 +291,22 @@ def free_port():
 
 
 def test_two_processes_pre_empted_and_resumed_train_as_one_process_with_two_devices(
-    reference, python, tmp_path):
+  reference, python, tmp_path
+):
   def launch():
     address = f"localhost:{free_port()}"
-    return [python(*TRAIN, "--workdir", tmp_path, f"--coordinator_address={address}",
-                   "--num_processes=2", f"--process_id={i}", devices=1) for i in range(2)]
+    return [
+      python(
+        *TRAIN,
+        "--workdir",
+        tmp_path,
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        devices=1,
+      )
+      for i in range(2)
+    ]
 
   # SIGTERM to one process: JAX's preemption sync point stops both at one step.
   runs = launch()
@@ -289,8 +347,9 @@ def test_a_checkpoint_written_before_ema_params_existed_still_restores(tmp_path)
   old = OldState(jax.numpy.int32(7), params, {}, (jax.numpy.ones(3),))
   mgr = checkpoints.manager(tmp_path)
   checkpoints.save(mgr, old)
-  new = training.TrainState(jax.numpy.int32(0), jax.tree.map(jax.numpy.zeros_like, params), {},
-                            (jax.numpy.zeros(3),))
+  new = training.TrainState(
+    jax.numpy.int32(0), jax.tree.map(jax.numpy.zeros_like, params), {}, (jax.numpy.zeros(3),)
+  )
   restored = checkpoints.restore_latest(mgr, new)
   mgr.close()
   assert restored.ema_params is None and int(restored.step) == 7

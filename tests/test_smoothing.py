@@ -1,4 +1,5 @@
 """Tests of randomized smoothing against closed forms (Cohen et al. 2019)."""
+
 import json
 import math
 
@@ -69,7 +70,8 @@ def cohen_radius(successes, n, alpha):
   if successes == 0:
     return -np.inf
   interval = scipy.stats.binomtest(int(successes), n).proportion_ci(
-      confidence_level=1 - 2 * alpha, method="exact")
+    confidence_level=1 - 2 * alpha, method="exact"
+  )
   return SIGMA * scipy.stats.norm.ppf(interval.low)
 
 
@@ -77,8 +79,9 @@ def test_linear_classifier_radius_matches_closed_form():
   distances = np.array([0.15, -0.25, 0.4, -0.6])
   x = images_at_signed_distances(distances)
   n = 100_000
-  pred, radius = smoothing.certify(linear_two_class, x, jax.random.key(0),
-                                   sigma=SIGMA, n0=1000, n=n, alpha=ALPHA)
+  pred, radius = smoothing.certify(
+    linear_two_class, x, jax.random.key(0), sigma=SIGMA, n0=1000, n=n, alpha=ALPHA
+  )
   assert pred.dtype == np.int32 and radius.dtype == np.float32
   np.testing.assert_array_equal(pred, (distances > 0).astype(np.int32))
   true_distance = np.abs(distances)
@@ -95,8 +98,9 @@ def test_linear_classifier_radius_matches_closed_form():
 def test_counts_match_closed_form_probability():
   distances = np.array([0.15, -0.4])
   n = 20_000
-  counts = smoothing.noise_counts(linear_two_class, images_at_signed_distances(distances),
-                                  jax.random.key(1), sigma=SIGMA, n=n)
+  counts = smoothing.noise_counts(
+    linear_two_class, images_at_signed_distances(distances), jax.random.key(1), sigma=SIGMA, n=n
+  )
   assert counts.dtype == np.int32
   np.testing.assert_array_equal(counts.sum(axis=1), n)
   p_class_1 = scipy.stats.norm.cdf(distances / SIGMA)
@@ -107,8 +111,9 @@ def test_counts_match_closed_form_probability():
 
 @pytest.mark.parametrize("n", [10, 1000, 100_000])
 def test_unanimous_draws_give_the_largest_radius(n):
-  pred, radius = smoothing.certify(constant_class_4, grey_images(2), jax.random.key(0),
-                                   sigma=SIGMA, n0=10, n=n, alpha=ALPHA)
+  pred, radius = smoothing.certify(
+    constant_class_4, grey_images(2), jax.random.key(0), sigma=SIGMA, n0=10, n=n, alpha=ALPHA
+  )
   np.testing.assert_array_equal(pred, [4, 4])
   expected = SIGMA * scipy.stats.norm.ppf(ALPHA ** (1 / n))
   np.testing.assert_allclose(radius, [expected, expected], rtol=1e-6)
@@ -116,27 +121,36 @@ def test_unanimous_draws_give_the_largest_radius(n):
 
 def test_certify_abstains_when_n_cannot_show_p_above_half():
   # All n draws agree, yet alpha^(1/n) <= 1/2 for n <= 9 at alpha = 0.001.
-  pred, radius = smoothing.certify(constant_class_4, grey_images(1), jax.random.key(0),
-                                   sigma=SIGMA, n0=10, n=9, alpha=ALPHA)
+  pred, radius = smoothing.certify(
+    constant_class_4, grey_images(1), jax.random.key(0), sigma=SIGMA, n0=10, n=9, alpha=ALPHA
+  )
   np.testing.assert_array_equal(pred, [-1])
   np.testing.assert_array_equal(radius, [0.0])
 
 
 def test_tie_abstains():
   x = grey_images(3)
-  pred = smoothing.predict(sign_of_first_pixel, x, jax.random.key(0), sigma=SIGMA,
-                           n=2000, alpha=ALPHA)
+  pred = smoothing.predict(
+    sign_of_first_pixel, x, jax.random.key(0), sigma=SIGMA, n=2000, alpha=ALPHA
+  )
   np.testing.assert_array_equal(pred, [-1, -1, -1])
-  pred, radius = smoothing.certify(sign_of_first_pixel, x, jax.random.key(0),
-                                   sigma=SIGMA, n0=100, n=10_000, alpha=ALPHA)
+  pred, radius = smoothing.certify(
+    sign_of_first_pixel, x, jax.random.key(0), sigma=SIGMA, n0=100, n=10_000, alpha=ALPHA
+  )
   np.testing.assert_array_equal(pred, [-1, -1, -1])
   np.testing.assert_array_equal(radius, [0.0, 0.0, 0.0])
 
 
 def test_predict_returns_the_clear_class():
   distances = np.array([0.5, -0.5])
-  pred = smoothing.predict(linear_two_class, images_at_signed_distances(distances),
-                           jax.random.key(0), sigma=SIGMA, n=1000, alpha=ALPHA)
+  pred = smoothing.predict(
+    linear_two_class,
+    images_at_signed_distances(distances),
+    jax.random.key(0),
+    sigma=SIGMA,
+    n=1000,
+    alpha=ALPHA,
+  )
   assert pred.dtype == np.int32
   np.testing.assert_array_equal(pred, [1, 0])
 
@@ -165,12 +179,14 @@ def ten_class_images():
 
 def test_counts_do_not_depend_on_chunk_size():
   x, n, key = ten_class_images(), 300, jax.random.key(5)
-  whole = smoothing.noise_counts(linear_ten_class, x, key, sigma=SIGMA, n=n,
-                                 batch_size=x.shape[0] * n)
+  whole = smoothing.noise_counts(
+    linear_ten_class, x, key, sigma=SIGMA, n=n, batch_size=x.shape[0] * n
+  )
   assert (whole > 0).sum() > 10  # the noise spreads draws over many classes
   for batch_size in (7, 64, 301):
-    chunked = smoothing.noise_counts(linear_ten_class, x, key, sigma=SIGMA, n=n,
-                                     batch_size=batch_size)
+    chunked = smoothing.noise_counts(
+      linear_ten_class, x, key, sigma=SIGMA, n=n, batch_size=batch_size
+    )
     np.testing.assert_array_equal(chunked, whole)
 
 
@@ -178,10 +194,24 @@ def test_counts_do_not_depend_on_device_count():
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (tests/conftest.py sets XLA_FLAGS)")
   x, key = ten_class_images(), jax.random.key(6)
-  one = smoothing.noise_counts(linear_ten_class, x, key, sigma=SIGMA, n=250, batch_size=100,
-                               mesh=parallel.mesh(jax.devices()[:1]))
-  two = smoothing.noise_counts(linear_ten_class, x, key, sigma=SIGMA, n=250, batch_size=100,
-                               mesh=parallel.mesh(jax.devices()[:2]))
+  one = smoothing.noise_counts(
+    linear_ten_class,
+    x,
+    key,
+    sigma=SIGMA,
+    n=250,
+    batch_size=100,
+    mesh=parallel.mesh(jax.devices()[:1]),
+  )
+  two = smoothing.noise_counts(
+    linear_ten_class,
+    x,
+    key,
+    sigma=SIGMA,
+    n=250,
+    batch_size=100,
+    mesh=parallel.mesh(jax.devices()[:2]),
+  )
   np.testing.assert_array_equal(one, two)
 
 
@@ -197,19 +227,19 @@ def test_one_compilation_for_every_n_and_sigma():
 
 GOOD = dict(sigma=SIGMA, n0=10, n=10, alpha=ALPHA, batch_size=10)
 BAD_SETTINGS = [
-    ("sigma", 0.0, "0.0"),
-    ("sigma", -0.25, "-0.25"),
-    ("sigma", float("nan"), "nan"),
-    ("n0", 0, "0"),
-    ("n", 0, "0"),
-    ("n", 2.5, "2.5"),
-    ("n", 2**31, str(2**31)),
-    ("n0", 2**31, str(2**31)),
-    ("alpha", 0.0, "0.0"),
-    ("alpha", 1.0, "1.0"),
-    ("alpha", 1.5, "1.5"),
-    ("alpha", float("nan"), "nan"),
-    ("batch_size", 0, "0"),
+  ("sigma", 0.0, "0.0"),
+  ("sigma", -0.25, "-0.25"),
+  ("sigma", float("nan"), "nan"),
+  ("n0", 0, "0"),
+  ("n", 0, "0"),
+  ("n", 2.5, "2.5"),
+  ("n", 2**31, str(2**31)),
+  ("n0", 2**31, str(2**31)),
+  ("alpha", 0.0, "0.0"),
+  ("alpha", 1.0, "1.0"),
+  ("alpha", 1.5, "1.5"),
+  ("alpha", float("nan"), "nan"),
+  ("batch_size", 0, "0"),
 ]
 
 
@@ -231,12 +261,15 @@ def with_value(value, index=0):
   return x
 
 
-@pytest.mark.parametrize("x, shown", [
+@pytest.mark.parametrize(
+  "x, shown",
+  [
     (np.full(DIM, 0.5, np.float32), f"({DIM},)"),
     (with_value(np.nan), "NaN"),
     (with_value(1.5), "1.5"),
     (with_value(-0.25, index=7), "-0.25"),
-])
+  ],
+)
 def test_bad_images_raise(x, shown):
   for run in (smoothing.predict, smoothing.certify):
     with pytest.raises(InputError) as error:
@@ -256,7 +289,12 @@ def test_certified_accuracy_by_hand():
   radius = np.array([0.5, 0.2, 0.0, 1.0])
   y = np.array([0, 1, 1, 0])
   assert smoothing.certified_accuracy(pred, radius, y, [0.0, 0.2, 0.3, 0.5, 0.6]) == [
-      0.5, 0.5, 0.25, 0.25, 0.0]
+    0.5,
+    0.5,
+    0.25,
+    0.25,
+    0.0,
+  ]
 
 
 def synthetic_results(count=200):
@@ -270,8 +308,9 @@ def synthetic_results(count=200):
 
 def test_report_and_plot(tmp_path):
   pred, radius, y = synthetic_results()
-  report = smoothing.certification_report(pred, radius, y, sigma=SIGMA, n0=100, n=1000,
-                                          alpha=ALPHA, seconds=12.0)
+  report = smoothing.certification_report(
+    pred, radius, y, sigma=SIGMA, n0=100, n=1000, alpha=ALPHA, seconds=12.0
+  )
   report = json.loads(json.dumps(report))  # JSON-ready
   radii, accuracy = report["radii"], report["certified_accuracy"]
   np.testing.assert_allclose(radii, 0.25 * np.arange(len(radii)))
@@ -298,10 +337,12 @@ def test_report_of_a_real_certify_run():
   distances = np.array([0.3, -0.3, 0.0])
   x = images_at_signed_distances(distances)
   y = np.array([1, 0, 1])
-  pred, radius = smoothing.certify(linear_two_class, x, jax.random.key(0), sigma=SIGMA,
-                                   n0=100, n=2000, alpha=ALPHA)
-  report = smoothing.certification_report(pred, radius, y, sigma=SIGMA, n0=100, n=2000,
-                                          alpha=ALPHA, seconds=1.0, radii=[0.0, 0.1])
+  pred, radius = smoothing.certify(
+    linear_two_class, x, jax.random.key(0), sigma=SIGMA, n0=100, n=2000, alpha=ALPHA
+  )
+  report = smoothing.certification_report(
+    pred, radius, y, sigma=SIGMA, n0=100, n=2000, alpha=ALPHA, seconds=1.0, radii=[0.0, 0.1]
+  )
   assert report["radii"] == [0.0, 0.1]
   assert report["certified_accuracy"] == smoothing.certified_accuracy(pred, radius, y, [0.0, 0.1])
   assert report["certified_accuracy"][0] == 2 / 3  # the boundary image abstains
@@ -319,5 +360,4 @@ def test_counts_do_not_depend_on_the_threefry_partitionable_setting():
 
 def test_non_threefry_key_raises():
   with pytest.raises(InputError, match="rbg"):
-    smoothing.certify(constant_class_4, grey_images(1), jax.random.key(0, impl="rbg"),
-                      sigma=SIGMA)
+    smoothing.certify(constant_class_4, grey_images(1), jax.random.key(0, impl="rbg"), sigma=SIGMA)

@@ -1,5 +1,6 @@
 """Spectral normalisation and Lipschitz certificates, checked against explicit
 matrices, flax.linen.SpectralNorm, sampled input pairs and a PGD-L2 attack."""
+
 import functools
 import math
 
@@ -23,8 +24,7 @@ def normal(seed, shape):
 
 
 def uniform(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
 
 
 def explicit_matrix(fn, shape):
@@ -42,9 +42,13 @@ def top_singular_value(matrix):
 def conv_matrix(kernel, shape, strides, padding):
   """The matrix [out, in] of a convolution, from every basis image."""
   conv = lambda v: jax.lax.conv_general_dilated(
-      v[None], kernel, strides, padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)[0]
+    v[None],
+    kernel,
+    strides,
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )[0]
   jacobian = jax.jacfwd(conv)(jnp.zeros(shape, jnp.float32))
   return jacobian.reshape(-1, math.prod(shape))
 
@@ -70,15 +74,13 @@ def random_variables(module, seed, *args, **kwargs):
   sphere. Only shapes are traced: nothing is compiled (compiling an init
   takes seconds here).
   """
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs),
-                          jax.random.key(0), *args)
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
     name = path[-1].key.rsplit("/", 1)[-1]  # flax.linen.SpectralNorm: ".../u"
     if name == "kernel":
-      value = rng.normal(size=leaf.shape) / math.sqrt(
-          math.prod(leaf.shape[:-1]))
+      value = rng.normal(size=leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
     elif name in ("bias", "mean"):
       value = 0.1 * rng.normal(size=leaf.shape)
     elif name in ("scale", "var", "sigma"):
@@ -89,6 +91,7 @@ def random_variables(module, seed, *args, **kwargs):
     else:
       raise ValueError(f"no rule for variable {path}")
     return jnp.asarray(value, leaf.dtype)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -99,11 +102,12 @@ def init(module, x, seed=1):
 
 def train_stats(module, variables, x, steps):
   """`steps` training-mode calls, each advancing the "spectral" collection."""
+
   @jax.jit
   def step(variables):
-    _, updates = module.apply(variables, x, update_stats=True,
-                              mutable=[spectral.COLLECTION])
+    _, updates = module.apply(variables, x, update_stats=True, mutable=[spectral.COLLECTION])
     return {**variables, **updates}
+
   for _ in range(steps):
     variables = step(variables)
   return variables
@@ -123,6 +127,7 @@ def jacobian_top(fn, x, steps=50):
   def step(_, v):
     v = vjp(jvp(v))[0]
     return v / jnp.linalg.norm(v)
+
   v = jax.lax.fori_loop(0, steps, step, jnp.ones_like(x) / math.sqrt(x.size))
   return jnp.linalg.norm(jvp(v)), v
 
@@ -140,19 +145,23 @@ def empirical_lipschitz(logits_fn, key, shape, n_pairs=256, n_near=6):
     k1, k2, k3 = jax.random.split(key, 3)
     x = jax.random.uniform(k1, (n_pairs, *shape))
     x2 = jax.random.uniform(k2, (n_pairs, *shape))
-    far = (jnp.linalg.norm(logits_fn(x) - logits_fn(x2), axis=1)
-           / jnp.linalg.norm((x - x2).reshape(n_pairs, -1), axis=1))
+    far = jnp.linalg.norm(logits_fn(x) - logits_fn(x2), axis=1) / jnp.linalg.norm(
+      (x - x2).reshape(n_pairs, -1), axis=1
+    )
 
     def near(z, h=1e-3):
       _, u = jacobian_top(single, z)
       return jnp.linalg.norm(single(z + h * u) - single(z)) / h
+
     return far.max(), jax.vmap(near)(jax.random.uniform(k3, (n_near, *shape)))
+
   far, near = stretches(key)
   return max(float(far), float(near.max()))
 
 
 class Normalize(nn.Module):
   """(x - mean) / std with its own Lipschitz constant, like jr.models.Normalize."""
+
   mean: tuple
   std: tuple
 
@@ -165,13 +174,20 @@ class Normalize(nn.Module):
 
 class TinyCNN(nn.Module):
   """Normalize, conv, relu, max-pool, conv (stride 2), BatchNorm, relu, dense."""
+
   spectral_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train=False):
-    wrap = ((lambda layer: functools.partial(
-        spectral.SpectralNorm(layer, mode="operator"), update_stats=train))
-            if self.spectral_norm else (lambda layer: layer))
+    wrap = (
+      (
+        lambda layer: functools.partial(
+          spectral.SpectralNorm(layer, mode="operator"), update_stats=train
+        )
+      )
+      if self.spectral_norm
+      else (lambda layer: layer)
+    )
     x = Normalize((0.5, 0.4, 0.3), (0.25, 0.5, 0.2))(x)
     x = nn.relu(wrap(nn.Conv(4, (3, 3)))(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -184,7 +200,7 @@ class TinyCNN(nn.Module):
 SHAPE = (8, 8, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_bn_cnn(spectral_norm=False):
   """A TinyCNN with random BatchNorm statistics; (apply_fn, variables)."""
   model = TinyCNN(spectral_norm)
@@ -192,19 +208,25 @@ def tiny_bn_cnn(spectral_norm=False):
   variables = random_variables(model, 1, x)
   stats = variables["batch_stats"]["BatchNorm_0"]
   variables = {
-      **variables,
-      "batch_stats": {"BatchNorm_0": {
-          "mean": normal(2, stats["mean"].shape),
-          "var": 0.2 + 1.8 * uniform(3, stats["var"].shape)}},
-      "params": {**variables["params"], "BatchNorm_0": {
-          **variables["params"]["BatchNorm_0"], "scale": normal(4, (6,))}},
+    **variables,
+    "batch_stats": {
+      "BatchNorm_0": {
+        "mean": normal(2, stats["mean"].shape),
+        "var": 0.2 + 1.8 * uniform(3, stats["var"].shape),
+      }
+    },
+    "params": {
+      **variables["params"],
+      "BatchNorm_0": {**variables["params"]["BatchNorm_0"], "scale": normal(4, (6,))},
+    },
   }
   if spectral_norm:
+
     @jax.jit
     def step(variables):
-      _, updates = model.apply(variables, x, train=True,
-                               mutable=[spectral.COLLECTION])
+      _, updates = model.apply(variables, x, train=True, mutable=[spectral.COLLECTION])
       return {**variables, **updates}
+
     for _ in range(20):
       variables = step(variables)
   return functools.partial(model.apply, train=False), variables
@@ -212,6 +234,7 @@ def tiny_bn_cnn(spectral_norm=False):
 
 def pgd_l2(logits_fn, x, y, eps, steps=50):
   """Maximises max_{i != y} f_i - f_y over ||d|| <= eps (no box): x + d."""
+
   def loss(d):
     z = logits_fn((x + d)[None])[0]
     return jnp.max(jnp.where(jnp.arange(z.shape[0]) == y, -jnp.inf, z)) - z[y]
@@ -237,8 +260,9 @@ def test_conv_operator_norm_is_the_top_singular_value(strides, padding):
   for seed in range(3):
     kernel = normal(seed, (3, 3, 2, 3))
     exact = conv_matrix_norm(kernel, shape, strides, padding)
-    estimate = spectral.conv_operator_norm(kernel, shape, strides, padding,
-                                           key=jax.random.key(seed + 10))
+    estimate = spectral.conv_operator_norm(
+      kernel, shape, strides, padding, key=jax.random.key(seed + 10)
+    )
     assert abs(estimate / exact - 1) < 0.01, (seed, estimate, exact)
     assert estimate <= exact * (1 + 1e-5)
 
@@ -260,13 +284,12 @@ def test_matrix_norm_underestimates_the_operator_norm_of_a_3x3_conv():
 # SpectralNorm
 
 
-@pytest.mark.parametrize("layer", [lambda: nn.Dense(7),
-                                   lambda: nn.Conv(4, (3, 3))],
-                         ids=["dense", "conv"])
+@pytest.mark.parametrize(
+  "layer", [lambda: nn.Dense(7), lambda: nn.Conv(4, (3, 3))], ids=["dense", "conv"]
+)
 def test_matrix_mode_matches_flax_spectral_norm(layer):
   x = normal(1, (3, 5, 5, 2))
-  ours = spectral.SpectralNorm(layer(), mode="matrix", rescale="normalize",
-                               n_steps=2)
+  ours = spectral.SpectralNorm(layer(), mode="matrix", rescale="normalize", n_steps=2)
   ours_vars = init(ours, x, seed=0)
   kernel = ours_vars["params"]["layer"]["kernel"] * 3.0
   params = {**ours_vars["params"]["layer"], "kernel": kernel}
@@ -275,53 +298,56 @@ def test_matrix_mode_matches_flax_spectral_norm(layer):
   theirs = nn.SpectralNorm(layer(), n_steps=3)
   theirs_vars = init(theirs, x, seed=0)
   theirs_vars = {**theirs_vars, "params": {"layer_instance": params}}
-  u0 = next(value for name, value in theirs_vars["batch_stats"].items()
-            if name.endswith("/u"))
+  u0 = next(value for name, value in theirs_vars["batch_stats"].items() if name.endswith("/u"))
   # Flax keeps the output-side vector u; its first step gives the input-side
   # vector v = normalise(K u) that we keep, so its n + 1 steps are our n.
   matrix = kernel.reshape(-1, kernel.shape[-1])
   v0 = matrix @ u0[0]
-  ours_vars["spectral"] = {"v": v0 / jnp.linalg.norm(v0),
-                           "sigma": ours_vars["spectral"]["sigma"]}
+  ours_vars["spectral"] = {"v": v0 / jnp.linalg.norm(v0), "sigma": ours_vars["spectral"]["sigma"]}
 
-  y_ours, ours_new = ours.apply(ours_vars, x, update_stats=True,
-                                mutable=["spectral"])
-  y_theirs, theirs_new = theirs.apply(theirs_vars, x, update_stats=True,
-                                      mutable=["batch_stats"])
-  sigma_theirs = next(value for name, value in
-                      theirs_new["batch_stats"].items()
-                      if name.endswith("/sigma"))
-  np.testing.assert_allclose(ours_new["spectral"]["sigma"], sigma_theirs,
-                             rtol=1e-5)
+  y_ours, ours_new = ours.apply(ours_vars, x, update_stats=True, mutable=["spectral"])
+  y_theirs, theirs_new = theirs.apply(theirs_vars, x, update_stats=True, mutable=["batch_stats"])
+  sigma_theirs = next(
+    value for name, value in theirs_new["batch_stats"].items() if name.endswith("/sigma")
+  )
+  np.testing.assert_allclose(ours_new["spectral"]["sigma"], sigma_theirs, rtol=1e-5)
   np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
 
   # After convergence both are at the matrix's top singular value.
   ours_vars = train_stats(ours, ours_vars, x, 30)
   theirs_vars = {**theirs_vars, **theirs_new}
-  theirs_step = jax.jit(lambda v: theirs.apply(v, x, update_stats=True,
-                                               mutable=["batch_stats"])[1])
+  theirs_step = jax.jit(lambda v: theirs.apply(v, x, update_stats=True, mutable=["batch_stats"])[1])
   for _ in range(30):
     theirs_vars = {**theirs_vars, **theirs_step(theirs_vars)}
   exact = float(np.linalg.norm(np.asarray(matrix, np.float64), 2))
   np.testing.assert_allclose(ours_vars["spectral"]["sigma"], exact, rtol=1e-4)
   np.testing.assert_allclose(
-      ours.apply(ours_vars, x, update_stats=False),
-      theirs.apply(theirs_vars, x, update_stats=False), rtol=1e-3, atol=1e-4)
+    ours.apply(ours_vars, x, update_stats=False),
+    theirs.apply(theirs_vars, x, update_stats=False),
+    rtol=1e-3,
+    atol=1e-4,
+  )
 
 
 LAYERS = {
-    "dense": (lambda: nn.Dense(6), (10,)),
-    "conv": (lambda: nn.Conv(3, (3, 3)), (6, 6, 2)),
-    "conv_stride2_valid": (lambda: nn.Conv(4, (3, 3), strides=(2, 2),
-                                           padding="VALID"), (7, 7, 2)),
-    "conv_transpose": (lambda: nn.ConvTranspose(3, (3, 3)), (4, 4, 2)),
+  "dense": (lambda: nn.Dense(6), (10,)),
+  "conv": (lambda: nn.Conv(3, (3, 3)), (6, 6, 2)),
+  "conv_stride2_valid": (lambda: nn.Conv(4, (3, 3), strides=(2, 2), padding="VALID"), (7, 7, 2)),
+  "conv_transpose": (lambda: nn.ConvTranspose(3, (3, 3)), (4, 4, 2)),
 }
 
 
-@pytest.mark.parametrize("name, rescale", [
-    ("dense", "clip"), ("dense", "normalize"), ("conv", "clip"),
-    ("conv", "normalize"), ("conv_stride2_valid", "clip"),
-    ("conv_transpose", "normalize")])
+@pytest.mark.parametrize(
+  "name, rescale",
+  [
+    ("dense", "clip"),
+    ("dense", "normalize"),
+    ("conv", "clip"),
+    ("conv", "normalize"),
+    ("conv_stride2_valid", "clip"),
+    ("conv_transpose", "normalize"),
+  ],
+)
 def test_operator_mode_bounds_the_exact_norm(name, rescale):
   make, shape = LAYERS[name]
   target = 0.7
@@ -341,8 +367,7 @@ def test_matrix_mode_normalises_the_matrix_not_the_conv():
   module = spectral.SpectralNorm(nn.Conv(4, (3, 3)), mode="matrix")
   shape = (8, 8, 3)
   x = normal(0, (2, *shape))
-  variables = scale_kernel(init(module, x),
-                           5.0)
+  variables = scale_kernel(init(module, x), 5.0)
   variables = train_stats(module, variables, x, 40)
   assert variables["spectral"]["v"].shape == (27,)
   sigma = float(variables["spectral"]["sigma"])
@@ -357,8 +382,7 @@ def test_dense_operator_mode_equals_matrix_mode():
   outputs = []
   for mode in spectral.MODES:
     module = spectral.SpectralNorm(nn.Dense(4), mode=mode)
-    variables = scale_kernel(
-        init(module, x), 3.0)
+    variables = scale_kernel(init(module, x), 3.0)
     variables = train_stats(module, variables, x, 30)
     outputs.append(module.apply(variables, x, update_stats=False))
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
@@ -372,8 +396,7 @@ def test_clip_leaves_a_layer_below_target_unchanged(mode):
   variables = scale_kernel(variables, 0.1)
   plain = nn.Conv(3, (3, 3)).apply({"params": variables["params"]["layer"]}, x)
   for update_stats in (False, True):
-    y = module.apply(variables, x, update_stats=update_stats,
-                     mutable=["spectral"])[0]
+    y = module.apply(variables, x, update_stats=update_stats, mutable=["spectral"])[0]
     np.testing.assert_array_equal(y, plain)
 
 
@@ -391,10 +414,8 @@ def test_spectral_state_changes_only_with_update_stats(mode):
   y = module.apply(variables, x, update_stats=False)  # no `mutable`
   y_jit = jax.jit(lambda v: module.apply(v, x, update_stats=False))(variables)
   np.testing.assert_allclose(y, y_jit, rtol=1e-5, atol=1e-6)
-  _, unchanged = module.apply(variables, x, update_stats=False,
-                              mutable=["spectral"])
-  jax.tree.map(np.testing.assert_array_equal, unchanged["spectral"],
-               variables["spectral"])
+  _, unchanged = module.apply(variables, x, update_stats=False, mutable=["spectral"])
+  jax.tree.map(np.testing.assert_array_equal, unchanged["spectral"], variables["spectral"])
 
   _, updated = module.apply(variables, x, True, mutable=["spectral"])
   assert not np.allclose(updated["spectral"]["v"], variables["spectral"]["v"])
@@ -405,12 +426,12 @@ def test_spectral_state_changes_only_with_update_stats(mode):
 def test_gradient_flows_through_sigma_with_constant_vectors():
   x = normal(0, (2, 6, 6, 2))
   module = spectral.SpectralNorm(nn.Conv(3, (3, 3)), rescale="normalize")
-  variables = train_stats(
-      module, init(module, x), x, 3)
+  variables = train_stats(module, init(module, x), x, 3)
   v = variables["spectral"]["v"]
   bias = variables["params"]["layer"]["bias"]
   conv = lambda kernel, z: nn.Conv(3, (3, 3)).apply(
-      {"params": {"kernel": kernel, "bias": jnp.zeros_like(bias)}}, z)
+    {"params": {"kernel": kernel, "bias": jnp.zeros_like(bias)}}, z
+  )
 
   def reference(kernel):  # Miyato: sigma(K) = ||L_K v||, v a constant
     sigma = jnp.linalg.norm(conv(kernel, v[None]))
@@ -423,14 +444,14 @@ def test_gradient_flows_through_sigma_with_constant_vectors():
     return jnp.sum(jnp.sin(y))
 
   kernel = variables["params"]["layer"]["kernel"]
-  np.testing.assert_allclose(jax.grad(ours)(kernel), jax.grad(reference)(kernel),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.grad(ours)(kernel), jax.grad(reference)(kernel), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_spectral_norm_inside_a_model_keeps_the_params_layout():
   apply_fn, variables = tiny_bn_cnn(spectral_norm=True)
-  assert set(variables["params"]) == {"Conv_0", "Conv_1", "BatchNorm_0",
-                                      "Dense_0"}
+  assert set(variables["params"]) == {"Conv_0", "Conv_1", "BatchNorm_0", "Dense_0"}
   assert variables["spectral"]["SpectralNorm_0"]["v"].shape == (8, 8, 3)
   assert variables["spectral"]["SpectralNorm_1"]["v"].shape == (4, 4, 4)
   assert variables["spectral"]["SpectralNorm_2"]["v"].shape == (24,)
@@ -450,14 +471,17 @@ def test_lipschitz_bound_is_above_every_measured_stretch(spectral_norm):
   exact = spectral.lipschitz_bound(apply_fn, variables, SHAPE)
   assert measured <= exact
   if not spectral_norm:  # the Lanczos path, with its margin (compiles slowly)
-    iterated = spectral.lipschitz_bound(apply_fn, variables, SHAPE,
-                                        exact_max_entries=0, n_probes=0)
+    iterated = spectral.lipschitz_bound(apply_fn, variables, SHAPE, exact_max_entries=0, n_probes=0)
     assert exact <= iterated <= exact * 1.05
   factors = spectral.lipschitz_factors(apply_fn, variables, SHAPE)
-  assert [f.kind for f in factors] == ["lipschitz_constant", "linear", "linear",
-                                       "batch_norm", "linear"]
-  assert [f.input_shape for f in factors] == [SHAPE, SHAPE, (4, 4, 4),
-                                              (2, 2, 6), (24,)]
+  assert [f.kind for f in factors] == [
+    "lipschitz_constant",
+    "linear",
+    "linear",
+    "batch_norm",
+    "linear",
+  ]
+  assert [f.input_shape for f in factors] == [SHAPE, SHAPE, (4, 4, 4), (2, 2, 6), (24,)]
   assert factors[0].value == pytest.approx(5.0, rel=1e-4)
   if spectral_norm:  # clipped to 1, up to the power iteration, which after
     # 20 steps can still be a few % low when top singular values are close
@@ -465,30 +489,36 @@ def test_lipschitz_bound_is_above_every_measured_stretch(spectral_norm):
 
 
 def test_lipschitz_bound_of_a_linear_model_is_tight():
-  model = nn.Sequential([Normalize((0.5,), (0.5,)), nn.Conv(3, (3, 3)),
-                         lambda x: x.reshape(x.shape[0], -1)])
+  model = nn.Sequential(
+    [Normalize((0.5,), (0.5,)), nn.Conv(3, (3, 3)), lambda x: x.reshape(x.shape[0], -1)]
+  )
   shape = (10, 10, 1)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
   kernel = variables["params"]["layers_1"]["kernel"]
   exact = 2.0 * conv_matrix_norm(kernel, shape, (1, 1), "SAME")
   bound = spectral.lipschitz_bound(model.apply, variables, shape, n_probes=0)
   assert exact <= bound <= exact * (1 + 1e-4)
-  iterated = spectral.lipschitz_bound(model.apply, variables, shape,
-                                      exact_max_entries=0, n_probes=0)
+  iterated = spectral.lipschitz_bound(
+    model.apply, variables, shape, exact_max_entries=0, n_probes=0
+  )
   margin = spectral.lanczos_margin(100, 100, 1e-6)
   assert exact <= iterated <= exact * margin * 1.001
 
 
-@pytest.mark.parametrize("pool, factor", [
+@pytest.mark.parametrize(
+  "pool, factor",
+  [
     (lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME"), 3.0),
     (lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), None),
     (lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2)), 0.5),
-    (lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME"),
-     None),  # sqrt(9 / 9) = 1
-], ids=["max_overlapping", "max", "avg", "avg_overlapping"])
+    (lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME"), None),  # sqrt(9 / 9) = 1
+  ],
+  ids=["max_overlapping", "max", "avg", "avg_overlapping"],
+)
 def test_pools_add_their_factor(pool, factor):
   def pooled(variables, x):
     return pool(nn.Dense(4).apply(variables, x)).reshape(x.shape[0], -1)
+
   variables = nn.Dense(4).init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
   factors = spectral.lipschitz_factors(pooled, variables, (6, 6, 2))
   if factor is None:
@@ -496,10 +526,8 @@ def test_pools_add_their_factor(pool, factor):
   else:
     assert [f.kind for f in factors] == ["linear", "pool"]
     assert factors[1].value == pytest.approx(factor)
-  measured = empirical_lipschitz(lambda x: pooled(variables, x),
-                                 jax.random.key(1), (6, 6, 2))
-  assert measured <= spectral.lipschitz_bound(pooled, variables, (6, 6, 2),
-                                              n_probes=0)
+  measured = empirical_lipschitz(lambda x: pooled(variables, x), jax.random.key(1), (6, 6, 2))
+  assert measured <= spectral.lipschitz_bound(pooled, variables, (6, 6, 2), n_probes=0)
 
 
 def test_lipschitz_bound_of_the_library_small_cnn():
@@ -507,8 +535,7 @@ def test_lipschitz_bound_of_the_library_small_cnn():
   variables = random_variables(model, 0, jnp.zeros((1, 8, 8, 1)))
   apply_fn = functools.partial(model.apply, train=False)
   bound = spectral.lipschitz_bound(apply_fn, variables, (8, 8, 1))
-  measured = empirical_lipschitz(lambda x: apply_fn(variables, x),
-                                 jax.random.key(1), (8, 8, 1))
+  measured = empirical_lipschitz(lambda x: apply_fn(variables, x), jax.random.key(1), (8, 8, 1))
   assert measured <= bound
 
 
@@ -524,8 +551,7 @@ def test_certified_radius_is_never_contradicted_by_pgd():
   attack = jax.jit(jax.vmap(functools.partial(pgd_l2, logits_fn)))
   x_adv = attack(x, labels, radius * 0.999)
   assert bool(jnp.all(jnp.argmax(logits_fn(x_adv), axis=1) == labels))
-  assert bool(jnp.all(
-      jnp.linalg.norm((x_adv - x).reshape(8, -1), axis=1) <= radius))
+  assert bool(jnp.all(jnp.linalg.norm((x_adv - x).reshape(8, -1), axis=1) <= radius))
 
 
 def test_certified_radius_of_a_linear_model_is_reached_by_pgd():
@@ -542,21 +568,17 @@ def test_certified_radius_of_a_linear_model_is_reached_by_pgd():
   labels = jnp.argmax(logits, axis=1)
   bound = spectral.lipschitz_bound(model.apply, variables, (6,), n_probes=0)
   radius = spectral.certified_radius(logits, bound)
-  flip = (jnp.abs(logits[:, 0] - logits[:, 1])
-          / jnp.linalg.norm(kernel[:, 0] - kernel[:, 1]))
+  flip = jnp.abs(logits[:, 0] - logits[:, 1]) / jnp.linalg.norm(kernel[:, 0] - kernel[:, 1])
   assert bool(jnp.all(radius <= flip * (1 + 1e-5)))
   attack = jax.jit(jax.vmap(functools.partial(pgd_l2, logits_fn)))
-  assert bool(jnp.all(jnp.argmax(logits_fn(attack(x, labels, radius * 0.999)),
-                                 1) == labels))
-  assert bool(jnp.all(jnp.argmax(logits_fn(attack(x, labels, flip * 1.05)),
-                                 1) != labels))
+  assert bool(jnp.all(jnp.argmax(logits_fn(attack(x, labels, radius * 0.999)), 1) == labels))
+  assert bool(jnp.all(jnp.argmax(logits_fn(attack(x, labels, flip * 1.05)), 1) != labels))
 
 
 def test_certified_radius_formula():
   logits = jnp.array([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])
   radius = spectral.certified_radius(logits, 2.0)
-  np.testing.assert_allclose(radius, [2 / (2 * math.sqrt(2)),
-                                      0.5 / (2 * math.sqrt(2))], rtol=1e-6)
+  np.testing.assert_allclose(radius, [2 / (2 * math.sqrt(2)), 0.5 / (2 * math.sqrt(2))], rtol=1e-6)
   with_labels = spectral.certified_radius(logits, 2.0, jnp.array([0, 2]))
   np.testing.assert_allclose(with_labels, [radius[0], 0.0], rtol=1e-6)
 
@@ -598,12 +620,15 @@ class ScaledOutsideModules(nn.Module):
     return 100.0 * nn.Dense(3)(x)
 
 
-@pytest.mark.parametrize("model, match", [
+@pytest.mark.parametrize(
+  "model, match",
+  [
     (Residual(), "residual"),
     (WithLayerNorm(), "LayerNorm"),
     (TrainingBatchNorm(), "training mode"),
     (ScaledOutsideModules(), "Jacobian norm"),
-])
+  ],
+)
 def test_lipschitz_bound_refuses_what_it_cannot_bound(model, match):
   variables = model.init(jax.random.key(0), jnp.ones((2, 5)))
   apply_fn = model.apply
@@ -628,7 +653,9 @@ class NoKernel(nn.Module):
     return x * self.param("w", nn.initializers.ones, (x.shape[-1],))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"target": 0.0}, "target.*0.0"),
     ({"target": -1.0}, "target.*-1.0"),
     ({"n_steps": 0}, "n_steps.*0"),
@@ -636,7 +663,8 @@ class NoKernel(nn.Module):
     ({"rescale": "scale"}, "rescale 'scale'"),
     ({"layer": nn.BatchNorm(use_running_average=True)}, "BatchNorm"),
     ({"layer": NoKernel()}, "NoKernel"),
-])
+  ],
+)
 def test_spectral_norm_rejects_bad_settings(kwargs, match):
   kwargs = {"layer": nn.Dense(3), **kwargs}
   with pytest.raises(InputError, match=match):
@@ -657,7 +685,9 @@ def test_spectral_norm_needs_its_collection():
     module.apply({"params": variables["params"]}, x, update_stats=False)
 
 
-@pytest.mark.parametrize("args, match", [
+@pytest.mark.parametrize(
+  "args, match",
+  [
     ((jnp.ones((3, 3, 2)), (6, 6, 2)), r"kernel.*\(3, 3, 2\)"),
     ((jnp.ones((3, 3, 2, 4)), (6, 6, 3)), "3 channels"),
     ((jnp.ones((3, 3, 2, 4)), (6, 6)), r"input_shape.*\(6, 6\)"),
@@ -665,7 +695,8 @@ def test_spectral_norm_needs_its_collection():
     ((jnp.ones((3, 3, 2, 4)), (6, 6, 2), (1, 1), "FULL"), "padding 'FULL'"),
     ((jnp.ones((3, 3, 2, 4)), (6, 6, 2), (1, 1), ((1, 1),)), r"\(\(1, 1\),\)"),
     ((jnp.ones((3, 3, 2, 4)), (6, 6, 2), (1, 1), "SAME", 0), "n_iter.*0"),
-])
+  ],
+)
 def test_conv_operator_norm_rejects_bad_arguments(args, match):
   with pytest.raises(InputError, match=match):
     spectral.conv_operator_norm(*args)
@@ -677,8 +708,7 @@ def test_lipschitz_and_radius_reject_bad_arguments():
   with pytest.raises(InputError, match=r"input_shape.*\(5, 0\)"):
     spectral.lipschitz_bound(model.apply, variables, (5, 0))
   with pytest.raises(InputError, match="failure_probability.*1.5"):
-    spectral.lipschitz_bound(model.apply, variables, (5,),
-                             failure_probability=1.5)
+    spectral.lipschitz_bound(model.apply, variables, (5,), failure_probability=1.5)
   with pytest.raises(InputError, match="n_iter.*1"):
     spectral.lipschitz_bound(model.apply, variables, (5,), n_iter=1)
   with pytest.raises(InputError, match="lipschitz.*0.0"):

@@ -1,4 +1,5 @@
 """Data-parallel training: device-count equivalence, resume, optimizers, refusals."""
+
 import json
 
 import jax
@@ -9,8 +10,9 @@ import pytest
 from jaxrobust import attacks, augment, checks, experiment, models, parallel, training
 
 # PGD-2 adversarial training of the tiny digits run.
-ADVERSARIAL = dict(objective="adversarial",
-                   train_attack=dict(name="pgd", norm="linf", eps=0.2, steps=2))
+ADVERSARIAL = dict(
+  objective="adversarial", train_attack=dict(name="pgd", norm="linf", eps=0.2, steps=2)
+)
 
 
 def leaves_close(a, b, rtol):
@@ -23,8 +25,9 @@ def test_two_devices_equal_one_device_with_batchnorm_pgd_and_augmentation(two_st
   # BatchNorm statistics are synchronised over devices, and every example's
   # random start, crop and flip depend on its global index only, so the split
   # is invisible.
-  model = models.WideResNet(num_classes=3, mean=(0.5,), std=(0.3,), depth=10,
-                            width=1, axis_name=parallel.BATCH_AXIS)
+  model = models.WideResNet(
+    num_classes=3, mean=(0.5,), std=(0.3,), depth=10, width=1, axis_name=parallel.BATCH_AXIS
+  )
   input_fn = attacks.pgd(norm="linf", eps=0.1, steps=2)
   x = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1))
   y = jnp.arange(8) % 3
@@ -55,7 +58,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
 def test_same_seed_same_result_other_seed_differs(tiny_config, tmp_path):
   a = experiment.train(tiny_config(**ADVERSARIAL), tmp_path / "a", max_steps=3, progress=False)
   b = experiment.train(tiny_config(**ADVERSARIAL), tmp_path / "b", max_steps=3, progress=False)
-  c = experiment.train(tiny_config(**ADVERSARIAL, seed=1), tmp_path / "c", max_steps=3, progress=False)
+  c = experiment.train(
+    tiny_config(**ADVERSARIAL, seed=1), tmp_path / "c", max_steps=3, progress=False
+  )
   leaf = lambda s: np.asarray(jax.tree.leaves(s.params)[0])
   np.testing.assert_array_equal(leaf(a), leaf(b))
   assert not np.array_equal(leaf(a), leaf(c))
@@ -81,8 +86,11 @@ def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
 def test_natural_training_learns_digits(tiny_config, tmp_path):
   # Adam at a constant rate: SGD with momentum on this width-4 network swings
   # between 60 % and 95 % from one epoch count to the next.
-  config = tiny_config(objective="natural", epochs=3,
-                       optimizer=dict(name="adam", learning_rate=1e-2, schedule="constant"))
+  config = tiny_config(
+    objective="natural",
+    epochs=3,
+    optimizer=dict(name="adam", learning_rate=1e-2, schedule="constant"),
+  )
   experiment.train(config, tmp_path, progress=False)
   resolved, model, state = experiment.restore(tmp_path)
   report = experiment.evaluate(resolved, model, state, names="pgd_linf", limit=100)
@@ -93,8 +101,7 @@ def test_natural_training_learns_digits(tiny_config, tmp_path):
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "piecewise"])
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_and_schedules(name, schedule):
-  cfg = dict(name=name, learning_rate=0.1, schedule=schedule, weight_decay=1e-4,
-             warmup_steps=2)
+  cfg = dict(name=name, learning_rate=0.1, schedule=schedule, weight_decay=1e-4, warmup_steps=2)
   tx = training.make_optimizer(cfg, total_steps=10)
   params = {"w": jnp.ones(3)}
   updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
@@ -106,12 +113,15 @@ def test_optimizers_and_schedules(name, schedule):
     assert float(schedule_fn(0)) == 0.0 and float(schedule_fn(2)) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("cfg, message", [
+@pytest.mark.parametrize(
+  "cfg, message",
+  [
     (dict(name="rmsprop", learning_rate=0.1), "'rmsprop'"),
     (dict(name="sgd", learning_rate=-0.1), "learning_rate"),
     (dict(name="sgd", learning_rate=0.1, schedule="linear"), "'linear'"),
     (dict(name="sgd", learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
-])
+  ],
+)
 def test_bad_optimizer_settings(cfg, message):
   with pytest.raises(checks.InputError, match=message):
     training.make_optimizer(cfg, 10)

@@ -6,6 +6,7 @@ and must run the model in inference mode. Compose under `jax.jit`:
   attack = jr.attacks.pgd(norm="linf", eps=8/255, step_size=2/255, steps=10)
   x_adv = jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 """
+
 from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.apgd import apgd, apgd_t
 from jaxrobust.attacks.attack import Attack
@@ -20,10 +21,23 @@ from jaxrobust.attacks.square import square
 
 from jaxrobust import checks
 
-ATTACKS = {"fgsm": fgsm, "pgd": pgd, "cw_l2": cw_l2, "mi_fgsm": mi_fgsm,
-           "di_fgsm": di_fgsm, "apgd": apgd, "apgd_t": apgd_t, "fab": fab, "fab_t": fab_t,
-           "square": square, "autoattack": autoattack, "worst_case": worst_case,
-           "max_loss": max_loss, "random_choice": random_choice, "mixture": mixture}
+ATTACKS = {
+  "fgsm": fgsm,
+  "pgd": pgd,
+  "cw_l2": cw_l2,
+  "mi_fgsm": mi_fgsm,
+  "di_fgsm": di_fgsm,
+  "apgd": apgd,
+  "apgd_t": apgd_t,
+  "fab": fab,
+  "fab_t": fab_t,
+  "square": square,
+  "autoattack": autoattack,
+  "worst_case": worst_case,
+  "max_loss": max_loss,
+  "random_choice": random_choice,
+  "mixture": mixture,
+}
 COMBINATORS = ("worst_case", "max_loss", "random_choice", "mixture")
 
 
@@ -43,8 +57,10 @@ def create(name, **settings) -> Attack:
   checks.one_of("attack", name, tuple(ATTACKS))
   if name in COMBINATORS and "attacks" in settings:
     inner = settings["attacks"]
-    checks.require(isinstance(inner, (list, tuple)),
-                   f"attack {name!r}: attacks must be a list of specs, got {inner!r}")
+    checks.require(
+      isinstance(inner, (list, tuple)),
+      f"attack {name!r}: attacks must be a list of specs, got {inner!r}",
+    )
     settings["attacks"] = [a if callable(a) else create(a) for a in inner]
   factory = ATTACKS[name]
   try:

@@ -1,6 +1,7 @@
 """Auto-PGD and its targeted version APGD-T (Croce & Hein 2020, "Reliable
 evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks")."""
+
 import math
 
 import jax
@@ -25,8 +26,9 @@ def checkpoints(steps):
   return sorted(points - {0})
 
 
-def apgd(*, norm="linf", eps, steps=100, loss="ce", targeted=False, restarts=1,
-         rho=0.75, eot_samples=1) -> Attack:
+def apgd(
+  *, norm="linf", eps, steps=100, loss="ce", targeted=False, restarts=1, rho=0.75, eot_samples=1
+) -> Attack:
   """Auto-PGD: PGD with momentum and a step size it adapts itself.
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
@@ -100,24 +102,36 @@ def apgd(*, norm="linf", eps, steps=100, loss="ce", targeted=False, restarts=1,
       hit = jnp.argmax(logits) == y
       return sign * loss_fn(logits, y), hit if targeted else ~hit
 
-    run = lambda k: _apgd_run(_value_and_grad(logits_one, objective, x, k, eot_samples),
-                              x, k, eps, norm, steps, rho)
+    run = lambda k: _apgd_run(
+      _value_and_grad(logits_one, objective, x, k, eot_samples), x, k, eps, norm, steps, rho
+    )
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
     stochastic = eot_samples > 1
     num_classes = core.check_batch(logits_fn, x, y, stochastic=stochastic)
-    _require_classes(num_classes, min_classes,
-                     f"apgd with loss={loss!r}{' targeted' if targeted else ''}")
-    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps),
-                        stochastic=stochastic)
+    _require_classes(
+      num_classes, min_classes, f"apgd with loss={loss!r}{' targeted' if targeted else ''}"
+    )
+    return core.batched(
+      attack_one, logits_fn, x, y, key, core.check_eps(eps), stochastic=stochastic
+    )
 
-  return make(attack, "apgd", norm=norm, eps=eps, targeted=targeted, steps=steps,
-              loss=loss, restarts=restarts, rho=rho, eot_samples=eot_samples)
+  return make(
+    attack,
+    "apgd",
+    norm=norm,
+    eps=eps,
+    targeted=targeted,
+    steps=steps,
+    loss=loss,
+    restarts=restarts,
+    rho=rho,
+    eot_samples=eot_samples,
+  )
 
 
-def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1,
-           rho=0.75) -> Attack:
+def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1, rho=0.75) -> Attack:
   """APGD-T: targeted APGD on the targeted DLR loss, over several target
   classes, as in Croce & Hein's code (AutoAttack's "apgd-t").
 
@@ -157,8 +171,7 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1,
   def attack_one(logits_one, x, y, key, eps):
     clean = logits_one(x)
     count = min(num_targets, clean.shape[-1] - 1)
-    targets = jax.lax.top_k(jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean),
-                            count)[1]
+    targets = jax.lax.top_k(jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[1]
 
     def for_target(i, found):
       target = targets[i]
@@ -166,8 +179,9 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1,
       def objective(logits):
         return losses.dlr_t(logits, y, target), jnp.argmax(logits) != y
 
-      run = lambda k: _apgd_run(_value_and_grad(logits_one, objective, x, k, 1),
-                                x, k, eps, norm, steps, rho)
+      run = lambda k: _apgd_run(
+        _value_and_grad(logits_one, objective, x, k, 1), x, k, eps, norm, steps, rho
+      )
       delta, _, success = core.best_of_restarts(run, jax.random.fold_in(key, i), restarts)
       margin = losses.margin(logits_one(x + delta), y)
       candidate = (delta, margin, success)
@@ -182,18 +196,28 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1,
     _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  return make(attack, "apgd_t", norm=norm, eps=eps, steps=steps, num_targets=num_targets,
-              restarts=restarts, rho=rho)
+  return make(
+    attack,
+    "apgd_t",
+    norm=norm,
+    eps=eps,
+    steps=steps,
+    num_targets=num_targets,
+    restarts=restarts,
+    rho=rho,
+  )
 
 
 def _require_classes(num_classes, minimum, what):
-  checks.require(num_classes >= minimum, f"{what} needs >= {minimum} classes, the "
-                 f"model has {num_classes}")
+  checks.require(
+    num_classes >= minimum, f"{what} needs >= {minimum} classes, the model has {num_classes}"
+  )
 
 
 def _value_and_grad(logits_one, objective, x, key, eot_samples):
   """`delta -> ((value, success), grad)` of `objective(logits_one(x + delta))`;
   with EOT, the value and gradient are means over `eot_samples` draws."""
+
   def value(delta, draw_key=None):
     logits = logits_one(x + delta) if draw_key is None else logits_one(x + delta, draw_key)
     return objective(logits)
@@ -246,40 +270,62 @@ def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
   def step(i, s):
     alpha = jnp.where(i > 0, MOMENTUM, 1.0)
     z = project(s["delta"] + s["eta"] * core.steepest_ascent(s["grad"], norm))
-    new = project(s["delta"] + alpha * (z - s["delta"])
-                  + (1 - alpha) * (s["delta"] - s["previous"]))
+    new = project(
+      s["delta"] + alpha * (z - s["delta"]) + (1 - alpha) * (s["delta"] - s["previous"])
+    )
     (value, success), grad = value_and_grad(new, i + 1)
     improved = value > s["best_value"]
     better_success = success & (~s["success"] | (value > s["adversarial_value"]))
-    s = dict(s, previous=s["delta"], delta=new, grad=grad, value=value,
-             rises=s["rises"] + (value > s["value"]),
-             best=jnp.where(improved, new, s["best"]),
-             best_grad=jnp.where(improved, grad, s["best_grad"]),
-             best_value=jnp.where(improved, value, s["best_value"]),
-             success=s["success"] | success,
-             adversarial=jnp.where(better_success, new, s["adversarial"]),
-             adversarial_value=jnp.where(better_success, value, s["adversarial_value"]))
+    s = dict(
+      s,
+      previous=s["delta"],
+      delta=new,
+      grad=grad,
+      value=value,
+      rises=s["rises"] + (value > s["value"]),
+      best=jnp.where(improved, new, s["best"]),
+      best_grad=jnp.where(improved, grad, s["best_grad"]),
+      best_value=jnp.where(improved, value, s["best_value"]),
+      success=s["success"] | success,
+      adversarial=jnp.where(better_success, new, s["adversarial"]),
+      adversarial_value=jnp.where(better_success, value, s["adversarial_value"]),
+    )
     # Checkpoint: halve the step and restart from the best point if needed.
     checked = is_checkpoint[i]
     condition_1 = s["rises"] < rho * interval[i]
     condition_2 = ~s["halved"] & (s["best_value"] <= s["checked_value"])
     halve = checked & (condition_1 | condition_2)
     return dict(
-        s, eta=jnp.where(halve, s["eta"] / 2, s["eta"]),
-        delta=jnp.where(halve, s["best"], s["delta"]),
-        grad=jnp.where(halve, s["best_grad"], s["grad"]),
-        rises=jnp.where(checked, 0, s["rises"]),
-        halved=jnp.where(checked, halve, s["halved"]),
-        checked_value=jnp.where(checked, s["best_value"], s["checked_value"]))
+      s,
+      eta=jnp.where(halve, s["eta"] / 2, s["eta"]),
+      delta=jnp.where(halve, s["best"], s["delta"]),
+      grad=jnp.where(halve, s["best_grad"], s["grad"]),
+      rises=jnp.where(checked, 0, s["rises"]),
+      halved=jnp.where(checked, halve, s["halved"]),
+      checked_value=jnp.where(checked, s["best_value"], s["checked_value"]),
+    )
 
   delta = _start(key, x, eps, norm)
   (value, success), grad = value_and_grad(delta, 0)
-  s = dict(previous=delta, delta=delta, grad=grad, value=value,
-           eta=jnp.asarray(2.0 * eps, x.dtype), rises=jnp.zeros((), jnp.int32),
-           best=delta, best_grad=grad, best_value=value, success=success,
-           adversarial=delta, adversarial_value=value,
-           halved=jnp.array(True), checked_value=value)
+  s = dict(
+    previous=delta,
+    delta=delta,
+    grad=grad,
+    value=value,
+    eta=jnp.asarray(2.0 * eps, x.dtype),
+    rises=jnp.zeros((), jnp.int32),
+    best=delta,
+    best_grad=grad,
+    best_value=value,
+    success=success,
+    adversarial=delta,
+    adversarial_value=value,
+    halved=jnp.array(True),
+    checked_value=value,
+  )
   s = core.loop(0, steps, step, s, like=x)
-  return (jnp.where(s["success"], s["adversarial"], s["best"]),
-          jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
-          s["success"])
+  return (
+    jnp.where(s["success"], s["adversarial"], s["best"]),
+    jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
+    s["success"],
+  )

@@ -11,8 +11,10 @@ settings back in the form `attacks.create` takes, so
 Two attacks built with the same settings compare equal (and hash equal), so
 compiled programs can be cached by attack.
 """
+
 import dataclasses
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import jax
 
@@ -25,9 +27,14 @@ class AttackFn(Protocol):
   """The function inside an `Attack`: eps is the ball's radius for this call
   (a scalar or a [B] array; None for an attack without a ball)."""
 
-  def __call__(self, logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array,
-               y: jax.Array, key: jax.Array, eps: Any) -> jax.Array:
-    ...
+  def __call__(
+    self,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    eps: Any,
+  ) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +61,11 @@ class Attack:
       evaluation may run each stage only on the examples still robust.
       Stage j of example i uses the key `fold_in(k_i, j)`.
   """
+
   fn: AttackFn = dataclasses.field(repr=False, compare=False)
   name: str
-  norm: Optional[str] = None
-  eps: Optional[float] = None
+  norm: str | None = None
+  eps: float | None = None
   targeted: bool = False
   settings: tuple = ()
   stages: tuple = dataclasses.field(default=(), repr=False, compare=False)
@@ -97,7 +105,8 @@ class Attack:
   def stochastic(self) -> bool:
     """Whether it attacks a stochastic model `logits_fn(x, key)` (EOT)."""
     return self.options.get("eot_samples", 1) > 1 or any(
-        getattr(part, "stochastic", False) for part in self.parts)
+      getattr(part, "stochastic", False) for part in self.parts
+    )
 
   @property
   def label(self) -> str:
@@ -108,10 +117,15 @@ class Attack:
     return self.name.replace("_", "-")
 
 
-def make(fn, name, *, norm=None, eps=None, targeted=False, stages=(),
-         **settings) -> Attack:
+def make(fn, name, *, norm=None, eps=None, targeted=False, stages=(), **settings) -> Attack:
   """An `Attack` of `fn`; lists in `settings` are stored as tuples (hashable)."""
-  frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                        for k, v in settings.items()))
-  return Attack(fn, name, norm=norm, eps=None if eps is None else float(eps),
-                targeted=bool(targeted), settings=frozen, stages=tuple(stages))
+  frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items()))
+  return Attack(
+    fn,
+    name,
+    norm=norm,
+    eps=None if eps is None else float(eps),
+    targeted=bool(targeted),
+    settings=frozen,
+    stages=tuple(stages),
+  )

@@ -1,6 +1,7 @@
 """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial
 robustness with an ensemble of diverse parameter-free attacks"): the field's
 standard robustness evaluation, as a cascade of attacks."""
+
 from jaxrobust import checks
 from jaxrobust.attacks import core
 from jaxrobust.attacks.apgd import apgd, apgd_t
@@ -12,8 +13,9 @@ from jaxrobust.attacks.square import square
 VERSIONS = ("standard", "plus", "rand")
 
 
-def autoattack(*, norm="linf", eps, version="standard", steps=100, queries=5000,
-               num_targets=9) -> Attack:
+def autoattack(
+  *, norm="linf", eps, version="standard", steps=100, queries=5000, num_targets=9
+) -> Attack:
   """AutoAttack's suite in one of its versions, as in the authors' code.
 
   * "standard": APGD-CE (1 run), APGD-T (`num_targets` targets), FAB-T
@@ -50,16 +52,35 @@ def autoattack(*, norm="linf", eps, version="standard", steps=100, queries=5000,
   ball = dict(norm=norm, eps=eps)
   targeted = dict(ball, steps=steps, num_targets=num_targets)
   if version == "standard":
-    stages = [apgd(**ball, steps=steps, loss="ce"), apgd_t(**targeted), fab_t(**targeted),
-              square(**ball, queries=queries)]
+    stages = [
+      apgd(**ball, steps=steps, loss="ce"),
+      apgd_t(**targeted),
+      fab_t(**targeted),
+      square(**ball, queries=queries),
+    ]
   elif version == "plus":
-    stages = [apgd(**ball, steps=steps, loss="ce", restarts=5),
-              apgd(**ball, steps=steps, loss="dlr", restarts=5),
-              fab(**ball, steps=steps, restarts=5), square(**ball, queries=queries),
-              apgd_t(**targeted), fab_t(**targeted)]
+    stages = [
+      apgd(**ball, steps=steps, loss="ce", restarts=5),
+      apgd(**ball, steps=steps, loss="dlr", restarts=5),
+      fab(**ball, steps=steps, restarts=5),
+      square(**ball, queries=queries),
+      apgd_t(**targeted),
+      fab_t(**targeted),
+    ]
   else:
-    stages = [apgd(**ball, steps=steps, loss="ce", eot_samples=20),
-              apgd(**ball, steps=steps, loss="dlr", eot_samples=20)]
+    stages = [
+      apgd(**ball, steps=steps, loss="ce", eot_samples=20),
+      apgd(**ball, steps=steps, loss="dlr", eot_samples=20),
+    ]
   cascade = worst_case(stages)
-  return make(cascade.fn, "autoattack", norm=norm, eps=eps, version=version, steps=steps,
-              queries=queries, num_targets=num_targets, stages=tuple(stages))
+  return make(
+    cascade.fn,
+    "autoattack",
+    norm=norm,
+    eps=eps,
+    version=version,
+    steps=steps,
+    queries=queries,
+    num_targets=num_targets,
+    stages=tuple(stages),
+  )

@@ -11,6 +11,7 @@ example i, and the combinator's own draws use `fold_in(k_i, J)`, J the number
 of attacks. Labels are true classes: the combinators judge success
 untargeted (misclassified).
 """
+
 import math
 import numbers
 
@@ -43,8 +44,12 @@ def worst_case(attacks) -> Attack:
   def choose(fooled, loss):
     return jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
 
-  return _combined(_select(attacks, choose), "worst_case", attacks,
-                   stages=attacks if all(isinstance(a, Attack) for a in attacks) else ())
+  return _combined(
+    _select(attacks, choose),
+    "worst_case",
+    attacks,
+    stages=attacks if all(isinstance(a, Attack) for a in attacks) else (),
+  )
 
 
 def max_loss(attacks) -> Attack:
@@ -80,15 +85,17 @@ def _select(attacks, choose):
   def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y, stochastic=stochastic)
     keys = keys_lib.example_keys(key, x.shape[0])
-    candidates = jnp.stack([_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps)
-                            for j, a in enumerate(attacks)])       # [J, B, ...]
+    candidates = jnp.stack(
+      [_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps) for j, a in enumerate(attacks)]
+    )  # [J, B, ...]
     if stochastic:
       judge = keys_lib.fold(keys, len(attacks))
-      logits = jax.vmap(lambda c: jax.vmap(lambda xi, k: logits_fn(xi[None], k)[0])(
-          c, judge))(candidates)
+      logits = jax.vmap(lambda c: jax.vmap(lambda xi, k: logits_fn(xi[None], k)[0])(c, judge))(
+        candidates
+      )
     else:
       logits = logits_fn(candidates.reshape((-1,) + x.shape[1:]))
-    logits = logits.reshape(len(attacks), x.shape[0], -1)          # [J, B, K]
+    logits = logits.reshape(len(attacks), x.shape[0], -1)  # [J, B, K]
     fooled = jnp.argmax(logits, -1) != y
     loss = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
     return candidates[choose(fooled, loss), jnp.arange(x.shape[0])]
@@ -113,15 +120,19 @@ def random_choice(attacks, per_example=False) -> Attack:
     keys = keys_lib.example_keys(key, x.shape[0])
     if per_example:
       choice = jax.vmap(lambda k: jax.random.randint(k, (), 0, count))(keys_lib.fold(keys, count))
-      outputs = jnp.stack([_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps)
-                           for j, a in enumerate(attacks)])
+      outputs = jnp.stack(
+        [_call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps) for j, a in enumerate(attacks)]
+      )
       return outputs[choice, jnp.arange(x.shape[0])]
     choice = jax.random.randint(jax.random.fold_in(keys[0], count), (), 0, count)
     # Each branch is a computation of its own, where XLA:CPU would not
     # canonicalise (and so speed up) the attack's convolutions by itself.
-    branches = [core.canonical_convolutions(
-        lambda x, y, keys, a=a, j=j: _call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps))
-                for j, a in enumerate(attacks)]
+    branches = [
+      core.canonical_convolutions(
+        lambda x, y, keys, a=a, j=j: _call(a, logits_fn, x, y, keys_lib.fold(keys, j), eps)
+      )
+      for j, a in enumerate(attacks)
+    ]
     return jax.lax.switch(choice, branches, x, y, keys)
 
   return _combined(attack, "random_choice", attacks, per_example=per_example)
@@ -154,10 +165,11 @@ def mixture(attacks, weights) -> Attack:
     x_adv, start = x, 0
     for j, (a, size) in enumerate(zip(attacks, share_sizes(weights, x.shape[0]))):
       if size:
-        share = order[start:start + size]
+        share = order[start : start + size]
         part_eps = eps[share] if eps is not None and jnp.ndim(eps) else eps
         x_adv = x_adv.at[share].set(
-            _call(a, logits_fn, x[share], y[share], keys_lib.fold(keys[share], j), part_eps))
+          _call(a, logits_fn, x[share], y[share], keys_lib.fold(keys[share], j), part_eps)
+        )
         start += size
     return x_adv
 
@@ -169,7 +181,7 @@ def share_sizes(weights, batch_size):
   exact = [w * batch_size for w in weights]
   sizes = [math.floor(e) for e in exact]
   by_remainder = sorted(range(len(weights)), key=lambda j: sizes[j] - exact[j])
-  for j in by_remainder[:batch_size - sum(sizes)]:
+  for j in by_remainder[: batch_size - sum(sizes)]:
     sizes[j] += 1
   return sizes
 
@@ -180,9 +192,16 @@ def _combined(fn, name, attacks, stages=(), **settings):
   radii = {getattr(a, "eps", None) for a in attacks}
   norm = norms.pop() if len(norms) == 1 else None
   eps = radii.pop() if len(radii) == 1 and norm is not None else None
-  return make(fn, name, norm=norm, eps=eps,
-              targeted=any(getattr(a, "targeted", False) for a in attacks),
-              stages=stages, attacks=attacks, **settings)
+  return make(
+    fn,
+    name,
+    norm=norm,
+    eps=eps,
+    targeted=any(getattr(a, "targeted", False) for a in attacks),
+    stages=stages,
+    attacks=attacks,
+    **settings,
+  )
 
 
 def _call(attack, logits_fn, x, y, keys, eps):
@@ -193,20 +212,27 @@ def _call(attack, logits_fn, x, y, keys, eps):
 
 
 def _check_attacks(attacks):
-  checks.require(isinstance(attacks, (list, tuple)) and len(attacks) > 0,
-                 f"attacks must be a non-empty list of attacks, got {attacks!r}")
+  checks.require(
+    isinstance(attacks, (list, tuple)) and len(attacks) > 0,
+    f"attacks must be a non-empty list of attacks, got {attacks!r}",
+  )
   for a in attacks:
     checks.require(callable(a), f"attacks must be attack functions, got {a!r}")
   return tuple(attacks)
 
 
 def _check_weights(weights, count):
-  checks.require(isinstance(weights, (list, tuple)) and len(weights) == count,
-                 f"weights must be a list of {count} numbers, one per attack, "
-                 f"got {weights!r}")
+  checks.require(
+    isinstance(weights, (list, tuple)) and len(weights) == count,
+    f"weights must be a list of {count} numbers, one per attack, got {weights!r}",
+  )
   for w in weights:
-    checks.require(isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0,
-                   f"weights must be finite numbers >= 0, got {weights!r}")
-  checks.require(abs(sum(weights) - 1.0) <= 1e-6,
-                 f"weights must sum to 1, got {list(weights)} (sum {sum(weights):g})")
+    checks.require(
+      isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0,
+      f"weights must be finite numbers >= 0, got {weights!r}",
+    )
+  checks.require(
+    abs(sum(weights) - 1.0) <= 1e-6,
+    f"weights must sum to 1, got {list(weights)} (sum {sum(weights):g})",
+  )
   return tuple(float(w) for w in weights)

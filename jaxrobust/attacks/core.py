@@ -8,6 +8,7 @@ so the per-example code calls it on `x[None]`.
 Threat models: the L-infinity ball {d : max_i |d_i| <= eps} and the L2 ball
 {d : ||d||_2 <= eps} around x, intersected with the image box x + d in [0, 1].
 """
+
 import functools
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
+
 # Every attack's gradients go through the CPU fast path (`jaxrobust.fastpath`;
 # the identity off CPU), under its historical name here.
 from jaxrobust.fastpath import canonical_convolutions, fast  # noqa: F401
@@ -47,10 +49,10 @@ def check_step_size(step_size):
 # The default step size of each iterative attack, a multiple of eps / steps:
 # the rule of the paper that introduced it.
 STEP_SIZE_FACTORS = {
-    "pgd": 2.5,      # Madry et al. 2018: 2.5 eps / steps
-    "fgsm": 1.0,     # Goodfellow et al. 2015: one step of eps
-    "mi_fgsm": 1.0,  # Dong et al. 2018: eps / T
-    "di_fgsm": 1.0,  # Xie et al. 2019: as MI-FGSM
+  "pgd": 2.5,  # Madry et al. 2018: 2.5 eps / steps
+  "fgsm": 1.0,  # Goodfellow et al. 2015: one step of eps
+  "mi_fgsm": 1.0,  # Dong et al. 2018: eps / T
+  "di_fgsm": 1.0,  # Xie et al. 2019: as MI-FGSM
 }
 
 
@@ -169,9 +171,11 @@ def iterate(body, state, steps, unroll=False):
 def num_classes_of(logits_fn, x):
   """The number of classes `logits_fn` predicts, from its output shape (no compute)."""
   shape = jax.eval_shape(logits_fn, x).shape
-  checks.require(len(shape) == 2 and shape[0] == x.shape[0],
-                 f"logits_fn must map a batch of {x.shape[0]} images to logits "
-                 f"[{x.shape[0]}, classes], got shape {shape}")
+  checks.require(
+    len(shape) == 2 and shape[0] == x.shape[0],
+    f"logits_fn must map a batch of {x.shape[0]} images to logits "
+    f"[{x.shape[0]}, classes], got shape {shape}",
+  )
   return shape[1]
 
 
@@ -186,9 +190,10 @@ def check_batch(logits_fn, x, y, *, stochastic=False, soft_labels=False):
     logits_fn = functools.partial(_with_fixed_key, logits_fn)
   num_classes = num_classes_of(logits_fn, x)
   if soft_labels and jnp.ndim(y) == 2:
-    checks.require(jnp.shape(y) == (x.shape[0], num_classes),
-                   f"soft labels must have shape ({x.shape[0]}, {num_classes}), "
-                   f"got shape {tuple(jnp.shape(y))}")
+    checks.require(
+      jnp.shape(y) == (x.shape[0], num_classes),
+      f"soft labels must have shape ({x.shape[0]}, {num_classes}), got shape {tuple(jnp.shape(y))}",
+    )
   else:
     checks.check_labels(y, x.shape[0], num_classes)
   return num_classes
@@ -198,8 +203,7 @@ def _with_fixed_key(logits_fn, x):
   return logits_fn(x, jax.random.key(0))
 
 
-def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False,
-            soft_labels=False):
+def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False, soft_labels=False):
   """Runs `attack_one(logits_fn_one, x_i, y_i, key_i, *args_i)` over the batch with vmap.
 
   `logits_fn_one` maps one example to its logits [K] (a `stochastic` model:
@@ -215,6 +219,7 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False,
   logits_one = lambda xi, *key: fast_logits(xi[None], *key)[0]
   keys = keys_lib.example_keys(key, x.shape[0])
   axes = tuple(0 if jnp.ndim(a) else None for a in per_example)
-  run = jax.vmap(lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a),
-                 in_axes=(0, 0, 0) + axes)
+  run = jax.vmap(
+    lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a), in_axes=(0, 0, 0) + axes
+  )
   return run(x, y, keys, *per_example).astype(x.dtype)

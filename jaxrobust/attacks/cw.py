@@ -1,5 +1,6 @@
 """The Carlini-Wagner L2 attack (Carlini & Wagner 2017, "Towards evaluating the
 robustness of neural networks")."""
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,8 +14,18 @@ SCHEDULES = ("warmup_cosine", "constant")
 WARMUP_FRACTION = 0.1
 
 
-def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
-          schedule="warmup_cosine", overshoot=1e-3, targeted=False, eps=None) -> Attack:
+def cw_l2(
+  *,
+  steps=1000,
+  binary_search_steps=9,
+  c=1e-3,
+  kappa=0.0,
+  lr=0.01,
+  schedule="warmup_cosine",
+  overshoot=1e-3,
+  targeted=False,
+  eps=None,
+) -> Attack:
   """Carlini & Wagner's L2 attack: the closest adversarial example it can find.
 
   Threat model: any x_adv in [0, 1] (no eps, unless `eps` is set); the attack
@@ -92,7 +103,8 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
     rate = lr
   else:
     rate = optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(int(WARMUP_FRACTION * steps), 1), max(steps, 2))
+      0.0, lr, max(int(WARMUP_FRACTION * steps), 1), max(steps, 2)
+    )
   optimizer = optax.adam(rate)
 
   def attack_one(logits_one, x, y, key, eps):
@@ -106,8 +118,11 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
       margin = losses.margin(logits, y)  # max_{i != y} Z_i - Z_y
       g = margin if targeted else -margin
       distance = jnp.sum(jnp.square(x_adv - x))
-      return distance + const * jnp.maximum(g, -kappa - aim), (x_adv, distance,
-                                                               g < -kappa - aim / 2)
+      return distance + const * jnp.maximum(g, -kappa - aim), (
+        x_adv,
+        distance,
+        g < -kappa - aim / 2,
+      )
 
     gradient = core.canonical_convolutions(jax.grad(objective, has_aux=True))
 
@@ -119,8 +134,13 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
         grad, (x_adv, distance, success) = gradient(w, const)
         closer = success & (distance < best_distance)
         updates, opt_state = optimizer.update(grad, opt_state)
-        return (w + updates, opt_state, jnp.where(closer, distance, best_distance),
-                jnp.where(closer, x_adv, best), succeeded | success)
+        return (
+          w + updates,
+          opt_state,
+          jnp.where(closer, distance, best_distance),
+          jnp.where(closer, x_adv, best),
+          succeeded | success,
+        )
 
       inner = (w0, optimizer.init(w0), best_distance, best, jnp.array(False))
       _, _, best_distance, best, succeeded = core.loop(0, steps, adam_step, inner, like=x)
@@ -129,8 +149,13 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
       const = jnp.where(upper < _NO_UPPER_BOUND, (lower + upper) / 2, const * 10)
       return const, lower, upper, best_distance, best
 
-    state = (jnp.asarray(c, x.dtype), jnp.zeros((), x.dtype),
-             jnp.asarray(_NO_UPPER_BOUND, x.dtype), jnp.asarray(jnp.inf, x.dtype), x)
+    state = (
+      jnp.asarray(c, x.dtype),
+      jnp.zeros((), x.dtype),
+      jnp.asarray(_NO_UPPER_BOUND, x.dtype),
+      jnp.asarray(jnp.inf, x.dtype),
+      x,
+    )
     best_distance, best = core.loop(0, search_steps, search_step, state, like=x)[-2:]
     if eps is None:
       return best
@@ -141,6 +166,17 @@ def cw_l2(*, steps=1000, binary_search_steps=9, c=1e-3, kappa=0.0, lr=0.01,
       return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  return make(attack, "cw_l2", norm="l2", eps=eps,
-              targeted=targeted, steps=steps, binary_search_steps=binary_search_steps,
-              c=c, kappa=kappa, lr=lr, schedule=schedule, overshoot=overshoot)
+  return make(
+    attack,
+    "cw_l2",
+    norm="l2",
+    eps=eps,
+    targeted=targeted,
+    steps=steps,
+    binary_search_steps=binary_search_steps,
+    c=c,
+    kappa=kappa,
+    lr=lr,
+    schedule=schedule,
+    overshoot=overshoot,
+  )

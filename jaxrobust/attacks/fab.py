@@ -1,6 +1,7 @@
 """The fast adaptive boundary attack, FAB and its targeted version FAB-T
 (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast
 adaptive boundary attack"), as AutoAttack runs them."""
+
 import jax
 import jax.numpy as jnp
 
@@ -11,8 +12,9 @@ from jaxrobust.attacks.attack import Attack, make
 _EXCLUDED = 1e10  # the distance of the true class's own "boundary"
 
 
-def fab(*, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05,
-        beta=0.9) -> Attack:
+def fab(
+  *, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9
+) -> Attack:
   """FAB: the closest adversarial example it can find, in L-infinity or L2.
 
   Per example, from x^(0) = x (restart r > 0: a random point at distance
@@ -55,8 +57,9 @@ def fab(*, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05
   return _fab("fab", norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=None)
 
 
-def fab_t(*, norm="linf", eps=None, steps=100, num_targets=9, restarts=1,
-          alpha_max=0.1, eta=1.05, beta=0.9) -> Attack:
+def fab_t(
+  *, norm="linf", eps=None, steps=100, num_targets=9, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9
+) -> Attack:
   """FAB-T: FAB towards one target class at a time, as in AutoAttack ("fab-t").
 
   y is the true label. For each target t among the `num_targets` classes
@@ -77,8 +80,7 @@ def fab_t(*, norm="linf", eps=None, steps=100, num_targets=9, restarts=1,
     An `Attack`, as `fab`'s.
   """
   num_targets = checks.integer_at_least("num_targets", num_targets, 1)
-  return _fab("fab_t", norm, eps, steps, restarts, alpha_max, eta, beta,
-              num_targets=num_targets)
+  return _fab("fab_t", norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=num_targets)
 
 
 def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets):
@@ -88,8 +90,9 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
   steps = checks.integer_at_least("steps", steps, 1)
   restarts = checks.integer_at_least("restarts", restarts, 1)
   checks.in_interval("alpha_max", alpha_max, 0.0, 1.0)
-  checks.require(isinstance(eta, (int, float)) and eta >= 1.0,
-                 f"eta must be a number >= 1, got {eta!r}")
+  checks.require(
+    isinstance(eta, (int, float)) and eta >= 1.0, f"eta must be a number >= 1, got {eta!r}"
+  )
   checks.in_interval("beta", beta, 0.0, 1.0)
   step_settings = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
 
@@ -98,9 +101,21 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
 
     def search(boundaries, key):
       """The closest success over the restarts for one set of boundaries."""
+
       def restart(r, best):
-        return _search(boundaries, logits_at, x, y, jax.random.fold_in(key, r), r, best,
-                       eps, norm, **step_settings)
+        return _search(
+          boundaries,
+          logits_at,
+          x,
+          y,
+          jax.random.fold_in(key, r),
+          r,
+          best,
+          eps,
+          norm,
+          **step_settings,
+        )
+
       start = (x, jnp.asarray(jnp.inf, x.dtype))
       return core.loop(0, restarts, restart, start, like=x)
 
@@ -109,23 +124,21 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
     else:
       clean = logits_one(x)
       count = min(num_targets, clean.shape[-1] - 1)
-      targets = jax.lax.top_k(
-          jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[1]
+      targets = jax.lax.top_k(jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[
+        1
+      ]
 
       def for_target(i, best):
-        found = search(_target_boundary(logits_one, y, targets[i]),
-                       jax.random.fold_in(key, i))
+        found = search(_target_boundary(logits_one, y, targets[i]), jax.random.fold_in(key, i))
         return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
 
-      best, distance = core.loop(0, count, for_target,
-                                         (x, jnp.asarray(jnp.inf, x.dtype)), like=x)
+      best, distance = core.loop(0, count, for_target, (x, jnp.asarray(jnp.inf, x.dtype)), like=x)
     inside = jnp.isfinite(distance) if eps is None else distance <= eps
     return jnp.where(inside, best, x)
 
   def attack(logits_fn, x, y, key, eps):
     num_classes = core.check_batch(logits_fn, x, y)
-    checks.require(num_classes >= 2, f"{name} needs >= 2 classes, the model has "
-                   f"{num_classes}")
+    checks.require(num_classes >= 2, f"{name} needs >= 2 classes, the model has {num_classes}")
     if eps is None:
       return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
@@ -144,11 +157,13 @@ def _all_boundaries(logits_one, y):
     f = logits - logits[y]
     f = jnp.where(jnp.arange(f.shape[0]) == y, _EXCLUDED, f)
     return f, grads - grads[y]
+
   return boundaries
 
 
 def _target_boundary(logits_one, y, target):
   """z -> (f [1], grad f [1, ...]) of f(z) = z_t - z_y."""
+
   def f(z):
     logits = logits_one(z)
     return logits[target] - logits[y]
@@ -158,6 +173,7 @@ def _target_boundary(logits_one, y, target):
   def boundary(z):
     f, g = value_and_grad(z)
     return f[None], g[None]
+
   return boundary
 
 
@@ -170,8 +186,9 @@ def _dual_norm(v, norm):
   return jnp.sum(jnp.abs(v)) if norm == "linf" else core.l2_norm(v)
 
 
-def _search(boundaries, logits_at, x, y, key, restart, best, eps, norm, *, steps,
-            alpha_max, eta, beta):
+def _search(
+  boundaries, logits_at, x, y, key, restart, best, eps, norm, *, steps, alpha_max, eta, beta
+):
   """One FAB run (restart number `restart`) updating `best`, the closest
   success so far and its distance."""
   # Restarts after the first start at a random point at half the radius.
@@ -196,8 +213,7 @@ def _search(boundaries, logits_at, x, y, key, restart, best, eps, norm, *, steps
     a_point = jnp.maximum(_norm(d_point, norm), 1e-8)
     a_origin = jnp.maximum(_norm(d_origin, norm), 1e-8)
     alpha = jnp.clip(a_point / (a_point + a_origin), 0.0, alpha_max)
-    point = jnp.clip((1 - alpha) * (point + eta * d_point)
-                     + alpha * (x + eta * d_origin), 0.0, 1.0)
+    point = jnp.clip((1 - alpha) * (point + eta * d_point) + alpha * (x + eta * d_origin), 0.0, 1.0)
     adversarial = jnp.argmax(logits_at(point)) != y
     found = _norm(point - x, norm)
     closer = adversarial & (found < distance)
@@ -243,14 +259,13 @@ def project_onto_hyperplane(t, w, b, norm):
     r = jnp.where(nonzero, cap / jnp.where(nonzero, jnp.abs(w), 1.0), 0.0)
   order = jnp.argsort(r)
   r_sorted, a_sorted = r[order], a[order]
-  a_after = jnp.cumsum(a_sorted[::-1])[::-1]            # sum_{j>=k} a_j
+  a_after = jnp.cumsum(a_sorted[::-1])[::-1]  # sum_{j>=k} a_j
   ar_before = jnp.cumsum(a_sorted * r_sorted) - a_sorted * r_sorted  # sum_{j<k} a_j r_j
-  g = ar_before + r_sorted * a_after                    # g(r_k)
-  m = jnp.sum(g < c)                                    # lambda lies past r_{m-1}
+  g = ar_before + r_sorted * a_after  # g(r_k)
+  m = jnp.sum(g < c)  # lambda lies past r_{m-1}
   inside = m < r.size
   k = jnp.where(inside, m, 0)
-  lam = jnp.where(inside, (c - ar_before[k]) / jnp.where(a_after[k] > 0, a_after[k], 1.0),
-                  jnp.inf)
+  lam = jnp.where(inside, (c - ar_before[k]) / jnp.where(a_after[k] > 0, a_after[k], 1.0), jnp.inf)
   lam = jnp.maximum(lam, 0.0)
   if norm == "linf":
     d = jnp.sign(w) * jnp.minimum(lam, cap)

@@ -1,5 +1,6 @@
 """Per-example attack losses on logits z [K] and a label y; attacks maximise them
 (untargeted) or minimise them (targeted, with y the target)."""
+
 import jax
 import jax.numpy as jnp
 

@@ -1,5 +1,6 @@
 """Momentum iterative FGSM (Dong et al. 2018) and its diverse-input variant
 M-DI2-FGSM (Xie et al. 2019), the attacks built to transfer to other models."""
+
 import jax
 import jax.numpy as jnp
 
@@ -8,8 +9,7 @@ from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
 
-def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf",
-            unroll=False) -> Attack:
+def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=False) -> Attack:
   """The momentum iterative fast gradient sign method (Dong et al. 2018,
   "Boosting adversarial attacks with momentum").
 
@@ -36,14 +36,24 @@ def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf",
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  fn = _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
-                        norm=norm, transform=None, unroll=unroll, name="mi_fgsm")
-  return make(fn, "mi_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size,
-              decay=decay, unroll=unroll)
+  fn = _momentum_attack(
+    eps=eps,
+    steps=steps,
+    step_size=step_size,
+    decay=decay,
+    norm=norm,
+    transform=None,
+    unroll=unroll,
+    name="mi_fgsm",
+  )
+  return make(
+    fn, "mi_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size, decay=decay, unroll=unroll
+  )
 
 
-def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0.9,
-            norm="linf", unroll=False) -> Attack:
+def di_fgsm(
+  *, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0.9, norm="linf", unroll=False
+) -> Attack:
   """M-DI2-FGSM (Xie et al. 2019, "Improving transferability of adversarial
   examples with input diversity"): `mi_fgsm` whose every gradient is taken
   through a random input transformation T, drawn afresh for each step and
@@ -70,10 +80,28 @@ def di_fgsm(*, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0
   def transform(draws, x):
     return random_resize_and_pad(draws, x, prob=prob, resize_rate=resize_rate)
 
-  fn = _momentum_attack(eps=eps, steps=steps, step_size=step_size, decay=decay,
-                        norm=norm, transform=transform, unroll=unroll, name="di_fgsm")
-  return make(fn, "di_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size,
-              decay=decay, prob=prob, resize_rate=resize_rate, unroll=unroll)
+  fn = _momentum_attack(
+    eps=eps,
+    steps=steps,
+    step_size=step_size,
+    decay=decay,
+    norm=norm,
+    transform=transform,
+    unroll=unroll,
+    name="di_fgsm",
+  )
+  return make(
+    fn,
+    "di_fgsm",
+    norm=norm,
+    eps=eps,
+    steps=steps,
+    step_size=step_size,
+    decay=decay,
+    prob=prob,
+    resize_rate=resize_rate,
+    unroll=unroll,
+  )
 
 
 def random_resize_and_pad(draws, image, *, prob, resize_rate):
@@ -94,9 +122,13 @@ def random_resize_and_pad(draws, image, *, prob, resize_rate):
     source = jnp.floor((jnp.arange(n) + 0.5 - start) / scale).astype(jnp.int32)
     return jax.nn.one_hot(source, n, dtype=image.dtype)  # zero rows outside [0, n)
 
-  resized = jnp.einsum("hi,wj,ijc->hwc", selection(image.shape[0], offset[0]),
-                       selection(image.shape[1], offset[1]), image,
-                       precision=jax.lax.Precision.HIGHEST)
+  resized = jnp.einsum(
+    "hi,wj,ijc->hwc",
+    selection(image.shape[0], offset[0]),
+    selection(image.shape[1], offset[1]),
+    image,
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return jnp.where(draws[0] < prob, resized, image)
 
 
@@ -132,8 +164,10 @@ def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll, n
 
   def attack(logits_fn, x, y, key, eps):
     if transform is not None:
-      checks.require(jnp.ndim(x) == 4, "di_fgsm needs images [batch, height, width, "
-                     f"channels], got shape {tuple(jnp.shape(x))}")
+      checks.require(
+        jnp.ndim(x) == 4,
+        f"di_fgsm needs images [batch, height, width, channels], got shape {tuple(jnp.shape(x))}",
+      )
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
   return attack

@@ -1,4 +1,5 @@
 """Projected gradient descent (Madry et al. 2018) and FGSM (Goodfellow et al. 2015)."""
+
 import jax
 import jax.numpy as jnp
 
@@ -7,8 +8,18 @@ from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
 
-def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
-        restarts=1, loss="ce", targeted=False, unroll=False) -> Attack:
+def pgd(
+  *,
+  norm="linf",
+  eps,
+  step_size=None,
+  steps=10,
+  random_start=True,
+  restarts=1,
+  loss="ce",
+  targeted=False,
+  unroll=False,
+) -> Attack:
   """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
@@ -46,16 +57,36 @@ def pgd(*, norm="linf", eps, step_size=None, steps=10, random_start=True,
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  fn = _projected_gradient(norm=norm, eps=eps, step_size=step_size, steps=steps,
-                           random_start=random_start, restarts=restarts, loss=loss,
-                           targeted=targeted, unroll=unroll, rule="pgd")
-  return make(fn, "pgd", norm=norm, eps=eps, targeted=targeted, steps=steps,
-              step_size=step_size, random_start=random_start, restarts=restarts,
-              loss=loss, unroll=unroll)
+  fn = _projected_gradient(
+    norm=norm,
+    eps=eps,
+    step_size=step_size,
+    steps=steps,
+    random_start=random_start,
+    restarts=restarts,
+    loss=loss,
+    targeted=targeted,
+    unroll=unroll,
+    rule="pgd",
+  )
+  return make(
+    fn,
+    "pgd",
+    norm=norm,
+    eps=eps,
+    targeted=targeted,
+    steps=steps,
+    step_size=step_size,
+    random_start=random_start,
+    restarts=restarts,
+    loss=loss,
+    unroll=unroll,
+  )
 
 
-def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
-         targeted=False) -> Attack:
+def fgsm(
+  *, eps, norm="linf", random_start=False, step_size=None, loss="ce", targeted=False
+) -> Attack:
   """The fast gradient sign method: one step of `pgd`.
 
   x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))), d_0 = 0 by
@@ -63,15 +94,33 @@ def fgsm(*, eps, norm="linf", random_start=False, step_size=None, loss="ce",
   `random_start` (Wong et al. 2020's FGSM-RS uses step_size = 1.25 eps).
   With norm="l2" the step follows grad / ||grad||_2 (the fast gradient method).
   """
-  fn = _projected_gradient(norm=norm, eps=eps, step_size=step_size, steps=1,
-                           random_start=random_start, restarts=1, loss=loss,
-                           targeted=targeted, unroll=False, rule="fgsm")
-  return make(fn, "fgsm", norm=norm, eps=eps, targeted=targeted,
-              random_start=random_start, step_size=step_size, loss=loss)
+  fn = _projected_gradient(
+    norm=norm,
+    eps=eps,
+    step_size=step_size,
+    steps=1,
+    random_start=random_start,
+    restarts=1,
+    loss=loss,
+    targeted=targeted,
+    unroll=False,
+    rule="fgsm",
+  )
+  return make(
+    fn,
+    "fgsm",
+    norm=norm,
+    eps=eps,
+    targeted=targeted,
+    random_start=random_start,
+    step_size=step_size,
+    loss=loss,
+  )
 
 
-def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, loss,
-                        targeted, unroll, rule):
+def _projected_gradient(
+  *, norm, eps, step_size, steps, random_start, restarts, loss, targeted, unroll, rule
+):
   """The attack function of `pgd` (and `fgsm`), with the step-size `rule`."""
   norm = core.check_norm(norm)
   core.check_eps(eps)
@@ -114,8 +163,9 @@ def _projected_gradient(*, norm, eps, step_size, steps, random_start, restarts, 
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
-    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps),
-                        soft_labels=soft_labels)
+    return core.batched(
+      attack_one, logits_fn, x, y, key, core.check_eps(eps), soft_labels=soft_labels
+    )
 
   return attack
 

@@ -1,5 +1,6 @@
 """The Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square
 attack: a query-efficient black-box adversarial attack via random search")."""
+
 import math
 
 import jax
@@ -15,8 +16,9 @@ from jaxrobust.attacks.attack import Attack, make
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
-           rescale_schedule=False) -> Attack:
+def square(
+  *, norm="linf", eps, queries=5000, p_init=0.8, restarts=1, rescale_schedule=False
+) -> Attack:
   """Square: random search for a misclassified point, with forward passes only.
 
   Threat model: x_adv = x + d, ||d||_p <= eps (p = inf or 2), x_adv in
@@ -80,8 +82,9 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
     def side(i, minimum):
       """The square's side at iteration i: round(sqrt(p H W)), at least `minimum`."""
       p = p_init / 2.0 ** jnp.sum(i >= boundaries)
-      return jnp.clip(jnp.round(jnp.sqrt(p * height * width)), minimum, min(height, width)
-                      ).astype(jnp.int32)
+      return jnp.clip(jnp.round(jnp.sqrt(p * height * width)), minimum, min(height, width)).astype(
+        jnp.int32
+      )
 
     rows = jnp.arange(height)[:, None, None]
     cols = jnp.arange(width)[None, :, None]
@@ -99,6 +102,7 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
       return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(x.dtype)
 
     if norm == "linf":
+
       def start(key):
         return jnp.clip(x + eps * signs(key, (1, width, channels)), 0.0, 1.0)
 
@@ -108,6 +112,7 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
         candidate = best + inside * 2.0 * eps * signs(sign_key, (1, 1, channels))
         return jnp.clip(jnp.clip(candidate, x - eps, x + eps), 0.0, 1.0)
     else:
+
       def scaled(delta):
         return jnp.clip(x + eps * delta / (core.l2_norm(delta) + 1e-12), 0.0, 1.0)
 
@@ -115,14 +120,18 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
         size = max(height // 5, 1)
         offset = (height - 5 * size) // 2
         pattern = jnp.asarray(_eta(size), x.dtype)[:, :, None]
-        corners = [(offset + r * size, offset + c * size)
-                   for r in range(height // size) for c in range(width // size)]
+        corners = [
+          (offset + r * size, offset + c * size)
+          for r in range(height // size)
+          for c in range(width // size)
+        ]
         corners = [(t, l) for t, l in corners if t + size <= height and l + size <= width]
         keys = jax.random.split(key, len(corners))
         delta = jnp.zeros_like(x)
         for k, (top, left) in zip(keys, corners):
-          delta = delta.at[top:top + size, left:left + size].add(
-              pattern * signs(k, (1, 1, channels)))
+          delta = delta.at[top : top + size, left : left + size].add(
+            pattern * signs(k, (1, 1, channels))
+          )
         return scaled(delta)
 
       def propose(i, key, best):
@@ -133,15 +142,16 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
         second, _, _ = window(keys[1], size)
         delta = best - x
         norm_image = core.l2_norm(delta)
-        in_first = jnp.sqrt(jnp.sum(jnp.square(delta * first), (0, 1)))   # per channel
+        in_first = jnp.sqrt(jnp.sum(jnp.square(delta * first), (0, 1)))  # per channel
         in_windows = core.l2_norm(delta * (first | second))
         transpose = jax.random.bernoulli(keys[2])
         fresh = _eta_on_grid(height, width, top, left, size, transpose).astype(x.dtype)
         fresh = fresh[:, :, None] * signs(keys[3], (1, 1, channels))
         moved = fresh + delta * first / (in_first + 1e-12)
         moved = moved / (jnp.sqrt(jnp.sum(jnp.square(moved), (0, 1))) + 1e-12)
-        moved = moved * jnp.sqrt(jnp.maximum(eps**2 - norm_image**2, 0.0) / channels
-                                 + in_windows**2)
+        moved = moved * jnp.sqrt(
+          jnp.maximum(eps**2 - norm_image**2, 0.0) / channels + in_windows**2
+        )
         delta = jnp.where(second, 0.0, delta)
         delta = jnp.where(first, moved, delta)
         return scaled(delta)
@@ -166,12 +176,22 @@ def square(*, norm="linf", eps, queries=5000, p_init=0.8, restarts=1,
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
-    checks.require(jnp.ndim(x) == 4, "square needs images [batch, height, width, "
-                   f"channels], got shape {tuple(jnp.shape(x))}")
+    checks.require(
+      jnp.ndim(x) == 4,
+      f"square needs images [batch, height, width, channels], got shape {tuple(jnp.shape(x))}",
+    )
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  return make(attack, "square", norm=norm, eps=eps, queries=queries, p_init=p_init,
-              restarts=restarts, rescale_schedule=rescale_schedule)
+  return make(
+    attack,
+    "square",
+    norm=norm,
+    eps=eps,
+    queries=queries,
+    p_init=p_init,
+    restarts=restarts,
+    rescale_schedule=rescale_schedule,
+  )
 
 
 def _harmonic_squares(n):
@@ -199,8 +219,9 @@ def _eta_at(i, j, size, limit, xp):
   inside = (i >= 0) & (i < size) & (j >= 0) & (j < size)
   half = size // 2
   upper = xp.where(inside & (i < half), _rectangles(i, j, half, size, table, xp), 0.0)
-  lower = xp.where(inside & (i >= half),
-                   _rectangles(i - half, j, size - half, size, table, xp), 0.0)
+  lower = xp.where(
+    inside & (i >= half), _rectangles(i - half, j, size - half, size, table, xp), 0.0
+  )
   unit = lambda v: v / xp.maximum(xp.sqrt(xp.sum(xp.square(v))), 1e-12)
   return unit(unit(upper) - unit(lower))
 
@@ -210,8 +231,9 @@ def _eta_on_grid(height, width, top, left, size, transpose):
   when `transpose` (traced values)."""
   i = jnp.arange(height)[:, None] - top
   j = jnp.arange(width)[None, :] - left
-  return _eta_at(jnp.where(transpose, j, i), jnp.where(transpose, i, j), size,
-                 max(height, width), jnp)
+  return _eta_at(
+    jnp.where(transpose, j, i), jnp.where(transpose, i, j), size, max(height, width), jnp
+  )
 
 
 def _eta(size):

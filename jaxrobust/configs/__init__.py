@@ -4,13 +4,15 @@
 a file of this package; any other value is a path to the user's own config
 file, which may import `jaxrobust.configs.common` for the shared settings.
 """
+
 from pathlib import Path
 
 from jaxrobust.checks import InputError
 
 DIRECTORY = Path(__file__).resolve().parent
-NAMES = tuple(sorted(p.stem for p in DIRECTORY.glob("*.py")
-                     if p.stem not in ("__init__", "common")))
+NAMES = tuple(
+  sorted(p.stem for p in DIRECTORY.glob("*.py") if p.stem not in ("__init__", "common"))
+)
 
 
 def resolve(value):
@@ -19,6 +21,8 @@ def resolve(value):
   if file in NAMES:
     return f"{DIRECTORY / file}.py{colon}{setting}"
   if not file.endswith(".py") and "/" not in file and not Path(file).exists():
-    raise InputError(f"unknown config {file!r}; the packaged configs are "
-                     f"{', '.join(NAMES)} (or pass the path of a .py file)")
+    raise InputError(
+      f"unknown config {file!r}; the packaged configs are "
+      f"{', '.join(NAMES)} (or pass the path of a .py file)"
+    )
   return value

@@ -1,4 +1,5 @@
 """Settings shared by the configs: the small CNN on scikit-learn's digits."""
+
 import os
 from pathlib import Path
 
@@ -9,8 +10,7 @@ import ml_collections
 # default `../shared/data` beside a clone of the repository.
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("JAXROBUST_DATA", REPO / ".." / "shared" / "data"))
-CIFAR10_JPEG = str((DATA / "cifar10").resolve()
-                   / "cifar10-{split}-jpeg.tar.gz")
+CIFAR10_JPEG = str((DATA / "cifar10").resolve() / "cifar10-{split}-jpeg.tar.gz")
 SETTINGS = ("digits", "cifar10", "cifar10_tfds")
 # Attack radii per setting, (L-infinity, L2), and M-DI2-FGSM's smallest shrink
 # factor (on 8x8 digits 0.9 would shrink by less than a pixel).
@@ -28,8 +28,7 @@ def base():
   # Training augmentation (`jaxrobust.augment`): "none" on digits (a flipped
   # digit is another digit); random crop (4 pixels of zero padding) and flip on
   # CIFAR-10.
-  c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4,
-                padding_mode="zero")
+  c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4, padding_mode="zero")
   c.model = dict(name="small_cnn", width=16)
   c.objective = "natural"
   c.batch_size = 64
@@ -40,21 +39,33 @@ def base():
   # Adversarial weight perturbation (Wu et al. 2020): its gamma, 0 = off; 5e-3
   # on top of pgd_at or trades (--config.awp=5e-3).
   c.awp = 0.0
-  c.optimizer = dict(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4, schedule="cosine", warmup_steps=50)
+  c.optimizer = dict(
+    name="sgd",
+    learning_rate=0.05,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="cosine",
+    warmup_steps=50,
+  )
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
   # eval.py runs `default` unless --attacks names others (or "all"): AutoAttack
   # in the training threat model (L-infinity), PGD in the other. train.py ends
   # with the quicker `after_training`.
-  c.eval = dict(batch_size=500, limit=0, default="autoattack_linf,pgd_l2",
-                after_training="pgd_linf,pgd_l2",
-                # The best checkpoint (Rice et al. 2020): PGD-10 accuracy on the
-                # last `validation_examples` training images (held out) every
-                # `every_epochs` epochs; 0: off.
-                every_epochs=0, validation_examples=0,
-                attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]))
+  c.eval = dict(
+    batch_size=500,
+    limit=0,
+    default="autoattack_linf,pgd_l2",
+    after_training="pgd_linf,pgd_l2",
+    # The best checkpoint (Rice et al. 2020): PGD-10 accuracy on the
+    # last `validation_examples` training images (held out) every
+    # `every_epochs` epochs; 0: off.
+    every_epochs=0,
+    validation_examples=0,
+    attacks=eval_attacks(*EPS["digits"], RESIZE_RATE["digits"]),
+  )
   return c
 
 
@@ -66,16 +77,18 @@ def eval_attacks(linf, l2, resize_rate):
   eps / 10, decay 1; DI shrinks by a factor in [resize_rate, 1)), and APGD
   with the cross-entropy and the DLR loss (100 iterations)."""
   return dict(
-      autoattack_linf=dict(name="autoattack", norm="linf", eps=linf, **AUTOATTACK),
-      autoattack_l2=dict(name="autoattack", norm="l2", eps=l2, **AUTOATTACK),
-      pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
-      pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20),
-      cw_l2=dict(name="cw_l2", steps=100, binary_search_steps=5, c=0.1, lr=0.01, eps=l2),
-      mi_fgsm=dict(name="mi_fgsm", norm="linf", eps=linf, steps=10, decay=1.0),
-      di_fgsm=dict(name="di_fgsm", norm="linf", eps=linf, steps=10, decay=1.0,
-                   prob=0.5, resize_rate=resize_rate),
-      apgd_ce=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="ce"),
-      apgd_dlr=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="dlr"))
+    autoattack_linf=dict(name="autoattack", norm="linf", eps=linf, **AUTOATTACK),
+    autoattack_l2=dict(name="autoattack", norm="l2", eps=l2, **AUTOATTACK),
+    pgd_l2=dict(name="pgd", norm="l2", eps=l2, step_size=l2 / 4, steps=20),
+    pgd_linf=dict(name="pgd", norm="linf", eps=linf, step_size=linf / 4, steps=20),
+    cw_l2=dict(name="cw_l2", steps=100, binary_search_steps=5, c=0.1, lr=0.01, eps=l2),
+    mi_fgsm=dict(name="mi_fgsm", norm="linf", eps=linf, steps=10, decay=1.0),
+    di_fgsm=dict(
+      name="di_fgsm", norm="linf", eps=linf, steps=10, decay=1.0, prob=0.5, resize_rate=resize_rate
+    ),
+    apgd_ce=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="ce"),
+    apgd_dlr=dict(name="apgd", norm="linf", eps=linf, steps=100, loss="dlr"),
+  )
 
 
 def setting(name):
@@ -91,14 +104,19 @@ def setting(name):
   c = base()
   if name == "digits":
     return c
-  c.data = dict(name="tfds:cifar10" if name == "cifar10_tfds"
-                else f"folder:{CIFAR10_JPEG}", data_dir="", augment="crop_flip",
-                crop_padding=4, padding_mode="zero")
+  c.data = dict(
+    name="tfds:cifar10" if name == "cifar10_tfds" else f"folder:{CIFAR10_JPEG}",
+    data_dir="",
+    augment="crop_flip",
+    crop_padding=4,
+    padding_mode="zero",
+  )
   c.model = dict(name="seed_cnn")
   c.batch_size = 128
   c.epochs = 10
-  c.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine",
-                     warmup_steps=100, weight_decay=0.0)
+  c.optimizer = dict(
+    name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0
+  )
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.eval.attacks = eval_attacks(*EPS[name], RESIZE_RATE[name])

@@ -8,14 +8,21 @@ configs/pgd_at.py.
 Command: python train.py --config cw_pgd_mix --workdir runs/cw_pgd_mix
 Seed setting (seed_cnn, CIFAR-10): --config cw_pgd_mix:cifar10
 """
+
 from jaxrobust.configs import pgd_at
 
 
 def get_config(setting="digits"):
   c = pgd_at.get_config(setting)
   c.objective = "cw_pgd_mix"
-  cw = dict(name="cw_l2", steps=20, binary_search_steps=1, c=1.0, lr=0.01,
-            schedule="constant", overshoot=0.0)
-  c.train_attack = dict(name="mixture", attacks=[cw, dict(c.train_attack)],
-                        weights=[0.5, 0.5])
+  cw = dict(
+    name="cw_l2",
+    steps=20,
+    binary_search_steps=1,
+    c=1.0,
+    lr=0.01,
+    schedule="constant",
+    overshoot=0.0,
+  )
+  c.train_attack = dict(name="mixture", attacks=[cw, dict(c.train_attack)], weights=[0.5, 0.5])
   return c

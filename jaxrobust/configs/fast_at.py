@@ -15,6 +15,7 @@ train.py's printed table, 300 test examples):
   the guard's PGD-5 accuracy rose from 4 % (epoch 1) to 75 % (epoch 20) and
   never fired.
 """
+
 from jaxrobust.configs import common
 
 
@@ -22,9 +23,15 @@ def get_config(setting="digits"):
   c = common.setting(setting)
   c.objective = "fast_at"
   eps = common.EPS[setting][0]
-  c.train_attack = dict(name="fgsm", norm="linf", eps=eps, random_start=True,
-                        step_size=1.25 * eps)
-  c.optimizer = dict(name="sgd", learning_rate=0.2, momentum=0.9, nesterov=False,
-                     weight_decay=5e-4, schedule="cyclic", peak_at=0.4)
+  c.train_attack = dict(name="fgsm", norm="linf", eps=eps, random_start=True, step_size=1.25 * eps)
+  c.optimizer = dict(
+    name="sgd",
+    learning_rate=0.2,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    schedule="cyclic",
+    peak_at=0.4,
+  )
   c.overfit_guard = dict(examples=256, steps=5, max_drop=0.2)
   return c

@@ -7,6 +7,7 @@ them (EOT); `jaxrobust.smoothing` certifies its base classifier.
 Command: python train.py --config gaussian --workdir runs/gaussian
 Seed setting (seed_cnn, CIFAR-10): --config gaussian:cifar10
 """
+
 from jaxrobust.configs import common
 
 

@@ -22,6 +22,7 @@ with --config.data.name) with random crop and flip, L-infinity eps 8/255:
 Then `python eval.py --workdir runs/<name>` (AutoAttack standard and PGD-20 L2
 by default; the best checkpoint when one was kept). Result: not run here.
 """
+
 from jaxrobust.configs import common, fast_at, trades
 
 RECIPES = ("preact_pgd_at", "wrn_trades", "preact_fast_at")
@@ -42,18 +43,32 @@ def get_config(recipe="preact_pgd_at"):
     c.model = dict(name="wide_resnet", depth=34, width=10)
     c.train_attack.step_size = 0.007
     c.epochs = 76
-    c.optimizer = dict(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
-                       weight_decay=2e-4, schedule="piecewise", decay_at=[75 / 76],
-                       decay_factor=0.1)
+    c.optimizer = dict(
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=2e-4,
+      schedule="piecewise",
+      decay_at=[75 / 76],
+      decay_factor=0.1,
+    )
     return c
   c = common.setting("cifar10")
   c.objective = "pgd_at"
   c.model = dict(name="preact_resnet18")
   c.train_attack = dict(name="pgd", norm="linf", eps=eps, step_size=2 / 255, steps=10)
   c.epochs = 200
-  c.optimizer = dict(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
-                     weight_decay=5e-4, schedule="piecewise", decay_at=[0.5, 0.75],
-                     decay_factor=0.1)
+  c.optimizer = dict(
+    name="sgd",
+    learning_rate=0.1,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    schedule="piecewise",
+    decay_at=[0.5, 0.75],
+    decay_factor=0.1,
+  )
   c.eval.every_epochs = 1
   c.eval.validation_examples = 1000
   return c

@@ -18,6 +18,7 @@ Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluatio
     --config.train_attack.eps=0.1 --config.train_attack.step_size=0.025
   clean 99.00 %, pgd_linf (eps 0.2) 35.67 %, pgd_l2 (eps 1) 8.67 %.
 """
+
 from jaxrobust.configs import common
 
 
@@ -25,7 +26,8 @@ def get_config(setting="digits"):
   c = common.setting(setting)
   c.objective = "mart"
   eps = common.EPS[setting][0]
-  c.train_attack = dict(name="pgd", norm="linf", eps=eps, step_size=eps / 4, steps=10,
-                        random_start=0.001)
+  c.train_attack = dict(
+    name="pgd", norm="linf", eps=eps, step_size=eps / 4, steps=10, random_start=0.001
+  )
   c.objective_settings = dict(lam=6.0)
   return c

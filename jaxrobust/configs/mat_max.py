@@ -9,12 +9,14 @@ Result (digits, the defaults, with max_loss; 2 shared CPU cores, 405 s with the
 evaluation; train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 46.67 %, pgd_l2 (PGD-20, eps 1) 34.33 %
 """
+
 from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):
   c = common.setting(setting)
   c.objective = "mat_max"
-  c.train_attack = dict(name="max_loss", attacks=[
-      common.pgd("l2", setting), common.pgd("linf", setting)])
+  c.train_attack = dict(
+    name="max_loss", attacks=[common.pgd("l2", setting), common.pgd("linf", setting)]
+  )
   return c

@@ -5,12 +5,14 @@ Each step draws one of PGD-7 L2 and PGD-7 L-infinity uniformly
 Command: python train.py --config mat_rand --workdir runs/mat_rand
 Seed setting (seed_cnn, CIFAR-10): --config mat_rand:cifar10
 """
+
 from jaxrobust.configs import common
 
 
 def get_config(setting="digits"):
   c = common.setting(setting)
   c.objective = "mat_rand"
-  c.train_attack = dict(name="random_choice", attacks=[
-      common.pgd("l2", setting), common.pgd("linf", setting)])
+  c.train_attack = dict(
+    name="random_choice", attacks=[common.pgd("l2", setting), common.pgd("linf", setting)]
+  )
   return c

@@ -3,6 +3,7 @@
 Command: python train.py --config natural --workdir runs/natural
 Seed setting (seed_cnn, CIFAR-10): --config natural:cifar10
 """
+
 from jaxrobust.configs import common
 
 

@@ -5,6 +5,7 @@ step 2.5 eps / 7, random start.
 Command: python train.py --config pgd_at --workdir runs/pgd_at
 Seed setting (seed_cnn, CIFAR-10): --config pgd_at:cifar10
 """
+
 from jaxrobust.configs import common
 
 

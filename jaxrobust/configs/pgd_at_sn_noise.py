@@ -12,6 +12,7 @@ with Adam (lr 3e-3 on digits; the seed setting's Adam 1e-3 on CIFAR-10).
 Command: python train.py --config pgd_at_sn_noise --workdir runs/pgd_at_sn_noise
 Seed setting (seed_cnn, CIFAR-10): --config pgd_at_sn_noise:cifar10
 """
+
 from jaxrobust.configs import pgd_at
 
 
@@ -21,6 +22,7 @@ def get_config(setting="digits"):
   c.model.spectral = dict(mode="operator", target=1.0, n_steps=1, rescale="clip")
   c.model.noise = dict(sigma=0.25 if setting == "digits" else 0.1, samples=8, seed=0)
   if setting == "digits":
-    c.optimizer = dict(name="adam", learning_rate=3e-3, schedule="cosine", warmup_steps=50,
-                       weight_decay=0.0)
+    c.optimizer = dict(
+      name="adam", learning_rate=3e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0
+    )
   return c

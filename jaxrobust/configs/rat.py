@@ -12,6 +12,7 @@ through them (EOT).
 Command: python train.py --config rat --workdir runs/rat
 Seed setting (seed_cnn, CIFAR-10): --config rat:cifar10
 """
+
 from jaxrobust.configs import pgd_at
 
 

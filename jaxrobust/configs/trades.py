@@ -10,6 +10,7 @@ Result (digits, the defaults above, 2 shared CPU cores, 272 s with the evaluatio
 train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 64.67 %, pgd_l2 (PGD-20, eps 1) 24.00 %
 """
+
 from jaxrobust.configs import common
 
 
@@ -17,7 +18,8 @@ def get_config(setting="digits"):
   c = common.setting(setting)
   c.objective = "trades"
   eps = common.EPS[setting][0]
-  c.train_attack = dict(name="pgd", norm="linf", eps=eps, step_size=eps / 4, steps=10,
-                        random_start=0.001)
+  c.train_attack = dict(
+    name="pgd", norm="linf", eps=eps, step_size=eps / 4, steps=10, random_start=0.001
+  )
   c.objective_settings = dict(beta=6.0)
   return c

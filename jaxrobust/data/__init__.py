@@ -18,10 +18,16 @@ Batches are numpy arrays: `train_batches` (shuffled, resumable at any step),
 `eval_batches` (in order, padded and masked); `to_devices` splits one over a
 mesh.
 """
+
 from jaxrobust.checks import InputError, one_of, require
 from jaxrobust.data.arrays import load_digits, load_idx, load_npz
-from jaxrobust.data.batches import (channel_stats, epoch_permutation, eval_batches,
-                                    to_devices, train_batches)
+from jaxrobust.data.batches import (
+  channel_stats,
+  epoch_permutation,
+  eval_batches,
+  to_devices,
+  train_batches,
+)
 from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
 from jaxrobust.data.folder import cache_directory, load_folder
 from jaxrobust.data.tfds import load_tfds
@@ -79,8 +85,7 @@ def load(name, split, *, data_dir=None, cache_dir=None):
       inconsistent file, or a data set that is not prepared.
   """
   one_of("split", split, SPLITS)
-  require(isinstance(name, str),
-          f"data set name must be a string, got {name!r}")
+  require(isinstance(name, str), f"data set name must be a string, got {name!r}")
   source, _, argument = name.partition(":")
   if name == "digits":
     return load_digits(split)
@@ -92,5 +97,4 @@ def load(name, split, *, data_dir=None, cache_dir=None):
     return load_folder(path_for_split(argument, split), split, cache_directory(cache_dir))
   if source == "tfds" and argument:
     return load_tfds(argument, split, data_dir)
-  raise InputError(f"unknown data set {name!r}; the sources are "
-                   f"{', '.join(SOURCES)}")
+  raise InputError(f"unknown data set {name!r}; the sources are {', '.join(SOURCES)}")

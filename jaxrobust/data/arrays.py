@@ -1,4 +1,5 @@
 """Data sets stored as arrays: scikit-learn's digits, `.npz` files, MNIST's IDX files."""
+
 import gzip
 import math
 import struct
@@ -8,7 +9,7 @@ import zlib
 import numpy as np
 
 from jaxrobust.checks import InputError, require
-from jaxrobust.data.dataset import (labels_max_plus_one, make_dataset, require_exists)
+from jaxrobust.data.dataset import labels_max_plus_one, make_dataset, require_exists
 
 DIGITS_TEST_PER_CLASS = 30
 _IDX_IMAGES_MAGIC = 2051
@@ -18,6 +19,7 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 def load_digits(split):
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
   digits = load_digits()
   labels = digits.target
   order = np.random.default_rng(0).permutation(len(labels))
@@ -25,9 +27,13 @@ def load_digits(split):
   for label in range(len(digits.target_names)):
     is_test[order[labels[order] == label][:DIGITS_TEST_PER_CLASS]] = True
   chosen = order[is_test[order] == (split == "test")]
-  return make_dataset(digits.images[chosen] / 16, labels[chosen],
-                  len(digits.target_names),
-                  [str(name) for name in digits.target_names], "digits")
+  return make_dataset(
+    digits.images[chosen] / 16,
+    labels[chosen],
+    len(digits.target_names),
+    [str(name) for name in digits.target_names],
+    "digits",
+  )
 
 
 def load_npz(path, split):
@@ -35,36 +41,35 @@ def load_npz(path, split):
   try:
     archive = np.load(path, allow_pickle=False)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-    raise InputError(
-        f"cannot read {path} as a .npz archive: {error}") from error
-  require(isinstance(archive, np.lib.npyio.NpzFile),
-          f"{path} holds a single array; expected a .npz archive of x and y")
+    raise InputError(f"cannot read {path} as a .npz archive: {error}") from error
+  require(
+    isinstance(archive, np.lib.npyio.NpzFile),
+    f"{path} holds a single array; expected a .npz archive of x and y",
+  )
   with archive:
     keys = set(archive.files)
     suffix = f"_{split}" if {f"x_{split}", f"y_{split}"} <= keys else ""
-    require({f"x{suffix}", f"y{suffix}"} <= keys,
-            f"{path} must hold arrays x and y (or x_{split} and y_{split}); "
-            f"it holds {', '.join(sorted(keys)) or 'none'}")
+    require(
+      {f"x{suffix}", f"y{suffix}"} <= keys,
+      f"{path} must hold arrays x and y (or x_{split} and y_{split}); "
+      f"it holds {', '.join(sorted(keys)) or 'none'}",
+    )
     images, labels = archive[f"x{suffix}"], archive[f"y{suffix}"]
-    class_names = ([str(name) for name in archive["class_names"]]
-                   if "class_names" in keys else None)
-  num_classes = (len(class_names) if class_names is not None
-                 else labels_max_plus_one(labels))
+    class_names = [str(name) for name in archive["class_names"]] if "class_names" in keys else None
+  num_classes = len(class_names) if class_names is not None else labels_max_plus_one(labels)
   return make_dataset(images, labels, num_classes, class_names, path)
 
 
 def load_idx(directory, split):
   require_exists(directory)
   prefix = _IDX_PREFIX[split]
-  images, image_file = _read_idx(directory / f"{prefix}-images-idx3-ubyte",
-                                 _IDX_IMAGES_MAGIC)
-  labels, label_file = _read_idx(directory / f"{prefix}-labels-idx1-ubyte",
-                                 _IDX_LABELS_MAGIC)
-  require(len(images) == len(labels),
-          f"{image_file} holds {len(images)} images but {label_file} holds "
-          f"{len(labels)} labels")
-  return make_dataset(images, labels, labels_max_plus_one(labels), None,
-                  image_file)
+  images, image_file = _read_idx(directory / f"{prefix}-images-idx3-ubyte", _IDX_IMAGES_MAGIC)
+  labels, label_file = _read_idx(directory / f"{prefix}-labels-idx1-ubyte", _IDX_LABELS_MAGIC)
+  require(
+    len(images) == len(labels),
+    f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels",
+  )
+  return make_dataset(images, labels, labels_max_plus_one(labels), None, image_file)
 
 
 def _read_idx(stem, magic):
@@ -84,15 +89,17 @@ def _read_idx(stem, magic):
     raise InputError(f"cannot read IDX file {path}: {error}") from error
   ndim = magic & 0xFF
   header_size = 4 * (1 + ndim)
-  require(len(data) >= header_size,
-          f"IDX file {path} is truncated: {len(data)} bytes, less than its "
-          f"{header_size}-byte header")
+  require(
+    len(data) >= header_size,
+    f"IDX file {path} is truncated: {len(data)} bytes, less than its {header_size}-byte header",
+  )
   found_magic, *shape = struct.unpack(f">{1 + ndim}i", data[:header_size])
-  require(found_magic == magic,
-          f"IDX file {path} has magic number {found_magic}, expected {magic}")
+  require(found_magic == magic, f"IDX file {path} has magic number {found_magic}, expected {magic}")
   size = math.prod(shape)
-  require(len(data) - header_size == size,
-          f"IDX file {path} is truncated or corrupt: its header gives shape "
-          f"{tuple(shape)} ({size} bytes), but {len(data) - header_size} "
-          f"bytes follow it")
+  require(
+    len(data) - header_size == size,
+    f"IDX file {path} is truncated or corrupt: its header gives shape "
+    f"{tuple(shape)} ({size} bytes), but {len(data) - header_size} "
+    f"bytes follow it",
+  )
   return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape), path

@@ -1,5 +1,6 @@
 """Batches of numpy arrays: shuffled training batches (resumable at any step),
 evaluation batches (in order, padded and masked), and their placement on a mesh."""
+
 import math
 
 import jax
@@ -23,9 +24,10 @@ def epoch_permutation(n, seed, epoch):
 
 def _check_examples(x, y):
   x, y = np.asarray(x), np.asarray(y)
-  require(x.ndim >= 1 and len(x) == len(y),
-          f"x and y must have the same leading size, got shapes {x.shape} "
-          f"and {y.shape}")
+  require(
+    x.ndim >= 1 and len(x) == len(y),
+    f"x and y must have the same leading size, got shapes {x.shape} and {y.shape}",
+  )
   return x, y
 
 
@@ -50,8 +52,7 @@ def train_batches(x, y, batch_size, *, seed, start_step=0):
   """
   x, y = _check_examples(x, y)
   integer_at_least("batch_size", batch_size, 1)
-  require(batch_size <= len(x),
-          f"batch_size {batch_size} exceeds the {len(x)} examples")
+  require(batch_size <= len(x), f"batch_size {batch_size} exceeds the {len(x)} examples")
   integer_at_least("seed", seed, 0)
   integer_at_least("start_step", start_step, 0)
   return _train_batches(x, y, batch_size, seed, start_step)
@@ -63,7 +64,7 @@ def _train_batches(x, y, batch_size, seed, start_step):
   while True:
     order = epoch_permutation(len(x), seed, epoch)
     for step in range(position, steps_per_epoch):
-      indices = order[step * batch_size:(step + 1) * batch_size]
+      indices = order[step * batch_size : (step + 1) * batch_size]
       yield x[indices], y[indices]
     epoch, position = epoch + 1, 0
 
@@ -87,15 +88,16 @@ def eval_batches(x, y, batch_size, *, multiple_of=1):
   x, y = _check_examples(x, y)
   integer_at_least("batch_size", batch_size, 1)
   integer_at_least("multiple_of", multiple_of, 1)
-  require(batch_size % multiple_of == 0,
-          f"batch_size {batch_size} must be a multiple of multiple_of "
-          f"{multiple_of}")
+  require(
+    batch_size % multiple_of == 0,
+    f"batch_size {batch_size} must be a multiple of multiple_of {multiple_of}",
+  )
   return _eval_batches(x, y, batch_size, multiple_of)
 
 
 def _eval_batches(x, y, batch_size, multiple_of):
   for start in range(0, len(x), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
     count = len(xb)
     padded = -(-count // multiple_of) * multiple_of
     if padded > count:
@@ -119,9 +121,11 @@ def to_devices(batch, mesh):
   devices = mesh.devices.size
   for array in jax.tree.leaves(batch):
     shape = np.shape(array)
-    require(len(shape) >= 1 and shape[0] % devices == 0,
-            f"every array of the batch needs a leading size divisible by the "
-            f"{devices} devices of the mesh, got shape {shape}")
+    require(
+      len(shape) >= 1 and shape[0] % devices == 0,
+      f"every array of the batch needs a leading size divisible by the "
+      f"{devices} devices of the mesh, got shape {shape}",
+    )
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
@@ -135,14 +139,16 @@ def channel_stats(x):
     `(mean, std)`, each a tuple of C floats.
   """
   x = np.asarray(x)
-  require(x.ndim == 4 and x.size > 0,
-          f"channel_stats needs non-empty images [N, H, W, C], got shape "
-          f"{x.shape}")
+  require(
+    x.ndim == 4 and x.size > 0,
+    f"channel_stats needs non-empty images [N, H, W, C], got shape {x.shape}",
+  )
   axes = (0, 1, 2)
   mean = x.mean(axis=axes, dtype=np.float64)
   # In chunks, so that no float64 copy of a large data set is made.
   chunk = max(1, 2**22 // math.prod(x.shape[1:]))
-  squares = sum(np.square(x[start:start + chunk] - mean).sum(axis=axes)
-                for start in range(0, len(x), chunk))
+  squares = sum(
+    np.square(x[start : start + chunk] - mean).sum(axis=axes) for start in range(0, len(x), chunk)
+  )
   std = np.sqrt(squares / (x.size // x.shape[-1]))
   return tuple(map(float, mean)), tuple(map(float, std))

@@ -1,4 +1,5 @@
 """`Dataset`, and the checks every data source's arrays go through."""
+
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,11 @@ class Dataset(tuple):
     return self[1]
 
   def __repr__(self):
-    return (f"Dataset(x={self.x.dtype}{list(self.x.shape)}, "
-            f"y={self.y.dtype}{list(self.y.shape)}, "
-            f"num_classes={self.num_classes})")
+    return (
+      f"Dataset(x={self.x.dtype}{list(self.x.shape)}, "
+      f"y={self.y.dtype}{list(self.y.shape)}, "
+      f"num_classes={self.num_classes})"
+    )
 
 
 def path_for_split(template, split):
@@ -59,20 +62,23 @@ def unit_images(images, where):
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
-  require(images.ndim == 4,
-          f"images in {where} must have shape [N, H, W] or [N, H, W, C], "
-          f"got {images.shape}")
+  require(
+    images.ndim == 4,
+    f"images in {where} must have shape [N, H, W] or [N, H, W, C], got {images.shape}",
+  )
   if images.dtype == np.uint8:
     return np.ascontiguousarray(images / np.float32(255))
-  require(np.issubdtype(images.dtype, np.floating),
-          f"images in {where} must be uint8 (0..255) or floats in [0, 1], "
-          f"got dtype {images.dtype}")
+  require(
+    np.issubdtype(images.dtype, np.floating),
+    f"images in {where} must be uint8 (0..255) or floats in [0, 1], got dtype {images.dtype}",
+  )
   images = np.ascontiguousarray(images, dtype=np.float32)
   require(not np.isnan(images).any(), f"images in {where} contain NaN")
   low, high = float(images.min(initial=0.0)), float(images.max(initial=1.0))
-  require(low >= 0.0 and high <= 1.0,
-          f"float images in {where} must lie in [0, 1], got values in "
-          f"[{low:g}, {high:g}]")
+  require(
+    low >= 0.0 and high <= 1.0,
+    f"float images in {where} must lie in [0, 1], got values in [{low:g}, {high:g}]",
+  )
   return images
 
 
@@ -80,19 +86,21 @@ def make_dataset(images, labels, num_classes, class_names, where):
   """A validated `Dataset` of `images` and integer `labels` from `where`."""
   x = unit_images(images, where)
   labels = np.asarray(labels)
-  require(labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer),
-          f"labels in {where} must be integers of shape [N], got "
-          f"{labels.dtype} of shape {labels.shape}")
-  require(len(x) == len(labels),
-          f"{where} holds {len(x)} images but {len(labels)} labels")
+  require(
+    labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer),
+    f"labels in {where} must be integers of shape [N], got {labels.dtype} of shape {labels.shape}",
+  )
+  require(len(x) == len(labels), f"{where} holds {len(x)} images but {len(labels)} labels")
   require(len(x) > 0, f"{where} holds no examples")
   outside = labels[(labels < 0) | (labels >= num_classes)]
-  require(outside.size == 0,
-          f"labels in {where} must lie in [0, {num_classes}), got "
-          f"{sorted(set(outside.tolist()))[:5]}")
-  require(class_names is None or len(class_names) == num_classes,
-          f"{where} names {len(class_names or ())} classes but has "
-          f"{num_classes}")
+  require(
+    outside.size == 0,
+    f"labels in {where} must lie in [0, {num_classes}), got {sorted(set(outside.tolist()))[:5]}",
+  )
+  require(
+    class_names is None or len(class_names) == num_classes,
+    f"{where} names {len(class_names or ())} classes but has {num_classes}",
+  )
   return Dataset(x, labels.astype(np.int32), int(num_classes), class_names)
 
 

@@ -1,5 +1,6 @@
 """Image folders (one sub-folder per class), as directories or tar archives,
 decoded with Pillow once and cached as arrays."""
+
 import hashlib
 import io
 import os
@@ -20,23 +21,25 @@ _GREY_MODES = ("1", "L", "LA")
 
 
 def cache_directory(cache_dir):
-  return Path(cache_dir or os.environ.get("JAXROBUST_CACHE")
-              or "~/.cache/jaxrobust").expanduser()
+  return Path(cache_dir or os.environ.get("JAXROBUST_CACHE") or "~/.cache/jaxrobust").expanduser()
 
 
 def load_folder(path, split, cache_dir):
   path = require_exists(path).resolve()
   if path.is_dir():
-    entries = [(PurePosixPath(file.relative_to(path).as_posix()), file)
-               for file in sorted(path.rglob("*")) if file.is_file()]
-    fingerprint = [(str(relative), *_size_and_mtime(file))
-                   for relative, file in entries]
+    entries = [
+      (PurePosixPath(file.relative_to(path).as_posix()), file)
+      for file in sorted(path.rglob("*"))
+      if file.is_file()
+    ]
+    fingerprint = [(str(relative), *_size_and_mtime(file)) for relative, file in entries]
   else:
     entries = None  # read from the tarball only on a cache miss
     fingerprint = _size_and_mtime(path)
   key = repr((_CACHE_FORMAT, str(path), split, fingerprint))
-  cache_file = (cache_dir / f"{path.name}-{split}-"
-                f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+  cache_file = (
+    cache_dir / f"{path.name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+  )
   cached = _read_cache(cache_file)
   if cached is None:
     if entries is None:
@@ -45,8 +48,7 @@ def load_folder(path, split, cache_dir):
     cached = _decode_classes(classes, path)
     _write_cache(cache_file, cached)
   class_names = [str(name) for name in cached["class_names"]]
-  return make_dataset(cached["images"], cached["labels"], len(class_names),
-                  class_names, path)
+  return make_dataset(cached["images"], cached["labels"], len(class_names), class_names, path)
 
 
 def _size_and_mtime(path):
@@ -61,11 +63,11 @@ def _tarball_entries(path):
     with tarfile.open(path, "r|*") as tar:
       for member in tar:
         if member.isfile():
-          entries.append((PurePosixPath(member.name),
-                          tar.extractfile(member).read()))
+          entries.append((PurePosixPath(member.name), tar.extractfile(member).read()))
   except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
-    raise InputError(f"cannot read {path} as a directory or tar archive of "
-                     f"class folders: {error}") from error
+    raise InputError(
+      f"cannot read {path} as a directory or tar archive of class folders: {error}"
+    ) from error
   return entries
 
 
@@ -75,15 +77,20 @@ def _class_files(entries, split, root):
   Classes are the sorted top-level folders, or those under `<split>/` when
   the top level has `train/` or `test/` folders.
   """
-  entries = [(relative, data) for relative, data in entries
-             if not any(part.startswith(".") for part in relative.parts)]
-  split_folders = {relative.parts[0] for relative, _ in entries
-                   if len(relative.parts) > 1} & set(SPLITS)
+  entries = [
+    (relative, data)
+    for relative, data in entries
+    if not any(part.startswith(".") for part in relative.parts)
+  ]
+  split_folders = {relative.parts[0] for relative, _ in entries if len(relative.parts) > 1} & set(
+    SPLITS
+  )
   depth = 0
   if split_folders:
-    require(split in split_folders,
-            f"{root} has split folders {', '.join(sorted(split_folders))} but "
-            f"no {split}/ folder")
+    require(
+      split in split_folders,
+      f"{root} has split folders {', '.join(sorted(split_folders))} but no {split}/ folder",
+    )
     entries = [entry for entry in entries if entry[0].parts[0] == split]
     depth = 1
   classes = {}
@@ -91,8 +98,7 @@ def _class_files(entries, split, root):
     if len(relative.parts) > depth + 1:  # not a file beside the class folders
       classes.setdefault(relative.parts[depth], []).append((relative, data))
   require(classes, f"{root} has no class folders holding files")
-  return {name: sorted(classes[name], key=lambda entry: entry[0])
-          for name in sorted(classes)}
+  return {name: sorted(classes[name], key=lambda entry: entry[0]) for name in sorted(classes)}
 
 
 def _decode_classes(classes, root):
@@ -105,28 +111,29 @@ def _decode_classes(classes, root):
       labels.append(label)
   size = images[0].shape[:2]
   for image, name in zip(images, names):
-    require(image.shape[:2] == size,
-            f"image {name} is {image.shape[0]}x{image.shape[1]} pixels but "
-            f"{names[0]} is {size[0]}x{size[1]}; all images must have one size")
+    require(
+      image.shape[:2] == size,
+      f"image {name} is {image.shape[0]}x{image.shape[1]} pixels but "
+      f"{names[0]} is {size[0]}x{size[1]}; all images must have one size",
+    )
   channels = max(image.shape[2] for image in images)  # grey ones become RGB
   return {
-      "images": np.stack([np.broadcast_to(image, (*size, channels))
-                          for image in images]),
-      "labels": np.asarray(labels, np.int32),
-      "class_names": np.asarray(list(classes), dtype=str),
+    "images": np.stack([np.broadcast_to(image, (*size, channels)) for image in images]),
+    "labels": np.asarray(labels, np.int32),
+    "class_names": np.asarray(list(classes), dtype=str),
   }
 
 
 def _decode_image(data, name):
   """uint8 pixels [H, W, 1] (grey) or [H, W, 3] (RGB) of image bytes or file."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(source) as image:
       grey = image.mode in _GREY_MODES
       pixels = np.asarray(image.convert("L" if grey else "RGB"))
-  except (OSError, SyntaxError, ValueError,
-          Image.DecompressionBombError) as error:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise InputError(f"cannot decode image {name}: {error}") from error
   return pixels[..., None] if grey else pixels
 
@@ -136,8 +143,7 @@ def _read_cache(path):
   try:
     with np.load(path, allow_pickle=False) as cached:
       return {key: cached[key] for key in ("images", "labels", "class_names")}
-  except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile,
-          zlib.error):
+  except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
     return None
 
 
@@ -146,12 +152,11 @@ def _write_cache(path, arrays):
   temporary = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".",
-                                             suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     with os.fdopen(descriptor, "wb") as file:
       np.savez(file, **arrays)
     os.replace(temporary, path)
   except OSError as error:
     if temporary:
       Path(temporary).unlink(missing_ok=True)
-    warnings.warn(f"could not cache decoded images in {path}: {error}")
+    warnings.warn(f"could not cache decoded images in {path}: {error}", stacklevel=2)

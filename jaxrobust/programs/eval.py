@@ -30,6 +30,7 @@ attacks and radii it uses, or a jaxrobust data-set name, with CIFAR-10's
 radii), without a workdir. `--export-torch` writes a workdir's model as a
 PyTorch checkpoint that records its architecture.
 """
+
 import collections
 import functools
 import json
@@ -53,51 +54,85 @@ SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
 _ATTACKS = flags.DEFINE_string(
-    "attacks", None, "Comma-separated attack labels of the run's eval.attacks, or "
-    "'all' (default: the config's eval.default).")
-_SUITE = flags.DEFINE_string("suite", None, "Evaluate with a whole suite instead of "
-                             "--attacks: 'autoattack'.")
-_NORM = flags.DEFINE_string("norm", None, "The suite's threat model, linf or l2 (default: "
-                            "the run's training threat model).")
-_EPS = flags.DEFINE_float("eps", None, "The suite's eps (default: the run's setting's eps "
-                          "for that norm).")
-_VERSION = flags.DEFINE_string("version", "standard", "AutoAttack's version: standard, "
-                               "plus, or rand (randomized models).")
-_INDIVIDUAL = flags.DEFINE_boolean("individual", False, "Run every attack on every "
-                                   "clean-correct example, not as a cascade.")
+  "attacks",
+  None,
+  "Comma-separated attack labels of the run's eval.attacks, or "
+  "'all' (default: the config's eval.default).",
+)
+_SUITE = flags.DEFINE_string(
+  "suite", None, "Evaluate with a whole suite instead of --attacks: 'autoattack'."
+)
+_NORM = flags.DEFINE_string(
+  "norm", None, "The suite's threat model, linf or l2 (default: the run's training threat model)."
+)
+_EPS = flags.DEFINE_float(
+  "eps", None, "The suite's eps (default: the run's setting's eps for that norm)."
+)
+_VERSION = flags.DEFINE_string(
+  "version", "standard", "AutoAttack's version: standard, plus, or rand (randomized models)."
+)
+_INDIVIDUAL = flags.DEFINE_boolean(
+  "individual", False, "Run every attack on every clean-correct example, not as a cascade."
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Which checkpoint to evaluate: 'best' (by validation robust "
-    "accuracy, with eval.every_epochs) or 'latest' (default: best when it exists).")
-_STATE = flags.DEFINE_string("state", None, "Write the evaluation's progress to this file "
-                             "after every batch, and resume from it.")
+  "checkpoint",
+  None,
+  "Which checkpoint to evaluate: 'best' (by validation robust "
+  "accuracy, with eval.every_epochs) or 'latest' (default: best when it exists).",
+)
+_STATE = flags.DEFINE_string(
+  "state",
+  None,
+  "Write the evaluation's progress to this file after every batch, and resume from it.",
+)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Data split to evaluate.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N examples (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the config's).")
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file.")
-_PLOT = flags.DEFINE_string("plot", None, "PNG path for --sweep or --certify "
-                            "(default: in the workdir).")
+_PLOT = flags.DEFINE_string(
+  "plot", None, "PNG path for --sweep or --certify (default: in the workdir)."
+)
 _SANITY = flags.DEFINE_boolean("sanity", True, "Run the sanity checks.")
 _SWEEP = flags.DEFINE_boolean("sweep", False, "Plot accuracy against eps per attack.")
-_TRANSFER = flags.DEFINE_string("transfer-from", None,
-                                "Craft the examples on this run's model (black-box).")
-_CERTIFY = flags.DEFINE_boolean("certify", False,
-                                "Certify with randomized smoothing (Cohen et al. 2019).")
-_SIGMA = flags.DEFINE_float("sigma", None, "Smoothing noise level for --certify "
-                            "(default: the model's noise.sigma, else 0.25).")
+_TRANSFER = flags.DEFINE_string(
+  "transfer-from", None, "Craft the examples on this run's model (black-box)."
+)
+_CERTIFY = flags.DEFINE_boolean(
+  "certify", False, "Certify with randomized smoothing (Cohen et al. 2019)."
+)
+_SIGMA = flags.DEFINE_float(
+  "sigma",
+  None,
+  "Smoothing noise level for --certify (default: the model's noise.sigma, else 0.25).",
+)
 _N = flags.DEFINE_integer("n", 100_000, "Noise draws to certify each example.")
 _N0 = flags.DEFINE_integer("n0", 100, "Noise draws to guess each example's class.")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
-_TORCH = flags.DEFINE_string("torch-checkpoint", None, "Evaluate this PyTorch checkpoint "
-                             "(.pt, .pth or .safetensors) instead of a workdir's model.")
-_ARCH = flags.DEFINE_string("arch", None, "The --torch-checkpoint's architecture: wrn-28-10, "
-                            "wrn-34-10, wrn-34-20, wrn-70-16, dm-wrn-28-10, dm-wrn-70-16, "
-                            "resnet-18, preact-resnet-18, or a jaxrobust model name "
-                            "(default: the one the checkpoint records).")
-_DATA = flags.DEFINE_string("data", None, "The --torch-checkpoint's data set: "
-                            f"{', '.join(common.SETTINGS)} (jaxrobust/configs/common.py), or a "
-                            "jaxrobust data-set name (folder:..., npz:..., tfds:...).")
-_EXPORT = flags.DEFINE_string("export-torch", None, "Write the workdir's model as a PyTorch "
-                              "checkpoint (.pt, .pth or .safetensors) and exit.")
+_TORCH = flags.DEFINE_string(
+  "torch-checkpoint",
+  None,
+  "Evaluate this PyTorch checkpoint (.pt, .pth or .safetensors) instead of a workdir's model.",
+)
+_ARCH = flags.DEFINE_string(
+  "arch",
+  None,
+  "The --torch-checkpoint's architecture: wrn-28-10, "
+  "wrn-34-10, wrn-34-20, wrn-70-16, dm-wrn-28-10, dm-wrn-70-16, "
+  "resnet-18, preact-resnet-18, or a jaxrobust model name "
+  "(default: the one the checkpoint records).",
+)
+_DATA = flags.DEFINE_string(
+  "data",
+  None,
+  "The --torch-checkpoint's data set: "
+  f"{', '.join(common.SETTINGS)} (jaxrobust/configs/common.py), or a "
+  "jaxrobust data-set name (folder:..., npz:..., tfds:...).",
+)
+_EXPORT = flags.DEFINE_string(
+  "export-torch",
+  None,
+  "Write the workdir's model as a PyTorch checkpoint (.pt, .pth or .safetensors) and exit.",
+)
 
 # A --torch-checkpoint's model state: its variables, never trained here.
 Loaded = collections.namedtuple("Loaded", "variables step")
@@ -121,8 +156,10 @@ def workdir_in(argv):
 def data_config(name):
   """The config a --torch-checkpoint is evaluated with on data set `name`: its
   setting's (jaxrobust/configs/common.py), or CIFAR-10's with data `name`."""
-  checks.require(name, "--torch-checkpoint needs --data: "
-                 f"{', '.join(common.SETTINGS)}, or a jaxrobust data-set name")
+  checks.require(
+    name,
+    f"--torch-checkpoint needs --data: {', '.join(common.SETTINGS)}, or a jaxrobust data-set name",
+  )
   if name in common.SETTINGS:
     return common.setting(name)
   config = common.setting("cifar10")
@@ -149,33 +186,37 @@ def main(argv):
   cli.parse_flags(argv)
   if _TORCH.value:
     checks.require(not _WORKDIR.value, "give either --workdir or --torch-checkpoint, not both")
-    for flag, value in (("--export-torch", _EXPORT), ("--transfer-from", _TRANSFER),
-                        ("--certify", _CERTIFY)):
+    for flag, value in (
+      ("--export-torch", _EXPORT),
+      ("--transfer-from", _TRANSFER),
+      ("--certify", _CERTIFY),
+    ):
       checks.require(not value.value, f"{flag} needs a --workdir, not a --torch-checkpoint")
-    resolved, model, state, about = load_torch_checkpoint(_TORCH.value, _ARCH.value,
-                                                          _DATA.value)
+    resolved, model, state, about = load_torch_checkpoint(_TORCH.value, _ARCH.value, _DATA.value)
     if "config" in flags.FLAGS:
       resolved = {**flags.FLAGS.config.to_dict(), "model": resolved["model"]}
     rep = attack(resolved, model, state)
     rep.update(**about, split=_SPLIT.value)
   else:
     checks.require(_WORKDIR.value, "--workdir (or --torch-checkpoint) is required")
-    checks.require(_ARCH.value is None and _DATA.value is None,
-                   "--arch and --data go with --torch-checkpoint")
+    checks.require(
+      _ARCH.value is None and _DATA.value is None, "--arch and --data go with --torch-checkpoint"
+    )
     which = selection.choose(checkpoints.check_workdir(_WORKDIR.value), _CHECKPOINT.value)
     resolved, model, state = experiment.restore(_WORKDIR.value, checkpoint=which)
     print(f"Checkpoint: {which} (step {int(state.step)})")
     if resolved.get("ema"):
-      print(f"Model: the exponential moving average of the parameters (decay "
-            f"{resolved['ema']:g}), step {int(state.step)}")
+      print(
+        f"Model: the exponential moving average of the parameters (decay "
+        f"{resolved['ema']:g}), step {int(state.step)}"
+      )
     if _EXPORT.value:
       export_torch(model, state, _EXPORT.value)
       return
     if "config" in flags.FLAGS:
       resolved = flags.FLAGS.config.to_dict()
     rep = certify(resolved, model, state) if _CERTIFY.value else attack(resolved, model, state)
-    rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value,
-               checkpoint=which)
+    rep.update(workdir=_WORKDIR.value, step=int(state.step), split=_SPLIT.value, checkpoint=which)
   if _OUT.value:
     checkpoints.write_atomic(Path(_OUT.value), json.dumps(rep, indent=2) + "\n")
     print(f"wrote {_OUT.value}")
@@ -190,25 +231,32 @@ def load_torch_checkpoint(path, arch, data_name):
     interop.architecture(arch)  # an unknown name is refused before the file is read
   checkpoint = interop.load_checkpoint(path)
   recorded = interop.checkpoint_architecture(checkpoint)
-  checks.require(arch or recorded, f"{path!r} records no architecture; pass --arch "
-                 "(e.g. wrn-28-10, dm-wrn-70-16)")
+  checks.require(
+    arch or recorded,
+    f"{path!r} records no architecture; pass --arch (e.g. wrn-28-10, dm-wrn-70-16)",
+  )
   settings = recorded[1] if recorded and recorded[0] == (arch or recorded[0]) else {}
   arch = arch or recorded[0]
   model, variables = interop.from_torch(checkpoint, arch, **settings)
   test_set = config_lib.load_split(config, _SPLIT.value)
   channels = test_set.x.shape[-1]
-  checks.require(len(model.mean) == channels,
-                 f"arch {arch!r} from {path!r} takes {len(model.mean)}-channel images; data "
-                 f"set {data_name!r} has {channels} channels")
-  checks.require(model.num_classes == test_set.num_classes,
-                 f"{path!r} has {model.num_classes} classes; data set {data_name!r} has "
-                 f"{test_set.num_classes}")
+  checks.require(
+    len(model.mean) == channels,
+    f"arch {arch!r} from {path!r} takes {len(model.mean)}-channel images; data "
+    f"set {data_name!r} has {channels} channels",
+  )
+  checks.require(
+    model.num_classes == test_set.num_classes,
+    f"{path!r} has {model.num_classes} classes; data set {data_name!r} has {test_set.num_classes}",
+  )
   resolved = config.to_dict()
   resolved["model"] = {"name": interop.model_name(model), **interop.model_settings(model)}
   n_params = sum(a.size for a in jax.tree.leaves(variables["params"]))
-  print(f"PyTorch checkpoint {path}: arch {arch} (jaxrobust {resolved['model']['name']}, "
-        f"{n_params:,} parameters), data {data_name} ({_SPLIT.value} split, "
-        f"{config.data['name']})")
+  print(
+    f"PyTorch checkpoint {path}: arch {arch} (jaxrobust {resolved['model']['name']}, "
+    f"{n_params:,} parameters), data {data_name} ({_SPLIT.value} split, "
+    f"{config.data['name']})"
+  )
   about = dict(torch_checkpoint=str(path), arch=arch, data=data_name)
   return resolved, model, Loaded(variables, 0), about
 
@@ -216,9 +264,11 @@ def load_torch_checkpoint(path, arch, data_name):
 def export_torch(model, state, path):
   """Writes the workdir's model as a PyTorch checkpoint recording its architecture."""
   interop.save_checkpoint(path, model, jax.device_get(state.variables))
-  print(f"wrote {path}: {interop.model_name(model)} {interop.model_settings(model)}, "
-        f"a PyTorch state_dict (jaxrobust.interop.from_torch or eval.py "
-        f"--torch-checkpoint read it back)")
+  print(
+    f"wrote {path}: {interop.model_name(model)} {interop.model_settings(model)}, "
+    f"a PyTorch state_dict (jaxrobust.interop.from_torch or eval.py "
+    f"--torch-checkpoint read it back)"
+  )
 
 
 def output_dir():
@@ -234,23 +284,40 @@ def attack(resolved, model, state):
     source = (source_model, source_state)
     print(f"Transfer: examples crafted on {_TRANSFER.value}, classified by {_WORKDIR.value}")
   evaluate = lambda **kw: experiment.evaluate(
-      resolved, model, state, split=_SPLIT.value, limit=_LIMIT.value,
-      batch_size=_BATCH.value or None, source=source, **kw)
+    resolved,
+    model,
+    state,
+    split=_SPLIT.value,
+    limit=_LIMIT.value,
+    batch_size=_BATCH.value or None,
+    source=source,
+    **kw,
+  )
   if models.is_randomized(model):
     noise = resolved["model"]["noise"]
-    print(f"Randomized model f~(x) = f(x + d), d ~ N(0, {noise['sigma']:g}^2 I): "
-          f"classified by the mean softmax over {noise['samples']} fixed noise draws "
-          f"and attacked through the same draws (expectation over transformation)")
-  rep = evaluate(specs=specs, sanity=_SANITY.value and source is None,
-                 lipschitz=source is None, individual=_INDIVIDUAL.value,
-                 state_path=_STATE.value, log=print)
+    print(
+      f"Randomized model f~(x) = f(x + d), d ~ N(0, {noise['sigma']:g}^2 I): "
+      f"classified by the mean softmax over {noise['samples']} fixed noise draws "
+      f"and attacked through the same draws (expectation over transformation)"
+    )
+  rep = evaluate(
+    specs=specs,
+    sanity=_SANITY.value and source is None,
+    lipschitz=source is None,
+    individual=_INDIVIDUAL.value,
+    state_path=_STATE.value,
+    log=print,
+  )
   print(report.format_table(rep))
   if "lipschitz" in rep:
     print(report.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
   if "sanity" in rep:
     print(report.format_sanity(rep["sanity"]))
-  rep["robustbench"] = [evaluation.robustbench_report(rep, label) for label, spec
-                        in specs.items() if spec["name"] == "autoattack"]
+  rep["robustbench"] = [
+    evaluation.robustbench_report(rep, label)
+    for label, spec in specs.items()
+    if spec["name"] == "autoattack"
+  ]
   if _SWEEP.value:
     rep["sweep"] = sweep(specs, evaluate)
   return rep
@@ -259,11 +326,14 @@ def attack(resolved, model, state):
 def attack_specs(resolved, model):
   """The attacks to run: --suite, else --attacks (or the config's eval.default)."""
   if _SUITE.value is None:
-    checks.require(_NORM.value is None and _EPS.value is None,
-                   "--norm and --eps set a --suite's threat model; use "
-                   "--config.eval.attacks.<label>.eps=... to change an attack's")
-    return evaluation.select(resolved["eval"]["attacks"],
-                             _ATTACKS.value or resolved["eval"].get("default"))
+    checks.require(
+      _NORM.value is None and _EPS.value is None,
+      "--norm and --eps set a --suite's threat model; use "
+      "--config.eval.attacks.<label>.eps=... to change an attack's",
+    )
+    return evaluation.select(
+      resolved["eval"]["attacks"], _ATTACKS.value or resolved["eval"].get("default")
+    )
   checks.require(_ATTACKS.value is None, "give either --suite or --attacks, not both")
   checks.one_of("--suite", _SUITE.value, SUITES)
   checks.one_of("--version", _VERSION.value, attacks_lib.AUTOATTACK_VERSIONS)
@@ -271,8 +341,10 @@ def attack_specs(resolved, model):
   checks.one_of("--norm", norm, ("linf", "l2"))
   eps = _EPS.value if _EPS.value is not None else setting_eps(resolved, norm)
   if _VERSION.value == "rand" and not models.is_randomized(model):
-    print("warning: --version rand is for randomized models; this model is "
-          "deterministic, so its 20 draws per gradient are all the same")
+    print(
+      "warning: --version rand is for randomized models; this model is "
+      "deterministic, so its 20 draws per gradient are all the same"
+    )
   spec = dict(name="autoattack", norm=norm, eps=eps, version=_VERSION.value)
   attacks_lib.create(spec)  # refuses a bad eps now
   return {f"autoattack_{norm}": spec}
@@ -311,8 +383,7 @@ def sweep(specs, evaluate):
   for label, spec in specs.items():
     if spec.get("eps") is not None:
       eps_values = [spec["eps"] * f for f in SWEEP_FACTORS]
-      curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec,
-                                       eps_values)
+      curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec, eps_values)
   path = _PLOT.value or str(output_dir() / "sweep.png")
   report.plot_sweep(curves, path)
   print(f"wrote {path}")
@@ -325,23 +396,32 @@ def certify(resolved, model, state):
   x, y = test_set.x, test_set.y
   if _LIMIT.value:
     checks.integer_at_least("limit", _LIMIT.value, 1)
-    x, y = x[:_LIMIT.value], y[:_LIMIT.value]
+    x, y = x[: _LIMIT.value], y[: _LIMIT.value]
   # A noise-trained model is smoothed through its base classifier f: the
   # smoothing supplies the noise, by default at the sigma it was trained with.
   logits_fn = functools.partial(models.inference_fn(model, base=True), state.variables)
   sigma = _SIGMA.value
   if sigma is None:
     sigma = resolved["model"]["noise"]["sigma"] if models.is_randomized(model) else 0.25
-  print(f"Smoothing with sigma {sigma:g} ("
-        + ("--sigma" if _SIGMA.value is not None else "the model's noise.sigma"
-           if models.is_randomized(model) else "the default") + ")")
+  print(
+    f"Smoothing with sigma {sigma:g} ("
+    + (
+      "--sigma"
+      if _SIGMA.value is not None
+      else "the model's noise.sigma"
+      if models.is_randomized(model)
+      else "the default"
+    )
+    + ")"
+  )
   settings = dict(sigma=sigma, n0=_N0.value, n=_N.value, alpha=_ALPHA.value)
   start = time.perf_counter()
   pred, radius = smoothing.certify(
-      logits_fn, x, jax.random.key(resolved["seed"]),
-      batch_size=_BATCH.value or 1000, **settings)
-  rep = smoothing.certification_report(pred, radius, y, seconds=time.perf_counter() - start,
-                                       **settings)
+    logits_fn, x, jax.random.key(resolved["seed"]), batch_size=_BATCH.value or 1000, **settings
+  )
+  rep = smoothing.certification_report(
+    pred, radius, y, seconds=time.perf_counter() - start, **settings
+  )
   print(smoothing.format_certification_table(rep))
   path = _PLOT.value or str(Path(_WORKDIR.value) / f"certify_sigma{sigma:g}.png")
   smoothing.plot_certified_accuracy(rep, path)

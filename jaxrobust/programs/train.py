@@ -16,6 +16,7 @@ exits (codes 143, 130). Several processes (hosts) train one run together with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or
 --distributed under SLURM or on a Cloud TPU pod slice.
 """
+
 from pathlib import Path
 
 import jax
@@ -25,8 +26,7 @@ from jaxrobust import checkpoints, cli, configs, experiment, parallel, report, t
 from jaxrobust import config as config_lib
 
 _CONFIG = cli.define_config_flag(configs.resolve("pgd_at"))
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Run directory (default: runs/<config file name>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 cli.define_distributed_flags()
 
@@ -41,13 +41,18 @@ def main(argv):
   if jax.process_index() == 0:  # evaluates on its own devices, from memory
     mesh = parallel.mesh(jax.local_devices())
     resolved = checkpoints.load_config(workdir)
-    state = jax.device_put(jax.device_get(training.for_evaluation(state)),
-                           parallel.replicated(mesh))
-    rep = experiment.evaluate(resolved, config_lib.build_model(resolved), state,
-                              names=config.eval.after_training, limit=config.eval.limit,
-                              mesh=mesh)
-    averaged = (f" (EMA of the parameters, decay {resolved['ema']:g})"
-                if resolved.get("ema") else "")
+    state = jax.device_put(
+      jax.device_get(training.for_evaluation(state)), parallel.replicated(mesh)
+    )
+    rep = experiment.evaluate(
+      resolved,
+      config_lib.build_model(resolved),
+      state,
+      names=config.eval.after_training,
+      limit=config.eval.limit,
+      mesh=mesh,
+    )
+    averaged = f" (EMA of the parameters, decay {resolved['ema']:g})" if resolved.get("ema") else ""
     print(f"\n{workdir}: step {int(state.step)}{averaged}, test accuracy\n")
     print(report.format_table(rep))
 

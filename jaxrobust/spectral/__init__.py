@@ -29,8 +29,13 @@ in at most kh * kw patches, so ||K_mat|| <= operator norm <= sqrt(kh * kw)
 matrix norm never overestimates, and can underestimate by up to 3x for a 3x3
 kernel. For a dense layer the two coincide.
 """
+
 from jaxrobust.spectral.conv import conv_operator_norm
 from jaxrobust.spectral.iteration import lanczos_margin
 from jaxrobust.spectral.layer import COLLECTION, KERNEL_LAYERS, MODES, RESCALES, SpectralNorm
-from jaxrobust.spectral.lipschitz import (LayerFactor, certified_radius, lipschitz_bound,
-                                          lipschitz_factors)
+from jaxrobust.spectral.lipschitz import (
+  LayerFactor,
+  certified_radius,
+  lipschitz_bound,
+  lipschitz_factors,
+)

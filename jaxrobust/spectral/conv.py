@@ -1,4 +1,5 @@
 """The operator norm of a 2-D convolution on its actual input shape."""
+
 import functools
 import numbers
 
@@ -11,11 +12,14 @@ from jaxrobust.spectral import iteration
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
+
 def _check_pair(name, value):
-  checks.require(isinstance(value, (tuple, list)) and len(value) == 2
-                 and all(isinstance(s, numbers.Integral) and s >= 1
-                         for s in value),
-                 f"{name} must be two integers >= 1, got {value!r}")
+  checks.require(
+    isinstance(value, (tuple, list))
+    and len(value) == 2
+    and all(isinstance(s, numbers.Integral) and s >= 1 for s in value),
+    f"{name} must be two integers >= 1, got {value!r}",
+  )
   return tuple(int(s) for s in value)
 
 
@@ -23,20 +27,30 @@ def _check_padding(padding):
   """Returns "SAME", "VALID" or ((low, high), (low, high)) as a hashable."""
   if isinstance(padding, str):
     return checks.one_of("padding", padding.upper(), ("SAME", "VALID"))
-  ok = (isinstance(padding, (tuple, list)) and len(padding) == 2
-        and all(isinstance(p, (tuple, list)) and len(p) == 2
-                and all(isinstance(q, numbers.Integral) for q in p)
-                for p in padding))
-  checks.require(ok, "padding must be 'SAME', 'VALID' or two (low, high) "
-                 f"integer pairs, got {padding!r}")
+  ok = (
+    isinstance(padding, (tuple, list))
+    and len(padding) == 2
+    and all(
+      isinstance(p, (tuple, list))
+      and len(p) == 2
+      and all(isinstance(q, numbers.Integral) for q in p)
+      for p in padding
+    )
+  )
+  checks.require(
+    ok, f"padding must be 'SAME', 'VALID' or two (low, high) integer pairs, got {padding!r}"
+  )
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def check_shape(name, shape, rank=None):
   """Returns `shape` as a tuple if it is `rank` (default: >= 1) integers >= 1."""
-  ok = (isinstance(shape, (tuple, list)) and len(shape) >= 1
-        and (rank is None or len(shape) == rank)
-        and all(isinstance(s, numbers.Integral) and s >= 1 for s in shape))
+  ok = (
+    isinstance(shape, (tuple, list))
+    and len(shape) >= 1
+    and (rank is None or len(shape) == rank)
+    and all(isinstance(s, numbers.Integral) and s >= 1 for s in shape)
+  )
   count = "one or more" if rank is None else rank
   checks.require(ok, f"{name} must be {count} integers >= 1, got {shape!r}")
   return tuple(int(s) for s in shape)
@@ -45,20 +59,24 @@ def check_shape(name, shape, rank=None):
 def _conv2d(strides, padding, kernel, v):
   """The convolution of one image v [H, W, C_in] with kernel [kh, kw, C_in, C_out]."""
   out = jax.lax.conv_general_dilated(
-      v[None], kernel, strides, padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+    v[None],
+    kernel,
+    strides,
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=_HIGHEST,
+  )
   return out[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv2d_map(strides, padding):
   # One function object per (strides, padding), so that `_lanczos_norm`,
   # which takes it as a static argument, compiles once per configuration.
   return functools.partial(_conv2d, strides, padding)
 
 
-def conv_operator_norm(kernel, input_shape, strides=(1, 1), padding="SAME",
-                       n_iter=50, key=None):
+def conv_operator_norm(kernel, input_shape, strides=(1, 1), padding="SAME", n_iter=50, key=None):
   """The largest singular value of a 2-D convolution as a linear map.
 
   Computes max ||conv(x)|| / ||x|| over images x of shape `input_shape`, where
@@ -84,17 +102,22 @@ def conv_operator_norm(kernel, input_shape, strides=(1, 1), padding="SAME",
   Returns:
     The estimated norm, a Python float.
   """
-  checks.require(np.ndim(kernel) == 4,
-                 f"kernel must have shape [kh, kw, C_in, C_out], got shape "
-                 f"{tuple(np.shape(kernel))}")
+  checks.require(
+    np.ndim(kernel) == 4,
+    f"kernel must have shape [kh, kw, C_in, C_out], got shape {tuple(np.shape(kernel))}",
+  )
   input_shape = check_shape("input_shape", input_shape, 3)
-  checks.require(input_shape[2] == np.shape(kernel)[2],
-                 f"input_shape {input_shape} has {input_shape[2]} channels but "
-                 f"the kernel expects {np.shape(kernel)[2]}")
+  checks.require(
+    input_shape[2] == np.shape(kernel)[2],
+    f"input_shape {input_shape} has {input_shape[2]} channels but "
+    f"the kernel expects {np.shape(kernel)[2]}",
+  )
   strides = _check_pair("strides", strides)
   padding = _check_padding(padding)
   n_iter = checks.integer_at_least("n_iter", n_iter, 1)
   key = jax.random.key(0) if key is None else key
-  return float(iteration.lanczos_norm(_conv2d_map(strides, padding),
-                              jnp.asarray(kernel, jnp.float32), input_shape,
-                              key, n_iter))
+  return float(
+    iteration.lanczos_norm(
+      _conv2d_map(strides, padding), jnp.asarray(kernel, jnp.float32), input_shape, key, n_iter
+    )
+  )

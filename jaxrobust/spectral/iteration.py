@@ -1,6 +1,7 @@
 """Numerics for spectral norms: power iteration and Lanczos iteration on a linear
 map given as a function, and the probability bound that turns a Lanczos
 estimate into a certified upper bound."""
+
 import functools
 import math
 
@@ -90,11 +91,9 @@ def lanczos_norm(linear_fn, params, shape, key, n_iter):
     return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)
 
   zeros = jnp.zeros((n_iter,), jnp.float32)
-  basis, alphas, betas = jax.lax.fori_loop(0, n_iter, step,
-                                           (basis, zeros, zeros))
+  basis, alphas, betas = jax.lax.fori_loop(0, n_iter, step, (basis, zeros, zeros))
   off_diagonal = betas[:-1]
-  tridiagonal = (jnp.diag(alphas) + jnp.diag(off_diagonal, 1)
-                 + jnp.diag(off_diagonal, -1))
+  tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
   top = jnp.linalg.eigh(tridiagonal)[1][:, -1]
   y = unit(top @ basis[:n_iter])
   return jnp.linalg.norm(linear(y.reshape(shape)))
@@ -145,8 +144,7 @@ def lanczos_margin(dim, n_iter, failure_probability):
   def fails(eps):
     t = 1 - alphas * eps
     eta = t / (1 - eps) - 1
-    log_p = log_scale - 0.5 * np.log(eta) - _log_chebyshev(n_iter - 1,
-                                                           1 + 2 * (1 - t) / t)
+    log_p = log_scale - 0.5 * np.log(eta) - _log_chebyshev(n_iter - 1, 1 + 2 * (1 - t) / t)
     return log_p.min() > log_target
 
   low, high = 0.0, 1.0 - 1e-12

@@ -1,4 +1,5 @@
 """`SpectralNorm`: spectral normalisation of a Dense or Conv layer, as a Linen transform."""
+
 import functools
 import math
 
@@ -18,6 +19,7 @@ KERNEL_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose)
 LINEAR_PART = "jaxrobust_linear_part"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
+
 def example_shape(input_shape, kernel_ndim):
   """Shape of one example of a layer input: its last kernel_ndim - 1 axes.
 
@@ -26,10 +28,12 @@ def example_shape(input_shape, kernel_ndim):
   and the map is block diagonal over them, with the norm of one block.
   """
   n = kernel_ndim - 1
-  checks.require(len(input_shape) >= n,
-                 f"a layer with a {kernel_ndim}-d kernel needs inputs of rank "
-                 f">= {n}, got shape {tuple(input_shape)}")
-  return tuple(input_shape[len(input_shape) - n:])
+  checks.require(
+    len(input_shape) >= n,
+    f"a layer with a {kernel_ndim}-d kernel needs inputs of rank "
+    f">= {n}, got shape {tuple(input_shape)}",
+  )
+  return tuple(input_shape[len(input_shape) - n :])
 
 
 def linear_part(layer, params):
@@ -39,11 +43,11 @@ def linear_part(layer, params):
   kernel set to zero, the layer computes exactly its linear map.
   """
   unbound = layer.clone(parent=None, name=LINEAR_PART)
-  others = {name: jnp.zeros_like(value) for name, value in params.items()
-            if name != "kernel"}
+  others = {name: jnp.zeros_like(value) for name, value in params.items() if name != "kernel"}
 
   def apply(kernel, v):
     return unbound.apply({"params": {**others, "kernel": kernel}}, v[None])[0]
+
   return apply
 
 
@@ -66,9 +70,11 @@ def _rescale_factor(sigma, target, rescale):
 
 
 def check_kernel_layer(layer):
-  checks.require(isinstance(layer, KERNEL_LAYERS),
-                 "SpectralNorm wraps a layer with a kernel (nn.Dense, nn.Conv "
-                 f"or nn.ConvTranspose), got {type(layer).__name__}")
+  checks.require(
+    isinstance(layer, KERNEL_LAYERS),
+    "SpectralNorm wraps a layer with a kernel (nn.Dense, nn.Conv "
+    f"or nn.ConvTranspose), got {type(layer).__name__}",
+  )
 
 
 class SpectralNorm(nn.Module):
@@ -141,6 +147,7 @@ class SpectralNorm(nn.Module):
     target: the norm the layer is scaled to (clip: at most), > 0.
     rescale: "clip" or "normalize".
   """
+
   layer: nn.Module
   mode: str = "operator"
   n_steps: int = 1
@@ -167,23 +174,28 @@ class SpectralNorm(nn.Module):
     Returns:
       The layer's output with kernel K / c (see the class docstring).
     """
-    checks.require(isinstance(update_stats, bool),
-                   f"update_stats must be True or False, got {update_stats!r}")
+    checks.require(
+      isinstance(update_stats, bool), f"update_stats must be True or False, got {update_stats!r}"
+    )
     if self.is_initializing():
       # Creates the raw parameters; the mapped call below only reads them
       # (map_variables with init=True would store the rescaled kernel).
       self.layer(x)
-    normalize = functools.partial(self._normalize, input_shape=jnp.shape(x),
-                                  update_stats=update_stats)
-    return nn.map_variables(lambda layer: layer(x), "params",
-                            trans_in_fn=normalize, mutable=False)(self.layer)
+    normalize = functools.partial(
+      self._normalize, input_shape=jnp.shape(x), update_stats=update_stats
+    )
+    return nn.map_variables(lambda layer: layer(x), "params", trans_in_fn=normalize, mutable=False)(
+      self.layer
+    )
 
   def _normalize(self, variables, *, input_shape, update_stats):
     """Returns the layer's variables with the kernel divided by c."""
     params = dict(variables["params"])
-    checks.require("kernel" in params,
-                   f"SpectralNorm needs a layer with a 'kernel' parameter; "
-                   f"{type(self.layer).__name__} has {sorted(params)}")
+    checks.require(
+      "kernel" in params,
+      f"SpectralNorm needs a layer with a 'kernel' parameter; "
+      f"{type(self.layer).__name__} has {sorted(params)}",
+    )
     kernel = params["kernel"]
     if self.mode == "matrix":
       linear = matrix_part
@@ -193,9 +205,10 @@ class SpectralNorm(nn.Module):
       shape = example_shape(input_shape, kernel.ndim)
     v = self._stored_vector(shape)
     if update_stats:
-      checks.require(self.is_mutable_collection(COLLECTION),
-                     "update_stats=True updates the power iteration: call apply "
-                     f"with mutable=[{COLLECTION!r}]")
+      checks.require(
+        self.is_mutable_collection(COLLECTION),
+        f"update_stats=True updates the power iteration: call apply with mutable=[{COLLECTION!r}]",
+      )
       frozen = functools.partial(linear, jax.lax.stop_gradient(kernel))
       for _ in range(self.n_steps):
         v = iteration.power_step(frozen, v)
@@ -211,16 +224,19 @@ class SpectralNorm(nn.Module):
   def _stored_vector(self, shape):
     """The stored power-iteration vector (drawn at initialisation)."""
     if not self.has_variable(COLLECTION, "v"):
-      checks.require(self.is_mutable_collection(COLLECTION),
-                     f"the variables have no {COLLECTION!r} collection for "
-                     f"{self.name}: pass the one returned by init")
-      self.put_variable(COLLECTION, "v",
-                        iteration.random_unit(self.make_rng("params"), shape))
+      checks.require(
+        self.is_mutable_collection(COLLECTION),
+        f"the variables have no {COLLECTION!r} collection for "
+        f"{self.name}: pass the one returned by init",
+      )
+      self.put_variable(COLLECTION, "v", iteration.random_unit(self.make_rng("params"), shape))
       self.put_variable(COLLECTION, "sigma", jnp.zeros((), jnp.float32))
     v = self.get_variable(COLLECTION, "v")
-    checks.require(tuple(v.shape) == tuple(shape),
-                   f"SpectralNorm {self.name} was initialised for a "
-                   f"power-iteration vector of shape {tuple(v.shape)} but its "
-                   f"input now needs shape {tuple(shape)} (operator mode "
-                   "depends on the input's shape)")
+    checks.require(
+      tuple(v.shape) == tuple(shape),
+      f"SpectralNorm {self.name} was initialised for a "
+      f"power-iteration vector of shape {tuple(v.shape)} but its "
+      f"input now needs shape {tuple(shape)} (operator mode "
+      "depends on the input's shape)",
+    )
     return v

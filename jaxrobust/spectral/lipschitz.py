@@ -1,5 +1,6 @@
 """A certified upper bound on a feed-forward network's Lipschitz constant, and
 the L2 robustness certificates it gives (Tsuzuku, Sato & Sugiyama 2018)."""
+
 import functools
 import math
 import numbers
@@ -14,12 +15,18 @@ from jax.extend import core as jex_core
 from jaxrobust import checks
 from jaxrobust.spectral import iteration
 from jaxrobust.spectral.conv import check_shape
-from jaxrobust.spectral.layer import (KERNEL_LAYERS, LINEAR_PART, SpectralNorm,
-                                      example_shape, linear_part)
+from jaxrobust.spectral.layer import (
+  KERNEL_LAYERS,
+  LINEAR_PART,
+  SpectralNorm,
+  example_shape,
+  linear_part,
+)
 
 # Relative slack added to every certified norm for float32 rounding in the
 # layer's own arithmetic (far below the margin of the iterative norms).
 _ROUNDING_SLACK = 1e-5
+
 
 class LayerFactor(NamedTuple):
   """One factor of the product in `lipschitz_bound`.
@@ -34,6 +41,7 @@ class LayerFactor(NamedTuple):
     method: how it was obtained: "svd" (exact, from the explicit matrix),
       "lanczos" (iteration times `lanczos_margin`), or "formula".
   """
+
   name: str
   kind: str
   input_shape: tuple
@@ -55,21 +63,22 @@ def _own_variables(module):
   """Names of the variables a module holds itself (not in its submodules)."""
   own = []
   for collection, tree in module.variables.items():
-    own += [f"{collection}/{name}" for name, value in tree.items()
-            if not hasattr(value, "items")]
+    own += [f"{collection}/{name}" for name, value in tree.items() if not hasattr(value, "items")]
   return own
 
 
 def _classify(module):
-  """"transparent" (look inside), or the kind of factor the module contributes.
+  """ "transparent" (look inside), or the kind of factor the module contributes.
 
   Raises InputError for a module flagged `residual = True` and for a module
   that holds variables but is none of the known kinds.
   """
   name = _module_name(module)
-  checks.require(getattr(module, "residual", False) is not True,
-                 f"lipschitz_bound cannot bound {name}: it is flagged residual, "
-                 "and the product of layer norms is no bound for x + f(x)")
+  checks.require(
+    getattr(module, "residual", False) is not True,
+    f"lipschitz_bound cannot bound {name}: it is flagged residual, "
+    "and the product of layer norms is no bound for x + f(x)",
+  )
   if callable(getattr(module, "lipschitz_constant", None)):
     return "lipschitz_constant"
   if isinstance(module, KERNEL_LAYERS):
@@ -79,30 +88,33 @@ def _classify(module):
   if isinstance(module, _REPARAMETRISATIONS):
     return "transparent"
   own = _own_variables(module)
-  checks.require(not own,
-                 f"lipschitz_bound cannot bound {name}: {type(module).__name__} "
-                 f"holds variables {own} and is none of Dense, Conv, "
-                 "ConvTranspose, BatchNorm, a spectral or weight normalisation "
-                 "wrapper, or a module with a lipschitz_constant() method")
+  checks.require(
+    not own,
+    f"lipschitz_bound cannot bound {name}: {type(module).__name__} "
+    f"holds variables {own} and is none of Dense, Conv, "
+    "ConvTranspose, BatchNorm, a spectral or weight normalisation "
+    "wrapper, or a module with a lipschitz_constant() method",
+  )
   return "transparent"
 
 
 def _concrete_float(name, value):
-  checks.require(checks.is_concrete(value),
-                 f"{name} is abstract: pass an apply_fn that is not jitted")
+  checks.require(
+    checks.is_concrete(value), f"{name} is abstract: pass an apply_fn that is not jitted"
+  )
   return float(np.asarray(value))
 
 
 def _batch_norm_constant(module, args, kwargs):
   """max |scale / sqrt(var + eps)| of a BatchNorm in inference mode."""
   name = _module_name(module)
-  call_value = kwargs.get("use_running_average",
-                          args[1] if len(args) > 1 else None)
-  running = nn.merge_param("use_running_average", module.use_running_average,
-                           call_value)
-  checks.require(running is True,
-                 f"BatchNorm {name} runs in training mode (batch statistics): "
-                 "pass an apply_fn in inference mode")
+  call_value = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+  running = nn.merge_param("use_running_average", module.use_running_average, call_value)
+  checks.require(
+    running is True,
+    f"BatchNorm {name} runs in training mode (batch statistics): "
+    "pass an apply_fn in inference mode",
+  )
   stats = module.variables["batch_stats"]
   gain = jax.lax.rsqrt(jnp.asarray(stats["var"], jnp.float32) + module.epsilon)
   if module.use_scale:
@@ -124,8 +136,11 @@ def _find_factors(apply_fn, variables, input_shape):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     path = tuple(module.path)
-    if (context.method_name != "__call__" or module.name == LINEAR_PART
-        or any(path[:len(p)] == p for p, _ in found)):
+    if (
+      context.method_name != "__call__"
+      or module.name == LINEAR_PART
+      or any(path[: len(p)] == p for p, _ in found)
+    ):
       return next_fun(*args, **kwargs)
     kind = _classify(module)
     if kind == "transparent":
@@ -139,9 +154,12 @@ def _find_factors(apply_fn, variables, input_shape):
   dummy = jnp.full((1, *input_shape), 0.5, jnp.float32)
   with nn.intercept_methods(interceptor):
     apply_fn(variables, dummy)
-  checks.require(found, "lipschitz_bound found no Dense, Conv, BatchNorm or "
-                 "lipschitz_constant() module: apply_fn must call a Linen "
-                 "model's apply (not a jitted function)")
+  checks.require(
+    found,
+    "lipschitz_bound found no Dense, Conv, BatchNorm or "
+    "lipschitz_constant() module: apply_fn must call a Linen "
+    "model's apply (not a jitted function)",
+  )
   return [factor for _, factor in found]
 
 
@@ -151,19 +169,20 @@ def _factor(module, kind, args, kwargs):
   example = tuple(jnp.shape(args[0]))[1:]
   if kind == "linear":
     params = dict(module.variables["params"])
-    checks.require(checks.is_concrete(params["kernel"]),
-                   f"the kernel of {name} is abstract: pass an apply_fn "
-                   "that is not jitted")
+    checks.require(
+      checks.is_concrete(params["kernel"]),
+      f"the kernel of {name} is abstract: pass an apply_fn that is not jitted",
+    )
     example = example_shape(jnp.shape(args[0]), params["kernel"].ndim)
     payload = (module.clone(parent=None), params)
   elif kind == "batch_norm":
     payload = _batch_norm_constant(module, args, kwargs)
   else:
-    payload = _concrete_float(f"{name}.lipschitz_constant()",
-                              module.lipschitz_constant())
-    checks.require(payload >= 0 and math.isfinite(payload),
-                   f"{name}.lipschitz_constant() must be finite and >= 0, "
-                   f"got {payload!r}")
+    payload = _concrete_float(f"{name}.lipschitz_constant()", module.lipschitz_constant())
+    checks.require(
+      payload >= 0 and math.isfinite(payload),
+      f"{name}.lipschitz_constant() must be finite and >= 0, got {payload!r}",
+    )
   return name, kind, example, payload
 
 
@@ -194,24 +213,30 @@ def _window_factors(jaxpr, dependent):
     name = eqn.primitive.name
     if not name.startswith("reduce_window"):
       continue
-    checks.require(name in ("reduce_window_max", "reduce_window_min",
-                            "reduce_window_sum"),
-                   f"lipschitz_bound cannot bound the window reduction {name}")
+    checks.require(
+      name in ("reduce_window_max", "reduce_window_min", "reduce_window_sum"),
+      f"lipschitz_bound cannot bound the window reduction {name}",
+    )
     params = eqn.params
-    checks.require(all(d == 1 for d in params["base_dilation"]),
-                   f"lipschitz_bound cannot bound a {name} with base dilation "
-                   f"{params['base_dilation']}")
+    checks.require(
+      all(d == 1 for d in params["base_dilation"]),
+      f"lipschitz_bound cannot bound a {name} with base dilation {params['base_dilation']}",
+    )
     windows = params["window_dimensions"]
     covering = math.prod(
-        min(w, -(-((w - 1) * d + 1) // s)) for w, s, d in zip(
-            windows, params["window_strides"], params["window_dilation"]))
+      min(w, -(-((w - 1) * d + 1) // s))
+      for w, s, d in zip(windows, params["window_strides"], params["window_dilation"])
+    )
     factor = math.sqrt(covering)
     if name == "reduce_window_sum":
       factor *= math.sqrt(math.prod(windows))
       consumers = uses.get(eqn.outvars[0], [])
-      if (len(consumers) == 1 and consumers[0].primitive.name == "div"
-          and consumers[0].invars[0] is eqn.outvars[0]
-          and isinstance(consumers[0].invars[1], jex_core.Literal)):
+      if (
+        len(consumers) == 1
+        and consumers[0].primitive.name == "div"
+        and consumers[0].invars[0] is eqn.outvars[0]
+        and isinstance(consumers[0].invars[1], jex_core.Literal)
+      ):
         factor /= abs(float(consumers[0].invars[1].val))
     if factor != 1.0:
       yield name, tuple(eqn.invars[0].aval.shape)[1:], factor
@@ -221,22 +246,26 @@ def _pool_factors(apply_fn, variables, input_shape):
   """The factors of the pools in the network (see `_window_factors`)."""
   dummy = jnp.full((1, *input_shape), 0.5, jnp.float32)
   jaxpr = jax.make_jaxpr(lambda x: apply_fn(variables, x))(dummy).jaxpr
-  return [LayerFactor(name, "pool", shape, factor, "formula")
-          for name, shape, factor in _window_factors(jaxpr, set(jaxpr.invars))]
+  return [
+    LayerFactor(name, "pool", shape, factor, "formula")
+    for name, shape, factor in _window_factors(jaxpr, set(jaxpr.invars))
+  ]
 
 
-def _linear_norm(clone, params, example_shape, *, n_iter, failure_probability,
-                 exact_max_entries, key):
+def _linear_norm(
+  clone, params, example_shape, *, n_iter, failure_probability, exact_max_entries, key
+):
   """(upper bound on the layer's operator norm, method)."""
   linear = linear_part(clone, params)
   kernel = params["kernel"]
   dim = math.prod(example_shape)
-  out_dim = math.prod(jax.eval_shape(
-      functools.partial(linear, kernel),
-      jax.ShapeDtypeStruct(example_shape, jnp.float32)).shape)
+  out_dim = math.prod(
+    jax.eval_shape(
+      functools.partial(linear, kernel), jax.ShapeDtypeStruct(example_shape, jnp.float32)
+    ).shape
+  )
   if dim * out_dim <= exact_max_entries:
-    matrix = jax.jit(jax.jacfwd(linear, argnums=1))(
-        kernel, jnp.zeros(example_shape, jnp.float32))
+    matrix = jax.jit(jax.jacfwd(linear, argnums=1))(kernel, jnp.zeros(example_shape, jnp.float32))
     matrix = np.asarray(matrix, np.float64).reshape(out_dim, dim)
     gram = matrix.T @ matrix if dim <= out_dim else matrix @ matrix.T
     top = max(float(np.linalg.eigvalsh(gram)[-1]), 0.0)
@@ -246,9 +275,16 @@ def _linear_norm(clone, params, example_shape, *, n_iter, failure_probability,
   return estimate * margin * (1 + _ROUNDING_SLACK), "lanczos"
 
 
-def lipschitz_factors(apply_fn, variables, input_shape, *, n_iter=100,
-                      failure_probability=1e-6, exact_max_entries=2**22,
-                      key=None):
+def lipschitz_factors(
+  apply_fn,
+  variables,
+  input_shape,
+  *,
+  n_iter=100,
+  failure_probability=1e-6,
+  exact_max_entries=2**22,
+  key=None,
+):
   """The factors whose product is `lipschitz_bound` (see there), in call order.
 
   Returns:
@@ -256,12 +292,11 @@ def lipschitz_factors(apply_fn, variables, input_shape, *, n_iter=100,
   """
   input_shape = check_shape("input_shape", input_shape)
   n_iter = checks.integer_at_least("n_iter", n_iter, 2)
-  checks.in_interval("failure_probability", failure_probability, 0, 1,
-                     closed=(False, False))
-  checks.require(isinstance(exact_max_entries, numbers.Integral)
-                 and exact_max_entries >= 0,
-                 f"exact_max_entries must be an integer >= 0, got "
-                 f"{exact_max_entries!r}")
+  checks.in_interval("failure_probability", failure_probability, 0, 1, closed=(False, False))
+  checks.require(
+    isinstance(exact_max_entries, numbers.Integral) and exact_max_entries >= 0,
+    f"exact_max_entries must be an integer >= 0, got {exact_max_entries!r}",
+  )
   key = jax.random.key(0) if key is None else key
   found = _find_factors(apply_fn, variables, input_shape)
   n_linear = sum(kind == "linear" for _, kind, _, _ in found)
@@ -269,35 +304,47 @@ def lipschitz_factors(apply_fn, variables, input_shape, *, n_iter=100,
   for index, (name, kind, example, payload) in enumerate(found):
     if kind == "linear":
       value, method = _linear_norm(
-          *payload, example, n_iter=n_iter,
-          failure_probability=failure_probability / n_linear,
-          exact_max_entries=exact_max_entries,
-          key=jax.random.fold_in(key, index))
+        *payload,
+        example,
+        n_iter=n_iter,
+        failure_probability=failure_probability / n_linear,
+        exact_max_entries=exact_max_entries,
+        key=jax.random.fold_in(key, index),
+      )
     else:
       value, method = payload * (1 + _ROUNDING_SLACK), "formula"
     factors.append(LayerFactor(name, kind, example, value, method))
   return factors + _pool_factors(apply_fn, variables, input_shape)
 
 
-def _jacobian_norms(apply_fn, variables, input_shape, n_probes, key,
-                    n_iter=30):
+def _jacobian_norms(apply_fn, variables, input_shape, n_probes, key, n_iter=30):
   """||J(x)|| at `n_probes` inputs x uniform in [0, 1]^input_shape.
 
   By power iteration, so each is a lower bound on the Lipschitz constant.
   """
+
   def jacobian_norm(key):
     probe_key, start_key = jax.random.split(key)
     x = jax.random.uniform(probe_key, input_shape)
     _, jvp = jax.linearize(lambda z: apply_fn(variables, z[None])[0], x)
     v = iteration.power_iterate(jvp, iteration.random_unit(start_key, input_shape), n_iter)
     return iteration.sigma(jvp, v)
+
   norms = jax.jit(jax.vmap(jacobian_norm))(jax.random.split(key, n_probes))
   return [float(n) for n in norms]
 
 
-def lipschitz_bound(apply_fn, variables, input_shape, *, n_iter=100,
-                    failure_probability=1e-6, exact_max_entries=2**22,
-                    n_probes=4, key=None):
+def lipschitz_bound(
+  apply_fn,
+  variables,
+  input_shape,
+  *,
+  n_iter=100,
+  failure_probability=1e-6,
+  exact_max_entries=2**22,
+  n_probes=4,
+  key=None,
+):
   """An upper bound on the L2 Lipschitz constant of a feed-forward network.
 
   For f = g_k o ... o g_1, Lip(f) <= prod Lip(g_i). The network is run once on
@@ -358,20 +405,26 @@ def lipschitz_bound(apply_fn, variables, input_shape, *, n_iter=100,
   n_probes = checks.integer_at_least("n_probes", n_probes, 0)
   key = jax.random.key(0) if key is None else key
   factors = lipschitz_factors(
-      apply_fn, variables, input_shape, n_iter=n_iter,
-      failure_probability=failure_probability,
-      exact_max_entries=exact_max_entries, key=key)
+    apply_fn,
+    variables,
+    input_shape,
+    n_iter=n_iter,
+    failure_probability=failure_probability,
+    exact_max_entries=exact_max_entries,
+    key=key,
+  )
   bound = math.prod(f.value for f in factors)
   if n_probes == 0:
     return bound
   probe_key = jax.random.fold_in(key, 2**31 - 1)
-  for local in _jacobian_norms(apply_fn, variables, tuple(input_shape),
-                               n_probes, probe_key):
-    checks.require(local <= bound * (1 + 1e-4),
-                   f"lipschitz_bound: the network's Jacobian norm {local:.6g} "
-                   f"at a random input exceeds the product {bound:.6g} of its "
-                   "layers' norms, so it is not a plain chain of the layers "
-                   "found (residual connections or glue code outside modules?)")
+  for local in _jacobian_norms(apply_fn, variables, tuple(input_shape), n_probes, probe_key):
+    checks.require(
+      local <= bound * (1 + 1e-4),
+      f"lipschitz_bound: the network's Jacobian norm {local:.6g} "
+      f"at a random input exceeds the product {bound:.6g} of its "
+      "layers' norms, so it is not a plain chain of the layers "
+      "found (residual connections or glue code outside modules?)",
+    )
   return bound
 
 
@@ -394,9 +447,11 @@ def certified_radius(logits, lipschitz, labels=None):
   Returns:
     float array [batch] of radii >= 0.
   """
-  checks.require(np.ndim(logits) == 2 and np.shape(logits)[1] >= 2,
-                 "logits must have shape [batch, classes] with classes >= 2, "
-                 f"got shape {tuple(np.shape(logits))}")
+  checks.require(
+    np.ndim(logits) == 2 and np.shape(logits)[1] >= 2,
+    "logits must have shape [batch, classes] with classes >= 2, "
+    f"got shape {tuple(np.shape(logits))}",
+  )
   if checks.is_concrete(lipschitz):
     checks.positive("lipschitz", float(np.asarray(lipschitz)))
   top2 = jax.lax.top_k(logits, 2)[0]
