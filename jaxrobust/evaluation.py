@@ -236,23 +236,8 @@ def predictions(apply_fn, variables, x, *, batch_size=500, mesh=None):
   return np.concatenate(out)
 
 
-def evaluate(
-  apply_fn,
-  variables,
-  x,
-  y,
-  attacks,
-  *,
-  key,
-  batch_size=500,
-  mesh=None,
-  source=None,
-  stochastic_apply_fn=None,
-  individual=False,
-  state_path=None,
-  log=None,
-):
-  """Runs the attacks (see `run`) and returns the report.
+def evaluate(apply_fn, variables, x, y, attacks, *, individual=False, **options):
+  """Runs the attacks (`run`, which takes the same arguments) and returns the report.
 
   `{"n_examples", "clean_accuracy", "mode": "cascade" | "individual",
   "results": [{"attack", "name", "norm", "eps", "accuracy", "attacked",
@@ -268,21 +253,7 @@ def evaluate(
   """
   began = time.perf_counter()
   attack_fns = build_attacks(attacks)
-  clean, outcomes = run(
-    apply_fn,
-    variables,
-    x,
-    y,
-    attack_fns,
-    key=key,
-    batch_size=batch_size,
-    mesh=mesh,
-    source=source,
-    stochastic_apply_fn=stochastic_apply_fn,
-    individual=individual,
-    state_path=state_path,
-    log=log,
-  )
+  clean, outcomes = run(apply_fn, variables, x, y, attack_fns, individual=individual, **options)
   rep = report(clean, outcomes, attack_fns, individual=individual)
   rep["seconds"] = time.perf_counter() - began
   return rep

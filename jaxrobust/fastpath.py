@@ -213,7 +213,8 @@ def window_sum(x, window, padding):
   return jnp.sum(windows, axis=axes)
 
 
-def _reduce_window_max(eqn, x):
+def _pooling_window(eqn):
+  """(window, padding) of a non-overlapping reduce-window `eqn`, else None."""
   p = eqn.params
   if not non_overlapping(
     p["window_dimensions"],
@@ -223,20 +224,17 @@ def _reduce_window_max(eqn, x):
     p["window_dilation"],
   ):
     return None
-  return [window_max(x, tuple(p["window_dimensions"]), tuple(map(tuple, p["padding"])))]
+  return tuple(p["window_dimensions"]), tuple(map(tuple, p["padding"]))
+
+
+def _reduce_window_max(eqn, x):
+  window = _pooling_window(eqn)
+  return None if window is None else [window_max(x, *window)]
 
 
 def _reduce_window_sum(eqn, x):
-  p = eqn.params
-  if not non_overlapping(
-    p["window_dimensions"],
-    p["window_strides"],
-    p["padding"],
-    p["base_dilation"],
-    p["window_dilation"],
-  ):
-    return None
-  return [window_sum(x, tuple(p["window_dimensions"]), tuple(map(tuple, p["padding"])))]
+  window = _pooling_window(eqn)
+  return None if window is None else [window_sum(x, *window)]
 
 
 def _upsample(eqn, pad_eqn, pad_inputs):
