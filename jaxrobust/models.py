@@ -241,6 +241,19 @@ def _batch_norm(train, axis_name):
   )
 
 
+def resnet18_blocks(width):
+  """The 8 residual blocks of a CIFAR ResNet-18, as (stage, in channels, out
+  channels, stride): four stages of two blocks with `width` times 1, 2, 4, 8
+  channels, stride 2 at the start of stages 2-4."""
+  blocks, cin = [], width
+  for stage in range(4):
+    cout = width * 2**stage
+    for block in range(2):
+      blocks.append((stage, cin, cout, 2 if stage > 0 and block == 0 else 1))
+      cin = cout
+  return blocks
+
+
 class PreActResNet18(nn.Module):
   """PreAct ResNet-18 (He et al. 2016), the usual CIFAR form (3x3 stem, no stem pooling).
 
@@ -262,12 +275,8 @@ class PreActResNet18(nn.Module):
     norm = _batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
     x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
-    for stage in range(4):
-      features = self.width * 2**stage
-      for block in range(2):
-        x = PreActBlock(features, 2 if stage > 0 and block == 0 else 1, norm, padding=self.padding)(
-          x
-        )
+    for _, _, features, strides in resnet18_blocks(self.width):
+      x = PreActBlock(features, strides, norm, padding=self.padding)(x)
     x = nn.relu(norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
@@ -293,12 +302,8 @@ class ResNet18(nn.Module):
     x = Normalize(self.mean, self.std)(x)
     x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
     x = nn.relu(norm()(x))
-    for stage in range(4):
-      features = self.width * 2**stage
-      for block in range(2):
-        x = BasicBlock(features, 2 if stage > 0 and block == 0 else 1, norm, padding=self.padding)(
-          x
-        )
+    for _, _, features, strides in resnet18_blocks(self.width):
+      x = BasicBlock(features, strides, norm, padding=self.padding)(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 

@@ -221,6 +221,17 @@ class DMWideResNet(Twin):
     return self.logits(torch.mean(self.act(self.batchnorm(x)), dim=(2, 3)))
 
 
+def _resnet18_layers(module, block, width, **settings):
+  """Sets `module.layer1` to `layer4` (RobustBench's names) to the blocks of
+  `models.resnet18_blocks`."""
+  blocks = models.resnet18_blocks(width)
+  for s in range(4):
+    layer = [
+      block(cin, cout, stride, **settings) for stage, cin, cout, stride in blocks if stage == s
+    ]
+    setattr(module, f"layer{s + 1}", nn.Sequential(*layer))
+
+
 class PreActResNet18(Twin):
   """`models.PreActResNet18`, in the layout of RobustBench's `PreActResNet`
   (`PreActBlockV2`, `bn_before_fc=True`)."""
@@ -228,24 +239,7 @@ class PreActResNet18(Twin):
   def __init__(self, num_classes, mean, std, *, padding="same", width=64):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
-    chans = [width, width, 2 * width, 4 * width, 8 * width]
-    for s in range(4):
-      setattr(
-        self,
-        f"layer{s + 1}",
-        nn.Sequential(
-          *[
-            PreActBlock(
-              chans[s] if b == 0 else chans[s + 1],
-              chans[s + 1],
-              2 if s > 0 and b == 0 else 1,
-              names=RB_PREACT_BLOCK,
-              padding=padding,
-            )
-            for b in range(2)
-          ]
-        ),
-      )
+    _resnet18_layers(self, PreActBlock, width, names=RB_PREACT_BLOCK, padding=padding)
     self.bn = batch_norm(8 * width)
     self.linear = nn.Linear(8 * width, num_classes)
 
@@ -280,23 +274,7 @@ class ResNet18(Twin):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
     self.bn1 = batch_norm(width)
-    chans = [width, width, 2 * width, 4 * width, 8 * width]
-    for s in range(4):
-      setattr(
-        self,
-        f"layer{s + 1}",
-        nn.Sequential(
-          *[
-            BasicBlock(
-              chans[s] if b == 0 else chans[s + 1],
-              chans[s + 1],
-              2 if s > 0 and b == 0 else 1,
-              padding=padding,
-            )
-            for b in range(2)
-          ]
-        ),
-      )
+    _resnet18_layers(self, BasicBlock, width, padding=padding)
     self.linear = nn.Linear(8 * width, num_classes)
 
   def forward(self, x):
