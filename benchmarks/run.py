@@ -1302,6 +1302,8 @@ def main(argv=None):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
+  import jaxrobust.experiment  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.experiment)
+  import jaxrobust.training  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.training)
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
 
   cores = len(os.sched_getaffinity(0))

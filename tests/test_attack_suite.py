@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import jaxrobust as jr
-from jaxrobust import checks, fastpath
+from jaxrobust import checks
 from jaxrobust.attacks import combinators, core, momentum
 from jaxrobust.attacks.apgd import checkpoints
 
@@ -211,7 +211,7 @@ def test_unrolled_and_fori_loop_forms_agree(name, settings):
   np.testing.assert_allclose(looped, unrolled, atol=1e-6)
 
 
-def test_canonical_convolutions(monkeypatch):
+def test_canonical_convolutions():
   # XLA:CPU runs a convolution fast only in canonical form (kernel [..., in,
   # out]: "01io"), and only canonicalises convolutions outside loops itself.
   # The input gradient's convolution is not canonical ("01oi").
@@ -233,9 +233,7 @@ def test_canonical_convolutions(monkeypatch):
     )
 
   # The attacks' loop bodies hold only canonical convolutions (every attack
-  # of the suite takes its gradients through the same helper). Small-channel
-  # convolutions become matrix products (`fastpath.SMALL_CHANNELS`): off here.
-  monkeypatch.setattr(fastpath, "SMALL_CHANNELS", None)
+  # of the suite takes its gradients through the same helper).
   kernel = normal(1, (3, 3, 1, 2))
   logits_fn = lambda x: jax.lax.conv_general_dilated(
     x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
