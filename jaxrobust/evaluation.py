@@ -139,10 +139,10 @@ def run(
     attacks: `{label: Attack or spec}`, in order.
     key: PRNG key of the attacks.
     batch_size: examples per compiled batch (rounded to the device count).
-      A stage's last batch is padded to the smallest of batch_size / 2^k
-      that holds it (at least `MIN_PER_DEVICE` examples a device), so a
-      stage left with few examples costs little; each of these few shapes
-      compiles once.
+      What is left of a stage after its full batches runs in batches of
+      batch_size / 2^k (at least `MIN_PER_DEVICE` examples a device), little
+      padding wasted (`_parts`), so a stage left with few examples costs
+      little; each of these few shapes compiles once.
     mesh: devices to split batches over (default: all).
     source: optional `(apply_fn, variables)` of the model the attacks run on.
     stochastic_apply_fn: `(variables, x, key) -> logits`, one random draw of
@@ -194,10 +194,11 @@ def run(
       )
       eps = None if stage.eps is None else jnp.float32(stage.eps)
       began = time.perf_counter()
-      for part in range(0, len(todo), batch):
-        chosen = todo[part : part + batch]
-        # The tail repeats examples, then is dropped.
-        padded = np.resize(chosen, _bucket(len(chosen), batch, devices))
+      begin = 0
+      for count, size in _parts(len(todo), batch, devices):
+        chosen, begin = todo[begin : begin + count], begin + count
+        # A part smaller than its batch repeats examples, then drops them.
+        padded = np.resize(chosen, size)
         arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
         correct, l2, size = jax.device_get(
           program(variables, source_variables, *arrays, attack_key, jnp.int32(j), eps)
@@ -338,16 +339,27 @@ def robustbench_report(rep, row):
 # Compiled programs, cached.
 
 
-def _bucket(n, batch, devices):
-  """The compiled batch size for `n` examples: `batch`, halved (rounded up to a
-  multiple of `devices`) while the half still holds `n` and has at least
-  `MIN_PER_DEVICE` examples a device."""
-  size = batch
+def _parts(n, batch, devices):
+  """How `n` examples of a stage are run: `[(count, size)]`, each part
+  `count` examples padded to a compiled batch of `size`. The sizes are the
+  ladder `batch`, `batch` / 2, ... (each rounded up to a multiple of
+  `devices`, down to `MIN_PER_DEVICE` examples a device); a part takes the
+  smallest size that holds what is left unless that wastes more than the
+  smallest size, else the largest size that the rest fills (156 examples
+  with sizes 256, 128, ..., 16: 128 + 28 in 32, not 156 in 256)."""
+  ladder = [batch]
   while True:
-    half = devices * math.ceil(size / 2 / devices)
-    if half < n or half < MIN_PER_DEVICE * devices or half >= size:
-      return size
-    size = half
+    half = devices * math.ceil(ladder[-1] / 2 / devices)
+    if half < MIN_PER_DEVICE * devices or half >= ladder[-1]:
+      break
+    ladder.append(half)
+  parts = []
+  while n > 0:
+    holds = min((s for s in ladder if s >= min(n, batch)), default=batch)
+    size = holds if holds - n <= ladder[-1] else max(s for s in ladder if s <= n)
+    parts.append((min(n, size), size))
+    n -= min(n, size)
+  return parts
 
 
 def _ball_limit(attack):

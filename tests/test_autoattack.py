@@ -546,3 +546,21 @@ def test_model_checks_flag_probabilities():
 def test_bad_settings(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()
+
+
+def test_loop_until_gives_the_full_loop_result_and_stops_when_every_example_is_done():
+  from jaxrobust.attacks import core
+
+  calls = []
+
+  def body(i, carry):  # adds i until the total reaches 10; a done carry stays
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.where(carry >= 10, carry, carry + i)
+
+  start = jnp.array([0, 7, 3, 12])
+  full = jax.vmap(lambda c: core.loop(0, 50, body, c, like=c))(start)
+  calls.clear()
+  early = jax.jit(jax.vmap(lambda c: core.loop_until(lambda s: s >= 10, 0, 50, body, c, like=c)))
+  np.testing.assert_array_equal(early(start), full)
+  np.testing.assert_array_equal(full, [10, 10, 13, 12])
+  assert len(calls) == 5  # 0 + 1 + 2 + 3 + 4 = 10: the slowest example is done after 5 steps

@@ -370,16 +370,20 @@ def test_lipschitz_sanity_flags_an_attack_beating_the_certificate():
 @pytest.mark.parametrize(
   "n, batch, devices, expected",
   [
-    (500, 500, 2, 500),
-    (251, 500, 2, 500),
-    (250, 500, 2, 250),
-    (3, 500, 2, 16),
-    (17, 500, 2, 32),
-    (9, 40, 1, 10),
-    (1, 16, 2, 16),
-    (300, 501, 3, 501),
+    (500, 500, 2, [(500, 500)]),
+    (1000, 500, 2, [(500, 500), (500, 500)]),
+    (251, 500, 2, [(250, 250), (1, 16)]),
+    (250, 500, 2, [(250, 250)]),
+    (3, 500, 2, [(3, 16)]),
+    (17, 500, 2, [(17, 32)]),
+    (156, 256, 2, [(128, 128), (28, 32)]),
+    (9, 40, 1, [(9, 10)]),
+    (1, 16, 2, [(1, 16)]),
+    (300, 501, 3, [(252, 252), (48, 63)]),
   ],
 )
-def test_the_last_batch_shrinks_to_a_bucket_that_holds_it(n, batch, devices, expected):
-  size = evaluation._bucket(n, batch, devices)
-  assert size == expected and size >= n and size % devices == 0
+def test_a_stage_runs_in_batches_that_waste_little_padding(n, batch, devices, expected):
+  parts = evaluation._parts(n, batch, devices)
+  assert parts == expected
+  assert sum(c for c, _ in parts) == n
+  assert all(c <= s and s % devices == 0 for c, s in parts)

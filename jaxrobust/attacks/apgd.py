@@ -147,8 +147,10 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1, rho=0.75) 
   keeps the first success in target order (later targets cannot undo it);
   where no target succeeds, it returns the point of each target's run whose
   margin max_{i != y} z_i - z_y is highest. The targets are a
-  `lax.fori_loop`: compiling costs one target's run whatever their number;
-  running costs `num_targets` x `restarts` x (`steps` + 1) gradients.
+  `lax.while_loop`: compiling costs one target's run whatever their number;
+  running costs up to `num_targets` x `restarts` x (`steps` + 1) gradients,
+  fewer when every example of a batch succeeds before the last target (the
+  loop stops there, `core.loop_until`; the result is the same).
 
   Args:
     norm: "linf" or "l2".
@@ -190,7 +192,8 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1, rho=0.75) 
       return jax.tree.map(lambda f, c: jnp.where(keep, f, c), found, candidate)
 
     start = (jnp.zeros_like(x), jnp.asarray(-jnp.inf, x.dtype), jnp.array(False))
-    return x + core.loop(0, count, for_target, start, like=x)[0]
+    # After a success no later target changes the result: stop there.
+    return x + core.loop_until(lambda f: f[2], 0, count, for_target, start, like=x)[0]
 
   def attack(logits_fn, x, y, key, eps):
     _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")

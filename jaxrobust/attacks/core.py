@@ -151,6 +151,23 @@ def loop(lower, upper, body, init, *, like):
   return jax.lax.fori_loop(lower, upper, body, init)
 
 
+def loop_until(done, lower, upper, body, init, *, like):
+  """`loop(lower, upper, body, init, like=like)` that stops once `done(carry)`
+  is true; `body` must leave a done carry unchanged, so the result is the
+  full loop's. Under `vmap` (the attacks' per-example form) the batch's
+  loop runs until every example is done, and a finished example's carry
+  stays as it was: the cost falls when a whole batch (one device's share)
+  finishes early."""
+  flat = jnp.ravel(like)
+  data_dependent = flat[0] == flat[0]
+  init = jax.tree.map(lambda c: jnp.where(data_dependent, c, c), init)
+  start = (jnp.where(data_dependent, jnp.int32(lower), jnp.int32(lower)), init)
+  _, carry = jax.lax.while_loop(
+    lambda s: (s[0] < upper) & ~done(s[1]), lambda s: (s[0] + 1, body(s[0], s[1])), start
+  )
+  return carry
+
+
 def iterate(body, state, steps, unroll=False):
   """Applies `state = body(i, state)` for i in 0..steps-1: a `lax.fori_loop`,
   or straight-line code when `unroll` (each step compiled separately).

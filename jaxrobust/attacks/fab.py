@@ -239,11 +239,15 @@ def project_onto_hyperplane(t, w, b, norm):
 
   and g(lambda) = w . d(lambda) = sum_i a_i min(lambda, r_i) is piecewise
   linear and nondecreasing, with (a_i, r_i) = (|w_i|, cap_i) for L-inf and
-  (w_i^2, cap_i / |w_i|) for L2. Sorting the breakpoints r_i gives g at each
-  of them by prefix sums, and lambda solves g(lambda) = c on its segment.
-  When no lambda reaches c (the hyperplane misses the box), d saturates
-  every coordinate: the box's point closest to the hyperplane's side. Works
-  on one example of any shape (vmap it for a batch).
+  (w_i^2, cap_i / |w_i|) for L2. The smallest lambda with g(lambda) = c is
+  found without sorting the breakpoints (a sort of every pixel per step
+  dominated FAB's time on XLA:CPU): bisection over the float32 bit patterns
+  of [0, max r] (ordered like the numbers they encode), 32 halvings, ends
+  with two adjacent floats lo < lambda <= hi, no breakpoint between them, so
+  lambda = (c - sum_{r_i <= lo} a_i r_i) / sum_{r_i > lo} a_i, exact on its
+  segment. When no lambda reaches c (the hyperplane misses the box), d
+  saturates every coordinate: the box's point closest to the hyperplane's
+  side. Works on one example of any shape (vmap it for a batch).
   """
   shape = t.shape
   t, w = t.ravel(), w.ravel()
@@ -257,18 +261,33 @@ def project_onto_hyperplane(t, w, b, norm):
   else:  # a coordinate the hyperplane ignores (w_i = 0) adds a breakpoint, no slope
     a = jnp.square(w)
     r = jnp.where(nonzero, cap / jnp.where(nonzero, jnp.abs(w), 1.0), 0.0)
-  order = jnp.argsort(r)
-  r_sorted, a_sorted = r[order], a[order]
-  a_after = jnp.cumsum(a_sorted[::-1])[::-1]  # sum_{j>=k} a_j
-  ar_before = jnp.cumsum(a_sorted * r_sorted) - a_sorted * r_sorted  # sum_{j<k} a_j r_j
-  g = ar_before + r_sorted * a_after  # g(r_k)
-  m = jnp.sum(g < c)  # lambda lies past r_{m-1}
-  inside = m < r.size
-  k = jnp.where(inside, m, 0)
-  lam = jnp.where(inside, (c - ar_before[k]) / jnp.where(a_after[k] > 0, a_after[k], 1.0), jnp.inf)
-  lam = jnp.maximum(lam, 0.0)
+  lam = _multiplier(a.astype(jnp.float32), r.astype(jnp.float32), c.astype(jnp.float32))
+  lam = lam.astype(t.dtype)
   if norm == "linf":
     d = jnp.sign(w) * jnp.minimum(lam, cap)
   else:
     d = jnp.where(nonzero, w * jnp.minimum(lam, r), 0.0)
   return d.reshape(shape)
+
+
+def _multiplier(a, r, c):
+  """The smallest lambda >= 0 with g(lambda) = sum_i a_i min(lambda, r_i) >= c
+  (a, r >= 0, float32), inf when g(max r) < c."""
+  g = lambda lam: jnp.sum(a * jnp.minimum(lam, r))
+  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
+  top = jnp.max(r)
+
+  def halve(_, bounds):  # invariant: g(lo) < c <= g(hi)
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    below = g(as_float(mid)) < c
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  start = (jnp.int32(0), jax.lax.bitcast_convert_type(top, jnp.int32))
+  lo, hi = core.loop(0, 32, halve, start, like=r)
+  lo, hi = as_float(lo), as_float(hi)
+  past = r > lo
+  slope = jnp.sum(jnp.where(past, a, 0.0))
+  lam = (c - jnp.sum(jnp.where(past, 0.0, a * r))) / jnp.where(slope > 0, slope, 1.0)
+  lam = jnp.clip(lam, lo, hi)
+  return jnp.where(c <= 0, 0.0, jnp.where(g(top) < c, jnp.inf, lam))

@@ -45,9 +45,11 @@ def square(
   once misclassified. Squares, signs and patterns are drawn per example from
   its key, so results do not depend on the batch.
 
-  Cost: `queries` forward passes per restart, the start's included (the
-  authors' code counts its start apart: it runs one more); the search is a
-  `lax.fori_loop`.
+  Cost: at most `queries` forward passes per restart, the start's included
+  (the authors' code counts its start apart: it runs one more); the search
+  is a `lax.while_loop` that stops once every example of the batch is
+  misclassified (`core.loop_until`; as the authors' code, which queries
+  only the examples not yet fooled).
 
   Args:
     norm: "linf" or "l2".
@@ -168,7 +170,10 @@ def square(
         take = (best_margin > 0) & (candidate_margin < best_margin)
         return jnp.where(take, candidate, best), jnp.where(take, candidate_margin, best_margin)
 
-      best, best_margin = core.loop(0, queries - 1, query, (best, best_margin), like=x)
+      # A fooled example (margin <= 0) takes no candidate again: stop there.
+      best, best_margin = core.loop_until(
+        lambda s: s[1] <= 0, 0, queries - 1, query, (best, best_margin), like=x
+      )
       return best - x, -best_margin, best_margin <= 0
 
     if queries == 0:
