@@ -200,7 +200,8 @@ def image_tree(root, splits=data.SPLITS):
   """Writes tiny 3x2 RGB PNGs: {split}/{class}/{name}.png, returns expectations.
 
   The class folders are listed unsorted, and "b_cat" has 3 images per split,
-  "a_dog" 2, so that labels (0 for a_dog) and order can be checked.
+  "a_dog" 2, so that labels (0 for a_dog) and order (classes interleaved,
+  `folder.interleaved`) can be checked.
   """
   expected = {}
   for s, split in enumerate(splits):
@@ -211,9 +212,10 @@ def image_tree(root, splits=data.SPLITS):
       for i in reversed(range(count)):
         pixels = np.full((3, 2, 3), 40 * i + 100 * label + s, np.uint8)
         (folder / f"{i:02d}.png").write_bytes(png_bytes(pixels))
-    for label, count in [(0, 2), (1, 3)]:
-      xs += [np.full((3, 2, 3), 40 * i + 100 * label + s, np.uint8) for i in range(count)]
-      ys += [label] * count
+    # Classes interleaved: each class's first image, then each one's second, ...
+    for label, i in [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]:
+      xs.append(np.full((3, 2, 3), 40 * i + 100 * label + s, np.uint8))
+      ys.append(label)
     expected[split] = (np.stack(xs) / np.float32(255), np.array(ys))
   return expected
 
