@@ -195,10 +195,10 @@ def run(
       eps = None if stage.eps is None else jnp.float32(stage.eps)
       began = time.perf_counter()
       begin = 0
-      for count, size in _parts(len(todo), batch, devices):
+      for count, compiled in _parts(len(todo), batch, devices):
         chosen, begin = todo[begin : begin + count], begin + count
         # A part smaller than its batch repeats examples, then drops them.
-        padded = np.resize(chosen, size)
+        padded = np.resize(chosen, compiled)
         arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
         correct, l2, size = jax.device_get(
           program(variables, source_variables, *arrays, attack_key, jnp.int32(j), eps)

@@ -32,6 +32,16 @@ TINY_SETTINGS = {
 BAD_INPUT_SETTINGS = {"model.width": 4, "batch_size": 32, "epochs": 1, "eval.limit": 8}
 
 
+def program_env():
+  """The environment of a program a test starts: this checkout importable,
+  2 CPU devices."""
+  return {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+
+
 @pytest.fixture(scope="session")
 def linear_model():
   """`linear_model(w, b=0.0)`: a logits function of two classes, [0, w.x + b]
@@ -180,11 +190,7 @@ def cli(tmp_path_factory):
     text=True,
     stdin=subprocess.PIPE,
     stdout=subprocess.PIPE,
-    env={
-      **os.environ,
-      "PYTHONPATH": str(ROOT),
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    },
+    env=program_env(),
   )
 
   def run_script(script, *args, env=None, cwd=ROOT):

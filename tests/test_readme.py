@@ -9,14 +9,13 @@ CIFAR-10 for minutes to hours (their parts are tested: conversion to PyTorch,
 the evaluation, the configs they train).
 """
 
-import os
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_SETTINGS
+from conftest import ROOT, TINY_SETTINGS, program_env
 
 README = ROOT / "README.md"
 NOT_RUN = (
@@ -110,11 +109,7 @@ def test_every_documented_command_runs(cli, tmp_path, source):
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={
-          **os.environ,
-          "PYTHONPATH": str(ROOT),
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        },
+        env=program_env(),
       )
       background.append((command, process))
       if command.endswith("&"):

@@ -145,10 +145,7 @@ def loop(lower, upper, body, init, *, like):
   it like the data, for any mesh and JAX version, so data-parallel steps
   keep JAX's check that catches a missing `pmean`.
   """
-  flat = jnp.ravel(like)
-  data_dependent = flat[0] == flat[0]
-  init = jax.tree.map(lambda c: jnp.where(data_dependent, c, c), init)
-  return jax.lax.fori_loop(lower, upper, body, init)
+  return jax.lax.fori_loop(lower, upper, body, _varying_like(init, like))
 
 
 def loop_until(done, lower, upper, body, init, *, like):
@@ -158,14 +155,19 @@ def loop_until(done, lower, upper, body, init, *, like):
   loop runs until every example is done, and a finished example's carry
   stays as it was: the cost falls when a whole batch (one device's share)
   finishes early."""
-  flat = jnp.ravel(like)
-  data_dependent = flat[0] == flat[0]
-  init = jax.tree.map(lambda c: jnp.where(data_dependent, c, c), init)
-  start = (jnp.where(data_dependent, jnp.int32(lower), jnp.int32(lower)), init)
   _, carry = jax.lax.while_loop(
-    lambda s: (s[0] < upper) & ~done(s[1]), lambda s: (s[0] + 1, body(s[0], s[1])), start
+    lambda s: (s[0] < upper) & ~done(s[1]),
+    lambda s: (s[0] + 1, body(s[0], s[1])),
+    _varying_like((jnp.int32(lower), init), like),
   )
   return carry
+
+
+def _varying_like(carry, like):
+  """`carry` unchanged, typed as varying like `like` (see `loop`)."""
+  flat = jnp.ravel(like)
+  data_dependent = flat[0] == flat[0]
+  return jax.tree.map(lambda c: jnp.where(data_dependent, c, c), carry)
 
 
 def iterate(body, state, steps, unroll=False):
