@@ -63,6 +63,11 @@ ROWS = (
   "loop_unrolled",
   "user_model",
   "seed_network",
+  "preact_resnet18",
+  "seed_training_step",
+  "preact_training_step",
+  "autoattack",
+  "pgd_memory",
 )
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18")
 LINF_EPS, L2_EPS = 8 / 255, 0.5
@@ -133,6 +138,18 @@ def parse_args(argv=None):
     type=int,
     default=1000,
     help="images per timed run in the seed_network row (batches of 500)",
+  )
+  p.add_argument(
+    "--preact-images",
+    type=int,
+    default=128,
+    help="images per timed run in the preact_resnet18 row (batches of 64)",
+  )
+  p.add_argument(
+    "--autoattack-images",
+    type=int,
+    default=200,
+    help="the first N test images of the autoattack row",
   )
   p.add_argument(
     "--cache",
@@ -411,7 +428,8 @@ def time_alternately(jax_run, torch_run, repeats, ceiling):
   `jax_run(i)` and `torch_run(i)` run on input batch i and return their
   outputs, jax_run's blocked until ready. Run 0 is the warm-up (compilation
   for jaxrobust), excluded from the times.
-  Returns (jax seconds, torch seconds, ceiling samples, jax outputs, torch outputs).
+  Returns (jax seconds, torch seconds, ceiling samples, jax outputs, torch
+  outputs, jaxrobust's compile seconds: its warm-up run minus its median run).
   """
   run_torch = torch_run
 
@@ -420,7 +438,10 @@ def time_alternately(jax_run, torch_run, repeats, ceiling):
     torch_synchronize()
     return out
 
-  jax_outputs, torch_outputs = [jax_run(0)], [torch_run(0)]
+  start = time.perf_counter()
+  jax_outputs = [jax_run(0)]
+  warm_up = time.perf_counter() - start
+  torch_outputs = [torch_run(0)]
   jax_times, torch_times, ceilings = [], [], []
   for i in range(1, repeats + 1):
     order = [("jax", jax_run), ("torch", torch_run)]
@@ -433,7 +454,8 @@ def time_alternately(jax_run, torch_run, repeats, ceiling):
       (jax_times if side == "jax" else torch_times).append(seconds)
       (jax_outputs if side == "jax" else torch_outputs).append(out)
     ceilings.append(ceiling.sample())
-  return jax_times, torch_times, ceilings, jax_outputs, torch_outputs
+  compile_seconds = warm_up - median(jax_times)
+  return jax_times, torch_times, ceilings, jax_outputs, torch_outputs, compile_seconds
 
 
 # ----------------------------------------------------------------------------
@@ -489,19 +511,23 @@ class Bench:
       [np.asarray(self.predict(self.variables, x)) == y for x, y in zip(self.x_dev, self.y)]
     )
     self.ceiling = MatmulCeiling(jax, self.jnp, self.mesh)
-    # XLA's count of one forward and one input-gradient pass, per image.
-    x1 = jax.ShapeDtypeStruct((self.batch // self.devices, *test.x.shape[1:]), np.float32)
+    self.forward_flops, self.step_flops = self.flops_per_image(apply, variables, self.batch)
+
+  # -- helpers ---------------------------------------------------------------
+
+  def flops_per_image(self, apply, variables, batch):
+    """XLA's count of (one forward pass, one forward and input-gradient pass)
+    per image, at the per-device share of `batch`."""
+    jax, np = self.jax, self.np
+    per = batch // self.devices
+    x1 = jax.ShapeDtypeStruct((per, *self.test_set.x.shape[1:]), np.float32)
     forward = jax.jit(apply).lower(variables, x1).cost_analysis()
     grad = (
       jax.jit(lambda v, x: jax.grad(lambda x: apply(v, x).sum())(x))
       .lower(variables, x1)
       .cost_analysis()
     )
-    per = self.batch // self.devices
-    self.forward_flops = float(forward["flops"]) / per
-    self.step_flops = float(grad["flops"]) / per
-
-  # -- helpers ---------------------------------------------------------------
+    return float(forward["flops"]) / per, float(grad["flops"]) / per
 
   def example_keys(self, key, n):
     return self.jax.vmap(self.jax.random.fold_in, (None, 0))(key, self.jnp.arange(n))
@@ -564,9 +590,13 @@ class Bench:
       self.torch.manual_seed(i)
       return torch_attack(self.x_torch[i], self.y_torch[i])
 
-    jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
+      jax_run, torch_run, self.args.repeats, self.ceiling
+    )
     flops = steps * self.step_flops * self.batch
-    row = self.row(name, label, jt, tt, ceil, self.batch, "images/s", flops, flops)
+    row = self.row(
+      name, label, jt, tt, ceil, self.batch, "images/s", flops, flops, compile_seconds=compile_s
+    )
     row["agreement"] = {
       "jaxrobust": self.accuracy_of(jo),
       "pytorch": self.accuracy_of(to, nchw=True),
@@ -582,7 +612,20 @@ class Bench:
       }
     return row
 
-  def row(self, name, label, jax_times, torch_times, ceilings, work, unit, jax_flops, torch_flops):
+  def row(
+    self,
+    name,
+    label,
+    jax_times,
+    torch_times,
+    ceilings,
+    work,
+    unit,
+    jax_flops,
+    torch_flops,
+    *,
+    compile_seconds,
+  ):
     jax_rate, torch_rate = work / median(jax_times), work / median(torch_times)
     ceiling = median(ceilings)
     out = {
@@ -596,6 +639,7 @@ class Bench:
       "jaxrobust_seconds": jax_times,
       "pytorch_seconds": torch_times,
       "matmul_ceiling_flops": ceiling,
+      "compile_seconds": compile_seconds,
     }
     if jax_flops:
       out["gflop_per_run"] = jax_flops / 1e9
@@ -645,7 +689,7 @@ class Bench:
           run(0)
       return run
 
-    jt, tt, ceil, jo, to = time_alternately(
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
       timed(False, False), timed(unroll, plain), self.args.repeats, self.ceiling
     )
     flops = steps * self.step_flops * self.batch
@@ -659,6 +703,7 @@ class Bench:
       "images/s",
       flops,
       flops,
+      compile_seconds=compile_s,
     )
     row["agreement"] = {
       "jaxrobust": self.accuracy_of(jo),
@@ -750,31 +795,71 @@ class Bench:
     return row
 
   def pgd_at_step(self):
-    """One PGD-7 adversarial-training step: attack, forward, backward, update."""
+    """One PGD-7 adversarial-training step on the benchmark's model."""
+    return self._training_step_row(
+      "pgd_at_step",
+      "PGD-7 adversarial training step (SGD, momentum 0.9)",
+      self.model,
+      jax_variables=self.jax.device_get(self.variables),
+      steps=7,
+      batch=self.batch,
+    )
+
+  def seed_training_step(self):
+    """One PGD-10 adversarial-training step on `seed_cnn` (`row_model`), batch
+    `--batch-size`."""
+    model, variables = self.row_model("seed_cnn")
+    return self._training_step_row(
+      "seed_training_step",
+      f"PGD-10 AT step, seed_cnn, batch {self.batch}",
+      model,
+      jax_variables=variables,
+      steps=10,
+      batch=self.batch,
+    )
+
+  def preact_training_step(self):
+    """One PGD-10 adversarial-training step on PreAct ResNet-18 (BatchNorm in
+    training mode, `row_model`), batch 64."""
+    model, variables = self.row_model("preact_resnet18")
+    return self._training_step_row(
+      "preact_training_step",
+      "PGD-10 AT step, PreAct ResNet-18, batch 64",
+      model,
+      jax_variables=variables,
+      steps=10,
+      batch=64,
+    )
+
+  def _training_step_row(self, name, label, model, *, jax_variables, steps, batch):
+    """One adversarial-training step, L-inf PGD-`steps` (8/255, step 2/255,
+    random start), then the cross-entropy step (SGD 0.01, momentum 0.9), on the
+    same training batches: `jaxrobust.training.make_train_step` against a plain
+    PyTorch loop with torchattacks' PGD."""
     jax, jr, np, torch, ta = self.jax, self.jr, self.np, self.torch, self.torchattacks
-    steps, alpha = 7, 2 / 255
+    alpha = 2 / 255
+    batch = batch - batch % self.devices
     opt = {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9}
     tx = jr.training.make_optimizer(opt, total_steps=1000)
     input_fn = jr.training.make_input_fn(
       "adversarial",
       {"name": "pgd", "norm": "linf", "eps": LINF_EPS, "step_size": alpha, "steps": steps},
     )
-    step = jr.training.make_train_step(self.model, tx, input_fn, self.mesh)
-    variables = jax.device_get(self.variables)
-    params = variables["params"]
+    step = jr.training.make_train_step(model, tx, input_fn, self.mesh)
+    params = jax_variables["params"]
     state = jr.training.TrainState(
       step=jax.numpy.zeros((), jax.numpy.int32),
       params=params,
-      model_state={k: v for k, v in variables.items() if k != "params"},
+      model_state={k: v for k, v in jax_variables.items() if k != "params"},
       opt_state=tx.init(params),
     )
     holder = {"state": jax.device_put(state, jr.parallel.replicated(self.mesh))}
     # Training batches: from the training set, the same for both sides.
     n = self.args.repeats + 1
     idx = np.random.default_rng(1).permutation(len(self.train_set.x))
-    idx = np.resize(idx, n * self.batch)
-    xs = self.train_set.x[idx].reshape(n, self.batch, *self.train_set.x.shape[1:])
-    ys = self.train_set.y[idx].reshape(n, self.batch)
+    idx = np.resize(idx, n * batch)
+    xs = self.train_set.x[idx].reshape(n, batch, *self.train_set.x.shape[1:])
+    ys = self.train_set.y[idx].reshape(n, batch)
     xs_dev = [jax.device_put(x, self.batch_spec) for x in xs]
     ys_dev = [jax.device_put(y, self.batch_spec) for y in ys]
     key = jax.random.key(7)
@@ -784,7 +869,7 @@ class Bench:
       holder["state"] = state
       return float(metrics["accuracy"])  # blocks
 
-    net = self.tm.to_torch(self.model, variables, self.input_hw).to(self.torch_device)
+    net = self.tm.to_torch(model, jax_variables, self.input_hw).to(self.torch_device)
     optimizer = torch.optim.SGD(net.parameters(), lr=opt["learning_rate"], momentum=opt["momentum"])
     attack = ta.PGD(net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True)
     xs_t = [self.tm.nhwc_to_nchw(x).to(self.torch_device) for x in xs]
@@ -801,26 +886,22 @@ class Bench:
       optimizer.step()
       return float((logits.argmax(1) == ys_t[i]).float().mean())
 
-    jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
-    # Attack: 7 forward + input-gradient passes; then one forward and a full backward
-    # (input and weight gradients, about two forward passes).
-    flops = (steps * self.step_flops + 3 * self.forward_flops) * self.batch
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
+      jax_run, torch_run, self.args.repeats, self.ceiling
+    )
+    # Attack: `steps` forward + input-gradient passes; then one forward and a
+    # full backward (input and weight gradients, about two forward passes).
+    apply = lambda v, x: model.apply(v, x, train=False)
+    forward, grad = self.flops_per_image(apply, jax_variables, batch)
+    flops = (steps * grad + 3 * forward) * batch
     row = self.row(
-      "pgd_at_step",
-      "PGD-7 adversarial training step (SGD, momentum 0.9)",
-      jt,
-      tt,
-      ceil,
-      self.batch,
-      "images/s",
-      flops,
-      flops,
+      name, label, jt, tt, ceil, batch, "images/s", flops, flops, compile_seconds=compile_s
     )
     row["agreement"] = {
       "jaxrobust": float(np.mean(jo)),
       "pytorch": float(np.mean(to)),
-      "what": "training accuracy on the PGD-7 examples of each step",
-      "examples": len(jo) * self.batch,
+      "what": f"training accuracy on the PGD-{steps} examples of each step",
+      "examples": len(jo) * batch,
     }
     return row
 
@@ -865,7 +946,9 @@ class Bench:
             counts[j] += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
       return counts
 
-    jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
+      jax_run, torch_run, self.args.repeats, self.ceiling
+    )
     draws = k * n
     flops = draws * self.forward_flops
     row = self.row(
@@ -878,6 +961,7 @@ class Bench:
       "draws/s",
       flops,
       flops,
+      compile_seconds=compile_s,
     )
     smoothed = lambda outs: float(
       np.mean(np.concatenate([c.argmax(1) == labels[i] for i, c in enumerate(outs)]))
@@ -951,7 +1035,9 @@ class Bench:
           robust.append((clean & (self.net(x_adv).argmax(1) == y)).cpu().numpy())
       return float(np.concatenate(robust).mean())
 
-    jt, tt, ceil, jo, to = time_alternately(jax_run, torch_run, self.args.repeats, self.ceiling)
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
+      jax_run, torch_run, self.args.repeats, self.ceiling
+    )
     work = per_run * B
     batches_attacked = np.mean([math.ceil(a / B) for a in attacked])
     jax_flops = work * self.forward_flops + batches_attacked * B * (
@@ -968,6 +1054,7 @@ class Bench:
       "images/s",
       jax_flops,
       torch_flops,
+      compile_seconds=compile_s,
     )
     row["agreement"] = {
       "jaxrobust": float(np.mean(jo)),
@@ -1006,26 +1093,29 @@ class Bench:
       images=self.args.user_images,
     )
 
+  def row_model(self, name):
+    """(model, variables) of architecture `name`: the benchmark's trained model
+    when `--model` is `name`, else a freshly initialised one (speed does not
+    depend on the weights; agreement then compares near-chance accuracies)."""
+    jax, jr, np = self.jax, self.jr, self.np
+    if self.args.model == name:
+      return self.model, jax.device_get(self.variables)
+    mean, std = jr.data.channel_stats(self.train_set.x)
+    model = jr.models.create(
+      name,
+      num_classes=self.test_set.num_classes,
+      mean=tuple(map(float, mean)),
+      std=tuple(map(float, std)),
+    )
+    x1 = np.zeros((1, *self.test_set.x.shape[1:]), np.float32)
+    return model, jax.device_get(model.init(jax.random.key(0), x1))
+
   def seed_network(self):
     """PGD-20 L-inf (8/255, step 2/255) on the seed's network (`seed_cnn`: 5x5
     convolutions 3->6->16 channels), batches of 500 (1,000 images a run by
     default): jaxrobust with and without its CPU fast path against
-    torchattacks. The benchmark's model when `--model seed_cnn`, else a
-    freshly initialised one."""
-    jax, jr, np = self.jax, self.jr, self.np
-    if self.args.model == "seed_cnn":
-      model, variables = self.model, jax.device_get(self.variables)
-    else:
-      mean, std = jr.data.channel_stats(self.train_set.x)
-      model = jr.models.create(
-        "seed_cnn",
-        num_classes=self.test_set.num_classes,
-        mean=tuple(map(float, mean)),
-        std=tuple(map(float, std)),
-      )
-      variables = jax.device_get(
-        model.init(jax.random.key(0), np.zeros((1, *self.test_set.x.shape[1:]), np.float32))
-      )
+    torchattacks (`row_model`)."""
+    model, variables = self.row_model("seed_cnn")
     net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
     return self._fast_path_row(
       "seed_network",
@@ -1037,6 +1127,117 @@ class Bench:
       batch=500,
       images=self.args.seed_images,
     )
+
+  def preact_resnet18(self):
+    """PGD-10 L-inf (8/255, step 2/255) on PreAct ResNet-18 (BatchNorm in
+    inference mode; `row_model`), batches of 64: jaxrobust with and without its
+    CPU fast path against torchattacks."""
+    model, variables = self.row_model("preact_resnet18")
+    net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
+    return self._fast_path_row(
+      "preact_resnet18",
+      "PGD-10 L-inf, PreAct ResNet-18 (BatchNorm inference), batch 64",
+      lambda v, x: model.apply(v, x, train=False),
+      variables,
+      net,
+      steps=10,
+      batch=64,
+      images=self.args.preact_images,
+    )
+
+  def autoattack(self):
+    """AutoAttack standard, L-inf 8/255, on the first `--autoattack-images`
+    test images: `jr.attacks.autoattack` through `jr.evaluation.evaluate` (a
+    cascade over the clean-correct examples) against torchattacks'
+    `AutoAttack` at the reference's settings, run as `benchmarks/autoattack.py`
+    runs it (`torch_autoattack`), in batches of `--batch-size`. Agreement: the
+    robust accuracy each side reports."""
+    jax, jr, np, torch = self.jax, self.jr, self.np, self.torch
+    from benchmarks.autoattack import torch_autoattack  # pylint: disable=g-import-not-at-top
+
+    n = self.args.autoattack_images
+    x, y = self.test_set.x[:n], self.test_set.y[:n]
+    variables = jax.device_get(self.variables)
+    apply_fn = jr.models.inference_fn(self.model)
+    attacks = {"aa": jr.attacks.autoattack(norm="linf", eps=LINF_EPS)}
+    x_t = self.tm.nhwc_to_nchw(x).to(self.torch_device)
+    y_t = torch.from_numpy(y.astype(np.int64)).to(self.torch_device)
+
+    def jax_run(i):
+      del i  # the same images, key and result every run
+      rep = jr.evaluation.evaluate(
+        apply_fn, variables, x, y, attacks, key=jax.random.key(0), batch_size=self.batch
+      )
+      return rep["results"][0]["accuracy"]
+
+    def torch_run(i):
+      torch.manual_seed(i)
+      robust, _, _ = torch_autoattack(
+        torch, self.torchattacks, self.net, "linf", LINF_EPS, x_t, y_t, self.batch
+      )
+      return float(robust.mean())
+
+    jt, tt, ceil, jo, to, compile_s = time_alternately(
+      jax_run, torch_run, self.args.repeats, self.ceiling
+    )
+    row = self.row(
+      "autoattack",
+      f"AutoAttack standard L-inf 8/255, {n} images",
+      jt,
+      tt,
+      ceil,
+      n,
+      "images/s",
+      0,
+      0,
+      compile_seconds=compile_s,
+    )
+    row["agreement"] = {
+      "jaxrobust": float(np.median(jo)),
+      "pytorch": float(np.median(to)),
+      "what": "robust accuracy (median over runs)",
+      "examples": n,
+    }
+    return row
+
+  def pgd_memory(self):
+    """The memory one PGD call needs at 10 and at 100 steps, each side in a
+    process of its own (`benchmarks/peak_memory.py`: the peak resident set
+    above the one before the call, and XLA's temporary buffers), batch
+    `--batch-size`, on a fresh `--model`. The loop must not grow with the steps."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    probe = Path(__file__).resolve().parent / "peak_memory.py"
+    runs = {}
+    for side in ("jaxrobust", "torchattacks"):
+      for steps in (10, 100):
+        out = subprocess.run(
+          [sys.executable, str(probe), f"--side={side}", f"--steps={steps}"]
+          + [f"--model={self.args.model}", f"--batch={self.batch}"],
+          check=True,
+          capture_output=True,
+          text=True,
+        ).stdout
+        runs[side, steps] = json.loads(out.strip().splitlines()[-1])
+    peak = lambda side, steps: runs[side, steps]["second_call_peak_above_mib"]
+    self.notes.append(
+      "pgd_memory: peak resident set above the process's before one PGD call (MiB, "
+      f"batch {self.batch}, {self.args.model}): jaxrobust PGD-10 {peak('jaxrobust', 10):.0f}, "
+      f"PGD-100 {peak('jaxrobust', 100):.0f} (XLA temporaries "
+      f"{runs['jaxrobust', 10]['xla_temp_mib']:.1f} and "
+      f"{runs['jaxrobust', 100]['xla_temp_mib']:.1f}); torchattacks PGD-10 "
+      f"{peak('torchattacks', 10):.0f}, PGD-100 {peak('torchattacks', 100):.0f}."
+    )
+    return {
+      "row": "pgd_memory",
+      "label": f"memory of one PGD call, 100 steps against 10 (batch {self.batch})",
+      "kind": "memory",
+      "unit": "MiB",
+      "runs": [runs[k] for k in sorted(runs)],
+      "jaxrobust": peak("jaxrobust", 100),
+      "pytorch": peak("torchattacks", 100),
+      "growth": {s: peak(s, 100) / peak(s, 10) for s in ("jaxrobust", "torchattacks")},
+    }
 
   def _fast_path_row(self, name, label, apply, variables, net, *, steps, batch, images):
     """Times three sides alternately on the same images: jaxrobust's PGD (the
@@ -1128,8 +1329,18 @@ class Bench:
       .cost_analysis()
     )
     flops = steps * float(grad_cost["flops"]) / per * n
+    compile_seconds = {k: first[k] - median(times[k]) for k in ("fast", "no_fast")}
     row = self.row(
-      name, label, times["fast"], times["torch"], ceilings, n, "images/s", flops, flops
+      name,
+      label,
+      times["fast"],
+      times["torch"],
+      ceilings,
+      n,
+      "images/s",
+      flops,
+      flops,
+      compile_seconds=compile_seconds["fast"],
     )
     no_fast_rate = n / median(times["no_fast"])
     row.update(
@@ -1138,7 +1349,7 @@ class Bench:
         "ratio_no_fast_path": no_fast_rate / row["pytorch"],
         "jaxrobust_no_fast_path_seconds": times["no_fast"],
         "fast_path_speedup": row["jaxrobust"] / no_fast_rate,
-        "compile_seconds": {k: first[k] - median(times[k]) for k in ("fast", "no_fast")},
+        "compile_seconds_no_fast_path": compile_seconds["no_fast"],
         "agreement": {
           "jaxrobust": accuracy(outputs["fast"]),
           "pytorch": accuracy(outputs["torch"]),
@@ -1153,7 +1364,7 @@ class Bench:
       f"{format_rate(no_fast_rate)} images/s ({row['ratio_no_fast_path']:.2f}x PyTorch; "
       f"accuracy under it {100 * row['jaxrobust_no_fast_path_accuracy']:.1f} %); the fast "
       f"path is {row['fast_path_speedup']:.2f}x. Compile (first call minus a steady one): "
-      f"{row['compile_seconds']['fast']:.1f} s with, {row['compile_seconds']['no_fast']:.1f} s "
+      f"{compile_seconds['fast']:.1f} s with, {compile_seconds['no_fast']:.1f} s "
       f"without. {n} images a run."
     )
     return row
@@ -1253,10 +1464,18 @@ def format_table(results):
     f"(XLA cost analysis)",
     f"Load average at start {m['load_average_at_start']}, at end {results['load_average_at_end']}",
     "",
-    "| row | jaxrobust | PyTorch | ratio | GFLOP/run | % of ceiling jr / pt | agreement jr / pt |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    "| row | jaxrobust | PyTorch | ratio | jaxrobust compile (s) | GFLOP/run "
+    "| % of ceiling jr / pt | agreement jr / pt |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for r in results["rows"]:
+    if r.get("kind") == "memory":
+      g = r["growth"]
+      lines.append(
+        f"| {r['label']} | PGD-100 {r['jaxrobust']:.0f} MiB ({g['jaxrobust']:.2f}x PGD-10) | "
+        f"PGD-100 {r['pytorch']:.0f} MiB ({g['torchattacks']:.2f}x PGD-10) | | | | | |"
+      )
+      continue
     unit = r["unit"]
     flop = f"{r['gflop_per_run']:.1f}" if "gflop_per_run" in r else ""
     frac = (
@@ -1272,7 +1491,8 @@ def format_table(results):
     )
     lines.append(
       f"| {r['label']} | {format_rate(r['jaxrobust'])} {unit} | "
-      f"{format_rate(r['pytorch'])} {unit} | {r['ratio']:.2f}x | {flop} | {frac} | {agree} |"
+      f"{format_rate(r['pytorch'])} {unit} | {r['ratio']:.2f}x | {r['compile_seconds']:.1f} "
+      f"| {flop} | {frac} | {agree} |"
     )
   if results["notes"]:
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
@@ -1324,7 +1544,8 @@ def main(argv=None):
     start = time.perf_counter()
     row = getattr(bench, name)()
     rows.append(row)
-    print(f"{row['ratio']:.2f}x ({time.perf_counter() - start:.0f} s)", flush=True)
+    outcome = f"{row['ratio']:.2f}x" if "ratio" in row else f"{row['jaxrobust']:.0f} MiB"
+    print(f"{outcome} ({time.perf_counter() - start:.0f} s)", flush=True)
 
   ceilings = [r["matmul_ceiling_flops"] for r in rows if "matmul_ceiling_flops" in r]
   results = {

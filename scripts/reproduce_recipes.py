@@ -16,7 +16,9 @@ configs' `eval.default`: AutoAttack standard (L-infinity 8/255) and PGD-20 L2
 0.5, with its training and evaluation seconds. The markdown table goes to
 `--out`, rewritten after every row; the runs go to
 `<runs>/cifar10-seed_cnn-<row>-e<epochs>` and a rerun resumes them (the
-training time is the sum of the logged step times, so it survives a resume).
+training time is the sum of the logged step times, so it survives a resume;
+a row evaluated on as many images before is read back from its
+`recipes_row.json`, not evaluated again).
 
   python scripts/reproduce_recipes.py                     # 10 epochs, 2,000 test images: hours on 2 CPU cores
   python scripts/reproduce_recipes.py --epochs 1 --test_images 100 --rows fast_at,pgd_at_ema
@@ -81,6 +83,10 @@ def run_row(row, config_name, changes, args):
   workdir = Path(args.runs) / f"cifar10-seed_cnn-{row}-e{args.epochs}"
   flags = [f"--config {config_name}:cifar10"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
+  done = workdir / "recipes_row.json"
+  if done.exists() and json.loads(done.read_text())["n"] == args.test_images:
+    print(f"(evaluated before: {done})", flush=True)
+    return json.loads(done.read_text())
   state = experiment.train(config, workdir, progress=sys.stderr.isatty())
   resolved = checkpoints.load_config(workdir)
   tick = time.perf_counter()
@@ -93,7 +99,7 @@ def run_row(row, config_name, changes, args):
   result = {
     "row": row,
     "flags": " ".join(flags),
-    "workdir": str(workdir),
+    "workdir": str(workdir.relative_to(REPO) if workdir.is_relative_to(REPO) else workdir),
     "clean": 100 * report["clean_accuracy"],
     "autoattack": accuracy["autoattack_linf"],
     "pgd_l2": accuracy["pgd_l2"],
@@ -101,6 +107,7 @@ def run_row(row, config_name, changes, args):
     "train_seconds": reproduce_seed.train_seconds(workdir),
     "eval_seconds": eval_seconds,
   }
+  checkpoints.write_atomic(done, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result), flush=True)
   return result
 
