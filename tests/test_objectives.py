@@ -12,20 +12,6 @@ import pytest
 from jaxrobust import attacks, checks, data, experiment, models, objectives, parallel
 from jaxrobust import spectral, training
 
-CONFIGS = (
-  "natural",
-  "pgd_at",
-  "pgd_at_sn_noise",
-  "gaussian",
-  "rat",
-  "cw_pgd_mix",
-  "mat_rand",
-  "mat_max",
-  "trades",
-  "mart",
-  "fast_at",
-)
-
 
 def shorten(spec):
   """The attack spec with one or two steps per attack (fast tests)."""
@@ -63,18 +49,6 @@ def digits():
 
 def loss_of(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_objective_trains_from_its_config(name, tmp_path):
-  config = tiny(name)
-  state = experiment.train(config, tmp_path, max_steps=2, progress=False)
-  assert int(state.step) == 2
-  resolved, model, restored = experiment.restore(tmp_path)
-  assert resolved["objective"] == config.objective
-  assert models.is_randomized(model) == ("noise" in config.model)
-  logits = model.apply(restored.variables, jnp.asarray(digits().x[:4]), train=False)
-  assert logits.shape == (4, 10) and bool(jnp.isfinite(logits).all())
 
 
 def small_model(**settings):

@@ -1,7 +1,9 @@
 """Every command in the README's ```bash blocks runs, in the README's order,
 with settings that make it take seconds (`TINY`), in one scratch directory:
 what a user types after cloning. So does the `Command:` line of every
-packaged config's docstring. A documented command that breaks fails here.
+packaged config's docstring. A documented command that breaks fails here;
+a config's command must also leave a run that restores as that config's
+objective and model (randomized or not) with finite logits.
 
 Not run here (`NOT_RUN`): installs, the test command itself, cluster
 launchers, and the benchmarks and the seed reproduction, which train on
@@ -9,13 +11,17 @@ CIFAR-10 for minutes to hours (their parts are tested: conversion to PyTorch,
 the evaluation, the configs they train).
 """
 
+import importlib
 import re
 import shlex
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 from conftest import ROOT, TINY_SETTINGS, program_env
+
+from jaxrobust import data, experiment, models
 
 README = ROOT / "README.md"
 NOT_RUN = (
@@ -117,9 +123,27 @@ def test_every_documented_command_runs(cli, tmp_path, source):
     else:
       result = cli(ROOT / program, *args, cwd=tmp_path)
       assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+      if source == "config docstrings":
+        check_run_of_config(tmp_path / _value(args, "--workdir"), _value(args, "--config"))
     for started, process in background:
       out, _ = process.communicate(timeout=600)
       assert process.returncode == 0, f"{started}\n{out}"
     background = []
     ran += 1
   assert ran >= 5
+
+
+def _value(args, flag):
+  return args[args.index(flag) + 1]
+
+
+def check_run_of_config(workdir, name):
+  """The run restores as config `name`'s objective and model, trained, with finite logits."""
+  config = importlib.import_module(f"jaxrobust.configs.{name}").get_config()
+  resolved, model, state = experiment.restore(workdir)
+  assert int(state.step) > 0
+  assert resolved["objective"] == config.objective
+  assert models.is_randomized(model) == ("noise" in config.model)
+  x = jnp.asarray(data.load("digits", "test").x[:4])
+  logits = model.apply(state.variables, x, train=False)
+  assert logits.shape == (4, 10) and bool(jnp.isfinite(logits).all())
