@@ -4,6 +4,7 @@
   python benchmarks/run.py                                  # small CNN, batch 256, every row
   python benchmarks/run.py --model seed_cnn --rows pgd_linf,smoothing --repeats 7
   python benchmarks/run.py --workdir runs/pgd_at --json bench.json
+  python benchmarks/run.py --model seed_cnn --repeats 3 --rows seed_network,user_model,preact_resnet18,seed_training_step,preact_training_step,autoattack,pgd_memory
 
 For each row it prints the throughput of jaxrobust and of the PyTorch reference
 (images, or noise draws, per second: the median over `--repeats` timed runs

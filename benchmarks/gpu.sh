@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The benchmarks on a GPU: jaxrobust against torchattacks, side by side, on
+# one machine with an NVIDIA GPU, JAX with CUDA and a CUDA build of PyTorch.
+#
+#   pip install "jax[cuda12]" && pip install -r requirements-bench.txt  # torch: a CUDA build
+#   pip install --no-deps torchattacks==3.5.1
+#   bash benchmarks/gpu.sh [OUT]          # OUT defaults to runs/gpu
+#
+# Writes OUT/<name>.json and OUT/<name>.txt (the printed tables) for
+#   small_cnn   every row of benchmarks/run.py on the small CNN, batch 256;
+#   preact      PreAct ResNet-18: PGD-10 (batch 64 and 256), the PGD-10 and
+#               PGD-7 training steps, AutoAttack;
+#   autoattack  benchmarks/autoattack.py on 1,000 CIFAR-10 test images.
+# Each JAX program runs on every local GPU (the batch split over them), each
+# PyTorch one on the first. It stops before running anything, exit code 2,
+# when JAX or PyTorch does not see a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu}
+
+python - <<'EOF' || exit 2
+import sys
+try:
+  import jax
+  import torch
+except ImportError as e:
+  sys.exit(f"benchmarks/gpu.sh needs jax and torch: {e}")
+problems = []
+if jax.default_backend() != "gpu":
+  problems.append(f"JAX runs on {jax.default_backend()!r}: install jax with CUDA")
+if not torch.cuda.is_available():
+  problems.append(f"PyTorch {torch.__version__} sees no CUDA device: install a CUDA build")
+if problems:
+  sys.exit("benchmarks/gpu.sh needs a GPU: " + "; ".join(problems))
+print(f"jax {jax.__version__} on {jax.devices()}; torch {torch.__version__} on "
+      f"{torch.cuda.get_device_name(0)}")
+EOF
+
+mkdir -p "$out"
+run() {  # run NAME ARGS...: one benchmark, its JSON and its printed table in OUT
+  local name=$1
+  shift
+  echo "== $name: $*"
+  python "$@" --json "$out/$name.json" | tee "$out/$name.txt"
+}
+run small_cnn benchmarks/run.py
+run preact benchmarks/run.py --model preact_resnet18 --batch-size 64 \
+  --rows pgd_linf,preact_resnet18,preact_training_step,pgd_at_step,autoattack
+run preact_256 benchmarks/run.py --model preact_resnet18 --rows pgd_linf,pgd_at_step
+run autoattack benchmarks/autoattack.py --images 1000
+echo "wrote $out"
