@@ -16,7 +16,8 @@ configs' `eval.default`: AutoAttack standard (L-infinity 8/255) and PGD-20 L2
 0.5, with its training and evaluation seconds. The markdown table goes to
 `--out`, rewritten after every row; the runs go to
 `<runs>/cifar10-seed_cnn-<row>-e<epochs>` and a rerun resumes them (the
-training time is the sum of the logged step times, so it survives a resume;
+training time is the steps times the median seconds per step of the logged
+intervals, so a resume or a pause does not count;
 a row evaluated on as many images before is read back from its
 `recipes_row.json`, not evaluated again).
 

@@ -20,13 +20,15 @@ them (EOT).
 `--data tfds` needs CIFAR-10 prepared once by tensorflow-datasets (which
 needs `pip install tensorflow-cpu` for the download and conversion). Runs
 go to `<runs>/<setting>-<model>-<row>-e<epochs>`; rerunning resumes or
-reuses finished runs, and the training time is the sum of the logged step
-times (`metrics.jsonl`), so it survives a resume.
+reuses finished runs, and the training time is the steps times the median
+seconds per step of the logged intervals (`metrics.jsonl`), so a resume, a
+pause or the first interval's compilation does not count.
 """
 
 import argparse
 import importlib
 import json
+import statistics
 import shlex
 import sys
 import time
@@ -140,11 +142,17 @@ def row_config(row, config_name, args):
 
 
 def train_seconds(workdir):
-  """Training wall-clock: the sum of the logged step times (resume-proof)."""
-  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return sum(
-    sum(json.loads(l).get(f, 0.0) for f in metrics.TIMING_FIELDS) for l in lines if l.strip()
-  )
+  """Training time: the run's steps times the median seconds per step over its
+  logged intervals, so that a resume, a paused process or a burst of load on
+  a shared machine (and the first interval's compilation) do not count."""
+  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if l]
+  rows = [r for r in rows if "step" in r]
+  per_step = [
+    sum(r.get(f, 0.0) for f in metrics.TIMING_FIELDS) / (r["step"] - before["step"])
+    for before, r in zip(rows, rows[1:])
+    if r["step"] > before["step"]
+  ]
+  return statistics.median(per_step) * rows[-1]["step"] if per_step else 0.0
 
 
 def run_row(row, config_name, args):

@@ -402,3 +402,15 @@ def test_cyclic_schedule_is_the_triangle_of_fast_at():
     assert float(schedule(step)) == pytest.approx(lr, abs=1e-7)
   with pytest.raises(checks.InputError, match="optimizer.peak_at must lie in"):
     training.make_schedule(dict(learning_rate=0.2, schedule="cyclic", peak_at=1.0), 100)
+
+
+def test_reproduction_training_time_ignores_pauses_resumes_and_compilation(tmp_path):
+  from scripts import reproduce_seed  # pylint: disable=g-import-not-at-top
+
+  # 0.5 s a step; the first interval compiled (30 s), one was paused for an
+  # hour, and a resume logged step 150 twice.
+  lines = [(50, 30.0), (100, 25.0), (150, 3600.0), (150, 1.0), (200, 25.0), (250, 25.0)]
+  (tmp_path / "metrics.jsonl").write_text(
+    "".join(json.dumps({"step": s, "loss": 1.0, "seconds": t}) + "\n" for s, t in lines)
+  )
+  assert reproduce_seed.train_seconds(tmp_path) == 250 * 0.5
