@@ -87,7 +87,7 @@ def run_row(row, config_name, changes, args):
   done = workdir / "recipes_row.json"
   if done.exists() and json.loads(done.read_text())["n"] == args.test_images:
     print(f"(evaluated before: {done})", flush=True)
-    return json.loads(done.read_text())
+    return {**json.loads(done.read_text()), "train_seconds": reproduce_seed.train_seconds(workdir)}
   state = experiment.train(config, workdir, progress=sys.stderr.isatty())
   resolved = checkpoints.load_config(workdir)
   tick = time.perf_counter()
