@@ -7,10 +7,11 @@
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to runs/gpu
 #
 # Writes OUT/<name>.json and OUT/<name>.txt (the printed tables) for
-#   small_cnn   every row of benchmarks/run.py on the small CNN, batch 256;
-#   preact      PreAct ResNet-18: PGD-10 (batch 64 and 256), the PGD-10 and
-#               PGD-7 training steps, AutoAttack;
+#   preact      PreAct ResNet-18, batch 512: PGD-10, the PGD-7 training step,
+#               smoothing's noise draws, AutoAttack on 512 images;
+#   wrn         WideResNet-28-10, batch 512: the same rows;
 #   autoattack  benchmarks/autoattack.py on 1,000 CIFAR-10 test images.
+# Each model is first trained briefly by benchmarks/run.py (cached).
 # Each JAX program runs on every local GPU (the batch split over them), each
 # PyTorch one on the first. It stops before running anything, exit code 2,
 # when JAX or PyTorch does not see a GPU.
@@ -43,9 +44,8 @@ run() {  # run NAME ARGS...: one benchmark, its JSON and its printed table in OU
   echo "== $name: $*"
   python "$@" --json "$out/$name.json" | tee "$out/$name.txt"
 }
-run small_cnn benchmarks/run.py
-run preact benchmarks/run.py --model preact_resnet18 --batch-size 64 \
-  --rows pgd_linf,preact_resnet18,preact_training_step,pgd_at_step,autoattack
-run preact_256 benchmarks/run.py --model preact_resnet18 --rows pgd_linf,pgd_at_step
+rows=pgd_linf,pgd_at_step,smoothing,autoattack
+run preact benchmarks/run.py --model preact_resnet18 --batch-size 512 --rows $rows --autoattack-images 512
+run wrn benchmarks/run.py --model wide_resnet --batch-size 512 --rows $rows --autoattack-images 512
 run autoattack benchmarks/autoattack.py --images 1000
 echo "wrote $out"

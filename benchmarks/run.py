@@ -70,7 +70,7 @@ ROWS = (
   "autoattack",
   "pgd_memory",
 )
-MODELS = ("small_cnn", "seed_cnn", "preact_resnet18")
+MODELS = ("small_cnn", "seed_cnn", "preact_resnet18", "wide_resnet")  # wide_resnet: WRN-28-10
 LINF_EPS, L2_EPS = 8 / 255, 0.5
 SIGMA = 0.25
 
@@ -262,7 +262,7 @@ def load_data(args, jr):
   )
 
 
-DEFAULT_TRAIN_STEPS = {"small_cnn": 600, "seed_cnn": 800, "preact_resnet18": 60}
+DEFAULT_TRAIN_STEPS = {"small_cnn": 600, "seed_cnn": 800, "preact_resnet18": 60, "wide_resnet": 60}
 # Adversarial training from scratch at eps 8/255 left the small CNN at chance
 # (constant logits) in trials here; a third of the steps of natural training first
 # avoids that.
