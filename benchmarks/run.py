@@ -1116,14 +1116,10 @@ class Bench:
     convolutions 3->6->16 channels), batches of 500 (1,000 images a run by
     default): jaxrobust with and without its CPU fast path against
     torchattacks (`row_model`)."""
-    model, variables = self.row_model("seed_cnn")
-    net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
-    return self._fast_path_row(
+    return self._architecture_row(
       "seed_network",
+      "seed_cnn",
       "PGD-20 L-inf, seed_cnn (5x5 convs 3->6->16), batch 500",
-      lambda v, x: model.apply(v, x, train=False),
-      variables,
-      net,
       steps=20,
       batch=500,
       images=self.args.seed_images,
@@ -1133,17 +1129,29 @@ class Bench:
     """PGD-10 L-inf (8/255, step 2/255) on PreAct ResNet-18 (BatchNorm in
     inference mode; `row_model`), batches of 64: jaxrobust with and without its
     CPU fast path against torchattacks."""
-    model, variables = self.row_model("preact_resnet18")
-    net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
-    return self._fast_path_row(
+    return self._architecture_row(
+      "preact_resnet18",
       "preact_resnet18",
       "PGD-10 L-inf, PreAct ResNet-18 (BatchNorm inference), batch 64",
-      lambda v, x: model.apply(v, x, train=False),
-      variables,
-      net,
       steps=10,
       batch=64,
       images=self.args.preact_images,
+    )
+
+  def _architecture_row(self, name, architecture, label, *, steps, batch, images):
+    """`_fast_path_row` on jaxrobust's model `architecture` (`row_model`) in
+    inference mode and its PyTorch twin."""
+    model, variables = self.row_model(architecture)
+    net = self.tm.to_torch(model, variables, self.input_hw).to(self.torch_device)
+    return self._fast_path_row(
+      name,
+      label,
+      lambda v, x: model.apply(v, x, train=False),
+      variables,
+      net,
+      steps=steps,
+      batch=batch,
+      images=images,
     )
 
   def autoattack(self):

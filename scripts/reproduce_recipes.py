@@ -17,9 +17,8 @@ configs' `eval.default`: AutoAttack standard (L-infinity 8/255) and PGD-20 L2
 `--out`, rewritten after every row; the runs go to
 `<runs>/cifar10-seed_cnn-<row>-e<epochs>` and a rerun resumes them (the
 training time is the steps times the median seconds per step of the logged
-intervals, so a resume or a pause does not count;
-a row evaluated on as many images before is read back from its
-`recipes_row.json`, not evaluated again).
+intervals, so a resume or a pause does not count; a row evaluated on as many
+images before is read back from its `recipes_row.json`, not evaluated again).
 
   python scripts/reproduce_recipes.py                     # 10 epochs, 2,000 test images: hours on 2 CPU cores
   python scripts/reproduce_recipes.py --epochs 1 --test_images 100 --rows fast_at,pgd_at_ema
@@ -85,9 +84,10 @@ def run_row(row, config_name, changes, args):
   flags = [f"--config {config_name}:cifar10"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
   done = workdir / "recipes_row.json"
-  if done.exists() and json.loads(done.read_text())["n"] == args.test_images:
+  before = json.loads(done.read_text()) if done.exists() else {}
+  if before.get("n") == args.test_images:
     print(f"(evaluated before: {done})", flush=True)
-    return {**json.loads(done.read_text()), "train_seconds": reproduce_seed.train_seconds(workdir)}
+    return {**before, "train_seconds": reproduce_seed.train_seconds(workdir)}
   state = experiment.train(config, workdir, progress=sys.stderr.isatty())
   resolved = checkpoints.load_config(workdir)
   tick = time.perf_counter()

@@ -28,8 +28,8 @@ pause or the first interval's compilation does not count.
 import argparse
 import importlib
 import json
-import statistics
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
