@@ -8,7 +8,11 @@
 #
 # Writes OUT/<name>.json and OUT/<name>.txt (the printed tables) for
 #   preact      PreAct ResNet-18, batch 512: PGD-10, the PGD-7 training step,
-#               smoothing's noise draws, AutoAttack on 512 images;
+#               smoothing's noise draws, AutoAttack on 512 images, each in
+#               float32 and again in bfloat16 (mixed precision on both sides),
+#               with a second table: bfloat16's speed-up over float32 and
+#               whether the agreement column holds (neither side's accuracy
+#               moves by more than a point);
 #   wrn         WideResNet-28-10, batch 512: the same rows;
 #   autoattack  benchmarks/autoattack.py on 1,000 CIFAR-10 test images.
 # Each model is first trained briefly by benchmarks/run.py (cached).
@@ -45,7 +49,8 @@ run() {  # run NAME ARGS...: one benchmark, its JSON and its printed table in OU
   python "$@" --json "$out/$name.json" | tee "$out/$name.txt"
 }
 rows=pgd_linf,pgd_at_step,smoothing,autoattack
-run preact benchmarks/run.py --model preact_resnet18 --batch-size 512 --rows $rows --autoattack-images 512
-run wrn benchmarks/run.py --model wide_resnet --batch-size 512 --rows $rows --autoattack-images 512
+at512="--batch-size 512 --rows $rows --dtypes float32,bfloat16 --autoattack-images 512"
+run preact benchmarks/run.py --model preact_resnet18 $at512
+run wrn benchmarks/run.py --model wide_resnet $at512
 run autoattack benchmarks/autoattack.py --images 1000
 echo "wrote $out"

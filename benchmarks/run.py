@@ -71,6 +71,19 @@ ROWS = (
   "pgd_memory",
 )
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18", "wide_resnet")  # wide_resnet: WRN-28-10
+DTYPES = ("float32", "bfloat16")
+# The rows on the benchmark's own model (`--model`), which `--dtypes` can run in
+# bfloat16; the others time fixed float32 settings.
+DTYPE_ROWS = (
+  "pgd_linf",
+  "pgd_l2",
+  "cw_l2",
+  "mi_fgsm",
+  "di_fgsm",
+  "pgd_at_step",
+  "smoothing",
+  "autoattack",
+)
 LINF_EPS, L2_EPS = 8 / 255, 0.5
 SIGMA = 0.25
 
@@ -93,6 +106,13 @@ def parse_args(argv=None):
     help="XLA:CPU host devices (default: one per core; ignored when XLA_FLAGS is set)",
   )
   p.add_argument("--rows", default="all", help=f"comma-separated rows, or 'all': {', '.join(ROWS)}")
+  p.add_argument(
+    "--dtypes",
+    default="float32",
+    help="comma-separated compute dtypes (float32, bfloat16): each row of "
+    f"{', '.join(DTYPE_ROWS)} runs once per dtype, both sides in mixed precision "
+    "(weights, optimizer and attack iterates stay float32)",
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed runs per side and row (>= 5)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   p.add_argument(
@@ -168,6 +188,16 @@ def parse_args(argv=None):
   if unknown:
     p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
   args.rows = rows
+  args.dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+  for dtype in args.dtypes or ("",):
+    if dtype not in DTYPES:
+      p.error(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+  fixed = [r for r in rows if r not in DTYPE_ROWS]
+  if args.dtypes != ("float32",) and fixed:
+    p.error(
+      f"row {fixed[0]!r} runs in float32 only; --dtypes {','.join(args.dtypes)} "
+      f"applies to {', '.join(DTYPE_ROWS)}"
+    )
   if args.repeats < 1:
     p.error("--repeats must be >= 1 (5 or more for the medians the README reports)")
   if args.batch_size < 1:
@@ -374,6 +404,47 @@ def trained_model(args, jax, jr, train_set, data_description):
   return model, variables, description
 
 
+class InDtype:
+  """A Flax model computing in `dtype` (mixed precision): `apply` casts the
+  floating-point variables and the input to `dtype` and every floating-point
+  output back to float32, so the stored weights, batch statistics, optimizer
+  state and an attack's iterates stay float32 and gradients reach them in
+  float32. Everything else is the model's (`init`, its fields)."""
+
+  def __init__(self, model, dtype):
+    self.model, self.dtype = model, dtype
+
+  def apply(self, variables, x, *args, **kwargs):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    def cast(dtype):
+      return lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    into = cast(self.dtype)
+    out = self.model.apply(jax.tree.map(into, variables), into(x), *args, **kwargs)
+    return jax.tree.map(cast(jnp.float32), out)
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+
+def torch_in_dtype(torch, net, dtype):
+  """`net` under `torch.autocast(dtype)` (PyTorch's mixed precision: its own
+  list of operations in `dtype`), logits returned in float32."""
+
+  class Autocast(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.net = net
+
+    def forward(self, x):
+      with torch.autocast(device_type=x.device.type, dtype=dtype):
+        return self.net(x).float()
+
+  return Autocast()
+
+
 # ----------------------------------------------------------------------------
 # Timing.
 
@@ -489,14 +560,14 @@ class Bench:
     )
     self.variables = jax.device_put(variables, jr.parallel.replicated(self.mesh))
     self.input_hw = tuple(test.x.shape[1:3])
-    self.net = self.tm.to_torch(self.model, variables, self.input_hw).to(self.torch_device)
-    for p in self.net.parameters():
+    self.float32_net = self.tm.to_torch(self.model, variables, self.input_hw).to(self.torch_device)
+    for p in self.float32_net.parameters():
       p.requires_grad_(False)  # attacks need input gradients only
     batch_spec = jr.parallel.batch_sharding(self.mesh)
     self.batch_spec = batch_spec
-    apply = lambda v, x: self.model.apply(v, x, train=False)
-    self.apply = apply
-    self.predict = jax.jit(lambda v, x: jnp_argmax(self.jnp, apply(v, x)))
+    # Agreement is judged by the float32 model, whatever dtype attacked it.
+    self.predict = jax.jit(lambda v, x: jnp_argmax(self.jnp, self.model.apply(v, x, train=False)))
+    self.use_dtype("float32")
     # Test batches: batch i of every row is the same images for both sides.
     n_batches = self.args.repeats + 1
     need = n_batches * self.batch
@@ -512,7 +583,24 @@ class Bench:
       [np.asarray(self.predict(self.variables, x)) == y for x, y in zip(self.x_dev, self.y)]
     )
     self.ceiling = MatmulCeiling(jax, self.jnp, self.mesh)
-    self.forward_flops, self.step_flops = self.flops_per_image(apply, variables, self.batch)
+    self.forward_flops, self.step_flops = self.flops_per_image(self.apply, variables, self.batch)
+
+  def use_dtype(self, dtype):
+    """The rows that follow compute in `dtype` (`in_dtype`): `self.apply` and
+    `self.net`, the benchmark's model on each side."""
+    self.dtype = dtype
+    model = self.in_dtype(self.model)
+    self.apply = lambda v, x: model.apply(v, x, train=False)
+    self.compute_model = model
+    self.net = self.torch_in_dtype(self.float32_net)
+
+  def in_dtype(self, model):
+    return model if self.dtype == "float32" else InDtype(model, getattr(self.jnp, self.dtype))
+
+  def torch_in_dtype(self, net):
+    if self.dtype == "float32":
+      return net
+    return torch_in_dtype(self.torch, net, getattr(self.torch, self.dtype))
 
   # -- helpers ---------------------------------------------------------------
 
@@ -846,7 +934,7 @@ class Bench:
       "adversarial",
       {"name": "pgd", "norm": "linf", "eps": LINF_EPS, "step_size": alpha, "steps": steps},
     )
-    step = jr.training.make_train_step(model, tx, input_fn, self.mesh)
+    step = jr.training.make_train_step(self.in_dtype(model), tx, input_fn, self.mesh)
     params = jax_variables["params"]
     state = jr.training.TrainState(
       step=jax.numpy.zeros((), jax.numpy.int32),
@@ -870,7 +958,9 @@ class Bench:
       holder["state"] = state
       return float(metrics["accuracy"])  # blocks
 
-    net = self.tm.to_torch(model, jax_variables, self.input_hw).to(self.torch_device)
+    net = self.torch_in_dtype(
+      self.tm.to_torch(model, jax_variables, self.input_hw).to(self.torch_device)
+    )
     optimizer = torch.optim.SGD(net.parameters(), lr=opt["learning_rate"], momentum=opt["momentum"])
     attack = ta.PGD(net, eps=LINF_EPS, alpha=alpha, steps=steps, random_start=True)
     xs_t = [self.tm.nhwc_to_nchw(x).to(self.torch_device) for x in xs]
@@ -1167,7 +1257,7 @@ class Bench:
     n = self.args.autoattack_images
     x, y = self.test_set.x[:n], self.test_set.y[:n]
     variables = jax.device_get(self.variables)
-    apply_fn = jr.models.inference_fn(self.model)
+    apply_fn = jr.models.inference_fn(self.compute_model)
     attacks = {"aa": jr.attacks.autoattack(norm="linf", eps=LINF_EPS)}
     x_t = self.tm.nhwc_to_nchw(x).to(self.torch_device)
     y_t = torch.from_numpy(y.astype(np.int64)).to(self.torch_device)
@@ -1443,6 +1533,25 @@ def user_torch_cnn(torch, variables):
   return Net().eval()
 
 
+def in_dtype_row(row, dtype, float32_row):
+  """`row`, measured in `dtype`, named for it and compared with its float32
+  twin (when one ran): each side's speed-up over float32 and whether the
+  agreement column holds, i.e. neither side's accuracy moved by more than one
+  point (or one example, when fewer than 100 are counted) from float32's."""
+  row = {**row, "row": f"{row['row']}_{dtype}", "label": f"{row['label']} [{dtype}]"}
+  row["dtype"] = dtype
+  if float32_row is not None:
+    a, b = row["agreement"], float32_row["agreement"]
+    tolerance = max(0.01, 1 / a["examples"])
+    moved = {side: a[side] - b[side] for side in ("jaxrobust", "pytorch")}
+    row["versus_float32"] = {
+      "speedup": {side: row[side] / float32_row[side] for side in ("jaxrobust", "pytorch")},
+      "agreement_moved": moved,
+      "agreement_holds": all(abs(m) <= tolerance + 1e-9 for m in moved.values()),
+    }
+  return row
+
+
 def jnp_argmax(jnp, logits):
   return jnp.argmax(logits, axis=-1)
 
@@ -1467,7 +1576,7 @@ def format_table(results):
     f"Batch {results['batch_size']}; median of {results['repeats']} timed runs per side "
     f"after a warm-up, alternating; clean accuracy on the attacked images "
     f"{100 * results['clean_accuracy']:.1f} %",
-    f"Matmul ceiling (float32 jnp.dot 2048^2, median over the run): "
+    f"Matmul ceiling (float32 jnp.dot 2048^2, median over the run; every dtype's % is of it): "
     f"{results['matmul_ceiling_gflops']:.0f} GFLOP/s; forward {results['forward_mflop']:.1f} "
     f"MFLOP/image, forward + input gradient {results['step_mflop']:.1f} MFLOP/image "
     f"(XLA cost analysis)",
@@ -1503,6 +1612,22 @@ def format_table(results):
       f"{format_rate(r['pytorch'])} {unit} | {r['ratio']:.2f}x | {r['compile_seconds']:.1f} "
       f"| {flop} | {frac} | {agree} |"
     )
+  versus = [r for r in results["rows"] if "versus_float32" in r]
+  if versus:
+    lines += [
+      "",
+      "| row | speed-up over float32 jr / pt | agreement moved jr / pt (points) "
+      "| agreement holds |",
+      "| --- | ---: | ---: | --- |",
+    ]
+    for r in versus:
+      v = r["versus_float32"]
+      up, moved = v["speedup"], v["agreement_moved"]
+      lines.append(
+        f"| {r['label']} | {up['jaxrobust']:.2f}x / {up['pytorch']:.2f}x "
+        f"| {100 * moved['jaxrobust']:+.1f} / {100 * moved['pytorch']:+.1f} "
+        f"| {'yes' if v['agreement_holds'] else 'NO: use float32'} |"
+      )
   if results["notes"]:
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
   return "\n".join(lines)
@@ -1549,12 +1674,16 @@ def main(argv=None):
 
   rows = []
   for name in args.rows:
-    print(f"{name} ...", end=" ", flush=True)
-    start = time.perf_counter()
-    row = getattr(bench, name)()
-    rows.append(row)
-    outcome = f"{row['ratio']:.2f}x" if "ratio" in row else f"{row['jaxrobust']:.0f} MiB"
-    print(f"{outcome} ({time.perf_counter() - start:.0f} s)", flush=True)
+    for dtype in args.dtypes:
+      print(f"{name} ({dtype}) ..." if len(args.dtypes) > 1 else f"{name} ...", end=" ", flush=True)
+      start = time.perf_counter()
+      bench.use_dtype(dtype)
+      row = getattr(bench, name)()
+      if dtype != "float32":
+        row = in_dtype_row(row, dtype, next((r for r in rows if r["row"] == name), None))
+      rows.append(row)
+      outcome = f"{row['ratio']:.2f}x" if "ratio" in row else f"{row['jaxrobust']:.0f} MiB"
+      print(f"{outcome} ({time.perf_counter() - start:.0f} s)", flush=True)
 
   ceilings = [r["matmul_ceiling_flops"] for r in rows if "matmul_ceiling_flops" in r]
   results = {
@@ -1562,6 +1691,7 @@ def main(argv=None):
     "model": bench.model_description,
     "data": bench.data_description,
     "batch_size": args.batch_size,
+    "dtypes": list(args.dtypes),
     "repeats": args.repeats,
     "clean_accuracy": float(np.mean(bench.clean_correct)),
     "matmul_ceiling_gflops": median(ceilings) / 1e9 if ceilings else float("nan"),

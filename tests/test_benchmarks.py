@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 from conftest import ROOT, program_env
@@ -44,3 +47,119 @@ def test_peak_memory_probe_reports_xla_temporaries_that_do_not_grow_with_the_ste
   few, many = probe(2), probe(20)
   assert few["xla_temp_mib"] == many["xla_temp_mib"] > 0
   assert few["resident_before_mib"] > 0 and few["second_call_peak_above_mib"] >= 0
+
+
+class _ConvBatchNorm(nn.Module):
+  """Convolution, BatchNorm, ReLU, global average, dense: what mixed precision touches."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), use_bias=False)(x)  # before BatchNorm, as in ResNets
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(3)(nn.relu(x).mean(axis=(1, 2)))
+
+
+def test_in_dtype_computes_in_bfloat16_and_keeps_everything_it_returns_float32():
+  from benchmarks.run import InDtype
+
+  model = _ConvBatchNorm()
+  x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
+  y = jnp.arange(8) % 3
+  variables = model.init(jax.random.key(0), x)
+  mixed = InDtype(model, jnp.bfloat16)
+  # The computation itself runs in bfloat16: its convolution says so.
+  hlo = jax.jit(lambda v, x: mixed.apply(v, x, train=False)).lower(variables, x).as_text()
+  (convolution,) = [line for line in hlo.splitlines() if "convolution" in line]
+  assert convolution.count("xbf16>") == 3  # input, kernel and output
+  logits = mixed.apply(variables, x, train=False)
+  exact = model.apply(variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  assert jnp.allclose(logits, exact, atol=0.02 * float(jnp.abs(exact).max()))
+  assert not jnp.array_equal(logits, exact)  # rounded: it did compute in bfloat16
+
+  # Training: the parameters' gradient and the updated batch statistics come
+  # back float32, each leaf float32's within bfloat16 rounding (the kernel's
+  # gradient through BatchNorm's centring loses the most: about 7 % here).
+  def loss(apply, params):
+    out, updates = apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), updates
+
+  (_, updates), grads = jax.value_and_grad(lambda p: loss(mixed.apply, p), has_aux=True)(
+    variables["params"]
+  )
+  (_, exact_updates), exact_grads = jax.value_and_grad(
+    lambda p: loss(model.apply, p), has_aux=True
+  )(variables["params"])
+  for tree, exact_tree in ((grads, exact_grads), (updates, exact_updates)):
+    assert jax.tree.structure(tree) == jax.tree.structure(exact_tree)
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(exact_tree)):
+      assert a.dtype == jnp.float32
+      assert 0 < float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.1
+  assert mixed.init == model.init  # everything else is the model's
+
+
+def test_torch_in_dtype_runs_under_autocast_and_returns_float32():
+  torch = pytest.importorskip("torch")
+  import jaxrobust as jr
+  from benchmarks import torch_models
+  from benchmarks.run import torch_in_dtype
+
+  model = jr.models.create("small_cnn", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3, width=4)
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  net = torch_models.to_torch(model, model.init(jax.random.key(0), x), (8, 8))
+  mixed = torch_in_dtype(torch, net, torch.bfloat16)
+  seen = []
+  net.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+  x_t = torch_models.nhwc_to_nchw(jax.device_get(x))
+  with torch.no_grad():
+    logits, exact = mixed(x_t), net(x_t)
+  assert seen == [torch.bfloat16, torch.float32] and logits.dtype == torch.float32
+  assert torch.allclose(logits, exact, atol=0.02 * float(exact.abs().max()))
+  assert list(mixed.parameters()) == list(net.parameters())  # one set of weights to train
+
+
+def test_a_bfloat16_row_holds_when_neither_sides_accuracy_moves_more_than_a_point():
+  from benchmarks.run import in_dtype_row
+
+  def row(jr_accuracy, pt_accuracy, examples, rate=100.0):
+    agreement = {"jaxrobust": jr_accuracy, "pytorch": pt_accuracy, "examples": examples}
+    return {
+      "row": "pgd_linf",
+      "label": "PGD",
+      "jaxrobust": rate,
+      "pytorch": rate / 2,
+      "agreement": agreement,
+    }
+
+  float32 = row(0.40, 0.41, 1000)
+  held = in_dtype_row(row(0.409, 0.401, 1000, rate=300.0), "bfloat16", float32)
+  assert held["row"] == "pgd_linf_bfloat16" and held["label"] == "PGD [bfloat16]"
+  v = held["versus_float32"]
+  assert v["agreement_holds"] and v["speedup"] == {"jaxrobust": 3.0, "pytorch": 3.0}
+  assert not in_dtype_row(row(0.40, 0.39, 1000), "bfloat16", float32)["versus_float32"][
+    "agreement_holds"
+  ]  # PyTorch's side moved 2 points
+  # Few examples: one example's worth (here 1/24, about 4 points) is within.
+  few = row(10 / 24, 10 / 24, 24)
+  assert in_dtype_row(row(11 / 24, 9 / 24, 24), "bfloat16", few)["versus_float32"][
+    "agreement_holds"
+  ]
+  assert not in_dtype_row(row(12 / 24, 10 / 24, 24), "bfloat16", few)["versus_float32"][
+    "agreement_holds"
+  ]
+  assert "versus_float32" not in in_dtype_row(few, "bfloat16", None)  # no float32 twin ran
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--dtypes", "float16"], "unknown dtype 'float16'"),
+    (["--dtypes", "bfloat16", "--rows", "seed_network"], "row 'seed_network' runs in float32"),
+  ],
+)
+def test_run_refuses_a_dtype_it_cannot_run(argv, message, capsys):
+  from benchmarks.run import parse_args
+
+  with pytest.raises(SystemExit) as exit_:
+    parse_args(argv)
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
