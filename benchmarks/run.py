@@ -591,7 +591,6 @@ class Bench:
     self.dtype = dtype
     model = self.in_dtype(self.model)
     self.apply = lambda v, x: model.apply(v, x, train=False)
-    self.compute_model = model
     self.net = self.torch_in_dtype(self.float32_net)
 
   def in_dtype(self, model):
@@ -1257,7 +1256,6 @@ class Bench:
     n = self.args.autoattack_images
     x, y = self.test_set.x[:n], self.test_set.y[:n]
     variables = jax.device_get(self.variables)
-    apply_fn = jr.models.inference_fn(self.compute_model)
     attacks = {"aa": jr.attacks.autoattack(norm="linf", eps=LINF_EPS)}
     x_t = self.tm.nhwc_to_nchw(x).to(self.torch_device)
     y_t = torch.from_numpy(y.astype(np.int64)).to(self.torch_device)
@@ -1265,7 +1263,7 @@ class Bench:
     def jax_run(i):
       del i  # the same images, key and result every run
       rep = jr.evaluation.evaluate(
-        apply_fn, variables, x, y, attacks, key=jax.random.key(0), batch_size=self.batch
+        self.apply, variables, x, y, attacks, key=jax.random.key(0), batch_size=self.batch
       )
       return rep["results"][0]["accuracy"]
 
