@@ -414,3 +414,20 @@ def test_reproduction_training_time_ignores_pauses_resumes_and_compilation(tmp_p
     "".join(json.dumps({"step": s, "loss": 1.0, "seconds": t}) + "\n" for s, t in lines)
   )
   assert reproduce_seed.train_seconds(tmp_path) == 250 * 0.5
+
+
+def test_mart_objective_of_a_constant_model_is_the_closed_form(trained, capsys):
+  from scripts import mart_objective  # pylint: disable=g-import-not-at-top
+
+  x = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
+  y = jnp.arange(6) % 10
+  terms = mart_objective.mart_terms(
+    lambda v: jnp.zeros((len(v), 10)), x, y, eps=0.2, lam=6.0, key=jax.random.key(0)
+  )
+  assert terms["kl_term"] == pytest.approx(0.0, abs=1e-6)
+  assert terms["logit_spread"] == 0.0
+  assert terms["objective"] == pytest.approx(mart_objective.constant_objective(10), rel=1e-5)
+  assert mart_objective.constant_objective(10) == pytest.approx(2.40783, abs=1e-5)
+  mart_objective.main([str(trained), "--images", "8", "--split", "test", "--eps", "0.2"])
+  out = capsys.readouterr().out
+  assert "run: MART" in out and "uniform prediction's MART objective 2.408" in out
