@@ -8,6 +8,8 @@ most one setting changed:
   pgd_at_no_aug  `pgd_at` without augmentation (--config.data.augment=none)
   pgd_at         `pgd_at` with random crop and flip (the setting's default)
   trades         `trades` (beta 6), mart (`mart`), fast_at (`fast_at`, its guard on)
+  fast_at_lr0.05 `fast_at` with its cyclic schedule peaking at 0.05, not Wong et al.'s
+                 0.2 for a BatchNorm ResNet (--config.optimizer.learning_rate=0.05)
   pgd_at_awp     `pgd_at` + adversarial weight perturbation (--config.awp=0.005)
   pgd_at_ema     `pgd_at` + an EMA of the weights, evaluated (--config.ema=0.995)
 
@@ -48,6 +50,7 @@ ROWS = (
   ("trades", "trades", {}),
   ("mart", "mart", {}),
   ("fast_at", "fast_at", {}),
+  ("fast_at_lr0.05", "fast_at", {"optimizer.learning_rate": 0.05}),
   ("pgd_at_awp", "pgd_at", {"awp": 0.005}),
   ("pgd_at_ema", "pgd_at", {"ema": 0.995}),
 )
