@@ -70,6 +70,7 @@ def check_config(config, mesh):
   make_augment(config)
   training.check_ema(config.get("ema", 0.0))
   training.check_awp(config.get("awp", 0.0))
+  checks.integer_at_least("awp_warmup", config.get("awp_warmup", 0), 0)
   selection.settings(config.eval, None)
   guard.settings(config.get("overfit_guard"), config.get("train_attack"))
   training.make_input_fn(

@@ -158,6 +158,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
       augment=config_lib.make_augment(resolved),
       ema=resolved.get("ema", 0.0),
       awp=resolved.get("awp", 0.0),
+      awp_from_step=resolved.get("awp_warmup", 0) * steps_per_epoch,
     )
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batches = data.train_batches(

@@ -194,7 +194,7 @@ def check_awp(gamma):
   return checks.in_interval("awp", gamma, 0.0, 1.0, closed=(True, False))
 
 
-def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0):
+def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0, awp_from_step=0):
   """The jitted, data-parallel step `(state, x, y, key) -> (state, metrics)`.
 
   With `awp` = gamma > 0 (Wu et al. 2020), the gradient of the objective's
@@ -202,6 +202,8 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
   the loss gradient at w on the same training inputs) and applied to w: the
   perturbation is removed before the update, which costs one more forward
   and backward pass. The batch statistics are those of the perturbed pass.
+  With `awp_from_step` = S > 0, the steps before state step S are plain
+  steps (a warm-up; they skip the extra pass).
 
   With `ema` = d > 0 (and a state with `ema_params`), the step also updates
   ema <- d * ema + (1 - d) * params with the new parameters.
@@ -223,6 +225,7 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
   """
   check_ema(ema)
   check_awp(awp)
+  checks.integer_at_least("awp_from_step", awp_from_step, 0)
   objective = (
     input_fn
     if isinstance(input_fn, objectives.Objective)
@@ -282,15 +285,16 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
     # gradients (a small-channel convolution's kernel gradient: one matmul).
     fast_loss = fastpath.fast(loss_fn)
     value_and_grad = fastpath.fast(jax.value_and_grad(fast_loss, has_aux=True))
+
+    def perturbed(params):  # AWP: ascend in weight space first, to w + v
+      grads = jax.grad(lambda p: fast_loss(p)[0])(params)
+      return jax.tree.map(jnp.add, params, awp_perturbation(params, grads, gamma=awp))
+
     at = state.params
-    if awp:  # ascend in weight space first: the gradient is taken at w + v
-      at = jax.tree.map(
-        jnp.add,
-        at,
-        awp_perturbation(
-          state.params, jax.grad(lambda p: fast_loss(p)[0])(state.params), gamma=awp
-        ),
-      )
+    if awp and awp_from_step:
+      at = jax.lax.cond(state.step >= awp_from_step, perturbed, lambda p: p, at)
+    elif awp:
+      at = perturbed(at)
     (_, (loss, logits, updates)), grads = value_and_grad(at)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}

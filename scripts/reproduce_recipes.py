@@ -3,7 +3,7 @@
 Every row trains the seed's network (`seed_cnn`) on all 50,000 CIFAR-10
 training images (the JPEG copy in `<repo>/../shared/data`, setting
 `cifar10`) for the same number of epochs, from a packaged config with at
-most one setting changed:
+most two settings changed:
 
   pgd_at_no_aug  `pgd_at` without augmentation (--config.data.augment=none)
   pgd_at         `pgd_at` with random crop and flip (the setting's default)
@@ -11,6 +11,8 @@ most one setting changed:
   fast_at_lr0.05 `fast_at` with its cyclic schedule peaking at 0.05, not Wong et al.'s
                  0.2 for a BatchNorm ResNet (--config.optimizer.learning_rate=0.05)
   pgd_at_awp     `pgd_at` + adversarial weight perturbation (--config.awp=0.005)
+  pgd_at_awp_warmup2  the same from epoch 2 on (--config.awp_warmup=2): PGD-AT alone
+                 leaves its initial plateau in its first 1.3 epochs
   pgd_at_ema     `pgd_at` + an EMA of the weights, evaluated (--config.ema=0.995)
 
 and evaluates each on the first `--test_images` test images with the
@@ -52,6 +54,7 @@ ROWS = (
   ("fast_at", "fast_at", {}),
   ("fast_at_lr0.05", "fast_at", {"optimizer.learning_rate": 0.05}),
   ("pgd_at_awp", "pgd_at", {"awp": 0.005}),
+  ("pgd_at_awp_warmup2", "pgd_at", {"awp": 0.005, "awp_warmup": 2}),
   ("pgd_at_ema", "pgd_at", {"ema": 0.995}),
 )
 ATTACKS = "autoattack_linf,pgd_l2"

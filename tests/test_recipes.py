@@ -256,6 +256,45 @@ def test_awp_step_applies_the_gradient_at_w_plus_v_to_w():
     assert not np.allclose(np.asarray(want), np.asarray(without), atol=1e-7)  # AWP mattered
 
 
+def test_awp_warmup_steps_are_plain_steps_then_awp_steps():
+  model, x, y = tiny_model()
+  tx = optax.sgd(0.5)
+  mesh = parallel.mesh(jax.devices()[:1])
+  natural = training.make_input_fn("natural")
+  warm = training.make_train_step(model, tx, natural, mesh, awp=0.05, awp_from_step=1)
+  plain = training.make_train_step(model, tx, natural, mesh)
+  awp = training.make_train_step(model, tx, natural, mesh, awp=0.05)
+  state = training.init_state(model, tx, x.shape[1:], jax.random.key(0))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  key = jax.random.key(1)
+
+  def run(step_fn, s):  # the steps donate their state: give them a copy
+    return jax.tree.map(np.asarray, step_fn(jax.tree.map(jnp.copy, s), x, y, key)[0].params)
+
+  def close(a, b):
+    return all(
+      np.allclose(p, q, rtol=1e-6, atol=1e-8) for p, q in zip(*map(jax.tree.leaves, (a, b)))
+    )
+
+  first = warm(jax.tree.map(jnp.copy, state), x, y, key)[0]  # state step 0 < 1: plain
+  assert close(jax.tree.map(np.asarray, first.params), run(plain, state))
+  assert not close(run(awp, state), run(plain, state))  # AWP would have changed it
+  assert close(run(warm, first), run(awp, first))  # state step 1: AWP
+  assert not close(run(warm, first), run(plain, first))
+
+
+def test_awp_warmup_counts_epochs(tiny_config, tmp_path):
+  # One epoch with AWP after a warm-up of one epoch is one epoch of plain
+  # training (with AWP from step 1 on, or from step 0, it differs:
+  # test_awp_warmup_steps_are_plain_steps_then_awp_steps).
+  def params(name, **settings):
+    config = tiny_config(epochs=1, **settings)
+    return jax.tree.leaves(experiment.train(config, tmp_path / name, progress=False).params)
+
+  for p, w in zip(params("plain"), params("warm", awp=0.05, awp_warmup=1)):
+    np.testing.assert_allclose(p, w, rtol=1e-6, atol=1e-8)
+
+
 def with_validation(tiny_config, jump):
   """Two epochs of natural training with an EMA of the parameters (decay 0.5),
   PGD-10 (eps 0.02) validation of the EMA on 64 held-out training images after
@@ -338,6 +377,7 @@ def test_eval_of_best_without_one_is_refused(tiny_config, tmp_path, cli, snapsho
     ({"data.augment": "cutout"}, "unknown data.augment 'cutout'"),
     ({"data.augment": "crop", "data.padding_mode": "edge"}, "unknown data.padding_mode 'edge'"),
     ({"awp": -0.1}, "awp must lie in"),
+    ({"awp": 5e-3, "awp_warmup": -1}, "awp_warmup must be an integer >= 0, got -1"),
     (
       {
         "objective": "trades",
@@ -365,7 +405,8 @@ def test_gpu_recipe_configs_are_valid(recipe):
   assert c.data.augment == "crop_flip" and c.train_attack.eps == pytest.approx(8 / 255)
 
 
-def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices():
+@pytest.mark.parametrize("awp_from_step", [0, 1])  # AWP in both steps; in the second only
+def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices(awp_from_step):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   from jaxrobust import augment
 
@@ -384,7 +425,14 @@ def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices():
       parallel.replicated(mesh),
     )
     step = training.make_train_step(
-      model, tx, objective, mesh, awp=5e-3, ema=0.9, augment=augment.create("crop", padding=2)
+      model,
+      tx,
+      objective,
+      mesh,
+      awp=5e-3,
+      awp_from_step=awp_from_step,
+      ema=0.9,
+      augment=augment.create("crop", padding=2),
     )
     batch = jax.device_put((x, y), parallel.batch_sharding(mesh))
     for _ in range(2):

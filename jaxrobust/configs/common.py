@@ -37,8 +37,10 @@ def base():
   # (0: off; 0.995 is typical).
   c.ema = 0.0
   # Adversarial weight perturbation (Wu et al. 2020): its gamma, 0 = off; 5e-3
-  # on top of pgd_at or trades (--config.awp=5e-3).
+  # on top of pgd_at or trades (--config.awp=5e-3), from epoch awp_warmup on
+  # (the epochs before it train without; AWP's public TRADES scripts use 10).
   c.awp = 0.0
+  c.awp_warmup = 0
   c.optimizer = dict(
     name="sgd",
     learning_rate=0.05,
