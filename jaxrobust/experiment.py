@@ -335,7 +335,10 @@ def evaluate(
   attack; for a randomized model it certifies the base classifier f,
   without noise. A randomized model is attacked with its fixed draws (EOT),
   and with fresh draws by attacks that ask for them (`Attack.stochastic`).
+  The model evaluated is `training.for_evaluation(state)`: the EMA of the
+  parameters when the state keeps one.
   """
+  state = training.for_evaluation(state)  # idempotent: a restored state already is
   test_set = config_lib.load_split(resolved, split)
   x, y = test_set.x, test_set.y
   if limit:

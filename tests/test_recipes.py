@@ -295,6 +295,23 @@ def test_awp_warmup_counts_epochs(tiny_config, tmp_path):
     np.testing.assert_allclose(p, w, rtol=1e-6, atol=1e-8)
 
 
+def test_evaluate_evaluates_the_ema_when_kept(tiny_config, tmp_path):
+  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  state = experiment.train(tiny_config(ema=0.5), tmp_path / "run", max_steps=30, progress=False)
+  resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+  model = config_lib.build_model(resolved)
+  y = config_lib.load_split(resolved, "test").y[:64]
+
+  def clean_accuracy(state):
+    return experiment.evaluate(resolved, model, state, names="pgd_linf", limit=64)["clean_accuracy"]
+
+  # An EMA of all zeros: constant logits 0, so every prediction is class 0.
+  constant = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.ema_params))
+  assert clean_accuracy(constant) == pytest.approx(np.mean(y == 0))
+  assert clean_accuracy(constant.replace(ema_params=None)) != pytest.approx(np.mean(y == 0))
+
+
 def with_validation(tiny_config, jump):
   """Two epochs of natural training with an EMA of the parameters (decay 0.5),
   PGD-10 (eps 0.02) validation of the EMA on 64 held-out training images after
