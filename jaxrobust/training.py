@@ -81,8 +81,11 @@ def check_ema(decay):
 
 
 def for_evaluation(state):
-  """The state a run is evaluated with: its parameters, or their EMA when kept."""
-  if state.ema_params is None:
+  """The state a run is evaluated with: its parameters, or their EMA when kept.
+
+  A state without `ema_params` (variables loaded from elsewhere, such as a
+  PyTorch checkpoint's) is evaluated as it is."""
+  if getattr(state, "ema_params", None) is None:
     return state
   return state.replace(params=state.ema_params)
 

@@ -18,7 +18,9 @@ most two settings changed:
 and evaluates each on the first `--test_images` test images with the
 configs' `eval.default`: AutoAttack standard (L-infinity 8/255) and PGD-20 L2
 0.5, with its training and evaluation seconds. The markdown table goes to
-`--out`, rewritten after every row; the runs go to
+`--out`, rewritten after every row (keeping the rows of the table there
+that this run does not replace, when that table is of the same setting:
+`--rows` adds or replaces rows); the runs go to
 `<runs>/cifar10-seed_cnn-<row>-e<epochs>` and a rerun resumes them (the
 training time is the steps times the median seconds per step of the logged
 intervals, so a resume or a pause does not count; a row evaluated on as many
@@ -119,25 +121,35 @@ def run_row(row, config_name, changes, args):
   return result
 
 
-def markdown(results, args):
-  lines = [
-    f"<!-- written by scripts/reproduce_recipes.py on "
-    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; do not edit by hand -->",
+def markdown(results, args, before=""):
+  """The table of `results`, with the rows of the table `before` that they do
+  not replace, when `before` describes the same setting (epochs, test images,
+  machine)."""
+  about = (
     f"`seed_cnn`, CIFAR-10 (JPEG copy), all 50,000 training images, {args.epochs} "
     f"epochs per row; evaluated on the first {results[0]['n']:,} test images with "
     f"AutoAttack standard (L-inf 8/255) and PGD-20 L2 0.5. Accuracy %. Machine: "
     f"{jax.device_count()} x {jax.devices()[0].platform.upper()} device(s), "
-    f"jax {jax.__version__}.",
-    "",
-    "| row | clean | AutoAttack L-inf | PGD-20 L2 | train (s) | eval (s) | command |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-  ]
+    f"jax {jax.__version__}."
+  )
+  rows = {}
+  if about in before.splitlines():
+    rows = {line.split(" | ")[0][2:]: line for line in before.splitlines()[5:] if line}
   for r in results:
-    lines.append(
+    rows[r["row"]] = (
       f"| {r['row']} | {r['clean']:.2f} | {r['autoattack']:.2f} | {r['pgd_l2']:.2f} "
       f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} "
       f"| `python train.py {r['flags']} --workdir {r['workdir']}` |"
     )
+  lines = [
+    f"<!-- written by scripts/reproduce_recipes.py on "
+    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; do not edit by hand -->",
+    about,
+    "",
+    "| row | clean | AutoAttack L-inf | PGD-20 L2 | train (s) | eval (s) | command |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+  ]
+  lines += [rows[row] for row, _, _ in ROWS if row in rows]
   return "\n".join(lines) + "\n"
 
 
@@ -146,10 +158,11 @@ def main(argv=None):
   rows = {r: (c, changes) for r, c, changes in ROWS}
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  before = out.read_text() if out.exists() else ""
   results = []
   for row in args.rows:  # the table is rewritten after each row
     results.append(run_row(row, *rows[row], args))
-    checkpoints.write_atomic(out, markdown(results, args))
+    checkpoints.write_atomic(out, markdown(results, args, before))
   print(f"\nwrote {out}\n\n{out.read_text()}")
 
 

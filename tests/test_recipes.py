@@ -1,5 +1,6 @@
 """Training recipes: TRADES and MART losses by hand, their inner attacks, Fast-AT."""
 
+import argparse
 import json
 
 import jax
@@ -479,6 +480,35 @@ def test_reproduction_training_time_ignores_pauses_resumes_and_compilation(tmp_p
     "".join(json.dumps({"step": s, "loss": 1.0, "seconds": t}) + "\n" for s, t in lines)
   )
   assert reproduce_seed.train_seconds(tmp_path) == 250 * 0.5
+
+
+def test_recipes_table_keeps_the_rows_it_does_not_rerun_of_the_same_setting():
+  from scripts import reproduce_recipes  # pylint: disable=g-import-not-at-top
+
+  def row(name, clean):
+    return dict(
+      row=name,
+      clean=clean,
+      autoattack=1.0,
+      pgd_l2=2.0,
+      n=2000,
+      train_seconds=3.0,
+      eval_seconds=4.0,
+      flags=f"--config {name}:cifar10",
+      workdir=f"runs/{name}",
+    )
+
+  ten = argparse.Namespace(epochs=10)
+  first = reproduce_recipes.markdown([row("trades", 40.0), row("pgd_at", 30.0)], ten)
+  table = lambda text: [line.split(" | ")[:2] for line in text.splitlines()[5:]]
+  # Rows come in ROWS' order (pgd_at before trades), whatever the run's order.
+  assert table(first) == [["| pgd_at", "30.00"], ["| trades", "40.00"]]
+  # A run of one row replaces that row and keeps the other, in ROWS' order.
+  second = reproduce_recipes.markdown([row("pgd_at", 31.0), row("mart", 5.0)], ten, first)
+  assert table(second) == [["| pgd_at", "31.00"], ["| trades", "40.00"], ["| mart", "5.00"]]
+  # A table of another setting (here 3 epochs) is not mixed in.
+  three = reproduce_recipes.markdown([row("mart", 5.0)], argparse.Namespace(epochs=3), first)
+  assert table(three) == [["| mart", "5.00"]]
 
 
 def test_mart_objective_of_a_constant_model_is_the_closed_form(trained, capsys):
