@@ -7,6 +7,7 @@ most two settings changed:
 
   pgd_at_no_aug  `pgd_at` without augmentation (--config.data.augment=none)
   pgd_at         `pgd_at` with random crop and flip (the setting's default)
+  pgd_at_seed1   the same from another seed (initialisation, order, crops, attacks)
   trades         `trades` (beta 6), mart (`mart`), fast_at (`fast_at`, its guard on)
   fast_at_lr0.05 `fast_at` with its cyclic schedule peaking at 0.05, not Wong et al.'s
                  0.2 for a BatchNorm ResNet (--config.optimizer.learning_rate=0.05)
@@ -51,6 +52,7 @@ from jaxrobust import config as config_lib  # pylint: disable=wrong-import-posit
 ROWS = (
   ("pgd_at_no_aug", "pgd_at", {"data.augment": "none"}),
   ("pgd_at", "pgd_at", {}),
+  ("pgd_at_seed1", "pgd_at", {"seed": 1}),
   ("trades", "trades", {}),
   ("mart", "mart", {}),
   ("fast_at", "fast_at", {}),
