@@ -1,7 +1,8 @@
 """A plain PyTorch PGD-AT baseline of the seed's network, beside the recipes' table.
 
-The same network (`seed_cnn`, initialised by jaxrobust with seed 0 and
-converted with `jaxrobust.interop.to_torch`, normalisation inside), the same
+The same network (`seed_cnn`, with the initial weights `train.py --config
+pgd_at:cifar10 --config.seed=<seed>` starts from, converted with
+`jaxrobust.interop.to_torch`, normalisation inside), the same
 data (the CIFAR-10 JPEG copy in `../shared/data`, all 50,000 training
 images) and the recipe of `--config pgd_at:cifar10` written as a plain
 PyTorch loop: PGD-7 L-infinity 8/255 (step 2.5 eps / 7, random start;
@@ -62,6 +63,20 @@ def crop_and_flip(torch, x, generator, padding=4):
   return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
+def initial_model(config, train_set):
+  """`train.py`'s model for `config` and its step-0 variables (experiment.initial_state)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust import experiment, parallel  # pylint: disable=g-import-not-at-top
+
+  resolved = config_lib.resolve(config, train_set)
+  model = config_lib.build_model(resolved)
+  tx = config_lib.make_optimizer(resolved)
+  state = experiment.initial_state(resolved, model, tx, parallel.mesh())
+  return model, jax.device_get({"params": state.params, **state.model_state})
+
+
 def main(argv=None):
   args = parse_args(argv)
   try:
@@ -69,7 +84,6 @@ def main(argv=None):
     import torchattacks  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise SystemExit(f"the baseline needs PyTorch and torchattacks ({e})") from None
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
@@ -85,12 +99,9 @@ def main(argv=None):
   x_train, y_train = train.x, train.y
   if args.train_images:
     x_train, y_train = x_train[: args.train_images], y_train[: args.train_images]
-  mean, std = jr.data.channel_stats(x_train)
-  model = jr.models.create(
-    "seed_cnn", num_classes=10, mean=tuple(map(float, mean)), std=tuple(map(float, std))
-  )
-  variables = model.init(jax.random.key(args.seed), np.zeros((1, *x_train.shape[1:]), np.float32))
-  net = jr.interop.to_torch(model, jax.device_get(variables), x_train.shape[1:3])
+  config.seed = args.seed
+  model, variables = initial_model(config, train)
+  net = jr.interop.to_torch(model, variables, x_train.shape[1:3])
   for p in net.parameters():
     p.requires_grad_(True)
   xs = jr.interop.nhwc_to_nchw(x_train)

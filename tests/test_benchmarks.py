@@ -8,6 +8,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -163,3 +164,22 @@ def test_run_refuses_a_dtype_it_cannot_run(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_:
     parse_args(argv)
   assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_torch_baseline_starts_from_the_weights_train_py_starts_from(tiny_config, tmp_path):
+  from benchmarks import torch_pgd_at  # pylint: disable=g-import-not-at-top
+  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust import checkpoints, experiment  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(seed=3)
+  state = experiment.train(config, tmp_path / "run", max_steps=0, progress=False)
+  model, variables = torch_pgd_at.initial_model(config, config_lib.load_split(config, "train"))
+  assert model == config_lib.build_model(checkpoints.load_config(tmp_path / "run"))
+  leaves = jax.tree.leaves(variables["params"])
+  assert len(leaves) == len(jax.tree.leaves(state.params))
+  for ours, trained in zip(leaves, jax.tree.leaves(state.params), strict=True):
+    assert np.array_equal(ours, trained)
+  # Another seed starts elsewhere: the seed reaches the initialisation.
+  config.seed = 4
+  _, other = torch_pgd_at.initial_model(config, config_lib.load_split(config, "train"))
+  assert not all(map(np.array_equal, jax.tree.leaves(other["params"]), leaves))
