@@ -77,6 +77,19 @@ def initial_model(config, train_set):
   return model, jax.device_get({"params": state.params, **state.model_state})
 
 
+def markdown_row(result):
+  """`result` as a row of the table of `scripts/reproduce_recipes.py`."""
+  command = (
+    f"python benchmarks/torch_pgd_at.py --epochs {result['epochs']} "
+    f"--test_images {result['n']} --seed {result['seed']}"
+  )
+  return (
+    f"| pgd_at, plain PyTorch (seed {result['seed']}) | {result['clean']:.2f} "
+    f"| {result['autoattack']:.2f} | {result['pgd_l2']:.2f} | {result['train_seconds']:.0f} "
+    f"| {result['eval_seconds']:.0f} | `{command}` |"
+  )
+
+
 def main(argv=None):
   args = parse_args(argv)
   try:
@@ -160,6 +173,7 @@ def main(argv=None):
     robust_l2 = clean & (net(adv).argmax(1) == y_test)
   result = {
     "row": "pgd_at (plain PyTorch)",
+    "seed": args.seed,
     "epochs": args.epochs,
     "train_images": len(xs),
     "n": len(x_test),
@@ -170,6 +184,7 @@ def main(argv=None):
     "eval_seconds": time.perf_counter() - began,
   }
   print(json.dumps(result), flush=True)
+  print(markdown_row(result), flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
   return result
