@@ -134,9 +134,11 @@ def markdown(results, args, before=""):
     f"{jax.device_count()} x {jax.devices()[0].platform.upper()} device(s), "
     f"jax {jax.__version__}."
   )
+  kept = before.splitlines()
+  # Its rows follow the comment, this line, a blank line and the table's header.
   rows = {}
-  if about in before.splitlines():
-    rows = {line.split(" | ")[0][2:]: line for line in before.splitlines()[5:] if line}
+  if about in kept:
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in kept[5:] if line}
   for r in results:
     rows[r["row"]] = (
       f"| {r['row']} | {r['clean']:.2f} | {r['autoattack']:.2f} | {r['pgd_l2']:.2f} "
