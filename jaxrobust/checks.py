@@ -2,15 +2,23 @@
 
 Every user mistake raises `InputError` with one sentence naming the bad value.
 The command-line tools print that sentence and exit with code 2 (no traceback).
-Value checks on arrays (range, NaN) need concrete arrays: they run when the
-caller passes numpy or committed jax arrays and are skipped under `jax.jit`,
-where values are abstract; shape checks always run.
+Shape checks run when a function is called or traced. Value checks (images
+in [0, 1] and not NaN, labels in range, eps finite and > 0) run on the host
+when the values are concrete; when they are traced (inside `jax.jit`,
+`lax.scan`, `vmap`, ...), `on_device` checks them where they are computed:
+a host callback of a few scalars, which raises the same `InputError` when
+the program runs (JAX wraps it in a `JaxRuntimeError` whose message ends
+with ours). The library's own compiled programs, whose inputs it checked on
+the host, trace their attacks inside `trusted()` and carry no callback.
 """
 
+import contextlib
+import contextvars
 import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -97,10 +105,8 @@ def check_images(x, *, min_rank=2):
     f"images must have shape [batch, ...] with rank >= {min_rank}, got shape {tuple(np.shape(x))}",
   )
   if is_concrete(x):
-    x = np.asarray(x)
-    require(not np.isnan(x).any(), f"images contain NaN ({int(np.isnan(x).sum())} values)")
-    lo, hi = float(x.min(initial=0.0)), float(x.max(initial=1.0))
-    require(lo >= 0.0 and hi <= 1.0, f"images must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+    x = np.asarray(x, np.float32)
+    _image_values(int(np.isnan(x).sum()), x.min(initial=0.0), x.max(initial=1.0))
 
 
 def check_labels(y, batch_size, num_classes=None):
@@ -111,5 +117,80 @@ def check_labels(y, batch_size, num_classes=None):
   )
   if num_classes is not None and is_concrete(y):
     y = np.asarray(y)
-    bad = y[(y < 0) | (y >= num_classes)]
-    require(bad.size == 0, f"labels must lie in [0, {num_classes}), got {bad[:5].tolist()}")
+    _label_values(y[(y < 0) | (y >= num_classes)][:5], num_classes)
+
+
+def _image_values(nan_count, lo, hi):
+  require(nan_count == 0, f"images contain NaN ({int(nan_count)} values)")
+  lo, hi = float(lo), float(hi)
+  require(
+    lo >= 0.0 and hi <= 1.0,
+    f"images must lie in [0, 1], got values in [{lo:g}, {hi:g}]"
+    + (" (divide 8-bit images by 255)" if hi > 1.0 else ""),
+  )
+
+
+def _label_values(bad, num_classes):
+  require(bad.size == 0, f"labels must lie in [0, {num_classes}), got {bad.tolist()}")
+
+
+def _eps_values(bad, name):
+  require(bad.size == 0, f"{name} must be finite and > 0, got {bad.tolist()}")
+
+
+# ----------------------------------------------------------------------------
+# Value checks of traced arrays.
+
+_TRUSTED = contextvars.ContextVar("jaxrobust_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted():
+  """Within this context, `on_device` adds no check to what is traced.
+
+  For the library's own programs (training and evaluation steps), whose
+  inputs were checked on the host: enter it inside the traced function, so
+  that it holds whenever that function is traced."""
+  token = _TRUSTED.set(True)
+  try:
+    yield
+  finally:
+    _TRUSTED.reset(token)
+
+
+def on_device(*, x=None, y=None, num_classes=None, eps=None, eps_name="eps"):
+  """Checks the traced ones of images `x`, labels `y` (in [0, num_classes))
+  and `eps` (finite, > 0) when the program runs: a host callback of a few
+  reductions, raising `InputError` as the host checks would. Concrete
+  arrays are left to the host checks; nothing is added inside `trusted()`."""
+  if _TRUSTED.get():
+    return
+  scalars = {}
+  if x is not None and not is_concrete(x):
+    x32 = jnp.asarray(x, jnp.float32)
+    finite = jnp.where(jnp.isnan(x32), 0.5, x32)
+    scalars["x"] = (jnp.isnan(x32).sum(), finite.min(initial=0.0), finite.max(initial=1.0))
+  if y is not None and num_classes is not None and not is_concrete(y) and jnp.ndim(y) == 1:
+    y = jnp.asarray(y)
+    bad = (y < 0) | (y >= num_classes)
+    # The first bad label (0 if none) and how many there are.
+    scalars["y"] = (y[jnp.argmax(bad)], bad.sum())
+  if eps is not None and not is_concrete(eps):
+    e = jnp.ravel(jnp.asarray(eps, jnp.float32))
+    bad = ~(e > 0) | ~jnp.isfinite(e)
+    scalars["eps"] = (e[jnp.argmax(bad)], bad.sum())
+  if scalars:
+    jax.debug.callback(_host_check, scalars, num_classes, eps_name)
+
+
+def _host_check(scalars, num_classes, eps_name):
+  # Under vmap a callback may see a batch of each scalar: check every one.
+  if "x" in scalars:
+    nan, lo, hi = (np.asarray(v) for v in scalars["x"])
+    _image_values(int(nan.sum()), lo.min(), hi.max())
+  if "y" in scalars:
+    first, count = (np.asarray(v) for v in scalars["y"])
+    _label_values(np.ravel(first)[np.ravel(count) > 0][:5], num_classes)
+  if "eps" in scalars:
+    first, count = (np.asarray(v) for v in scalars["eps"])
+    _eps_values(np.ravel(first)[np.ravel(count) > 0][:5], eps_name)

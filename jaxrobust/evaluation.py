@@ -13,9 +13,10 @@ size and device count, and it is the same when an interrupted evaluation is
 resumed from its state file (`state_path`). With `individual`, every attack
 runs on all clean-correct examples instead (each row: that attack alone).
 
-An adversarial example counts only within its attack's ball (up to float
-rounding; the report's `outside_ball` counts any that was not, which a
-correct attack never produces). Transfer (black-box) evaluation crafts the
+An adversarial example counts only within its attack's ball (up to float32
+rounding, and the rounding to the images' type when it is narrower, such as
+float16; the report's `outside_ball` counts any that was not, which a
+correct attack never produces, and `run` warns of them). Transfer (black-box) evaluation crafts the
 examples on a source model and classifies them with the target.
 
 Compiled programs are cached per (model function, attack, batch shape,
@@ -29,6 +30,8 @@ import hashlib
 import json
 import math
 import time
+import weakref
+import zipfile
 from pathlib import Path
 
 import jax
@@ -37,7 +40,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import checks, data, fastpath, parallel
+from jaxrobust import checks, data, fastpath, inference, parallel
 from jaxrobust import keys as keys_lib
 
 # Float rounding allowed on the ball's radius when judging an adversarial example.
@@ -157,6 +160,9 @@ def run(
   x, y = np.asarray(x), np.asarray(y)
   checks.check_labels(y, len(x))
   checks.integer_at_least("batch_size", batch_size, 1)
+  inference.check_apply_fn(apply_fn, variables, x[:1])
+  if source is not None:
+    inference.check_apply_fn(*source, x[:1])
   attack_fns = build_attacks(attacks)
   mesh = mesh or parallel.mesh()
   devices = mesh.devices.size
@@ -204,9 +210,16 @@ def run(
           program(variables, source_variables, *arrays, attack_key, jnp.int32(j), eps)
         )
         correct, l2, size = correct[: len(chosen)], l2[: len(chosen)], size[: len(chosen)]
-        inside = size <= (np.inf if stage.eps is None else _ball_limit(stage))
+        inside = size <= (np.inf if stage.eps is None else _ball_limit(stage, x))
         fooled = ~correct & inside
         outcome.outside_ball += int(np.sum(~correct & ~inside))
+        if np.any(~correct & ~inside):
+          log(
+            f"warning: {label}{'' if len(stages) == 1 else ' ' + stage.label} found "
+            f"{int(np.sum(~correct & ~inside))} adversarial examples outside its ball "
+            f"({stage.norm} {stage.eps:g}; largest {np.max(size[~correct & ~inside]):.6g}): "
+            "not counted (outside_ball)"
+          )
         hit = chosen[fooled]
         outcome.robust[hit] = False
         outcome.fooled_by[hit] = j
@@ -258,6 +271,37 @@ def evaluate(apply_fn, variables, x, y, attacks, *, individual=False, **options)
   rep = report(clean, outcomes, attack_fns, individual=individual)
   rep["seconds"] = time.perf_counter() - began
   return rep
+
+
+def robust_accuracy(logits_fn, x, y, attack, *, key, batch_size=500) -> float:
+  """The fraction of examples (`x` [N, ...] in [0, 1], labels `y` [N])
+  classified correctly clean and under `attack` (each of its stages run on
+  what the stages before it left robust): `evaluate` in one line.
+
+  `logits_fn(x) -> logits` is called with its variables as constants of
+  the compiled program, which is cached per `logits_fn` object: to evaluate
+  changing weights without recompiling, call `evaluate` with
+  `(apply_fn, variables)` (`inference.split`).
+  """
+  checks.require(
+    isinstance(attack, attacks_lib.Attack), f"attack must be an Attack, got {attack!r}"
+  )
+  rep = evaluate(
+    _constant_apply(logits_fn), {}, x, y, {"attack": attack}, key=key, batch_size=batch_size
+  )
+  return rep["results"][0]["accuracy"]
+
+
+_CONSTANT_APPLY = weakref.WeakKeyDictionary()
+
+
+def _constant_apply(logits_fn):
+  """`(variables, x) -> logits_fn(x)`, the same object for the same `logits_fn`."""
+  if logits_fn not in _CONSTANT_APPLY:
+    # A weak reference: the entry must not keep its own key alive.
+    ref = weakref.ref(logits_fn)
+    _CONSTANT_APPLY[logits_fn] = lambda variables, x: ref()(x)
+  return _CONSTANT_APPLY[logits_fn]
 
 
 def report(clean, outcomes, attack_fns, *, individual=False):
@@ -362,8 +406,16 @@ def _parts(n, batch, devices):
   return parts
 
 
-def _ball_limit(attack):
-  return attack.eps * (1 + BALL_TOLERANCE) + 1e-6
+def _ball_limit(attack, x):
+  """The largest perturbation counted inside `attack`'s ball: eps, float32's
+  rounding, and the rounding of images `x` [N, ...] to their type if it is
+  narrower (at most a quarter of its machine epsilon a coordinate in [0, 1])."""
+  limit = attack.eps * (1 + BALL_TOLERANCE) + 1e-6
+  if np.issubdtype(x.dtype, np.floating) and np.finfo(x.dtype).bits < 32:
+    rounding = float(np.finfo(x.dtype).eps) / 4
+    dims = 1 if attack.norm == "linf" else math.prod(x.shape[1:])
+    limit += rounding * math.sqrt(dims)
+  return limit
 
 
 def _program_key(attack):
@@ -405,8 +457,9 @@ def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh
     keys = keys_lib.example_keys(key, index)
     if staged:
       keys = keys_lib.fold(keys, stage)
-    x_adv = attack.fn(logits_fn, x, y, keys, eps)
-    d = (x_adv - x).reshape(len(x), -1)
+    with checks.trusted():  # `run` checked the inputs on the host
+      x_adv = attack.fn(logits_fn, x, y, keys, eps)
+    d = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(len(x), -1)
     l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))
     size = jnp.max(jnp.abs(d), -1) if attack.norm == "linf" else l2
     return jnp.argmax(target(x_adv), -1) == y, l2, size
@@ -496,8 +549,11 @@ def _read_state(path, fingerprint):
     with np.load(path, allow_pickle=False) as archive:
       arrays = {k: archive[k] for k in archive.files}
     saved = json.loads(str(arrays.pop("__fingerprint__")))
-  except (OSError, ValueError, KeyError) as e:
-    raise checks.InputError(f"cannot read the evaluation state {str(path)!r}: {e}") from None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    raise checks.InputError(
+      f"{str(path)!r} is not an evaluation state file (written by --state / state_path); "
+      "use another --state file or delete this one"
+    ) from None
   for what in ("model", "data", "attacks", "key", "mode"):
     checks.require(
       saved.get(what) == fingerprint[what],

@@ -4,13 +4,15 @@
 def format_table(rep):
   """A markdown table of an `evaluation.evaluate` report: clean accuracy,
   each attack's robust accuracy (and each stage's, for a staged attack), the
-  worst case, and the time each took."""
+  worst case, the time each took, and the adversarial examples each found
+  outside its ball (not counted; 0 for a correct attack)."""
   individual = rep.get("mode") == "individual"
   what = "robust accuracy" if individual else "robust accuracy after it"
   lines = [
-    f"| attack | norm | eps | settings | {what} | attacked | seconds | median L2 of successes |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    f"| clean | | | | {100 * rep['clean_accuracy']:.2f} % | | | |",
+    f"| attack | norm | eps | settings | {what} | attacked | seconds | median L2 of successes "
+    "| outside ball |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    f"| clean | | | | {100 * rep['clean_accuracy']:.2f} % | | | | |",
   ]
   for r in rep["results"]:
     settings = ", ".join(
@@ -20,19 +22,20 @@ def format_table(rep):
     l2 = "" if r["median_l2"] is None else f"{r['median_l2']:.4f}"
     lines.append(
       f"| {r['attack']} | {r['norm'] or ''} | {eps} | {settings} | "
-      f"{100 * r['accuracy']:.2f} % | {r['attacked']} | {r['seconds']:.1f} | {l2} |"
+      f"{100 * r['accuracy']:.2f} % | {r['attacked']} | {r['seconds']:.1f} | {l2} | "
+      f"{r['outside_ball']} |"
     )
     if len(r["stages"]) > 1:
       for s in r["stages"]:
         lines.append(
           f"| - {s['stage']} | | | | {100 * s['accuracy']:.2f} % | "
-          f"{s['attacked']} | {s['seconds']:.1f} | |"
+          f"{s['attacked']} | {s['seconds']:.1f} | | |"
         )
   if rep["results"]:
     lines.append(
       f"| worst case | | | every threat model | "
       f"{100 * rep['worst_case_accuracy']:.2f} % | | "
-      f"{rep.get('seconds', 0):.1f} | |"
+      f"{rep.get('seconds', 0):.1f} | | |"
     )
   lines.append(
     f"\n{rep['n_examples']} examples; "

@@ -66,7 +66,17 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
 
   Returns:
     int32 numpy array [B, num_classes]; every row sums to n.
+
+  Runs on the host, as `predict` and `certify` do (each chunk is a compiled
+  program; the counts and the confidence bounds are numpy): call it outside
+  `jax.jit`, `vmap` and `scan`; `logits_fn` itself may be anything traceable.
   """
+  checks.require(
+    checks.is_concrete(x) and checks.is_concrete(key),
+    "smoothing.noise_counts, predict and certify run on the host (chunks of draws, then "
+    "numpy confidence bounds): call them outside jax.jit / vmap / scan, with concrete "
+    "images and key",
+  )
   _check_sigma(sigma)
   _check_draws("n", n)
   _check_draws("batch_size", batch_size)

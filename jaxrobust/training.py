@@ -255,9 +255,10 @@ def make_train_step(model, tx, input_fn, mesh, *, augment=None, ema=0.0, awp=0.0
     index = global_index(x.shape[0])
     if augment is not None:
       x = augment(x, keys_lib.example_keys(jax.random.fold_in(step_key, 3), index))
-    x_train = jax.lax.stop_gradient(
-      objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index))
-    )
+    with checks.trusted():  # the data were checked on the host
+      x_train = jax.lax.stop_gradient(
+        objective(logits_fn, x, y, keys_lib.example_keys(attack_key, index))
+      )
     apply_kwargs = {}
     if randomized:
       apply_kwargs["noise"] = gaussian_noise(

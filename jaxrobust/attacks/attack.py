@@ -13,6 +13,8 @@ compiled programs can be cached by attack.
 """
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Protocol
 from collections.abc import Callable
 
@@ -21,6 +23,23 @@ import jax
 from jaxrobust import checks
 
 NORMS = ("linf", "l2")
+# Other names of the norms, as other libraries and papers write them.
+_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "2": "l2"}
+
+
+def norm_name(norm):
+  """The canonical name of a norm: "linf" for "Linf", "inf", `np.inf`;
+  "l2" for "L2", 2. Raises `InputError` for anything else."""
+  if isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+    key = "inf" if norm == math.inf else ("2" if norm == 2 else None)
+  else:
+    key = norm.lower() if isinstance(norm, str) else None
+  checks.require(
+    key in _NORM_ALIASES,
+    f"unknown norm {norm!r}; choose one of 'linf' (also 'Linf', 'inf', np.inf) or 'l2' "
+    "(also 'L2', 2)",
+  )
+  return _NORM_ALIASES[key]
 
 
 class AttackFn(Protocol):
@@ -123,7 +142,7 @@ def make(fn, name, *, norm=None, eps=None, targeted=False, stages=(), **settings
   return Attack(
     fn,
     name,
-    norm=norm,
+    norm=None if norm is None else norm_name(norm),
     eps=None if eps is None else float(eps),
     targeted=bool(targeted),
     settings=frozen,

@@ -17,28 +17,40 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
+from jaxrobust.attacks.attack import NORMS, norm_name  # noqa: F401
 
 # Every attack's gradients go through the CPU fast path (`jaxrobust.fastpath`;
 # the identity off CPU), under its historical name here.
 from jaxrobust.fastpath import canonical_convolutions, fast  # noqa: F401
 
-NORMS = ("linf", "l2")
 _TINY = 1e-12
 
 
 def check_norm(norm):
-  return checks.one_of("norm", norm, NORMS)
+  """The norm's canonical name, "linf" or "l2" (`attack.norm_name`)."""
+  return norm_name(norm)
 
 
 def check_eps(eps, name="eps"):
-  """Validates eps: a number > 0, or an array of them (checked when concrete)."""
+  """Validates eps: a number > 0, or an array of them (on the device when
+  traced: `checks.on_device`)."""
   if jnp.ndim(eps) == 0 and checks.is_concrete(eps):
     return checks.positive(name, float(eps))
   if checks.is_concrete(eps):
     eps_np = np.asarray(eps)
-    bad = eps_np[~(eps_np > 0) | ~np.isfinite(eps_np)]
-    checks.require(bad.size == 0, f"{name} must be finite and > 0, got {bad[:5].tolist()}")
+    checks._eps_values(eps_np[~(eps_np > 0) | ~np.isfinite(eps_np)][:5], name)
+  else:
+    checks.on_device(eps=eps, eps_name=name)
   return eps
+
+
+def check_eps_shape(eps, batch_size):
+  """Refuses an eps that is neither one number nor one per example."""
+  checks.require(
+    jnp.ndim(eps) == 0 or jnp.shape(eps) == (batch_size,),
+    f"eps must be a number or one per example, shape ({batch_size},); got shape "
+    f"{tuple(jnp.shape(eps))}",
+  )
 
 
 def check_step_size(step_size):
@@ -189,7 +201,14 @@ def iterate(body, state, steps, unroll=False):
 
 def num_classes_of(logits_fn, x):
   """The number of classes `logits_fn` predicts, from its output shape (no compute)."""
-  shape = jax.eval_shape(logits_fn, x).shape
+  out = jax.eval_shape(logits_fn, x)
+  checks.require(
+    hasattr(out, "shape"),
+    f"logits_fn must return one array of logits [batch, classes], got a "
+    f"{type(out).__name__}; pick the logits out (e.g. lambda x: model(x)[0]), or "
+    "build logits_fn with jaxrobust.inference.logits_fn",
+  )
+  shape = out.shape
   checks.require(
     len(shape) == 2 and shape[0] == x.shape[0],
     f"logits_fn must map a batch of {x.shape[0]} images to logits "
@@ -213,8 +232,10 @@ def check_batch(logits_fn, x, y, *, stochastic=False, soft_labels=False):
       jnp.shape(y) == (x.shape[0], num_classes),
       f"soft labels must have shape ({x.shape[0]}, {num_classes}), got shape {tuple(jnp.shape(y))}",
     )
+    checks.on_device(x=x)
   else:
     checks.check_labels(y, x.shape[0], num_classes)
+    checks.on_device(x=x, y=y, num_classes=num_classes)
   return num_classes
 
 
@@ -227,10 +248,21 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False, so
 
   `logits_fn_one` maps one example to its logits [K] (a `stochastic` model:
   one example and a key). `per_example` are extra arguments of shape [B] or
-  scalars (broadcast), such as a per-example eps. Returns the attacked
-  batch, the same shape and dtype as `x`.
+  scalars (broadcast), such as a per-example eps.
+
+  Images in a floating type narrower than float32 (float16, bfloat16) are
+  attacked in float32, and the result is rounded back towards x
+  (`round_towards`), so it stays in the ball and the box exactly.
+
+  Returns:
+    The attacked batch, the shape and dtype of `x`, as x + stop_gradient(d*):
+    its derivative with respect to x is the identity and none flows into
+    the model through the search (Danskin's theorem: the gradient of
+    max_d L(theta, x + d) is that of L(theta, x + d*) at the maximiser d*).
   """
   check_batch(logits_fn, x, y, stochastic=stochastic, soft_labels=soft_labels)
+  for a in per_example:
+    check_eps_shape(a, x.shape[0])
   # The model through the CPU fast path before the attack differentiates it,
   # and (in each attack) the gradient after: pooling and small-channel
   # convolutions get the gradients XLA:CPU runs fast (`jaxrobust.fastpath`).
@@ -241,4 +273,24 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False, so
   run = jax.vmap(
     lambda xi, yi, ki, *a: attack_one(logits_one, xi, yi, ki, *a), in_axes=(0, 0, 0) + axes
   )
-  return run(x, y, keys, *per_example).astype(x.dtype)
+  x_work = jax.lax.stop_gradient(working_precision(x))
+  x_adv = round_towards(x_work, run(x_work, y, keys, *per_example), x.dtype)
+  return jax.lax.stop_gradient(x_adv) + (x - jax.lax.stop_gradient(x))
+
+
+def working_precision(x):
+  """`x` in float32 if its type is a narrower float (float16, bfloat16)."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+    return x.astype(jnp.float32)
+  return x
+
+
+def round_towards(x, x_adv, dtype):
+  """`x_adv` in `dtype`, each coordinate rounded towards `x` (representable
+  in `dtype`): |x_adv - x| never grows, so every L-p ball and the box that
+  held x_adv hold the result."""
+  if x_adv.dtype == dtype:
+    return x_adv
+  rounded = x_adv.astype(dtype)
+  grew = jnp.abs(rounded.astype(x_adv.dtype) - x) > jnp.abs(x_adv - x)
+  return jnp.where(grew, jnp.nextafter(rounded, x.astype(dtype)), rounded)
