@@ -47,6 +47,10 @@ from jaxrobust import keys as keys_lib
 BALL_TOLERANCE = 1e-4
 # The smallest batch a device gets for a stage's last few examples.
 MIN_PER_DEVICE = 8
+# The state file is rewritten at most this often (and after every round).
+SAVE_SECONDS = 5.0
+# The layout of the state file: 2 records each round of a stage (`rounds`).
+STATE_FORMAT = 2
 
 
 def build_attacks(specs):
@@ -83,9 +87,12 @@ class Outcome:
     fooled_by: int [N], the stage that fooled the example (-1: none).
     l2, size: float [N], ||x_adv - x||_2 and its size in the attack's norm,
       where the attack fooled the example (NaN elsewhere).
-    attacked: bool [stages, N], the examples each stage ran on.
-    seconds: float [stages], the time each stage took.
+    attacked: bool [rounds, N], the examples each round ran on (`rounds`:
+      a stage's rounds, one after another).
+    seconds: float [rounds], the time each round took.
     outside_ball: adversarial examples found outside the ball (not counted).
+    x_adv: the adversarial example of each fooled example, x elsewhere
+      [N, ...] (only when asked for: `run(..., return_adversarial=True)`).
   """
 
   robust: np.ndarray
@@ -95,18 +102,37 @@ class Outcome:
   attacked: np.ndarray
   seconds: np.ndarray
   outside_ball: int = 0
+  x_adv: np.ndarray | None = None
 
   @classmethod
-  def start(cls, robust, stages):
+  def start(cls, robust, rounds, x=None):
     n = len(robust)
     return cls(
       robust=robust.copy(),
       fooled_by=np.full(n, -1, np.int32),
       l2=np.full(n, np.nan, np.float32),
       size=np.full(n, np.nan, np.float32),
-      attacked=np.zeros((stages, n), bool),
-      seconds=np.zeros(stages),
+      attacked=np.zeros((rounds, n), bool),
+      seconds=np.zeros(rounds),
+      x_adv=None if x is None else x.copy(),
     )
+
+
+def rounds(attack):
+  """`[(stage index, stage, round index, round attack)]`: what `run` runs
+  for `attack`, in order.
+
+  An attack's stages (`Attack.stages`, or the attack itself) each run in
+  rounds: a stage whose own `stages` are a cascade (APGD-T's and FAB-T's
+  targets, restarts) runs each of them on the examples the rounds before it
+  left robust, as the reference implementation drops examples as they fall;
+  any other stage is one round. Round m of stage j of example i uses the
+  key `fold_in(fold_in(k_i, j), m)`, as the stage itself does."""
+  out = []
+  for j, stage in enumerate(attack.stages or (attack,)):
+    for m, part in enumerate(stage.stages or (stage,)):
+      out.append((j, stage, m, part))
+  return out
 
 
 def threat_model(attack):
@@ -132,6 +158,7 @@ def run(
   individual=False,
   state_path=None,
   log=None,
+  return_adversarial=False,
 ):
   """Runs the cascade; returns (clean correct [N], {label: Outcome}).
 
@@ -152,9 +179,12 @@ def run(
       a randomized model, for attacks with EOT (`Attack.stochastic`).
     individual: run every attack on all clean-correct examples, not only on
       those the attacks of its threat model before it left robust.
-    state_path: a file to write the progress to after every batch, and to
-      resume from (refused if it belongs to another evaluation).
+    state_path: a file to write the progress to (every `SAVE_SECONDS` and
+      after every round), and to resume from (refused if it belongs to
+      another evaluation).
     log: optional `log(message)` for progress lines.
+    return_adversarial: keep each fooled example's adversarial image
+      (`Outcome.x_adv`).
   """
   checks.check_images(x)
   x, y = np.asarray(x), np.asarray(y)
@@ -178,64 +208,132 @@ def run(
   if stochastic_apply_fn is None and any(a.stochastic for a in attack_fns.values()):
     log("warning: attacks with EOT on a deterministic model: every draw is the same")
 
+  context = _Context(
+    apply_fn=apply_fn,
+    variables=variables,
+    source=source or (None, None),
+    stochastic_apply_fn=stochastic_apply_fn,
+    x=x,
+    y=y,
+    mesh=mesh,
+    batch=batch,
+    log=log,
+    keep_adversarial=return_adversarial,
+  )
   robust_of = {}
   outcomes = {}
   for index, (label, attack) in enumerate(attack_fns.items()):
     group = threat_model(attack)
-    stages = attack.stages or (attack,)
     start = clean if individual else robust_of.get(group, clean)
-    outcome = state.outcome(label, start, len(stages))
-    attack_key = jax.random.fold_in(key, index)
-    for j, stage in enumerate(stages):
-      todo = np.flatnonzero((outcome.robust | (outcome.fooled_by == j)) & ~outcome.attacked[j])
-      if len(todo) == 0:
-        continue
-      program = _attack_program(
-        apply_fn,
-        source_apply_fn,
-        stochastic_apply_fn,
-        _program_key(stage),
-        mesh,
-        bool(attack.stages),
-      )
-      eps = None if stage.eps is None else jnp.float32(stage.eps)
-      began = time.perf_counter()
-      begin = 0
-      for count, compiled in _parts(len(todo), batch, devices):
-        chosen, begin = todo[begin : begin + count], begin + count
-        # A part smaller than its batch repeats examples, then drops them.
-        padded = np.resize(chosen, compiled)
-        arrays = data.to_devices((x[padded], y[padded], padded.astype(np.int32)), mesh)
-        correct, l2, size = jax.device_get(
-          program(variables, source_variables, *arrays, attack_key, jnp.int32(j), eps)
-        )
-        correct, l2, size = correct[: len(chosen)], l2[: len(chosen)], size[: len(chosen)]
-        inside = size <= (np.inf if stage.eps is None else _ball_limit(stage, x))
-        fooled = ~correct & inside
-        outcome.outside_ball += int(np.sum(~correct & ~inside))
-        if np.any(~correct & ~inside):
-          log(
-            f"warning: {label}{'' if len(stages) == 1 else ' ' + stage.label} found "
-            f"{int(np.sum(~correct & ~inside))} adversarial examples outside its ball "
-            f"({stage.norm} {stage.eps:g}; largest {np.max(size[~correct & ~inside]):.6g}): "
-            "not counted (outside_ball)"
-          )
-        hit = chosen[fooled]
-        outcome.robust[hit] = False
-        outcome.fooled_by[hit] = j
-        outcome.l2[hit], outcome.size[hit] = l2[fooled], size[fooled]
-        outcome.attacked[j, chosen] = True
-        outcome.seconds[j] += time.perf_counter() - began
+    plan = rounds(attack)
+    outcome = state.outcome(label, start, len(plan), x if return_adversarial else None)
+    for r, (j, stage, m, part) in enumerate(plan):
+      todo = np.flatnonzero(outcome.robust & ~outcome.attacked[r])
+      if len(todo):
         began = time.perf_counter()
-        state.save(label, outcome)
-      log(
-        f"{label}{'' if len(stages) == 1 else ' ' + stage.label}: robust accuracy "
-        f"{outcome.robust.mean():.2%} after {outcome.seconds[j]:.1f} s on {len(todo)} examples"
-      )
+        where = _Where(label, j, stage, m, part, r, bool(attack.stages), bool(stage.stages))
+        _run_round(context, where, jax.random.fold_in(key, index), todo, outcome, state)
+        outcome.seconds[r] += time.perf_counter() - began
+      state.save(label, outcome, force=True)
+      if m == len(stage.stages or (stage,)) - 1:
+        seconds = outcome.seconds[r - m : r + 1].sum()
+        log(
+          f"{label}{'' if not attack.stages else ' ' + stage.label}: robust accuracy "
+          f"{outcome.robust.mean():.2%} after {seconds:.1f} s"
+        )
     outcomes[label] = outcome
     if not individual:
       robust_of[group] = outcome.robust
   return clean, outcomes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What every round of `run` shares."""
+
+  apply_fn: object
+  variables: object
+  source: tuple
+  stochastic_apply_fn: object
+  x: np.ndarray
+  y: np.ndarray
+  mesh: object
+  batch: int
+  log: object
+  keep_adversarial: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+  """Which round of which attack: label, stage j, round m (flat index r)."""
+
+  label: str
+  j: int
+  stage: object
+  m: int
+  part: object
+  r: int
+  staged: bool
+  rounded: bool
+
+
+def _run_round(context, where, attack_key, todo, outcome, state):
+  """Runs one round on the examples `todo`, in parts of compiled batches
+  (`_parts`), and records what it fooled in `outcome`. The next part is
+  dispatched before the current one's results are read, so the host's
+  bookkeeping overlaps the device's work."""
+  c, part = context, where.part
+  program = _attack_program(
+    c.apply_fn,
+    c.source[0],
+    c.stochastic_apply_fn,
+    _program_key(part),
+    c.mesh,
+    where.staged,
+    where.rounded,
+    c.keep_adversarial,
+  )
+  eps = None if part.eps is None else jnp.float32(part.eps)
+  limit = np.inf if part.eps is None else _ball_limit(part, c.x)
+  pending = []
+  begin = 0
+  for count, compiled in _parts(len(todo), c.batch, c.mesh.devices.size):
+    chosen, begin = todo[begin : begin + count], begin + count
+    # A part smaller than its batch repeats examples, then drops them.
+    padded = np.resize(chosen, compiled)
+    arrays = data.to_devices((c.x[padded], c.y[padded], padded.astype(np.int32)), c.mesh)
+    stage_index = (jnp.int32(where.j), jnp.int32(where.m))
+    pending.append(
+      (chosen, program(c.variables, c.source[1], *arrays, attack_key, *stage_index, eps))
+    )
+    if len(pending) == 2:
+      _record(c, where, limit, *pending.pop(0), outcome, state)
+  for chosen, results in pending:
+    _record(c, where, limit, chosen, results, outcome, state)
+
+
+def _record(context, where, limit, chosen, results, outcome, state):
+  """Reads one part's results and records them in `outcome`."""
+  results = [r[: len(chosen)] for r in jax.device_get(results)]
+  correct, l2, size = results[:3]
+  inside = size <= limit
+  fooled = ~correct & inside
+  outside = int(np.sum(~correct & ~inside))
+  if outside:
+    outcome.outside_ball += outside
+    context.log(
+      f"warning: {where.label} {where.part.label} found {outside} adversarial examples "
+      f"outside its ball ({where.part.norm} {where.part.eps:g}; largest "
+      f"{np.max(size[~correct & ~inside]):.6g}): not counted (outside_ball)"
+    )
+  hit = chosen[fooled]
+  outcome.robust[hit] = False
+  outcome.fooled_by[hit] = where.j
+  outcome.l2[hit], outcome.size[hit] = l2[fooled], size[fooled]
+  if context.keep_adversarial:
+    outcome.x_adv[hit] = results[3][fooled]
+  outcome.attacked[where.r, chosen] = True
+  state.save(where.label, outcome)
 
 
 def predictions(apply_fn, variables, x, *, batch_size=500, mesh=None):
@@ -250,8 +348,16 @@ def predictions(apply_fn, variables, x, *, batch_size=500, mesh=None):
   return np.concatenate(out)
 
 
-def evaluate(apply_fn, variables, x, y, attacks, *, individual=False, **options):
+def evaluate(
+  apply_fn, variables, x, y, attacks, *, individual=False, return_adversarial=False, **options
+):
   """Runs the attacks (`run`, which takes the same arguments) and returns the report.
+
+  With `return_adversarial`, returns `(report, adversarial)`, where
+  `adversarial[label]` is `{"x_adv": [N, ...] (each fooled example's
+  adversarial image, x elsewhere), "fooled": bool [N], "stage": str [N]
+  (the stage that fooled it, "" for none)}`, as AutoAttack's reference
+  returns its adversarial examples.
 
   `{"n_examples", "clean_accuracy", "mode": "cascade" | "individual",
   "results": [{"attack", "name", "norm", "eps", "accuracy", "attacked",
@@ -267,10 +373,31 @@ def evaluate(apply_fn, variables, x, y, attacks, *, individual=False, **options)
   """
   began = time.perf_counter()
   attack_fns = build_attacks(attacks)
-  clean, outcomes = run(apply_fn, variables, x, y, attack_fns, individual=individual, **options)
+  clean, outcomes = run(
+    apply_fn,
+    variables,
+    x,
+    y,
+    attack_fns,
+    individual=individual,
+    return_adversarial=return_adversarial,
+    **options,
+  )
   rep = report(clean, outcomes, attack_fns, individual=individual)
   rep["seconds"] = time.perf_counter() - began
-  return rep
+  if not return_adversarial:
+    return rep
+  return rep, {label: adversarial(outcomes[label], a) for label, a in attack_fns.items()}
+
+
+def adversarial(outcome, attack):
+  """An `Outcome`'s adversarial examples (see `evaluate`)."""
+  labels = np.array([""] + [s.label for s in attack.stages or (attack,)])
+  return {
+    "x_adv": outcome.x_adv,
+    "fooled": outcome.fooled_by >= 0,
+    "stage": labels[outcome.fooled_by + 1],
+  }
 
 
 def robust_accuracy(logits_fn, x, y, attack, *, key, batch_size=500) -> float:
@@ -312,6 +439,11 @@ def report(clean, outcomes, attack_fns, *, individual=False):
     fooled = o.fooled_by >= 0
     stages = attack.stages or (attack,)
     robust_after = [(o.robust | (o.fooled_by > j)).mean() for j in range(len(stages))]
+    # A stage's first round ran on all it attacked; its time is its rounds'.
+    first_round, seconds = {}, np.zeros(len(stages))
+    for r, (j, _, _, _) in enumerate(rounds(attack)):
+      first_round.setdefault(j, r)
+      seconds[j] += o.seconds[r]
     rows.append(
       {
         "attack": label,
@@ -329,8 +461,8 @@ def report(clean, outcomes, attack_fns, *, individual=False):
           {
             "stage": s.label,
             "accuracy": float(a),
-            "attacked": int(o.attacked[j].sum()),
-            "seconds": float(o.seconds[j]),
+            "attacked": int(o.attacked[first_round[j]].sum()),
+            "seconds": float(seconds[j]),
           }
           for j, (s, a) in enumerate(zip(stages, robust_after))
         ],
@@ -438,12 +570,14 @@ def _predict_program(apply_fn, mesh):
 
 
 @functools.cache
-def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged):
+def _attack_program(
+  apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged, rounded, keep
+):
   """Jitted, data-parallel `(variables, source_variables, x, y, index, key,
-  stage, eps) -> (correct, l2, size)` for `attack` (a `_program_key`: its
-  eps comes as an argument)."""
+  stage, round, eps) -> (correct, l2, size[, x_adv if keep])` for `attack`
+  (a `_program_key`: its eps comes as an argument)."""
 
-  def device_step(variables, source_variables, x, y, index, key, stage, eps):
+  def device_step(variables, source_variables, x, y, index, key, stage, round_, eps):
     target = lambda xb: fastpath.fast(apply_fn)(variables, xb)  # attacks: fast already
     crafted_on = variables if source_apply_fn is None else source_variables
     model = apply_fn if source_apply_fn is None else source_apply_fn
@@ -457,17 +591,23 @@ def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh
     keys = keys_lib.example_keys(key, index)
     if staged:
       keys = keys_lib.fold(keys, stage)
+    if rounded:
+      keys = keys_lib.fold(keys, round_)
     with checks.trusted():  # `run` checked the inputs on the host
       x_adv = attack.fn(logits_fn, x, y, keys, eps)
     d = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(len(x), -1)
     l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))
     size = jnp.max(jnp.abs(d), -1) if attack.norm == "linf" else l2
-    return jnp.argmax(target(x_adv), -1) == y, l2, size
+    correct = jnp.argmax(target(x_adv), -1) == y
+    return (correct, l2, size, x_adv) if keep else (correct, l2, size)
 
   batch = P(parallel.BATCH_AXIS)
   return jax.jit(
     parallel.data_parallel(
-      device_step, mesh, in_specs=(P(), P(), batch, batch, batch, P(), P(), P()), out_specs=batch
+      device_step,
+      mesh,
+      in_specs=(P(), P(), batch, batch, batch, P(), P(), P(), P()),
+      out_specs=batch,
     )
   )
 
@@ -496,17 +636,20 @@ def _fingerprint(variables, x, y, attack_fns, key, source, individual):
     "attacks": json.dumps({l: a.spec for l, a in attack_fns.items()}, sort_keys=True, default=str),
     "key": _digest(np.asarray(jax.random.key_data(key))),
     "mode": "individual" if individual else "cascade",
+    "format": STATE_FORMAT,
   }
 
 
 class _State:
-  """The progress of an evaluation in a .npz file, rewritten atomically
-  after every batch; None path: in memory only."""
+  """The progress of an evaluation in a .npz file, rewritten atomically at
+  most every `SAVE_SECONDS` (and when asked to: after every round); None
+  path: in memory only."""
 
   def __init__(self, path, fingerprint):
     self.path = None if path is None else Path(path)
     self.fingerprint = fingerprint
     self.arrays = {}
+    self.written = time.monotonic()
     if self.path is not None and self.path.exists():
       self.arrays = _read_state(self.path, fingerprint)
 
@@ -517,18 +660,29 @@ class _State:
     self.arrays[name] = value
     self._write()
 
-  def outcome(self, label, robust, stages):
+  def outcome(self, label, robust, rounds, x=None):
     saved = {f: self.arrays.get(f"{label}/{f}") for f in _OUTCOME_FIELDS}
     if saved["robust"] is None:
-      return Outcome.start(robust, stages)
+      return Outcome.start(robust, rounds, x)
+    x_adv = self.arrays.get(f"{label}/x_adv")
+    if x is not None and x_adv is None:  # resumed, now keeping the adversarial images
+      raise checks.InputError(
+        "the evaluation state was written without the adversarial images; "
+        "use another --state file or delete this one"
+      )
     return Outcome(
       **{f: v for f, v in saved.items() if f != "outside_ball"},
       outside_ball=int(saved["outside_ball"]),
+      x_adv=None if x is None else x_adv,
     )
 
-  def save(self, label, outcome):
+  def save(self, label, outcome, *, force=False):
+    if self.path is None or not (force or time.monotonic() - self.written >= SAVE_SECONDS):
+      return
     for f in _OUTCOME_FIELDS:
       self.arrays[f"{label}/{f}"] = np.asarray(getattr(outcome, f))
+    if outcome.x_adv is not None:
+      self.arrays[f"{label}/x_adv"] = outcome.x_adv
     self._write()
 
   def _write(self):
@@ -539,6 +693,7 @@ class _State:
     with open(tmp, "wb") as f:
       np.savez(f, __fingerprint__=json.dumps(self.fingerprint), **self.arrays)
     tmp.replace(self.path)
+    self.written = time.monotonic()
 
 
 _OUTCOME_FIELDS = ("robust", "fooled_by", "l2", "size", "attacked", "seconds", "outside_ball")
@@ -554,7 +709,7 @@ def _read_state(path, fingerprint):
       f"{str(path)!r} is not an evaluation state file (written by --state / state_path); "
       "use another --state file or delete this one"
     ) from None
-  for what in ("model", "data", "attacks", "key", "mode"):
+  for what in ("format", "model", "data", "attacks", "key", "mode"):
     checks.require(
       saved.get(what) == fingerprint[what],
       f"the evaluation state {str(path)!r} belongs to another evaluation "

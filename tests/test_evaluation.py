@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrobust import config as config_lib
+from jaxrobust import attacks as attacks_lib
 from jaxrobust import evaluation, experiment, parallel, report, sanity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,3 +388,65 @@ def test_a_stage_runs_in_batches_that_waste_little_padding(n, batch, devices, ex
   assert parts == expected
   assert sum(c for c, _ in parts) == n
   assert all(c <= s and s % devices == 0 for c, s in parts)
+
+
+def test_adversarial_examples_come_back_with_the_stage_that_found_them(problem):
+  variables, x, y = problem
+  attack = attacks_lib.worst_case(
+    [attacks_lib.fgsm(eps=0.02), attacks_lib.pgd(norm="linf", eps=0.3, steps=5)]
+  )
+  key = jax.random.key(4)
+  rep, adv = evaluation.evaluate(
+    linear_apply, variables, x, y, {"wc": attack}, key=key, batch_size=4, return_adversarial=True
+  )
+  found = adv["wc"]
+  logits = lambda z: linear_apply(variables, z)
+  clean = np.argmax(logits(x), -1) == y
+  assert found["fooled"].sum() == clean.sum() - round(rep["results"][0]["accuracy"] * len(y))
+  assert found["fooled"].any() and not found["fooled"][~clean].any()
+  fooled = found["fooled"]
+  np.testing.assert_array_equal(found["x_adv"][~fooled], x[~fooled])
+  assert np.all(np.argmax(logits(found["x_adv"][fooled]), -1) != y[fooled])
+  assert np.abs(found["x_adv"] - x).max() <= 0.3 + 1e-6
+  assert set(found["stage"][fooled]) <= {"fgsm", "pgd"} and set(found["stage"][~fooled]) == {""}
+  # Each is what its stage gives when run on every example with the stage's key.
+  direct = attack(logits, x, y, key=jax.random.fold_in(key, 0))
+  for stage in ("fgsm", "pgd"):
+    at = fooled & (found["stage"] == stage)
+    j = ("fgsm", "pgd").index(stage)
+    by_stage = attack.stages[j](
+      logits,
+      x,
+      y,
+      evaluation.keys_lib.fold(
+        evaluation.keys_lib.example_keys(jax.random.fold_in(key, 0), len(x)), j
+      ),
+    )
+    np.testing.assert_allclose(found["x_adv"][at], by_stage[at], atol=1e-6)
+  assert np.all(np.argmax(logits(direct[fooled]), -1) != y[fooled])
+
+
+def test_a_stage_made_of_rounds_drops_examples_and_equals_running_everything(problem):
+  """A stage whose own stages are a cascade runs each round on what is still
+  robust: the same per-example result as every round on every example."""
+  variables, x, y = problem
+  inner = attacks_lib.worst_case(
+    [
+      attacks_lib.pgd(norm="linf", eps=0.05, steps=2),
+      attacks_lib.pgd(norm="linf", eps=0.05, steps=6),
+    ]
+  )
+  outer = attacks_lib.worst_case([attacks_lib.fgsm(eps=0.05), inner])
+  assert [(j, m) for j, _, m, _ in evaluation.rounds(outer)] == [(0, 0), (1, 0), (1, 1)]
+  key = jax.random.key(5)
+  clean, outcomes = evaluation.run(
+    linear_apply, variables, x, y, {"o": outer}, key=key, batch_size=4
+  )
+  o = outcomes["o"]
+  logits = lambda z: linear_apply(variables, z)
+  everything = outer(logits, x, y, jax.random.fold_in(key, 0))
+  expected = clean & (np.argmax(logits(everything), -1) == y)
+  np.testing.assert_array_equal(o.robust, expected)
+  # Each round ran only on what the rounds before it left robust.
+  assert np.all(o.attacked[1:].sum(1) <= o.attacked[:-1].sum(1))
+  assert not np.any(o.attacked[2] & (o.fooled_by == 0))
