@@ -1,13 +1,16 @@
 """Adversarial attacks: factories returning `attack(logits_fn, x, y, key) -> x_adv`.
 
 `logits_fn` maps a batch of images in [0, 1] (NHWC or any [B, ...]) to logits
-and must run the model in inference mode. Compose under `jax.jit`:
+and must run the model in inference mode. Compose under `jax.jit` with the
+model's variables as an argument (compiled once per model, never stale):
 
   attack = jr.attacks.pgd(norm="linf", eps=8/255, step_size=2/255, steps=10)
-  x_adv = jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
+  apply_fn, variables = jr.inference.split(model, variables)
+  x_adv = jax.jit(lambda v, x, y, k: attack(lambda xb: apply_fn(v, xb), x, y, k))(
+    variables, x, y, key)
 """
 
-from jaxrobust.attacks import core, losses
+from jaxrobust.attacks import core, losses, targets
 from jaxrobust.attacks.apgd import apgd, apgd_t
 from jaxrobust.attacks.attack import Attack
 from jaxrobust.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
