@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrobust import attacks as attacks_lib
+
 # The checks' budget: examples, and the "large" eps per norm, at which an
 # attack that follows gradients must fool almost any undefended model
 # (L-inf 0.5 reaches a grey image from any image; L2 0.5 sqrt(d) too).
@@ -41,6 +43,12 @@ def large_eps(norm, input_shape):
   if norm == "l2":
     return LARGE_LINF_EPS * math.sqrt(math.prod(input_shape))
   return LARGE_LINF_EPS
+
+
+def threat_norm(spec):
+  """The norm of attack `spec`'s threat model, as its `Attack` says (C&W-L2's
+  is L2 without a `norm` setting); None for an attack without one."""
+  return attacks_lib.create(spec).norm or spec.get("norm")
 
 
 def eps_curve(evaluate_specs, spec, eps_values):
@@ -90,14 +98,17 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
   swept = {l: s for l, s in specs.items() if s.get("eps") is not None}
   if not swept:
     return results
+  norms = {label: threat_norm(spec) for label, spec in swept.items()}
   check_specs = {}
   for label, spec in swept.items():
     check_specs[f"{label}@half"] = scaled(spec, 0.5)
     check_specs[f"{label}@full"] = spec
-    check_specs[f"{label}@large"] = scaled(spec, large_eps(spec["norm"], input_shape) / spec["eps"])
+    if norms[label] is not None:
+      large = large_eps(norms[label], input_shape)
+      check_specs[f"{label}@large"] = scaled(spec, large / spec["eps"])
   by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
   for label, spec in swept.items():
-    half, full, large = (by_label[f"{label}@{k}"]["accuracy"] for k in ("half", "full", "large"))
+    half, full = (by_label[f"{label}@{k}"]["accuracy"] for k in ("half", "full"))
     results.append(
       {
         "check": f"{label}: accuracy does not rise with eps",
@@ -105,8 +116,9 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
         "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}",
       }
     )
-    if not certified:
-      eps = large_eps(spec["norm"], input_shape)
+    if not certified and norms[label] is not None:
+      eps = large_eps(norms[label], input_shape)
+      large = by_label[f"{label}@large"]["accuracy"]
       results.append(
         {
           "check": f"{label}: accuracy near 0 at a large eps",
