@@ -16,15 +16,20 @@ skips, with a warning naming it, any that is corrupt: its metadata is missing
 or unreadable, orbax cannot restore it, or its arrays do not match the digest.
 Training moves a corrupt checkpoint aside to `checkpoints/corrupt-<step>`
 (kept for inspection, never deleted; orbax ignores it); evaluation leaves the
-workdir untouched. A checkpoint whose shapes differ from the model's is not
+workdir untouched, and says so when every checkpoint is corrupt. What orbax and
+TensorStore print about a checkpoint they failed to read (tracebacks of their
+background callbacks) is logged at debug level, not printed. A checkpoint whose shapes differ from the model's is not
 corrupt but incompatible (the config or the code changed): that is an error.
 Checkpoints written before records existed are restored unverified.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,6 +45,8 @@ CONFIG_FILE = "config.json"
 RECORD_KEY = "jaxrobust"  # the record's key in a step's custom metadata
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (JSON)
 CORRUPT_PREFIX = "corrupt-"
+
+_log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -212,24 +219,45 @@ def restore_latest(mgr, target, *, quarantine=False):
   `target` gives the structure, shapes and shardings (arrays or
   `jax.ShapeDtypeStruct`s). Corrupt checkpoints are skipped with a
   `CorruptCheckpointWarning` naming them; with `quarantine` they are moved
-  to `checkpoints/corrupt-<step>` (by process 0). Raises InputError for a
-  checkpoint that does not fit `target` (an incompatible model).
+  to `checkpoints/corrupt-<step>` (by process 0), else (evaluation) an
+  InputError says so when every checkpoint is corrupt. Raises InputError for
+  a checkpoint that does not fit `target` (an incompatible model).
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   expected = signature(abstract)
+  skipped = []
   for step in sorted(mgr.all_steps(), reverse=True):
     path = mgr.directory / str(step)
     try:
-      return _restore(mgr, step, abstract, expected)
+      state = _restore(mgr, step, abstract, expected)
     except _Corrupt as e:
-      action = f"moved to {CORRUPT_PREFIX}{step}" if quarantine else "skipped"
-      warnings.warn(
-        f"checkpoint {str(path)!r} is corrupt ({e}); {action}, using the previous one",
-        CorruptCheckpointWarning,
-        stacklevel=2,
-      )
+      skipped.append(f"{str(path)!r} is corrupt ({e})")
       if quarantine:
+        warnings.warn(
+          f"checkpoint {skipped[-1]}; moved to {CORRUPT_PREFIX}{step}, using the previous one",
+          CorruptCheckpointWarning,
+          stacklevel=2,
+        )
         move_aside(mgr, step)
+      continue
+    if not quarantine:
+      for corrupt in skipped:
+        warnings.warn(
+          f"checkpoint {corrupt}; skipped, using the previous one",
+          CorruptCheckpointWarning,
+          stacklevel=2,
+        )
+    return state
+  if skipped and not quarantine:
+    raise checks.InputError(
+      f"no intact checkpoint in {str(mgr.directory)!r}: "
+      + (
+        f"its checkpoint {skipped[0]}"
+        if len(skipped) == 1
+        else f"all {len(skipped)} checkpoints are corrupt; the newest {skipped[0]}"
+      )
+      + "; train.py --workdir moves them aside and starts over"
+    )
   return None
 
 
@@ -239,7 +267,7 @@ def _restore_fields(mgr, step, abstract):
   it; when such a field is None, the others are restored on their own."""
   try:
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception:  # pylint: disable=broad-except
+  except Exception as error:  # pylint: disable=broad-except
     if not dataclasses.is_dataclass(abstract):
       raise
     present = {
@@ -249,7 +277,10 @@ def _restore_fields(mgr, step, abstract):
     }
     if len(present) == len(dataclasses.fields(abstract)):
       raise
-    return abstract.replace(**mgr.restore(step, args=ocp.args.StandardRestore(present)))
+    try:
+      return abstract.replace(**mgr.restore(step, args=ocp.args.StandardRestore(present)))
+    except Exception:  # pylint: disable=broad-except
+      raise error from None  # why the whole state could not be read
 
 
 def _restore(mgr, step, abstract, expected):
@@ -258,7 +289,8 @@ def _restore(mgr, step, abstract, expected):
   if record is not None:
     _check_fits(record["arrays"], expected, path)
   try:
-    state = _restore_fields(mgr, step, abstract)
+    with _orbax_quiet():
+      state = _restore_fields(mgr, step, abstract)
   except Exception as e:  # orbax raises many types for unreadable or mismatched data
     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if record is None:  # unverified: it may as well be incompatible
@@ -267,6 +299,54 @@ def _restore(mgr, step, abstract, expected):
   if record is not None and digest(state) != record["sha256"]:
     raise _Corrupt("its arrays do not match the SHA-256 digest saved with them")
   return state
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Orbax's log records while it restores are not printed, nor what its
+  reads of a corrupt checkpoint leave behind (`_silence_failed_reads`)."""
+  _silence_failed_reads()
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _is_failed_read_noise(message):
+  return "Event loop is closed" in message or "exception was never retrieved" in message
+
+
+def _unraisable_hook(unraisable, previous):
+  if unraisable.exc_type is RuntimeError and _is_failed_read_noise(str(unraisable.exc_value)):
+    _log.debug("after a failed checkpoint read: %s", unraisable.exc_value)
+  else:
+    previous(unraisable)
+
+
+class _FailedReadFilter(logging.Filter):
+  def filter(self, record):
+    if _is_failed_read_noise(record.getMessage()):
+      _log.debug("after a failed checkpoint read: %s", record.getMessage())
+      return False
+    return True
+
+
+def _silence_failed_reads():
+  """When orbax fails to read a checkpoint, TensorStore's callbacks still in
+  flight report to an event loop that is closed, during the restore and after
+  it, and asyncio complains about their results nobody retrieved: those
+  reports go to debug level (anything else still prints). Installed once, for
+  the rest of the process."""
+  hook = sys.unraisablehook
+  if getattr(hook, "_jaxrobust_failed_reads", False):
+    return
+  quiet = lambda unraisable: _unraisable_hook(unraisable, hook)
+  quiet._jaxrobust_failed_reads = True
+  sys.unraisablehook = quiet
+  logging.getLogger("asyncio").addFilter(_FailedReadFilter())
 
 
 def _read_record(path):
