@@ -1,17 +1,24 @@
-"""What train.py and eval.py share: flag parsing, multi-process start-up and
-user-facing errors.
+"""What train.py and eval.py share: flag parsing, help, multi-process start-up
+and user-facing errors.
 
-User errors (bad flags, configs, data, workdirs) print one line, `error: ...`,
-and exit with code 2, without a traceback; a diverged run exits with code 1; a
-run stopped by SIGTERM or SIGINT saves a checkpoint and exits with code 128 +
-the signal number (143, 130). Warnings print as `warning: ...` lines.
+User errors (bad flags, configs, data, workdirs, output paths) print one line,
+`error: ...`, and exit with code 2, without a traceback; a diverged run exits
+with code 1; a run stopped by SIGTERM or SIGINT exits with code 128 + the
+signal number (143, 130) after saying what it kept. Warnings print as
+`warning: ...` lines. `--help` (`-h`) lists a program's flags, `--helpfull`
+every flag, and exit with code 0.
 """
 
 import os
+import re
+import signal
 import sys
+import threading
 import warnings
+from pathlib import Path
 
 import jax
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -20,6 +27,8 @@ from jaxrobust import checks, configs, experiment, signals
 
 # How absl and ml_collections report bad flags, config files and overrides.
 _FLAG_ERRORS = (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError)
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")
+TRAINING_INTERRUPTED = "interrupted; the newest checkpoint is kept, rerun to resume"
 
 
 def define_config_flag(default):
@@ -32,8 +41,8 @@ def define_config_flag(default):
     return config_flags.DEFINE_config_file(
       "config", default, "Experiment config file; override settings with --config.<key>=<value>."
     )
-  except _FLAG_ERRORS as e:
-    fail(_flag_error(e))
+  except Exception as e:  # pylint: disable=broad-except  # a config file raises anything
+    fail(config_error(e, sys.argv))
 
 
 def define_distributed_flags():
@@ -87,11 +96,21 @@ def init_distributed():
   return True
 
 
+def flag_in(argv, name):
+  """The --`name` value in `argv`, read before the flags are parsed."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def parse_flags(argv):
   """Parses absl flags (including ml_collections config flags) from `argv`.
 
   `--config NAME` names a packaged config (`jaxrobust.configs`); any other
-  value is a path.
+  value is a path. Refuses arguments that are not flags.
   """
   argv = list(argv)
   for i, arg in enumerate(argv):
@@ -100,9 +119,14 @@ def parse_flags(argv):
     elif arg == "--config" and i + 1 < len(argv):
       argv[i + 1] = configs.resolve(argv[i + 1])
   try:
-    return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
-    raise _flag_error(e) from None
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # a config file raises anything
+    raise config_error(e, argv) from None
+  if len(rest) > 1:
+    raise checks.InputError(
+      f"unexpected argument {rest[1]!r}; flags take the form --name=value (--help lists them)"
+    )
+  return rest
 
 
 def config_path(config_flag):
@@ -119,21 +143,178 @@ def config_value(config_flag):
   checks.require(os.path.isfile(path), f"config file {path!r} not found")
   try:
     config = config_flag.value
-    config.to_dict()  # a config file that failed to load raises only on use
-    return config
-  except _FLAG_ERRORS as e:
-    raise _flag_error(e) from None
+    if isinstance(config, ml_collections.ConfigDict):
+      config.to_dict()
+  except Exception as e:  # pylint: disable=broad-except  # a config file raises anything
+    raise config_error(e, sys.argv, path) from None
+  load_error = getattr(config, "_error", None)  # ml_collections' stand-in for a failed load
+  if isinstance(load_error, Exception):
+    raise config_error(load_error, sys.argv, path) from None
+  checks.require(
+    isinstance(config, ml_collections.ConfigDict),
+    f"config file {path!r}: get_config() returned {type(config).__name__} "
+    f"{repr(config)[:40]}, not an ml_collections.ConfigDict",
+  )
+  return config
 
 
-def _flag_error(e):
+def config_error(e, argv, path=None):
+  """The InputError of an exception raised while loading or overriding a config
+  (by the config file `path`, by default the one --config in `argv` names).
+  Re-raises `e` if it is none of those."""
+  if isinstance(e, checks.InputError):
+    return e
+  path = path or _config_file_in(argv)
+  if path and (error := _config_file_error(e, path)):
+    return error
+  if isinstance(e, _FLAG_ERRORS):
+    return _flag_error(e, argv)
+  raise e
+
+
+def _config_file_in(argv):
+  """The config file `--config` in `argv` names, or None."""
+  value = flag_in(argv, "config")
+  try:
+    return value and configs.resolve(value).split(":", 1)[0]
+  except checks.InputError:
+    return None
+
+
+def _same_file(a, b):
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _chain(e):
+  """`e` and the exceptions it was raised from or while handling."""
+  seen = []
+  while e is not None and all(e is not s for s in seen):
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen
+
+
+def _config_file_error(e, path):
+  """An InputError naming config file `path` if `e` (or an exception it
+  chains) was raised by its code, else None."""
+  for error in _chain(e):
+    if isinstance(error, SyntaxError) and error.filename and _same_file(error.filename, path):
+      return checks.InputError(
+        f"config file {path!r}: SyntaxError: {error.msg} (line {error.lineno})"
+      )
+    if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+      return checks.InputError(f"config file {path!r} defines no get_config()")
+    line, tb = None, error.__traceback__
+    while tb is not None:
+      if _same_file(tb.tb_frame.f_code.co_filename, path):
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    if line is not None:
+      message = (str(error).strip().splitlines() or [""])[0]
+      return checks.InputError(
+        f"config file {path!r} raised {type(error).__name__} at line {line}: {message}"
+      )
+  return None
+
+
+def _flag_error(e, argv):
   if "Error whilst parsing config file" in str(e):  # ml_collections adds the traceback
     return checks.InputError(f"bad config: {str(e).strip().splitlines()[-1]}")
   if isinstance(e, flags.Error):
     return checks.InputError(str(e))
   cause = e.__cause__ or e
+  if isinstance(e, AttributeError) and isinstance(e.args[0] if e.args else None, KeyError):
+    cause = e.args[0]  # ml_collections: AttributeError(KeyError("'key'\nDid you mean ..."))
   if isinstance(cause, (KeyError, AttributeError)):
-    return checks.InputError(f"the config has no setting {str(cause.args[0]).strip(chr(34))}")
+    return unknown_setting(str(cause.args[0]) if cause.args else "", argv)
   return checks.InputError(f"bad flag or config: {type(cause).__name__}: {cause}")
+
+
+def unknown_setting(text, argv):
+  """The InputError of an override of a config key that does not exist;
+  `text` is ml_collections' message (the key, maybe a suggestion)."""
+  key = re.match(r"""\s*['"]?([^'"\n]*)""", text).group(1)
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  overrides = [
+    arg[2:].split("=", 1)[0][len("config.") :] for arg in argv if arg.startswith("--config.")
+  ]
+  name = next((o for o in overrides if key in o.split(".")), key)
+  message = f"the config has no setting {name!r}"
+  if suggestion:
+    parts = name.split(".")
+    parts[parts.index(key) if key in parts else -1] = suggestion.group(1)
+    message += f"; did you mean {'.'.join(parts)!r}?"
+  return checks.InputError(message)
+
+
+def check_output_file(flag, path):
+  """Refuses an output file `path` (given by `flag`) that cannot be written:
+  a directory, or one whose folder does not exist or cannot be written.
+  Checked before the work that writes it starts. Returns `path` as a Path."""
+  path = Path(path)
+  checks.require(str(path).strip(), f"{flag} needs a file name")
+  checks.require(not path.is_dir(), f"{flag} {str(path)!r} is a directory; give a file name")
+  folder = path.absolute().parent
+  checks.require(
+    folder.is_dir(), f"cannot write {flag} {str(path)!r}: folder {str(folder)!r} does not exist"
+  )
+  checks.require(
+    os.access(folder, os.W_OK | os.X_OK),
+    f"cannot write {flag} {str(path)!r}: no write permission in {str(folder)!r}",
+  )
+  return path
+
+
+def help_requested(argv):
+  """`--help`, `-h` or `--helpshort` ("short"), `--helpfull` ("full"), or None."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg in HELP_FLAGS:
+      return "full" if arg.endswith("helpfull") else "short"
+  return None
+
+
+def usage(module, full=False, extra=()):
+  """The help of a program: its docstring and its flags, one line each (with
+  `full`, also the flags of the libraries it uses); `extra`: (flag, help)
+  lines to add."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  names = (module.__name__, sys.argv[0] if sys.argv else None)
+  own = [f for m in by_module if m in names for f in by_module[m]]
+  own += by_module.get(__name__, [])
+  lines = [(module.__doc__ or "").strip(), "", "flags:"]
+  lines += [_flag_line(f) for f in sorted(own, key=lambda f: f.name)]
+  lines += [f"  {name}: {text}" for name, text in extra]
+  lines.append("  --help (-h): this help; --helpfull: every flag, the libraries' too")
+  if full:
+    for m in sorted(set(by_module) - set(names) - {__name__}):
+      lines += ["", f"{m}:"] + [_flag_line(f) for f in sorted(by_module[m], key=lambda f: f.name)]
+  return "\n".join(lines)
+
+
+def _flag_line(flag):
+  name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+  help_text = " ".join((flag.help or "").split())
+  default = flag.default_as_str
+  if default and Path(default.strip("'")).parent == configs.DIRECTORY:
+    default = repr(Path(default.strip("'")).stem)  # a packaged config, by name
+  return f"  {name}: {help_text}" + (f" (default: {default})" if default else "")
+
+
+def _redeliver_interrupt(unraisable, previous=sys.unraisablehook):
+  """A Ctrl-C that arrived in a callback Python cannot raise from (a garbage
+  collector callback, `__del__`) is delivered to the main thread again, not
+  swallowed; other exceptions go to the previous hook."""
+  if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+    # Sent from another thread once the callback has returned (raised here,
+    # it would be swallowed again); a signal, which also ends a sleep.
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT))
+    timer.daemon = True
+    timer.start()
+  else:
+    previous(unraisable)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -141,11 +322,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
   print(f"warning: {message}", file=file or sys.stderr)
 
 
-def run(main, argv=None):
-  """Calls `main(argv)`, turning user errors into a message and an exit code."""
+def run(main, argv=None, *, interrupted=TRAINING_INTERRUPTED, help_extra=()):
+  """Calls `main(argv)`, turning user errors into a message and an exit code.
+
+  `interrupted`: what to say (a string, or a function returning one) when
+  Ctrl-C (SIGINT) stops the program, which exits with code 130. `--help`
+  prints `usage` of `main`'s module (with `help_extra` lines) and exits.
+  """
+  argv = sys.argv if argv is None else argv
   warnings.showwarning = _show_warning
+  if sys.unraisablehook is not _redeliver_interrupt:
+    sys.unraisablehook = _redeliver_interrupt
   try:
-    main(sys.argv if argv is None else argv)
+    if which := help_requested(argv):
+      print(usage(sys.modules[main.__module__], full=which == "full", extra=help_extra))
+      sys.exit(0)
+    main(argv)
   except checks.InputError as e:
     fail(e)
   except experiment.Diverged as e:
@@ -155,7 +347,7 @@ def run(main, argv=None):
     print(e, file=sys.stderr)
     sys.exit(e.exit_code)
   except KeyboardInterrupt:
-    print("interrupted; the newest checkpoint is kept, rerun to resume", file=sys.stderr)
+    print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
     sys.exit(130)
 
 

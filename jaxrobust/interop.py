@@ -673,7 +673,7 @@ def save_checkpoint(path, model, variables, *, input_hw=None):
   or `.pth` (`torch.save` of {"arch", "settings", "state_dict"}) or
   `.safetensors` (the state dict, with arch and settings in its metadata).
   `from_torch` reads either back (`checkpoint_architecture` gives the arch)."""
-  path = Path(path)
+  path = check_export_path(path)
   name = model_name(model)
   settings = model_settings(model)
   state = torch_state_dict(model, variables, input_hw=input_hw)
@@ -682,10 +682,6 @@ def save_checkpoint(path, model, variables, *, input_hw=None):
   if path.suffix == ".safetensors":
     write_safetensors(path, state, {"arch": name, "settings": json.dumps(settings)})
     return
-  checks.require(
-    path.suffix in (".pt", ".pth"),
-    f"--export-torch writes .pt, .pth or .safetensors, not {path.name!r}",
-  )
   torch = import_torch()
   torch.save(
     {
@@ -695,6 +691,17 @@ def save_checkpoint(path, model, variables, *, input_hw=None):
     },
     path,
   )
+
+
+def check_export_path(path):
+  """`path` as a Path if `save_checkpoint` can write its format (.pt, .pth or
+  .safetensors), else InputError; checked before the export's work starts."""
+  path = Path(path)
+  checks.require(
+    path.suffix in (".pt", ".pth", ".safetensors"),
+    f"--export-torch writes .pt, .pth or .safetensors, not {path.name!r}",
+  )
+  return path
 
 
 def checkpoint_architecture(checkpoint):

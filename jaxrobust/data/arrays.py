@@ -40,8 +40,10 @@ def load_npz(path, split):
   require_exists(path)
   try:
     archive = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-    raise InputError(f"cannot read {path} as a .npz archive: {error}") from error
+  except (ValueError, EOFError, zipfile.BadZipFile) as error:  # numpy's advice on pickles: not ours
+    raise InputError(f"{path} is not a valid .npz archive (of arrays x and y)") from error
+  except OSError as error:
+    raise InputError(f"cannot read {path}: {error.strerror or error}") from error
   require(
     isinstance(archive, np.lib.npyio.NpzFile),
     f"{path} holds a single array; expected a .npz archive of x and y",

@@ -1,4 +1,4 @@
-"""Evaluates a trained run: robust accuracy under attack, transfer attacks, certification.
+r"""Evaluates a trained run: robust accuracy under attack, transfer attacks, certification.
 
 (`python eval.py ...` in a clone of the repository is the same program as
 `jaxrobust-eval ...`.)
@@ -32,14 +32,17 @@ PyTorch checkpoint that records its architecture.
 """
 
 import collections
+import contextlib
 import functools
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -134,23 +137,16 @@ _EXPORT = flags.DEFINE_string(
   "Write the workdir's model as a PyTorch checkpoint (.pt, .pth or .safetensors) and exit.",
 )
 
+# Lines --help adds for the flags eval.py defines only once it knows the run.
+HELP_EXTRA = (
+  (
+    "--config.<key>=<value>",
+    "Override a setting of the run's saved config (or of --data's, with --torch-checkpoint).",
+  ),
+)
+
 # A --torch-checkpoint's model state: its variables, never trained here.
 Loaded = collections.namedtuple("Loaded", "variables step")
-
-
-def flag_in(argv, name):
-  """The --`name` value in `argv`, read before the flags are parsed."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      return arg.split("=", 1)[1]
-    if arg == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def workdir_in(argv):
-  """The --workdir value in `argv`, read before the flags are parsed."""
-  return flag_in(argv, "workdir")
 
 
 def data_config(name):
@@ -170,20 +166,92 @@ def data_config(name):
 def define_config_overrides(argv):
   """--config.<key>=<value> overrides of the run's saved config (of the data
   setting's config, with --torch-checkpoint)."""
-  workdir = workdir_in(argv)
+  workdir = cli.flag_in(argv, "workdir")
   saved = checkpoints.load_config(workdir, required=False) if workdir else None
-  if saved is None and flag_in(argv, "torch-checkpoint") and flag_in(argv, "data"):
-    saved = data_config(flag_in(argv, "data")).to_dict()
+  if saved is None and cli.flag_in(argv, "torch-checkpoint") and cli.flag_in(argv, "data"):
+    saved = data_config(cli.flag_in(argv, "data")).to_dict()
   if saved is not None:
     try:  # ml_collections applies the overrides in argv here
       config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(saved))
     except (KeyError, AttributeError, ValueError, TypeError) as e:
-      raise checks.InputError(f"bad --config override: {e}") from None
+      raise cli.config_error(e, argv) from None
+
+
+def check_outputs():
+  """Refuses output files that cannot be written, before any work starts:
+  --out, --plot, --state (and a --state file that is not one), --export-torch."""
+  for flag, holder in (("--out", _OUT), ("--plot", _PLOT), ("--state", _STATE)):
+    if holder.value is not None:
+      cli.check_output_file(flag, holder.value)
+  if _STATE.value is not None:
+    check_state_file(Path(_STATE.value))
+  if _EXPORT.value is not None:
+    cli.check_output_file("--export-torch", _EXPORT.value)
+    interop.check_export_path(_EXPORT.value)
+
+
+def check_state_file(path):
+  """Refuses an existing --state file that is not an evaluation's state (an
+  .npz archive that --state wrote), before it is read or overwritten."""
+  if not path.exists():
+    return
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      valid = "__fingerprint__" in archive.files
+  except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
+    valid = False  # not an archive (AttributeError: a single .npy array)
+  checks.require(
+    valid,
+    f"--state {str(path)!r} is not a valid evaluation state file (one that --state "
+    "wrote); give a new path, or delete it",
+  )
+
+
+def check_transfer_source(source, target):
+  """Refuses a --transfer-from run whose model takes other images (shape,
+  channels) or classes than the model of --workdir: its adversarial examples
+  would not fit the model evaluated."""
+  theirs = checkpoints.load_config(source)["dataset"]
+  ours = checkpoints.load_config(target)["dataset"]
+  described = lambda d: (
+    f"{'x'.join(map(str, d['input_shape']))} images and {d['num_classes']} classes"
+  )
+  checks.require(
+    list(theirs["input_shape"]) == list(ours["input_shape"])
+    and theirs["num_classes"] == ours["num_classes"],
+    f"--transfer-from {str(source)!r} has a model of {described(theirs)}; --workdir "
+    f"{str(target)!r} has one of {described(ours)}: transfer needs the same images and classes",
+  )
+
+
+@contextlib.contextmanager
+def writing(path):
+  """Turns a failure to write output file `path` into an InputError naming it."""
+  try:
+    yield
+  except OSError as e:
+    raise checks.InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def interrupted():
+  """What eval.py says when Ctrl-C stops it."""
+  if _STATE.value:
+    return (
+      f"interrupted; the evaluation's progress is saved in {_STATE.value!r}: "
+      "rerun the same command to resume it"
+    )
+  return "interrupted; the evaluation did not finish (with --state FILE it can be resumed)"
 
 
 def main(argv):
   define_config_overrides(argv)
   cli.parse_flags(argv)
+  check_outputs()
+  checks.require(
+    _ATTACKS.value is None or any(n.strip() for n in _ATTACKS.value.split(",")),
+    f"--attacks {_ATTACKS.value!r} names no attack; name the run's attacks "
+    "(comma-separated) or 'all', or leave --attacks out for the config's eval.default",
+  )
   if _TORCH.value:
     checks.require(not _WORKDIR.value, "give either --workdir or --torch-checkpoint, not both")
     for flag, value in (
@@ -202,7 +270,10 @@ def main(argv):
     checks.require(
       _ARCH.value is None and _DATA.value is None, "--arch and --data go with --torch-checkpoint"
     )
-    which = selection.choose(checkpoints.check_workdir(_WORKDIR.value), _CHECKPOINT.value)
+    workdir = checkpoints.check_workdir(_WORKDIR.value)
+    if _TRANSFER.value:
+      check_transfer_source(_TRANSFER.value, workdir)
+    which = selection.choose(workdir, _CHECKPOINT.value)
     resolved, model, state = experiment.restore(_WORKDIR.value, checkpoint=which)
     print(f"Checkpoint: {which} (step {int(state.step)})")
     if resolved.get("ema"):
@@ -263,7 +334,8 @@ def load_torch_checkpoint(path, arch, data_name):
 
 def export_torch(model, state, path):
   """Writes the workdir's model as a PyTorch checkpoint recording its architecture."""
-  interop.save_checkpoint(path, model, jax.device_get(state.variables))
+  with writing(path):
+    interop.save_checkpoint(path, model, jax.device_get(state.variables))
   print(
     f"wrote {path}: {interop.model_name(model)} {interop.model_settings(model)}, "
     f"a PyTorch state_dict (jaxrobust.interop.from_torch or eval.py "
@@ -385,7 +457,8 @@ def sweep(specs, evaluate):
       eps_values = [spec["eps"] * f for f in SWEEP_FACTORS]
       curves[label] = sanity.eps_curve(lambda s, **kw: evaluate(specs=s, **kw), spec, eps_values)
   path = _PLOT.value or str(output_dir() / "sweep.png")
-  report.plot_sweep(curves, path)
+  with writing(path):
+    report.plot_sweep(curves, path)
   print(f"wrote {path}")
   return {label: [{"eps": e, "accuracy": a} for e, a in c] for label, c in curves.items()}
 
@@ -424,7 +497,8 @@ def certify(resolved, model, state):
   )
   print(smoothing.format_certification_table(rep))
   path = _PLOT.value or str(Path(_WORKDIR.value) / f"certify_sigma{sigma:g}.png")
-  smoothing.plot_certified_accuracy(rep, path)
+  with writing(path):
+    smoothing.plot_certified_accuracy(rep, path)
   print(f"wrote {path}")
   return rep
 
@@ -432,7 +506,7 @@ def certify(resolved, model, state):
 def run():
   """The `jaxrobust-eval` command."""
   parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
-  cli.run(main, sys.argv)
+  cli.run(main, sys.argv, interrupted=interrupted, help_extra=HELP_EXTRA)
 
 
 if __name__ == "__main__":
