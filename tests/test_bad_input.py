@@ -29,6 +29,9 @@ is tested ("here" means this module):
 | a workdir that is a file, no write permission, an incompatible checkpoint | here |
 | eval.py --torch-checkpoint: not a checkpoint, truncated (.pt, .safetensors), another architecture, missing keys, wrong shapes, no --arch or --data, images or classes of the data that do not fit | here; in the library: test_interop.py |
 
+docs/bad_input.md lists every case of this catalogue with its message (a
+test checks that it names each one).
+
 No write permission: tests run as root, for whom permission bits do not
 apply, so the case tested is a workdir below a regular file, which no user
 can create; train.py refuses both with "cannot write to workdir" before
@@ -36,13 +39,20 @@ touching anything (it checks the nearest existing ancestor with os.access).
 """
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import program_env
 
-from jaxrobust import checkpoints, checks, interop
+from jaxrobust import checkpoints, checks, interop, sanity
+from jaxrobust.configs import common
 
 ROOT = Path(__file__).resolve().parents[1]
 # The settings of the `trained` workdir (conftest.BAD_INPUT_SETTINGS).
@@ -51,11 +61,13 @@ NATURAL = ["--config", "natural", *[f"--config.{k}={v}" for k, v in SETTINGS.ite
 
 
 def assert_user_error(result, *fragments):
+  """Exit code 2, no traceback, and one `error: ...` line holding every fragment."""
   assert result.returncode == 2, (result.stdout, result.stderr)
-  assert "Traceback" not in result.stderr
-  assert "error: " in result.stderr
+  assert "Traceback" not in result.stdout + result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr
   for fragment in fragments:
-    assert fragment in result.stderr, result.stderr
+    assert fragment in errors[0], result.stderr
 
 
 @pytest.fixture
@@ -115,6 +127,11 @@ TRAIN_SETTINGS = {
   ),
   "num_processes < 1": (["--num_processes=0"], ["--num_processes", "got 0"]),
   "process_id out of range": (["--num_processes=2", "--process_id=2"], ["--process_id", "got 2"]),
+  "config key that does not exist, near a real one": (
+    ["--config.epoch=1"],
+    ["the config has no setting 'epoch'; did you mean 'epochs'?"],
+  ),
+  "stray argument": (["extra_arg"], ["unexpected argument 'extra_arg'"]),
 }
 
 
@@ -123,6 +140,36 @@ def test_train_refuses_a_bad_setting(args, fragments, cli, tmp_path):
   workdir = tmp_path / "run"
   assert_user_error(cli("train.py", "--workdir", workdir, *args), *fragments)
   assert not workdir.exists()
+
+
+# train.py: config files of the user's that do not load. Each message names the file.
+
+CONFIG_FILES = {
+  "get_config raises": (
+    "def get_config():\n  raise RuntimeError('boom')\n",
+    ["raised RuntimeError at line 2: boom"],
+  ),
+  "get_config returns 42": (
+    "def get_config():\n  return 42\n",
+    ["get_config() returned int 42, not an ml_collections.ConfigDict"],
+  ),
+  "no get_config": ("settings = 1\n", ["defines no get_config()"]),
+  "syntax error": ("def get_config(:\n", ["SyntaxError", "line 1"]),
+  "import of a missing module": (
+    "import no_such_module\n",
+    ["raised ModuleNotFoundError at line 1", "no_such_module"],
+  ),
+}
+
+
+@pytest.mark.parametrize("text, fragments", CONFIG_FILES.values(), ids=CONFIG_FILES)
+def test_train_refuses_a_config_file_that_does_not_load(snapshot, text, fragments, cli, tmp_path):
+  config = tmp_path / "my_config.py"
+  config.write_text(text)
+  before = snapshot(tmp_path)
+  result = cli("train.py", "--workdir", tmp_path / "run", "--config", config)
+  assert_user_error(result, f"config file {str(config)!r}", *fragments)
+  assert snapshot(tmp_path) == before
 
 
 # train.py: bad data files.
@@ -174,7 +221,20 @@ BAD_DATA = {
     lambda p: npz_with(p, x=GREY, y=LABELS * 7, class_names=np.array(["a", "b"])),
     ["[0, 2)", "[7]"],
   ),
+  "npz: file of random bytes": (
+    lambda p: file_with(p / "d.npz", np.random.default_rng(0).bytes(3000)),
+    ["d.npz is not a valid .npz archive"],
+  ),
+  "npz: file of text": (
+    lambda p: file_with(p / "d.npz", b"x,y\n0.5,1\n"),
+    ["d.npz is not a valid .npz archive"],
+  ),
 }
+
+
+def file_with(path, content):
+  path.write_bytes(content)
+  return f"npz:{path}"
 
 
 @pytest.mark.parametrize("make, fragments", BAD_DATA.values(), ids=BAD_DATA)
@@ -254,12 +314,118 @@ EVAL_FLAGS = {
     ["either --suite or --attacks"],
   ),
   "norm without a suite": (["--norm", "l2"], ["--norm and --eps set a --suite"]),
+  # Output files are checked before any work: the folder exists and is
+  # writable, the path is not a directory ({tmp}: the test's folder).
+  "--certify --plot in a missing folder": (
+    ["--certify", "--n", "100", "--limit", "20", "--plot", "{tmp}/missing/c.png"],
+    ["cannot write --plot '{tmp}/missing/c.png': folder '{tmp}/missing' does not exist"],
+  ),
+  "--sweep --plot in a missing folder": (
+    ["--sweep", "--attacks", "pgd_linf", "--plot", "/proc/nope/s.png"],
+    ["cannot write --plot '/proc/nope/s.png': folder '/proc/nope' does not exist"],
+  ),
+  "--plot a directory": (["--sweep", "--plot", "{tmp}"], ["--plot '{tmp}' is a directory"]),
+  "--out in a missing folder": (
+    ["--out", "{tmp}/missing/r.json"],
+    ["cannot write --out '{tmp}/missing/r.json'", "does not exist"],
+  ),
+  "--out a directory": (["--out", "{tmp}/dir.pt"], ["--out '{tmp}/dir.pt' is a directory"]),
+  "--export-torch .pt in a missing folder": (
+    ["--export-torch", "/proc/nope/m.pt"],
+    ["cannot write --export-torch '/proc/nope/m.pt': folder '/proc/nope' does not exist"],
+  ),
+  "--export-torch .safetensors in a missing folder": (
+    ["--export-torch", "{tmp}/missing/m.safetensors"],
+    ["cannot write --export-torch '{tmp}/missing/m.safetensors'", "does not exist"],
+  ),
+  "--export-torch a directory": (
+    ["--export-torch", "{tmp}/dir.pt"],
+    ["--export-torch '{tmp}/dir.pt' is a directory"],
+  ),
+  "--state in a missing folder": (
+    ["--attacks", "pgd_linf", "--state", "{tmp}/missing/s.state"],
+    ["cannot write --state '{tmp}/missing/s.state'", "does not exist"],
+  ),
+  "--state file of random bytes": (
+    ["--attacks", "pgd_linf", "--state", "{tmp}/random.bin"],
+    ["--state '{tmp}/random.bin' is not a valid evaluation state file"],
+  ),
+  "--state file of text": (
+    ["--attacks", "pgd_linf", "--state", "{tmp}/text.txt"],
+    ["--state '{tmp}/text.txt' is not a valid evaluation state file"],
+  ),
+  "empty --attacks": (["--attacks="], ["--attacks '' names no attack"]),
+  "stray argument": (["extra_arg"], ["unexpected argument 'extra_arg'"]),
+  "config key that does not exist, near a real one": (
+    ["--config.epoch=1"],
+    ["the config has no setting 'epoch'; did you mean 'epochs'?"],
+  ),
+  "config key that does not exist": (["--config.bogus=1"], ["the config has no setting 'bogus'"]),
+  "nested config key that does not exist": (
+    ["--config.eval.attacks.pgd_linf.step=3"],
+    ["no setting 'eval.attacks.pgd_linf.step'; did you mean 'eval.attacks.pgd_linf.steps'?"],
+  ),
 }
 
 
+@pytest.fixture
+def outputs(snapshot, tmp_path):
+  """A folder of files eval.py is pointed at, checked to be unchanged after
+  the test: a directory `dir.pt`, and `random.bin` and `text.txt`, which are
+  not evaluation states."""
+  (tmp_path / "dir.pt").mkdir()
+  (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(3000))
+  (tmp_path / "text.txt").write_text("not an evaluation state\n")
+  before = snapshot(tmp_path)
+  yield tmp_path
+  assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("args, fragments", EVAL_FLAGS.values(), ids=EVAL_FLAGS)
-def test_eval_refuses_a_bad_flag(args, fragments, cli, untouched):
-  assert_user_error(cli("eval.py", "--workdir", untouched, *args), *fragments)
+def test_eval_refuses_a_bad_flag(args, fragments, cli, untouched, outputs):
+  fill = lambda text: text.replace("{tmp}", str(outputs))
+  result = cli("eval.py", "--workdir", untouched, *map(fill, args))
+  assert_user_error(result, *map(fill, fragments))
+
+
+def test_eval_refuses_a_transfer_source_of_other_images_or_classes(
+  snapshot, cli, trained, tmp_path
+):
+  # A run of 3-channel images and 5 classes, as its config.json says: the
+  # source is refused from config.json alone, before any model is restored.
+  rgb = tmp_path / "rgb"
+  shutil.copytree(trained, rgb)
+  config = json.loads((rgb / "config.json").read_text())
+  config["dataset"].update(input_shape=[8, 8, 3], num_classes=5)
+  (rgb / "config.json").write_text(json.dumps(config))
+  before = snapshot(tmp_path)
+  assert_user_error(
+    cli("eval.py", "--workdir", rgb, "--transfer-from", trained),
+    f"--transfer-from {str(trained)!r} has a model of 8x8x1 images and 10 classes",
+    f"--workdir {str(rgb)!r} has one of 8x8x3 images and 5 classes",
+  )
+  assert_user_error(
+    cli("eval.py", "--workdir", trained, "--transfer-from", rgb),
+    f"--transfer-from {str(rgb)!r} has a model of 8x8x3 images and 5 classes",
+  )
+  assert snapshot(tmp_path) == before
+
+
+def test_eval_says_when_every_checkpoint_is_corrupt(snapshot, cli, trained, tmp_path):
+  # Every data file of every checkpoint cut in half (the largest alone may
+  # hold bytes no array needs): orbax's and TensorStore's complaints stay
+  # out of the terminal.
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  for data in (workdir / "checkpoints").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  before = snapshot(workdir)
+  result = cli("eval.py", "--workdir", workdir)
+  assert_user_error(
+    result, f"no intact checkpoint in {str(workdir.absolute() / 'checkpoints')!r}", "is corrupt"
+  )
+  assert result.stderr.count("\n") == 1 and "train first" not in result.stderr
+  assert snapshot(workdir) == before
 
 
 def test_eval_refuses_a_state_file_that_is_not_one(cli, untouched):
@@ -428,6 +594,143 @@ def test_export_refuses_a_bad_file_name(snapshot, cli, untouched, tmp_path):
     ".safetensors",
   )
   assert snapshot(tmp_path) == {}
+
+
+# Inputs that crashed a command after its work: they now run.
+
+
+def test_eval_sanity_checks_of_cw_l2(cli, untouched):
+  # C&W-L2's spec has an eps but no norm: the checks read its Attack's norm.
+  result = cli(
+    "eval.py",
+    "--workdir",
+    untouched,
+    "--attacks",
+    "cw_l2",
+    "--limit",
+    "20",
+    "--config.eval.attacks.cw_l2.steps=2",
+    "--config.eval.attacks.cw_l2.binary_search_steps=1",
+  )
+  assert result.returncode == 0, result.stderr
+  assert "cw_l2: accuracy near 0 at a large eps (eps 4:" in result.stdout
+
+
+def test_sanity_checks_of_every_attack_of_a_config():
+  # `--attacks all` without --nosanity: every attack the configs define.
+  specs = common.eval_attacks(0.2, 1.0, 0.75)
+  seen = []
+
+  def evaluate_specs(check_specs, **kw):
+    del kw
+    seen.extend(check_specs)
+    return {"results": [{"attack": label, "accuracy": 0.0} for label in check_specs]}
+
+  rep = {"clean_accuracy": 0.5, "results": []}
+  results = sanity.attack_checks(rep, evaluate_specs, specs, (8, 8, 1))
+  assert {f"{label}@large" for label in specs} <= set(seen)
+  assert "cw_l2: accuracy near 0 at a large eps" in [r["check"] for r in results]
+  assert sanity.threat_norm(specs["cw_l2"]) == "l2"
+
+
+# --help, and Ctrl-C.
+
+
+@pytest.mark.parametrize(
+  "script, flag, lines",
+  [
+    ("eval.py", "--help", ["  --workdir: Run directory written by train.py.", "  --[no]sanity: "]),
+    ("eval.py", "-h", ["  --state: Write the evaluation's progress"]),
+    ("train.py", "--help", ["  --workdir: Run directory", "  --config: Experiment config file"]),
+    ("train.py", "--helpfull", ["  --[no]progress: Show a progress bar.", "absl.logging:"]),
+  ],
+)
+def test_help_lists_the_flags(cli, script, flag, lines):
+  result = cli(script, flag)
+  assert result.returncode == 0 and not result.stderr, result.stderr
+  for line in lines:
+    assert line in result.stdout
+  assert re.search(r"^  --\S+: \S", result.stdout, re.M)
+
+
+def start(*args):
+  env = {**program_env(), "PYTHONUNBUFFERED": "1"}
+  return subprocess.Popen(
+    [sys.executable, *map(str, args)],
+    cwd=ROOT,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+
+
+def test_ctrl_c_while_eval_starts(untouched):
+  process = start("eval.py", "--workdir", untouched)
+  time.sleep(0.5)  # importing JAX and the program
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err
+  assert "Traceback" not in out + err and "interrupted" in err
+
+
+def test_ctrl_c_during_an_evaluation(untouched, tmp_path):
+  state = tmp_path / "s.state"
+  process = start(
+    "eval.py",
+    "--workdir",
+    untouched,
+    "--attacks",
+    "pgd_linf",
+    "--nosanity",
+    "--config.eval.attacks.pgd_linf.steps=2000",
+    "--batch_size",
+    "16",
+    "--state",
+    state,
+  )
+  deadline = time.monotonic() + 300
+  while not state.exists():  # written after the first batch
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 130, err
+  assert "Traceback" not in out + err
+  assert err.strip().splitlines()[-1] == (
+    f"interrupted; the evaluation's progress is saved in {str(state)!r}: "
+    "rerun the same command to resume it"
+  )
+
+
+SWALLOWED = """
+import gc, time
+from jaxrobust import cli
+
+def main(argv):
+  def interrupt(phase, info):  # Ctrl-C inside a garbage collector callback
+    gc.callbacks.remove(interrupt)
+    raise KeyboardInterrupt
+  gc.callbacks.append(interrupt)
+  gc.collect()
+  time.sleep(30)
+
+cli.run(main, interrupted="interrupted; test")
+"""
+
+
+def test_ctrl_c_in_a_callback_is_not_swallowed(cli, tmp_path):
+  (tmp_path / "swallowed.py").write_text(SWALLOWED)
+  result = cli(tmp_path / "swallowed.py")
+  assert result.returncode == 130 and result.stderr == "interrupted; test\n", result.stderr
+
+
+def test_the_catalogue_is_listed_in_docs():
+  listed = (ROOT / "docs/bad_input.md").read_text()
+  for cases in (TRAIN_SETTINGS, CONFIG_FILES, BAD_DATA, EVAL_FLAGS):
+    for name in cases:
+      assert f"| {name} |" in listed, name
 
 
 # Library API (what the command lines cannot reach)
