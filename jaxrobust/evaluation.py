@@ -123,14 +123,15 @@ def rounds(attack):
   for `attack`, in order.
 
   An attack's stages (`Attack.stages`, or the attack itself) each run in
-  rounds: a stage whose own `stages` are a cascade (APGD-T's and FAB-T's
-  targets, restarts) runs each of them on the examples the rounds before it
-  left robust, as the reference implementation drops examples as they fall;
-  any other stage is one round. Round m of stage j of example i uses the
-  key `fold_in(fold_in(k_i, j), m)`, as the stage itself does."""
+  rounds: a stage that is a cascade of runs (`Attack.rounds`: APGD-T's and
+  FAB-T's targets; or a cascade's `stages`) runs each of them on the
+  examples the rounds before it left robust, as the reference
+  implementation drops examples as they fall; any other stage is one
+  round. Round m of stage j of example i uses the key
+  `fold_in(fold_in(k_i, j), m)`, as the stage itself does."""
   out = []
   for j, stage in enumerate(attack.stages or (attack,)):
-    for m, part in enumerate(stage.stages or (stage,)):
+    for m, part in enumerate(stage.rounds or stage.stages or (stage,)):
       out.append((j, stage, m, part))
   return out
 
@@ -231,11 +232,12 @@ def run(
       todo = np.flatnonzero(outcome.robust & ~outcome.attacked[r])
       if len(todo):
         began = time.perf_counter()
-        where = _Where(label, j, stage, m, part, r, bool(attack.stages), bool(stage.stages))
+        rounded = bool(stage.rounds or stage.stages)
+        where = _Where(label, j, stage, m, part, r, bool(attack.stages), rounded)
         _run_round(context, where, jax.random.fold_in(key, index), todo, outcome, state)
         outcome.seconds[r] += time.perf_counter() - began
       state.save(label, outcome, force=True)
-      if m == len(stage.stages or (stage,)) - 1:
+      if m == len(stage.rounds or stage.stages or (stage,)) - 1:
         seconds = outcome.seconds[r - m : r + 1].sum()
         log(
           f"{label}{'' if not attack.stages else ' ' + stage.label}: robust accuracy "

@@ -340,6 +340,9 @@ def test_cascade_equals_every_attack_on_every_example(problem):
   assert 0 < o.robust.sum() < clean.sum()  # the attacks broke some, not all
   assert o.attacked.sum() < 4 * clean.sum()  # later stages skipped broken examples
   assert np.all(o.attacked[1:].sum(1) <= o.attacked[:-1].sum(1))
+  # FAB-T ran target by target, each on what the targets before it left robust.
+  fab_rounds = [r for r, (j, *_) in enumerate(evaluation.rounds(suite)) if j == 2]
+  assert len(fab_rounds) == suite.stages[2].options["num_targets"] > 1
 
 
 def test_report_of_a_cascade(problem):

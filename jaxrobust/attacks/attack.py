@@ -79,6 +79,11 @@ class Attack:
       in order, each example keeping the first that fools the model: an
       evaluation may run each stage only on the examples still robust.
       Stage j of example i uses the key `fold_in(k_i, j)`.
+    rounds: for an attack that is itself a cascade of runs (APGD-T's and
+      FAB-T's targets), those runs as attacks, in order: the attack succeeds
+      on an example exactly when one of them does, so an evaluation may
+      run each only on the examples the ones before it left robust. Round
+      m of example i uses the key `fold_in(k_i, m)`.
   """
 
   fn: AttackFn = dataclasses.field(repr=False, compare=False)
@@ -88,6 +93,7 @@ class Attack:
   targeted: bool = False
   settings: tuple = ()
   stages: tuple = dataclasses.field(default=(), repr=False, compare=False)
+  rounds: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
   def __call__(self, logits_fn, x, y, key, *, eps=None):
     if eps is not None and self.eps is None:
@@ -136,7 +142,9 @@ class Attack:
     return self.name.replace("_", "-")
 
 
-def make(fn, name, *, norm=None, eps=None, targeted=False, stages=(), **settings) -> Attack:
+def make(
+  fn, name, *, norm=None, eps=None, targeted=False, stages=(), rounds=(), **settings
+) -> Attack:
   """An `Attack` of `fn`; lists in `settings` are stored as tuples (hashable)."""
   frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items()))
   return Attack(
@@ -147,4 +155,5 @@ def make(fn, name, *, norm=None, eps=None, targeted=False, stages=(), **settings
     targeted=bool(targeted),
     settings=frozen,
     stages=tuple(stages),
+    rounds=tuple(rounds),
   )

@@ -58,7 +58,16 @@ def fab(
 
 
 def fab_t(
-  *, norm="linf", eps=None, steps=100, num_targets=9, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9
+  *,
+  norm="linf",
+  eps=None,
+  steps=100,
+  num_targets=9,
+  first_target=0,
+  restarts=1,
+  alpha_max=0.1,
+  eta=1.05,
+  beta=0.9,
 ) -> Attack:
   """FAB-T: FAB towards one target class at a time, as in AutoAttack ("fab-t").
 
@@ -70,20 +79,36 @@ def fab_t(
   and the closest over all targets is returned. AutoAttack stops at the
   first target that succeeds within eps; the closest over all targets
   succeeds within eps exactly when some target does, so robust accuracy is
-  the same. The targets are a `lax.fori_loop` (one target's program).
+  the same. The targets are a `lax.fori_loop` (one target's program); the
+  i-th runs with the key `fold_in(k, i)` (a single target: k itself).
+  With eps, the targets are also the attack's `rounds`, each FAB-T of one
+  target, so an evaluation runs each target only on the examples the
+  targets before it left robust, as AutoAttack does.
 
   Args:
     norm, eps, steps, restarts, alpha_max, eta, beta: as in `fab`.
     num_targets: target classes per example, >= 1 (AutoAttack: 9).
+    first_target: the rank of the first target among the classes other than
+      y ordered by clean logit, >= 0 (0: the most likely).
 
   Returns:
     An `Attack`, as `fab`'s.
   """
   num_targets = checks.integer_at_least("num_targets", num_targets, 1)
-  return _fab("fab_t", norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=num_targets)
+  first_target = checks.integer_at_least("first_target", first_target, 0)
+  settings = (norm, eps, steps, restarts, alpha_max, eta, beta)
+  rounds = ()
+  if num_targets > 1 and eps is not None:
+    rounds = [
+      _fab("fab_t", *settings, num_targets=1, first_target=first_target + m)
+      for m in range(num_targets)
+    ]
+  return _fab("fab_t", *settings, num_targets=num_targets, first_target=first_target, rounds=rounds)
 
 
-def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets):
+def _fab(
+  name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets, first_target=0, rounds=()
+):
   norm = core.check_norm(norm)
   if eps is not None:
     core.check_eps(eps)
@@ -123,13 +148,16 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
       best, distance = search(_all_boundaries(logits_one, y), key)
     else:
       clean = logits_one(x)
-      count = min(num_targets, clean.shape[-1] - 1)
-      targets = jax.lax.top_k(jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[
-        1
-      ]
+      others = clean.shape[-1] - 1
+      count = max(0, min(num_targets, others - first_target))
+      if count == 0:  # no class of this rank
+        return x
+      ranked = jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean)
+      targets = jax.lax.top_k(ranked, first_target + count)[1][first_target:]
 
       def for_target(i, best):
-        found = search(_target_boundary(logits_one, y, targets[i]), jax.random.fold_in(key, i))
+        target_key = key if num_targets == 1 else jax.random.fold_in(key, i)
+        found = search(_target_boundary(logits_one, y, targets[i]), target_key)
         return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
 
       best, distance = core.loop(0, count, for_target, (x, jnp.asarray(jnp.inf, x.dtype)), like=x)
@@ -143,17 +171,25 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets)
       return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  extra = {} if num_targets is None else {"num_targets": num_targets}
-  return make(attack, name, norm=norm, eps=eps, restarts=restarts, **step_settings, **extra)
+  extra = {} if num_targets is None else {"num_targets": num_targets, "first_target": first_target}
+  return make(
+    attack, name, norm=norm, eps=eps, restarts=restarts, rounds=rounds, **step_settings, **extra
+  )
 
 
 def _all_boundaries(logits_one, y):
   """z -> (f [K], grad f [K, ...]): f_j(z) = z_j - z_y, and f_y = 1e10 (never
   the closest)."""
-  jacobian = core.canonical_convolutions(jax.jacrev(logits_one))
+
+  def with_logits(z):
+    logits = logits_one(z)
+    return logits, logits
+
+  # The Jacobian and the logits from one forward pass.
+  jacobian = core.canonical_convolutions(jax.jacrev(with_logits, has_aux=True))
 
   def boundaries(z):
-    logits, grads = logits_one(z), jacobian(z)
+    grads, logits = jacobian(z)
     f = logits - logits[y]
     f = jnp.where(jnp.arange(f.shape[0]) == y, _EXCLUDED, f)
     return f, grads - grads[y]
