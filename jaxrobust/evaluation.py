@@ -177,7 +177,10 @@ def run(
     mesh: devices to split batches over (default: all).
     source: optional `(apply_fn, variables)` of the model the attacks run on.
     stochastic_apply_fn: `(variables, x, key) -> logits`, one random draw of
-      a randomized model, for attacks with EOT (`Attack.stochastic`).
+      a randomized model, for attacks with EOT (`Attack.stochastic`), which
+      it also judges, as AutoAttack's "rand" version does: an example counts
+      when a draw classifies it correctly clean (one draw per example, the
+      same for every stage) and another draw does after the attack.
     individual: run every attack on all clean-correct examples, not only on
       those the attacks of its threat model before it left robust.
     state_path: a file to write the progress to (every `SAVE_SECONDS` and
@@ -600,7 +603,14 @@ def _attack_program(
     d = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(len(x), -1)
     l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))
     size = jnp.max(jnp.abs(d), -1) if attack.norm == "linf" else l2
-    correct = jnp.argmax(target(x_adv), -1) == y
+    if attack.stochastic and stochastic_apply_fn is not None:
+      # A randomized model is judged as AutoAttack's "rand" judges it: by a
+      # draw of it, clean (the same draw for every stage) and attacked.
+      judge = _draw_judge(stochastic_apply_fn, variables)
+      clean_keys = keys_lib.fold(keys_lib.example_keys(key, index), _CLEAN_DRAW)
+      correct = judge(x, clean_keys, y) & judge(x_adv, keys_lib.fold(keys, _ATTACKED_DRAW), y)
+    else:
+      correct = jnp.argmax(target(x_adv), -1) == y
     return (correct, l2, size, x_adv) if keep else (correct, l2, size)
 
   batch = P(parallel.BATCH_AXIS)
@@ -612,6 +622,21 @@ def _attack_program(
       out_specs=batch,
     )
   )
+
+
+# The folds of an example's keys that draw the randomized model judging it.
+_CLEAN_DRAW, _ATTACKED_DRAW = 2**31 - 1, 2**31 - 2
+
+
+def _draw_judge(stochastic_apply_fn, variables):
+  """`(x [B, ...], keys [B], y) -> correct [B]`: each example classified by
+  its own draw of the randomized model."""
+
+  def correct(x, keys, y):
+    one = lambda xi, k: stochastic_apply_fn(variables, xi[None], k)[0]
+    return jnp.argmax(jax.vmap(one)(x, keys), -1) == y
+
+  return correct
 
 
 # ----------------------------------------------------------------------------

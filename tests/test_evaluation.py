@@ -450,3 +450,25 @@ def test_a_stage_made_of_rounds_drops_examples_and_equals_running_everything(pro
   # Each round ran only on what the rounds before it left robust.
   assert np.all(o.attacked[1:].sum(1) <= o.attacked[:-1].sum(1))
   assert not np.any(o.attacked[2] & (o.fooled_by == 0))
+
+
+def test_a_randomized_model_is_judged_by_its_draws_under_eot_attacks(problem):
+  """AutoAttack's "rand": clean and attacked, a stochastic attack's
+  examples are classified by draws of the randomized model, not by its
+  deterministic apply function."""
+  variables, x, y = problem
+  x = np.repeat(x, 8, 0)
+  y = np.repeat(y, 8, 0)
+  # Draws so noisy that each is a uniform guess among the 3 classes.
+  noisy = lambda v, xb, key: linear_apply(v, xb) + 1e4 * jax.random.normal(key, (len(xb), 3))
+  eot = attacks_lib.apgd(norm="linf", eps=1e-6, steps=1, eot_samples=2)
+  rep = evaluation.evaluate(
+    linear_apply, variables, x, y, {"eot": eot}, key=jax.random.key(0), stochastic_apply_fn=noisy
+  )
+  deterministic = evaluation.evaluate(
+    linear_apply, variables, x, y, {"eot": eot}, key=jax.random.key(0)
+  )
+  # eps 1e-6 breaks nothing: the deterministic model stays at its clean accuracy.
+  assert deterministic["results"][0]["accuracy"] == deterministic["clean_accuracy"] == 0.8
+  # Two uniform guesses both right: 1/9 of the clean-correct examples (64 of 80 here).
+  assert rep["results"][0]["accuracy"] == pytest.approx(0.8 / 9, abs=0.06)
