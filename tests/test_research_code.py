@@ -341,3 +341,9 @@ def test_library_programs_carry_no_check_and_user_programs_do():
   checked = jax.jit(lambda x, y: attack(logits_fn, x, y, jax.random.key(0))).lower(x, y).as_text()
   unchecked = jax.jit(trusted).lower(x, y).as_text()
   assert "callback" in checked and "callback" not in unchecked
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "apgd", "apgd_t", "fab_t", "square", "mi_fgsm"])
+def test_an_array_eps_at_construction_names_the_call_time_form(name):
+  with pytest.raises(jr.InputError, match=r"shape \(3,\).*at call time.*eps=eps_per_example"):
+    jr.attacks.create(name, eps=jnp.asarray([0.1, 0.2, 0.3]))

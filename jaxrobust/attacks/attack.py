@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from jaxrobust import checks
 
@@ -146,6 +147,11 @@ def make(
   fn, name, *, norm=None, eps=None, targeted=False, stages=(), rounds=(), **settings
 ) -> Attack:
   """An `Attack` of `fn`; lists in `settings` are stored as tuples (hashable)."""
+  checks.require(
+    eps is None or (np.ndim(eps) == 0 and isinstance(eps, numbers.Real | np.ndarray | jax.Array)),
+    f"attack {name!r}: eps at construction is one number, got {_describe(eps)}; pass one eps "
+    "per example at call time instead: attack(logits_fn, x, y, key, eps=eps_per_example)",
+  )
   frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items()))
   return Attack(
     fn,
@@ -157,3 +163,8 @@ def make(
     stages=tuple(stages),
     rounds=tuple(rounds),
   )
+
+
+def _describe(value):
+  shape = np.shape(value)
+  return f"an array of shape {shape}" if shape else repr(value)
