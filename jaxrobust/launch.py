@@ -1,0 +1,31 @@
+"""The command-line programs' entry points (`jaxrobust-train`, `jaxrobust-eval`,
+`python train.py`, `python eval.py`).
+
+Until JAX and the program have loaded, Ctrl-C exits at once with code 130
+and one line (a KeyboardInterrupt raised during imports could land in a
+callback that swallows it); from then on the program handles it.
+"""
+
+import os
+import signal
+import sys
+
+
+def train_main():
+  _start("train", "nothing was trained").run()
+
+
+def eval_main():
+  _start("eval", "nothing was evaluated").run()
+
+
+def _start(program, nothing_done):
+  def interrupted_while_starting(signum, frame):
+    del signum, frame
+    print(f"interrupted while starting; {nothing_done}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+  signal.signal(signal.SIGINT, interrupted_while_starting)
+  module = __import__(f"jaxrobust.programs.{program}", fromlist=["run"])
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  return module
