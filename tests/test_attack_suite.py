@@ -321,7 +321,7 @@ def test_mixture_gives_each_attack_exactly_its_share():
   x, y = edge_batch(10), jnp.arange(10) % 4
   seen = [[], [], [], []]
   weights = [0.25, 0.25, 0.5, 0.0]
-  mix = A.mixture([spy(0.1 * (j + 1), seen[j]) for j in range(4)], weights)
+  mix = A.mixture([spy(0.1 * (j + 1), seen[j]) for j in range(4)], weights=weights)
   outputs = [run(mix, logits_fn, x, y, jax.random.key(k)) for k in range(3)]
   assert seen == [[(3, 3, 3)], [(2, 2, 2)], [(5, 5, 5)], []]  # traced once, on its share
   for out in outputs:
@@ -339,7 +339,7 @@ def test_mixture_runs_each_attack_on_its_share_only():
   keys = jax.random.split(jax.random.key(3), 8)
   pgd = A.pgd(eps=0.1, steps=2)
   mi = A.mi_fgsm(eps=0.05, steps=2)
-  out = run(A.mixture([pgd, mi], [0.5, 0.5]), logits_fn, x, y, keys)
+  out = run(A.mixture([pgd, mi], weights=[0.5, 0.5]), logits_fn, x, y, keys)
   size = jnp.abs(out - x).reshape(8, -1).max(1)
   to_pgd = np.flatnonzero(size > 0.05 + TOL)
   assert len(to_pgd) == 4
@@ -444,7 +444,7 @@ def test_create_builds_combinators_recursively():
   direct = A.worst_case(
     [
       A.fgsm(eps=0.05),
-      A.mixture([A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], [0.5, 0.5]),
+      A.mixture([A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], weights=[0.5, 0.5]),
     ]
   )
   expected = run(direct, logits_fn, x, y)
@@ -563,12 +563,12 @@ PGD = A.pgd(eps=0.1, steps=1)
   [
     (lambda: A.worst_case([]), "non-empty list"),
     (lambda: A.random_choice([]), "non-empty list"),
-    (lambda: A.mixture([], []), "non-empty list"),
+    (lambda: A.mixture([], weights=[]), "non-empty list"),
     (lambda: A.worst_case([PGD, "pgd"]), "attack functions.*'pgd'"),
-    (lambda: A.mixture([PGD, PGD], [0.5, 0.6]), r"sum to 1.*1.1"),
-    (lambda: A.mixture([PGD, PGD], [1.0]), "list of 2 numbers"),
-    (lambda: A.mixture([PGD, PGD], [1.5, -0.5]), ">= 0"),
-    (lambda: A.mixture([PGD, PGD], 0.5), "list of 2"),
+    (lambda: A.mixture([PGD, PGD], weights=[0.5, 0.6]), r"sum to 1.*1.1"),
+    (lambda: A.mixture([PGD, PGD], weights=[1.0]), "list of 2 numbers"),
+    (lambda: A.mixture([PGD, PGD], weights=[1.5, -0.5]), ">= 0"),
+    (lambda: A.mixture([PGD, PGD], weights=0.5), "list of 2"),
     (lambda: A.create("worst_case", attacks=[{"name": "nope"}]), "unknown attack 'nope'"),
     (lambda: A.create({"eps": 0.1}), "needs a 'name'"),
     (lambda: A.create("mixture", attacks=[{"name": "pgd", "eps": 0.1}]), "weights"),
@@ -590,7 +590,7 @@ def test_bad_inputs_at_call_time(linear_model):
   with pytest.raises(checks.InputError, match=r"\[0, 1\]"):
     A.cw_l2(steps=1)(two_classes, x + 1, y, jax.random.key(0))
   with pytest.raises(checks.InputError, match="labels"):
-    A.mixture([PGD, PGD], [0.5, 0.5])(two_classes, x, jnp.array([0, 5]), jax.random.key(0))
+    A.mixture([PGD, PGD], weights=[0.5, 0.5])(two_classes, x, jnp.array([0, 5]), jax.random.key(0))
 
 
 # --- compilation ---------------------------------------------------------------

@@ -8,9 +8,20 @@ import pytest
 
 import jaxrobust as jr
 from jaxrobust import checks
+from jaxrobust import keys as keys_lib
+from jaxrobust.attacks.attack import make
+from tests import test_attack_suite
 
 A = jr.attacks
 T = jr.attacks.targets
+KEY = jax.random.key(1)
+# The attack suite's fixture: a 64-32-10 MLP trained on the digits (~99 % test
+# accuracy) and 100 test examples.
+digits_mlp = test_attack_suite.digits_mlp
+
+
+def run(attack, logits_fn, x, y, key=KEY):
+  return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
 
 
 # --- target helpers --------------------------------------------------------------
@@ -75,5 +86,129 @@ def test_mapped_applies_the_map():
   ],
 )
 def test_bad_target_inputs(build, message):
+  with pytest.raises(checks.InputError, match=message):
+    build()
+
+
+# --- combinators over targeted parts -----------------------------------------------
+
+
+def reached(logits_fn, x_adv, target):
+  return np.asarray(jnp.argmax(logits_fn(x_adv), -1) == target)
+
+
+def test_combinators_of_targeted_parts_reach_the_target(digits_mlp):
+  # Issue 23: a weak and a strong targeted PGD. Judged untargeted (argmax != y,
+  # y the target), the weak part's output "succeeds" wherever it stays on the
+  # true class, so the combination kept it and reached the target on none.
+  logits_fn, x, y = digits_mlp
+  target = T.random_other(jax.random.key(0), y, 10)
+  weak = A.pgd(eps=0.02, steps=1, targeted=True)
+  strong = A.pgd(eps=0.3, steps=20, targeted=True)
+  # Each part alone, with the keys the combinators give it (part j: fold_in(k_i, j)).
+  keys = keys_lib.example_keys(KEY, len(x))
+  outputs = [
+    run(a, logits_fn, x, target, keys_lib.fold(keys, j)) for j, a in enumerate([weak, strong])
+  ]
+  parts = [reached(logits_fn, o, target) for o in outputs]
+  assert parts[0].mean() < 0.1 and parts[1].mean() > 0.9  # the issue's setting
+  worst = run(A.worst_case([weak, strong]), logits_fn, x, target)
+  # Per example: the target is reached iff a part reached it.
+  np.testing.assert_array_equal(reached(logits_fn, worst, target), parts[0] | parts[1])
+  best = run(A.max_loss([weak, strong]), logits_fn, x, target)
+  assert reached(logits_fn, best, target).mean() >= parts[1].mean()
+  # Where no part reaches it, worst_case keeps the lowest cross-entropy to the target.
+  ce = lambda xa: np.asarray(jax.vmap(A.losses.cross_entropy)(logits_fn(xa), target))
+  neither = ~(parts[0] | parts[1])
+  np.testing.assert_allclose(
+    ce(worst)[neither], np.minimum(*[ce(o) for o in outputs])[neither], rtol=1e-6
+  )
+
+
+def shifting(shift, targeted):
+  """A fixed "attack": example i's output is the constant image 0.5 + shift[i].
+  (Its settings name the shifts: equal attacks share compiled programs.)"""
+  values = jnp.asarray(shift, jnp.float32)
+  return make(
+    lambda f, x, y, key, eps: jnp.zeros_like(x) + (0.5 + values)[:, None, None, None],
+    "shift",
+    targeted=targeted,
+    shift=[float(v) for v in shift],
+  )
+
+
+def test_targeted_rule_picks_the_closed_form(linear_model):
+  # Logits [0, z], z = sum of the 4 pixels - 2, target 1: a candidate reaches
+  # the target iff z > 0, and its targeted loss -CE(z, 1) = -log(1 + e^-z)
+  # increases with z. So worst_case keeps the first candidate with z > 0,
+  # else the larger z; max_loss the larger z. Judged untargeted (the rule
+  # before), worst_case kept the first with z <= 0, else the smaller z.
+  logits_fn = linear_model(jnp.ones((2, 2, 1)), -2.0)
+  x = jnp.full((4, 2, 2, 1), 0.5)
+  target = jnp.ones(4, jnp.int32)
+  z = np.array([[0.1, 0.3, -0.3, -0.2], [0.2, 0.1, -0.1, -0.4]])  # [part, example]
+  loss = -np.log1p(np.exp(-z))
+  success = z > 0
+  expected_worst = np.where(success.any(0), np.argmax(success, 0), np.argmax(loss, 0))
+  expected_max = np.argmax(loss, 0)
+  assert list(expected_worst) == [0, 0, 1, 0] and list(expected_max) == [1, 0, 1, 0]
+  parts = [shifting(s / 4, True) for s in z]
+  candidates = np.stack([np.asarray(run(p, logits_fn, x, target)) for p in parts])
+  for combinator, expected in ((A.worst_case, expected_worst), (A.max_loss, expected_max)):
+    out = np.asarray(run(combinator(parts), logits_fn, x, target))
+    np.testing.assert_array_equal(out, candidates[expected, np.arange(4)])
+  # The same parts untargeted: the untargeted rule, which picked other candidates.
+  untargeted = [shifting(s / 4, False) for s in z]
+  out = np.asarray(run(A.worst_case(untargeted), logits_fn, x, target))
+  np.testing.assert_array_equal(out, candidates[[0, 1, 0, 0], np.arange(4)])
+
+
+TARGETED = A.pgd(eps=0.1, steps=1, targeted=True)
+UNTARGETED = A.pgd(eps=0.1, steps=1)
+
+
+@pytest.mark.parametrize(
+  "build",
+  [
+    lambda: A.worst_case([UNTARGETED, TARGETED]),
+    lambda: A.max_loss([TARGETED, UNTARGETED]),
+    lambda: A.random_choice([TARGETED, UNTARGETED], per_example=True),
+    lambda: A.mixture([TARGETED, UNTARGETED], weights=[0.5, 0.5]),
+    lambda: A.worst_case([TARGETED, lambda f, x, y, key: x]),  # a plain function: untargeted
+    lambda: A.create(
+      "worst_case",
+      attacks=[{"name": "pgd", "eps": 0.1, "targeted": True}, {"name": "mi_fgsm", "eps": 0.1}],
+    ),
+  ],
+)
+def test_mixing_targeted_and_untargeted_parts_is_refused(build):
+  with pytest.raises(checks.InputError, match="cannot mix targeted and untargeted attacks"):
+    build()
+
+
+def test_a_combinator_of_targeted_parts_is_targeted():
+  for combined in (
+    A.worst_case([TARGETED, TARGETED]),
+    A.max_loss([TARGETED]),
+    A.random_choice([TARGETED, TARGETED]),
+    A.mixture([TARGETED, TARGETED], weights=[0.5, 0.5]),
+  ):
+    assert combined.targeted and A.create(**combined.spec) == combined
+  assert not A.worst_case([UNTARGETED, UNTARGETED]).targeted
+
+
+@pytest.mark.parametrize(
+  "build, message",
+  [
+    (lambda: A.worst_case([TARGETED], targeted=False), "targeted=False given.*targeted=True"),
+    (lambda: A.max_loss([UNTARGETED], norm="l2"), "norm='l2' given.*norm='linf'"),
+    (lambda: A.mixture([UNTARGETED], weights=[1.0], eps=0.2), "eps=0.2 given.*eps=0.1"),
+    (
+      lambda: A.random_choice([UNTARGETED, A.pgd(norm="l2", eps=0.5)], norm="linf"),
+      "share no norm",
+    ),
+  ],
+)
+def test_a_combinator_refuses_a_threat_model_its_parts_do_not_share(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()

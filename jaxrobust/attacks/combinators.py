@@ -8,8 +8,15 @@ that of its parts when they share one (norm and eps; then `eps=` at call
 time changes every part's), else None. Randomness: with per-example keys k_i (the key itself if it is a batch of
 keys, else `fold_in(key, i)`), inner attack j sees `fold_in(k_i, j)` for
 example i, and the combinator's own draws use `fold_in(k_i, J)`, J the number
-of attacks. Labels are true classes: the combinators judge success
-untargeted (misclassified).
+of attacks.
+
+Labels: the parts of a combinator are all untargeted (y the true class) or
+all targeted (y the target class; `targeted=True`), and a mix is refused, so
+one rule judges every candidate. Untargeted, a candidate x' succeeds when
+argmax z(x') != y and its loss is the cross-entropy CE(z(x'), y) =
+-log softmax(z(x'))_y, which the attacks raise; targeted, it succeeds when
+argmax z(x') = y and its loss is -CE(z(x'), y), which the attacks raise by
+lowering the cross-entropy to the target.
 """
 
 import math
@@ -24,63 +31,97 @@ from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
 
-def worst_case(attacks) -> Attack:
+def worst_case(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
   """Runs every attack and keeps, per example, the worst one for the model: the
   rule for evaluation.
 
-  Per example: the first attack's output (in list order) that is
-  misclassified, else the one with the highest cross-entropy loss. Costs the
-  sum of the attacks plus one forward pass each; an example counts as robust
-  only if it resists all of them. The attacks are its `stages`: an
+  Per example i, with candidates x_i^(j) from attack j (in list order):
+
+    x_adv_i = x_i^(j*),  j* = min {j : x_i^(j) succeeds}, if any succeeds,
+                         j* = argmax_j L(x_i^(j), y_i)  otherwise,
+
+  with success and L the rule of the parts (module docstring): untargeted,
+  the first misclassified candidate, else the one of highest cross-entropy
+  CE(z, y); targeted, the first candidate classified as the target y, else
+  the one of lowest cross-entropy to the target (highest -CE(z, y)). Costs
+  the sum of the attacks plus one forward pass each; an example counts as
+  robust only if it resists all of them. The attacks are its `stages`: an
   evaluation may run each only on the examples the ones before left robust
   (the same per-example outcome, for less work). A stochastic model
   (attacks with EOT, `logits_fn(x, key)`) is judged on one draw per example.
   For training on the inner maximum over attacks (MAT-Max) use `max_loss`:
-  this rule prefers the earlier attack whenever both fool the model, whatever
-  their losses.
-  """
-  attacks = _check_attacks(attacks)
+  this rule prefers the earlier attack whenever both succeed, whatever their
+  losses.
 
-  def choose(fooled, loss):
-    return jnp.where(fooled.any(0), jnp.argmax(fooled, 0), jnp.argmax(loss, 0))
+  Args:
+    attacks: a non-empty list of attacks, all untargeted or all targeted.
+    norm, eps, targeted: the threat model and the kind the parts share, as
+      the returned `Attack` records them (its `spec` lists them, so
+      `create(**attack.spec)` rebuilds it): by default read from the parts;
+      given, they must equal what the parts share.
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
+  """
+  attacks = _check_attacks(attacks, "worst_case")
+
+  def choose(success, loss):
+    return jnp.where(success.any(0), jnp.argmax(success, 0), jnp.argmax(loss, 0))
 
   return _combined(
     _select(attacks, choose),
     "worst_case",
     attacks,
+    dict(norm=norm, eps=eps, targeted=targeted),
     stages=attacks if all(isinstance(a, Attack) for a in attacks) else (),
   )
 
 
-def max_loss(attacks) -> Attack:
+def max_loss(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
   """Runs every attack and keeps, per example, the output of largest loss: the
   rule for training (MAT-Max, Araujo et al. 2019).
 
   Per example i, with candidates x_i^(j) from attack j:
 
-    x_adv_i = x_i^(j*),  j* = argmax_j CE(logits_fn(x_i^(j)), y_i),
+    x_adv_i = x_i^(j*),  j* = argmax_j L(logits_fn(x_i^(j)), y_i),
 
-  CE the cross-entropy -log softmax(z)_y of the model's logits (the loss
-  adversarial training minimises), ties to the earlier attack. This is the
-  inner maximum max_j max_{d in B_j} L(x + d, y) over the attacks' balls
-  (for MAT-Max, p in {2, inf}), whether or not the candidates are
-  misclassified: unlike `worst_case`, success is not looked at. Costs the sum
-  of the attacks plus one forward pass each. A stochastic model (attacks with
-  EOT, `logits_fn(x, key)`) is judged on one draw per example.
+  ties to the earlier attack, with L the loss of the parts (module
+  docstring): untargeted, the cross-entropy CE(z, y) = -log softmax(z)_y
+  (the loss adversarial training minimises); targeted, -CE(z, y), so the
+  candidate closest to the target y in cross-entropy. This is the inner
+  maximum max_j max_{d in B_j} L(x + d, y) over the attacks' balls (for
+  MAT-Max, p in {2, inf}), whether or not the candidates succeed: unlike
+  `worst_case`, success is not looked at. Costs the sum of the attacks plus
+  one forward pass each. A stochastic model (attacks with EOT,
+  `logits_fn(x, key)`) is judged on one draw per example.
+
+  Args:
+    attacks: a non-empty list of attacks, all untargeted or all targeted.
+    norm, eps, targeted: the threat model and the kind the parts share, as
+      the returned `Attack` records them (its `spec` lists them, so
+      `create(**attack.spec)` rebuilds it): by default read from the parts;
+      given, they must equal what the parts share.
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  attacks = _check_attacks(attacks)
+  attacks = _check_attacks(attacks, "max_loss")
 
-  def choose(fooled, loss):
-    del fooled
+  def choose(success, loss):
+    del success
     return jnp.argmax(loss, 0)
 
-  return _combined(_select(attacks, choose), "max_loss", attacks)
+  return _combined(
+    _select(attacks, choose), "max_loss", attacks, dict(norm=norm, eps=eps, targeted=targeted)
+  )
 
 
 def _select(attacks, choose):
   """The attack function that runs every attack and keeps, per example, the
-  candidate `choose(fooled [J, B], loss [J, B]) -> [B]` picks."""
+  candidate `choose(success [J, B], loss [J, B]) -> [B]` picks, success and
+  loss by the parts' rule (untargeted or targeted)."""
   stochastic = any(getattr(a, "stochastic", False) for a in attacks)
+  targeted = _targeted(attacks)
 
   def attack(logits_fn, x, y, key, eps):
     core.check_batch(logits_fn, x, y, stochastic=stochastic)
@@ -96,14 +137,18 @@ def _select(attacks, choose):
     else:
       logits = logits_fn(candidates.reshape((-1,) + x.shape[1:]))
     logits = logits.reshape(len(attacks), x.shape[0], -1)  # [J, B, K]
-    fooled = jnp.argmax(logits, -1) != y
-    loss = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
-    return candidates[choose(fooled, loss), jnp.arange(x.shape[0])]
+    hit = jnp.argmax(logits, -1) == y
+    cross_entropy = jax.vmap(jax.vmap(losses.cross_entropy), (0, None))(logits, y)
+    if targeted:
+      success, loss = hit, -cross_entropy
+    else:
+      success, loss = ~hit, cross_entropy
+    return candidates[choose(success, loss), jnp.arange(x.shape[0])]
 
   return attack
 
 
-def random_choice(attacks, per_example=False) -> Attack:
+def random_choice(attacks, *, per_example=False, norm=None, eps=None, targeted=None) -> Attack:
   """One attack drawn uniformly at random.
 
   Per batch (default): one draw for the whole batch, made from the first
@@ -111,8 +156,19 @@ def random_choice(attacks, per_example=False) -> Attack:
   data-parallel training each device's batch draws its own (MAT-Rand of Araujo
   et al. 2019 over p). Per example: an independent draw per example; every
   attack runs on the whole batch and each example keeps its own draw's output.
+
+  Args:
+    attacks: a non-empty list of attacks, all untargeted or all targeted.
+    per_example: draw per example instead of per batch.
+    norm, eps, targeted: the threat model and the kind the parts share, as
+      the returned `Attack` records them (its `spec` lists them, so
+      `create(**attack.spec)` rebuilds it): by default read from the parts;
+      given, they must equal what the parts share.
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  attacks = _check_attacks(attacks)
+  attacks = _check_attacks(attacks, "random_choice")
   count = len(attacks)
 
   def attack(logits_fn, x, y, key, eps):
@@ -135,10 +191,16 @@ def random_choice(attacks, per_example=False) -> Attack:
     ]
     return jax.lax.switch(choice, branches, x, y, keys)
 
-  return _combined(attack, "random_choice", attacks, per_example=per_example)
+  return _combined(
+    attack,
+    "random_choice",
+    attacks,
+    dict(norm=norm, eps=eps, targeted=targeted),
+    per_example=per_example,
+  )
 
 
-def mixture(attacks, weights) -> Attack:
+def mixture(attacks, *, weights, norm=None, eps=None, targeted=None) -> Attack:
   """Splits each batch between the attacks in the proportions `weights`.
 
   Every example goes to exactly one attack and each attack runs only on its
@@ -151,10 +213,17 @@ def mixture(attacks, weights) -> Attack:
   gathered, attacked and scattered back.
 
   Args:
-    attacks: a non-empty list of attacks.
+    attacks: a non-empty list of attacks, all untargeted or all targeted.
     weights: one number >= 0 per attack, summing to 1.
+    norm, eps, targeted: the threat model and the kind the parts share, as
+      the returned `Attack` records them (its `spec` lists them, so
+      `create(**attack.spec)` rebuilds it): by default read from the parts;
+      given, they must equal what the parts share.
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
   """
-  attacks = _check_attacks(attacks)
+  attacks = _check_attacks(attacks, "mixture")
   weights = _check_weights(weights, len(attacks))
 
   def attack(logits_fn, x, y, key, eps):
@@ -173,7 +242,9 @@ def mixture(attacks, weights) -> Attack:
         start += size
     return x_adv
 
-  return _combined(attack, "mixture", attacks, weights=weights)
+  return _combined(
+    attack, "mixture", attacks, dict(norm=norm, eps=eps, targeted=targeted), weights=weights
+  )
 
 
 def share_sizes(weights, batch_size):
@@ -186,18 +257,30 @@ def share_sizes(weights, batch_size):
   return sizes
 
 
-def _combined(fn, name, attacks, stages=(), **settings):
-  """The `Attack` of a combinator: the threat model its parts share, if any."""
+def _combined(fn, name, attacks, declared, stages=(), **settings):
+  """The `Attack` of a combinator: the threat model its parts share, if any,
+  and their kind; `declared` (norm, eps, targeted; None: not given) must
+  agree with them."""
   norms = {getattr(a, "norm", None) for a in attacks}
   radii = {getattr(a, "eps", None) for a in attacks}
   norm = norms.pop() if len(norms) == 1 else None
   eps = radii.pop() if len(radii) == 1 and norm is not None else None
+  shared = {"norm": norm, "eps": eps, "targeted": _targeted(attacks)}
+  for key, value in declared.items():
+    if value is not None:
+      if key == "norm":
+        value = core.check_norm(value)
+      checks.require(
+        value == shared[key],
+        f"{name}: {key}={value!r} given, but its parts "
+        + (f"share {key}={shared[key]!r}" if shared[key] is not None else f"share no {key}"),
+      )
   return make(
     fn,
     name,
     norm=norm,
     eps=eps,
-    targeted=any(getattr(a, "targeted", False) for a in attacks),
+    targeted=shared["targeted"],
     stages=stages,
     attacks=attacks,
     **settings,
@@ -211,14 +294,37 @@ def _call(attack, logits_fn, x, y, keys, eps):
   return attack(logits_fn, x, y, keys, eps=eps)
 
 
-def _check_attacks(attacks):
+def _check_attacks(attacks, name):
+  """The parts of combinator `name`: a non-empty list of attacks, all
+  untargeted or all targeted."""
   checks.require(
     isinstance(attacks, (list, tuple)) and len(attacks) > 0,
     f"attacks must be a non-empty list of attacks, got {attacks!r}",
   )
   for a in attacks:
     checks.require(callable(a), f"attacks must be attack functions, got {a!r}")
+  flags = [_targeted((a,)) for a in attacks]
+  checks.require(
+    len(set(flags)) == 1,
+    f"{name} cannot mix targeted and untargeted attacks: y is the target class of "
+    f"{_labels(attacks, flags, True)} and the true class of {_labels(attacks, flags, False)}; "
+    "combine each kind apart",
+  )
   return tuple(attacks)
+
+
+def _targeted(attacks):
+  """Whether the parts are targeted (a plain function counts as untargeted)."""
+  return any(bool(getattr(a, "targeted", False)) for a in attacks)
+
+
+def _labels(attacks, flags, targeted):
+  """The parts whose flag is `targeted`, as "#j name" (j the index)."""
+  return ", ".join(
+    f"#{j} {getattr(a, 'name', getattr(a, '__name__', 'attack'))}"
+    for j, (a, flag) in enumerate(zip(attacks, flags))
+    if flag == targeted
+  )
 
 
 def _check_weights(weights, count):
