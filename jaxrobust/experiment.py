@@ -368,7 +368,7 @@ def evaluate(
   if sanity and source is None:
     subset = x[: sanity_lib.SANITY_EXAMPLES], y[: sanity_lib.SANITY_EXAMPLES]
     rep["sanity"] = sanity_lib.model_checks(
-      apply_fn, state.variables, *subset
+      apply_fn, state.variables, *subset, stochastic_apply_fn=models.stochastic_fn(model)
     ) + sanity_lib.attack_checks(
       rep, lambda s, **kw: run(s, *subset, **kw), specs, x.shape[1:], certified=certified
     )

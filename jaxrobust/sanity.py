@@ -148,11 +148,21 @@ def _square_checks(row):
   return out
 
 
-def model_checks(apply_fn, variables, x, y):
+# AutoAttack's randomized-defence check: draws of the model, and the largest
+# difference of their L2-normalised logits that still counts as the same.
+RANDOMIZED_DRAWS = 5
+RANDOMIZED_TOLERANCE = 1e-4
+
+
+def model_checks(apply_fn, variables, x, y, *, stochastic_apply_fn=None):
   """AutoAttack's checks of the model itself, on a batch of clean examples.
 
-  1. Deterministic: two forward passes give the same logits (a randomized
-     defence needs `version="rand"`, or an evaluation through its draws).
+  1. Deterministic: `RANDOMIZED_DRAWS` forward passes (of the randomized
+     model `stochastic_apply_fn(variables, x, key)`, each with its own key,
+     when there is one) classify alike and their L2-normalised logits
+     differ by at most `RANDOMIZED_TOLERANCE`, as AutoAttack checks; a
+     randomized defence needs `version="rand"`, an evaluation through its
+     draws.
   2. Logits, not probabilities: rows in [0, 1] summing to 1 make the
      cross-entropy of the attacks vanish (flagged).
   3. Gradients: no example has a zero or non-finite gradient of the
@@ -161,9 +171,8 @@ def model_checks(apply_fn, variables, x, y):
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   logits_fn = jax.jit(lambda v, xb: apply_fn(v, xb))
-  first, second = np.asarray(logits_fn(variables, x)), np.asarray(logits_fn(variables, x))
-  scale = np.linalg.norm(first, axis=1, keepdims=True) + 1e-10
-  drift = float(np.max(np.linalg.norm((first - second) / scale, axis=1)))
+  first = np.asarray(logits_fn(variables, x))
+  drift, disagree = _randomness(logits_fn, stochastic_apply_fn, variables, x, y)
   probabilities = bool(
     first.min() > -1e-5 and first.max() < 1 + 1e-5 and np.all(np.abs(first.sum(-1) - 1) < 1e-5)
   )
@@ -177,9 +186,11 @@ def model_checks(apply_fn, variables, x, y):
   bad = int(np.sum(~np.isfinite(grad).all(-1)))
   return [
     {
-      "check": "model: two clean passes agree (not a randomized defence)",
-      "passed": drift <= 1e-4,
-      "detail": f"largest relative difference {drift:.2g}",
+      "check": f"model: {RANDOMIZED_DRAWS} clean passes agree (not a randomized defence)",
+      "passed": drift <= RANDOMIZED_TOLERANCE and not disagree,
+      "detail": f"largest relative difference {drift:.2g}"
+      + ("; the passes classify differently" if disagree else "")
+      + ("; use --version rand" if drift > RANDOMIZED_TOLERANCE or disagree else ""),
     },
     {
       "check": "model: outputs are logits, not probabilities",
@@ -192,6 +203,22 @@ def model_checks(apply_fn, variables, x, y):
       "detail": f"{zero} zero and {bad} non-finite of {len(x)}",
     },
   ]
+
+
+def _randomness(logits_fn, stochastic_apply_fn, variables, x, y):
+  """The largest L2 distance between two passes' L2-normalised logits, and
+  whether the passes' numbers of correct examples differ."""
+  if stochastic_apply_fn is None:
+    passes = [np.asarray(logits_fn(variables, x)) for _ in range(RANDOMIZED_DRAWS)]
+  else:
+    draw = jax.jit(stochastic_apply_fn)
+    passes = [np.asarray(draw(variables, x, jax.random.key(k))) for k in range(RANDOMIZED_DRAWS)]
+  unit = [p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-10) for p in passes]
+  drift = max(
+    float(np.max(np.linalg.norm(a - b, axis=1))) for i, a in enumerate(unit) for b in unit[i + 1 :]
+  )
+  correct = {int(np.sum(np.argmax(p, -1) == np.asarray(y))) for p in passes}
+  return drift, len(correct) > 1
 
 
 def lipschitz_checks(rep, certificate):

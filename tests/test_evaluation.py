@@ -472,3 +472,27 @@ def test_a_randomized_model_is_judged_by_its_draws_under_eot_attacks(problem):
   assert deterministic["results"][0]["accuracy"] == deterministic["clean_accuracy"] == 0.8
   # Two uniform guesses both right: 1/9 of the clean-correct examples (64 of 80 here).
   assert rep["results"][0]["accuracy"] == pytest.approx(0.8 / 9, abs=0.06)
+
+
+def test_the_randomized_defence_check_fires_on_draws_that_differ_only(problem):
+  """AutoAttack's check: 5 passes of the model; a randomized model's draws
+  (each with its own key) differ, a deterministic model's never do."""
+  variables, x, y = problem
+  (deterministic,) = [
+    c for c in sanity.model_checks(linear_apply, variables, x, y) if "passes agree" in c["check"]
+  ]
+  assert deterministic["passed"]
+  noisy = lambda v, xb, key: linear_apply(v, xb) + 0.5 * jax.random.normal(key, (len(xb), 3))
+  (randomized,) = [
+    c
+    for c in sanity.model_checks(linear_apply, variables, x, y, stochastic_apply_fn=noisy)
+    if "passes agree" in c["check"]
+  ]
+  assert not randomized["passed"] and "version rand" in randomized["detail"]
+  # Draws that are all the same (no noise) are not a randomized defence.
+  quiet = lambda v, xb, key: linear_apply(v, xb) + 0.0 * jax.random.normal(key, (len(xb), 3))
+  assert all(
+    c["passed"]
+    for c in sanity.model_checks(linear_apply, variables, x, y, stochastic_apply_fn=quiet)
+    if "passes agree" in c["check"]
+  )
