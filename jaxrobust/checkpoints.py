@@ -58,7 +58,7 @@ class _Corrupt(Exception):
 
 
 def write_atomic(path, text):
-  """Writes `text` to `path` through a temporary file and a rename.
+  """Writes `text` (str, or bytes) to `path` through a temporary file and a rename.
 
   Raises InputError naming `path` if it cannot be written.
   """
@@ -66,7 +66,7 @@ def write_atomic(path, text):
   try:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-      with os.fdopen(fd, "w") as f:
+      with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
       os.replace(tmp, path)
     except BaseException:

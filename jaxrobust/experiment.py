@@ -321,6 +321,7 @@ def evaluate(
   individual=False,
   state_path=None,
   log=None,
+  return_adversarial=False,
 ):
   """Robust accuracy under attacks (see `evaluation.evaluate`) on `split`.
 
@@ -336,7 +337,8 @@ def evaluate(
   without noise. A randomized model is attacked with its fixed draws (EOT),
   and with fresh draws by attacks that ask for them (`Attack.stochastic`).
   The model evaluated is `training.for_evaluation(state)`: the EMA of the
-  parameters when the state keeps one.
+  parameters when the state keeps one. With `return_adversarial`, returns
+  `(report, adversarial)` as `evaluation.evaluate` does.
   """
   state = training.for_evaluation(state)  # idempotent: a restored state already is
   test_set = config_lib.load_split(resolved, split)
@@ -363,7 +365,16 @@ def evaluate(
     stochastic_apply_fn=models.stochastic_fn(model),
     **kw,
   )
-  rep = run(specs, x, y, individual=individual, state_path=state_path, log=log)
+  rep = run(
+    specs,
+    x,
+    y,
+    individual=individual,
+    state_path=state_path,
+    log=log,
+    return_adversarial=return_adversarial,
+  )
+  rep, adversarial = rep if return_adversarial else (rep, None)
   certified = bool(resolved["model"].get("spectral"))
   if sanity and source is None:
     subset = x[: sanity_lib.SANITY_EXAMPLES], y[: sanity_lib.SANITY_EXAMPLES]
@@ -388,4 +399,4 @@ def evaluate(
     rep["lipschitz"]["of"] = "the base classifier f (without noise)" if randomized else "the model"
     if "sanity" in rep and not randomized and source is None:
       rep["sanity"] += sanity_lib.lipschitz_checks(rep, rep["lipschitz"])
-  return rep
+  return (rep, adversarial) if return_adversarial else rep

@@ -12,7 +12,8 @@ import pytest
 
 from jaxrobust import config as config_lib
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import evaluation, experiment, parallel, report, sanity
+from jaxrobust import data as data_lib
+from jaxrobust import evaluation, experiment, models, parallel, report, sanity
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {
@@ -496,3 +497,35 @@ def test_the_randomized_defence_check_fires_on_draws_that_differ_only(problem):
     for c in sanity.model_checks(linear_apply, variables, x, y, stochastic_apply_fn=quiet)
     if "passes agree" in c["check"]
   )
+
+
+def test_eval_saves_the_adversarial_examples(trained_run, tmp_path):
+  saved, out = tmp_path / "adv.npz", tmp_path / "r.json"
+  r = eval_cli(
+    "--workdir",
+    trained_run,
+    "--attacks",
+    "pgd_linf",
+    "--limit",
+    24,
+    "--sanity=false",
+    "--save-adversarial",
+    saved,
+    "--out",
+    out,
+  )
+  assert r.returncode == 0, r.stderr
+  rep = json.loads(out.read_text())
+  with np.load(saved) as found:
+    x_adv, fooled = found["pgd_linf/x_adv"], found["pgd_linf/fooled"]
+    stage, y = found["pgd_linf/stage"], found["y"]
+  resolved, model, state = experiment.restore(trained_run)
+  x = data_lib.load("digits", "test")[0][:24]
+  assert x_adv.shape == x.shape and len(y) == 24
+  clean = rep["clean_accuracy"] * 24
+  assert fooled.sum() == round(clean - rep["results"][0]["accuracy"] * 24) > 0
+  np.testing.assert_array_equal(x_adv[~fooled], x[~fooled])
+  assert np.abs(x_adv - x).max() <= resolved["eval"]["attacks"]["pgd_linf"]["eps"] + 1e-6
+  logits = models.inference_fn(model)(state.variables, x_adv[fooled])
+  assert np.all(np.argmax(logits, -1) != y[fooled])
+  assert set(stage[fooled]) == {"pgd"} and set(stage[~fooled]) == {""}

@@ -34,6 +34,7 @@ PyTorch checkpoint that records its architecture.
 import collections
 import contextlib
 import functools
+import io
 import json
 import sys
 import time
@@ -92,6 +93,12 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Data split to ev
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N examples (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the config's).")
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file.")
+_SAVE_ADVERSARIAL = flags.DEFINE_string(
+  "save-adversarial",
+  None,
+  "Write the adversarial examples to this .npz file: per attack <label>/x_adv (x where it "
+  "failed), <label>/fooled and <label>/stage (the stage that found each), and y.",
+)
 _PLOT = flags.DEFINE_string(
   "plot", None, "PNG path for --sweep or --certify (default: in the workdir)."
 )
@@ -180,7 +187,12 @@ def define_config_overrides(argv):
 def check_outputs():
   """Refuses output files that cannot be written, before any work starts:
   --out, --plot, --state (and a --state file that is not one), --export-torch."""
-  for flag, holder in (("--out", _OUT), ("--plot", _PLOT), ("--state", _STATE)):
+  for flag, holder in (
+    ("--out", _OUT),
+    ("--plot", _PLOT),
+    ("--state", _STATE),
+    ("--save-adversarial", _SAVE_ADVERSARIAL),
+  ):
     if holder.value is not None:
       cli.check_output_file(flag, holder.value)
   if _STATE.value is not None:
@@ -379,7 +391,11 @@ def attack(resolved, model, state):
     individual=_INDIVIDUAL.value,
     state_path=_STATE.value,
     log=print,
+    return_adversarial=_SAVE_ADVERSARIAL.value is not None,
   )
+  if _SAVE_ADVERSARIAL.value is not None:
+    rep, adversarial = rep
+    save_adversarial(_SAVE_ADVERSARIAL.value, adversarial, resolved)
   print(report.format_table(rep))
   if "lipschitz" in rep:
     print(report.format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
@@ -393,6 +409,22 @@ def attack(resolved, model, state):
   if _SWEEP.value:
     rep["sweep"] = sweep(specs, evaluate)
   return rep
+
+
+def save_adversarial(path, adversarial, resolved):
+  """Writes `evaluation.evaluate`'s adversarial examples to the .npz `path`."""
+  arrays = {
+    f"{label}/{field}": np.asarray(value)
+    for label, found in adversarial.items()
+    for field, value in found.items()
+  }
+  test_set = config_lib.load_split(resolved, _SPLIT.value)
+  arrays["y"] = test_set.y[: _LIMIT.value or None]
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  with writing(path):
+    checkpoints.write_atomic(Path(path), buffer.getvalue())
+  print(f"wrote {path}: the adversarial examples of {', '.join(adversarial)}")
 
 
 def attack_specs(resolved, model):
