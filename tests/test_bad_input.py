@@ -330,6 +330,10 @@ EVAL_FLAGS = {
     ["cannot write --out '{tmp}/missing/r.json'", "does not exist"],
   ),
   "--out a directory": (["--out", "{tmp}/dir.pt"], ["--out '{tmp}/dir.pt' is a directory"]),
+  "--save-adversarial in a missing folder": (
+    ["--attacks", "pgd_linf", "--save-adversarial", "{tmp}/missing/a.npz"],
+    ["cannot write --save-adversarial '{tmp}/missing/a.npz'", "does not exist"],
+  ),
   "--export-torch .pt in a missing folder": (
     ["--export-torch", "/proc/nope/m.pt"],
     ["cannot write --export-torch '/proc/nope/m.pt': folder '/proc/nope' does not exist"],
