@@ -212,3 +212,87 @@ def test_a_combinator_of_targeted_parts_is_targeted():
 def test_a_combinator_refuses_a_threat_model_its_parts_do_not_share(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()
+
+
+# --- targeted MI-FGSM, M-DI2-FGSM and Square ------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "name, settings",
+  [
+    ("mi_fgsm", dict(eps=0.3, steps=10)),
+    ("di_fgsm", dict(eps=0.3, steps=10)),
+    ("square", dict(eps=0.3, queries=1000)),
+  ],
+)
+def test_targeted_attacks_reach_the_target(digits_mlp, name, settings):
+  # The same targets: the targeted attack drives towards them; the untargeted
+  # one (on the true labels) lands on them only by chance.
+  logits_fn, x, y = digits_mlp
+  target = T.random_other(jax.random.key(0), y, 10)
+  targeted = reached(
+    logits_fn, run(A.create(name, targeted=True, **settings), logits_fn, x, target), target
+  )
+  untargeted = reached(logits_fn, run(A.create(name, **settings), logits_fn, x, y), target)
+  assert targeted.mean() >= 0.85, targeted.mean()
+  assert untargeted.mean() <= 0.25, untargeted.mean()
+
+
+def interior(seed, shape):
+  """Images in [0.3, 0.7], so that eps <= 0.3 never touches the box."""
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.3, 0.7, shape), jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["mi_fgsm", "di_fgsm"])
+def test_targeted_momentum_step_is_the_closed_form(name):
+  # A 3-class linear model z = W x: the gradient of -CE(z, t) is
+  # W^T (e_t - softmax(z)), so one step (g = grad / ||grad||_1) moves x by
+  # eps sign(W^T (e_t - softmax(z))); untargeted on t it moves the other way.
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16)), jnp.float32)
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w.T
+  x = interior(1, (6, 4, 4, 1))
+  target = jnp.array([0, 1, 2, 0, 1, 2])
+  extra = dict(prob=0.0) if name == "di_fgsm" else {}
+  attack = A.create(name, eps=0.1, steps=1, targeted=True, **extra)
+  x_adv = run(attack, logits_fn, x, target)
+  p = jax.nn.softmax(logits_fn(x))
+  grad = (jax.nn.one_hot(target, 3) - p) @ w
+  np.testing.assert_allclose(x_adv, x + 0.1 * jnp.sign(grad).reshape(x.shape), atol=1e-6)
+  away = run(A.create(name, eps=0.1, steps=1, **extra), logits_fn, x, target)
+  np.testing.assert_allclose(away - x, -(x_adv - x), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5)])
+def test_targeted_mi_fgsm_reaches_the_linear_optimum(linear_model, norm, eps):
+  # On [0, w.x] the cross-entropy to target 1 falls along w and to target 0
+  # along -w, at every step: the optimum x + eps s sign(w) (L-inf) or
+  # x + eps s w / ||w|| (L2), s = +1 for target 1 and -1 for target 0.
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((6, 6, 1)), jnp.float32)
+  x = interior(2, (4, 6, 6, 1))
+  target = jnp.array([0, 1, 1, 0])
+  x_adv = run(A.mi_fgsm(eps=eps, steps=5, norm=norm, targeted=True), linear_model(w), x, target)
+  s = jnp.where(target == 1, 1.0, -1.0)[:, None, None, None]
+  unit = jnp.sign(w) if norm == "linf" else w / jnp.linalg.norm(w)
+  np.testing.assert_allclose(x_adv, x + eps * s * unit, atol=1e-5)
+
+
+def test_targeted_square_minimises_the_margin_to_the_target(linear_model):
+  # Two classes: the targeted margin max_{i != t} z_i - z_t is the untargeted
+  # margin z_y - max_{i != y} z_i of y = 1 - t, so the same search (same
+  # key) gives the same points.
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((6, 6, 1)), jnp.float32)
+  logits_fn = linear_model(w)
+  x = interior(3, (6, 6, 6, 1))
+  target = jnp.array([0, 1, 1, 0, 1, 0])
+  for norm, eps in (("linf", 0.05), ("l2", 0.3)):
+    square = dict(norm=norm, eps=eps, queries=30)
+    np.testing.assert_array_equal(
+      run(A.square(targeted=True, **square), logits_fn, x, target),
+      run(A.square(**square), logits_fn, x, 1 - target),
+    )
+  # Five classes: every target reached where the ball allows it.
+  w5 = jnp.asarray(np.random.default_rng(1).standard_normal((5, 36)), jnp.float32)
+  five = lambda x: 4 * x.reshape(x.shape[0], -1) @ w5.T
+  target = (jnp.argmax(five(x), -1) + 1 + jnp.arange(6) % 4) % 5
+  x_adv = run(A.square(eps=0.3, queries=300, targeted=True), five, x, target)
+  np.testing.assert_array_equal(reached(five, x_adv, target), True)

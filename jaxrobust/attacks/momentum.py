@@ -9,20 +9,24 @@ from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
 
-def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=False) -> Attack:
+def mi_fgsm(
+  *, eps, steps=10, step_size=None, decay=1.0, norm="linf", targeted=False, unroll=False
+) -> Attack:
   """The momentum iterative fast gradient sign method (Dong et al. 2018,
   "Boosting adversarial attacks with momentum").
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
   [0, 1]. From d = 0 and g = 0, each step accumulates the L1-normalised
-  gradient of the cross-entropy loss(logits_fn(x + d), y) in a momentum g and
-  steps along it:
+  gradient of the objective J(d) in a momentum g and steps along it:
 
-    g <- decay * g + grad / ||grad||_1,
+    g <- decay * g + grad / ||grad||_1,  grad = dJ/dd,
     d <- clip_box(proj_eps(d + step_size * u)),
 
-  u = sign(g) for L-infinity and g / ||g||_2 for L2. With decay = 0 this is
-  iterated FGSM (`pgd` without random start).
+  u = sign(g) for L-infinity and g / ||g||_2 for L2, with J(d) = CE(z(x + d),
+  y), the cross-entropy -log softmax(z)_y of the logits z = logits_fn(x + d)
+  (untargeted: away from the true class y), or J(d) = -CE(z(x + d), y)
+  (`targeted`: towards the target class y, the targeted MI-FGSM of the
+  paper). With decay = 0 this is iterated FGSM (`pgd` without random start).
 
   Args:
     eps: radius of the ball, > 0.
@@ -30,6 +34,8 @@ def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=Fal
     step_size: step length; default eps / steps (the paper's alpha = eps / T).
     decay: momentum decay factor mu, >= 0 (the paper uses 1).
     norm: "linf" or "l2".
+    targeted: y is the class to reach (descend its cross-entropy), not the
+      true class to leave.
     unroll: loop form: a `lax.fori_loop` (default, every backend), or
       unrolled (True); see `core.iterate`.
 
@@ -42,31 +48,51 @@ def mi_fgsm(*, eps, steps=10, step_size=None, decay=1.0, norm="linf", unroll=Fal
     step_size=step_size,
     decay=decay,
     norm=norm,
+    targeted=targeted,
     transform=None,
     unroll=unroll,
     name="mi_fgsm",
   )
   return make(
-    fn, "mi_fgsm", norm=norm, eps=eps, steps=steps, step_size=step_size, decay=decay, unroll=unroll
+    fn,
+    "mi_fgsm",
+    norm=norm,
+    eps=eps,
+    targeted=targeted,
+    steps=steps,
+    step_size=step_size,
+    decay=decay,
+    unroll=unroll,
   )
 
 
 def di_fgsm(
-  *, eps, steps=10, step_size=None, decay=1.0, prob=0.5, resize_rate=0.9, norm="linf", unroll=False
+  *,
+  eps,
+  steps=10,
+  step_size=None,
+  decay=1.0,
+  prob=0.5,
+  resize_rate=0.9,
+  norm="linf",
+  targeted=False,
+  unroll=False,
 ) -> Attack:
   """M-DI2-FGSM (Xie et al. 2019, "Improving transferability of adversarial
   examples with input diversity"): `mi_fgsm` whose every gradient is taken
   through a random input transformation T, drawn afresh for each step and
   example:
 
-    g <- decay * g + grad / ||grad||_1,  grad = d/dd loss(logits_fn(T(x + d)), y),
+    g <- decay * g + grad / ||grad||_1,  grad = d/dd J(T(x + d)),
 
-  T = `random_resize_and_pad` with probability `prob`, else the identity. The
-  threat model, the step and its defaults are those of `mi_fgsm`; the returned
-  x_adv is untransformed. With prob = 0 (or resize_rate = 1) it is `mi_fgsm`.
+  J = CE(logits_fn(.), y) (untargeted) or -CE(logits_fn(.), y) (`targeted`,
+  y the target class), T = `random_resize_and_pad` with probability `prob`,
+  else the identity. The threat model, the step and its defaults are those
+  of `mi_fgsm`; the returned x_adv is untransformed. With prob = 0 (or
+  resize_rate = 1) it is `mi_fgsm`.
 
   Args:
-    eps, steps, step_size, decay, norm, unroll: as in `mi_fgsm`.
+    eps, steps, step_size, decay, norm, targeted, unroll: as in `mi_fgsm`.
     prob: probability of transforming the input at each step, in [0, 1].
     resize_rate: the smallest shrink factor, in (0, 1].
 
@@ -86,6 +112,7 @@ def di_fgsm(
     step_size=step_size,
     decay=decay,
     norm=norm,
+    targeted=targeted,
     transform=transform,
     unroll=unroll,
     name="di_fgsm",
@@ -95,6 +122,7 @@ def di_fgsm(
     "di_fgsm",
     norm=norm,
     eps=eps,
+    targeted=targeted,
     steps=steps,
     step_size=step_size,
     decay=decay,
@@ -132,12 +160,14 @@ def random_resize_and_pad(draws, image, *, prob, resize_rate):
   return jnp.where(draws[0] < prob, resized, image)
 
 
-def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll, name):
-  core.check_norm(norm)
+def _momentum_attack(*, eps, steps, step_size, decay, norm, targeted, transform, unroll, name):
+  norm = core.check_norm(norm)
   core.check_eps(eps)
   checks.integer_at_least("steps", steps, 1)
   checks.non_negative("decay", decay)
   core.check_step_size(step_size)
+  checks.require(isinstance(targeted, bool), f"targeted must be True or False, got {targeted!r}")
+  sign = -1.0 if targeted else 1.0
 
   def attack_one(logits_one, x, y, key, eps):
     alpha = core.default_step_size(name, eps, steps) if step_size is None else step_size
@@ -147,7 +177,7 @@ def _momentum_attack(*, eps, steps, step_size, decay, norm, transform, unroll, n
 
     def loss(delta, step_draws):
       x_adv = x + delta if transform is None else transform(step_draws, x + delta)
-      return losses.cross_entropy(logits_one(x_adv), y)
+      return sign * losses.cross_entropy(logits_one(x_adv), y)
 
     gradient = core.canonical_convolutions(jax.grad(loss))
 

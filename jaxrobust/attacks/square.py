@@ -17,15 +17,28 @@ P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def square(
-  *, norm="linf", eps, queries=5000, p_init=0.8, restarts=1, rescale_schedule=False
+  *,
+  norm="linf",
+  eps,
+  queries=5000,
+  p_init=0.8,
+  restarts=1,
+  rescale_schedule=False,
+  targeted=False,
 ) -> Attack:
-  """Square: random search for a misclassified point, with forward passes only.
+  """Square: random search for a misclassified point (or one classified as a
+  target), with forward passes only.
 
   Threat model: x_adv = x + d, ||d||_p <= eps (p = inf or 2), x_adv in
   [0, 1]. Score-based: it reads the logits and never a gradient, so gradient
   masking cannot stop it (the check AutoAttack runs it for). Per example it
-  minimises the margin loss m(x') = z_y - max_{i != y} z_i (< 0:
-  misclassified) by random search over perturbations made of squares:
+  minimises the margin loss, of the logits z of x',
+
+    m(x') = z_y - max_{i != y} z_i      (untargeted; <= 0: misclassified),
+    m(x') = max_{i != t} z_i - z_t      (targeted, y = t; <= 0: classified as t),
+
+  (the targeted one is the margin loss of AutoAttack's targeted Square), by
+  random search over perturbations made of squares:
 
   * L-infinity: start from vertical stripes, x + eps s with s = +-1 per
     column and channel; each query adds +-2 eps (one sign per channel) on a
@@ -42,14 +55,14 @@ def square(
   2000, 4000, 6000 and 8000 (the paper's schedule for 10,000 queries;
   AutoAttack runs it unchanged for its 5,000; with `rescale_schedule` the
   iterations are scaled to the budget instead). An example stops changing
-  once misclassified. Squares, signs and patterns are drawn per example from
+  once m(x') <= 0. Squares, signs and patterns are drawn per example from
   its key, so results do not depend on the batch.
 
   Cost: at most `queries` forward passes per restart, the start's included
   (the authors' code counts its start apart: it runs one more); the search
-  is a `lax.while_loop` that stops once every example of the batch is
-  misclassified (`core.loop_until`; as the authors' code, which queries
-  only the examples not yet fooled).
+  is a `lax.while_loop` that stops once every example of the batch has
+  m(x') <= 0 (`core.loop_until`; as the authors' code, which queries only
+  the examples not yet fooled).
 
   Args:
     norm: "linf" or "l2".
@@ -59,17 +72,20 @@ def square(
     p_init: the starting fraction of pixels per square, in (0, 1].
     restarts: independent runs per example, >= 1 (each keeps its best).
     rescale_schedule: scale the schedule's iterations by queries / 10,000.
+    targeted: y is the target class t to reach, not the true class.
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv` for
-    images [B, H, W, C]: per example the misclassified point found, else the
-    point of lowest margin.
+    images [B, H, W, C]: per example the point found with m(x') <= 0
+    (misclassified; classified as the target), else the point of lowest
+    margin m.
   """
   norm = core.check_norm(norm)
   core.check_eps(eps)
   queries = checks.integer_at_least("queries", queries, 0)
   checks.in_interval("p_init", p_init, 0.0, 1.0, closed=(False, True))
   restarts = checks.integer_at_least("restarts", restarts, 1)
+  checks.require(isinstance(targeted, bool), f"targeted must be True or False, got {targeted!r}")
   scale = queries / 10_000 if rescale_schedule else 1.0
   boundaries = jnp.asarray([math.ceil(b * scale) for b in P_SCHEDULE], jnp.int32)
 
@@ -79,7 +95,8 @@ def square(
 
     def margin(point):
       logits = forward(point)
-      return logits[y] - losses.other_max(logits, y)
+      m = logits[y] - losses.other_max(logits, y)
+      return -m if targeted else m
 
     def side(i, minimum):
       """The square's side at iteration i: round(sqrt(p H W)), at least `minimum`."""
@@ -192,6 +209,7 @@ def square(
     "square",
     norm=norm,
     eps=eps,
+    targeted=targeted,
     queries=queries,
     p_init=p_init,
     restarts=restarts,
