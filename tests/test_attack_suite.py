@@ -122,6 +122,49 @@ def test_cw_finds_the_closest_point_of_a_linear_classifier(linear_model):
   np.testing.assert_allclose(bounded[inside], x_adv[inside], atol=1e-6)
 
 
+def test_cw_defaults_work_at_short_step_counts(digits_mlp, linear_model):
+  # Issue 23: at lr = 0.01 whatever the steps, 20 steps fooled almost none of
+  # the digits (Adam moves w by about lr a step: too little to reach the
+  # boundary). lr = 10 / steps keeps the reach of the paper's 1000 steps; a
+  # short momentum (beta1 = 0.5) and c judged by each run's last iterate let
+  # 20 steps settle near the closest point.
+  logits_fn, x, y = digits_mlp
+  ok = correct(logits_fn, x, y)
+  distances = {}
+  for steps in (20, 100):
+    x_adv = run(A.cw_l2(steps=steps), logits_fn, x, y)
+    fooled = ~correct(logits_fn, x_adv, y) & ok
+    assert fooled.sum() >= 0.95 * ok.sum(), (steps, fooled.sum(), ok.sum())
+    distances[steps] = np.median(
+      np.linalg.norm(np.asarray(x_adv - x).reshape(len(x), -1), axis=1)[fooled]
+    )
+  assert distances[20] <= 1.25 * distances[100], distances
+  target = A.targets.random_other(jax.random.key(0), y, 10)
+  x_adv = run(A.cw_l2(steps=20, targeted=True), logits_fn, x, target)
+  assert np.mean(np.asarray(jnp.argmax(logits_fn(x_adv), -1) == target)[ok]) >= 0.9
+
+  # Near the closest point of a linear classifier already at 20 steps.
+  w, b = normal(0, (6, 6, 1)), -0.3
+  q = uniform(2, (6, 6, 6, 1), 0.4, 0.6)
+  on_boundary = q - ((jnp.sum(q * w, (1, 2, 3)) + b) / jnp.sum(w * w))[:, None, None, None] * w
+  t = jnp.array([0.08, -0.1, 0.15, -0.2, 0.25, -0.3])
+  x = on_boundary + t[:, None, None, None] * w / jnp.linalg.norm(w)
+  linear = linear_model(w, b)
+  y = jnp.argmax(linear(x), -1)
+  x_adv = run(A.cw_l2(steps=20), linear, x, y)
+  assert not correct(linear, x_adv, y).any()
+  ratio = np.linalg.norm(np.asarray(x_adv - x).reshape(6, -1), axis=1) / np.abs(t)
+  assert np.median(ratio) <= 1.01 and ratio.max() <= 1.1, ratio
+
+
+def test_cw_default_learning_rate_is_10_over_steps():
+  logits_fn, x, y = mlp(), edge_batch(), jnp.arange(6) % 4
+  settings = dict(steps=40, binary_search_steps=2, c=1.0)
+  np.testing.assert_array_equal(
+    run(A.cw_l2(**settings), logits_fn, x, y), run(A.cw_l2(lr=0.25, **settings), logits_fn, x, y)
+  )
+
+
 def test_cw_returns_x_where_it_fails_and_reaches_targets():
   w = normal(0, (3, 16))
   logits_fn = lambda x: 10 * x.reshape(x.shape[0], -1) @ w.T

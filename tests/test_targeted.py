@@ -1,6 +1,8 @@
 """Targeted attacks: the target helpers, the targeted rule of the combinators,
 targeted MI-FGSM, M-DI2-FGSM and Square, and settings that round-trip."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,3 +298,51 @@ def test_targeted_square_minimises_the_margin_to_the_target(linear_model):
   target = (jnp.argmax(five(x), -1) + 1 + jnp.arange(6) % 4) % 5
   x_adv = run(A.square(eps=0.3, queries=300, targeted=True), five, x, target)
   np.testing.assert_array_equal(reached(five, x_adv, target), True)
+
+
+# --- settings ------------------------------------------------------------------------
+
+TOUCHED = [
+  A.mi_fgsm(eps=0.1),
+  A.mi_fgsm(eps=0.5, norm="l2", steps=3, decay=0.5, targeted=True),
+  A.di_fgsm(eps=0.1, prob=0.7, targeted=True),
+  A.square(eps=0.1),
+  A.square(norm="l2", eps=0.5, queries=100, targeted=True, rescale_schedule=True),
+  A.cw_l2(),
+  A.cw_l2(steps=20, lr=0.1, targeted=True, eps=0.5, schedule="constant"),
+  A.worst_case([A.pgd(eps=0.1, targeted=True), A.mi_fgsm(eps=0.1, targeted=True)]),
+  A.max_loss([A.pgd(eps=0.1), A.pgd(norm="l2", eps=0.5)]),
+  A.random_choice([A.square(eps=0.1, targeted=True)], per_example=True),
+  A.mixture([A.cw_l2(steps=5), A.pgd(norm="l2", eps=0.5)], weights=[0.5, 0.5]),
+]
+
+
+@pytest.mark.parametrize("attack", TOUCHED, ids=lambda a: a.name)
+def test_settings_round_trip(attack):
+  rebuilt = A.create(**attack.spec)
+  assert rebuilt == attack and rebuilt.targeted == attack.targeted
+  assert rebuilt.spec == attack.spec
+
+
+@pytest.mark.parametrize(
+  "factory",
+  [A.mi_fgsm, A.di_fgsm, A.square, A.cw_l2, A.worst_case, A.max_loss, A.random_choice, A.mixture],
+)
+def test_hyper_parameters_are_keyword_only(factory):
+  parameters = inspect.signature(factory).parameters.values()
+  positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+  assert positional == (
+    ["attacks"] if factory in (A.worst_case, A.max_loss, A.random_choice, A.mixture) else []
+  )
+
+
+@pytest.mark.parametrize("factory", [A.mi_fgsm, A.di_fgsm, A.square, A.cw_l2])
+def test_targeted_must_be_a_bool(factory):
+  settings = {} if factory is A.cw_l2 else dict(eps=0.1)
+  with pytest.raises(checks.InputError, match="targeted must be True or False, got 'yes'"):
+    factory(targeted="yes", **settings)
+
+
+def test_cw_norm_is_l2_only():
+  with pytest.raises(checks.InputError, match="L2 norm only"):
+    A.cw_l2(norm="linf")
