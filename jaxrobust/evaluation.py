@@ -55,11 +55,20 @@ STATE_FORMAT = 2
 
 def build_attacks(specs):
   """`{label: Attack}` from `{label: spec}` (a spec: `{"name": ..., **settings}`,
-  or an `Attack` already)."""
-  return {
+  or an `Attack` already). A targeted attack is refused: robust accuracy is
+  judged on the true labels."""
+  built = {
     label: spec if isinstance(spec, attacks_lib.Attack) else attacks_lib.create(spec)
     for label, spec in specs.items()
   }
+  for label, attack in built.items():
+    checks.require(
+      not attack.targeted,
+      f"attack {label!r} is targeted (its labels are the classes to reach); robust accuracy "
+      "is judged on the true labels: evaluate an untargeted attack, or run the targeted one "
+      "in your own code with targets from jaxrobust.attacks.targets",
+    )
+  return built
 
 
 def select(specs, names):

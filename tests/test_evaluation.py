@@ -12,6 +12,7 @@ import pytest
 
 from jaxrobust import config as config_lib
 from jaxrobust import attacks as attacks_lib
+from jaxrobust import checks
 from jaxrobust import data as data_lib
 from jaxrobust import evaluation, experiment, models, parallel, report, sanity
 
@@ -529,3 +530,10 @@ def test_eval_saves_the_adversarial_examples(trained_run, tmp_path):
   logits = models.inference_fn(model)(state.variables, x_adv[fooled])
   assert np.all(np.argmax(logits, -1) != y[fooled])
   assert set(stage[fooled]) == {"pgd"} and set(stage[~fooled]) == {""}
+
+
+def test_a_targeted_attack_is_refused_by_the_evaluation(problem):
+  variables, x, y = problem
+  targeted = {"t": attacks_lib.pgd(eps=0.1, steps=2, targeted=True)}
+  with pytest.raises(checks.InputError, match="'t' is targeted.*true labels"):
+    evaluation.evaluate(linear_apply, variables, x, y, targeted, key=jax.random.key(0))

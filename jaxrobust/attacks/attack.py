@@ -71,13 +71,13 @@ class Attack:
   Attributes:
     fn: the attack itself, `fn(logits_fn, x, y, key, eps) -> x_adv`.
     name: the factory's name ("pgd", "apgd", ...).
-    norm: the norm of the threat model, "linf" or "l2"; None without a ball
+    norm: the norm of the threat model, "linf", "l2" or "l1"; None without a ball
       (or, for a combinator, when its parts do not share one).
     eps: the ball's radius; None without a ball (or shared radius).
     targeted: `y` is the class to reach, not the one to leave.
     settings: the other hyper-parameters, as sorted (name, value) pairs.
     stages: for a cascade (AutoAttack, `worst_case`), the attacks it runs
-      in order, each example keeping the first that fools the model: an
+      in order, each example keeping the first that succeeds: an
       evaluation may run each stage only on the examples still robust.
       Stage j of example i uses the key `fold_in(k_i, j)`.
     rounds: for an attack that is itself a cascade of runs (APGD-T's and
