@@ -318,14 +318,18 @@ def test_readme_library_example_runs_as_written(linen):
   from conftest import ROOT
 
   section = (ROOT / "README.md").read_text().split("## Using the library", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  assert "jr.inference.split(model, variables)" in code and "@jax.jit" in code
+  first, targeted = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+  assert "jr.inference.split(model, variables)" in first and "@jax.jit" in first
   model, variables = linen
   namespace = {"model": model, "variables": variables}
-  exec(code, namespace)  # noqa: S102
+  exec(first, namespace)  # noqa: S102
   x, y, x_adv = namespace["x"], namespace["y"], namespace["x_adv"]
   assert np.abs(np.asarray(x_adv) - x).max() <= 0.1 + 1e-6
   assert 0 <= namespace["accuracy"] < np.mean(np.argmax(namespace["logits_fn"](x), -1) == y)
+  # The targeted example, after it: the targets are other classes, mostly reached.
+  assert "targets.random_other" in targeted
+  exec(targeted, namespace)  # noqa: S102
+  assert np.all(np.asarray(namespace["t"]) != y) and namespace["reached"] > 0.5
 
 
 def test_library_programs_carry_no_check_and_user_programs_do():
