@@ -23,22 +23,30 @@ import numpy as np
 
 from jaxrobust import checks
 
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 # Other names of the norms, as other libraries and papers write them.
-_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "2": "l2"}
+_NORM_ALIASES = {
+  "linf": "linf",
+  "inf": "linf",
+  "l_inf": "linf",
+  "l2": "l2",
+  "2": "l2",
+  "l1": "l1",
+  "1": "l1",
+}
 
 
 def norm_name(norm):
   """The canonical name of a norm: "linf" for "Linf", "inf", `np.inf`;
-  "l2" for "L2", 2. Raises `InputError` for anything else."""
+  "l2" for "L2", 2; "l1" for "L1", 1. Raises `InputError` for anything else."""
   if isinstance(norm, numbers.Real) and not isinstance(norm, bool):
-    key = "inf" if norm == math.inf else ("2" if norm == 2 else None)
+    key = {math.inf: "inf", 2: "2", 1: "1"}.get(norm)
   else:
     key = norm.lower() if isinstance(norm, str) else None
   checks.require(
     key in _NORM_ALIASES,
-    f"unknown norm {norm!r}; choose one of 'linf' (also 'Linf', 'inf', np.inf) or 'l2' "
-    "(also 'L2', 2)",
+    f"unknown norm {norm!r}; choose one of 'linf' (also 'Linf', 'inf', np.inf), 'l2' "
+    "(also 'L2', 2) or 'l1' (also 'L1', 1)",
   )
   return _NORM_ALIASES[key]
 

@@ -5,8 +5,9 @@ An attack is a pure function `attack(logits_fn, x, y, key) -> x_adv` on a batch
 batched with `jax.vmap` (`batched`); `logits_fn` is always called on a batch,
 so the per-example code calls it on `x[None]`.
 
-Threat models: the L-infinity ball {d : max_i |d_i| <= eps} and the L2 ball
-{d : ||d||_2 <= eps} around x, intersected with the image box x + d in [0, 1].
+Threat models: the L-infinity ball {d : max_i |d_i| <= eps}, the L2 ball
+{d : ||d||_2 <= eps} and the L1 ball {d : sum_i |d_i| <= eps} around x,
+intersected with the image box x + d in [0, 1].
 """
 
 import functools
@@ -26,9 +27,26 @@ from jaxrobust.fastpath import canonical_convolutions, fast  # noqa: F401
 _TINY = 1e-12
 
 
-def check_norm(norm):
-  """The norm's canonical name, "linf" or "l2" (`attack.norm_name`)."""
-  return norm_name(norm)
+_NORM_CHOICES = {
+  "linf": "'linf' (also 'Linf', 'inf', np.inf)",
+  "l2": "'l2' (also 'L2', 2)",
+  "l1": "'l1' (also 'L1', 1)",
+}
+
+
+def check_norm(norm, norms=("linf", "l2")):
+  """The norm's canonical name (`attack.norm_name`) if it is one of `norms`,
+  the norms the attack supports (most: "linf" and "l2")."""
+  try:
+    name = norm_name(norm)
+  except checks.InputError:
+    name = None
+  checks.require(
+    name in norms,
+    f"unknown norm {norm!r} for this attack; choose one of "
+    + " or ".join(_NORM_CHOICES[n] for n in norms),
+  )
+  return name
 
 
 def check_eps(eps, name="eps"):
@@ -79,11 +97,55 @@ def l2_norm(v):
   return jnp.sqrt(jnp.sum(jnp.square(v)))
 
 
+def l1_norm(v):
+  return jnp.sum(jnp.abs(v))
+
+
 def project(delta, eps, norm):
   """The nearest point of the `norm` ball of radius `eps` to `delta`."""
   if norm == "linf":
     return jnp.clip(delta, -eps, eps)
+  if norm == "l1":
+    return _l1_shrink(delta, eps, jnp.inf)
   return delta * jnp.minimum(1.0, eps / jnp.maximum(l2_norm(delta), _TINY))
+
+
+def project_l1_box(x, delta, eps):
+  """The nearest point to `delta` (in L2) of the L1 ball of radius `eps`
+  intersected with the box, {d : ||d||_1 <= eps, 0 <= x + d <= 1}: the
+  L1 projection of Croce & Hein 2021 ("Mind the box: l1-APGD for sparse
+  adversarial attacks on image classifiers"). With c_i = 1 - x_i where
+  delta_i > 0 and x_i elsewhere (the room the box leaves in delta_i's
+  direction),
+
+    d_i = sign(delta_i) min(max(|delta_i| - lam, 0), c_i),
+
+  lam >= 0 the smallest with ||d||_1 <= eps (found by bisection, to float
+  resolution). x in [0, 1] puts 0 in the box, so this is the exact projection.
+  """
+  return _l1_shrink(delta, eps, jnp.where(delta > 0, 1.0 - x, x))
+
+
+_BISECTIONS = 48  # halvings of [0, max |delta_i|]: past float32 resolution
+
+
+def _l1_shrink(delta, eps, room):
+  """sign(delta) min(max(|delta| - lam, 0), min(|delta|, room)), lam >= 0 the
+  smallest that brings the L1 norm within eps (`project_l1_box`)."""
+  size = jnp.abs(delta)
+  cap = jnp.minimum(size, room)
+  l1 = lambda lam: jnp.sum(jnp.clip(size - lam, 0.0, cap))
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = (low + high) / 2
+    over = l1(middle) > eps
+    return jnp.where(over, middle, low), jnp.where(over, high, middle)
+
+  start = (jnp.zeros((), size.dtype), jnp.max(size))
+  _, lam = loop(0, _BISECTIONS, halve, start, like=delta)
+  lam = jnp.where(l1(0.0) <= eps, 0.0, lam)
+  return jnp.sign(delta) * jnp.clip(size - lam, 0.0, cap)
 
 
 def clip_to_box(x, delta):
@@ -98,22 +160,31 @@ def clip_to_box(x, delta):
 def random_start(key, x, eps, norm):
   """A point drawn uniformly from the `norm` ball of radius `eps`, clipped to the box.
 
-  L2: a uniform direction times eps * u^(1/d) (Harmonic/volume-uniform radius).
+  L2 and L1: a uniform direction on the unit sphere (a Gaussian, resp. a
+  Laplace vector, over its norm) times eps * u^(1/d) (volume-uniform radius).
   """
   if norm == "linf":
-    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+    return clip_to_box(x, jax.random.uniform(key, x.shape, x.dtype, -eps, eps))
+  direction_key, radius_key = jax.random.split(key)
+  if norm == "l1":
+    direction = jax.random.laplace(direction_key, x.shape, x.dtype)
+    length = l1_norm(direction)
   else:
-    direction_key, radius_key = jax.random.split(key)
     direction = jax.random.normal(direction_key, x.shape, x.dtype)
-    radius = eps * jax.random.uniform(radius_key, (), x.dtype) ** (1.0 / x.size)
-    delta = direction * radius / jnp.maximum(l2_norm(direction), _TINY)
-  return clip_to_box(x, delta)
+    length = l2_norm(direction)
+  radius = eps * jax.random.uniform(radius_key, (), x.dtype) ** (1.0 / x.size)
+  return clip_to_box(x, direction * radius / jnp.maximum(length, _TINY))
 
 
 def steepest_ascent(grad, norm):
-  """The unit-norm direction of steepest ascent: sign(g) (L-inf) or g / ||g||_2 (L2)."""
+  """The unit-norm direction of steepest ascent: sign(g) (L-inf), g / ||g||_2
+  (L2), or sign(g_j) e_j at the first j of largest |g_j| (L1)."""
   if norm == "linf":
     return jnp.sign(grad)
+  if norm == "l1":
+    flat = grad.ravel()
+    j = jnp.argmax(jnp.abs(flat))
+    return jnp.zeros_like(flat).at[j].set(jnp.sign(flat[j])).reshape(grad.shape)
   return grad / jnp.maximum(l2_norm(grad), _TINY)
 
 
