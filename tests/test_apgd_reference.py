@@ -17,7 +17,7 @@ import pytest
 import scipy.optimize
 
 import jaxrobust as jr
-from jaxrobust.attacks import core
+from jaxrobust.attacks import core, losses
 
 apgd_lib = importlib.import_module("jaxrobust.attacks.apgd")
 A = jr.attacks
@@ -54,6 +54,208 @@ def mlp(seed=0, inputs=48, hidden=16, classes=5):
 
 def reference():
   return pytest.importorskip("pyautoattack.autopgd_base")
+
+
+# --- the step-size rule: checkpoints, condition 1, the first window -------------
+
+
+def reference_checkpoints(n_iter):
+  """The iterations after which the reference checks its step size, by its
+  own rule (autopgd_base.py lines 153-155, 298, 403-405, 424, 438)."""
+  k = max(int(0.22 * n_iter), 1)
+  n_iter_min = max(int(0.06 * n_iter), 1)
+  size_decr = max(int(0.03 * n_iter), 1)
+  points, counter3 = [], 0
+  for i in range(n_iter):
+    counter3 += 1
+    if counter3 == k:
+      points.append(i + 1)
+      k = max(k - size_decr, n_iter_min)
+      counter3 = 0
+  return points
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20, 50, 100, 1000])
+def test_checkpoints_are_the_reference_counts(steps):
+  assert apgd_lib.checkpoints(steps) == reference_checkpoints(steps)
+
+
+def test_checkpoints_known_values():
+  assert apgd_lib.checkpoints(50) == [11, 21, 30, 38, 45]
+  assert apgd_lib.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+  assert apgd_lib.checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def scripted(values):
+  """`value_and_grad(delta, step)` whose loss at iterate `step` is
+  values[step] and whose gradient is 0 (the point stays; only the step-size
+  rule acts)."""
+  values = jnp.asarray(values, jnp.float32)
+  return lambda delta, step: ((values[step], jnp.array(False)), jnp.zeros_like(delta))
+
+
+def final_eta(values, steps=100, norm="linf", eps=0.1):
+  x = jnp.full((4,), 0.5)
+  s = apgd_lib._apgd_run(scripted(values), x, jnp.zeros(4), eps, norm, steps, 0.75)
+  return float(s["eta"])
+
+
+@pytest.mark.parametrize("rises, halves", [(11, True), (12, True), (13, False)])
+def test_step_halves_when_at_most_rho_of_the_window_rose(rises, halves):
+  # 100 steps: checkpoints 22, 41, 57, ... The third window (iterates 42 to
+  # 57) has 16 steps; the reference halves when t <= 0.75 * 16 (line 171):
+  # at exactly 12 rises too. Everywhere else the loss rises to new maxima, so
+  # no other checkpoint halves.
+  values = list(range(42))  # iterates 0..41: rising
+  for j in range(16):  # iterates 42..57: `rises` rises, then falls
+    values.append(values[-1] + (1.0 if j < rises else -0.5))
+  values += [100.0 + k for k in range(58, 101)]
+  assert final_eta(values) == pytest.approx(0.1 if halves else 0.2)
+
+
+@pytest.mark.parametrize("first, halves", [(1.0, False), (-1.0, True)])
+def test_first_window_compares_the_first_loss_with_zero(first, halves):
+  # The reference's loss_steps[-1] is its zero-filled last row (lines 169,
+  # 233): the first window's first comparison is f(x^(1)) > 0, whatever
+  # f(x^(0)). Here f(x^(0)) = 50 > f(x^(1)); 16 of the next 21 steps rise,
+  # so the first window (22 steps, threshold 16.5) halves iff f(x^(1)) <= 0.
+  values = [50.0, first]
+  for j in range(21):
+    values.append(values[-1] + (1.0 if j < 16 else -0.5))
+  values += [60.0 + k for k in range(23, 101)]
+  assert final_eta(values) == pytest.approx(0.1 if halves else 0.2)
+
+
+class Scripted:
+  """A torch model whose cross-entropy for class 0 at its n-th call is
+  values[n] and whose input gradient points along signs[n] (the reference
+  calls it once per iterate, `eot_iter` times with EOT)."""
+
+  def __init__(self, values, signs):
+    import torch
+
+    self.torch = torch
+    self.values, self.signs, self.calls = torch.tensor(values), torch.tensor(signs), 0
+
+  def __call__(self, x):
+    torch = self.torch
+    value, sign = self.values[self.calls], self.signs[self.calls]
+    self.calls += 1
+    logit = torch.log(torch.expm1(value))  # CE of class 0 with logits [0, t]
+    linear = (x.reshape(x.shape[0], -1) * sign).sum(1)
+    return torch.stack([torch.zeros_like(logit), logit + linear - linear.detach()], 1)
+
+
+def script(seed, calls, batch, dims):
+  """Random losses (rising with probability 0.75, positive, distinct) and
+  gradients (random signs and magnitudes) for `calls` calls."""
+  rng = np.random.default_rng(seed)
+  moves = rng.uniform(0.01, 1.0, (calls, batch)) * np.where(
+    rng.uniform(size=(calls, batch)) < 0.75, 1.0, -1.0
+  )
+  values = np.maximum(5.0 + np.cumsum(moves, 0), 0.05).astype(np.float32)
+  signs = rng.choice([-1.0, 1.0], (calls, batch, dims)) * rng.uniform(
+    0.5, 2.0, (calls, batch, dims)
+  )
+  return values, signs.astype(np.float32)
+
+
+def scripted_jax(values, signs):
+  """The JAX side of `Scripted` for one example (values [calls], signs [calls, d])."""
+  return lambda delta, step: ((values[step], values[step] > jnp.log(2.0)), signs[step])
+
+
+@pytest.mark.parametrize("norm, steps", [("Linf", 10), ("Linf", 50), ("L2", 20), ("L2", 100)])
+def test_step_size_decisions_equal_the_reference_code(norm, steps):
+  ref = reference()
+  batch, dims = 48, 8
+  values, signs = script(steps, steps + 1, batch, dims)
+  x = np.full((batch, dims), 0.5, np.float32)
+  eps = 0.5 if norm == "Linf" else 1.0
+  attack = ref.APGDAttack(Scripted(values, signs), n_iter=steps, norm=norm, eps=eps, device="cpu")
+  tx = attack.model.torch.tensor(x)
+  attack.init_hyperparam(tx)
+  x_best, _, loss_best, _ = attack.attack_single_run(
+    tx, attack.model.torch.zeros(batch).long(), x_init=tx.clone()
+  )
+
+  def one(xi, v, g):
+    s = apgd_lib._apgd_run(
+      scripted_jax(v, g), xi, jnp.zeros_like(xi), eps, norm.lower(), steps, 0.75
+    )
+    return xi + s["best"], s["best_value"]
+
+  ours, value = jax.jit(jax.vmap(one, (0, 1, 1)))(x, values, signs)
+  # The best point is where the last halvings and restarts left the iterate:
+  # one decision unlike the reference's moves it far.
+  np.testing.assert_allclose(ours, x_best.numpy(), atol=TOL)
+  np.testing.assert_allclose(value, loss_best.numpy(), rtol=1e-5)
+
+
+# --- EOT: the gradient is the mean over draws, the loss the last draw's -----------
+
+
+def test_eot_value_is_the_last_draws_and_the_gradient_the_mean():
+  w = jnp.asarray(uniform(0, (6, 3), -1, 1))
+
+  def logits_one(v, key):  # the weights and the logits vary per draw
+    noise = jax.random.normal(key, (6, 3))
+    return v @ (w + noise) + 3 * jax.random.normal(jax.random.fold_in(key, 1), (3,))
+
+  objective = lambda z: (losses.cross_entropy(z, 0), jnp.argmax(z) != 0)
+  x = jnp.asarray(uniform(1, (6,)))
+  key, draws, step = jax.random.key(3), 5, 7
+  value_and_grad = apgd_lib._value_and_grad(logits_one, objective, x, key, draws)
+  delta = jnp.full((6,), 0.01)
+  (value, success), grad = value_and_grad(delta, step)
+  keys = jax.random.split(jax.random.fold_in(key, step), draws)
+  per_draw = [objective(logits_one(x + delta, k)) for k in keys]
+  grads = [jax.grad(lambda d, k=k: objective(logits_one(x + d, k))[0])(delta) for k in keys]
+  np.testing.assert_allclose(value, per_draw[-1][0], rtol=1e-6)
+  assert bool(success) == bool(per_draw[-1][1])
+  np.testing.assert_allclose(grad, np.mean(grads, 0), rtol=1e-5, atol=1e-6)
+  assert abs(float(value) - np.mean([v for v, _ in per_draw])) > 0.1  # the rules differ here
+
+
+@pytest.mark.parametrize("norm, steps", [("Linf", 20), ("L2", 50)])
+def test_eot_equals_the_reference_code(norm, steps):
+  # eot_iter = 4 draws per iterate: the reference's scripted model at call
+  # 4 k + j, ours at the j-th key of iterate k (looked up by its key data).
+  ref = reference()
+  batch, dims, draws = 32, 8, 4
+  calls = (steps + 1) * draws
+  values, signs = script(steps + 1, calls, batch, dims)
+  x = np.full((batch, dims), 0.5, np.float32)
+  eps = 0.5 if norm == "Linf" else 1.0
+  attack = ref.APGDAttack(
+    Scripted(values, signs), n_iter=steps, norm=norm, eps=eps, eot_iter=draws, device="cpu"
+  )
+  tx = attack.model.torch.tensor(x)
+  attack.init_hyperparam(tx)
+  x_best = attack.attack_single_run(tx, attack.model.torch.zeros(batch).long(), x_init=tx.clone())[
+    0
+  ]
+
+  def one(xi, v, g, key):
+    keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(key, k), draws))(
+      jnp.arange(steps + 1)
+    )
+    table = jax.random.key_data(keys).reshape(calls, -1)
+
+    def logits_one(z, draw_key):
+      call = jnp.argmax(jnp.all(table == jax.random.key_data(draw_key), -1))
+      linear = jnp.sum(z * g[call])
+      logit = jnp.log(jnp.expm1(v[call])) + linear - jax.lax.stop_gradient(linear)
+      return jnp.stack([0.0, logit])
+
+    objective = lambda z: (losses.cross_entropy(z, 0), jnp.argmax(z) != 0)
+    value_and_grad = apgd_lib._value_and_grad(logits_one, objective, xi, key, draws)
+    s = apgd_lib._apgd_run(value_and_grad, xi, jnp.zeros_like(xi), eps, norm.lower(), steps, 0.75)
+    return xi + s["best"]
+
+  keys = jax.random.split(jax.random.key(0), batch)
+  ours = jax.jit(jax.vmap(one, (0, 1, 1, 0)))(x, values, signs, keys)
+  np.testing.assert_allclose(ours, x_best.numpy(), atol=TOL)
 
 
 # --- L1 in core: the projections, the direction, the start ---------------------------

@@ -2,8 +2,6 @@
 evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks")."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +14,17 @@ MOMENTUM = 0.75  # alpha in the paper
 
 
 def checkpoints(steps):
-  """The iterations w_j = ceil(p_j steps) at which APGD may halve its step:
-  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
-  point = lambda p: math.ceil(p * steps - 1e-9)  # no float error past an integer
-  p_prev, p, points = 0.0, 0.22, set()
-  while point(p) <= steps:
-    points.add(point(p))
-    p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
-  return sorted(points - {0})
+  """The iterations w_1 < w_2 < ... <= `steps` at which APGD checks its
+  progress, as the authors' code counts them (integer floors of fractions
+  of N = `steps`): w_j = h_1 + ... + h_j, with h_1 = max(floor(0.22 N), 1)
+  and h_{j+1} = max(h_j - max(floor(0.03 N), 1), max(floor(0.06 N), 1))."""
+  length, shrink, shortest = (max(int(f * steps), 1) for f in (0.22, 0.03, 0.06))
+  points = [length]
+  while True:
+    length = max(length - shrink, shortest)
+    if points[-1] + length > steps:
+      return points
+    points.append(points[-1] + length)
 
 
 def apgd(
@@ -42,9 +43,11 @@ def apgd(
     x^(k+1) = P(x^(k) + alpha (z^(k+1) - x^(k)) + (1 - alpha) (x^(k) - x^(k-1))),
 
   u = sign for L-infinity and g / ||g||_2 for L2. At the checkpoints
-  w_j = ceil(p_j steps) (`checkpoints`) the step is halved and x^(k+1) reset
-  to the best point so far, x_max, when
-    1. f rose in fewer than rho (w_j - w_{j-1}) of the steps since w_{j-1}, or
+  w_j (`checkpoints`: w_j - w_{j-1} = h_j) the step is halved and x^(k+1)
+  reset to the best point so far, x_max, when
+    1. f(x^(k+1)) > f(x^(k)) held in at most rho h_j of the h_j steps since
+       w_{j-1} (f(x^(0)) counting as 0 in the first window, as in the
+       authors' code), or
     2. eta was not halved at w_{j-1} (at w_1 it counts as halved) and
        f(x_max) has not risen since then.
   `steps` iterations cost `steps` + 1 gradients. With `restarts` > 1 it runs
@@ -61,8 +64,9 @@ def apgd(
 
   EOT: with `eot_samples` > 1 (AutoAttack's "rand" version, for randomized
   models) the model is stochastic, `logits_fn(x, key)`, and each gradient is
-  the mean over `eot_samples` draws (keys from the example's key); success is
-  judged on the last draw, as in the reference.
+  the mean over `eot_samples` draws (keys from the example's key); the loss
+  that picks x_max and drives the step size, and success, are the last
+  draw's, as in the reference.
 
   Loop form: a `lax.fori_loop` on every backend (compiles once whatever
   `steps`), its gradients through `core.canonical_convolutions` so that
@@ -102,7 +106,7 @@ def apgd(
       hit = jnp.argmax(logits) == y
       return sign * loss_fn(logits, y), hit if targeted else ~hit
 
-    run = lambda k: _apgd_run(
+    run = lambda k: _run(
       _value_and_grad(logits_one, objective, x, k, eot_samples), x, k, eps, norm, steps, rho
     )
     return x + core.best_of_restarts(run, key, restarts)[0]
@@ -181,7 +185,7 @@ def apgd_t(*, norm="linf", eps, steps=100, num_targets=9, restarts=1, rho=0.75) 
       def objective(logits):
         return losses.dlr_t(logits, y, target), jnp.argmax(logits) != y
 
-      run = lambda k: _apgd_run(
+      run = lambda k: _run(
         _value_and_grad(logits_one, objective, x, k, 1), x, k, eps, norm, steps, rho
       )
       delta, _, success = core.best_of_restarts(run, jax.random.fold_in(key, i), restarts)
@@ -219,7 +223,8 @@ def _require_classes(num_classes, minimum, what):
 
 def _value_and_grad(logits_one, objective, x, key, eot_samples):
   """`delta -> ((value, success), grad)` of `objective(logits_one(x + delta))`;
-  with EOT, the value and gradient are means over `eot_samples` draws."""
+  with EOT, the gradient is the mean over `eot_samples` draws and the value
+  and success are the last draw's (as in the reference)."""
 
   def value(delta, draw_key=None):
     logits = logits_one(x + delta) if draw_key is None else logits_one(x + delta, draw_key)
@@ -229,12 +234,12 @@ def _value_and_grad(logits_one, objective, x, key, eot_samples):
   if eot_samples == 1:
     return lambda delta, step: value_and_grad(delta)
 
-  def mean_over_draws(delta, step):
+  def mean_gradient(delta, step):
     keys = jax.random.split(jax.random.fold_in(key, step), eot_samples)
     (values, success), grads = jax.vmap(value_and_grad, (None, 0))(delta, keys)
-    return (values.mean(), success[-1]), grads.mean(0)
+    return (values[-1], success[-1]), grads.mean(0)
 
-  return mean_over_draws
+  return mean_gradient
 
 
 def _start(key, x, eps, norm):
@@ -250,24 +255,36 @@ def _start(key, x, eps, norm):
   return core.clip_to_box(x, delta)
 
 
-def _schedule(steps):
-  """Per iteration i (which makes x^(i+1)): whether i + 1 is a checkpoint and
-  the length of the interval it closes."""
+def _schedule(steps, rho):
+  """Per iteration i (which makes x^(i+1)): whether i + 1 is a checkpoint, and
+  condition 1's threshold rho h_j there (in float32, as the reference
+  compares it)."""
   is_checkpoint = np.zeros(steps, bool)
-  interval = np.ones(steps, np.float32)
+  threshold = np.zeros(steps, np.float32)
   points = checkpoints(steps)
   for previous, point in zip([0] + points, points):
     is_checkpoint[point - 1] = True
-    interval[point - 1] = point - previous
-  return jnp.asarray(is_checkpoint), jnp.asarray(interval)
+    threshold[point - 1] = np.float32((point - previous) * rho)
+  return jnp.asarray(is_checkpoint), jnp.asarray(threshold)
 
 
-def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
+def _run(value_and_grad, x, key, eps, norm, steps, rho):
   """One APGD run from a random start: (delta, value, success) per example,
   delta the highest-value success if any iterate succeeded, else the
-  highest-value iterate. `value_and_grad(delta, step)` returns
-  ((value, success), gradient)."""
-  is_checkpoint, interval = _schedule(steps)
+  highest-value iterate."""
+  s = _apgd_run(value_and_grad, x, _start(key, x, eps, norm), eps, norm, steps, rho)
+  return (
+    jnp.where(s["success"], s["adversarial"], s["best"]),
+    jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
+    s["success"],
+  )
+
+
+def _apgd_run(value_and_grad, x, delta, eps, norm, steps, rho):
+  """`steps` APGD iterations from `delta`; returns the final state.
+  `value_and_grad(delta, step)` returns ((value, success), gradient); `value`
+  holds the last iterate's, which the next counts rises against (at first 0)."""
+  is_checkpoint, threshold = _schedule(steps, rho)
   project = lambda delta: core.clip_to_box(x, core.project(delta, eps, norm))
 
   def step(i, s):
@@ -295,7 +312,7 @@ def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
     )
     # Checkpoint: halve the step and restart from the best point if needed.
     checked = is_checkpoint[i]
-    condition_1 = s["rises"] < rho * interval[i]
+    condition_1 = s["rises"] <= threshold[i]
     condition_2 = ~s["halved"] & (s["best_value"] <= s["checked_value"])
     halve = checked & (condition_1 | condition_2)
     return dict(
@@ -308,13 +325,12 @@ def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
       checked_value=jnp.where(checked, s["best_value"], s["checked_value"]),
     )
 
-  delta = _start(key, x, eps, norm)
   (value, success), grad = value_and_grad(delta, 0)
   s = dict(
     previous=delta,
     delta=delta,
     grad=grad,
-    value=value,
+    value=jnp.zeros_like(value),  # the reference's first window compares f(x^(1)) with 0
     eta=jnp.asarray(2.0 * eps, x.dtype),
     rises=jnp.zeros((), jnp.int32),
     best=delta,
@@ -326,9 +342,4 @@ def _apgd_run(value_and_grad, x, key, eps, norm, steps, rho):
     halved=jnp.array(True),
     checked_value=value,
   )
-  s = core.loop(0, steps, step, s, like=x)
-  return (
-    jnp.where(s["success"], s["adversarial"], s["best"]),
-    jnp.where(s["success"], s["adversarial_value"], s["best_value"]),
-    s["success"],
-  )
+  return core.loop(0, steps, step, s, like=x)
