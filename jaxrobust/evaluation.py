@@ -128,21 +128,20 @@ class Outcome:
 
 
 def rounds(attack):
-  """`[(stage index, stage, round index, round attack)]`: what `run` runs
-  for `attack`, in order.
+  """`[(stage index, stage, round index)]`: what `run` runs for `attack`, in order.
 
   An attack's stages (`Attack.stages`, or the attack itself) each run in
   rounds: a stage that is a cascade of runs (`Attack.rounds`: APGD-T's and
-  FAB-T's targets; or a cascade's `stages`) runs each of them on the
-  examples the rounds before it left robust, as the reference
-  implementation drops examples as they fall; any other stage is one
-  round. Round m of stage j of example i uses the key
-  `fold_in(fold_in(k_i, j), m)`, as the stage itself does."""
-  out = []
-  for j, stage in enumerate(attack.stages or (attack,)):
-    for m, part in enumerate(stage.rounds or stage.stages or (stage,)):
-      out.append((j, stage, m, part))
-  return out
+  FAB-T's targets) runs each (`Attack.round_fn`) on the examples the
+  rounds before it left robust, as the reference implementation drops
+  examples as they fall; any other stage is one round. Round m of stage j
+  of example i uses the key `fold_in(fold_in(k_i, j), m)`, as the stage
+  itself does, and every round of a stage is one compiled program."""
+  return [
+    (j, stage, m)
+    for j, stage in enumerate(attack.stages or (attack,))
+    for m in range(stage.rounds or 1)
+  ]
 
 
 def threat_model(attack):
@@ -240,16 +239,15 @@ def run(
     start = clean if individual else robust_of.get(group, clean)
     plan = rounds(attack)
     outcome = state.outcome(label, start, len(plan), x if return_adversarial else None)
-    for r, (j, stage, m, part) in enumerate(plan):
+    for r, (j, stage, m) in enumerate(plan):
       todo = np.flatnonzero(outcome.robust & ~outcome.attacked[r])
       if len(todo):
         began = time.perf_counter()
-        rounded = bool(stage.rounds or stage.stages)
-        where = _Where(label, j, stage, m, part, r, bool(attack.stages), rounded)
+        where = _Where(label, j, stage, m, r, bool(attack.stages))
         _run_round(context, where, jax.random.fold_in(key, index), todo, outcome, state)
         outcome.seconds[r] += time.perf_counter() - began
       state.save(label, outcome, force=True)
-      if m == len(stage.rounds or stage.stages or (stage,)) - 1:
+      if m == max(stage.rounds, 1) - 1:
         seconds = outcome.seconds[r - m : r + 1].sum()
         log(
           f"{label}{'' if not attack.stages else ' ' + stage.label}: robust accuracy "
@@ -285,10 +283,8 @@ class _Where:
   j: int
   stage: object
   m: int
-  part: object
   r: int
   staged: bool
-  rounded: bool
 
 
 def _run_round(context, where, attack_key, todo, outcome, state):
@@ -296,19 +292,18 @@ def _run_round(context, where, attack_key, todo, outcome, state):
   (`_parts`), and records what it fooled in `outcome`. The next part is
   dispatched before the current one's results are read, so the host's
   bookkeeping overlaps the device's work."""
-  c, part = context, where.part
+  c, stage = context, where.stage
   program = _attack_program(
     c.apply_fn,
     c.source[0],
     c.stochastic_apply_fn,
-    _program_key(part),
+    _program_key(stage),
     c.mesh,
     where.staged,
-    where.rounded,
     c.keep_adversarial,
   )
-  eps = None if part.eps is None else jnp.float32(part.eps)
-  limit = np.inf if part.eps is None else _ball_limit(part, c.x)
+  eps = None if stage.eps is None else jnp.float32(stage.eps)
+  limit = np.inf if stage.eps is None else _ball_limit(stage, c.x)
   pending = []
   begin = 0
   for count, compiled in _parts(len(todo), c.batch, c.mesh.devices.size):
@@ -336,8 +331,8 @@ def _record(context, where, limit, chosen, results, outcome, state):
   if outside:
     outcome.outside_ball += outside
     context.log(
-      f"warning: {where.label} {where.part.label} found {outside} adversarial examples "
-      f"outside its ball ({where.part.norm} {where.part.eps:g}; largest "
+      f"warning: {where.label} {where.stage.label} found {outside} adversarial examples "
+      f"outside its ball ({where.stage.norm} {where.stage.eps:g}; largest "
       f"{np.max(size[~correct & ~inside]):.6g}): not counted (outside_ball)"
     )
   hit = chosen[fooled]
@@ -455,7 +450,7 @@ def report(clean, outcomes, attack_fns, *, individual=False):
     robust_after = [(o.robust | (o.fooled_by > j)).mean() for j in range(len(stages))]
     # A stage's first round ran on all it attacked; its time is its rounds'.
     first_round, seconds = {}, np.zeros(len(stages))
-    for r, (j, _, _, _) in enumerate(rounds(attack)):
+    for r, (j, _, _) in enumerate(rounds(attack)):
       first_round.setdefault(j, r)
       seconds[j] += o.seconds[r]
     rows.append(
@@ -585,9 +580,7 @@ def _predict_program(apply_fn, mesh):
 
 
 @functools.cache
-def _attack_program(
-  apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged, rounded, keep
-):
+def _attack_program(apply_fn, source_apply_fn, stochastic_apply_fn, attack, mesh, staged, keep):
   """Jitted, data-parallel `(variables, source_variables, x, y, index, key,
   stage, round, eps) -> (correct, l2, size[, x_adv if keep])` for `attack`
   (a `_program_key`: its eps comes as an argument)."""
@@ -606,10 +599,11 @@ def _attack_program(
     keys = keys_lib.example_keys(key, index)
     if staged:
       keys = keys_lib.fold(keys, stage)
-    if rounded:
-      keys = keys_lib.fold(keys, round_)
     with checks.trusted():  # `run` checked the inputs on the host
-      x_adv = attack.fn(logits_fn, x, y, keys, eps)
+      if attack.rounds:
+        x_adv = attack.round_fn(logits_fn, x, y, keys_lib.fold(keys, round_), eps, round_)
+      else:
+        x_adv = attack.fn(logits_fn, x, y, keys, eps)
     d = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(len(x), -1)
     l2 = jnp.sqrt(jnp.sum(jnp.square(d), -1))
     size = {"linf": jnp.max(jnp.abs(d), -1), "l1": jnp.sum(jnp.abs(d), -1)}.get(attack.norm, l2)

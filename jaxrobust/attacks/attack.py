@@ -89,10 +89,13 @@ class Attack:
       evaluation may run each stage only on the examples still robust.
       Stage j of example i uses the key `fold_in(k_i, j)`.
     rounds: for an attack that is itself a cascade of runs (APGD-T's and
-      FAB-T's targets), those runs as attacks, in order: the attack succeeds
-      on an example exactly when one of them does, so an evaluation may
-      run each only on the examples the ones before it left robust. Round
-      m of example i uses the key `fold_in(k_i, m)`.
+      FAB-T's targets), their number (0: not such an attack): the attack
+      succeeds on an example exactly when one of its rounds does, so an
+      evaluation may run each round only on the examples the rounds before
+      it left robust.
+    round_fn: `round_fn(logits_fn, x, y, key, eps, m) -> x_adv`, round m
+      alone (m may be traced: one compiled program serves every round);
+      round m of example i uses the key `fold_in(k_i, m)`.
   """
 
   fn: AttackFn = dataclasses.field(repr=False, compare=False)
@@ -102,7 +105,8 @@ class Attack:
   targeted: bool = False
   settings: tuple = ()
   stages: tuple = dataclasses.field(default=(), repr=False, compare=False)
-  rounds: tuple = dataclasses.field(default=(), repr=False, compare=False)
+  rounds: int = dataclasses.field(default=0, repr=False, compare=False)
+  round_fn: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
 
   def __call__(self, logits_fn, x, y, key, *, eps=None):
     if eps is not None and self.eps is None:
@@ -152,7 +156,16 @@ class Attack:
 
 
 def make(
-  fn, name, *, norm=None, eps=None, targeted=False, stages=(), rounds=(), **settings
+  fn,
+  name,
+  *,
+  norm=None,
+  eps=None,
+  targeted=False,
+  stages=(),
+  rounds=0,
+  round_fn=None,
+  **settings,
 ) -> Attack:
   """An `Attack` of `fn`; lists in `settings` are stored as tuples (hashable)."""
   checks.require(
@@ -169,7 +182,8 @@ def make(
     targeted=bool(targeted),
     settings=frozen,
     stages=tuple(stages),
-    rounds=tuple(rounds),
+    rounds=rounds,
+    round_fn=round_fn,
   )
 
 

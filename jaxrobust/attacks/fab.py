@@ -80,10 +80,10 @@ def fab_t(
   first target that succeeds within eps; the closest over all targets
   succeeds within eps exactly when some target does, so robust accuracy is
   the same. The targets are a `lax.fori_loop` (one target's program); the
-  i-th runs with the key `fold_in(k, i)` (a single target: k itself).
-  With eps, the targets are also the attack's `rounds`, each FAB-T of one
-  target, so an evaluation runs each target only on the examples the
-  targets before it left robust, as AutoAttack does.
+  i-th runs with the key `fold_in(k, i)`. With eps, the targets are also
+  the attack's rounds (`Attack.round_fn`, round m the m-th target with key
+  `fold_in(k, m)`), so an evaluation runs each target only on the examples
+  the targets before it left robust, as AutoAttack does.
 
   Args:
     norm, eps, steps, restarts, alpha_max, eta, beta: as in `fab`.
@@ -97,18 +97,10 @@ def fab_t(
   num_targets = checks.integer_at_least("num_targets", num_targets, 1)
   first_target = checks.integer_at_least("first_target", first_target, 0)
   settings = (norm, eps, steps, restarts, alpha_max, eta, beta)
-  rounds = ()
-  if num_targets > 1 and eps is not None:
-    rounds = [
-      _fab("fab_t", *settings, num_targets=1, first_target=first_target + m)
-      for m in range(num_targets)
-    ]
-  return _fab("fab_t", *settings, num_targets=num_targets, first_target=first_target, rounds=rounds)
+  return _fab("fab_t", *settings, num_targets=num_targets, first_target=first_target)
 
 
-def _fab(
-  name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets, first_target=0, rounds=()
-):
+def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets, first_target=0):
   norm = core.check_norm(norm)
   if eps is not None:
     core.check_eps(eps)
@@ -121,7 +113,7 @@ def _fab(
   checks.in_interval("beta", beta, 0.0, 1.0)
   step_settings = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
 
-  def attack_one(logits_one, x, y, key, eps):
+  def attack_one(logits_one, x, y, key, eps, round_=None):
     logits_at = core.canonical_convolutions(logits_one)
 
     def search(boundaries, key):
@@ -149,18 +141,24 @@ def _fab(
     else:
       clean = logits_one(x)
       others = clean.shape[-1] - 1
-      count = max(0, min(num_targets, others - first_target))
-      if count == 0:  # no class of this rank
-        return x
       ranked = jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean)
-      targets = jax.lax.top_k(ranked, first_target + count)[1][first_target:]
+      if round_ is not None:  # one round: the target of rank first_target + round_
+        rank = first_target + round_
+        target = jax.lax.top_k(ranked, others)[1][jnp.minimum(rank, others - 1)]
+        best, distance = search(_target_boundary(logits_one, y, target), key)
+        distance = jnp.where(rank < min(others, first_target + num_targets), distance, jnp.inf)
+      else:
+        count = max(0, min(num_targets, others - first_target))
+        if count == 0:  # no class of this rank
+          return x
+        targets = jax.lax.top_k(ranked, first_target + count)[1][first_target:]
 
-      def for_target(i, best):
-        target_key = key if num_targets == 1 else jax.random.fold_in(key, i)
-        found = search(_target_boundary(logits_one, y, targets[i]), target_key)
-        return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
+        def for_target(i, best):
+          found = search(_target_boundary(logits_one, y, targets[i]), jax.random.fold_in(key, i))
+          return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
 
-      best, distance = core.loop(0, count, for_target, (x, jnp.asarray(jnp.inf, x.dtype)), like=x)
+        start = (x, jnp.asarray(jnp.inf, x.dtype))
+        best, distance = core.loop(0, count, for_target, start, like=x)
     inside = jnp.isfinite(distance) if eps is None else distance <= eps
     return jnp.where(inside, best, x)
 
@@ -171,9 +169,23 @@ def _fab(
       return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
+  def round_fn(logits_fn, x, y, key, eps, round_):
+    core.check_batch(logits_fn, x, y)
+    one = lambda logits_one, xi, yi, ki, e: attack_one(logits_one, xi, yi, ki, e, round_)
+    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+
   extra = {} if num_targets is None else {"num_targets": num_targets, "first_target": first_target}
+  rounded = num_targets is not None and num_targets > 1 and eps is not None
   return make(
-    attack, name, norm=norm, eps=eps, restarts=restarts, rounds=rounds, **step_settings, **extra
+    attack,
+    name,
+    norm=norm,
+    eps=eps,
+    restarts=restarts,
+    rounds=num_targets if rounded else 0,
+    round_fn=round_fn if rounded else None,
+    **step_settings,
+    **extra,
   )
 
 
