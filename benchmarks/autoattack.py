@@ -1,6 +1,8 @@
-"""AutoAttack side by side: jaxrobust against torchattacks, same weights, same images.
+"""AutoAttack side by side: jaxrobust against the authors' code (pyautoattack)
+and torchattacks, same weights, same images.
 
-  pip install -r requirements-bench.txt && pip install --no-deps torchattacks==3.5.1
+  pip install -r requirements-bench.txt
+  pip install --no-deps torchattacks==3.5.1 pyautoattack==0.2.0
   python benchmarks/autoattack.py                      # 1,000 CIFAR-10 test images
   python benchmarks/autoattack.py --images 200 --models pgd_at --norms linf
 
@@ -10,11 +12,14 @@ adversarial training; both cached under `runs/bench/`) and each threat model
 (L-infinity 8/255, L2 0.5), it converts the model to PyTorch
 (`benchmarks/torch_models.py`, logits checked to agree), runs AutoAttack's
 standard version with jaxrobust (`jr.attacks.autoattack`, a cascade on the
-clean-correct examples) and with torchattacks 3.5.1 (`torchattacks.AutoAttack`,
-run stage by stage as its `MultiAttack` does), on the same first `--images`
-test images, and prints both robust accuracies (after every stage), their
-difference, and both times; jaxrobust's compile time is measured apart (XLA's
-own compile events) and its steady time is the rest.
+clean-correct examples), with the authors' own code (pyautoattack 0.2.0,
+Croce & Hein's package: `AutoAttack(...).run_standard_evaluation`, the
+reference) and with torchattacks 3.5.1 (`torchattacks.AutoAttack`, run stage
+by stage as its `MultiAttack` does; not for L1, which it lacks), on the same
+first `--images` test images, and prints the robust accuracies (after every
+stage), jaxrobust's difference from the reference, and the times; jaxrobust's
+compile time is measured apart (XLA's own compile events) and its steady
+time is the rest. The speed-up is the reference's time over jaxrobust's.
 
 torchattacks' `AutoAttack` runs 10 iterations of APGD, APGD-T and FAB where
 Croce & Hein's reference runs 100, and Square with a rescaled schedule where
@@ -25,7 +30,9 @@ on torchattacks' own attack objects.
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +43,8 @@ if str(REPO) not in sys.path:
 
 from jaxrobust import parallel  # pylint: disable=wrong-import-position  (does not start JAX)
 
-EPS = {"linf": 8 / 255, "l2": 0.5}
+EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}  # L1: Croce & Hein 2021's CIFAR-10 radius
+REFERENCE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 MODELS = {"natural": "natural", "pgd_at": "pgd_at"}  # row -> config file
 
 
@@ -44,7 +52,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--images", type=int, default=1000, help="first N CIFAR-10 test images")
   p.add_argument("--models", default="natural,pgd_at", help="natural, pgd_at, or both")
-  p.add_argument("--norms", default="linf,l2", help="linf, l2, or both")
+  p.add_argument("--norms", default="linf,l2", help="comma-separated: linf, l2, l1")
   p.add_argument("--epochs", type=int, default=3, help="training epochs of each model")
   p.add_argument("--batch-size", type=int, default=500, help="images per batch, both sides")
   p.add_argument("--runs", default=str(REPO / "runs" / "bench"), help="trained models")
@@ -136,17 +144,57 @@ def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
   return np.concatenate(robust), [float(a) for a in after], seconds
 
 
+class _StageLog(logging.Handler):
+  """The reference's robust accuracy after each stage, from its log lines."""
+
+  PATTERN = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.after = []
+
+  def emit(self, record):
+    found = self.PATTERN.search(record.getMessage())
+    if found:
+      self.after.append((found.group(1).lower(), float(found.group(2)) / 100))
+
+
+def reference_autoattack(torch, net, norm, eps, x, y, batch_size, steps=100, queries=5000):
+  """The authors' AutoAttack (pyautoattack, standard version, seed 0; `steps`
+  and `queries` as set there unless changed): returns (robust [N], robust
+  accuracy after each stage, seconds)."""
+  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+
+  aa = AutoAttack(net, norm=REFERENCE_NORMS[norm], eps=eps, version="standard", seed=0)
+  aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = steps
+  aa.square.n_queries = queries
+  stages = _StageLog()
+  logger = logging.getLogger("auto-attack")
+  logger.setLevel(logging.DEBUG)
+  logger.addHandler(stages)
+  try:
+    start = time.perf_counter()
+    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+  finally:
+    logger.removeHandler(stages)
+  with torch.no_grad():
+    robust = (net(x_adv).argmax(1) == y).numpy()
+  return robust, [a for _, a in stages.after], seconds
+
+
 def main(argv=None):
   args = parse_args(argv)
   parallel.use_host_devices()
   try:
+    import pyautoattack  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     import torchattacks  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise SystemExit(
-      f"the benchmark needs PyTorch and torchattacks ({e}); install them with\n"
+      f"the benchmark needs PyTorch, pyautoattack and torchattacks ({e}); install them with\n"
       f"  pip install -r requirements-bench.txt\n"
-      f"  pip install --no-deps torchattacks==3.5.1"
+      f"  pip install --no-deps torchattacks==3.5.1 pyautoattack==0.2.0"
     ) from None
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -159,8 +207,8 @@ def main(argv=None):
   clock = CompileClock(jax)
   print(
     f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
-    f"torch {torch.__version__} ({torch.get_num_threads()} threads); torchattacks "
-    f"{torchattacks.__version__}",
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads); pyautoattack "
+    f"{pyautoattack.__version__}; torchattacks {torchattacks.__version__}",
     flush=True,
   )
   results = []
@@ -191,8 +239,8 @@ def main(argv=None):
       )
       compile_seconds = clock.seconds - compiled_before
       (aa,) = rep["results"]
-      torch_robust, torch_after, torch_seconds = torch_autoattack(
-        torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size
+      ref_robust, ref_after, ref_seconds = reference_autoattack(
+        torch, net, norm, eps, x_t, y_t, args.batch_size
       )
       result = {
         "model": row,
@@ -202,15 +250,24 @@ def main(argv=None):
         "logit_gap": gap,
         "clean": rep["clean_accuracy"],
         "jaxrobust": aa["accuracy"],
-        "torchattacks": float(torch_robust.mean()),
+        "reference": float(ref_robust.mean()),
         "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
-        "torchattacks_stages": torch_after,
+        "reference_stages": ref_after,
         "jaxrobust_seconds": aa["seconds"],
         "jaxrobust_compile_seconds": compile_seconds,
-        "torchattacks_seconds": torch_seconds,
+        "reference_seconds": ref_seconds,
       }
-      result["difference"] = result["jaxrobust"] - result["torchattacks"]
-      result["speedup"] = torch_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
+      if norm != "l1":  # torchattacks has no L1 AutoAttack
+        torch_robust, torch_after, torch_seconds = torch_autoattack(
+          torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size
+        )
+        result.update(
+          torchattacks=float(torch_robust.mean()),
+          torchattacks_stages=torch_after,
+          torchattacks_seconds=torch_seconds,
+        )
+      result["difference"] = result["jaxrobust"] - result["reference"]
+      result["speedup"] = ref_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
       results.append(result)
       print(json.dumps(result), flush=True)
   print()
@@ -221,26 +278,32 @@ def main(argv=None):
 
 
 def format_table(results):
+  """The side-by-side table: robust accuracy after each stage in brackets."""
   lines = [
-    "| model | threat model | clean | jaxrobust robust | torchattacks robust | "
-    "difference | jaxrobust s (compile) | torchattacks s | speed-up |",
-    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| model | threat model | clean | jaxrobust robust | reference robust | difference | "
+    "torchattacks robust | jaxrobust s (compile) | reference s | torchattacks s | speed-up |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
+  stages = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)
   for r in results:
-    stages = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)
+    torch_cell, torch_seconds = "n/a", "n/a"
+    if "torchattacks" in r:
+      torch_cell = f"{100 * r['torchattacks']:.1f} % ({stages(r['torchattacks_stages'])})"
+      torch_seconds = f"{r['torchattacks_seconds']:.0f}"
     lines.append(
       f"| `seed_cnn` {r['model']} | {r['norm']} {r['eps']:.4g} | {100 * r['clean']:.1f} % | "
       f"{100 * r['jaxrobust']:.1f} % ({stages(r['jaxrobust_stages'])}) | "
-      f"{100 * r['torchattacks']:.1f} % ({stages(r['torchattacks_stages'])}) | "
-      f"{100 * r['difference']:+.1f} | "
+      f"{100 * r['reference']:.1f} % ({stages(r['reference_stages'])}) | "
+      f"{100 * r['difference']:+.1f} | {torch_cell} | "
       f"{r['jaxrobust_seconds'] - r['jaxrobust_compile_seconds']:.0f} "
-      f"({r['jaxrobust_compile_seconds']:.0f}) | {r['torchattacks_seconds']:.0f} | "
-      f"{r['speedup']:.2f}x |"
+      f"({r['jaxrobust_compile_seconds']:.0f}) | {r['reference_seconds']:.0f} | "
+      f"{torch_seconds} | {r['speedup']:.2f}x |"
     )
   lines.append(
-    "\nRobust accuracy after APGD-CE / APGD-T / FAB-T / Square in brackets; "
-    f"{results[0]['images'] if results else 0} CIFAR-10 test images (JPEG copy); "
-    "largest logit difference between the two models "
+    "\nRobust accuracy after APGD-CE / APGD-T / FAB-T / Square in brackets; reference: "
+    "the authors' pyautoattack 0.2.0; speed-up: the reference's seconds over jaxrobust's "
+    f"(compile apart); {results[0]['images'] if results else 0} CIFAR-10 test images (JPEG "
+    "copy); largest logit difference between the two models "
     f"{max((r['logit_gap'] for r in results), default=0):.1e}."
   )
   return "\n".join(lines)

@@ -183,3 +183,61 @@ def test_torch_baseline_starts_from_the_weights_train_py_starts_from(tiny_config
   config.seed = 4
   _, other = torch_pgd_at.initial_model(config, config_lib.load_split(config, "train"))
   assert not all(map(np.array_equal, jax.tree.leaves(other["params"]), leaves))
+
+
+def test_reference_autoattack_reports_its_stages_and_agrees_with_jaxrobust():
+  """benchmarks/autoattack.py's adapter of the authors' code (pyautoattack),
+  on a linear model both implementations break the same way."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("pyautoattack")
+  import jax
+  import numpy as np
+
+  from benchmarks import autoattack as bench
+  from jaxrobust import attacks, evaluation
+
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 10)).astype(np.float32)
+  x = rng.uniform(size=(24, 1, 4, 4)).astype(np.float32)  # NCHW for PyTorch
+  y = (x.reshape(24, -1) @ w).argmax(1)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10, bias=False))
+  with torch.no_grad():
+    net[1].weight.copy_(torch.from_numpy(w.T))
+  robust, after, seconds = bench.reference_autoattack(
+    torch, net, "linf", 0.05, torch.from_numpy(x), torch.from_numpy(y), 24, steps=10, queries=50
+  )
+  assert seconds > 0 and 1 <= len(after) <= 4
+  assert after == sorted(after, reverse=True) and robust.mean() == pytest.approx(after[-1])
+  rep = evaluation.evaluate(
+    lambda v, xb: xb.reshape(len(xb), -1) @ v,
+    w,
+    x.transpose(0, 2, 3, 1),
+    y,
+    {"aa": attacks.autoattack(norm="linf", eps=0.05, steps=10, queries=50)},
+    key=jax.random.key(0),
+  )
+  # Some examples survive eps 0.05, and the two agree on how many.
+  assert 0 < robust.mean() < 1
+  assert rep["results"][0]["accuracy"] == pytest.approx(robust.mean(), abs=1 / 24)
+  table = bench.format_table(
+    [
+      {
+        "model": "m",
+        "norm": "linf",
+        "eps": 0.3,
+        "images": 24,
+        "logit_gap": 0.0,
+        "clean": 1.0,
+        "jaxrobust": rep["results"][0]["accuracy"],
+        "reference": float(robust.mean()),
+        "jaxrobust_stages": [s["accuracy"] for s in rep["results"][0]["stages"]],
+        "reference_stages": after,
+        "jaxrobust_seconds": 2.0,
+        "jaxrobust_compile_seconds": 1.0,
+        "reference_seconds": seconds,
+        "difference": 0.0,
+        "speedup": seconds,
+      }
+    ]
+  )
+  assert "| n/a |" in table and "pyautoattack" in table
