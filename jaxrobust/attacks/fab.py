@@ -15,14 +15,16 @@ _EXCLUDED = 1e10  # the distance of the true class's own "boundary"
 def fab(
   *, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9
 ) -> Attack:
-  """FAB: the closest adversarial example it can find, in L-infinity or L2.
+  """FAB: the closest adversarial example it can find, in L-infinity, L2 or L1.
 
   Per example, from x^(0) = x (restart r > 0: a random point at distance
-  eps / 2, as in the authors' code; without eps, half the distance of the
-  closest adversarial found so far), each step linearises the decision
-  boundaries f_j(z) = z_j - z_y of every class j != y at the iterate x^(k),
-  takes the closest one, j* = argmin_j |f_j| / ||grad f_j||_q (q the dual
-  norm), and projects both the iterate and the original point onto its
+  eps / 2, as in the authors' code, a uniform (L-inf) or Gaussian (L2, L1)
+  vector scaled to that length and clipped to the box; without eps, half
+  the distance of the closest adversarial found so far), each step
+  linearises the decision boundaries f_j(z) = z_j - z_y of every class
+  j != y at the iterate x^(k), takes the closest one,
+  j* = argmin_j |f_j| / ||grad f_j||_q (q the dual norm: L1, L2, L-inf for
+  L-inf, L2, L1), and projects both the iterate and the original point onto its
   hyperplane {z : f_j*(x^(k)) + grad f_j*(x^(k)) . (z - x^(k)) = 0}
   intersected with the box [0, 1]^d (`project_onto_hyperplane`): steps d_k
   and d_0. With a_k = ||d_k||_p, a_0 = ||d_0||_p and
@@ -42,7 +44,7 @@ def fab(
   FAB is a minimal-norm attack: report the distances.
 
   Args:
-    norm: "linf" or "l2".
+    norm: "linf", "l2" or "l1".
     eps: radius of the ball, > 0, or None.
     steps: iterations per restart, >= 1.
     restarts: runs per example, >= 1.
@@ -101,7 +103,7 @@ def fab_t(
 
 
 def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets, first_target=0):
-  norm = core.check_norm(norm)
+  norm = core.check_norm(norm, ("linf", "l2", "l1"))
   if eps is not None:
     core.check_eps(eps)
   steps = checks.integer_at_least("steps", steps, 1)
@@ -226,12 +228,25 @@ def _target_boundary(logits_one, y, target):
 
 
 def _norm(v, norm):
-  return jnp.max(jnp.abs(v)) if norm == "linf" else core.l2_norm(v)
+  if norm == "linf":
+    return jnp.max(jnp.abs(v))
+  return jnp.sum(jnp.abs(v)) if norm == "l1" else core.l2_norm(v)
 
 
 def _dual_norm(v, norm):
-  """The norm of gradients whose distances are measured in `norm`: L1 for L-inf."""
-  return jnp.sum(jnp.abs(v)) if norm == "linf" else core.l2_norm(v)
+  """The norm of gradients whose distances are measured in `norm`: L1 for
+  L-inf, L2 for L2, L-inf for L1."""
+  return _norm(v, {"linf": "l1", "l2": "l2", "l1": "linf"}[norm])
+
+
+def _random_start(key, x, radius, norm):
+  """x plus a random vector of `norm` length `radius`, clipped to the box: a
+  uniform vector in [-1, 1]^d (L-inf) or a Gaussian one (L2, L1), scaled."""
+  if norm == "linf":
+    u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  else:
+    u = jax.random.normal(key, x.shape, x.dtype)
+  return jnp.clip(x + radius * u / jnp.maximum(_norm(u, norm), 1e-12), 0.0, 1.0)
 
 
 def _search(
@@ -242,13 +257,7 @@ def _search(
   # Restarts after the first start at a random point at half the radius.
   radius = 0.5 * (best[1] if eps is None else jnp.minimum(best[1], eps))
   radius = jnp.where((restart > 0) & jnp.isfinite(radius), radius, 0.0)
-  if norm == "linf":
-    u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-    u = u / jnp.maximum(jnp.max(jnp.abs(u)), 1e-12)
-  else:
-    u = jax.random.normal(key, x.shape, x.dtype)
-    u = u / jnp.maximum(core.l2_norm(u), 1e-12)
-  start = jnp.clip(x + radius * u, 0.0, 1.0)
+  start = _random_start(key, x, radius, norm)
 
   def step(_, state):
     point, best, distance = state
@@ -293,8 +302,22 @@ def project_onto_hyperplane(t, w, b, norm):
   of [0, max r] (ordered like the numbers they encode), 32 halvings, ends
   with two adjacent floats lo < lambda <= hi, no breakpoint between them, so
   lambda = (c - sum_{r_i <= lo} a_i r_i) / sum_{r_i > lo} a_i, exact on its
-  segment. When no lambda reaches c (the hyperplane misses the box), d
-  saturates every coordinate: the box's point closest to the hyperplane's
+  segment.
+
+  L1 is a fractional knapsack (each unit of |d_i| buys |w_i| of w . d): the
+  coordinates with the largest |w_i| move first, each up to its cap. With
+  tau the largest threshold whose coordinates can reach c,
+  h(tau) = sum_{|w_i| >= tau} |w_i| cap_i >= c,
+
+    L1:    d_i = sign(w_i) cap_i          for |w_i| > tau,
+           d_i = sign(w_i) theta cap_i    for |w_i| = tau,   0 below,
+
+  theta = (c - sum_{|w_i| > tau} |w_i| cap_i) / (tau sum_{|w_i| = tau} cap_i)
+  in (0, 1], so ||d||_1 = sum_{|w_i| > tau} cap_i + theta sum_{|w_i| = tau}
+  cap_i. tau is found by the same bisection, over [0, max |w|].
+
+  When c is out of reach (the hyperplane misses the box), d saturates every
+  coordinate with w_i != 0: the box's point closest to the hyperplane's
   side. Works on one example of any shape (vmap it for a batch).
   """
   shape = t.shape
@@ -303,14 +326,17 @@ def project_onto_hyperplane(t, w, b, norm):
   flip = jnp.where(c < 0, -1.0, 1.0).astype(t.dtype)
   w, c = w * flip, c * flip
   cap = jnp.where(w > 0, 1.0 - t, t)
+  f32 = lambda v: v.astype(jnp.float32)
+  if norm == "l1":
+    fill = _knapsack(f32(jnp.abs(w)), f32(jnp.abs(w) * cap), f32(c)).astype(t.dtype)
+    return (jnp.sign(w) * cap * fill).reshape(shape)
   nonzero = w != 0
   if norm == "linf":
     a, r = jnp.abs(w), cap
   else:  # a coordinate the hyperplane ignores (w_i = 0) adds a breakpoint, no slope
     a = jnp.square(w)
     r = jnp.where(nonzero, cap / jnp.where(nonzero, jnp.abs(w), 1.0), 0.0)
-  lam = _multiplier(a.astype(jnp.float32), r.astype(jnp.float32), c.astype(jnp.float32))
-  lam = lam.astype(t.dtype)
+  lam = _multiplier(f32(a), f32(r), f32(c)).astype(t.dtype)
   if norm == "linf":
     d = jnp.sign(w) * jnp.minimum(lam, cap)
   else:
@@ -322,20 +348,42 @@ def _multiplier(a, r, c):
   """The smallest lambda >= 0 with g(lambda) = sum_i a_i min(lambda, r_i) >= c
   (a, r >= 0, float32), inf when g(max r) < c."""
   g = lambda lam: jnp.sum(a * jnp.minimum(lam, r))
-  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
   top = jnp.max(r)
-
-  def halve(_, bounds):  # invariant: g(lo) < c <= g(hi)
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    below = g(as_float(mid)) < c
-    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-  start = (jnp.int32(0), jax.lax.bitcast_convert_type(top, jnp.int32))
-  lo, hi = core.loop(0, 32, halve, start, like=r)
-  lo, hi = as_float(lo), as_float(hi)
+  lo, hi = _bisect(lambda lam: g(lam) < c, top, like=r)
   past = r > lo
   slope = jnp.sum(jnp.where(past, a, 0.0))
   lam = (c - jnp.sum(jnp.where(past, 0.0, a * r))) / jnp.where(slope > 0, slope, 1.0)
   lam = jnp.clip(lam, lo, hi)
   return jnp.where(c <= 0, 0.0, jnp.where(g(top) < c, jnp.inf, lam))
+
+
+def _knapsack(a, v, c):
+  """The share of its cap each coordinate moves in the L1 projection (a = |w|,
+  v = |w| cap, float32): 1 above the threshold tau, theta at it, 0 below;
+  1 wherever a_i > 0 when even all of them fall short of c."""
+  reach = lambda tau: jnp.sum(jnp.where(a > tau, v, 0.0))  # h just above tau
+  lo, hi = _bisect(lambda tau: reach(tau) >= c, jnp.max(a), like=a)
+  full, part = a > hi, (a > lo) & (a <= hi)  # tau = hi: no |w_i| strictly between
+  share = jnp.sum(jnp.where(part, v, 0.0))
+  theta = jnp.clip((c - reach(hi)) / jnp.where(share > 0, share, 1.0), 0.0, 1.0)
+  fill = jnp.where(full, 1.0, jnp.where(part, theta, 0.0))
+  fill = jnp.where(reach(0.0) < c, jnp.where(a > 0, 1.0, 0.0), fill)
+  return jnp.where(c <= 0, 0.0, fill)
+
+
+def _bisect(below, top, *, like):
+  """Adjacent float32s lo < hi in [0, top] with below(lo) and not below(hi),
+  for a monotone `below`, true at 0 and false at top: bisection over the
+  bit patterns of non-negative floats (ordered like the numbers they
+  encode), 32 halvings."""
+  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    low = below(as_float(mid))
+    return jnp.where(low, mid, lo), jnp.where(low, hi, mid)
+
+  start = (jnp.int32(0), jax.lax.bitcast_convert_type(top, jnp.int32))
+  lo, hi = core.loop(0, 32, halve, start, like=like)
+  return as_float(lo), as_float(hi)
