@@ -9,6 +9,7 @@ model, and success rates beside the reference's on identical weights.
 """
 
 import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import pytest
 import scipy.optimize
 
 import jaxrobust as jr
+from jaxrobust import checks
 from jaxrobust.attacks import core, losses
 
 apgd_lib = importlib.import_module("jaxrobust.attacks.apgd")
@@ -78,6 +80,9 @@ def reference_checkpoints(n_iter):
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20, 50, 100, 1000])
 def test_checkpoints_are_the_reference_counts(steps):
   assert apgd_lib.checkpoints(steps) == reference_checkpoints(steps)
+  # L1 (lines 301, 405, 438): every max(floor(0.04 N), 1) iterations.
+  every = max(int(0.04 * steps), 1)
+  assert apgd_lib.checkpoints(steps, "l1") == list(range(every, steps + 1, every))
 
 
 def test_checkpoints_known_values():
@@ -258,7 +263,7 @@ def test_eot_equals_the_reference_code(norm, steps):
   np.testing.assert_allclose(ours, x_best.numpy(), atol=TOL)
 
 
-# --- L1 in core: the projections, the direction, the start ---------------------------
+# --- L1: the projection, the step, the schedule -------------------------------------
 
 
 def nearest_in_l1_box(x, v, eps):
@@ -330,3 +335,127 @@ def test_core_l1_direction_and_start():
     d = np.asarray(core.random_start(jax.random.key(seed), x, 2.0, "l1"))
     assert np.abs(d).sum() <= 2.0 * (1 + TOL)
     assert np.all(x + d >= 0) and np.all(x + d <= 1)
+
+
+@pytest.mark.parametrize("largereps", [False, True])
+def test_apgd_l1_keeps_ball_and_box(largereps):
+  logits_fn = mlp()[0]
+  x = np.round(uniform(2, (6, 4, 4, 3)) * 2) / 2  # pixels on the box's faces
+  y = np.asarray(jnp.argmax(logits_fn(x), -1))
+  for attack in (
+    A.apgd(norm="l1", eps=1.5, steps=12, use_largereps=largereps, restarts=2),
+    A.apgd_t(norm="L1", eps=1.5, steps=12, num_targets=2, use_largereps=largereps),
+  ):
+    x_adv = np.asarray(run(attack, logits_fn, x, y))
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert np.all(np.abs(x_adv - x).reshape(6, -1).sum(1) <= 1.5 * (1 + TOL))
+    assert np.all((x_adv != x).reshape(6, -1).sum(1) > 0)
+
+
+def test_apgd_l1_reaches_the_optimum_of_a_linear_model():
+  # Logits [0, w.x + b], never fooled within the ball, so APGD maximises
+  # w.d over ||d||_1 <= eps and the box: the optimum fills the coordinates of
+  # largest |w_i| up to the box, in that order (a fractional knapsack).
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal(48).astype(np.float32)
+  x = uniform(0, (16, 4, 4, 3))
+  eps = 3.0
+  optimum = []
+  for xi in x.reshape(16, -1):
+    room, total, left = np.where(w > 0, 1 - xi, xi), 0.0, eps
+    for i in np.argsort(-np.abs(w)):
+      take = min(room[i], left)
+      total, left = total + abs(w[i]) * take, left - take
+    optimum.append(total)
+  optimum = np.array(optimum)
+  b = -float((x.reshape(16, -1) @ w + optimum).max()) - 2
+  logits_fn = lambda z: jnp.stack([jnp.zeros(z.shape[0]), z.reshape(z.shape[0], -1) @ w + b], -1)
+  x_adv = run(A.apgd(norm="l1", eps=eps, steps=100), logits_fn, x, np.zeros(16, np.int32))
+  ratio = np.asarray(x_adv - x).reshape(16, -1) @ w / optimum
+  assert ratio.max() <= 1 + 1e-4  # nothing beats the optimum
+  assert np.median(ratio) >= 0.999 and ratio.min() >= 0.95
+
+
+@pytest.mark.parametrize("largereps", [False, True])
+@pytest.mark.parametrize("steps", [20, 100])
+def test_l1_schedule_equals_the_reference_code(monkeypatch, largereps, steps):
+  # The reference counts ||x_best - x||_0 on x + d_u + d_p, whose rounding
+  # leaves ~1e-8 in coordinates the projection zeroed; counted without
+  # that noise (|.| > 1e-6), its sparsity schedule is ours. A few examples
+  # still part where rounding decides whether a coordinate ends at 0.
+  ref = reference()
+  torch = pytest.importorskip("torch")
+  monkeypatch.setattr(ref, "L0_norm", lambda v: (v.abs() > 1e-6).reshape(v.shape[0], -1).sum(-1))
+  batch, dims, eps = 64, 8, 1.0
+  values, signs = script(steps, steps + 3, batch, dims)
+  x = uniform(steps, (batch, dims))
+  gaussian = np.random.default_rng(steps + 1).standard_normal((batch, dims)).astype(np.float32)
+  attack = ref.APGDAttack(
+    Scripted(values, signs), n_iter=steps, norm="L1", eps=eps, device="cpu", use_largereps=largereps
+  )
+  tx, ty = torch.tensor(x), torch.zeros(batch).long()
+  attack.init_hyperparam(tx)
+  monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.tensor(gaussian))
+  monkeypatch.setattr(torch, "randn_like", lambda *a, **k: torch.tensor(gaussian))
+  if largereps:
+    iters = [math.ceil(0.3 * steps)] * 2
+    stages = ([3 * eps, 2 * eps, eps], iters + [steps - sum(iters)])
+    x_best = attack.decr_eps_pgd(tx, ty, *stages)[0].numpy()
+  else:
+    x_best = attack.attack_single_run(tx, ty)[0].numpy()
+  # Our start from the same Gaussian: the key stands in for it.
+  monkeypatch.setattr(
+    apgd_lib, "_start", lambda g, xi, e, norm: apgd_lib._projection(xi, e, norm)(g)
+  )
+
+  def one(xi, v, g, start):
+    s = apgd_lib._final_state(
+      scripted_jax(v, g), xi, start, eps, norm="l1", steps=steps, rho=0.75, use_largereps=largereps
+    )
+    return xi + s["best"]
+
+  ours = jax.jit(jax.vmap(one, (0, 1, 1, 0)))(x, values, signs, gaussian)
+  agree = np.abs(np.asarray(ours) - x_best).max(1) <= TOL
+  assert agree.mean() >= 0.9, agree.mean()
+
+
+def test_apgd_l1_success_rate_equals_the_reference_code():
+  ref = reference()
+  torch = pytest.importorskip("torch")
+  logits_fn, torch_fn = mlp(seed=1, classes=10)
+  x = uniform(4, (400, 4, 4, 3))
+  y = np.asarray(jnp.argmax(logits_fn(x), -1))
+  robust = lambda x_adv: np.mean(np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1)) == y)
+  ours = robust(run(A.apgd(norm="l1", eps=0.5, steps=50, use_largereps=True), logits_fn, x, y))
+  attack = ref.APGDAttack(torch_fn, n_iter=50, norm="L1", eps=0.5, use_largereps=True, device="cpu")
+  theirs = robust(attack.perturb(torch.tensor(x), torch.tensor(y).long()).detach().numpy())
+  assert 0.2 < theirs < 0.8  # a radius at which the attacks can differ
+  # Two standard errors of a difference of two independent runs' rates.
+  assert abs(ours - theirs) <= 2 * np.sqrt(2 * theirs * (1 - theirs) / len(x))
+
+
+def test_l1_settings():
+  a = A.apgd(norm="L1", eps=12.0, steps=10, use_largereps=True, restarts=5)
+  assert a.norm == "l1" and a.options["use_largereps"] is True
+  assert A.create(**a.spec) == a
+  t = A.apgd_t(norm=1, eps=12.0, num_targets=5, use_largereps=True)
+  assert A.create(**t.spec) == t and t.norm == "l1"
+  assert A.apgd(eps=0.1).options["use_largereps"] is False
+  assert apgd_lib.largereps_stages(100) == ((3.0, 30), (2.0, 30), (1.0, 40))
+  assert apgd_lib.largereps_stages(5) == ((3.0, 2), (2.0, 2), (1.0, 1))
+
+
+@pytest.mark.parametrize(
+  "build, message",
+  [
+    (lambda: A.apgd(eps=0.1, use_largereps=True), "use_largereps.*norm='l1'"),
+    (lambda: A.apgd_t(eps=0.1, norm="l2", use_largereps=True), "use_largereps"),
+    (lambda: A.apgd(eps=0.1, norm="l1", use_largereps=1), "use_largereps must be True or False"),
+    (lambda: A.apgd(eps=0.1, norm="l1", steps=1, use_largereps=True), "steps.*>= 2"),
+    (lambda: A.pgd(eps=0.1, norm="l1"), "unknown norm 'l1' for this attack"),
+    (lambda: A.apgd(eps=0.1, norm="l3"), "unknown norm 'l3'.*'l1'"),
+  ],
+)
+def test_bad_settings(build, message):
+  with pytest.raises(checks.InputError, match=message):
+    build()
