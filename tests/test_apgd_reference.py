@@ -459,3 +459,26 @@ def test_l1_settings():
 def test_bad_settings(build, message):
   with pytest.raises(checks.InputError, match=message):
     build()
+
+
+# --- the zero-gradient check ----------------------------------------------------------
+
+
+def test_zero_gradient_fraction():
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((48, 4)), jnp.float32)
+  x = uniform(0, (8, 4, 4, 3))
+  # Half the batch pushed where every ReLU is off: constant logits there.
+  x[4:] = 0.0
+  shift = jnp.where(jnp.arange(8) < 4, 0.0, -100.0)[:, None]
+  relu_model = lambda z: jax.nn.relu(z.reshape(z.shape[0], -1) @ w + 3.0 + shift[: z.shape[0]])
+  y = np.asarray(jnp.argmax(relu_model(x), -1))
+  fraction = apgd_lib.zero_gradient_fraction
+  assert float(fraction(relu_model, x, y)) == 0.5
+  assert float(fraction(relu_model, x, y, loss="dlr_t")) == 0.5
+  assert float(fraction(relu_model, x, y, loss="ce")) == 0.5
+  rounded = lambda z: jnp.round(z.reshape(z.shape[0], -1) * 255) / 255 @ w
+  assert float(fraction(rounded, x, y)) == 1.0
+  # At APGD's starts (random points of the ball), as the reference checks it.
+  assert float(fraction(rounded, x, y, key=jax.random.key(0), eps=0.03)) == 1.0
+  smooth = mlp(classes=4)[0]
+  assert float(fraction(smooth, x[:4], y[:4], key=jax.random.key(0), eps=0.03)) == 0.0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrobust import checks
+from jaxrobust import keys as keys_lib
 from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import NORMS, Attack, make
 
@@ -249,6 +250,46 @@ def apgd_t(
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
   return make(attack, "apgd_t", eps=eps, num_targets=num_targets, restarts=restarts, **settings)
+
+
+def zero_gradient_fraction(
+  logits_fn, x, y, *, loss="dlr", targets=None, key=None, eps=None, norm="linf"
+):
+  """The fraction of examples where the gradient of `loss` with respect to
+  the input is exactly zero, sum_i |g_i| = 0: the check the authors' code
+  runs at every start of APGD-DLR and APGD-T (`check_zero_gradients`), where
+  a zero gradient leaves the attack without a direction.
+
+  Args:
+    logits_fn: a batch of images [B, ...] -> logits [B, K].
+    x: images in [0, 1], [B, ...].
+    y: true labels [B].
+    loss: "dlr" (APGD-DLR), "dlr_t" (APGD-T) or "ce".
+    targets: for "dlr_t", the target class per example [B]; by default
+      APGD-T's first, the class of highest logit other than y.
+    key, eps, norm: with `eps`, the gradient is taken at the points APGD's
+      first run starts from (its random start in the `norm` ball of radius
+      eps, for the same `key`), else at x.
+
+  Returns:
+    A scalar in [0, 1].
+  """
+  checks.one_of("loss", loss, ("ce", "dlr", "dlr_t"))
+  checks.require(eps is None or key is not None, "zero_gradient_fraction with eps needs a key")
+  if eps is not None:
+    norm = core.check_norm(norm, NORMS)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys_lib.example_keys(key, x.shape[0]), 0)
+    x = x + jax.vmap(lambda k, xi: _start(k, xi, eps, norm))(keys, x)
+  if loss == "dlr_t":
+    if targets is None:
+      targets = jnp.argmax(jax.vmap(lambda z, c: z.at[c].set(-jnp.inf))(logits_fn(x), y), -1)
+    loss_fn = lambda z, c, t: losses.dlr_t(z, c, t)
+  else:
+    targets = jnp.zeros_like(y)
+    loss_fn = lambda z, c, t: losses.get(loss)(z, c)
+  total = lambda xb: jnp.sum(jax.vmap(loss_fn)(logits_fn(xb), y, targets))
+  grad = jax.grad(total)(x).reshape(x.shape[0], -1)
+  return jnp.mean(jnp.sum(jnp.abs(grad), -1) == 0)
 
 
 def _check_settings(norm, eps, steps, rho, use_largereps):
