@@ -254,3 +254,27 @@ def test_fab_l1_agrees_with_the_reference(targeted):
   assert np.all(predicted(logits_fn, x_adv) != y)
   np.testing.assert_allclose(x_adv, x_ref, atol=1e-4)  # float32, 50 steps
   np.testing.assert_allclose(l1(x_adv, x), l1(x_ref, x), rtol=1e-4)
+
+
+def test_fab_t_l1_with_eps_fools_what_the_reference_fools():
+  # AutoAttack's FAB-T: target after target on the examples still robust,
+  # keeping the first success within eps; the closest over the targets
+  # succeeds on the same examples, never farther.
+  torch = pytest.importorskip("torch")
+  fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+  w1, w2 = mlp_weights()
+  tw1, tw2 = torch.tensor(w1), torch.tensor(w2)
+  torch_logits = lambda x: torch.tanh(x.reshape(x.shape[0], -1) @ tw1 - 1) @ tw2
+  logits_fn = mlp()
+  x = np.random.default_rng(0).uniform(0, 1, (16, 3, 4, 4)).astype(np.float32)
+  y = predicted(logits_fn, x)
+  eps = 1.0
+  reference = fab_pt.FABAttack_PT(
+    torch_logits, norm="L1", n_iter=50, eps=eps, targeted=True, n_target_classes=3
+  )
+  x_ref = reference.perturb(torch.tensor(x), torch.tensor(y)).numpy()
+  x_adv = run(A.fab_t(norm="l1", eps=eps, steps=50, num_targets=3), logits_fn, x, y)
+  fooled = predicted(logits_fn, x_adv) != y
+  assert 0 < fooled.sum() < len(x)
+  np.testing.assert_array_equal(fooled, predicted(logits_fn, x_ref) != y)
+  assert np.all(l1(x_adv, x) <= l1(x_ref, x) * (1 + 1e-4))
