@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from jaxrobust import attacks as attacks_lib
+from jaxrobust.attacks.apgd import zero_gradient_fraction
 
 # The checks' budget: examples, and the "large" eps per norm, at which an
 # attack that follows gradients must fool almost any undefended model
@@ -168,6 +169,10 @@ def model_checks(apply_fn, variables, x, y, *, stochastic_apply_fn=None):
   3. Gradients: no example has a zero or non-finite gradient of the
      cross-entropy with respect to the input (zero gradients stall every
      gradient attack: masking).
+  4. With 3 classes or more, no correctly classified example (APGD attacks
+     those) has a zero gradient of the DLR loss (and with 4 or more, of
+     APGD-T's targeted DLR loss towards its first target), as AutoAttack
+     checks at every APGD-DLR and APGD-T start.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   logits_fn = jax.jit(lambda v, xb: apply_fn(v, xb))
@@ -184,7 +189,7 @@ def model_checks(apply_fn, variables, x, y, *, stochastic_apply_fn=None):
   grad = np.asarray(grad).reshape(len(x), -1)
   zero = int(np.sum(np.abs(grad).sum(-1) == 0))
   bad = int(np.sum(~np.isfinite(grad).all(-1)))
-  return [
+  return _dlr_checks(apply_fn, variables, x, y, first) + [
     {
       "check": f"model: {RANDOMIZED_DRAWS} clean passes agree (not a randomized defence)",
       "passed": drift <= RANDOMIZED_TOLERANCE and not disagree,
@@ -203,6 +208,26 @@ def model_checks(apply_fn, variables, x, y, *, stochastic_apply_fn=None):
       "detail": f"{zero} zero and {bad} non-finite of {len(x)}",
     },
   ]
+
+
+def _dlr_checks(apply_fn, variables, x, y, logits):
+  """Check 4 on the correctly classified examples (those APGD attacks): the
+  DLR losses' input gradients are nonzero at x."""
+  correct = np.argmax(logits, -1) == np.asarray(y)
+  x, y = x[correct], y[correct]
+  logits_fn = lambda xb: apply_fn(variables, xb)
+  results = []
+  for loss, name, needs in (("dlr", "DLR", 3), ("dlr_t", "targeted DLR", 4)):
+    if logits.shape[-1] >= needs and len(x):
+      zero = round(float(zero_gradient_fraction(logits_fn, x, y, loss=loss)) * len(x))
+      results.append(
+        {
+          "check": f"model: {name} input gradients are nonzero",
+          "passed": zero == 0,
+          "detail": f"{zero} zero of {len(x)} correctly classified",
+        }
+      )
+  return results
 
 
 def _randomness(logits_fn, stochastic_apply_fn, variables, x, y):

@@ -202,7 +202,8 @@ def test_sanity_checks_on_a_trained_model_pass(trained_run):
     "pgd_l2": resolved["eval"]["attacks"]["pgd_l2"],
   }
   rep = experiment.evaluate(resolved, model, state, specs=specs, limit=60, sanity=True)
-  assert len(rep["sanity"]) == 3 + 3 + 4 and all(c["passed"] for c in rep["sanity"]), rep["sanity"]
+  # Model: 3 + 2 DLR checks (10 classes); each attack: 3; AutoAttack: 4.
+  assert len(rep["sanity"]) == 5 + 3 + 4 and all(c["passed"] for c in rep["sanity"]), rep["sanity"]
 
 
 def eval_cli(*args):
@@ -535,3 +536,17 @@ def test_a_targeted_attack_is_refused_by_the_evaluation(problem):
   targeted = {"t": attacks_lib.pgd(eps=0.1, steps=2, targeted=True)}
   with pytest.raises(checks.InputError, match="'t' is targeted.*true labels"):
     evaluation.evaluate(linear_apply, variables, x, y, targeted, key=jax.random.key(0))
+
+
+def test_the_dlr_zero_gradient_check_fires_where_dlr_has_no_gradient(problem):
+  """AutoAttack's check at APGD-DLR's and APGD-T's starts: a model whose
+  logits are flat in the input (rounded) has zero DLR gradients."""
+  variables, x, y = problem
+  apply4 = lambda v, xb: jnp.concatenate([linear_apply(v, xb), jnp.zeros((len(xb), 1))], -1)
+  smooth = [c for c in sanity.model_checks(apply4, variables, x, y) if "DLR" in c["check"]]
+  assert len(smooth) == 2 and all(c["passed"] for c in smooth)
+  rounded = lambda v, xb: apply4(v, jnp.round(xb * 4) / 4)
+  flat = [c for c in sanity.model_checks(rounded, variables, x, y) if "DLR" in c["check"]]
+  assert len(flat) == 2 and not any(c["passed"] for c in flat)
+  correct = int(np.sum(np.argmax(apply4(variables, x), -1) == y))
+  assert flat[0]["detail"] == f"{correct} zero of {correct} correctly classified"
