@@ -203,7 +203,11 @@ def apgd_t(
   `lax.while_loop`: compiling costs one target's run whatever their number;
   running costs up to `num_targets` x `restarts` x (`steps` + 1) gradients,
   fewer when every example of a batch succeeds before the last target (the
-  loop stops there, `core.loop_until`; the result is the same).
+  loop stops there, `core.loop_until`; the result is the same). Target i
+  runs with the key `fold_in(k, i)`; the targets are also the attack's
+  rounds (`Attack.round_fn`: round m is the m-th target alone), so an
+  evaluation runs each target only on the examples the targets before it
+  left robust, as the authors' code does.
 
   Args:
     norm: "linf", "l2" or "l1".
@@ -222,19 +226,27 @@ def apgd_t(
   restarts = checks.integer_at_least("restarts", restarts, 1)
   settings = dict(norm=norm, steps=steps, rho=rho, use_largereps=use_largereps)
 
-  def attack_one(logits_one, x, y, key, eps):
+  def one_target(logits_one, x, y, target, key, eps):
+    """(delta, success) of APGD towards `target` with `restarts` restarts."""
+
+    def objective(logits):
+      return losses.dlr_t(logits, y, target), jnp.argmax(logits) != y
+
+    run = lambda k: _run(_value_and_grad(logits_one, objective, x, k, 1), x, k, eps, **settings)
+    delta, _, success = core.best_of_restarts(run, key, restarts)
+    return delta, success
+
+  def ranked_targets(logits_one, x, y):
     clean = logits_one(x)
-    count = min(num_targets, clean.shape[-1] - 1)
-    targets = jax.lax.top_k(jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), count)[1]
+    others = clean.shape[-1] - 1
+    return jax.lax.top_k(jnp.where(jnp.arange(others + 1) == y, -jnp.inf, clean), others)[1]
+
+  def attack_one(logits_one, x, y, key, eps):
+    targets = ranked_targets(logits_one, x, y)
+    count = min(num_targets, targets.shape[0])
 
     def for_target(i, found):
-      target = targets[i]
-
-      def objective(logits):
-        return losses.dlr_t(logits, y, target), jnp.argmax(logits) != y
-
-      run = lambda k: _run(_value_and_grad(logits_one, objective, x, k, 1), x, k, eps, **settings)
-      delta, _, success = core.best_of_restarts(run, jax.random.fold_in(key, i), restarts)
+      delta, success = one_target(logits_one, x, y, targets[i], jax.random.fold_in(key, i), eps)
       margin = losses.margin(logits_one(x + delta), y)
       candidate = (delta, margin, success)
       # The first success stays; before it, the highest margin.
@@ -245,11 +257,32 @@ def apgd_t(
     # After a success no later target changes the result: stop there.
     return x + core.loop_until(lambda f: f[2], 0, count, for_target, start, like=x)[0]
 
+  def round_one(logits_one, x, y, key, eps, m):
+    targets = ranked_targets(logits_one, x, y)
+    delta, success = one_target(
+      logits_one, x, y, targets[jnp.minimum(m, targets.shape[0] - 1)], key, eps
+    )
+    return x + jnp.where(success & (m < min(num_targets, targets.shape[0])), delta, 0.0)
+
   def attack(logits_fn, x, y, key, eps):
     _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  return make(attack, "apgd_t", eps=eps, num_targets=num_targets, restarts=restarts, **settings)
+  def round_fn(logits_fn, x, y, key, eps, m):
+    _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
+    one = lambda logits_one, xi, yi, ki, e: round_one(logits_one, xi, yi, ki, e, m)
+    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+
+  return make(
+    attack,
+    "apgd_t",
+    eps=eps,
+    num_targets=num_targets,
+    restarts=restarts,
+    rounds=num_targets if num_targets > 1 else 0,
+    round_fn=round_fn if num_targets > 1 else None,
+    **settings,
+  )
 
 
 def zero_gradient_fraction(

@@ -269,7 +269,7 @@ def _combined(fn, name, attacks, declared, stages=(), **settings):
   for key, value in declared.items():
     if value is not None:
       if key == "norm":
-        value = core.check_norm(value)
+        value = core.check_norm(value, core.NORMS)
       checks.require(
         value == shared[key],
         f"{name}: {key}={value!r} given, but its parts "
