@@ -429,23 +429,30 @@ def test_adversarial_examples_come_back_with_the_stage_that_found_them(problem):
   assert np.all(np.argmax(logits(direct[fooled]), -1) != y[fooled])
 
 
-def test_an_attack_made_of_rounds_drops_examples_and_equals_running_everything(problem):
-  """FAB-T's targets are rounds: each runs on what the targets before it left
-  robust, one compiled program for all, with the same per-example result as
-  the attack called on every example."""
+@pytest.mark.parametrize(
+  "attack",
+  [
+    attacks_lib.fab_t(eps=0.15, steps=4, num_targets=2),
+    attacks_lib.apgd(eps=0.12, steps=3, restarts=2),
+  ],
+  ids=["fab_t targets", "apgd restarts"],
+)
+def test_an_attack_made_of_rounds_drops_examples_and_equals_running_everything(problem, attack):
+  """FAB-T's targets and APGD's restarts are rounds: each runs on what the
+  rounds before it left robust, one compiled program for all, with the same
+  per-example result as the attack called on every example."""
   variables, x, y = problem
-  fab_t = attacks_lib.fab_t(eps=0.15, steps=4, num_targets=2)
-  assert fab_t.rounds == 2
-  assert [(j, m) for j, _, m in evaluation.rounds(fab_t)] == [(0, 0), (0, 1)]
+  assert attack.rounds == 2
+  assert [(j, m) for j, _, m in evaluation.rounds(attack)] == [(0, 0), (0, 1)]
   key = jax.random.key(5)
   before = evaluation._attack_program.cache_info().currsize
   clean, outcomes = evaluation.run(
-    linear_apply, variables, x, y, {"f": fab_t}, key=key, batch_size=4
+    linear_apply, variables, x, y, {"f": attack}, key=key, batch_size=4
   )
   assert evaluation._attack_program.cache_info().currsize - before == 1
   o = outcomes["f"]
   logits = lambda z: linear_apply(variables, z)
-  everything = fab_t(logits, x, y, jax.random.fold_in(key, 0))
+  everything = attack(logits, x, y, jax.random.fold_in(key, 0))
   expected = clean & (np.argmax(logits(everything), -1) == y)
   np.testing.assert_array_equal(o.robust, expected)
   assert 0 < o.robust.sum() < clean.sum()

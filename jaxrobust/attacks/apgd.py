@@ -100,7 +100,10 @@ def apgd(
 
   `steps` iterations cost `steps` + 1 gradients (+ 3 with `use_largereps`).
   With `restarts` > 1 it runs again from fresh random starts and keeps the
-  better result per example.
+  better result per example; the restarts are then the attack's rounds
+  (`Attack.round_fn`, restart r with the key `fold_in(k, r)`), so an
+  evaluation re-attacks only what the restarts before left robust, as the
+  authors' code does.
 
   Losses: "ce", cross-entropy; "dlr", the difference of logits ratio
   -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), K >= 3 classes
@@ -149,25 +152,35 @@ def apgd(
   min_classes = {"ce": 2, "dlr": 4 if targeted else 3}[loss]
   settings = dict(norm=norm, steps=steps, rho=rho, use_largereps=use_largereps)
 
-  def attack_one(logits_one, x, y, key, eps):
+  def run_from(logits_one, x, y, eps):
+    """`key -> (delta, value, success)`: one run (restart) of APGD."""
+
     def objective(logits):
       hit = jnp.argmax(logits) == y
       return sign * loss_fn(logits, y), hit if targeted else ~hit
 
-    run = lambda k: _run(
+    return lambda k: _run(
       _value_and_grad(logits_one, objective, x, k, eot_samples), x, k, eps, **settings
     )
-    return x + core.best_of_restarts(run, key, restarts)[0]
 
-  def attack(logits_fn, x, y, key, eps):
+  def attack_one(logits_one, x, y, key, eps):
+    return x + core.best_of_restarts(run_from(logits_one, x, y, eps), key, restarts)[0]
+
+  def batched(one, logits_fn, x, y, key, eps):
     stochastic = eot_samples > 1
     num_classes = core.check_batch(logits_fn, x, y, stochastic=stochastic)
     _require_classes(
       num_classes, min_classes, f"apgd with loss={loss!r}{' targeted' if targeted else ''}"
     )
-    return core.batched(
-      attack_one, logits_fn, x, y, key, core.check_eps(eps), stochastic=stochastic
-    )
+    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps), stochastic=stochastic)
+
+  def attack(logits_fn, x, y, key, eps):
+    return batched(attack_one, logits_fn, x, y, key, eps)
+
+  def round_fn(logits_fn, x, y, key, eps, m):
+    del m  # restart m's key is `key`, fold_in(k, m) as best_of_restarts draws it
+    one = lambda logits_one, xi, yi, ki, e: xi + run_from(logits_one, xi, yi, e)(ki)[0]
+    return batched(one, logits_fn, x, y, key, eps)
 
   return make(
     attack,
@@ -177,6 +190,8 @@ def apgd(
     loss=loss,
     restarts=restarts,
     eot_samples=eot_samples,
+    rounds=restarts if restarts > 1 else 0,
+    round_fn=round_fn if restarts > 1 else None,
     **settings,
   )
 
