@@ -252,22 +252,32 @@ def test_square_eta_pattern():
       assert eta[s // 4, s // 2] == eta[: s // 2].max()
 
 
-def test_square_with_no_queries_returns_x():
+def test_square_with_no_queries_returns_its_start():
+  # queries counts the candidates after the start (as the authors' n_queries):
+  # with none, the L-inf start, vertical stripes x + eps s, s = +-1 per
+  # column and channel.
   logits_fn = mlp()
-  x = uniform(0, (4, 4, 4, 3))
+  x = uniform(0, (4, 4, 4, 3), 0.3, 0.7)
   y = np.asarray(jnp.argmax(logits_fn(x), -1))
-  np.testing.assert_array_equal(run(A.square(eps=0.1, queries=0), logits_fn, x, y), x)
+  d = np.asarray(run(A.square(eps=0.1, queries=0), logits_fn, x, y)) - x
+  np.testing.assert_allclose(np.abs(d), 0.1, rtol=1e-5)
+  np.testing.assert_array_equal(np.sign(d), np.sign(d[:, :1]) * np.ones((1, 4, 1, 1)))
 
 
 def test_square_finds_the_sign_vertex_of_a_linear_model():
   # Logits [0, w . x - 100]: never fooled, so the search keeps lowering the
-  # margin, whose minimum over the L-inf ball is at x + eps sign(w).
-  w = np.random.default_rng(0).standard_normal((48, 1)).astype(np.float32)
+  # margin, whose minimum over the L-inf ball is at x + eps sign(w). The
+  # model reads the pixels the squares reach (the authors' corners leave the
+  # last row and column to squares that fill the image).
+  w = np.random.default_rng(0).standard_normal((4, 4, 3)).astype(np.float32)
+  w[-1, :] = w[:, -1] = 0
+  w = w.reshape(48, 1)
   logits_fn = linear(np.hstack([np.zeros_like(w), w]), np.array([0.0, -100.0], np.float32))
   x = uniform(1, (4, 4, 4, 3), 0.3, 0.7)
   y = np.zeros(4, np.int32)
   x_adv = run(A.square(eps=0.1, queries=1500), logits_fn, x, y)
-  np.testing.assert_allclose(x_adv, x + 0.1 * np.sign(w).reshape(4, 4, 3), atol=TOL)
+  vertex = x + 0.1 * np.sign(w).reshape(4, 4, 3)
+  np.testing.assert_allclose(x_adv[:, :-1, :-1], vertex[:, :-1, :-1], atol=TOL)
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.5)])

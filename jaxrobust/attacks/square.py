@@ -1,6 +1,8 @@
 """The Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square
-attack: a query-efficient black-box adversarial attack via random search")."""
+attack: a query-efficient black-box adversarial attack via random search"),
+as its authors' code runs it, in the L-infinity and L2 balls."""
 
+import functools
 import math
 
 import jax
@@ -11,9 +13,10 @@ from jaxrobust import checks
 from jaxrobust.attacks import core, losses
 from jaxrobust.attacks.attack import Attack, make
 
-# The paper's schedule for p (the fraction of pixels a square covers): halved
-# after each of these iterations, for a budget of 10,000 queries.
+# The authors' schedule for p (the fraction of pixels a square covers), for a
+# budget of 10,000 queries: p is halved once the iteration passes each of these.
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_TINY = 1e-12
 
 
 def square(
@@ -37,41 +40,43 @@ def square(
     m(x') = z_y - max_{i != y} z_i      (untargeted; <= 0: misclassified),
     m(x') = max_{i != t} z_i - z_t      (targeted, y = t; <= 0: classified as t),
 
-  (the targeted one is the margin loss of AutoAttack's targeted Square), by
-  random search over perturbations made of squares:
+  (the targeted one is the margin of AutoAttack's targeted Square), by random
+  search over perturbations made of squares, keeping a candidate when its
+  margin is lower:
 
   * L-infinity: start from vertical stripes, x + eps s with s = +-1 per
-    column and channel; each query adds +-2 eps (one sign per channel) on a
-    random square of side h = round(sqrt(p H W)) of the current best point,
-    clips to the ball and the box, and keeps it if the loss falls.
-  * L2: start from a grid of 5 x 5 windows, each filled with +-eta (a
-    pattern of nested rectangles, opposite signs in its two halves) and the
-    whole scaled to norm eps; each query moves the perturbation's mass of
-    two random squares (side h, odd, >= 3) into the first one, as a fresh
-    +-eta pattern plus the old content, keeping the norm at eps (the
-    paper's Algorithm 3).
+    column and channel; each candidate adds +-2 eps (one sign per channel)
+    on a random square of side h of the current best point, clipped to the
+    ball and the box.
+  * L2: start from a grid of 5 x 5 windows, each filled with +-eta
+    (nested rectangles, opposite signs in the two halves, transposed with
+    probability 1/2), brought into the ball; each candidate moves the
+    perturbation's mass of two random squares (side h, odd, >= 3) into the
+    first, as a fresh +-eta plus the old content (the paper's Algorithm 3,
+    per channel: `_moved_window`).
 
-  p starts at `p_init` and is halved after iterations 10, 50, 200, 500, 1000,
-  2000, 4000, 6000 and 8000 (the paper's schedule for 10,000 queries;
-  AutoAttack runs it unchanged for its 5,000; with `rescale_schedule` the
-  iterations are scaled to the budget instead). An example stops changing
-  once m(x') <= 0. Squares, signs and patterns are drawn per example from
-  its key, so results do not depend on the batch.
+  A square's side is h = round(sqrt(p H W)) and its corner is uniform over
+  rows 0..H-h-1 and columns 0..W-h-1 (the authors' rule: the last row and
+  column are reached only by a square that fills them). p starts at `p_init`
+  and is halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and
+  8000 (iteration i = 0, 1, ... passes b when i > b, or int(10,000 i /
+  queries) > b with `rescale_schedule`). An example stops changing once
+  m(x') <= 0. Squares, signs and patterns are drawn per example from its key,
+  so results do not depend on the batch.
 
-  Cost: at most `queries` forward passes per restart, the start's included
-  (the authors' code counts its start apart: it runs one more); the search
-  is a `lax.while_loop` that stops once every example of the batch has
-  m(x') <= 0 (`core.loop_until`; as the authors' code, which queries only
-  the examples not yet fooled).
+  Cost: per restart 1 + `queries` forward passes (the start, then `queries`
+  candidates); the search is a `lax.while_loop` that stops once every example
+  of the batch has m(x') <= 0 (`core.loop_until`; as the authors' code, which
+  queries only the examples not yet fooled).
 
   Args:
     norm: "linf" or "l2".
     eps: radius of the ball, > 0.
-    queries: forward passes, >= 0 (0: no query, x is returned; AutoAttack:
+    queries: candidates per restart, >= 0 (0: the start only; AutoAttack:
       5,000).
     p_init: the starting fraction of pixels per square, in (0, 1].
     restarts: independent runs per example, >= 1 (each keeps its best).
-    rescale_schedule: scale the schedule's iterations by queries / 10,000.
+    rescale_schedule: scale the schedule's iterations to the budget.
     targeted: y is the target class t to reach, not the true class.
 
   Returns:
@@ -86,115 +91,40 @@ def square(
   checks.in_interval("p_init", p_init, 0.0, 1.0, closed=(False, True))
   restarts = checks.integer_at_least("restarts", restarts, 1)
   checks.require(isinstance(targeted, bool), f"targeted must be True or False, got {targeted!r}")
-  scale = queries / 10_000 if rescale_schedule else 1.0
-  boundaries = jnp.asarray([math.ceil(b * scale) for b in P_SCHEDULE], jnp.int32)
+  halvings = _halvings(queries, rescale_schedule)
+  if norm == "linf":
+    start, propose = _linf_start, _linf_propose
+  else:
+    start = functools.partial(_grid_start, norm=norm)
+    propose = functools.partial(_window_propose, norm=norm)
 
   def attack_one(logits_one, x, y, key, eps):
-    height, width, channels = x.shape
     forward = core.canonical_convolutions(logits_one)
+    sides = jnp.asarray(_sides(p_init, x.shape, norm))
 
     def margin(point):
       logits = forward(point)
       m = logits[y] - losses.other_max(logits, y)
       return -m if targeted else m
 
-    def side(i, minimum):
-      """The square's side at iteration i: round(sqrt(p H W)), at least `minimum`."""
-      p = p_init / 2.0 ** jnp.sum(i >= boundaries)
-      return jnp.clip(jnp.round(jnp.sqrt(p * height * width)), minimum, min(height, width)).astype(
-        jnp.int32
-      )
-
-    rows = jnp.arange(height)[:, None, None]
-    cols = jnp.arange(width)[None, :, None]
-
-    def window(key, size):
-      """A random square [H, W, 1] of side `size`, its corner uniform over
-      every place where it fits (the authors' code never picks the last)."""
-      top_key, left_key = jax.random.split(key)
-      top = jax.random.randint(top_key, (), 0, height - size + 1)
-      left = jax.random.randint(left_key, (), 0, width - size + 1)
-      inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-      return inside, top, left
-
-    def signs(key, shape):
-      return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(x.dtype)
-
-    if norm == "linf":
-
-      def start(key):
-        return jnp.clip(x + eps * signs(key, (1, width, channels)), 0.0, 1.0)
-
-      def propose(i, key, best):
-        window_key, sign_key = jax.random.split(key)
-        inside, _, _ = window(window_key, side(i, 1))
-        candidate = best + inside * 2.0 * eps * signs(sign_key, (1, 1, channels))
-        return jnp.clip(jnp.clip(candidate, x - eps, x + eps), 0.0, 1.0)
-    else:
-
-      def scaled(delta):
-        return jnp.clip(x + eps * delta / (core.l2_norm(delta) + 1e-12), 0.0, 1.0)
-
-      def start(key):
-        size = max(height // 5, 1)
-        offset = (height - 5 * size) // 2
-        pattern = jnp.asarray(_eta(size), x.dtype)[:, :, None]
-        corners = [
-          (offset + r * size, offset + c * size)
-          for r in range(height // size)
-          for c in range(width // size)
-        ]
-        corners = [(t, l) for t, l in corners if t + size <= height and l + size <= width]
-        keys = jax.random.split(key, len(corners))
-        delta = jnp.zeros_like(x)
-        for k, (top, left) in zip(keys, corners):
-          delta = delta.at[top : top + size, left : left + size].add(
-            pattern * signs(k, (1, 1, channels))
-          )
-        return scaled(delta)
-
-      def propose(i, key, best):
-        keys = jax.random.split(key, 4)
-        size = side(i, 3)
-        size = size + (size % 2 == 0)  # odd
-        first, top, left = window(keys[0], size)
-        second, _, _ = window(keys[1], size)
-        delta = best - x
-        norm_image = core.l2_norm(delta)
-        in_first = jnp.sqrt(jnp.sum(jnp.square(delta * first), (0, 1)))  # per channel
-        in_windows = core.l2_norm(delta * (first | second))
-        transpose = jax.random.bernoulli(keys[2])
-        fresh = _eta_on_grid(height, width, top, left, size, transpose).astype(x.dtype)
-        fresh = fresh[:, :, None] * signs(keys[3], (1, 1, channels))
-        moved = fresh + delta * first / (in_first + 1e-12)
-        moved = moved / (jnp.sqrt(jnp.sum(jnp.square(moved), (0, 1))) + 1e-12)
-        moved = moved * jnp.sqrt(
-          jnp.maximum(eps**2 - norm_image**2, 0.0) / channels + in_windows**2
-        )
-        delta = jnp.where(second, 0.0, delta)
-        delta = jnp.where(first, moved, delta)
-        return scaled(delta)
-
     def run(key):
       start_key, search_key = jax.random.split(key)
-      best = start(start_key)
-      best_margin = margin(best)
+      best = start(start_key, x, eps)
 
       def query(i, state):
         best, best_margin = state
-        candidate = propose(i, jax.random.fold_in(search_key, i), best)
+        size = sides[_level(i, halvings)]
+        candidate = propose(jax.random.fold_in(search_key, i), x, best, eps, size)
         candidate_margin = margin(candidate)
         take = (best_margin > 0) & (candidate_margin < best_margin)
         return jnp.where(take, candidate, best), jnp.where(take, candidate_margin, best_margin)
 
       # A fooled example (margin <= 0) takes no candidate again: stop there.
       best, best_margin = core.loop_until(
-        lambda s: s[1] <= 0, 0, queries - 1, query, (best, best_margin), like=x
+        lambda s: s[1] <= 0, 0, queries, query, (best, margin(best)), like=x
       )
       return best - x, -best_margin, best_margin <= 0
 
-    if queries == 0:
-      return x
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
@@ -217,49 +147,218 @@ def square(
   )
 
 
-def _harmonic_squares(n):
-  """H[k] = sum_{j=1}^{k} 1 / j^2 for k = 0..n."""
-  return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1) ** 2)])
+# --- the schedule ------------------------------------------------------------------
+
+
+def _halvings(queries, rescale_schedule):
+  """The first iteration past each boundary b of `P_SCHEDULE`: p at iteration
+  i = 0, 1, ... is p_init / 2^k, k the number of these <= i. As the authors'
+  p_selection: i passes b when t > b, t = i, or t = int(i / queries * 10000)
+  (in double precision) with the schedule rescaled to the budget."""
+  if not rescale_schedule or queries == 0:
+    return tuple(b + 1 for b in P_SCHEDULE)
+  scaled = lambda i: int(i / queries * 10000)
+  firsts = []
+  for b in P_SCHEDULE:
+    i = math.ceil((b + 1) * queries / 10000)
+    while i > 0 and scaled(i - 1) > b:
+      i -= 1
+    while scaled(i) <= b:
+      i += 1
+    firsts.append(i)
+  return tuple(firsts)
+
+
+def _level(i, halvings):
+  """How often p has been halved by iteration i (traced): p = p_init / 2^level."""
+  return jnp.sum(i >= jnp.asarray(halvings, jnp.int32))
+
+
+def _sides(p_init, shape, norm):
+  """The square's side at each level k = 0..9, p = p_init / 2^k, as the
+  authors compute it: round(sqrt(p H W)) (half to even), at least 1 (L-inf),
+  or at least 3 and then odd (L2), and at most min(H, W). [10] int32."""
+  height, width, channels = shape
+  features = height * width * channels
+  sides = []
+  for k in range(len(P_SCHEDULE) + 1):
+    p = p_init / 2**k
+    side = max(int(round(math.sqrt(p * features / channels))), 1 if norm == "linf" else 3)
+    if norm != "linf" and side % 2 == 0:
+      side += 1
+    sides.append(min(side, height, width))
+  return np.asarray(sides, np.int32)
+
+
+def _corner(key, extent, size):
+  """A square's first row (or column) on an axis of `extent` pixels: uniform
+  over 0..extent-size-1 (0 when the square fills the axis), the authors'
+  random_int(0, extent - size)."""
+  return jax.random.randint(key, (), 0, jnp.maximum(extent - size, 1))
+
+
+def _window(key, shape, size):
+  """A random square of side `size` (traced) on the [H, W, C] image: its mask
+  [H, W, 1] and its corner (`_corner`)."""
+  height, width, _ = shape
+  top_key, left_key = jax.random.split(key)
+  top, left = _corner(top_key, height, size), _corner(left_key, width, size)
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+  inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+  return inside, top, left
+
+
+def _signs(key, shape, dtype):
+  return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(dtype)
+
+
+# --- L-infinity --------------------------------------------------------------------
+
+
+def _linf_start(key, x, eps):
+  """Vertical stripes: x + eps s, s = +-1 per column and channel, in the box."""
+  _, width, channels = x.shape
+  return jnp.clip(x + eps * _signs(key, (1, width, channels), x.dtype), 0.0, 1.0)
+
+
+def _linf_propose(key, x, best, eps, size):
+  """best + 2 eps s on a random square of side `size` (s = +-1 per channel),
+  clipped to the ball and the box."""
+  window_key, sign_key = jax.random.split(key)
+  inside, _, _ = _window(window_key, x.shape, size)
+  candidate = best + inside * 2.0 * eps * _signs(sign_key, (1, 1, x.shape[-1]), x.dtype)
+  return jnp.clip(jnp.clip(candidate, x - eps, x + eps), 0.0, 1.0)
+
+
+# --- L2 ---------------------------------------------------------------------------
+
+
+def _grid_start(key, x, eps, *, norm):
+  """The authors' L2 start: windows of side s = H // 5 from row and
+  column (H - 5 s) // 2 on, every s pixels, those that fit, each filled with
+  eta (`_eta`, transposed with probability 1/2) times +-1 per channel; the
+  sum brought into the ball (`_into_ball`)."""
+  height, width, channels = x.shape
+  size = max(height // 5, 1)
+  offset = max((height - 5 * size) // 2, 0)
+  row, i = _tiles(height, size, offset)
+  col, j = _tiles(width, size, offset)
+  columns = max(col.max() + 1, 1)
+  windows = max(row.max() + 1, 1) * columns
+  which = np.where((row[:, None] >= 0) & (col >= 0), row[:, None] * columns + col, -1)
+  flip_key, sign_key = jax.random.split(key)
+  flip = jax.random.bernoulli(flip_key, 0.5, (windows,))[np.maximum(which, 0)]
+  pattern = _eta(size, norm)
+  eta = jnp.where(flip, pattern[j[None, :], i[:, None]], pattern[i[:, None], j[None, :]])
+  signs = _signs(sign_key, (windows, channels), x.dtype)[np.maximum(which, 0)]
+  delta = jnp.where(which[:, :, None] >= 0, eta[:, :, None] * signs, 0.0).astype(x.dtype)
+  return _into_ball(x, delta, eps, norm)
+
+
+def _tiles(extent, size, offset):
+  """Per pixel of an axis, the start's window that holds it (-1: none) and
+  its place in that window: windows from `offset` on, every `size` pixels,
+  at most extent // size of them, those that fit."""
+  shifted = np.arange(extent) - offset
+  count = min(extent // size, (extent - offset) // size)
+  window = np.where((shifted >= 0) & (shifted // size < count), shifted // size, -1)
+  return window, shifted % size
+
+
+def _window_propose(key, x, best, eps, size, *, norm):
+  """The authors' L2 candidate: two random squares W1, W2 of side `size`;
+  W1 gets a fresh eta (transposed with probability 1/2) times +-1 per channel
+  plus its old content, W2 is emptied (`_moved_window`); then into the ball."""
+  height, width, channels = x.shape
+  first_key, second_key, flip_key, sign_key = jax.random.split(key, 4)
+  first, top, left = _window(first_key, x.shape, size)
+  second, _, _ = _window(second_key, x.shape, size)
+  transpose = jax.random.bernoulli(flip_key)
+  fresh = _eta_on_grid(height, width, top, left, size, transpose, norm).astype(x.dtype)
+  fresh = fresh[:, :, None] * _signs(sign_key, (1, 1, channels), x.dtype)
+  return _into_ball(x, _moved_window(best - x, first, second, fresh, eps, norm), eps, norm)
+
+
+def _channel_norms(v, norm):
+  """The L2 norm of each channel of v [H, W, C]: [C]."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), (0, 1)))
+
+
+def _moved_window(delta, first, second, fresh, eps, norm):
+  """One move of the paper's Algorithm 3, per channel c as the authors' code
+  (norms ||.|| L2, over the pixels named; `fresh` zero outside W1):
+
+    u_c = fresh_c + d_c[W1] / ||d_c[W1]||,
+    d'_c[W1] = m_c u_c / ||u_c||,   d'[W2 \\ W1] = 0,   d' = d elsewhere,
+
+  m_c = sqrt((eps^2 - ||d||^2)_+ / C + ||d_c[W1 u W2]||^2):
+
+  each channel keeps its own mass of the two squares plus a 1 / C share
+  of the budget left, so ||d'||_2 = eps when ||d||_2 <= eps and the rest of d
+  is kept as it is.
+  """
+  channels = delta.shape[-1]
+  in_first = _channel_norms(delta * first, norm)
+  in_windows = _channel_norms(delta * (first | second), norm)
+  moved = fresh + delta * first / (in_first + _TINY)
+  mass = jnp.sqrt(jnp.maximum(eps**2 - core.l2_norm(delta) ** 2, 0.0) / channels + in_windows**2)
+  moved = moved / (_channel_norms(moved, norm) + _TINY) * mass
+  return jnp.where(first, moved, jnp.where(second, 0.0, delta))
+
+
+def _into_ball(x, delta, eps, norm):
+  """x + delta brought into the ball as the authors' code: delta scaled to
+  norm eps, then clipped to the box."""
+  return jnp.clip(x + eps * delta / (core.l2_norm(delta) + _TINY), 0.0, 1.0)
+
+
+# --- the pattern eta ---------------------------------------------------------------
+
+
+def _harmonic(n, power):
+  """H[k] = sum_{j=1}^{k} 1 / j^power for k = 0..n."""
+  return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1) ** power)])
 
 
 def _rectangles(i, j, rows, cols, table, xp):
   """The authors' nested-rectangle pattern of a rows x cols block at (i, j),
-  before normalisation: the sum of 1 / (k + 1)^2 over the rectangles k that
-  hold the cell, centred at (rows // 2, cols // 2):
+  before normalisation: the sum of 1 / (k + 1)^power over the rectangles k
+  that hold the cell, centred at (rows // 2, cols // 2):
   H[K] - H[max(|di|, |dj|)], K = max(rows // 2, cols // 2) + 1."""
   reach = xp.maximum(xp.abs(i - rows // 2), xp.abs(j - cols // 2))
   count = xp.maximum(rows // 2, cols // 2) + 1
   return xp.where(reach < count, table[count] - table[xp.minimum(reach, count)], 0.0)
 
 
-def _eta_at(i, j, size, limit, xp):
-  """The L2 pattern eta of side `size` at local coordinates (i, j) (zero
-  outside the square): the upper half the nested rectangles, the lower half
-  their negative, each half and then the whole of unit L2 norm. In closed
-  form over any grid, so `size` (at most `limit`) may be traced (xp = jnp)
-  or not (numpy)."""
-  table = xp.asarray(_harmonic_squares(limit // 2 + 1), xp.float32)
+def _eta_at(i, j, size, limit, xp, norm):
+  """The pattern eta of side `size` at local coordinates (i, j) (zero outside
+  the square): the upper half the nested rectangles (weights 1 / (k + 1)^2),
+  the lower half their negative, each half and then the whole of unit L2
+  norm. In closed form over any grid, so
+  `size` (at most `limit`) may be traced (xp = jnp) or not (numpy)."""
+  table = xp.asarray(_harmonic(limit // 2 + 1, 2), xp.float32)
   inside = (i >= 0) & (i < size) & (j >= 0) & (j < size)
   half = size // 2
   upper = xp.where(inside & (i < half), _rectangles(i, j, half, size, table, xp), 0.0)
   lower = xp.where(
     inside & (i >= half), _rectangles(i - half, j, size - half, size, table, xp), 0.0
   )
-  unit = lambda v: v / xp.maximum(xp.sqrt(xp.sum(xp.square(v))), 1e-12)
+  unit = lambda v: v / xp.maximum(xp.sqrt(xp.sum(xp.square(v))), _TINY)
   return unit(unit(upper) - unit(lower))
 
 
-def _eta_on_grid(height, width, top, left, size, transpose):
+def _eta_on_grid(height, width, top, left, size, transpose, norm):
   """eta of side `size` placed at (top, left) on an H x W grid, transposed
   when `transpose` (traced values)."""
   i = jnp.arange(height)[:, None] - top
   j = jnp.arange(width)[None, :] - left
   return _eta_at(
-    jnp.where(transpose, j, i), jnp.where(transpose, i, j), size, max(height, width), jnp
+    jnp.where(transpose, j, i), jnp.where(transpose, i, j), size, max(height, width), jnp, norm
   )
 
 
-def _eta(size):
+def _eta(size, norm="l2"):
   """eta of a static `size`, [size, size] (not transposed), in numpy."""
   grid = np.arange(size)
-  return _eta_at(grid[:, None], grid[None, :], size, size, np).astype(np.float32)
+  return _eta_at(grid[:, None], grid[None, :], size, size, np, norm).astype(np.float32)
