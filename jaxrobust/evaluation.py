@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import time
-import weakref
 import zipfile
 from pathlib import Path
 
@@ -423,21 +422,15 @@ def robust_accuracy(logits_fn, x, y, attack, *, key, batch_size=500) -> float:
     isinstance(attack, attacks_lib.Attack), f"attack must be an Attack, got {attack!r}"
   )
   rep = evaluate(
-    _constant_apply(logits_fn), {}, x, y, {"attack": attack}, key=key, batch_size=batch_size
+    inference.constant_apply(logits_fn),
+    {},
+    x,
+    y,
+    {"attack": attack},
+    key=key,
+    batch_size=batch_size,
   )
   return rep["results"][0]["accuracy"]
-
-
-_CONSTANT_APPLY = weakref.WeakKeyDictionary()
-
-
-def _constant_apply(logits_fn):
-  """`(variables, x) -> logits_fn(x)`, the same object for the same `logits_fn`."""
-  if logits_fn not in _CONSTANT_APPLY:
-    # A weak reference: the entry must not keep its own key alive.
-    ref = weakref.ref(logits_fn)
-    _CONSTANT_APPLY[logits_fn] = lambda variables, x: ref()(x)
-  return _CONSTANT_APPLY[logits_fn]
 
 
 def report(clean, outcomes, attack_fns, *, individual=False):

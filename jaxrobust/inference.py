@@ -18,6 +18,7 @@ bound.
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,20 @@ def logits_fn(model, variables=None) -> Callable[[jax.Array], jax.Array]:
   """`x -> logits` of a Flax Linen or NNX module in inference mode (see `split`)."""
   apply_fn, variables = split(model, variables)
   return lambda x: apply_fn(variables, x)
+
+
+_CONSTANT_APPLY = weakref.WeakKeyDictionary()
+
+
+def constant_apply(logits_fn) -> Callable:
+  """`(variables, x) -> logits_fn(x)`, the variables ignored: a `logits_fn`
+  where an `apply_fn` is taken. The same object for the same `logits_fn`, so
+  programs compiled for it are reused (its weights are constants in them)."""
+  if logits_fn not in _CONSTANT_APPLY:
+    # A weak reference: the entry must not keep its own key alive.
+    ref = weakref.ref(logits_fn)
+    _CONSTANT_APPLY[logits_fn] = lambda variables, x: ref()(x)
+  return _CONSTANT_APPLY[logits_fn]
 
 
 def _inference_keywords(module):

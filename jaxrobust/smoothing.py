@@ -30,7 +30,7 @@ import numpy as np
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks
+from jaxrobust import checks, inference
 from jaxrobust import parallel
 
 MAX_DRAWS = 2**31 - 1  # counts are int32: at most this many draws per example
@@ -38,7 +38,7 @@ REPORT_RADIUS_STEP = 0.25
 CURVE_RADIUS_STEP = 0.01
 
 
-def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
+def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None, variables=None):
   """Counts the classes the base classifier gives to `n` noisy copies of each image.
 
   counts[i, c] = #{j < n : argmax logits_fn(x[i] + d_ij) = c}, where
@@ -55,6 +55,9 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
     logits_fn: base classifier, `logits_fn(x_batch) -> logits [batch, classes]`,
       traceable by `jax.jit`; it is a static argument of the compiled chunk,
       so pass the same function object across calls to reuse the compilation.
+    variables: optional; then `logits_fn` is `apply_fn(variables, x_batch)
+      -> logits` and the variables are an argument of the compiled chunk: one
+      compilation per `apply_fn`, whatever the weights (`inference.split`).
     x: images [B, ...] in [0, 1]; they, the noise and the noisy copies are float32.
     key: a threefry2x32 PRNG key (JAX's default: `jax.random.key(seed)` or
       `jax.random.PRNGKey(seed)`).
@@ -89,7 +92,11 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
   total = num_examples * n
   chunk = min(batch_size, max(total, 1))
   per_device = -(-chunk // num_devices)
-  num_classes = _num_classes(logits_fn, x, per_device)
+  if variables is None:
+    apply_fn, variables = inference.constant_apply(logits_fn), ()
+  else:
+    apply_fn = logits_fn
+  num_classes = _num_classes(functools.partial(apply_fn, variables), x, per_device)
   if total == 0:
     return np.zeros((0, num_classes), np.int32)
   counts = jax.device_put(
@@ -105,13 +112,14 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
     for start in range(0, total, per_device * num_devices):
       counts = _add_chunk_counts(
         counts,
+        variables,
         x,
         key,
         sigma_array,
         n_array,
         np.uint32(start // n),
         np.uint32(start % n),
-        logits_fn=logits_fn,
+        apply_fn=apply_fn,
         mesh=mesh,
         per_device=per_device,
       )
@@ -119,9 +127,9 @@ def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None):
   return per_device_counts.sum(axis=0, dtype=np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "mesh", "per_device"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("apply_fn", "mesh", "per_device"), donate_argnums=0)
 def _add_chunk_counts(
-  counts, x, key, sigma, n, start_example, start_draw, *, logits_fn, mesh, per_device
+  counts, variables, x, key, sigma, n, start_example, start_draw, *, apply_fn, mesh, per_device
 ):
   """Adds the classes of draws start .. start + chunk - 1 (flat index i * n + j) to `counts`.
 
@@ -130,7 +138,7 @@ def _add_chunk_counts(
   B * n (the padded tail of the last chunk) are computed and not counted.
   """
 
-  def count_on_device(counts, x, key, sigma, n, start_example, start_draw):
+  def count_on_device(counts, variables, x, key, sigma, n, start_example, start_draw):
     device = jax.lax.axis_index(parallel.BATCH_AXIS).astype(jnp.uint32)
     # uint32 cannot overflow: start_draw < n <= 2**31 - 1 and the offset within
     # the chunk is far below 2**31 (a chunk holds that many images in memory).
@@ -142,7 +150,7 @@ def _add_chunk_counts(
     noise = jax.vmap(_gaussian_draw, in_axes=(None, 0, 0, None, None))(
       key, example, draw, x.shape[1:], x.dtype
     )
-    logits = logits_fn(x[example] + sigma * noise)
+    logits = apply_fn(variables, x[example] + sigma * noise)
     predicted = jnp.argmax(logits, axis=-1)
     return counts.at[example, predicted].add(counted.astype(jnp.int32))
 
@@ -150,9 +158,9 @@ def _add_chunk_counts(
   return parallel.data_parallel(
     count_on_device,
     mesh,
-    in_specs=(P(parallel.BATCH_AXIS),) + (replicated,) * 6,
+    in_specs=(P(parallel.BATCH_AXIS),) + (replicated,) * 7,
     out_specs=P(parallel.BATCH_AXIS),
-  )(counts, x, key, sigma, n, start_example, start_draw)
+  )(counts, variables, x, key, sigma, n, start_example, start_draw)
 
 
 def _gaussian_draw(key, example, draw, shape, dtype):
@@ -161,7 +169,9 @@ def _gaussian_draw(key, example, draw, shape, dtype):
   return jax.random.normal(key, shape, dtype)
 
 
-def predict(logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000, mesh=None):
+def predict(
+  logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000, mesh=None, variables=None
+):
   """Cohen et al.'s PREDICT: the smoothed classifier's class, or -1 (abstain).
 
   For each image, counts f(x + d) over n draws d ~ N(0, sigma^2 I), takes the
@@ -185,12 +195,15 @@ def predict(logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000, me
     alpha: level of the test, in (0, 1).
     batch_size: forward passes per compiled chunk (see `noise_counts`).
     mesh: a 1-D mesh over `parallel.BATCH_AXIS` (default: all devices).
+    variables: see `noise_counts`.
 
   Returns:
     int32 numpy array [B]: the predicted class, or -1 to abstain.
   """
   _check_alpha(alpha)
-  counts = noise_counts(logits_fn, x, key, sigma=sigma, n=n, batch_size=batch_size, mesh=mesh)
+  counts = noise_counts(
+    logits_fn, x, key, sigma=sigma, n=n, batch_size=batch_size, mesh=mesh, variables=variables
+  )
   return np.array([_predict_from_counts(row, alpha) for row in counts], np.int32)
 
 
@@ -206,7 +219,17 @@ def _predict_from_counts(counts, alpha):
 
 
 def certify(
-  logits_fn, x, key, *, sigma, n0=100, n=100_000, alpha=0.001, batch_size=1000, mesh=None
+  logits_fn,
+  x,
+  key,
+  *,
+  sigma,
+  n0=100,
+  n=100_000,
+  alpha=0.001,
+  batch_size=1000,
+  mesh=None,
+  variables=None,
 ):
   """Cohen et al.'s CERTIFY: the smoothed class and a certified L2 radius, or abstain.
 
@@ -242,6 +265,7 @@ def certify(
     alpha: failure probability of the certificate, in (0, 1).
     batch_size: forward passes per compiled chunk (see `noise_counts`).
     mesh: a 1-D mesh over `parallel.BATCH_AXIS` (default: all devices).
+    variables: see `noise_counts`.
 
   Returns:
     (pred, radius): int32 numpy array [B] with the class or -1 (abstain), and
@@ -254,13 +278,10 @@ def certify(
   key = _threefry_key(key)
   # fold_in, unlike split, does not depend on the jax_threefry_partitionable flag.
   select_key, estimate_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-  guess_counts = noise_counts(
-    logits_fn, x, select_key, sigma=sigma, n=n0, batch_size=batch_size, mesh=mesh
-  )
+  draws = functools.partial(noise_counts, logits_fn, x, sigma=sigma, batch_size=batch_size)
+  guess_counts = draws(select_key, n=n0, mesh=mesh, variables=variables)
   guess = np.argmax(guess_counts, axis=1)
-  counts = noise_counts(
-    logits_fn, x, estimate_key, sigma=sigma, n=n, batch_size=batch_size, mesh=mesh
-  )
+  counts = draws(estimate_key, n=n, mesh=mesh, variables=variables)
   count_guess = np.take_along_axis(counts, guess[:, None], axis=1)[:, 0]
   p_lower = clopper_pearson_lower(count_guess, n, alpha)
   certified = p_lower > 0.5

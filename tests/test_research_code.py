@@ -351,3 +351,31 @@ def test_library_programs_carry_no_check_and_user_programs_do():
 def test_an_array_eps_at_construction_names_the_call_time_form(name):
   with pytest.raises(jr.InputError, match=r"shape \(3,\).*at call time.*eps=eps_per_example"):
     jr.attacks.create(name, eps=jnp.asarray([0.1, 0.2, 0.3]))
+
+
+def test_certify_with_variables_compiles_once_across_weights(linen, digits):
+  model, variables = linen
+  _, _, xt, _ = digits
+  apply_fn, variables = jr.inference.split(model, variables)
+  traces = []
+
+  def counted(v, x):
+    traces.append(1)
+    return apply_fn(v, x)
+
+  key = jax.random.key(0)
+  run = lambda v: jr.smoothing.certify(
+    counted, xt[:4], key, sigma=0.25, n0=8, n=32, batch_size=64, variables=v
+  )
+  pred, radius = run(variables)
+  compiled = jr.smoothing._add_chunk_counts._cache_size()
+  first = len(traces)
+  run(jax.tree.map(lambda a: a * 1.5, variables))
+  # New weights: no new program; the model traced only for the two shape checks.
+  assert jr.smoothing._add_chunk_counts._cache_size() == compiled
+  assert len(traces) - first == 2
+  closed = jr.smoothing.certify(
+    jr.inference.logits_fn(model, variables), xt[:4], key, sigma=0.25, n0=8, n=32, batch_size=64
+  )
+  np.testing.assert_array_equal(pred, closed[0])
+  np.testing.assert_allclose(radius, closed[1], rtol=1e-6)
