@@ -2,7 +2,7 @@
 
 Ground truth: the reference's rules written out here (p_selection, the side
 of a square, random_int's corner range, the query count, the transposed
-eta), its L2 window move in closed form and, where pyautoattack is
+eta), its L2 and L1 window move in closed form and, where pyautoattack is
 installed, the reference itself: one window move on the same draws, and the
 success rate on the same linear model.
 """
@@ -54,7 +54,7 @@ def reference_p(it, queries, rescale, p_init=0.8):
 
 
 def reference_side(p, shape, norm):
-  """square.py 255-256 (L-inf), 341-344 (L2)."""
+  """square.py 255-256 (L-inf), 341-344 (L2), 460-464 (L1)."""
   h, w, c = shape
   s = max(int(round(math.sqrt(p * (c * h * w) / c))), 1 if norm == "linf" else 3)
   if norm != "linf" and s % 2 == 0:
@@ -91,7 +91,7 @@ def test_p_is_pyautoattacks_p_selection(rescale):
     np.testing.assert_array_equal(ours_p(jnp.asarray(i), queries, rescale), expected)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1), (4, 4, 3), (7, 5, 2), (64, 64, 3)])
 def test_side_is_the_references(norm, shape):
   # (4, 4, 3) in L2: round(sqrt(0.8 * 16)) = 4, odd 5, then at most 4.
@@ -141,7 +141,7 @@ def counted(logits_fn, calls):
   return counting
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("queries, restarts", [(0, 1), (1, 1), (7, 2)])
 def test_queries_are_candidates_after_the_start(norm, queries, restarts):
   # attack_single_run: the start (1 query), then n_queries iterations of one
@@ -170,12 +170,13 @@ def test_reference_queries_once_per_iteration_after_its_start():
   assert len(calls) == 1 + 7
 
 
-@pytest.mark.parametrize("norm", ["l2"])
+@pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_start_windows_are_eta_or_its_transpose(norm):
-  # square.py 306-320: each window eta(s) (transposed when torch.rand > 0.5,
-  # line 187) times +-1 per channel, the grid scaled to eps.
+  # square.py 306-320 (L2), 423-439 (L1): each window eta(s) (transposed when
+  # torch.rand > 0.5, line 187) times +-1 per channel; L2 scales the grid to
+  # eps, L1's eps is large enough that its projection keeps it.
   x = jnp.full((20, 20, 3), 0.5)
-  eps = 0.5
+  eps = {"l2": 0.5, "l1": 200.0}[norm]
   eta = sq._eta(4, norm)
   transposed = []
   for k in range(8):
@@ -221,6 +222,17 @@ def test_l2_move_keeps_the_budget_per_channel():
   np.testing.assert_allclose(np.linalg.norm(new), 1.0, rtol=1e-5)
 
 
+def test_l1_move_gives_each_channel_c_times_its_share():
+  # square.py 480-496: ||d'_c[W1]||_1 = C ((eps - ||d||_1)_+ / C + ||d_c[W1 u W2]||_1).
+  delta = uniform(4, (10, 10, 3), -1, 1)
+  delta = 5.0 * delta / np.abs(delta).sum()
+  first, second, new = moved("l1", 8.0, jnp.asarray(delta), transpose=True)
+  first, both = np.asarray(first), np.asarray(first | second)
+  mass = 3 * ((8.0 - 5.0) / 3 + np.sum(np.abs(delta * both), (0, 1)))
+  np.testing.assert_allclose(np.sum(np.abs(new * first), (0, 1)), mass, rtol=1e-5)
+  np.testing.assert_array_equal(new[~both[:, :, 0]], delta[~both[:, :, 0]])
+
+
 def test_l2_candidate_keeps_the_rest_of_the_perturbation():
   # Away from the box, a candidate differs from the best point only on its
   # two squares and keeps the norm eps.
@@ -233,13 +245,13 @@ def test_l2_candidate_keeps_the_rest_of_the_perturbation():
     np.testing.assert_allclose(np.linalg.norm(candidate - x), 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm", ["l2"])
+@pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_one_window_move_is_the_references(norm, monkeypatch):
   # The reference's start and one iteration on chosen draws (corners, signs,
   # transposes); our move from its start on the same draws gives its candidate.
   torch = pytest.importorskip("torch")
   square_module = pytest.importorskip("pyautoattack.square")
-  eps = 0.5
+  eps = {"l2": 0.5, "l1": 3.0}[norm]
   seen = []
 
   def predict(z):
@@ -287,10 +299,49 @@ def test_one_window_move_is_the_references(norm, monkeypatch):
     np.testing.assert_allclose(got, expected[b], atol=2e-6)
 
 
+# --- L1 Square -----------------------------------------------------------------------
+
+
+def test_l1_square_keeps_the_ball_and_the_box():
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.standard_normal((10 * 10 * 3, 5)), jnp.float32)
+  logits_fn = lambda x: x.reshape(len(x), -1) @ w
+  x = np.round(uniform(8, (6, 10, 10, 3)) * 2) / 2  # on the box's faces and inside
+  y = np.asarray(jnp.argmax(logits_fn(x), -1))
+  x_adv = np.asarray(run(A.square(norm="l1", eps=2.0, queries=60, restarts=2), logits_fn, x, y))
+  assert x_adv.min() >= 0 and x_adv.max() <= 1
+  l1 = np.abs(x_adv - x).reshape(6, -1).sum(1)
+  assert np.all(l1 <= 2.0 * (1 + 1e-5)) and l1.min() > 1.0
+
+
+def test_l1_square_succeeds_as_often_as_the_reference():
+  # The same linear model and images in both; 160 examples, so each rate has
+  # a standard deviation of about 0.04.
+  torch = pytest.importorskip("torch")
+  square_module = pytest.importorskip("pyautoattack.square")
+  n, eps, queries = 160, 1.5, 100
+  rng = np.random.default_rng(0)
+  w = (4 * rng.standard_normal((300, 10)) / np.sqrt(300)).astype(np.float32)
+  x = uniform(9, (n, 10, 10, 3))
+  y = (x.reshape(n, -1) @ w).argmax(1)
+  w_torch = torch.tensor(w)
+  predict = lambda z: z.permute(0, 2, 3, 1).reshape(len(z), -1) @ w_torch
+  reference = square_module.SquareAttack(
+    predict, norm="L1", n_queries=queries, eps=eps, resc_schedule=False, device="cpu"
+  )
+  adv = reference.perturb(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(y))
+  reference_rate = np.mean(predict(adv).argmax(1).numpy() != y)
+  logits_fn = lambda z: z.reshape(len(z), -1) @ jnp.asarray(w)
+  x_adv = run(A.square(norm="l1", eps=eps, queries=queries), logits_fn, x, y)
+  rate = np.mean(np.asarray(jnp.argmax(logits_fn(x_adv), -1)) != y)
+  assert 0.15 < reference_rate < 0.85
+  assert abs(rate - reference_rate) < 0.15
+
+
 # --- cost ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5), ("l1", 2.0)])
 def test_a_fooled_example_keeps_its_point_while_the_batch_searches_on(norm, eps):
   # The loop runs until the whole batch is done; an example fooled early
   # gets the same point alone as next to one never fooled (a bright image

@@ -1,6 +1,6 @@
 """The Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square
 attack: a query-efficient black-box adversarial attack via random search"),
-as its authors' code runs it, in the L-infinity and L2 balls."""
+as its authors' code runs it, in the L-infinity, L2 and L1 balls."""
 
 import functools
 import math
@@ -17,6 +17,8 @@ from jaxrobust.attacks.attack import Attack, make
 # budget of 10,000 queries: p is halved once the iteration passes each of these.
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _TINY = 1e-12
+# The L1 ball the authors project onto: radius eps (1 - 1e-6).
+_L1_INSIDE = 1.0 - 1e-6
 
 
 def square(
@@ -32,7 +34,7 @@ def square(
   """Square: random search for a misclassified point (or one classified as a
   target), with forward passes only.
 
-  Threat model: x_adv = x + d, ||d||_p <= eps (p = inf or 2), x_adv in
+  Threat model: x_adv = x + d, ||d||_p <= eps (p = inf, 2 or 1), x_adv in
   [0, 1]. Score-based: it reads the logits and never a gradient, so gradient
   masking cannot stop it (the check AutoAttack runs it for). Per example it
   minimises the margin loss, of the logits z of x',
@@ -48,7 +50,7 @@ def square(
     column and channel; each candidate adds +-2 eps (one sign per channel)
     on a random square of side h of the current best point, clipped to the
     ball and the box.
-  * L2: start from a grid of 5 x 5 windows, each filled with +-eta
+  * L2 and L1: start from a grid of 5 x 5 windows, each filled with +-eta
     (nested rectangles, opposite signs in the two halves, transposed with
     probability 1/2), brought into the ball; each candidate moves the
     perturbation's mass of two random squares (side h, odd, >= 3) into the
@@ -70,7 +72,7 @@ def square(
   queries only the examples not yet fooled).
 
   Args:
-    norm: "linf" or "l2".
+    norm: "linf", "l2" or "l1".
     eps: radius of the ball, > 0.
     queries: candidates per restart, >= 0 (0: the start only; AutoAttack:
       5,000).
@@ -85,7 +87,7 @@ def square(
     (misclassified; classified as the target), else the point of lowest
     margin m.
   """
-  norm = core.check_norm(norm)
+  norm = core.check_norm(norm, ("linf", "l2", "l1"))
   core.check_eps(eps)
   queries = checks.integer_at_least("queries", queries, 0)
   checks.in_interval("p_init", p_init, 0.0, 1.0, closed=(False, True))
@@ -177,7 +179,7 @@ def _level(i, halvings):
 def _sides(p_init, shape, norm):
   """The square's side at each level k = 0..9, p = p_init / 2^k, as the
   authors compute it: round(sqrt(p H W)) (half to even), at least 1 (L-inf),
-  or at least 3 and then odd (L2), and at most min(H, W). [10] int32."""
+  or at least 3 and then odd (L2, L1), and at most min(H, W). [10] int32."""
   height, width, channels = shape
   features = height * width * channels
   sides = []
@@ -231,11 +233,11 @@ def _linf_propose(key, x, best, eps, size):
   return jnp.clip(jnp.clip(candidate, x - eps, x + eps), 0.0, 1.0)
 
 
-# --- L2 ---------------------------------------------------------------------------
+# --- L2 and L1 ---------------------------------------------------------------------
 
 
 def _grid_start(key, x, eps, *, norm):
-  """The authors' L2 start: windows of side s = H // 5 from row and
+  """The authors' L2 / L1 start: windows of side s = H // 5 from row and
   column (H - 5 s) // 2 on, every s pixels, those that fit, each filled with
   eta (`_eta`, transposed with probability 1/2) times +-1 per channel; the
   sum brought into the ball (`_into_ball`)."""
@@ -267,7 +269,7 @@ def _tiles(extent, size, offset):
 
 
 def _window_propose(key, x, best, eps, size, *, norm):
-  """The authors' L2 candidate: two random squares W1, W2 of side `size`;
+  """The authors' L2 / L1 candidate: two random squares W1, W2 of side `size`;
   W1 gets a fresh eta (transposed with probability 1/2) times +-1 per channel
   plus its old content, W2 is emptied (`_moved_window`); then into the ball."""
   height, width, channels = x.shape
@@ -281,36 +283,45 @@ def _window_propose(key, x, best, eps, size, *, norm):
 
 
 def _channel_norms(v, norm):
-  """The L2 norm of each channel of v [H, W, C]: [C]."""
-  return jnp.sqrt(jnp.sum(jnp.square(v), (0, 1)))
+  """The L2 or L1 norm of each channel of v [H, W, C]: [C]."""
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(jnp.square(v), (0, 1)))
+  return jnp.sum(jnp.abs(v), (0, 1))
 
 
 def _moved_window(delta, first, second, fresh, eps, norm):
   """One move of the paper's Algorithm 3, per channel c as the authors' code
-  (norms ||.|| L2, over the pixels named; `fresh` zero outside W1):
+  (norms ||.|| L2 or L1, over the pixels named; `fresh` zero outside W1):
 
     u_c = fresh_c + d_c[W1] / ||d_c[W1]||,
     d'_c[W1] = m_c u_c / ||u_c||,   d'[W2 \\ W1] = 0,   d' = d elsewhere,
 
-  m_c = sqrt((eps^2 - ||d||^2)_+ / C + ||d_c[W1 u W2]||^2):
+  m_c = sqrt((eps^2 - ||d||_2^2)_+ / C + ||d_c[W1 u W2]||_2^2)   (L2),
+  m_c = C ((eps - ||d||_1)_+ / C + ||d_c[W1 u W2]||_1)           (L1).
 
-  each channel keeps its own mass of the two squares plus a 1 / C share
+  L2: each channel keeps its own mass of the two squares plus a 1 / C share
   of the budget left, so ||d'||_2 = eps when ||d||_2 <= eps and the rest of d
-  is kept as it is.
+  is kept as it is. L1 overshoots the ball; the projection brings it back.
   """
   channels = delta.shape[-1]
   in_first = _channel_norms(delta * first, norm)
   in_windows = _channel_norms(delta * (first | second), norm)
   moved = fresh + delta * first / (in_first + _TINY)
-  mass = jnp.sqrt(jnp.maximum(eps**2 - core.l2_norm(delta) ** 2, 0.0) / channels + in_windows**2)
+  if norm == "l2":
+    mass = jnp.sqrt(jnp.maximum(eps**2 - core.l2_norm(delta) ** 2, 0.0) / channels + in_windows**2)
+  else:
+    mass = (jnp.maximum(eps - core.l1_norm(delta), 0.0) / channels + in_windows) * channels
   moved = moved / (_channel_norms(moved, norm) + _TINY) * mass
   return jnp.where(first, moved, jnp.where(second, 0.0, delta))
 
 
 def _into_ball(x, delta, eps, norm):
-  """x + delta brought into the ball as the authors' code: delta scaled to
-  norm eps, then clipped to the box."""
-  return jnp.clip(x + eps * delta / (core.l2_norm(delta) + _TINY), 0.0, 1.0)
+  """x + delta brought into the ball as the authors' code: L2 scales delta to
+  norm eps, then clips to the box; L1 projects it onto the L1 ball of radius
+  eps (1 - 1e-6) intersected with the box (`core.project_l1_box`)."""
+  if norm == "l2":
+    return jnp.clip(x + eps * delta / (core.l2_norm(delta) + _TINY), 0.0, 1.0)
+  return jnp.clip(x + core.project_l1_box(x, delta, eps * _L1_INSIDE), 0.0, 1.0)
 
 
 # --- the pattern eta ---------------------------------------------------------------
@@ -333,18 +344,22 @@ def _rectangles(i, j, rows, cols, table, xp):
 
 def _eta_at(i, j, size, limit, xp, norm):
   """The pattern eta of side `size` at local coordinates (i, j) (zero outside
-  the square): the upper half the nested rectangles (weights 1 / (k + 1)^2),
-  the lower half their negative, each half and then the whole of unit L2
-  norm. In closed form over any grid, so
+  the square): the upper half the nested rectangles (weights 1 / (k + 1)^2
+  for L2, 1 / (k + 1)^4 for L1), the lower half their negative, each half and
+  then the whole of unit L2 (L1) norm. In closed form over any grid, so
   `size` (at most `limit`) may be traced (xp = jnp) or not (numpy)."""
-  table = xp.asarray(_harmonic(limit // 2 + 1, 2), xp.float32)
+  power = 2 if norm == "l2" else 4
+  table = xp.asarray(_harmonic(limit // 2 + 1, power), xp.float32)
   inside = (i >= 0) & (i < size) & (j >= 0) & (j < size)
   half = size // 2
   upper = xp.where(inside & (i < half), _rectangles(i, j, half, size, table, xp), 0.0)
   lower = xp.where(
     inside & (i >= half), _rectangles(i - half, j, size - half, size, table, xp), 0.0
   )
-  unit = lambda v: v / xp.maximum(xp.sqrt(xp.sum(xp.square(v))), _TINY)
+  if norm == "l2":
+    unit = lambda v: v / xp.maximum(xp.sqrt(xp.sum(xp.square(v))), _TINY)
+  else:
+    unit = lambda v: v / xp.maximum(xp.sum(xp.abs(v)), _TINY)
   return unit(unit(upper) - unit(lower))
 
 
