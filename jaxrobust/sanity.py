@@ -40,9 +40,12 @@ def scaled(spec, factor):
 
 def large_eps(norm, input_shape):
   """An eps at which any image can be moved to a grey one (so gradient-based
-  attacks should fool an undefended model): 0.5 in L-inf, 0.5 sqrt(d) in L2."""
+  attacks should fool an undefended model): 0.5 in L-inf, 0.5 sqrt(d) in
+  L2, 0.5 d in L1."""
   if norm == "l2":
     return LARGE_LINF_EPS * math.sqrt(math.prod(input_shape))
+  if norm == "l1":
+    return LARGE_LINF_EPS * math.prod(input_shape)
   return LARGE_LINF_EPS
 
 

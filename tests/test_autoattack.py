@@ -580,3 +580,29 @@ def test_loop_until_gives_the_full_loop_result_and_stops_when_every_example_is_d
   np.testing.assert_array_equal(early(start), full)
   np.testing.assert_array_equal(full, [10, 10, 13, 12])
   assert len(calls) == 5  # 0 + 1 + 2 + 3 + 4 = 10: the slowest example is done after 5 steps
+
+
+def test_the_l1_version_is_the_authors(problem):
+  """AutoAttack standard in L1, as the reference's `_set_version` sets it:
+  APGD-CE with 5 restarts and APGD-T with 5 targets, both with
+  `use_largereps`, then FAB-T (9 targets) and Square, all in L1; and it
+  evaluates within the L1 ball."""
+  suite = A.autoattack(norm="L1", eps=1.0)
+  assert [(s.label, s.norm) for s in suite.stages] == [
+    ("apgd-ce", "l1"),
+    ("apgd-t", "l1"),
+    ("fab-t", "l1"),
+    ("square", "l1"),
+  ]
+  apgd_ce, apgd_t, fab_t, _ = (s.options for s in suite.stages)
+  assert apgd_ce["restarts"] == 5 and apgd_ce["use_largereps"]
+  assert apgd_t["num_targets"] == 5 and apgd_t["use_largereps"]
+  assert fab_t["num_targets"] == 9 and A.create(**suite.spec) == suite
+  variables, x, y = problem
+  tiny = A.autoattack(norm="l1", eps=1.0, steps=4, queries=20, num_targets=3)
+  rep = evaluation.evaluate(apply_mlp, variables, x, y, {"aa": tiny}, key=jax.random.key(0))
+  (row,) = rep["results"]
+  assert row["norm"] == "l1" and row["outside_ball"] == 0
+  assert row["max_perturbation"] is None or row["max_perturbation"] <= 1.0 * (1 + 1e-4)
+  assert row["accuracy"] < rep["clean_accuracy"]
+  assert evaluation.robustbench_report(rep, "aa")["threat_model"] == "L1"

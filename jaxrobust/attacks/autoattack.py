@@ -20,6 +20,8 @@ def autoattack(
 
   * "standard": APGD-CE (1 run), APGD-T (`num_targets` targets), FAB-T
     (`num_targets` targets) and Square (`queries` queries), in that order;
+    in L1 (Croce & Hein 2021), APGD-CE with 5 restarts and APGD-T with 5
+    targets, both with `use_largereps`, then FAB-T and Square in L1;
   * "plus": APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts,
     Square, APGD-T and FAB-T;
   * "rand", for randomized models: APGD-CE and APGD-DLR, each gradient the
@@ -36,7 +38,7 @@ def autoattack(
   breaks, and reports the robust accuracy after each stage.
 
   Args:
-    norm: "linf" or "l2".
+    norm: "linf", "l2" or "l1".
     eps: radius of the ball, > 0.
     version: "standard", "plus" or "rand".
     steps: iterations of APGD, APGD-T, FAB and FAB-T, >= 1.
@@ -46,12 +48,19 @@ def autoattack(
   Returns:
     An `Attack` whose `stages` are the suite's attacks, in order.
   """
-  norm = core.check_norm(norm)
+  norm = core.check_norm(norm, core.NORMS)
   core.check_eps(eps)
   checks.one_of("version", version, VERSIONS)
   ball = dict(norm=norm, eps=eps)
   targeted = dict(ball, steps=steps, num_targets=num_targets)
-  if version == "standard":
+  if version == "standard" and norm == "l1":
+    stages = [
+      apgd(**ball, steps=steps, loss="ce", restarts=5, use_largereps=True),
+      apgd_t(**dict(targeted, num_targets=min(num_targets, 5)), use_largereps=True),
+      fab_t(**targeted),
+      square(**ball, queries=queries),
+    ]
+  elif version == "standard":
     stages = [
       apgd(**ball, steps=steps, loss="ce"),
       apgd_t(**targeted),

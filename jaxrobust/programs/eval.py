@@ -442,7 +442,7 @@ def attack_specs(resolved, model):
   checks.one_of("--suite", _SUITE.value, SUITES)
   checks.one_of("--version", _VERSION.value, attacks_lib.AUTOATTACK_VERSIONS)
   norm = _NORM.value or training_norm(resolved)
-  checks.one_of("--norm", norm, ("linf", "l2"))
+  checks.one_of("--norm", norm, ("linf", "l2", "l1"))
   eps = _EPS.value if _EPS.value is not None else setting_eps(resolved, norm)
   if _VERSION.value == "rand" and not models.is_randomized(model):
     print(
