@@ -21,20 +21,11 @@ import jaxrobust as jr
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
 
+from test_autoattack import KEY, TOL, run, uniform  # noqa: F401  (shared helpers)
+
 apgd_lib = importlib.import_module("jaxrobust.attacks.apgd")
+
 A = jr.attacks
-TOL = 1e-5
-
-
-KEY = jax.random.key(1)
-
-
-def run(attack, logits_fn, x, y, key=KEY):
-  return jax.jit(attack, static_argnums=0)(logits_fn, x, y, key)
-
-
-def uniform(seed, shape, low=0.0, high=1.0):
-  return np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32)
 
 
 def mlp(seed=0, inputs=48, hidden=16, classes=5):
