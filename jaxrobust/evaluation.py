@@ -208,7 +208,6 @@ def run(
   mesh = mesh or parallel.mesh()
   devices = mesh.devices.size
   batch = devices * math.ceil(min(batch_size, len(x)) / devices)
-  source_apply_fn, source_variables = source or (None, None)
   state = _State(state_path, _fingerprint(variables, x, y, attack_fns, key, source, individual))
   log = log or (lambda message: None)
 
