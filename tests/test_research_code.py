@@ -318,7 +318,7 @@ def test_readme_library_example_runs_as_written(linen):
   from conftest import ROOT
 
   section = (ROOT / "README.md").read_text().split("## Using the library", 1)[1]
-  first, targeted = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+  first, with_nnx, targeted = re.findall(r"```python\n(.*?)```", section, re.S)[:3]
   assert "jr.inference.split(model, variables)" in first and "@jax.jit" in first
   model, variables = linen
   namespace = {"model": model, "variables": variables}
@@ -326,6 +326,10 @@ def test_readme_library_example_runs_as_written(linen):
   x, y, x_adv = namespace["x"], namespace["y"], namespace["x_adv"]
   assert np.abs(np.asarray(x_adv) - x).max() <= 0.1 + 1e-6
   assert 0 <= namespace["accuracy"] < np.mean(np.argmax(namespace["logits_fn"](x), -1) == y)
+  # The NNX example, with an NNX module trained not at all: x_adv in the ball.
+  namespace.update(nnx=nnx, nnx_model=NNXNet(nnx.Rngs(0)))
+  exec(with_nnx, namespace)  # noqa: S102
+  assert np.abs(np.asarray(namespace["x_adv"]) - x).max() <= 0.1 + 1e-6
   # The targeted example, after it: the targets are other classes, mostly reached.
   assert "targets.random_other" in targeted
   exec(targeted, namespace)  # noqa: S102
