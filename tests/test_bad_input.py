@@ -306,7 +306,7 @@ EVAL_FLAGS = {
   "batch size < 1": (["--batch_size", "-5"], ["batch_size", "-5"]),
   "unknown suite": (["--suite", "autoatack"], ["--suite", "'autoatack'"]),
   "unknown version": (["--suite", "autoattack", "--version", "strong"], ["'strong'"]),
-  "unknown norm": (["--suite", "autoattack", "--norm", "l1"], ["--norm", "'l1'"]),
+  "unknown norm": (["--suite", "autoattack", "--norm", "l3"], ["--norm", "'l3'"]),
   "eps <= 0": (["--suite", "autoattack", "--eps", "-0.1"], ["eps", "-0.1"]),
   "eps NaN": (["--suite", "autoattack", "--eps", "nan"], ["eps", "nan"]),
   "suite and attacks": (
