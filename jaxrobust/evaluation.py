@@ -244,7 +244,7 @@ def run(
         where = _Where(label, j, stage, m, r, bool(attack.stages))
         _run_round(context, where, jax.random.fold_in(key, index), todo, outcome, state)
         outcome.seconds[r] += time.perf_counter() - began
-      state.save(label, outcome, force=True)
+        state.save(label, outcome, force=True)
       if m == max(stage.rounds, 1) - 1:
         seconds = outcome.seconds[r - m : r + 1].sum()
         log(

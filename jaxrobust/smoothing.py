@@ -278,10 +278,12 @@ def certify(
   key = _threefry_key(key)
   # fold_in, unlike split, does not depend on the jax_threefry_partitionable flag.
   select_key, estimate_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-  draws = functools.partial(noise_counts, logits_fn, x, sigma=sigma, batch_size=batch_size)
-  guess_counts = draws(select_key, n=n0, mesh=mesh, variables=variables)
+  draws = functools.partial(
+    noise_counts, logits_fn, x, sigma=sigma, batch_size=batch_size, mesh=mesh, variables=variables
+  )
+  guess_counts = draws(select_key, n=n0)
   guess = np.argmax(guess_counts, axis=1)
-  counts = draws(estimate_key, n=n, mesh=mesh, variables=variables)
+  counts = draws(estimate_key, n=n)
   count_guess = np.take_along_axis(counts, guess[:, None], axis=1)[:, 0]
   p_lower = clopper_pearson_lower(count_guess, n, alpha)
   certified = p_lower > 0.5

@@ -279,14 +279,16 @@ def apgd_t(
     )
     return x + jnp.where(success & (m < min(num_targets, targets.shape[0])), delta, 0.0)
 
-  def attack(logits_fn, x, y, key, eps):
+  def batched(one, logits_fn, x, y, key, eps):
     _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
-    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
+    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+
+  def attack(logits_fn, x, y, key, eps):
+    return batched(attack_one, logits_fn, x, y, key, eps)
 
   def round_fn(logits_fn, x, y, key, eps, m):
-    _require_classes(core.check_batch(logits_fn, x, y), 4, "apgd_t")
     one = lambda logits_one, xi, yi, ki, e: round_one(logits_one, xi, yi, ki, e, m)
-    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+    return batched(one, logits_fn, x, y, key, eps)
 
   return make(
     attack,

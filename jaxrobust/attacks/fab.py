@@ -164,17 +164,19 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets,
     inside = jnp.isfinite(distance) if eps is None else distance <= eps
     return jnp.where(inside, best, x)
 
-  def attack(logits_fn, x, y, key, eps):
+  def batched(one, logits_fn, x, y, key, eps):
     num_classes = core.check_batch(logits_fn, x, y)
     checks.require(num_classes >= 2, f"{name} needs >= 2 classes, the model has {num_classes}")
     if eps is None:
-      return core.batched(lambda *a: attack_one(*a, None), logits_fn, x, y, key)
-    return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
+      return core.batched(lambda *a: one(*a, None), logits_fn, x, y, key)
+    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+
+  def attack(logits_fn, x, y, key, eps):
+    return batched(attack_one, logits_fn, x, y, key, eps)
 
   def round_fn(logits_fn, x, y, key, eps, round_):
-    core.check_batch(logits_fn, x, y)
     one = lambda logits_one, xi, yi, ki, e: attack_one(logits_one, xi, yi, ki, e, round_)
-    return core.batched(one, logits_fn, x, y, key, core.check_eps(eps))
+    return batched(one, logits_fn, x, y, key, eps)
 
   extra = {} if num_targets is None else {"num_targets": num_targets, "first_target": first_target}
   rounded = num_targets is not None and num_targets > 1 and eps is not None
