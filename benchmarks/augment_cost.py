@@ -26,7 +26,9 @@ parallel.use_host_devices()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrobust import attacks, augment, models, training  # noqa: E402
+from jaxrobust import attacks, models  # noqa: E402
+from jaxrobust.training import augment
+from jaxrobust.training import step as training
 
 
 def main():

@@ -201,7 +201,9 @@ def main(argv=None):
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
-  from jaxrobust import config, evaluation, experiment  # pylint: disable=g-import-not-at-top
+  from jaxrobust import evaluation  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config
+  from jaxrobust.training import loop as experiment
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   clock = CompileClock(jax)

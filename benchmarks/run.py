@@ -922,7 +922,7 @@ class Bench:
   def _training_step_row(self, name, label, model, *, jax_variables, steps, batch):
     """One adversarial-training step, L-inf PGD-`steps` (8/255, step 2/255,
     random start), then the cross-entropy step (SGD 0.01, momentum 0.9), on the
-    same training batches: `jaxrobust.training.make_train_step` against a plain
+    same training batches: `jaxrobust.training.step.make_train_step` against a plain
     PyTorch loop with torchattacks' PGD."""
     jax, jr, np, torch, ta = self.jax, self.jr, self.np, self.torch, self.torchattacks
     alpha = 2 / 255
@@ -1654,8 +1654,8 @@ def main(argv=None):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
-  import jaxrobust.experiment  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.experiment)
-  import jaxrobust.training  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.training)
+  import jaxrobust.training.loop  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.experiment)
+  import jaxrobust.training.step  # noqa: F401  pylint: disable=g-import-not-at-top  (jr.training)
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
 
   cores = len(os.sched_getaffinity(0))

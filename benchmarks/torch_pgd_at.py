@@ -67,8 +67,9 @@ def initial_model(config, train_set):
   """`train.py`'s model for `config` and its step-0 variables (experiment.initial_state)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxrobust import experiment, parallel  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust import parallel  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import loop as experiment
 
   resolved = config_lib.resolve(config, train_set)
   model = config_lib.build_model(resolved)
@@ -101,7 +102,7 @@ def main(argv=None):
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
   from benchmarks.autoattack import torch_autoattack  # pylint: disable=g-import-not-at-top
-  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxrobust.configs import pgd_at  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -22,7 +22,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxrobust import checks, configs, experiment, signals
+from jaxrobust import checks, configs
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import signals
 
 
 # How absl and ml_collections report bad flags, config files and overrides.

@@ -29,8 +29,10 @@ sys.path.insert(0, str(REPO))
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from jaxrobust import config as config_lib  # pylint: disable=wrong-import-position
-from jaxrobust import experiment, keys, objectives  # pylint: disable=wrong-import-position
+from jaxrobust.training import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrobust import keys  # pylint: disable=wrong-import-position
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import objectives
 from jaxrobust.attacks import pgd  # pylint: disable=wrong-import-position
 
 

@@ -45,8 +45,9 @@ from scripts import reproduce_seed  # pylint: disable=wrong-import-position  (ho
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
 
-from jaxrobust import checkpoints, experiment  # pylint: disable=wrong-import-position
-from jaxrobust import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrobust.training import checkpoints  # pylint: disable=wrong-import-position
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import config as config_lib  # pylint: disable=wrong-import-position
 
 # (row, config, the settings changed from it)
 ROWS = (

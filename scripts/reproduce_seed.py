@@ -43,8 +43,10 @@ parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
 
-from jaxrobust import checkpoints, experiment, metrics  # pylint: disable=wrong-import-position
-from jaxrobust import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrobust.training import checkpoints  # pylint: disable=wrong-import-position
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import metrics
+from jaxrobust.training import config as config_lib  # pylint: disable=wrong-import-position
 
 # (row, config file, the seed's row it reproduces)
 ROWS = (

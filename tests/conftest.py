@@ -97,7 +97,7 @@ def trained(tmp_path_factory):
   """A workdir of the natural digits config with `BAD_INPUT_SETTINGS` (small
   CNN of width 4) and a checkpoint at step 2. Tests must not change it."""
   from jaxrobust.configs import natural
-  from jaxrobust import experiment
+  from jaxrobust.training import loop as experiment
 
   workdir = tmp_path_factory.mktemp("trained") / "run"
   config = natural.get_config()
@@ -111,7 +111,8 @@ def two_steps():
   """`two_steps(mesh, model, objective, x, y, augment=None)`: the state and
   metrics after two SGD steps of `training.make_train_step` on the batch
   (x, y) split over `mesh`, from the same initial state whatever the mesh."""
-  from jaxrobust import parallel, training
+  from jaxrobust import parallel
+  from jaxrobust.training import step as training
 
   def run(mesh, model, objective, x, y, augment=None):
     tx = training.make_optimizer(dict(name="sgd", learning_rate=0.1, momentum=0.9), 10)
@@ -145,7 +146,7 @@ def snapshot():
 # starting JAX's backends): a command costs its own work, not a Python start-up.
 _SERVER = r"""
 import json, os, runpy, sys, time, traceback
-import jax, jaxrobust.cli, jaxrobust.experiment, jaxrobust.evaluation
+import jax, jaxrobust.cli, jaxrobust.training.loop, jaxrobust.evaluation
 assert not jax._src.xla_bridge._backends, "forking is safe only before JAX starts"
 for line in sys.stdin:
   script, args, env, out, err, cwd = json.loads(line)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import augment, checks
+from jaxrobust import checks
+from jaxrobust.training import augment
 from jaxrobust import keys as keys_lib
 
 PAD = 2

@@ -16,7 +16,8 @@ import pytest
 import scipy.optimize
 
 import jaxrobust as jr
-from jaxrobust import checks, evaluation, sanity
+from jaxrobust import checks, evaluation
+from jaxrobust.evaluation import sanity
 from jaxrobust.attacks.fab import project_onto_hyperplane
 from jaxrobust.attacks.square import _eta
 

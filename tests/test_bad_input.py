@@ -51,7 +51,9 @@ import numpy as np
 import pytest
 from conftest import program_env
 
-from jaxrobust import checkpoints, checks, interop, sanity
+from jaxrobust import checks, interop
+from jaxrobust.training import checkpoints
+from jaxrobust.evaluation import sanity
 from jaxrobust.configs import common
 
 ROOT = Path(__file__).resolve().parents[1]

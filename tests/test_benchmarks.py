@@ -168,8 +168,9 @@ def test_run_refuses_a_dtype_it_cannot_run(argv, message, capsys):
 
 def test_torch_baseline_starts_from_the_weights_train_py_starts_from(tiny_config, tmp_path):
   from benchmarks import torch_pgd_at  # pylint: disable=g-import-not-at-top
-  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxrobust import checkpoints, experiment  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import loop as experiment
 
   config = tiny_config(seed=3)
   state = experiment.train(config, tmp_path / "run", max_steps=0, progress=False)

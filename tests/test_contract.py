@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxrobust as jr
-from jaxrobust import experiment
+from jaxrobust.training import loop as experiment
 
 BALL = dict(norm="linf", eps=0.1)
 TINY = {

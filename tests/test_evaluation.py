@@ -10,11 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import config as config_lib
+from jaxrobust.training import config as config_lib
 from jaxrobust import attacks as attacks_lib
 from jaxrobust import checks
 from jaxrobust import data as data_lib
-from jaxrobust import evaluation, experiment, models, parallel, report, sanity
+from jaxrobust import evaluation, models, parallel
+from jaxrobust.training import loop as experiment
+from jaxrobust.evaluation import report
+from jaxrobust.evaluation import sanity
+from jaxrobust.certification import lipschitz
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {
@@ -339,7 +343,6 @@ def spectral_run(tmp_path_factory):
 
 
 def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
-  from jaxrobust import spectral  # pylint: disable=g-import-not-at-top
 
   resolved, model, state = spectral_run
   specs = {"pgd_l2": dict(name="pgd", norm="l2", eps=0.01, steps=10)}
@@ -347,7 +350,7 @@ def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
   cert = rep["lipschitz"]
   # The same numbers computed directly: the bound, the margins, the radii.
   apply = lambda v, x: model.apply(v, x, train=False)
-  bound = spectral.lipschitz_bound(apply, jax.device_get(state.variables), (8, 8, 1))
+  bound = lipschitz.lipschitz_bound(apply, jax.device_get(state.variables), (8, 8, 1))
   assert cert["lipschitz_bound"] == pytest.approx(bound, rel=1e-6)
   x, y = config_lib.load_split(resolved, "test")
   logits = np.sort(np.asarray(apply(state.variables, x[:100])), axis=1)

@@ -217,7 +217,9 @@ def test_identity_off_cpu():
 
 def test_training_step_gradient_has_no_select_and_scatter():
   import optax
-  from jaxrobust import parallel, training, objectives
+  from jaxrobust import parallel
+  from jaxrobust.training import step as training
+  from jaxrobust.training import objectives
 
   class Net(nn.Module):
     @nn.compact

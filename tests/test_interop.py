@@ -515,7 +515,8 @@ def test_batch_norm_settings_match_flax():
 def test_eval_exports_a_run_and_evaluates_the_checkpoint(cli, trained, tmp_path):
   # `trained`: a digits run of the small CNN, width 4 (conftest).
   workdir = trained
-  from jaxrobust import data, experiment  # pylint: disable=g-import-not-at-top
+  from jaxrobust import data  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import loop as experiment
 
   out = tmp_path / "small.pt"
   result = cli("eval.py", "--workdir", workdir, "--export-torch", out)

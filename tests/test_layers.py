@@ -1,4 +1,4 @@
-"""`jaxrobust.layers` computes what Flax and lax compute: values and gradients."""
+"""`jaxrobust.models.layers` computes what Flax and lax compute: values and gradients."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxrobust import layers, models
+from jaxrobust import models
+from jaxrobust.models import layers
 
 
 def normal(seed, shape):

@@ -9,8 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrobust import attacks, checks, data, experiment, models, objectives, parallel
-from jaxrobust import spectral, training
+from jaxrobust import attacks, checks, data, models, parallel
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import objectives
+from jaxrobust import spectral
+from jaxrobust.training import step as training
+from jaxrobust.certification import lipschitz
 
 
 def shorten(spec):
@@ -129,7 +133,7 @@ def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path
   jax.tree.map(np.testing.assert_array_equal, after["spectral"], variables["spectral"])
   # The layers' operator norms, exactly (SVD of each layer's matrix), with the
   # effective kernels: <= target (+5 % for the iteration's lag) ...
-  factors = spectral.lipschitz_factors(
+  factors = lipschitz.lipschitz_factors(
     functools.partial(model.apply, train=False), variables, x.shape[1:]
   )
   linear = [f for f in factors if f.kind == "linear"]

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import ROOT, TINY_SETTINGS, program_env
 
-from jaxrobust import data, experiment, models
+from jaxrobust import data, models
+from jaxrobust.training import loop as experiment
 
 README = ROOT / "README.md"
 NOT_RUN = (

@@ -10,7 +10,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jaxrobust import attacks, checks, data, experiment, objectives, parallel, training
+from jaxrobust import attacks, checks, data, parallel
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import objectives
+from jaxrobust.training import step as training
 from jaxrobust import keys as keys_lib
 
 
@@ -297,7 +300,7 @@ def test_awp_warmup_counts_epochs(tiny_config, tmp_path):
 
 
 def test_evaluate_evaluates_the_ema_when_kept(tiny_config, tmp_path):
-  from jaxrobust import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
   state = experiment.train(tiny_config(ema=0.5), tmp_path / "run", max_steps=30, progress=False)
   resolved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -416,7 +419,7 @@ def test_bad_recipe_configs_touch_nothing(tiny_config, tmp_path, snapshot, overr
 @pytest.mark.parametrize("recipe", ["preact_pgd_at", "wrn_trades", "preact_fast_at"])
 def test_gpu_recipe_configs_are_valid(recipe):
   from jaxrobust.configs import gpu_recipes
-  from jaxrobust import config as config_lib
+  from jaxrobust.training import config as config_lib
 
   c = gpu_recipes.get_config(recipe)
   config_lib.check_config(c, parallel.mesh())
@@ -426,7 +429,7 @@ def test_gpu_recipe_configs_are_valid(recipe):
 @pytest.mark.parametrize("awp_from_step", [0, 1])  # AWP in both steps; in the second only
 def test_awp_trades_ema_augmented_step_is_the_same_on_one_and_two_devices(awp_from_step):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
-  from jaxrobust import augment
+  from jaxrobust.training import augment
 
   model, x, y = tiny_model()
   objective = training.make_input_fn(

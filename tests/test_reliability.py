@@ -24,8 +24,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrobust import checkpoints, experiment, parallel
-from jaxrobust import metrics as metrics_lib
+from jaxrobust import parallel
+from jaxrobust.training import checkpoints
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -335,7 +337,7 @@ def test_two_processes_pre_empted_and_resumed_train_as_one_process_with_two_devi
 def test_a_checkpoint_written_before_ema_params_existed_still_restores(tmp_path):
   # The state as checkpoints held it before the `ema_params` field was added.
   import flax  # pylint: disable=g-import-not-at-top
-  from jaxrobust import training  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import step as training  # pylint: disable=g-import-not-at-top
 
   class OldState(flax.struct.PyTreeNode):
     step: jax.Array

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 from jaxrobust import parallel
-from jaxrobust import smoothing
+from jaxrobust.certification import smoothing
 from jaxrobust.checks import InputError
 
 SIGMA = 0.5

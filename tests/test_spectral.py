@@ -13,6 +13,7 @@ import pytest
 import jaxrobust as jr
 from jaxrobust import spectral
 from jaxrobust.checks import InputError
+from jaxrobust.certification import lipschitz
 
 
 # --------------------------------------------------------------------------
@@ -468,12 +469,14 @@ def test_lipschitz_bound_is_above_every_measured_stretch(spectral_norm):
   apply_fn, variables = tiny_bn_cnn(spectral_norm)
   logits_fn = lambda x: apply_fn(variables, x)
   measured = empirical_lipschitz(logits_fn, jax.random.key(5), SHAPE)
-  exact = spectral.lipschitz_bound(apply_fn, variables, SHAPE)
+  exact = lipschitz.lipschitz_bound(apply_fn, variables, SHAPE)
   assert measured <= exact
   if not spectral_norm:  # the Lanczos path, with its margin (compiles slowly)
-    iterated = spectral.lipschitz_bound(apply_fn, variables, SHAPE, exact_max_entries=0, n_probes=0)
+    iterated = lipschitz.lipschitz_bound(
+      apply_fn, variables, SHAPE, exact_max_entries=0, n_probes=0
+    )
     assert exact <= iterated <= exact * 1.05
-  factors = spectral.lipschitz_factors(apply_fn, variables, SHAPE)
+  factors = lipschitz.lipschitz_factors(apply_fn, variables, SHAPE)
   assert [f.kind for f in factors] == [
     "lipschitz_constant",
     "linear",
@@ -496,9 +499,9 @@ def test_lipschitz_bound_of_a_linear_model_is_tight():
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
   kernel = variables["params"]["layers_1"]["kernel"]
   exact = 2.0 * conv_matrix_norm(kernel, shape, (1, 1), "SAME")
-  bound = spectral.lipschitz_bound(model.apply, variables, shape, n_probes=0)
+  bound = lipschitz.lipschitz_bound(model.apply, variables, shape, n_probes=0)
   assert exact <= bound <= exact * (1 + 1e-4)
-  iterated = spectral.lipschitz_bound(
+  iterated = lipschitz.lipschitz_bound(
     model.apply, variables, shape, exact_max_entries=0, n_probes=0
   )
   margin = spectral.lanczos_margin(100, 100, 1e-6)
@@ -520,21 +523,21 @@ def test_pools_add_their_factor(pool, factor):
     return pool(nn.Dense(4).apply(variables, x)).reshape(x.shape[0], -1)
 
   variables = nn.Dense(4).init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
-  factors = spectral.lipschitz_factors(pooled, variables, (6, 6, 2))
+  factors = lipschitz.lipschitz_factors(pooled, variables, (6, 6, 2))
   if factor is None:
     assert [f.kind for f in factors] == ["linear"]
   else:
     assert [f.kind for f in factors] == ["linear", "pool"]
     assert factors[1].value == pytest.approx(factor)
   measured = empirical_lipschitz(lambda x: pooled(variables, x), jax.random.key(1), (6, 6, 2))
-  assert measured <= spectral.lipschitz_bound(pooled, variables, (6, 6, 2), n_probes=0)
+  assert measured <= lipschitz.lipschitz_bound(pooled, variables, (6, 6, 2), n_probes=0)
 
 
 def test_lipschitz_bound_of_the_library_small_cnn():
   model = jr.models.SmallCNN(num_classes=3, mean=(0.5,), std=(0.25,), width=2)
   variables = random_variables(model, 0, jnp.zeros((1, 8, 8, 1)))
   apply_fn = functools.partial(model.apply, train=False)
-  bound = spectral.lipschitz_bound(apply_fn, variables, (8, 8, 1))
+  bound = lipschitz.lipschitz_bound(apply_fn, variables, (8, 8, 1))
   measured = empirical_lipschitz(lambda x: apply_fn(variables, x), jax.random.key(1), (8, 8, 1))
   assert measured <= bound
 
@@ -542,11 +545,11 @@ def test_lipschitz_bound_of_the_library_small_cnn():
 def test_certified_radius_is_never_contradicted_by_pgd():
   apply_fn, variables = tiny_bn_cnn(spectral_norm=True)
   logits_fn = lambda x: apply_fn(variables, x)
-  bound = spectral.lipschitz_bound(apply_fn, variables, SHAPE, n_probes=0)
+  bound = lipschitz.lipschitz_bound(apply_fn, variables, SHAPE, n_probes=0)
   x = uniform(9, (8, *SHAPE))
   logits = logits_fn(x)
   labels = jnp.argmax(logits, axis=1)
-  radius = spectral.certified_radius(logits, bound, labels)
+  radius = lipschitz.certified_radius(logits, bound, labels)
   assert bool(jnp.all(radius > 0))
   attack = jax.jit(jax.vmap(functools.partial(pgd_l2, logits_fn)))
   x_adv = attack(x, labels, radius * 0.999)
@@ -566,8 +569,8 @@ def test_certified_radius_of_a_linear_model_is_reached_by_pgd():
   x = normal(1, (16, 6))
   logits = logits_fn(x)
   labels = jnp.argmax(logits, axis=1)
-  bound = spectral.lipschitz_bound(model.apply, variables, (6,), n_probes=0)
-  radius = spectral.certified_radius(logits, bound)
+  bound = lipschitz.lipschitz_bound(model.apply, variables, (6,), n_probes=0)
+  radius = lipschitz.certified_radius(logits, bound)
   flip = jnp.abs(logits[:, 0] - logits[:, 1]) / jnp.linalg.norm(kernel[:, 0] - kernel[:, 1])
   assert bool(jnp.all(radius <= flip * (1 + 1e-5)))
   attack = jax.jit(jax.vmap(functools.partial(pgd_l2, logits_fn)))
@@ -577,9 +580,9 @@ def test_certified_radius_of_a_linear_model_is_reached_by_pgd():
 
 def test_certified_radius_formula():
   logits = jnp.array([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])
-  radius = spectral.certified_radius(logits, 2.0)
+  radius = lipschitz.certified_radius(logits, 2.0)
   np.testing.assert_allclose(radius, [2 / (2 * math.sqrt(2)), 0.5 / (2 * math.sqrt(2))], rtol=1e-6)
-  with_labels = spectral.certified_radius(logits, 2.0, jnp.array([0, 2]))
+  with_labels = lipschitz.certified_radius(logits, 2.0, jnp.array([0, 2]))
   np.testing.assert_allclose(with_labels, [radius[0], 0.0], rtol=1e-6)
 
 
@@ -635,7 +638,7 @@ def test_lipschitz_bound_refuses_what_it_cannot_bound(model, match):
   if isinstance(model, TrainingBatchNorm):
     apply_fn = lambda v, x: model.apply(v, x, mutable=["batch_stats"])[0]
   with pytest.raises(InputError, match=match):
-    spectral.lipschitz_bound(apply_fn, variables, (5,))
+    lipschitz.lipschitz_bound(apply_fn, variables, (5,))
 
 
 def test_lipschitz_bound_refuses_a_jitted_apply():
@@ -644,7 +647,7 @@ def test_lipschitz_bound_refuses_a_jitted_apply():
   jitted = jax.jit(model.apply)
   jitted(variables, jnp.ones((1, 5)))
   with pytest.raises(InputError, match="jitted"):
-    spectral.lipschitz_bound(jitted, variables, (5,))
+    lipschitz.lipschitz_bound(jitted, variables, (5,))
 
 
 class NoKernel(nn.Module):
@@ -706,14 +709,14 @@ def test_lipschitz_and_radius_reject_bad_arguments():
   model = nn.Dense(3)
   variables = model.init(jax.random.key(0), jnp.ones((1, 5)))
   with pytest.raises(InputError, match=r"input_shape.*\(5, 0\)"):
-    spectral.lipschitz_bound(model.apply, variables, (5, 0))
+    lipschitz.lipschitz_bound(model.apply, variables, (5, 0))
   with pytest.raises(InputError, match="failure_probability.*1.5"):
-    spectral.lipschitz_bound(model.apply, variables, (5,), failure_probability=1.5)
+    lipschitz.lipschitz_bound(model.apply, variables, (5,), failure_probability=1.5)
   with pytest.raises(InputError, match="n_iter.*1"):
-    spectral.lipschitz_bound(model.apply, variables, (5,), n_iter=1)
+    lipschitz.lipschitz_bound(model.apply, variables, (5,), n_iter=1)
   with pytest.raises(InputError, match="lipschitz.*0.0"):
-    spectral.certified_radius(jnp.ones((2, 3)), 0.0)
+    lipschitz.certified_radius(jnp.ones((2, 3)), 0.0)
   with pytest.raises(InputError, match=r"logits.*\(3,\)"):
-    spectral.certified_radius(jnp.ones((3,)), 1.0)
+    lipschitz.certified_radius(jnp.ones((3,)), 1.0)
   with pytest.raises(InputError, match=r"labels.*\[7\]"):
-    spectral.certified_radius(jnp.ones((2, 3)), 1.0, jnp.array([0, 7]))
+    lipschitz.certified_radius(jnp.ones((2, 3)), 1.0, jnp.array([0, 7]))

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import attacks, augment, checks, experiment, models, parallel, training
+from jaxrobust import attacks, checks, models, parallel
+from jaxrobust.training import augment
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import step as training
 
 # PGD-2 adversarial training of the tiny digits run.
 ADVERSARIAL = dict(

@@ -277,7 +277,7 @@ def num_classes_of(logits_fn, x):
     hasattr(out, "shape"),
     f"logits_fn must return one array of logits [batch, classes], got a "
     f"{type(out).__name__}; pick the logits out (e.g. lambda x: model(x)[0]), or "
-    "build logits_fn with jaxrobust.inference.logits_fn",
+    "build logits_fn with jaxrobust.models.inference.logits_fn",
   )
   shape = out.shape
   checks.require(

@@ -25,7 +25,7 @@ def base():
   """The default run: small CNN, digits, SGD with cosine decay, PGD evaluation."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Training augmentation (`jaxrobust.augment`): "none" on digits (a flipped
+  # Training augmentation (`jaxrobust.training.augment`): "none" on digits (a flipped
   # digit is another digit); random crop (4 pixels of zero padding) and flip on
   # CIFAR-10.
   c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4, padding_mode="zero")

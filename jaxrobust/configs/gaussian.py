@@ -3,7 +3,7 @@
 Trains f on x + d, d ~ N(0, sigma^2 I), one fresh draw per example and step.
 The model is the randomized classifier f~(x) = f(x + d): it is evaluated by
 the mean softmax over `model.noise.samples` fixed draws and attacked through
-them (EOT); `jaxrobust.smoothing` certifies its base classifier.
+them (EOT); `jaxrobust.certification.smoothing` certifies its base classifier.
 Command: python train.py --config gaussian --workdir runs/gaussian
 Seed setting (seed_cnn, CIFAR-10): --config gaussian:cifar10
 """

@@ -6,7 +6,7 @@ through the noise, averaged over `train_attack.eot_samples` fresh draws
 (expectation over transformation), and f is trained on x_adv + d. The attack
 maximises the loss of the mean prediction, -log mean_s softmax(f(x' + d_s))_y,
 not the mean of the losses: that is the classifier f~ predicts with and is
-evaluated on (see `jaxrobust.objectives`).
+evaluated on (see `jaxrobust.training.objectives`).
 Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
 through them (EOT).
 Command: python train.py --config rat --workdir runs/rat

@@ -48,9 +48,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import checkpoints, checks, cli, evaluation, experiment, interop, models
-from jaxrobust import config as config_lib
-from jaxrobust import parallel, report, sanity, selection, smoothing
+from jaxrobust import checks, cli, evaluation, interop, models
+from jaxrobust.training import checkpoints
+from jaxrobust.training import loop as experiment
+from jaxrobust.training import config as config_lib
+from jaxrobust import parallel
+from jaxrobust.evaluation import report
+from jaxrobust.evaluation import sanity
+from jaxrobust.training import selection
+from jaxrobust.certification import smoothing
 from jaxrobust.configs import common
 
 SUITES = ("autoattack",)

@@ -22,8 +22,12 @@ from pathlib import Path
 import jax
 from absl import flags
 
-from jaxrobust import checkpoints, cli, configs, experiment, parallel, report, training
-from jaxrobust import config as config_lib
+from jaxrobust import cli, configs, parallel
+from jaxrobust.training import checkpoints
+from jaxrobust.training import loop as experiment
+from jaxrobust.evaluation import report
+from jaxrobust.training import step as training
+from jaxrobust.training import config as config_lib
 
 _CONFIG = cli.define_config_flag(configs.resolve("pgd_at"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")

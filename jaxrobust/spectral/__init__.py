@@ -1,6 +1,6 @@
 """Spectral normalisation and Lipschitz certificates for Flax Linen networks.
 
-Three tools, one idea: the L2 Lipschitz constant of a linear layer is the
+Tools built on one idea: the L2 Lipschitz constant of a linear layer is the
 largest singular value (the spectral norm) of the linear map it computes.
 
 * `SpectralNorm` wraps an `nn.Dense`, `nn.Conv` or `nn.ConvTranspose` and
@@ -10,10 +10,10 @@ largest singular value (the spectral norm) of the linear map it computes.
   adversarial training via spectral normalization").
 * `conv_operator_norm` computes the norm of a 2-D convolution as a linear map
   on its actual input shape, strides and padding.
-* `lipschitz_bound` multiplies the norms of a feed-forward network's layers
-  into an upper bound on its Lipschitz constant, and `certified_radius` turns
-  that bound into per-example L2 robustness certificates (Tsuzuku, Sato &
-  Sugiyama 2018, "Lipschitz-margin training").
+* `jaxrobust.certification.lipschitz` multiplies the norms of a
+  feed-forward network's layers into an upper bound on its Lipschitz
+  constant, and turns that bound into per-example L2 robustness certificates
+  (Tsuzuku, Sato & Sugiyama 2018, "Lipschitz-margin training").
 
 Two norms of a convolution kernel K of shape [kh, kw, c_in, c_out]:
 
@@ -33,9 +33,3 @@ kernel. For a dense layer the two coincide.
 from jaxrobust.spectral.conv import conv_operator_norm
 from jaxrobust.spectral.iteration import lanczos_margin
 from jaxrobust.spectral.layer import COLLECTION, KERNEL_LAYERS, MODES, RESCALES, SpectralNorm
-from jaxrobust.spectral.lipschitz import (
-  LayerFactor,
-  certified_radius,
-  lipschitz_bound,
-  lipschitz_factors,
-)

@@ -30,7 +30,8 @@ import numpy as np
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks, inference
+from jaxrobust import checks
+from jaxrobust.models import inference
 from jaxrobust import parallel
 
 MAX_DRAWS = 2**31 - 1  # counts are int32: at most this many draws per example

@@ -170,7 +170,7 @@ def _blocks(params, kind):
 def layout(model, params, input_hw=None):
   """[(torch key, Flax path, kind)] of `model` with parameters `params` (a
   tree of arrays or shapes); `input_hw`: the image size (`small_cnn`, `seed_cnn`)."""
-  from jaxrobust import torch_twins as tt  # pylint: disable=g-import-not-at-top
+  from jaxrobust.interop import torch_twins as tt  # pylint: disable=g-import-not-at-top
 
   name = model_name(model)
   if name == "small_cnn":
@@ -344,7 +344,7 @@ def twin(name, *, num_classes, mean, std, input_hw=None, **settings):
   """A PyTorch twin of model `name` with `settings`, randomly initialised, in
   evaluation mode."""
   import_torch()
-  from jaxrobust import torch_twins  # pylint: disable=g-import-not-at-top
+  from jaxrobust.interop import torch_twins  # pylint: disable=g-import-not-at-top
 
   if name in _FLATTENS:
     settings["input_hw"] = tuple(input_hw or (32, 32))

@@ -148,7 +148,7 @@ def check_apply_fn(apply_fn, variables, x):
     raise checks.InputError(
       f"the model failed on a batch of images {tuple(x.shape)}: {_first_line(e)}. "
       "apply_fn(variables, x) must return logits in inference mode; for a Flax model with "
-      "train/mutable conventions use apply_fn, variables = jaxrobust.inference.split(model, "
+      "train/mutable conventions use apply_fn, variables = jaxrobust.models.inference.split(model, "
       "variables)"
     ) from None
   checks.require(

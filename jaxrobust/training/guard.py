@@ -25,7 +25,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxrobust import attacks, checkpoints, checks, models
+from jaxrobust import attacks, checks, models
+from jaxrobust.training import checkpoints
 
 GUARD_FILE = "overfit_guard.json"
 PREFIX = "overfit-"

@@ -1,7 +1,7 @@
 """Data-parallel robust training: the train state, the step and the loop.
 
 The step `(state, x, y, key) -> (state, metrics)` is written for one device:
-it makes the training inputs (the objective, see `jaxrobust.objectives`:
+it makes the training inputs (the objective, see `jaxrobust.training.objectives`:
 clean, or adversarial from any attack run on the model in inference mode;
 plus one Gaussian draw per example for a randomized model), computes the
 cross-entropy gradient, averages gradients and metrics over devices with
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks, fastpath, models, objectives, parallel
+from jaxrobust import checks, fastpath, models, parallel
+from jaxrobust.training import objectives
 from jaxrobust import keys as keys_lib
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tqdm
 
-from jaxrobust import checkpoints
+from jaxrobust.training import checkpoints
 
 # Fields of a metrics.jsonl line that measure time, not the computation.
 TIMING_FIELDS = ("seconds",)

@@ -17,7 +17,8 @@ checkpoint when there is one (`--checkpoint best|latest`).
 import json
 from pathlib import Path
 
-from jaxrobust import checkpoints, checks
+from jaxrobust import checks
+from jaxrobust.training import checkpoints
 
 BEST_DIR = "checkpoints/best"
 BEST_FILE = "best.json"

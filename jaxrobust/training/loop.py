@@ -42,9 +42,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrobust import certificates, checkpoints, checks, config as config_lib, data, evaluation
-from jaxrobust import guard as guard_lib, models, selection
-from jaxrobust import metrics as metrics_lib, parallel, sanity as sanity_lib, signals, training
+from jaxrobust import checks, data, evaluation
+from jaxrobust.certification import certificates
+from jaxrobust.training import checkpoints
+from jaxrobust.training import config as config_lib
+from jaxrobust import models
+from jaxrobust.training import guard as guard_lib
+from jaxrobust.training import selection
+from jaxrobust import parallel
+from jaxrobust.training import metrics as metrics_lib
+from jaxrobust.evaluation import sanity as sanity_lib
+from jaxrobust.training import signals
+from jaxrobust.training import step as training
 
 
 def _init_fn(resolved, model, tx):
@@ -187,7 +196,7 @@ def train(config, workdir, *, max_steps=None, mesh=None, progress=True):
         if logging or saving:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, int(first_bad), step, mgr)
-        if epoch_end:  # Fast-AT's guard (`jaxrobust.guard`): once per epoch
+        if epoch_end:  # Fast-AT's guard (`jaxrobust.training.guard`): once per epoch
           accuracy = float(check(state.variables))
           metrics["guard_robust_accuracy"] = accuracy
           if guard_lib.collapsed(previous, accuracy, guard["max_drop"]):
@@ -329,7 +338,7 @@ def evaluate(
   `eval.attacks` named in `names` (comma-separated, or "all"; default: the
   config's `eval.default`). `source`: an optional `(model, state)` to craft
   the examples on (transfer). With `sanity`, the report's "sanity" entry
-  holds the checks of `jaxrobust.sanity` (on the first
+  holds the checks of `jaxrobust.evaluation.sanity` (on the first
   `sanity.SANITY_EXAMPLES` examples). With `lipschitz`, a spectrally
   normalised model also gets `certificates.lipschitz_certificate` (report
   key "lipschitz") at radius 0 and 1/4, 1/2 and 1 times the eps of every L2

@@ -39,7 +39,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxrobust import attacks as attacks_lib
-from jaxrobust import checks, data, fastpath, inference, parallel
+from jaxrobust import checks, data, fastpath, parallel
+from jaxrobust.models import inference
 from jaxrobust import keys as keys_lib
 
 # Float rounding allowed on the ball's radius when judging an adversarial example.

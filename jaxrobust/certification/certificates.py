@@ -3,13 +3,14 @@
 import jax
 import numpy as np
 
-from jaxrobust import checks, spectral
+from jaxrobust import checks
+from jaxrobust.certification import lipschitz
 
 
 def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
   """Certified L2 accuracy of a network from a bound on its Lipschitz constant.
 
-  With L = `spectral.lipschitz_bound(apply_fn, variables, ...)` (an upper
+  With L = `lipschitz.lipschitz_bound(apply_fn, variables, ...)` (an upper
   bound on the L2 Lipschitz constant of the logits), example i is certified
   at radius r when it is classified correctly and
   margin_i / (sqrt(2) L) > r, margin_i the top logit minus the second: no
@@ -29,12 +30,12 @@ def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
     examples), "certified": [{"radius": r, "accuracy": float}]}`.
   """
   checks.check_images(x)
-  bound = spectral.lipschitz_bound(apply_fn, variables, x.shape[1:])
+  bound = lipschitz.lipschitz_bound(apply_fn, variables, x.shape[1:])
   logits_of = jax.jit(apply_fn)
   logits = np.concatenate(
     [np.asarray(logits_of(variables, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
   )
-  radius = np.asarray(spectral.certified_radius(logits, bound, np.asarray(y)))
+  radius = np.asarray(lipschitz.certified_radius(logits, bound, np.asarray(y)))
   return {
     "lipschitz_bound": float(bound),
     "median_radius": float(np.median(radius)),

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrobust import checks, layers, spectral as spectral_lib
+from jaxrobust import checks, spectral as spectral_lib
+from jaxrobust.models import layers
 
 # nn.Conv with the kernel gradient XLA:CPU computes fast (`layers`).
 Conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)

@@ -1,8 +1,11 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
 
-from jaxrobust import augment as augment_lib
-from jaxrobust import checks, data, evaluation, guard, models, selection, training
+from jaxrobust.training import augment as augment_lib
+from jaxrobust import checks, data, evaluation, models
+from jaxrobust.training import guard
+from jaxrobust.training import selection
+from jaxrobust.training import step as training
 
 
 def resolve(config, train_set):
