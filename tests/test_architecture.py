@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxrobust"
 FLOORS = (
-  ("checks", "keys", "fastpath", "launch"),  # no jaxrobust imports
+  ("checks", "keys", "fastpath", "launch", "types"),  # no jaxrobust imports
   ("parallel",),  # meshes and shard_map
   ("attacks", "data", "spectral", "configs"),  # pure functions, sources, the layer
   ("models",),  # classifiers (spectral normalisation inside)
@@ -40,6 +40,75 @@ NOT_YET_SHORT = {
   "programs/eval.py",
   "training/checkpoints.py",
   "training/loop.py",
+  "training/step.py",
+}
+
+# Files whose public functions are not yet all annotated (issue 25).
+NOT_YET_TYPED = {
+  "attacks/__init__.py",
+  "attacks/apgd.py",
+  "attacks/attack.py",
+  "attacks/autoattack.py",
+  "attacks/combinators.py",
+  "attacks/core.py",
+  "attacks/cw.py",
+  "attacks/fab.py",
+  "attacks/losses.py",
+  "attacks/momentum.py",
+  "attacks/pgd.py",
+  "attacks/square.py",
+  "attacks/targets.py",
+  "certification/certificates.py",
+  "certification/lipschitz.py",
+  "certification/smoothing.py",
+  "checks.py",
+  "cli.py",
+  "configs/__init__.py",
+  "configs/common.py",
+  "configs/cw_pgd_mix.py",
+  "configs/fast_at.py",
+  "configs/gaussian.py",
+  "configs/gpu_recipes.py",
+  "configs/mart.py",
+  "configs/mat_max.py",
+  "configs/mat_rand.py",
+  "configs/natural.py",
+  "configs/pgd_at.py",
+  "configs/pgd_at_sn_noise.py",
+  "configs/rat.py",
+  "configs/trades.py",
+  "data/__init__.py",
+  "data/arrays.py",
+  "data/batches.py",
+  "data/dataset.py",
+  "data/folder.py",
+  "data/tfds.py",
+  "evaluation/__init__.py",
+  "evaluation/report.py",
+  "evaluation/sanity.py",
+  "fastpath.py",
+  "interop/__init__.py",
+  "interop/torch_twins.py",
+  "keys.py",
+  "launch.py",
+  "models/__init__.py",
+  "models/inference.py",
+  "models/layers.py",
+  "parallel.py",
+  "programs/eval.py",
+  "programs/train.py",
+  "spectral/conv.py",
+  "spectral/iteration.py",
+  "spectral/layer.py",
+  "training/augment.py",
+  "training/checkpoints.py",
+  "training/config.py",
+  "training/guard.py",
+  "training/loop.py",
+  "training/metrics.py",
+  "training/objectives.py",
+  "training/selection.py",
+  "training/signals.py",
   "training/step.py",
 }
 
@@ -103,3 +172,29 @@ def _check_lengths(text):
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
       length = node.end_lineno - node.lineno + 1
       assert length <= MAX_FUNCTION_LINES, f"{node.name} has {length} lines"
+
+
+def _unannotated(text):
+  """The public functions and methods in `text` with a parameter or the
+  return value not annotated (self, cls and private names aside)."""
+  missing = []
+  for node in ast.walk(ast.parse(text)):
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+      continue
+    if node.name.startswith("_") and node.name != "__call__":
+      continue
+    args = node.args
+    params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+    params = [a for a in params if a is not None and a.arg not in ("self", "cls")]
+    if node.returns is None or any(a.annotation is None for a in params):
+      missing.append(node.name)
+  return missing
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_public_functions_are_annotated(path):
+  missing = _unannotated(path.read_text())
+  if str(path.relative_to(PACKAGE)) in NOT_YET_TYPED:
+    assert missing, "annotated now: take it off NOT_YET_TYPED"
+  else:
+    assert not missing, f"not annotated: {missing}"
