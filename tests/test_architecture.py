@@ -175,10 +175,16 @@ def _check_lengths(text):
 
 
 def _unannotated(text):
-  """The public functions and methods in `text` with a parameter or the
-  return value not annotated (self, cls and private names aside)."""
+  """The public functions and methods in `text` (at module level, or in a
+  module-level class) with a parameter or the return value not annotated
+  (self and cls aside)."""
+  tree = ast.parse(text)
+  defs = [*tree.body]
+  for node in tree.body:
+    if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+      defs += node.body
   missing = []
-  for node in ast.walk(ast.parse(text)):
+  for node in defs:
     if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
       continue
     if node.name.startswith("_") and node.name != "__call__":
