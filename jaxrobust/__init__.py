@@ -6,6 +6,8 @@ that `import jaxrobust` is quick and the command-line launchers
 """
 
 import importlib
+from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,7 @@ SUBMODULES = (
   "checks",
   "data",
   "evaluation",
+  "fastpath",
   "interop",
   "models",
   "parallel",
@@ -31,7 +34,7 @@ SHORTCUTS = {
 __all__ = [*SUBMODULES, *SHORTCUTS, "InputError"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> ModuleType | Any:
   if name in SUBMODULES or name in SHORTCUTS:
     return importlib.import_module(f"jaxrobust.{SHORTCUTS.get(name, name)}")
   if name == "InputError":
@@ -39,5 +42,5 @@ def __getattr__(name):
   raise AttributeError(f"module 'jaxrobust' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
   return sorted([*globals(), *__all__])

@@ -6,20 +6,20 @@ images: H, W, C). Images are floats in [0, 1]; a PRNG key is a typed key
 """
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 from jaxtyping import Array, Float, Int, Key
 
-Images: TypeAlias = Float[Array, "B *shape"]
-Labels: TypeAlias = Int[Array, " B"]
-Logits: TypeAlias = Float[Array, "B K"]
-PRNGKey: TypeAlias = Key[Array, ""] | Array
-Variables: TypeAlias = Any  # a pytree of arrays: `{"params": ..., "batch_stats": ...}`
+Images = Float[Array, "B *shape"]
+Labels = Int[Array, " B"]
+Logits = Float[Array, "B K"]
+PRNGKey = Key[Array, ""] | Array
+Variables = Any  # a pytree of arrays: `{"params": ..., "batch_stats": ...}`
 # eps: one radius, or one per example.
-Eps: TypeAlias = float | Float[Array, " B"]
-LogitsFn: TypeAlias = Callable[[Images], Logits]
-StochasticLogitsFn: TypeAlias = Callable[[Images, PRNGKey], Logits]
-ApplyFn: TypeAlias = Callable[[Variables, Images], Logits]
+Eps = float | Float[Array, " B"]
+LogitsFn = Callable[[Images], Logits]
+StochasticLogitsFn = Callable[[Images, PRNGKey], Logits]
+ApplyFn = Callable[[Variables, Images], Logits]
 
 __all__ = [
   "ApplyFn",

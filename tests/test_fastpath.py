@@ -215,6 +215,41 @@ def test_identity_off_cpu():
   assert fastpath.fast(f) is not f
 
 
+def test_disabled_is_part_of_the_jit_cache_key():
+  # One jitted function called outside, inside, then outside `disabled()`:
+  # the rewritten program (3->6 channels padded to 8->8), then the plain one,
+  # then the rewritten one again from the cache. Both a `fast` function made
+  # outside the trace and one made while it traces obey the switch.
+  w = normal(1, (3, 3, 3, 6))
+  conv = lambda x: lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  made_before = fastpath.fast(conv)
+  traces = []
+
+  def f(x):
+    traces.append(fastpath.enabled())
+    return made_before(x), fastpath.fast(conv)(x)
+
+  jitted, x = jax.jit(f), normal(0, (2, 8, 8, 3))
+
+  def padded_convolutions():
+    lines = jitted.lower(x).as_text().splitlines()
+    convs = [line for line in lines if "stablehlo.convolution" in line]
+    assert len(convs) == 2
+    return sum("-> tensor<2x8x8x8xf32>" in line for line in convs)
+
+  expected = jitted(x)
+  assert traces == [True] and padded_convolutions() == 2
+  with fastpath.disabled():
+    assert not fastpath.enabled()
+    assert_same([(lambda x: expected, jitted)], x)
+    assert traces == [True, False] and padded_convolutions() == 0
+  assert fastpath.enabled()
+  assert_same([(lambda x: expected, jitted)], x)
+  assert traces == [True, False] and padded_convolutions() == 2
+
+
 def test_training_step_gradient_has_no_select_and_scatter():
   import optax
   from jaxrobust import parallel

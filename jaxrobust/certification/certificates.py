@@ -1,13 +1,25 @@
 """Deterministic robustness certificates from a bound on a network's Lipschitz constant."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import numpy as np
 
 from jaxrobust import checks
 from jaxrobust.certification import lipschitz
+from jaxrobust.types import ApplyFn, Images, Labels, Variables
 
 
-def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
+def lipschitz_certificate(
+  apply_fn: ApplyFn,
+  variables: Variables,
+  x: Images,
+  y: Labels,
+  radii: Sequence[float],
+  *,
+  batch_size: int = 500,
+) -> dict[str, Any]:
   """Certified L2 accuracy of a network from a bound on its Lipschitz constant.
 
   With L = `lipschitz.lipschitz_bound(apply_fn, variables, ...)` (an upper
@@ -21,13 +33,19 @@ def lipschitz_certificate(apply_fn, variables, x, y, radii, *, batch_size=500):
   Args:
     apply_fn: `apply_fn(variables, x) -> logits`, inference mode, not jitted.
     variables: the model's variables.
-    x, y: images in [0, 1] [N, ...] and labels [N].
+    x: images in [0, 1] [N, ...].
+    y: labels [N].
     radii: the L2 radii at which to report certified accuracy.
     batch_size: examples per forward pass.
 
   Returns:
     `{"lipschitz_bound": L, "median_radius": float (0 for misclassified
     examples), "certified": [{"radius": r, "accuracy": float}]}`.
+
+  References:
+    Tsuzuku, Sato & Sugiyama, "Lipschitz-margin training: scalable
+    certification of perturbation invariance for deep neural networks",
+    NeurIPS 2018.
   """
   checks.check_images(x)
   bound = lipschitz.lipschitz_bound(apply_fn, variables, x.shape[1:])

@@ -13,166 +13,57 @@ replace pA by a test or a one-sided confidence bound. Noise is added in the
 [0, 1] pixel space without clipping, as in the paper, so the radius is an
 L2 distance between images in [0, 1].
 
-All the forward passes go through `noise_counts`: one jit-compiled function
-evaluates a chunk of `batch_size` noisy copies (of one or many images) split
-over every device of a mesh, and a host loop calls it until all the draws are
-counted. Draw j of example i uses the key `fold_in(fold_in(key, i), j)`, so
-the counts depend only on `key`, never on `batch_size` or on the number of
-devices.
+All the forward passes go through `noise_counts` (`certification.noise`);
+the reports of a run are in `certification.smoothing_report`, and both are
+reachable from here.
+
+References:
+  Cohen, Rosenfeld & Kolter, "Certified adversarial robustness via randomized
+  smoothing", ICML 2019.
 """
 
 import functools
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.stats
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
+from jaxtyping import ArrayLike
 
 from jaxrobust import checks
-from jaxrobust.models import inference
-from jaxrobust import parallel
-
-MAX_DRAWS = 2**31 - 1  # counts are int32: at most this many draws per example
-REPORT_RADIUS_STEP = 0.25
-CURVE_RADIUS_STEP = 0.01
-
-
-def noise_counts(logits_fn, x, key, *, sigma, n, batch_size=1000, mesh=None, variables=None):
-  """Counts the classes the base classifier gives to `n` noisy copies of each image.
-
-  counts[i, c] = #{j < n : argmax logits_fn(x[i] + d_ij) = c}, where
-  d_ij = sigma * normal(fold_in(fold_in(key, i), j), x.shape[1:]). The draws
-  are evaluated `batch_size` at a time (memory is bounded whatever `n` is),
-  each chunk split over the devices of `mesh`; the counts are identical for
-  every `batch_size` and every mesh (up to the base classifier giving a
-  different argmax for the same input at a different batch size). The
-  normals come from JAX's original (non-partitionable) threefry variant
-  whatever the `jax_threefry_partitionable` setting, so they do not change
-  with it either.
-
-  Args:
-    logits_fn: base classifier, `logits_fn(x_batch) -> logits [batch, classes]`,
-      traceable by `jax.jit`; it is a static argument of the compiled chunk,
-      so pass the same function object across calls to reuse the compilation.
-    variables: optional; then `logits_fn` is `apply_fn(variables, x_batch)
-      -> logits` and the variables are an argument of the compiled chunk: one
-      compilation per `apply_fn`, whatever the weights (`inference.split`).
-    x: images [B, ...] in [0, 1]; they, the noise and the noisy copies are float32.
-    key: a threefry2x32 PRNG key (JAX's default: `jax.random.key(seed)` or
-      `jax.random.PRNGKey(seed)`).
-    sigma: standard deviation of the Gaussian noise, > 0.
-    n: number of noisy draws per image, 1 <= n <= 2**31 - 1.
-    batch_size: forward passes per compiled chunk (rounded up to a multiple of
-      the number of devices, and down to B * n when that is smaller).
-    mesh: a 1-D mesh over `parallel.BATCH_AXIS` (default: all devices).
-
-  Returns:
-    int32 numpy array [B, num_classes]; every row sums to n.
-
-  Runs on the host, as `predict` and `certify` do (each chunk is a compiled
-  program; the counts and the confidence bounds are numpy): call it outside
-  `jax.jit`, `vmap` and `scan`; `logits_fn` itself may be anything traceable.
-  """
-  checks.require(
-    checks.is_concrete(x) and checks.is_concrete(key),
-    "smoothing.noise_counts, predict and certify run on the host (chunks of draws, then "
-    "numpy confidence bounds): call them outside jax.jit / vmap / scan, with concrete "
-    "images and key",
-  )
-  _check_sigma(sigma)
-  _check_draws("n", n)
-  _check_draws("batch_size", batch_size)
-  key = _threefry_key(key)
-  checks.check_images(x)
-  x = jnp.asarray(x, jnp.float32)
-  mesh = parallel.mesh() if mesh is None else mesh
-  num_devices = mesh.devices.size
-  num_examples = x.shape[0]
-  total = num_examples * n
-  chunk = min(batch_size, max(total, 1))
-  per_device = -(-chunk // num_devices)
-  if variables is None:
-    apply_fn, variables = inference.constant_apply(logits_fn), ()
-  else:
-    apply_fn = logits_fn
-  num_classes = _num_classes(functools.partial(apply_fn, variables), x, per_device)
-  if total == 0:
-    return np.zeros((0, num_classes), np.int32)
-  counts = jax.device_put(
-    np.zeros((num_devices * num_examples, num_classes), np.int32), parallel.batch_sharding(mesh)
-  )
-  replicate = functools.partial(jax.device_put, device=parallel.replicated(mesh))
-  x, key, sigma_array, n_array = map(replicate, (x, key, np.float32(sigma), np.uint32(n)))
-  # Each draw's noise is generated on one device from its own key, so the
-  # partitionable threefry variant (JAX's default) buys nothing here, and on
-  # XLA:CPU it generates normals about 5x slower than the original variant.
-  # Fixing the variant also makes the noise independent of the user's setting.
-  with jax.threefry_partitionable(False):
-    for start in range(0, total, per_device * num_devices):
-      counts = _add_chunk_counts(
-        counts,
-        variables,
-        x,
-        key,
-        sigma_array,
-        n_array,
-        np.uint32(start // n),
-        np.uint32(start % n),
-        apply_fn=apply_fn,
-        mesh=mesh,
-        per_device=per_device,
-      )
-  per_device_counts = np.asarray(counts).reshape(num_devices, num_examples, -1)
-  return per_device_counts.sum(axis=0, dtype=np.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "mesh", "per_device"), donate_argnums=0)
-def _add_chunk_counts(
-  counts, variables, x, key, sigma, n, start_example, start_draw, *, apply_fn, mesh, per_device
-):
-  """Adds the classes of draws start .. start + chunk - 1 (flat index i * n + j) to `counts`.
-
-  `counts` is [devices * B, classes], one block of B rows per device, so no
-  collective is needed; the caller sums the blocks at the end. Draws past
-  B * n (the padded tail of the last chunk) are computed and not counted.
-  """
-
-  def count_on_device(counts, variables, x, key, sigma, n, start_example, start_draw):
-    device = jax.lax.axis_index(parallel.BATCH_AXIS).astype(jnp.uint32)
-    # uint32 cannot overflow: start_draw < n <= 2**31 - 1 and the offset within
-    # the chunk is far below 2**31 (a chunk holds that many images in memory).
-    offset = start_draw + device * per_device + jnp.arange(per_device, dtype=jnp.uint32)
-    example = start_example + offset // n
-    draw = offset % n
-    counted = example < x.shape[0]
-    example = jnp.minimum(example, x.shape[0] - 1)
-    noise = jax.vmap(_gaussian_draw, in_axes=(None, 0, 0, None, None))(
-      key, example, draw, x.shape[1:], x.dtype
-    )
-    logits = apply_fn(variables, x[example] + sigma * noise)
-    predicted = jnp.argmax(logits, axis=-1)
-    return counts.at[example, predicted].add(counted.astype(jnp.int32))
-
-  replicated = P()
-  return parallel.data_parallel(
-    count_on_device,
-    mesh,
-    in_specs=(P(parallel.BATCH_AXIS),) + (replicated,) * 7,
-    out_specs=P(parallel.BATCH_AXIS),
-  )(counts, variables, x, key, sigma, n, start_example, start_draw)
-
-
-def _gaussian_draw(key, example, draw, shape, dtype):
-  """Standard normal noise of draw `draw` of example `example`: a counter-based key."""
-  key = jax.random.fold_in(jax.random.fold_in(key, example), draw)
-  return jax.random.normal(key, shape, dtype)
+from jaxrobust.certification.noise import (
+  MAX_DRAWS,
+  check_draws,
+  check_sigma,
+  noise_counts,
+  threefry_key,
+)
+from jaxrobust.certification.noise import (  # noqa: F401  (its compile cache, for tests)
+  add_chunk_counts as _add_chunk_counts,
+)
+from jaxrobust.certification.smoothing_report import (
+  CURVE_RADIUS_STEP,
+  REPORT_RADIUS_STEP,
+  certification_report,
+  certified_accuracy,
+  format_certification_table,
+  plot_certified_accuracy,
+)
+from jaxrobust.types import ApplyFn, Images, LogitsFn, PRNGKey, Variables
 
 
 def predict(
-  logits_fn, x, key, *, sigma, n=100, alpha=0.001, batch_size=1000, mesh=None, variables=None
-):
+  logits_fn: LogitsFn | ApplyFn,
+  x: Images,
+  key: PRNGKey,
+  *,
+  sigma: float,
+  n: int = 100,
+  alpha: float = 0.001,
+  batch_size: int = 1000,
+  mesh: Mesh | None = None,
+  variables: Variables | None = None,
+) -> np.ndarray:
   """Cohen et al.'s PREDICT: the smoothed classifier's class, or -1 (abstain).
 
   For each image, counts f(x + d) over n draws d ~ N(0, sigma^2 I), takes the
@@ -208,7 +99,7 @@ def predict(
   return np.array([_predict_from_counts(row, alpha) for row in counts], np.int32)
 
 
-def _predict_from_counts(counts, alpha):
+def _predict_from_counts(counts: np.ndarray, alpha: float) -> int:
   """PREDICT's decision for one image's class counts."""
   if counts.size == 1:
     top, count_top, count_second = 0, int(counts[0]), 0
@@ -220,18 +111,18 @@ def _predict_from_counts(counts, alpha):
 
 
 def certify(
-  logits_fn,
-  x,
-  key,
+  logits_fn: LogitsFn | ApplyFn,
+  x: Images,
+  key: PRNGKey,
   *,
-  sigma,
-  n0=100,
-  n=100_000,
-  alpha=0.001,
-  batch_size=1000,
-  mesh=None,
-  variables=None,
-):
+  sigma: float,
+  n0: int = 100,
+  n: int = 100_000,
+  alpha: float = 0.001,
+  batch_size: int = 1000,
+  mesh: Mesh | None = None,
+  variables: Variables | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Cohen et al.'s CERTIFY: the smoothed class and a certified L2 radius, or abstain.
 
   For each image: guess cA, the most frequent class of f(x + d) over n0
@@ -272,11 +163,11 @@ def certify(
     (pred, radius): int32 numpy array [B] with the class or -1 (abstain), and
     float32 numpy array [B] with the certified L2 radius (0.0 when abstaining).
   """
-  _check_sigma(sigma)
-  _check_draws("n0", n0)
-  _check_draws("n", n)
+  check_sigma(sigma)
+  check_draws("n0", n0)
+  check_draws("n", n)
   _check_alpha(alpha)
-  key = _threefry_key(key)
+  key = threefry_key(key)
   # fold_in, unlike split, does not depend on the jax_threefry_partitionable flag.
   select_key, estimate_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
   draws = functools.partial(
@@ -293,175 +184,44 @@ def certify(
   return pred, radius.astype(np.float32)
 
 
-def clopper_pearson_lower(successes, trials, alpha):
+def clopper_pearson_lower(successes: ArrayLike, trials: int, alpha: float) -> np.ndarray:
   """One-sided Clopper-Pearson lower bound at level 1 - alpha on a binomial proportion.
 
   The alpha quantile of Beta(successes, trials - successes + 1), and 0 where
   successes = 0: P(p >= bound) >= 1 - alpha for every true proportion p.
-  Works elementwise on arrays of `successes`; returns float64.
-  """
-  successes = np.asarray(successes, np.float64)
-  with np.errstate(invalid="ignore"):
-    bound = scipy.stats.beta.ppf(alpha, successes, trials - successes + 1)
-  return np.where(successes > 0, bound, 0.0)
-
-
-def certified_accuracy(pred, radius, y, radii):
-  """Fraction of examples with pred == y and radius >= r, for each r in `radii`.
-
-  Abstentions (pred = -1) never count as correct, so at r = 0 this is the
-  accuracy of the smoothed classifier with abstentions counted as errors.
-  """
-  pred, radius, y = _check_results(pred, radius, y)
-  correct = pred == y
-  return [float(np.mean(correct & (radius >= r))) if y.size else 0.0 for r in radii]
-
-
-def certification_report(pred, radius, y, *, sigma, n0, n, alpha, seconds, radii=None):
-  """A JSON-ready summary of a `certify` run against the true labels `y`.
 
   Args:
-    pred, radius: the outputs of `certify`.
-    y: the true labels [B].
-    sigma, n0, n, alpha: the settings `certify` ran with (recorded as given).
-    seconds: wall-clock time of the run.
-    radii: radii for the table; default 0, 0.25, 0.5, ..., up to the first
-      multiple of 0.25 at or above the largest certified radius.
+    successes: the number of successes (elementwise on arrays).
+    trials: the number of trials.
+    alpha: the bound's failure probability, in (0, 1).
 
   Returns:
-    dict with the settings, `num_examples`, `radii` and `certified_accuracy`
-    (same length), `abstain_rate`, `max_radius`, `seconds`,
-    `seconds_per_image`, and `curve`: certified accuracy on a 0.01 grid of
-    radii up to the last table radius, for plotting.
+    float64 array of `successes`' shape: the lower bounds.
+
+  References:
+    Clopper & Pearson, "The use of confidence or fiducial limits illustrated
+    in the case of the binomial", Biometrika 1934.
   """
-  pred, radius, y = _check_results(pred, radius, y)
-  checks.non_negative("seconds", seconds)
-  max_radius = float(radius.max(initial=0.0))
-  top = REPORT_RADIUS_STEP * math.ceil(max_radius / REPORT_RADIUS_STEP)
-  if radii is None:
-    radii = _grid(top, REPORT_RADIUS_STEP)
-  radii = [float(r) for r in radii]
-  curve_radii = _grid(max([top] + radii), CURVE_RADIUS_STEP)
-  num_examples = int(y.size)
-  return {
-    "method": "randomized smoothing CERTIFY (Cohen et al. 2019)",
-    "sigma": float(sigma),
-    "n0": int(n0),
-    "n": int(n),
-    "alpha": float(alpha),
-    "num_examples": num_examples,
-    "radii": radii,
-    "certified_accuracy": certified_accuracy(pred, radius, y, radii),
-    "abstain_rate": float(np.mean(pred == -1)) if num_examples else 0.0,
-    "max_radius": max_radius,
-    "seconds": float(seconds),
-    "seconds_per_image": float(seconds) / max(num_examples, 1),
-    "curve": {
-      "radius": curve_radii,
-      "certified_accuracy": certified_accuracy(pred, radius, y, curve_radii),
-    },
-  }
+  count = np.asarray(successes, np.float64)
+  with np.errstate(invalid="ignore"):
+    bound = scipy.stats.beta.ppf(alpha, count, trials - count + 1)
+  return np.where(count > 0, bound, 0.0)
 
 
-def format_certification_table(report):
-  """The report as markdown: a settings line and a radius / certified accuracy table."""
-  lines = [
-    f"Randomized smoothing (Cohen et al. 2019): sigma = {report['sigma']:g}, "
-    f"n0 = {report['n0']}, n = {report['n']}, alpha = {report['alpha']:g}; "
-    f"{report['num_examples']} images, {report['seconds_per_image']:.3g} s "
-    f"per image, {100 * report['abstain_rate']:.2f} % abstained.",
-    "",
-    "| L2 radius | certified accuracy (%) |",
-    "| --- | --- |",
-  ]
-  for r, accuracy in zip(report["radii"], report["certified_accuracy"]):
-    lines.append(f"| {r:.2f} | {100 * accuracy:.2f} |")
-  return "\n".join(lines) + "\n"
-
-
-def plot_certified_accuracy(report, path):
-  """Saves certified accuracy against L2 radius (a step curve) as a PNG at `path`."""
-  # A bare Figure renders with Agg and leaves pyplot's global backend alone.
-  from matplotlib.figure import Figure
-
-  curve = report["curve"]
-  figure = Figure(figsize=(5, 3.5), dpi=120)
-  axes = figure.subplots()
-  axes.step(curve["radius"], curve["certified_accuracy"], where="post")
-  axes.set_xlabel("L2 radius")
-  axes.set_ylabel("certified accuracy")
-  axes.set_ylim(0.0, 1.0)
-  axes.set_xlim(left=0.0)
-  axes.grid(alpha=0.3)
-  axes.set_title(f"sigma = {report['sigma']:g}, n = {report['n']}, alpha = {report['alpha']:g}")
-  figure.tight_layout()
-  figure.savefig(path, format="png")
-
-
-def _grid(top, step):
-  """0, step, 2 step, ..., up to the first multiple of `step` at or above `top`."""
-  return [round(k * step, 10) for k in range(math.ceil(top / step - 1e-9) + 1)]
-
-
-def _num_classes(logits_fn, x, batch):
-  """The number of classes `logits_fn` gives, checked on an abstract batch of `batch` images."""
-  images = jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
-  shape = jax.eval_shape(logits_fn, images).shape
-  checks.require(
-    len(shape) == 2 and shape[0] == batch and shape[1] >= 1,
-    f"logits_fn must map images [{batch}, ...] to logits [{batch}, classes], got shape {shape}",
-  )
-  return shape[1]
-
-
-def _check_sigma(sigma):
-  checks.positive("sigma", sigma)
-
-
-def _check_draws(name, value):
-  checks.integer_at_least(name, value, 1)
-  checks.require(
-    value <= MAX_DRAWS,
-    f"{name} must be <= 2**31 - 1 = {MAX_DRAWS} so that int32 "
-    f"counts cannot overflow, got {value!r}",
-  )
-
-
-def _check_alpha(alpha):
+def _check_alpha(alpha: float) -> None:
   checks.in_interval("alpha", alpha, 0, 1, closed=(False, False))
 
 
-def _threefry_key(key):
-  """`key` as a typed threefry2x32 key; a raw uint32 [2] key is read as one.
-
-  Other generators (rbg, unsafe_rbg) give a draw different noise at different
-  batch sizes, which would make the counts depend on `batch_size`.
-  """
-  dtype = getattr(key, "dtype", None)
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    checks.require(
-      np.shape(key) == (),
-      f"key must be a single PRNG key, got a key array of shape {np.shape(key)}",
-    )
-    impl = str(jax.random.key_impl(key))
-    checks.require(
-      impl == "threefry2x32",
-      f"key must be a threefry2x32 key (JAX's default generator), got a {impl} key",
-    )
-    return key
-  checks.require(
-    np.shape(key) == (2,) and np.asarray(key).dtype == np.uint32,
-    f"key must be a JAX PRNG key (jax.random.key or jax.random.PRNGKey), got {key!r}",
-  )
-  return jax.random.wrap_key_data(jnp.asarray(key), impl="threefry2x32")
-
-
-def _check_results(pred, radius, y):
-  """Checks `certify` outputs against labels `y`: three arrays of one shape [B]."""
-  pred, radius, y = np.asarray(pred), np.asarray(radius), np.asarray(y)
-  checks.require(
-    pred.ndim == 1 and pred.shape == radius.shape == y.shape,
-    f"pred, radius and labels must have the same shape [batch], "
-    f"got {pred.shape}, {radius.shape} and {y.shape}",
-  )
-  return pred, radius, y
+__all__ = [
+  "CURVE_RADIUS_STEP",
+  "MAX_DRAWS",
+  "REPORT_RADIUS_STEP",
+  "certification_report",
+  "certified_accuracy",
+  "certify",
+  "clopper_pearson_lower",
+  "format_certification_table",
+  "noise_counts",
+  "plot_certified_accuracy",
+  "predict",
+]

@@ -19,6 +19,8 @@ Batches are numpy arrays: `train_batches` (shuffled, resumable at any step),
 mesh.
 """
 
+import os
+
 from jaxrobust.checks import InputError, one_of, require
 from jaxrobust.data.arrays import load_digits, load_idx, load_npz
 from jaxrobust.data.batches import (
@@ -35,7 +37,13 @@ from jaxrobust.data.tfds import load_tfds
 SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>")
 
 
-def load(name, split, *, data_dir=None, cache_dir=None):
+def load(
+  name: str,
+  split: str,
+  *,
+  data_dir: str | None = None,
+  cache_dir: str | os.PathLike[str] | None = None,
+) -> Dataset:
   """Loads split `split` ("train" or "test") of the data set `name`.
 
   Sources:

@@ -5,11 +5,12 @@ import math
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 
 from jaxrobust.checks import InputError, require
-from jaxrobust.data.dataset import labels_max_plus_one, make_dataset, require_exists
+from jaxrobust.data.dataset import Dataset, labels_max_plus_one, make_dataset, require_exists
 
 DIGITS_TEST_PER_CLASS = 30
 _IDX_IMAGES_MAGIC = 2051
@@ -17,7 +18,15 @@ _IDX_LABELS_MAGIC = 2049
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 
-def load_digits(split):
+def load_digits(split: str) -> Dataset:
+  """scikit-learn's 8x8 digits, split as `jaxrobust.data.load` says.
+
+  Args:
+    split: "train" or "test".
+
+  Returns:
+    The split's `Dataset`.
+  """
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
@@ -36,7 +45,16 @@ def load_digits(split):
   )
 
 
-def load_npz(path, split):
+def load_npz(path: Path, split: str) -> Dataset:
+  """A data set from a `.npz` archive, read as `jaxrobust.data.load` says.
+
+  Args:
+    path: the archive.
+    split: "train" or "test".
+
+  Returns:
+    The split's `Dataset`.
+  """
   require_exists(path)
   try:
     archive = np.load(path, allow_pickle=False)
@@ -62,7 +80,16 @@ def load_npz(path, split):
   return make_dataset(images, labels, num_classes, class_names, path)
 
 
-def load_idx(directory, split):
+def load_idx(directory: Path, split: str) -> Dataset:
+  """A data set from MNIST's IDX files, read as `jaxrobust.data.load` says.
+
+  Args:
+    directory: the folder of the files.
+    split: "train" or "test".
+
+  Returns:
+    The split's `Dataset`.
+  """
   require_exists(directory)
   prefix = _IDX_PREFIX[split]
   images, image_file = _read_idx(directory / f"{prefix}-images-idx3-ubyte", _IDX_IMAGES_MAGIC)
@@ -74,7 +101,7 @@ def load_idx(directory, split):
   return make_dataset(images, labels, labels_max_plus_one(labels), None, image_file)
 
 
-def _read_idx(stem, magic):
+def _read_idx(stem: Path, magic: int) -> tuple[np.ndarray, Path]:
   """The uint8 array in IDX file `stem` or `stem.gz`, and that file's path.
 
   The header is the big-endian int32 `magic` (whose low byte is the number of

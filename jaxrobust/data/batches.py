@@ -2,19 +2,29 @@
 evaluation batches (in order, padded and masked), and their placement on a mesh."""
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
+from jaxtyping import ArrayLike
 
 from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
 
 
-def epoch_permutation(n, seed, epoch):
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
   """The order in which epoch `epoch` visits `n` examples.
 
-  Returns `np.random.default_rng([seed, epoch]).permutation(n)`: it depends
-  only on `n`, `seed` and `epoch`.
+  Args:
+    n: the number of examples.
+    seed: a non-negative integer that fixes the order.
+    epoch: the epoch's index.
+
+  Returns:
+    `np.random.default_rng([seed, epoch]).permutation(n)`: it depends only on
+    `n`, `seed` and `epoch`.
   """
   integer_at_least("n", n, 0)
   integer_at_least("seed", seed, 0)
@@ -22,16 +32,18 @@ def epoch_permutation(n, seed, epoch):
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _check_examples(x, y):
-  x, y = np.asarray(x), np.asarray(y)
+def _check_examples(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+  xs, ys = np.asarray(x), np.asarray(y)
   require(
-    x.ndim >= 1 and len(x) == len(y),
-    f"x and y must have the same leading size, got shapes {x.shape} and {y.shape}",
+    xs.ndim >= 1 and len(xs) == len(ys),
+    f"x and y must have the same leading size, got shapes {xs.shape} and {ys.shape}",
   )
-  return x, y
+  return xs, ys
 
 
-def train_batches(x, y, batch_size, *, seed, start_step=0):
+def train_batches(
+  x: ArrayLike, y: ArrayLike, batch_size: int, *, seed: int, start_step: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled training batches, from global step `start_step` on, forever.
 
   Each epoch visits the examples in the order `epoch_permutation(len(x),
@@ -50,15 +62,17 @@ def train_batches(x, y, batch_size, *, seed, start_step=0):
   Returns:
     An infinite iterator of numpy pairs `(xb, yb)` of `batch_size` examples.
   """
-  x, y = _check_examples(x, y)
+  xs, ys = _check_examples(x, y)
   integer_at_least("batch_size", batch_size, 1)
-  require(batch_size <= len(x), f"batch_size {batch_size} exceeds the {len(x)} examples")
+  require(batch_size <= len(xs), f"batch_size {batch_size} exceeds the {len(xs)} examples")
   integer_at_least("seed", seed, 0)
   integer_at_least("start_step", start_step, 0)
-  return _train_batches(x, y, batch_size, seed, start_step)
+  return _train_batches(xs, ys, batch_size, seed, start_step)
 
 
-def _train_batches(x, y, batch_size, seed, start_step):
+def _train_batches(
+  x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, start_step: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   steps_per_epoch = len(x) // batch_size
   epoch, position = divmod(start_step, steps_per_epoch)
   while True:
@@ -69,7 +83,9 @@ def _train_batches(x, y, batch_size, seed, start_step):
     epoch, position = epoch + 1, 0
 
 
-def eval_batches(x, y, batch_size, *, multiple_of=1):
+def eval_batches(
+  x: ArrayLike, y: ArrayLike, batch_size: int, *, multiple_of: int = 1
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """All examples in order, in batches of `batch_size`, each counted once.
 
   The last batch holds the remaining examples, padded up to a multiple of
@@ -85,17 +101,19 @@ def eval_batches(x, y, batch_size, *, multiple_of=1):
     An iterator of numpy triples `(xb, yb, mask)`, where the boolean `mask`
     is False exactly on the padding.
   """
-  x, y = _check_examples(x, y)
+  xs, ys = _check_examples(x, y)
   integer_at_least("batch_size", batch_size, 1)
   integer_at_least("multiple_of", multiple_of, 1)
   require(
     batch_size % multiple_of == 0,
     f"batch_size {batch_size} must be a multiple of multiple_of {multiple_of}",
   )
-  return _eval_batches(x, y, batch_size, multiple_of)
+  return _eval_batches(xs, ys, batch_size, multiple_of)
 
 
-def _eval_batches(x, y, batch_size, multiple_of):
+def _eval_batches(
+  x: np.ndarray, y: np.ndarray, batch_size: int, multiple_of: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   for start in range(0, len(x), batch_size):
     xb, yb = x[start : start + batch_size], y[start : start + batch_size]
     count = len(xb)
@@ -106,7 +124,7 @@ def _eval_batches(x, y, batch_size, multiple_of):
     yield xb, yb, np.arange(padded) < count
 
 
-def to_devices(batch, mesh):
+def to_devices(batch: Any, mesh: Mesh) -> Any:
   """Puts every array of `batch` on `mesh`, its leading axis split over it.
 
   Args:
@@ -129,11 +147,14 @@ def to_devices(batch, mesh):
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
-def channel_stats(x):
+def channel_stats(x: ArrayLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and standard deviation of images `x` [N, H, W, C].
 
   Both are taken over all N * H * W pixels, in float64; the standard deviation
   is the population one (divided by N * H * W).
+
+  Args:
+    x: the images.
 
   Returns:
     `(mean, std)`, each a tuple of C floats.

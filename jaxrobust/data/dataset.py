@@ -1,8 +1,11 @@
 """`Dataset`, and the checks every data source's arrays go through."""
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from jaxtyping import ArrayLike
 
 from jaxrobust.checks import require
 
@@ -19,24 +22,31 @@ class Dataset(tuple):
     class_names: the name of each class, or None when the source has none.
   """
 
-  def __new__(cls, x, y, num_classes, class_names=None):
+  num_classes: int
+  class_names: list[str] | None
+
+  def __new__(
+    cls, x: np.ndarray, y: np.ndarray, num_classes: int, class_names: list[str] | None = None
+  ) -> "Dataset":
     dataset = super().__new__(cls, (x, y))
     dataset.num_classes = num_classes
     dataset.class_names = class_names
     return dataset
 
-  def __getnewargs__(self):
+  def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
     return (self.x, self.y, self.num_classes, self.class_names)
 
   @property
-  def x(self):
+  def x(self) -> np.ndarray:
+    """The images, float32 [N, H, W, C] in [0, 1]."""
     return self[0]
 
   @property
-  def y(self):
+  def y(self) -> np.ndarray:
+    """The labels, int32 [N]."""
     return self[1]
 
-  def __repr__(self):
+  def __repr__(self) -> str:
     return (
       f"Dataset(x={self.x.dtype}{list(self.x.shape)}, "
       f"y={self.y.dtype}{list(self.y.shape)}, "
@@ -44,20 +54,44 @@ class Dataset(tuple):
     )
 
 
-def path_for_split(template, split):
+def path_for_split(template: str, split: str) -> Path:
+  """`template` with `{split}` replaced by `split`, `~` expanded.
+
+  Args:
+    template: a path, possibly holding `{split}`.
+    split: "train" or "test".
+
+  Returns:
+    The path.
+  """
   return Path(template.replace("{split}", split)).expanduser()
 
 
-def require_exists(path):
+def require_exists(path: Path) -> Path:
+  """Returns `path` if it exists, else raises InputError.
+
+  Args:
+    path: the path to check.
+
+  Returns:
+    `path`.
+  """
   require(path.exists(), f"data path {path} does not exist")
   return path
 
 
-def unit_images(images, where):
+def unit_images(images: ArrayLike, where: object) -> np.ndarray:
   """`images` as C-contiguous float32 [N, H, W, C] in [0, 1].
 
   uint8 images are divided by 255; float images must already lie in [0, 1];
   [N, H, W] images get a channel axis of size 1.
+
+  Args:
+    images: [N, H, W] or [N, H, W, C] images, uint8 or floats.
+    where: where they come from, for the messages.
+
+  Returns:
+    The float32 images [N, H, W, C].
   """
   images = np.asarray(images)
   if images.ndim == 3:
@@ -82,17 +116,34 @@ def unit_images(images, where):
   return images
 
 
-def make_dataset(images, labels, num_classes, class_names, where):
-  """A validated `Dataset` of `images` and integer `labels` from `where`."""
+def make_dataset(
+  images: ArrayLike,
+  labels: ArrayLike,
+  num_classes: int,
+  class_names: Sequence[str] | None,
+  where: object,
+) -> Dataset:
+  """A validated `Dataset` of `images` and integer `labels` from `where`.
+
+  Args:
+    images: the images (see `unit_images`).
+    labels: integer labels [N] in [0, num_classes).
+    num_classes: the number of classes.
+    class_names: one name per class, or None.
+    where: where they come from, for the messages.
+
+  Returns:
+    The data set.
+  """
   x = unit_images(images, where)
-  labels = np.asarray(labels)
+  y = np.asarray(labels)
   require(
-    labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer),
-    f"labels in {where} must be integers of shape [N], got {labels.dtype} of shape {labels.shape}",
+    y.ndim == 1 and np.issubdtype(y.dtype, np.integer),
+    f"labels in {where} must be integers of shape [N], got {y.dtype} of shape {y.shape}",
   )
-  require(len(x) == len(labels), f"{where} holds {len(x)} images but {len(labels)} labels")
+  require(len(x) == len(y), f"{where} holds {len(x)} images but {len(y)} labels")
   require(len(x) > 0, f"{where} holds no examples")
-  outside = labels[(labels < 0) | (labels >= num_classes)]
+  outside = y[(y < 0) | (y >= num_classes)]
   require(
     outside.size == 0,
     f"labels in {where} must lie in [0, {num_classes}), got {sorted(set(outside.tolist()))[:5]}",
@@ -101,9 +152,18 @@ def make_dataset(images, labels, num_classes, class_names, where):
     class_names is None or len(class_names) == num_classes,
     f"{where} names {len(class_names or ())} classes but has {num_classes}",
   )
-  return Dataset(x, labels.astype(np.int32), int(num_classes), class_names)
+  names = None if class_names is None else list(class_names)
+  return Dataset(x, y.astype(np.int32), int(num_classes), names)
 
 
-def labels_max_plus_one(labels):
-  labels = np.asarray(labels)
-  return int(labels.max()) + 1 if labels.size else 0
+def labels_max_plus_one(labels: ArrayLike) -> int:
+  """The number of classes when labels are all that is known: the largest + 1.
+
+  Args:
+    labels: integer labels.
+
+  Returns:
+    The largest label + 1, or 0 for no labels.
+  """
+  y = np.asarray(labels)
+  return int(y.max()) + 1 if y.size else 0

@@ -6,17 +6,17 @@ from pathlib import Path
 import numpy as np
 
 from jaxrobust.checks import InputError, require
-from jaxrobust.data.dataset import make_dataset
+from jaxrobust.data.dataset import Dataset, make_dataset
 
 
-def _tfds_data_dir(data_dir):
+def _tfds_data_dir(data_dir: str | None) -> str:
   """The data directory tensorflow-datasets uses for `data_dir`."""
   return str(
     Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
   )
 
 
-def _tfds_not_prepared(name, data_dir, reason):
+def _tfds_not_prepared(name: str, data_dir: str | None, reason: str) -> InputError:
   root = _tfds_data_dir(data_dir)
   return InputError(
     f"tfds:{name} is not prepared in {root} ({reason}), and this machine "
@@ -28,7 +28,19 @@ def _tfds_not_prepared(name, data_dir, reason):
   )
 
 
-def load_tfds(name, split, data_dir):
+def load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
+  """A data set prepared by tensorflow-datasets, read as `jaxrobust.data.load` says.
+
+  Nothing is downloaded.
+
+  Args:
+    name: the tensorflow-datasets name, e.g. "mnist".
+    split: "train" or "test".
+    data_dir: tensorflow-datasets' data directory (None: its default).
+
+  Returns:
+    The split's `Dataset`.
+  """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as error:

@@ -2,10 +2,13 @@
 
 import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
 from jaxrobust import checks
 from jaxrobust.spectral import iteration
@@ -20,12 +23,19 @@ LINEAR_PART = "jaxrobust_linear_part"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def example_shape(input_shape, kernel_ndim):
+def example_shape(input_shape: Sequence[int], kernel_ndim: int) -> tuple[int, ...]:
   """Shape of one example of a layer input: its last kernel_ndim - 1 axes.
 
   Dense (kernel [in, out]) acts on the last axis; an N-d convolution (kernel
   [*window, in, out]) on the last N + 1 axes. Any leading axes are batch axes,
   and the map is block diagonal over them, with the norm of one block.
+
+  Args:
+    input_shape: the shape of the layer's input, batch axes included.
+    kernel_ndim: the rank of the layer's kernel.
+
+  Returns:
+    The shape of one example.
   """
   n = kernel_ndim - 1
   checks.require(
@@ -36,27 +46,42 @@ def example_shape(input_shape, kernel_ndim):
   return tuple(input_shape[len(input_shape) - n :])
 
 
-def linear_part(layer, params):
-  """Returns f(kernel, v): the layer applied to one example v with the bias at 0.
+def linear_part(layer: nn.Module, params: dict[str, Any]) -> Callable[[Array, Array], Array]:
+  """f(kernel, v): the layer applied to one example v with the bias at 0.
 
-  `layer` is a Dense, Conv or ConvTranspose; with every parameter but the
-  kernel set to zero, the layer computes exactly its linear map.
+  With every parameter but the kernel set to zero, the layer computes exactly
+  its linear map.
+
+  Args:
+    layer: a Dense, Conv or ConvTranspose.
+    params: its parameters ("kernel" and any others, e.g. "bias").
+
+  Returns:
+    The linear map, a function of the kernel and one example.
   """
   unbound = layer.clone(parent=None, name=LINEAR_PART)
   others = {name: jnp.zeros_like(value) for name, value in params.items() if name != "kernel"}
 
-  def apply(kernel, v):
+  def apply(kernel: Array, v: Array) -> Array:
     return unbound.apply({"params": {**others, "kernel": kernel}}, v[None])[0]
 
   return apply
 
 
-def matrix_part(kernel, v):
-  """v times the kernel reshaped to [prod(other dims), out] (Miyato's matrix)."""
+def matrix_part(kernel: Array, v: Array) -> Array:
+  """v times the kernel reshaped to [prod(other dims), out] (Miyato's matrix).
+
+  Args:
+    kernel: a kernel [..., out].
+    v: a vector [prod(kernel.shape[:-1])].
+
+  Returns:
+    The product, [out].
+  """
   return jnp.matmul(v, kernel.reshape(-1, kernel.shape[-1]), precision=_HIGHEST)
 
 
-def _rescale_factor(sigma, target, rescale):
+def _rescale_factor(sigma: Array, target: float, rescale: str) -> Array:
   """The number the kernel is divided by.
 
   "clip": max(1, sigma / target) (Farnia et al. 2019), which leaves a layer
@@ -69,7 +94,12 @@ def _rescale_factor(sigma, target, rescale):
   return jnp.where(sigma > 0, ratio, 1.0)
 
 
-def check_kernel_layer(layer):
+def check_kernel_layer(layer: Any) -> None:
+  """Raises InputError unless `layer` is an nn.Dense, nn.Conv or nn.ConvTranspose.
+
+  Args:
+    layer: the layer to check.
+  """
   checks.require(
     isinstance(layer, KERNEL_LAYERS),
     "SpectralNorm wraps a layer with a kernel (nn.Dense, nn.Conv "
@@ -154,7 +184,7 @@ class SpectralNorm(nn.Module):
   target: float = 1.0
   rescale: str = "clip"
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     check_kernel_layer(self.layer)
     checks.one_of("mode", self.mode, MODES)
     checks.one_of("rescale", self.rescale, RESCALES)
@@ -163,7 +193,7 @@ class SpectralNorm(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x, update_stats: bool):
+  def __call__(self, x: Array, update_stats: bool) -> Array:
     """Applies the layer to `x` with its spectrally normalised kernel.
 
     Args:
@@ -188,7 +218,7 @@ class SpectralNorm(nn.Module):
       self.layer
     )
 
-  def _normalize(self, variables, *, input_shape, update_stats):
+  def _normalize(self, variables: Any, *, input_shape: tuple[int, ...], update_stats: bool) -> Any:
     """Returns the layer's variables with the kernel divided by c."""
     params = dict(variables["params"])
     checks.require(
@@ -197,6 +227,8 @@ class SpectralNorm(nn.Module):
       f"{type(self.layer).__name__} has {sorted(params)}",
     )
     kernel = params["kernel"]
+    linear: Callable[[Array, Array], Array]
+    shape: tuple[int, ...]
     if self.mode == "matrix":
       linear = matrix_part
       shape = (math.prod(kernel.shape[:-1]),)
@@ -221,7 +253,7 @@ class SpectralNorm(nn.Module):
     params["kernel"] = (kernel / factor).astype(kernel.dtype)
     return {**variables, "params": params}
 
-  def _stored_vector(self, shape):
+  def _stored_vector(self, shape: tuple[int, ...]) -> Array:
     """The stored power-iteration vector (drawn at initialisation)."""
     if not self.has_variable(COLLECTION, "v"):
       checks.require(
@@ -231,7 +263,7 @@ class SpectralNorm(nn.Module):
       )
       self.put_variable(COLLECTION, "v", iteration.random_unit(self.make_rng("params"), shape))
       self.put_variable(COLLECTION, "sigma", jnp.zeros((), jnp.float32))
-    v = self.get_variable(COLLECTION, "v")
+    v: Array = self.get_variable(COLLECTION, "v")
     checks.require(
       tuple(v.shape) == tuple(shape),
       f"SpectralNorm {self.name} was initialised for a "
