@@ -116,7 +116,7 @@ def _image_hw(name: str, side: int) -> tuple[int, int]:
 def input_hw(
   model: nn.Module, params: Mapping[str, Any], hw: Sequence[int] | None = None
 ) -> tuple[int, int] | None:
-  """The image size the flatten of `small_cnn`/`seed_cnn` was built for.
+  """The image size the flatten of `small_cnn`/`seed_cnn` is built for.
 
   Args:
     model: a jaxrobust model.

@@ -30,9 +30,11 @@ ACTIVATIONS = {"relu": F.relu, "swish": F.silu}  # silu(x) = x sigmoid(x)
 
 
 class Conv2d(nn.Conv2d):
-  """`nn.Conv2d` padded as jaxrobust pads: `padding` is "valid" or one of
-  `models.PADDINGS` ("same" depends on the input's size, so it pads in
-  `forward`)."""
+  """`nn.Conv2d` padded as jaxrobust pads.
+
+  `padding` is "valid" or one of `models.PADDINGS` ("same" depends on the
+  input's size, so it pads in `forward`).
+  """
 
   def __init__(self, in_channels, out_channels, kernel, stride=1, *, bias=False, padding="same"):
     super().__init__(in_channels, out_channels, kernel, stride, padding=0, bias=bias)
@@ -50,8 +52,16 @@ class Conv2d(nn.Conv2d):
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
-  """PyTorch's BatchNorm2d with Flax's `nn.BatchNorm(momentum=0.9)` conventions:
-  eps 1e-5, and PyTorch's momentum is 1 - Flax's."""
+  """PyTorch's BatchNorm2d with the settings of Flax's `nn.BatchNorm(momentum=0.9)`.
+
+  eps 1e-5 on both sides; PyTorch's momentum is 1 - Flax's.
+
+  Args:
+    channels: the number of channels.
+
+  Returns:
+    `nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)`.
+  """
   return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
 
 
@@ -113,9 +123,11 @@ class SeedCNN(Twin):
 
 
 class PreActBlock(nn.Module):
-  """`models.PreActBlock`, its layers named by `names` (role -> attribute):
-  roles bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in ".0" is a
-  one-conv `nn.Sequential`."""
+  """`models.PreActBlock`, its layers named by `names` (role -> attribute).
+
+  The roles are bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in
+  ".0" is a one-conv `nn.Sequential`.
+  """
 
   def __init__(self, cin, cout, stride, *, names, activation="relu", padding="same"):
     super().__init__()
@@ -140,8 +152,10 @@ class PreActBlock(nn.Module):
 
 
 class Group(nn.Module):
-  """Blocks in an `nn.Sequential` named `attr` (RobustBench's `NetworkBlock.layer`,
-  `_BlockGroup.block`)."""
+  """Blocks in an `nn.Sequential` named `attr`.
+
+  RobustBench's `NetworkBlock.layer` and `_BlockGroup.block`.
+  """
 
   def __init__(self, attr, blocks):
     super().__init__()
@@ -223,8 +237,7 @@ class DMWideResNet(Twin):
 
 
 def _resnet18_layers(module, block, width, **settings):
-  """Sets `module.layer1` to `layer4` (RobustBench's names) to the blocks of
-  `models.resnet18_blocks`."""
+  """Sets `module.layer1` to `layer4` (RobustBench's names) to `models.resnet18_blocks`."""
   blocks = models.resnet18_blocks(width)
   for s in range(4):
     layer = [
@@ -234,8 +247,10 @@ def _resnet18_layers(module, block, width, **settings):
 
 
 class PreActResNet18(Twin):
-  """`models.PreActResNet18`, in the layout of RobustBench's `PreActResNet`
-  (`PreActBlockV2`, `bn_before_fc=True`)."""
+  """`models.PreActResNet18`, in RobustBench's `PreActResNet` layout.
+
+  With `PreActBlockV2` and `bn_before_fc=True`.
+  """
 
   layer1: nn.Module  # set by `_resnet18_layers`
   layer2: nn.Module
