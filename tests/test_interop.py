@@ -156,7 +156,9 @@ def test_real_size_layouts_match_robustbench(arch):
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   shapes = jax.tree.map(lambda s: s.shape, shapes)
   want = {
-    key: (() if kind == "count" else interop._torch_shape(kind, interop._get(shapes, path)))
+    key: (
+      () if kind == "count" else interop.torch_shape(kind, interop.layouts.get_path(shapes, path))
+    )
     for key, path, kind in interop.layout(model, shapes["params"])
   }
   with torch.device("meta"):

@@ -24,20 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxrobust import models
+from jaxrobust.interop.layouts import DM_BLOCK, RB_PREACT_BLOCK, RB_WRN_BLOCK
 
 ACTIVATIONS = {"relu": F.relu, "swish": F.silu}  # silu(x) = x sigmoid(x)
 
 
 class Conv2d(nn.Conv2d):
-  """`nn.Conv2d` padded as jaxrobust pads: `padding` is "valid" or one of
-  `models.PADDINGS` ("same" depends on the input's size, so it pads in
-  `forward`)."""
+  """`nn.Conv2d` padded as jaxrobust pads.
+
+  `padding` is "valid" or one of `models.PADDINGS` ("same" depends on the
+  input's size, so it pads in `forward`).
+  """
 
   def __init__(self, in_channels, out_channels, kernel, stride=1, *, bias=False, padding="same"):
     super().__init__(in_channels, out_channels, kernel, stride, padding=0, bias=bias)
     self.mode = padding
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.mode != "valid":
       (top, bottom), (left, right) = (
         models.padding_pair(self.mode, n, k, s)
@@ -48,21 +51,32 @@ class Conv2d(nn.Conv2d):
     return super().forward(x)
 
 
-def batch_norm(channels):
-  """PyTorch's BatchNorm2d with Flax's `nn.BatchNorm(momentum=0.9)` conventions:
-  eps 1e-5, and PyTorch's momentum is 1 - Flax's."""
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+  """PyTorch's BatchNorm2d with the settings of Flax's `nn.BatchNorm(momentum=0.9)`.
+
+  eps 1e-5 on both sides; PyTorch's momentum is 1 - Flax's.
+
+  Args:
+    channels: the number of channels.
+
+  Returns:
+    `nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)`.
+  """
   return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
 
 
 class Twin(nn.Module):
   """A twin's normalisation: buffers `mean` and `std` [C, 1, 1]."""
 
+  mean: torch.Tensor
+  std: torch.Tensor
+
   def __init__(self, mean, std):
     super().__init__()
     self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
     self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
-  def normalize(self, x):
+  def normalize(self, x: torch.Tensor) -> torch.Tensor:
     return (x - self.mean) / self.std
 
 
@@ -78,7 +92,7 @@ class SmallCNN(Twin):
     self.fc1 = nn.Linear(h * w * 2 * width, 4 * width)
     self.fc2 = nn.Linear(4 * width, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.normalize(x)
     for stage in range(2):
       x = F.relu(self.convs[2 * stage](x))
@@ -100,7 +114,7 @@ class SeedCNN(Twin):
     self.fc2 = nn.Linear(120, 84)
     self.fc3 = nn.Linear(84, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.normalize(x)
     x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
     x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
@@ -109,9 +123,11 @@ class SeedCNN(Twin):
 
 
 class PreActBlock(nn.Module):
-  """`models.PreActBlock`, its layers named by `names` (role -> attribute):
-  roles bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in ".0" is a
-  one-conv `nn.Sequential`."""
+  """`models.PreActBlock`, its layers named by `names` (role -> attribute).
+
+  The roles are bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in
+  ".0" is a one-conv `nn.Sequential`.
+  """
 
   def __init__(self, cin, cout, stride, *, names, activation="relu", padding="same"):
     super().__init__()
@@ -126,7 +142,7 @@ class PreActBlock(nn.Module):
       attr = names["shortcut"].removesuffix(".0")
       setattr(self, attr, nn.Sequential(conv) if attr != names["shortcut"] else conv)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     layer = lambda role: getattr(self, self.names[role].removesuffix(".0"))
     out = self.act(layer("bn1")(x))
     shortcut = layer("shortcut")(out) if self.has_shortcut else x
@@ -135,23 +151,18 @@ class PreActBlock(nn.Module):
     return out + shortcut
 
 
-RB_WRN_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="convShortcut")
-DM_BLOCK = dict(
-  bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1", shortcut="shortcut"
-)
-RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
-
-
 class Group(nn.Module):
-  """Blocks in an `nn.Sequential` named `attr` (RobustBench's `NetworkBlock.layer`,
-  `_BlockGroup.block`)."""
+  """Blocks in an `nn.Sequential` named `attr`.
+
+  RobustBench's `NetworkBlock.layer` and `_BlockGroup.block`.
+  """
 
   def __init__(self, attr, blocks):
     super().__init__()
     self.attr = attr
     setattr(self, attr, nn.Sequential(*blocks))
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     return getattr(self, self.attr)(x)
 
 
@@ -177,6 +188,10 @@ def _wrn_stages(depth, width, names, **block_settings):
 class WideResNet(Twin):
   """`models.WideResNet`, in RobustBench's `WideResNet` layout."""
 
+  block1: nn.Module  # set by name in __init__
+  block2: nn.Module
+  block3: nn.Module
+
   def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same"):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), 16, 3, padding=padding)
@@ -185,7 +200,7 @@ class WideResNet(Twin):
     self.bn1 = batch_norm(64 * width)
     self.fc = nn.Linear(64 * width, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv1(self.normalize(x))
     x = self.block3(self.block2(self.block1(x)))
     return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
@@ -216,14 +231,13 @@ class DMWideResNet(Twin):
     self.batchnorm = batch_norm(64 * width)
     self.logits = nn.Linear(64 * width, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.layer(self.init_conv(self.normalize(x)))
     return self.logits(torch.mean(self.act(self.batchnorm(x)), dim=(2, 3)))
 
 
 def _resnet18_layers(module, block, width, **settings):
-  """Sets `module.layer1` to `layer4` (RobustBench's names) to the blocks of
-  `models.resnet18_blocks`."""
+  """Sets `module.layer1` to `layer4` (RobustBench's names) to `models.resnet18_blocks`."""
   blocks = models.resnet18_blocks(width)
   for s in range(4):
     layer = [
@@ -233,8 +247,15 @@ def _resnet18_layers(module, block, width, **settings):
 
 
 class PreActResNet18(Twin):
-  """`models.PreActResNet18`, in the layout of RobustBench's `PreActResNet`
-  (`PreActBlockV2`, `bn_before_fc=True`)."""
+  """`models.PreActResNet18`, in RobustBench's `PreActResNet` layout.
+
+  With `PreActBlockV2` and `bn_before_fc=True`.
+  """
+
+  layer1: nn.Module  # set by `_resnet18_layers`
+  layer2: nn.Module
+  layer3: nn.Module
+  layer4: nn.Module
 
   def __init__(self, num_classes, mean, std, *, padding="same", width=64):
     super().__init__(mean, std)
@@ -243,7 +264,7 @@ class PreActResNet18(Twin):
     self.bn = batch_norm(8 * width)
     self.linear = nn.Linear(8 * width, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv1(self.normalize(x))
     x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
     return self.linear(torch.mean(F.relu(self.bn(x)), dim=(2, 3)))
@@ -262,13 +283,18 @@ class BasicBlock(nn.Module):
     if stride != 1 or cin != cout:
       self.shortcut = nn.Sequential(Conv2d(cin, cout, 1, stride, padding=padding), batch_norm(cout))
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     out = F.relu(self.bn1(self.conv1(x)))
     return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet18(Twin):
   """`models.ResNet18`, in RobustBench's `ResNet18` layout."""
+
+  layer1: nn.Module  # set by `_resnet18_layers`
+  layer2: nn.Module
+  layer3: nn.Module
+  layer4: nn.Module
 
   def __init__(self, num_classes, mean, std, *, padding="same", width=64):
     super().__init__(mean, std)
@@ -277,7 +303,7 @@ class ResNet18(Twin):
     _resnet18_layers(self, BasicBlock, width, padding=padding)
     self.linear = nn.Linear(8 * width, num_classes)
 
-  def forward(self, x):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = F.relu(self.bn1(self.conv1(self.normalize(x))))
     x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
     return self.linear(torch.mean(x, dim=(2, 3)))

@@ -19,8 +19,7 @@ bound.
 import dataclasses
 import inspect
 import weakref
-from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from jaxrobust import checks
+from jaxrobust.types import ApplyFn, Images, Logits, LogitsFn, Variables
 
 # Keyword arguments of a Linen `__call__` that select training behaviour,
 # with their inference value.
@@ -42,31 +42,45 @@ INFERENCE_KEYWORDS = {
 
 @dataclasses.dataclass(frozen=True)
 class LinenApply:
-  """`module.apply(variables, x, **inference keywords)`, nothing mutable.
+  """`(variables, x) -> module.apply(variables, x, **keywords)`, nothing mutable.
 
   Equal modules give equal (and equally hashed) functions, so compiled
-  programs cached by model function are reused."""
+  programs cached by model function are reused.
 
-  module: Any
-  keywords: tuple = ()
+  Attributes:
+    module: a Flax Linen module.
+    keywords: `(name, value)` pairs of the inference keywords its `__call__` takes.
+  """
 
-  def __call__(self, variables, x):
-    return self.module.apply(variables, x, mutable=False, **dict(self.keywords))
+  module: linen.Module
+  keywords: tuple[tuple[str, Any], ...] = ()
+
+  def __call__(self, variables: Variables, x: Images) -> Logits:
+    logits = self.module.apply(variables, x, mutable=False, **dict(self.keywords))
+    return cast(Logits, logits)
 
 
 @dataclasses.dataclass(frozen=True)
 class NNXApply:
-  """An NNX module of graph `graphdef` on `state`, in eval mode, on a copy."""
+  """`(state, x) -> logits` of the NNX module of graph `graphdef` on `state`, in eval mode.
+
+  The module is rebuilt from (`graphdef`, `state`): the caller's is never changed.
+
+  Attributes:
+    graphdef: the module's graph (`nnx.split`).
+  """
 
   graphdef: Any
 
-  def __call__(self, state, x):
+  def __call__(self, state: Variables, x: Images) -> Logits:
     module = nnx.merge(self.graphdef, state)
     module.eval()
     return module(x)
 
 
-def split(model, variables=None) -> tuple[Callable, Any]:
+def split(
+  model: linen.Module | nnx.Module, variables: Variables = None
+) -> tuple[ApplyFn, Variables]:
   """`(apply_fn, variables)` of a Flax model, `apply_fn(variables, x) -> logits` in inference mode.
 
   Args:
@@ -96,27 +110,44 @@ def split(model, variables=None) -> tuple[Callable, Any]:
   )
 
 
-def logits_fn(model, variables=None) -> Callable[[jax.Array], jax.Array]:
-  """`x -> logits` of a Flax Linen or NNX module in inference mode (see `split`)."""
+def logits_fn(model: linen.Module | nnx.Module, variables: Variables = None) -> LogitsFn:
+  """`x -> logits` of a Flax Linen or NNX module in inference mode.
+
+  Args:
+    model: a Flax Linen module (with `variables`) or an NNX module.
+    variables: the Linen module's variables; None for an NNX module.
+
+  Returns:
+    `split(model, variables)`'s `apply_fn` with the variables bound.
+  """
   apply_fn, variables = split(model, variables)
   return lambda x: apply_fn(variables, x)
 
 
-_CONSTANT_APPLY = weakref.WeakKeyDictionary()
+_CONSTANT_APPLY: "weakref.WeakKeyDictionary[LogitsFn, ApplyFn]" = weakref.WeakKeyDictionary()
 
 
-def constant_apply(logits_fn) -> Callable:
-  """`(variables, x) -> logits_fn(x)`, the variables ignored: a `logits_fn`
-  where an `apply_fn` is taken. The same object for the same `logits_fn`, so
-  programs compiled for it are reused (its weights are constants in them)."""
+def constant_apply(logits_fn: LogitsFn) -> ApplyFn:
+  """`(variables, x) -> logits_fn(x)`, the variables ignored.
+
+  A `logits_fn` where an `apply_fn` is taken: the same object for the same
+  `logits_fn` (held weakly), so programs compiled for it are reused (its
+  weights are constants in them).
+
+  Args:
+    logits_fn: `x -> logits`.
+
+  Returns:
+    `apply_fn(variables, x) = logits_fn(x)`.
+  """
   if logits_fn not in _CONSTANT_APPLY:
     # A weak reference: the entry must not keep its own key alive.
     ref = weakref.ref(logits_fn)
-    _CONSTANT_APPLY[logits_fn] = lambda variables, x: ref()(x)
+    _CONSTANT_APPLY[logits_fn] = lambda variables, x: cast(LogitsFn, ref())(x)
   return _CONSTANT_APPLY[logits_fn]
 
 
-def _inference_keywords(module):
+def _inference_keywords(module: linen.Module) -> tuple[tuple[str, Any], ...]:
   parameters = inspect.signature(type(module).__call__).parameters
   names = list(parameters)[1:]  # after self
   keywords = {k: v for k, v in INFERENCE_KEYWORDS.items() if k in parameters}
@@ -136,12 +167,19 @@ def _inference_keywords(module):
   return tuple(sorted(keywords.items()))
 
 
-def check_apply_fn(apply_fn, variables, x):
+def check_apply_fn(apply_fn: ApplyFn, variables: Variables, x: Images) -> None:
   """Checks that `apply_fn(variables, x)` gives logits [B, K] (shapes only, no compute).
 
-  Raises `InputError` saying what is expected when the model needs a
-  `train` argument, mutates a collection (BatchNorm in training mode),
-  or returns a tuple or a dict."""
+  Args:
+    apply_fn: `(variables, x) -> logits`.
+    variables: its variables.
+    x: a batch of images.
+
+  Raises:
+    InputError: saying what is expected when the model needs a `train`
+      argument, mutates a collection (BatchNorm in training mode), or
+      returns a tuple or a dict.
+  """
   try:
     out = jax.eval_shape(apply_fn, variables, jnp.asarray(x))
   except (TypeError, flax.errors.FlaxError) as e:
@@ -163,5 +201,5 @@ def check_apply_fn(apply_fn, variables, x):
   )
 
 
-def _first_line(error):
+def _first_line(error: BaseException) -> str:
   return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,20 +1,21 @@
 """Layer primitives that compute what Flax's do, in the form XLA:CPU runs fast.
 
-The models use them; the values are those of the standard operations (the
-tests compare them), only the computation differs, and only on CPU:
+The values are those of the standard operations (tests/test_layers.py
+compares them); only the computation differs, and only on CPU:
 
 * `max_pool`: non-overlapping max-pooling as a reshape and a max, whose
-  gradient is elementwise; `nn.max_pool`'s gradient is XLA's
-  select-and-scatter, which XLA:CPU runs as a slow loop (a quarter of a PGD
-  step's time in `benchmarks/run.py`).
+  gradient is elementwise, where `nn.max_pool`'s gradient is XLA's
+  select-and-scatter, which XLA:CPU runs as a loop.
 * `conv_general_dilated`: `lax.conv_general_dilated` (pass it to `nn.Conv`)
-  whose kernel gradient is one matrix product of the input's patches with the
-  output gradient. XLA:CPU computes that gradient as a convolution whose
-  kernel is the whole image, 1.6x slower for the small CNN's training
-  backward pass. The input gradient and the forward pass are unchanged.
+  whose kernel gradient is one matrix product of the input's patches with
+  the output gradient, where XLA:CPU computes it as a convolution whose
+  kernel is the whole image. The input gradient and the forward pass are
+  unchanged.
 """
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,21 @@ from jax.custom_derivatives import SymbolicZero
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def max_pool(x, size=2):
-  """Max-pooling of NHWC `x` over non-overlapping `size` x `size` windows
-  (stride `size`, VALID padding): the values of
-  `nn.max_pool(x, (size, size), strides=(size, size))`, as a reshape and a
-  max (gradient: the indicator of the maximum, split between ties). Disjoint
-  windows keep it 1-Lipschitz."""
+def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
+  """Max-pooling over non-overlapping windows, as a reshape and a max.
+
+  out[b, i, j, c] = max_{0 <= p, q < s} x[b, s i + p, s j + q, c], the values
+  of `nn.max_pool(x, (s, s), strides=(s, s))` (VALID: trailing rows and
+  columns that fill no window are dropped). The gradient is the indicator of
+  the maximum, split between ties; disjoint windows keep it 1-Lipschitz.
+
+  Args:
+    x: NHWC feature maps.
+    size: the window's side s, also the stride.
+
+  Returns:
+    The pooled maps [B, floor(H / s), floor(W / s), C].
+  """
   b, h, w, c = x.shape
   h, w = h // size * size, w // size * size
   windows = x[:, :h, :w].reshape(b, h // size, size, w // size, size, c)
@@ -37,23 +47,39 @@ def max_pool(x, size=2):
 
 
 def conv_general_dilated(
-  lhs,
-  rhs,
-  window_strides,
-  padding,
-  lhs_dilation=None,
-  rhs_dilation=None,
-  dimension_numbers=None,
-  feature_group_count=1,
-  batch_group_count=1,
-  precision=None,
-  preferred_element_type=None,
-):
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
   """`lax.conv_general_dilated`, with a matrix-product kernel gradient on CPU.
 
-  Used for 2-D NHWC convolutions without dilation or groups on the CPU
-  backend; every other case (and every other backend) is
-  `lax.conv_general_dilated` itself.
+  For 2-D NHWC convolutions without dilation or groups on the CPU backend,
+  the kernel gradient is patches(x)^T g; every other case (and every other
+  backend) is `lax.conv_general_dilated` itself.
+
+  Args:
+    lhs: the input.
+    rhs: the kernel.
+    window_strides: as `lax.conv_general_dilated`'s.
+    padding: as `lax.conv_general_dilated`'s.
+    lhs_dilation: as `lax.conv_general_dilated`'s.
+    rhs_dilation: as `lax.conv_general_dilated`'s.
+    dimension_numbers: as `lax.conv_general_dilated`'s.
+    feature_group_count: as `lax.conv_general_dilated`'s.
+    batch_group_count: as `lax.conv_general_dilated`'s.
+    precision: as `lax.conv_general_dilated`'s.
+    preferred_element_type: as `lax.conv_general_dilated`'s.
+
+  Returns:
+    The convolution, `lax.conv_general_dilated(lhs, rhs, ...)`.
   """
   plain = functools.partial(
     lax.conv_general_dilated,
@@ -67,7 +93,7 @@ def conv_general_dilated(
     precision=precision,
     preferred_element_type=preferred_element_type,
   )
-  dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+  dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   if (
     jax.default_backend() != "cpu"
     or lhs.ndim != 4

@@ -1,0 +1,174 @@
+"""Architecture names: RobustBench's and jaxrobust's, and what a model's weights imply."""
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from jaxrobust import checks, models
+
+# RobustBench's names for the zoo's architectures: (jaxrobust model, settings).
+ZOO = {
+  "preact-resnet-18": ("preact_resnet18", {"padding": "torch"}),
+  "resnet-18": ("resnet18", {"padding": "torch"}),
+}
+_WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
+ARCHS = (
+  *models.MODELS,
+  *ZOO,
+  "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
+  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16)",
+)
+
+# (first conv, classifier) of each model's PyTorch layout: they fix the input
+# channels and the classes.
+ENDS = {
+  "small_cnn": ("convs.0", "fc2"),
+  "seed_cnn": ("conv1", "fc3"),
+  "preact_resnet18": ("conv1", "linear"),
+  "resnet18": ("conv1", "linear"),
+  "wide_resnet": ("conv1", "fc"),
+  "dm_wide_resnet": ("init_conv", "logits"),
+}
+# The models with a dense layer after a flatten: their input size matters.
+FLATTENS = ("small_cnn", "seed_cnn")
+
+
+def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
+  """The jaxrobust model and settings of an architecture's name.
+
+  Args:
+    arch: a name of `models.MODELS`, of `ZOO`, "wrn-D-W" (RobustBench's
+      WideResNet-D-W, PyTorch's padding) or "dm-wrn-D-W" (DeepMind's).
+    **settings: settings that override the architecture's.
+
+  Returns:
+    `(name, settings)` for `models.create(name, **settings)`.
+
+  Raises:
+    InputError: an unknown architecture.
+  """
+  checks.require(isinstance(arch, str), f"arch must be a name, got {arch!r}")
+  wrn = _WRN.fullmatch(arch)
+  if wrn:
+    name = "dm_wide_resnet" if wrn.group(1) else "wide_resnet"
+    own: dict[str, Any] = dict(depth=int(wrn.group(2)), width=int(wrn.group(3)))
+    if not wrn.group(1):
+      own["padding"] = "torch"
+  elif arch in ZOO:
+    name, own = ZOO[arch][0], dict(ZOO[arch][1])
+  else:
+    checks.require(
+      arch in models.MODELS, f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}"
+    )
+    name, own = arch, {}
+  return name, {**own, **settings}
+
+
+def model_name(model: object) -> str:
+  """The `models.MODELS` name of a jaxrobust model.
+
+  Args:
+    model: a model `models.create` builds, without noise.
+
+  Returns:
+    Its name, e.g. "wide_resnet".
+
+  Raises:
+    InputError: a randomized model or another module (no PyTorch converter).
+  """
+  for name, cls in models.MODELS.items():
+    if type(model) is cls:  # pylint: disable=unidiomatic-typecheck
+      return name
+  checks.require(
+    not models.is_randomized(model),
+    "no PyTorch converter for a randomized model (Randomized): convert its "
+    "base classifier, model.classifier",
+  )
+  raise checks.InputError(
+    f"no PyTorch converter for {type(model).__name__}; supported: "
+    f"{', '.join(c.__name__ for c in models.MODELS.values())}"
+  )
+
+
+def model_settings(model: nn.Module) -> dict[str, Any]:
+  """The hyper-parameters of `model` that `models.create` takes, as a checkpoint records them.
+
+  Args:
+    model: a jaxrobust model.
+
+  Returns:
+    Its settings without classes, normalisation, axis name or spectral
+    normalisation, e.g. `{"depth": 28, "width": 10, "padding": "torch"}`.
+  """
+  skip = {"num_classes", "mean", "std", "axis_name", "parent", "name", "spectral"}
+  return {k: getattr(model, k) for k in type(model).__dataclass_fields__ if k not in skip}
+
+
+def _image_hw(name: str, side: int) -> tuple[int, int]:
+  """The square image size whose final map in CNN `name` has side `side`."""
+  return (side * 4, side * 4) if name == "small_cnn" else ((side * 2 + 4) * 2 + 4,) * 2
+
+
+def input_hw(
+  model: nn.Module, params: Mapping[str, Any], hw: Sequence[int] | None = None
+) -> tuple[int, int] | None:
+  """The image size the flatten of `small_cnn`/`seed_cnn` is built for.
+
+  Args:
+    model: a jaxrobust model.
+    params: its parameters (arrays or shapes).
+    hw: the size if known.
+
+  Returns:
+    `hw`, else the square size the first dense layer's rows imply; None for
+    a model without a flatten.
+
+  Raises:
+    InputError: the rows are those of no square image.
+  """
+  name = model_name(model)
+  if name not in FLATTENS:
+    return None
+  if hw is not None:
+    return (int(hw[0]), int(hw[1]))
+  rows = np.shape(params["Dense_0"]["kernel"])[0]
+  channels = 2 * model.width if name == "small_cnn" else 16
+  side = math.isqrt(rows // channels)
+  checks.require(
+    side * side * channels == rows,
+    f"{name}'s first dense layer has {rows} inputs, not those of a square "
+    f"image; pass input_hw=(height, width)",
+  )
+  return _image_hw(name, side)
+
+
+def square_hw(
+  state: Mapping[str, np.ndarray], name: str, arch: str, settings: Mapping[str, Any]
+) -> tuple[int, int]:
+  """The square image size a PyTorch CNN's first dense layer implies.
+
+  Args:
+    state: the PyTorch state dict.
+    name: "small_cnn" or "seed_cnn".
+    arch: the architecture as the caller named it (for the error).
+    settings: the model's settings (`width`).
+
+  Returns:
+    `(side, side)`.
+
+  Raises:
+    InputError: `fc1.weight` is missing or has the inputs of no square image.
+  """
+  rows = state["fc1.weight"].shape[1] if "fc1.weight" in state else 0
+  channels = 2 * settings.get("width", 32) if name == "small_cnn" else 16
+  side = math.isqrt(rows // channels) if rows else 0
+  checks.require(
+    side > 0 and side * side * channels == rows,
+    f"checkpoint does not fit arch {arch!r}: fc1.weight has "
+    f"{rows} inputs, not those of a square image; pass input_hw",
+  )
+  return _image_hw(name, side)

@@ -1,0 +1,237 @@
+"""Which PyTorch key holds which Flax variable of a model, and how the arrays map.
+
+A layout is a list of entries `(torch key, Flax path, kind)`. Kinds:
+
+* "conv": W[h, w, i, o] = T[o, i, h, w] (Flax HWIO, PyTorch OIHW);
+* "dense": W[i, o] = T[o, i];
+* ("flatten", h, w): a dense layer after flattening an h x w map, whose rows
+  are also reordered from PyTorch's (C, H, W) flatten order to Flax's (H, W, C);
+* "vector": the same array (biases, BatchNorm's scale, bias, mean and var);
+* "count": BatchNorm's `num_batches_tracked`, PyTorch's alone (no Flax path).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import flax.linen as nn
+import numpy as np
+
+from jaxrobust import checks
+from jaxrobust.interop.architectures import ENDS, model_name
+
+Kind: TypeAlias = str | tuple[str, int, int]
+Path: TypeAlias = tuple[str, ...]
+Entry: TypeAlias = tuple[str, Path | None, Kind]
+
+# The PyTorch names of a pre-activation block's layers, by role (see
+# `torch_twins.PreActBlock`): RobustBench's WideResNet, DeepMind's, PreAct ResNet's.
+RB_WRN_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="convShortcut")
+DM_BLOCK = dict(
+  bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1", shortcut="shortcut"
+)
+RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
+
+
+def _conv(key: str, path: Path, bias: bool = False) -> list[Entry]:
+  entries: list[Entry] = [(f"{key}.weight", ("params", *path, "kernel"), "conv")]
+  return entries + ([(f"{key}.bias", ("params", *path, "bias"), "vector")] if bias else [])
+
+
+def _dense(key: str, path: Path, kind: Kind = "dense") -> list[Entry]:
+  return [
+    (f"{key}.weight", ("params", *path, "kernel"), kind),
+    (f"{key}.bias", ("params", *path, "bias"), "vector"),
+  ]
+
+
+def _bn(key: str, path: Path) -> list[Entry]:
+  return [
+    (f"{key}.weight", ("params", *path, "scale"), "vector"),
+    (f"{key}.bias", ("params", *path, "bias"), "vector"),
+    (f"{key}.running_mean", ("batch_stats", *path, "mean"), "vector"),
+    (f"{key}.running_var", ("batch_stats", *path, "var"), "vector"),
+    (f"{key}.num_batches_tracked", None, "count"),
+  ]
+
+
+def _preact_block(
+  key: str, path: Path, params: Mapping[str, Any], names: Mapping[str, str]
+) -> list[Entry]:
+  """A `models.PreActBlock` (Flax: BN, [shortcut conv], conv, BN, conv)."""
+  convs = ["conv1", "conv2"]
+  if "Conv_2" in params:
+    convs = ["shortcut"] + convs
+  return (
+    _bn(f"{key}.{names['bn1']}", (*path, "BatchNorm_0"))
+    + _bn(f"{key}.{names['bn2']}", (*path, "BatchNorm_1"))
+    + [
+      e for i, role in enumerate(convs) for e in _conv(f"{key}.{names[role]}", (*path, f"Conv_{i}"))
+    ]
+  )
+
+
+def _basic_block(key: str, path: Path, params: Mapping[str, Any]) -> list[Entry]:
+  """A `models.BasicBlock` (Flax: conv, BN, conv, BN, [shortcut conv, BN])."""
+  entries = (
+    _conv(f"{key}.conv1", (*path, "Conv_0"))
+    + _bn(f"{key}.bn1", (*path, "BatchNorm_0"))
+    + _conv(f"{key}.conv2", (*path, "Conv_1"))
+    + _bn(f"{key}.bn2", (*path, "BatchNorm_1"))
+  )
+  if "Conv_2" in params:
+    entries += _conv(f"{key}.shortcut.0", (*path, "Conv_2")) + _bn(
+      f"{key}.shortcut.1", (*path, "BatchNorm_2")
+    )
+  return entries
+
+
+def _blocks(params: Mapping[str, Any], kind: str) -> list[tuple[str, Any]]:
+  """The `(name, parameters)` of the blocks `kind`_0, `kind`_1, ... in order."""
+  names = sorted((k for k in params if k.startswith(kind)), key=lambda k: int(k.split("_")[1]))
+  return [(n, params[n]) for n in names]
+
+
+def _cnn_layout(name: str, input_hw: Sequence[int]) -> list[Entry]:
+  """The layout of `small_cnn` or `seed_cnn` on `input_hw` images."""
+  if name == "small_cnn":
+    h, w = input_hw[0] // 4, input_hw[1] // 4
+    return (
+      [e for i in range(4) for e in _conv(f"convs.{i}", (f"Conv_{i}",), bias=True)]
+      + _dense("fc1", ("Dense_0",), ("flatten", h, w))
+      + _dense("fc2", ("Dense_1",))
+    )
+  h, w = input_hw
+  for _ in range(2):
+    h, w = (h - 4) // 2, (w - 4) // 2
+  return (
+    _conv("conv1", ("Conv_0",), bias=True)
+    + _conv("conv2", ("Conv_1",), bias=True)
+    + _dense("fc1", ("Dense_0",), ("flatten", h, w))
+    + _dense("fc2", ("Dense_1",))
+    + _dense("fc3", ("Dense_2",))
+  )
+
+
+def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `wide_resnet` (RobustBench's names) or `dm_wide_resnet` (DeepMind's)."""
+  n = (depth - 4) // 6
+  dm = name == "dm_wide_resnet"
+  block_key: Callable[[int], str] = (
+    (lambda k: f"layer.{k // n}.block.{k % n}")
+    if dm
+    else (lambda k: f"block{k // n + 1}.layer.{k % n}")
+  )
+  first, last = ENDS[name]
+  entries = _conv(first, ("Conv_0",))
+  for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
+    entries += _preact_block(block_key(k), (block,), p, DM_BLOCK if dm else RB_WRN_BLOCK)
+  return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + _dense(last, ("Dense_0",))
+
+
+def _resnet_layout(name: str, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `preact_resnet18` or `resnet18` (RobustBench's names)."""
+  if name == "preact_resnet18":
+    entries = _conv("conv1", ("Conv_0",))
+    for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
+      entries += _preact_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p, RB_PREACT_BLOCK)
+    return entries + _bn("bn", ("BatchNorm_0",)) + _dense("linear", ("Dense_0",))
+  entries = _conv("conv1", ("Conv_0",)) + _bn("bn1", ("BatchNorm_0",))
+  for k, (block, p) in enumerate(_blocks(params, "BasicBlock")):
+    entries += _basic_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p)
+  return entries + _dense("linear", ("Dense_0",))
+
+
+def layout(
+  model: nn.Module, params: Mapping[str, Any], input_hw: Sequence[int] | None = None
+) -> list[Entry]:
+  """The PyTorch keys of a model's variables.
+
+  Args:
+    model: a jaxrobust model (`models.MODELS`).
+    params: its parameters, a tree of arrays or shapes.
+    input_hw: the image size (`small_cnn`, `seed_cnn`: the flatten's size).
+
+  Returns:
+    `[(torch key, Flax path, kind)]`, the order of the PyTorch state dict
+    within each layer.
+  """
+  name = model_name(model)
+  if name in ("small_cnn", "seed_cnn"):
+    checks.require(input_hw is not None, f"the layout of {name} needs input_hw")
+    assert input_hw is not None
+    return _cnn_layout(name, input_hw)
+  if name in ("wide_resnet", "dm_wide_resnet"):
+    return _wide_resnet_layout(name, model.depth, params)
+  return _resnet_layout(name, params)
+
+
+def to_torch_layout(kind: Kind, a: Any) -> np.ndarray:
+  """The PyTorch tensor of a Flax array.
+
+  Args:
+    kind: the layer's kind (see the module's docstring).
+    a: the Flax array.
+
+  Returns:
+    The tensor as a contiguous numpy array (OIHW, [out, in], ...).
+  """
+  a = np.asarray(a)
+  if kind == "conv":
+    return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+  if kind == "dense":
+    return np.ascontiguousarray(a.T)
+  if isinstance(kind, tuple):  # rows (h, w, c) -> (c, h, w)
+    _, h, w = kind
+    c = a.shape[0] // (h * w)
+    return np.ascontiguousarray(
+      a.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1).T
+    )
+  return a
+
+
+def from_torch_layout(kind: Kind, t: Any) -> np.ndarray:
+  """The Flax array of a PyTorch tensor, `to_torch_layout`'s inverse.
+
+  Args:
+    kind: the layer's kind (see the module's docstring).
+    t: the tensor as a numpy array of the layout's shape.
+
+  Returns:
+    The Flax array (HWIO, [in, out], ...).
+  """
+  t = np.asarray(t)
+  if kind == "conv":
+    return np.ascontiguousarray(t.transpose(2, 3, 1, 0))
+  if kind == "dense":
+    return np.ascontiguousarray(t.T)
+  if isinstance(kind, tuple):
+    _, h, w = kind
+    c = t.shape[1] // (h * w)
+    return np.ascontiguousarray(
+      t.T.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+    )
+  return t
+
+
+def torch_shape(kind: Kind, shape: Sequence[int]) -> tuple[int, ...]:
+  """The shape of the PyTorch tensor of a Flax array of `shape` and `kind`."""
+  if kind == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  if kind == "dense" or isinstance(kind, tuple):
+    return tuple(shape[::-1])
+  return tuple(shape)
+
+
+def get_path(tree: Mapping[str, Any], path: Path) -> Any:
+  """The leaf of nested dicts `tree` at `path`."""
+  node: Any = tree
+  for k in path:
+    node = node[k]
+  return node
+
+
+def set_path(tree: dict[str, Any], path: Path, value: Any) -> None:
+  """Sets the leaf of nested dicts `tree` at `path`, making the dicts on the way."""
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value

@@ -1,0 +1,104 @@
+"""ResNet-18 and PreAct ResNet-18 in their CIFAR form (3x3 stem, no stem pooling)."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxrobust.models.blocks import BasicBlock, Conv, Normalize, PreActBlock, batch_norm
+from jaxrobust.models.blocks import conv_padding
+from jaxrobust.types import Images, Logits
+
+
+def resnet18_blocks(width: int) -> list[tuple[int, int, int, int]]:
+  """The 8 residual blocks of a CIFAR ResNet-18.
+
+  Four stages of two blocks with `width` times 1, 2, 4, 8 channels, stride 2
+  at the start of stages 2-4.
+
+  Args:
+    width: the channels of the first stage.
+
+  Returns:
+    `[(stage, in channels, out channels, stride)]`, in order.
+  """
+  blocks, cin = [], width
+  for stage in range(4):
+    cout = width * 2**stage
+    for block in range(2):
+      blocks.append((stage, cin, cout, 2 if stage > 0 and block == 0 else 1))
+      cin = cout
+  return blocks
+
+
+class PreActResNet18(nn.Module):
+  """PreAct ResNet-18: a 3x3 stem, eight `PreActBlock`s, BN-ReLU, pooling, dense.
+
+  The blocks are `resnet18_blocks(width)`; the features are averaged over
+  the whole final map. `padding="torch"` is the layout of RobustBench's
+  `PreActResNet` with `PreActBlockV2` and `bn_before_fc`.
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize`.
+    std: the per-channel standard deviation of `Normalize`.
+    axis_name: the named axis BatchNorm averages over in training.
+    padding: one of `PADDINGS`.
+    width: the channels of the first stage.
+
+  References:
+    He et al., 2016 (https://arxiv.org/abs/1603.05027)
+  """
+
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  axis_name: str | None = None
+  padding: str = "same"
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    norm = batch_norm(train, self.axis_name)
+    x = Normalize(self.mean, self.std)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
+    for _, _, features, strides in resnet18_blocks(self.width):
+      x = PreActBlock(features, strides, norm, padding=self.padding)(x)
+    x = nn.relu(norm()(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class ResNet18(nn.Module):
+  """ResNet-18: a 3x3 stem with BN-ReLU, eight `BasicBlock`s, pooling, dense.
+
+  The blocks are `resnet18_blocks(width)`; the features are averaged over
+  the whole final map. `padding="torch"` is RobustBench's `ResNet18`.
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize`.
+    std: the per-channel standard deviation of `Normalize`.
+    axis_name: the named axis BatchNorm averages over in training.
+    padding: one of `PADDINGS`.
+    width: the channels of the first stage.
+
+  References:
+    He et al., 2015 (https://arxiv.org/abs/1512.03385)
+  """
+
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  axis_name: str | None = None
+  padding: str = "same"
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    norm = batch_norm(train, self.axis_name)
+    x = Normalize(self.mean, self.std)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
+    x = nn.relu(norm()(x))
+    for _, _, features, strides in resnet18_blocks(self.width):
+      x = BasicBlock(features, strides, norm, padding=self.padding)(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

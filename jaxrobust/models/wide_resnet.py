@@ -1,0 +1,129 @@
+"""WideResNets: the standard one and DeepMind's (Swish, its own padding)."""
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import checks
+from jaxrobust.models.blocks import ACTIVATIONS, Conv, Normalize, PreActBlock, batch_norm
+from jaxrobust.models.blocks import conv_padding
+from jaxrobust.types import Images, Logits
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def _wide_resnet(
+  x: jax.Array,
+  *,
+  depth: int,
+  width: int,
+  norm: Callable[[], nn.Module],
+  activation: str,
+  padding: str,
+) -> jax.Array:
+  """The body of a WideResNet after its normalisation: stem, blocks, BN-act, mean pool."""
+  checks.require(
+    (depth - 4) % 6 == 0 and depth >= 10,
+    f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}",
+  )
+  checks.one_of("activation", activation, tuple(ACTIVATIONS))
+  blocks = (depth - 4) // 6
+  x = Conv(16, (3, 3), use_bias=False, padding=conv_padding(padding, 3, 1))(x)
+  for stage, features in enumerate((16, 32, 64)):
+    for block in range(blocks):
+      strides = 2 if stage > 0 and block == 0 else 1
+      x = PreActBlock(features * width, strides, norm, activation, padding)(x)
+  x = ACTIVATIONS[activation](norm()(x))
+  return jnp.mean(x, axis=(1, 2))
+
+
+class WideResNet(nn.Module):
+  """WideResNet-`depth`-`width` with pre-activation blocks.
+
+  Three stages of (depth - 4) / 6 `PreActBlock`s with 16 `width`, 32 `width`
+  and 64 `width` channels (stride 2 at the start of stages 2 and 3), final
+  BN-ReLU, global average pooling, dense `num_classes`. `padding="torch"`
+  is RobustBench's (and TRADES') `WideResNet`.
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize`.
+    std: the per-channel standard deviation of `Normalize`.
+    depth: 6 n + 4, n >= 1 blocks a stage.
+    width: the widening factor.
+    axis_name: the named axis BatchNorm averages over in training.
+    padding: one of `PADDINGS`.
+
+  References:
+    Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146)
+  """
+
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  depth: int = 28
+  width: int = 10
+  axis_name: str | None = None
+  padding: str = "same"
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    x = Normalize(self.mean, self.std)(x)
+    x = _wide_resnet(
+      x,
+      depth=self.depth,
+      width=self.width,
+      activation="relu",
+      norm=batch_norm(train, self.axis_name),
+      padding=self.padding,
+    )
+    return nn.Dense(self.num_classes)(x)
+
+
+class DMWideResNet(nn.Module):
+  """DeepMind's WideResNet-`depth`-`width`.
+
+  `WideResNet` with `activation` (Swish, x sigmoid(x), by default)
+  everywhere and "dm" padding (a stride-2 3x3 convolution pads (0, 1), a
+  stride-1 one (1, 1)). Its PyTorch layout is RobustBench's `DMWideResNet`
+  (`init_conv`, `layer`, `logits`) without input padding (its default
+  `padding=0`); the features are averaged over the whole final map, which
+  RobustBench's 8x8 window covers on 32x32 images.
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize` (CIFAR-10's by default).
+    std: the per-channel standard deviation of `Normalize`.
+    depth: 6 n + 4, n >= 1 blocks a stage.
+    width: the widening factor.
+    activation: a key of `ACTIVATIONS`.
+    axis_name: the named axis BatchNorm averages over in training.
+
+  References:
+    Gowal et al., 2020 (https://arxiv.org/abs/2010.03593);
+    Rebuffi et al., 2021 (https://arxiv.org/abs/2103.01946)
+  """
+
+  num_classes: int
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+  depth: int = 28
+  width: int = 10
+  activation: str = "swish"
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    x = Normalize(self.mean, self.std)(x)
+    x = _wide_resnet(
+      x,
+      depth=self.depth,
+      width=self.width,
+      activation=self.activation,
+      norm=batch_norm(train, self.axis_name),
+      padding="dm",
+    )
+    return nn.Dense(self.num_classes)(x)
