@@ -448,11 +448,9 @@ def test_an_attack_made_of_rounds_drops_examples_and_equals_running_everything(p
   assert attack.rounds == 2
   assert [(j, m) for j, _, m in evaluation.rounds(attack)] == [(0, 0), (0, 1)]
   key = jax.random.key(5)
-  before = evaluation._attack_program.cache_info().currsize
-  clean, outcomes = evaluation.run(
-    linear_apply, variables, x, y, {"f": attack}, key=key, batch_size=4
-  )
-  assert evaluation._attack_program.cache_info().currsize - before == 1
+  evaluator = evaluation.Evaluator(linear_apply, batch_size=4)
+  clean, outcomes = evaluator.run(variables, x, y, {"f": attack}, key=key)
+  assert len(evaluator._attack_programs) == 1
   o = outcomes["f"]
   logits = lambda z: linear_apply(variables, z)
   everything = attack(logits, x, y, jax.random.fold_in(key, 0))
