@@ -17,7 +17,8 @@ from jaxrobust import data as data_lib
 from jaxrobust import evaluation, models, parallel
 from jaxrobust.training import loop as experiment
 from jaxrobust.evaluation import report
-from jaxrobust.evaluation import sanity
+from jaxrobust.evaluation import cascade, sanity
+from jaxrobust.evaluation import state as state_lib
 from jaxrobust.certification import lipschitz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,11 +449,9 @@ def test_an_attack_made_of_rounds_drops_examples_and_equals_running_everything(p
   assert attack.rounds == 2
   assert [(j, m) for j, _, m in evaluation.rounds(attack)] == [(0, 0), (0, 1)]
   key = jax.random.key(5)
-  before = evaluation._attack_program.cache_info().currsize
-  clean, outcomes = evaluation.run(
-    linear_apply, variables, x, y, {"f": attack}, key=key, batch_size=4
-  )
-  assert evaluation._attack_program.cache_info().currsize - before == 1
+  evaluator = evaluation.Evaluator(linear_apply, batch_size=4)
+  clean, outcomes = evaluator.run(variables, x, y, {"f": attack}, key=key)
+  assert len(evaluator._attack_programs) == 1
   o = outcomes["f"]
   logits = lambda z: linear_apply(variables, z)
   everything = attack(logits, x, y, jax.random.fold_in(key, 0))
@@ -560,3 +559,130 @@ def test_the_dlr_zero_gradient_check_fires_where_dlr_has_no_gradient(problem):
   assert len(flat) == 2 and not any(c["passed"] for c in flat)
   correct = int(np.sum(np.argmax(apply4(variables, x), -1) == y))
   assert flat[0]["detail"] == f"{correct} zero of {correct} correctly classified"
+
+
+def counting(apply_fn):
+  """`apply_fn`, and the list of the shapes it was traced with."""
+  traced = []
+
+  def counted(variables, x):
+    traced.append(x.shape)
+    return apply_fn(variables, x)
+
+  return counted, traced
+
+
+def test_one_evaluator_compiles_once_and_two_evaluators_share_nothing(problem):
+  variables, x, y = problem
+  apply_fn, traced = counting(linear_apply)
+  evaluator = evaluation.Evaluator(apply_fn, batch_size=4)
+  specs = lambda eps: {"pgd": dict(name="pgd", eps=eps, steps=2)}
+  first = evaluator.evaluate(variables, x, y, specs(0.1), key=jax.random.key(0))
+  compiled = len(traced)
+  assert compiled > 0
+  # Other variables (another epoch's), another eps, another key: nothing traced.
+  other = {"w": variables["w"] * 1.5}
+  again = evaluator.evaluate(other, x, y, specs(0.2), key=jax.random.key(1))
+  assert len(traced) == compiled and again["results"][0]["eps"] == 0.2
+  # The same evaluation again gives the same report.
+  same = evaluator.evaluate(variables, x, y, specs(0.1), key=jax.random.key(0))
+  assert same["results"][0]["accuracy"] == first["results"][0]["accuracy"]
+  assert len(traced) == compiled
+  # Another evaluator of the same function compiles its own programs.
+  fresh = evaluation.Evaluator(apply_fn, batch_size=4)
+  assert not fresh._attack_programs
+  fresh.evaluate(variables, x, y, specs(0.1), key=jax.random.key(0))
+  assert len(traced) > compiled  # (the input check's shape evaluation is cached by JAX)
+  assert all(
+    fresh._attack_programs[k] is not evaluator._attack_programs[k] for k in fresh._attack_programs
+  )
+
+
+def test_evaluate_reuses_a_recent_evaluator_of_the_same_functions(problem):
+  variables, x, y = problem
+  apply_fn, _ = counting(linear_apply)
+  one = evaluation.evaluator_for(apply_fn, batch_size=4)
+  assert evaluation.evaluator_for(apply_fn, batch_size=4) is one
+  assert evaluation.evaluator_for(apply_fn, batch_size=8) is not one
+  for _ in range(evaluation.RECENT_EVALUATORS):
+    evaluation.evaluator_for(counting(linear_apply)[0])
+  assert evaluation.evaluator_for(apply_fn, batch_size=4) is not one  # dropped: bounded
+
+
+def test_the_next_batch_is_dispatched_before_the_current_one_is_read():
+  events = []
+  cascade.pipelined(
+    range(3),
+    lambda i: events.append(f"dispatch {i}") or i * 10,
+    lambda i, pending: events.append(f"read {i}: {pending}"),
+  )
+  assert events == [
+    "dispatch 0",
+    "dispatch 1",
+    "read 0: 0",
+    "dispatch 2",
+    "read 1: 10",
+    "read 2: 20",
+  ]
+
+
+def test_the_state_is_written_at_most_every_save_seconds_and_at_the_end(
+  problem, tmp_path, monkeypatch
+):
+  variables, x, y = problem
+  x, y = np.repeat(x, 3, 0), np.repeat(y, 3, 0)  # 30 examples, each its own batch
+  writes = []
+  write = state_lib.State._write
+  monkeypatch.setattr(state_lib.State, "_write", lambda self: writes.append(1) or write(self))
+  evaluator = evaluation.Evaluator(
+    linear_apply, batch_size=1, mesh=parallel.mesh(jax.devices()[:1])
+  )
+  evaluate = lambda path: evaluator.evaluate(
+    variables, x, y, SPECS, key=jax.random.key(3), state_path=path
+  )
+  whole = evaluate(None)
+  assert not writes  # no file, nothing written
+  # Every batch due: a write after each of the 2 x 24 batches (and the clean ones).
+  monkeypatch.setattr(state_lib, "SAVE_SECONDS", 0.0)
+  evaluate(tmp_path / "every.npz")
+  assert len(writes) > 48
+  # 48 batches within SAVE_SECONDS: one write, at the end, of the whole result.
+  writes.clear()
+  monkeypatch.setattr(state_lib, "SAVE_SECONDS", 3600.0)
+  path = tmp_path / "state.npz"
+  final = evaluate(path)
+  assert [r["accuracy"] for r in final["results"]] == [r["accuracy"] for r in whole["results"]]
+  assert len(writes) == 1
+  resumed = evaluate(path)  # reads the finished state: nothing to run or write
+  assert len(writes) == 1
+  for a, b in zip(whole["results"], resumed["results"]):
+    assert a["accuracy"] == b["accuracy"] and a["attacked"] == b["attacked"]
+  assert resumed["worst_case_accuracy"] == whole["worst_case_accuracy"]
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_an_interruption_in_the_middle_of_a_change_keeps_the_last_consistent_file(tmp_path):
+  path = tmp_path / "state.npz"
+  state = state_lib.State(path, {"format": state_lib.STATE_FORMAT})
+  outcome = evaluation.Outcome.start(np.ones(4, bool), rounds=1)
+  state.save("a", outcome)
+  state.flush()
+  assert state.writes == 1
+  before = path.read_bytes()
+  with pytest.raises(Interrupt), state.changing():
+    outcome.robust[0] = False
+    raise Interrupt  # fooled_by and attacked not recorded yet
+  state.flush()
+  assert state.writes == 1 and path.read_bytes() == before
+  with state.changing():
+    outcome.fooled_by[0] = 0
+    outcome.attacked[0, 0] = True
+  state.save("a", outcome)
+  state.flush()
+  assert state.writes == 2
+  with np.load(path) as saved:
+    np.testing.assert_array_equal(saved["a/robust"], [False, True, True, True])
+    np.testing.assert_array_equal(saved["a/attacked"], [[True, False, False, False]])

@@ -1,11 +1,21 @@
 """Evaluation reports as text and pictures: markdown tables, sanity checks, plots."""
 
+from pathlib import Path
+from typing import Any
 
-def format_table(rep):
-  """A markdown table of an `evaluation.evaluate` report: clean accuracy,
-  each attack's robust accuracy (and each stage's, for a staged attack), the
-  worst case, the time each took, and the adversarial examples each found
-  outside its ball (not counted; 0 for a correct attack)."""
+
+def format_table(rep: dict[str, Any]) -> str:
+  """A markdown table of an evaluation's report.
+
+  Args:
+    rep: a report of `evaluation.evaluate` (`evaluation.summary.report`).
+
+  Returns:
+    The table: clean accuracy, each attack's robust accuracy (and each
+    stage's, for a staged attack), the worst case, the time each took, and
+    the adversarial examples each found outside its ball (not counted; 0
+    for a correct attack).
+  """
   individual = rep.get("mode") == "individual"
   what = "robust accuracy" if individual else "robust accuracy after it"
   lines = [
@@ -48,8 +58,15 @@ def format_table(rep):
   return "\n".join(lines)
 
 
-def format_sanity(results):
-  """The sanity checks as text, with a warning naming gradient masking on failure."""
+def format_sanity(results: list[dict[str, Any]]) -> str:
+  """The sanity checks as text, with a warning naming gradient masking on failure.
+
+  Args:
+    results: the checks of `evaluation.sanity`, each `{"check", "passed", "detail"}`.
+
+  Returns:
+    One line a check, and the warning if any failed.
+  """
   lines = ["Sanity checks:"]
   for r in results:
     lines.append(f"  [{'ok' if r['passed'] else 'FAILED'}] {r['check']} ({r['detail']})")
@@ -62,8 +79,19 @@ def format_sanity(results):
   return "\n".join(lines)
 
 
-def format_lipschitz(certificate, what):
-  """A Lipschitz certificate as text: the bound and a table of certified accuracy."""
+def format_lipschitz(certificate: dict[str, Any], what: str) -> str:
+  """A Lipschitz certificate as text: the bound and a table of certified accuracy.
+
+  Args:
+    certificate: `certificates.lipschitz_certificate`'s result.
+    what: what it certifies ("the model", ...).
+
+  Returns:
+    The bound, the median certified radius, and a markdown table.
+
+  References:
+    Tsuzuku, Sato and Sugiyama, "Lipschitz-Margin Training", NeurIPS 2018.
+  """
   lines = [
     f"Lipschitz certificate of {what} (Tsuzuku et al. 2018): L <= "
     f"{certificate['lipschitz_bound']:.4g}, median certified L2 radius "
@@ -76,8 +104,13 @@ def format_lipschitz(certificate, what):
   return "\n".join(lines)
 
 
-def plot_sweep(curves, path):
-  """PNG of accuracy against eps, one line per attack: `curves = {label: [(eps, acc)]}`."""
+def plot_sweep(curves: dict[str, list[tuple[float, float]]], path: str | Path) -> None:
+  """Writes a PNG of accuracy against eps, one line per attack.
+
+  Args:
+    curves: `{label: [(eps, accuracy in [0, 1])]}` (`sanity.eps_curve`).
+    path: the PNG file.
+  """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   fig = Figure(figsize=(6, 4))
