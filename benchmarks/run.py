@@ -63,8 +63,17 @@ from benchmarks.model import InDtype, torch_in_dtype  # noqa: E402
 from benchmarks.rows import RUNNERS  # noqa: E402
 from jaxrobust import parallel  # noqa: E402
 
-__all__ = ["InDtype", "L2_EPS", "LINF_EPS", "SIGMA", "in_dtype_row", "main", "parse_args"]
-__all__ += ["torch_in_dtype"]
+# Reachable from here, as the README and the tests name them.
+__all__ = [
+  "InDtype",
+  "L2_EPS",
+  "LINF_EPS",
+  "SIGMA",
+  "in_dtype_row",
+  "main",
+  "parse_args",
+  "torch_in_dtype",
+]
 
 ROWS = tuple(RUNNERS)
 MODELS = ("small_cnn", "seed_cnn", "preact_resnet18", "wide_resnet")  # wide_resnet: WRN-28-10
