@@ -36,6 +36,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -48,7 +49,8 @@ REFERENCE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 MODELS = {"natural": "natural", "pgd_at": "pgd_at"}  # row -> config file
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line, checked: `--models` and `--norms` as lists."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--images", type=int, default=1000, help="first N CIFAR-10 test images")
   p.add_argument("--models", default="natural,pgd_at", help="natural, pgd_at, or both")
@@ -85,17 +87,17 @@ class CompileClock:
     "/jax/core/compile/backend_compile_duration",
   )
 
-  def __init__(self, jax):
+  def __init__(self, jax: Any) -> None:
     self.seconds = 0.0
     jax.monitoring.register_event_duration_secs_listener(self._listen)
 
-  def _listen(self, event, duration, **kwargs):
+  def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
     del kwargs
     if event in self.EVENTS:
       self.seconds += duration
 
 
-def train(row, args, experiment):
+def train(row: str, args: argparse.Namespace, experiment: Any) -> tuple[Any, Any, Any]:
   """The row's model, trained with jaxrobust (or restored from its run)."""
   import importlib  # pylint: disable=g-import-not-at-top
 
@@ -108,7 +110,16 @@ def train(row, args, experiment):
   return experiment.restore(workdir)
 
 
-def torch_autoattack(torch, torchattacks, net, norm, eps, x, y, batch_size):
+def torch_autoattack(
+  torch: Any,
+  torchattacks: Any,
+  net: Any,
+  norm: str,
+  eps: float,
+  x: Any,
+  y: Any,
+  batch_size: int,
+) -> tuple[Any, list[float], float]:
   """torchattacks' AutoAttack (standard) with the reference's settings, run
   stage by stage as its MultiAttack does; returns (robust [N], robust
   accuracy after each stage, seconds)."""
@@ -149,17 +160,27 @@ class _StageLog(logging.Handler):
 
   PATTERN = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
 
-  def __init__(self):
+  def __init__(self) -> None:
     super().__init__(logging.DEBUG)
-    self.after = []
+    self.after: list[tuple[str, float]] = []
 
-  def emit(self, record):
+  def emit(self, record: logging.LogRecord) -> None:
     found = self.PATTERN.search(record.getMessage())
     if found:
       self.after.append((found.group(1).lower(), float(found.group(2)) / 100))
 
 
-def reference_autoattack(torch, net, norm, eps, x, y, batch_size, steps=100, queries=5000):
+def reference_autoattack(
+  torch: Any,
+  net: Any,
+  norm: str,
+  eps: float,
+  x: Any,
+  y: Any,
+  batch_size: int,
+  steps: int = 100,
+  queries: int = 5000,
+) -> tuple[Any, list[float], float]:
   """The authors' AutoAttack (pyautoattack, standard version, seed 0; `steps`
   and `queries` as set there unless changed): returns (robust [N], robust
   accuracy after each stage, seconds)."""
@@ -183,9 +204,8 @@ def reference_autoattack(torch, net, norm, eps, x, y, batch_size, steps=100, que
   return robust, [a for _, a in stages.after], seconds
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  parallel.use_host_devices()
+def _import_frameworks() -> tuple[Any, Any, Any]:
+  """(pyautoattack, torch, torchattacks), or exit saying what to install."""
   try:
     import pyautoattack  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
@@ -196,14 +216,109 @@ def main(argv=None):
       f"  pip install -r requirements-bench.txt\n"
       f"  pip install --no-deps torchattacks==3.5.1 pyautoattack==0.2.0"
     ) from None
+  return pyautoattack, torch, torchattacks
+
+
+def _compare(
+  side: dict[str, Any], norm: str, args: argparse.Namespace, clock: CompileClock
+) -> dict[str, Any]:
+  """One model under AutoAttack at `norm`: jaxrobust, the reference and (but for
+  L1) torchattacks on the same images; `side` holds the model on each side."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  import jaxrobust as jr  # pylint: disable=g-import-not-at-top
+  from jaxrobust import evaluation  # pylint: disable=g-import-not-at-top
+
+  torch, x, y, x_t, y_t, net = (side[k] for k in ("torch", "x", "y", "x_t", "y_t", "net"))
+  eps = EPS[norm]
+  compiled_before = clock.seconds
+  rep = evaluation.evaluate(
+    side["apply_fn"],
+    side["variables"],
+    x,
+    y,
+    {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
+    key=jax.random.key(0),
+    batch_size=args.batch_size,
+  )
+  compile_seconds = clock.seconds - compiled_before
+  (aa,) = rep["results"]
+  ref_robust, ref_after, ref_seconds = reference_autoattack(
+    torch, net, norm, eps, x_t, y_t, args.batch_size
+  )
+  result = {
+    "model": side["row"],
+    "norm": norm,
+    "eps": eps,
+    "images": len(x),
+    "logit_gap": side["gap"],
+    "clean": rep["clean_accuracy"],
+    "jaxrobust": aa["accuracy"],
+    "reference": float(ref_robust.mean()),
+    "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
+    "reference_stages": ref_after,
+    "jaxrobust_seconds": aa["seconds"],
+    "jaxrobust_compile_seconds": compile_seconds,
+    "reference_seconds": ref_seconds,
+  }
+  if norm != "l1":  # torchattacks has no L1 AutoAttack
+    torch_robust, torch_after, torch_seconds = torch_autoattack(
+      torch, side["torchattacks"], net, norm, eps, x_t, y_t, args.batch_size
+    )
+    result.update(
+      torchattacks=float(torch_robust.mean()),
+      torchattacks_stages=torch_after,
+      torchattacks_seconds=torch_seconds,
+    )
+  result["difference"] = result["jaxrobust"] - result["reference"]
+  result["speedup"] = ref_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
+  return result
+
+
+def _sides(row: str, args: argparse.Namespace, torch: Any, torchattacks: Any) -> dict[str, Any]:
+  """The row's model on each side: jaxrobust's and its PyTorch twin, the test images
+  in each layout, and the largest logit difference between the two models."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jaxrobust as jr  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
-  from jaxrobust import evaluation  # pylint: disable=g-import-not-at-top
   from jaxrobust.training import config
   from jaxrobust.training import loop as experiment
+
+  resolved, model, state = train(row, args, experiment)
+  test = config.load_split(resolved, "test")
+  x, y = test.x[: args.images], test.y[: args.images]
+  variables = jax.device_get(state.variables)
+  net = torch_models.to_torch(model, variables, x.shape[1:3])
+  for p in net.parameters():
+    p.requires_grad_(False)
+  x_t = torch_models.nhwc_to_nchw(x)
+  y_t = torch.from_numpy(y.astype(np.int64))
+  apply_fn = jr.models.inference_fn(model)
+  with torch.no_grad():
+    gap = float(np.abs(net(x_t[:100]).numpy() - np.asarray(apply_fn(variables, x[:100]))).max())
+  return {
+    "row": row,
+    "torch": torch,
+    "torchattacks": torchattacks,
+    "x": x,
+    "y": y,
+    "x_t": x_t,
+    "y_t": y_t,
+    "net": net,
+    "apply_fn": apply_fn,
+    "variables": variables,
+    "gap": gap,
+  }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  """Compares the AutoAttacks on every model and norm; prints the table."""
+  args = parse_args(argv)
+  parallel.use_host_devices()
+  pyautoattack, torch, torchattacks = _import_frameworks()
+  import jax  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   clock = CompileClock(jax)
@@ -215,61 +330,9 @@ def main(argv=None):
   )
   results = []
   for row in args.models:
-    resolved, model, state = train(row, args, experiment)
-    test = config.load_split(resolved, "test")
-    x, y = test.x[: args.images], test.y[: args.images]
-    variables = jax.device_get(state.variables)
-    net = torch_models.to_torch(model, variables, x.shape[1:3])
-    for p in net.parameters():
-      p.requires_grad_(False)
-    x_t = torch_models.nhwc_to_nchw(x)
-    y_t = torch.from_numpy(y.astype(np.int64))
-    apply_fn = jr.models.inference_fn(model)
-    with torch.no_grad():
-      gap = float(np.abs(net(x_t[:100]).numpy() - np.asarray(apply_fn(variables, x[:100]))).max())
+    side = _sides(row, args, torch, torchattacks)
     for norm in args.norms:
-      eps = EPS[norm]
-      compiled_before = clock.seconds
-      rep = evaluation.evaluate(
-        apply_fn,
-        variables,
-        x,
-        y,
-        {"aa": jr.attacks.autoattack(norm=norm, eps=eps)},
-        key=jax.random.key(0),
-        batch_size=args.batch_size,
-      )
-      compile_seconds = clock.seconds - compiled_before
-      (aa,) = rep["results"]
-      ref_robust, ref_after, ref_seconds = reference_autoattack(
-        torch, net, norm, eps, x_t, y_t, args.batch_size
-      )
-      result = {
-        "model": row,
-        "norm": norm,
-        "eps": eps,
-        "images": len(x),
-        "logit_gap": gap,
-        "clean": rep["clean_accuracy"],
-        "jaxrobust": aa["accuracy"],
-        "reference": float(ref_robust.mean()),
-        "jaxrobust_stages": [s["accuracy"] for s in aa["stages"]],
-        "reference_stages": ref_after,
-        "jaxrobust_seconds": aa["seconds"],
-        "jaxrobust_compile_seconds": compile_seconds,
-        "reference_seconds": ref_seconds,
-      }
-      if norm != "l1":  # torchattacks has no L1 AutoAttack
-        torch_robust, torch_after, torch_seconds = torch_autoattack(
-          torch, torchattacks, net, norm, eps, x_t, y_t, args.batch_size
-        )
-        result.update(
-          torchattacks=float(torch_robust.mean()),
-          torchattacks_stages=torch_after,
-          torchattacks_seconds=torch_seconds,
-        )
-      result["difference"] = result["jaxrobust"] - result["reference"]
-      result["speedup"] = ref_seconds / max(aa["seconds"] - compile_seconds, 1e-9)
+      result = _compare(side, norm, args, clock)
       results.append(result)
       print(json.dumps(result), flush=True)
   print()
@@ -279,7 +342,7 @@ def main(argv=None):
   return results
 
 
-def format_table(results):
+def format_table(results: list[dict[str, Any]]) -> str:
   """The side-by-side table: robust accuracy after each stage in brackets."""
   lines = [
     "| model | threat model | clean | jaxrobust robust | reference robust | difference | "

@@ -30,7 +30,8 @@ MIB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def resident_bytes():
+def resident_bytes() -> int:
+  """This process's resident set size in bytes."""
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * PAGE
 
@@ -38,24 +39,25 @@ def resident_bytes():
 class PeakResident:
   """The largest resident set size seen while the `with` block runs."""
 
-  def __enter__(self):
+  def __enter__(self) -> "PeakResident":
     self.peak, self._stop = resident_bytes(), threading.Event()
     self._thread = threading.Thread(target=self._watch, daemon=True)
     self._thread.start()
     return self
 
-  def _watch(self):
+  def _watch(self) -> None:
     while not self._stop.is_set():
       self.peak = max(self.peak, resident_bytes())
       time.sleep(0.001)
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: object) -> None:
     self._stop.set()
     self._thread.join()
     self.peak = max(self.peak, resident_bytes())
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
+  """Measures one side's PGD call; prints the measurement as a JSON line and returns it."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--side", choices=("jaxrobust", "torchattacks"), required=True)
   p.add_argument("--steps", type=int, default=10)
@@ -106,6 +108,7 @@ def main(argv=None):
   )
   if args.side == "jaxrobust":
     analysis = program.lower(variables, x, y, keys).compile().memory_analysis()
+    assert analysis is not None, "XLA reported no memory analysis"
     result["xla_temp_mib"] = analysis.temp_size_in_bytes / MIB
   print(json.dumps(result), flush=True)
   return result

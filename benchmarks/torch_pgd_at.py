@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -33,7 +34,8 @@ if str(REPO) not in sys.path:
 EPS = 8 / 255
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line, checked."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--epochs", type=int, default=10)
   p.add_argument("--test_images", type=int, default=2000, help="the first N test images")
@@ -47,7 +49,7 @@ def parse_args(argv=None):
   return args
 
 
-def crop_and_flip(torch, x, generator, padding=4):
+def crop_and_flip(torch: Any, x: Any, generator: Any, padding: int = 4) -> Any:
   """Per example: a random crop of the zero-padded image, flipped with probability 1/2."""
   n, _, h, w = x.shape
   padded = torch.nn.functional.pad(x, (padding,) * 4)
@@ -63,7 +65,7 @@ def crop_and_flip(torch, x, generator, padding=4):
   return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
-def initial_model(config, train_set):
+def initial_model(config: Any, train_set: Any) -> tuple[Any, Any]:
   """`train.py`'s model for `config` and its step-0 variables (experiment.initial_state)."""
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -78,7 +80,7 @@ def initial_model(config, train_set):
   return model, jax.device_get({"params": state.params, **state.model_state})
 
 
-def markdown_row(result):
+def markdown_row(result: dict[str, Any]) -> str:
   """`result` as a row of the table of `scripts/reproduce_recipes.py`."""
   command = (
     f"python benchmarks/torch_pgd_at.py --epochs {result['epochs']} "
@@ -91,35 +93,12 @@ def markdown_row(result):
   )
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import torchattacks  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SystemExit(f"the baseline needs PyTorch and torchattacks ({e})") from None
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  import jaxrobust as jr  # pylint: disable=g-import-not-at-top
-  from benchmarks.autoattack import torch_autoattack  # pylint: disable=g-import-not-at-top
-  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxrobust.configs import pgd_at  # pylint: disable=g-import-not-at-top
-
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
-  torch.manual_seed(args.seed)
+def _train(
+  torch: Any, torchattacks: Any, net: Any, xs: Any, ys: Any, args: argparse.Namespace
+) -> float:
+  """Trains `net` on (`xs`, `ys`) with PGD-7 AT, Adam and a warm-up-then-cosine
+  schedule, crops and flips; returns the seconds it took."""
   generator = torch.Generator().manual_seed(args.seed)
-  config = pgd_at.get_config("cifar10")
-  train, test = config_lib.load_split(config, "train"), config_lib.load_split(config, "test")
-  x_train, y_train = train.x, train.y
-  if args.train_images:
-    x_train, y_train = x_train[: args.train_images], y_train[: args.train_images]
-  config.seed = args.seed
-  model, variables = initial_model(config, train)
-  net = jr.interop.to_torch(model, variables, x_train.shape[1:3])
-  for p in net.parameters():
-    p.requires_grad_(True)
-  xs = jr.interop.nhwc_to_nchw(x_train)
-  ys = torch.from_numpy(y_train.astype(np.int64))
   steps_per_epoch = len(xs) // args.batch_size
   total = args.epochs * steps_per_epoch
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -133,7 +112,6 @@ def main(argv=None):
     ),
   )
   attack = torchattacks.PGD(net, eps=EPS, alpha=2.5 * EPS / 7, steps=7, random_start=True)
-
   began = time.perf_counter()
   for epoch in range(args.epochs):
     order = torch.randperm(len(xs), generator=generator)
@@ -155,13 +133,22 @@ def main(argv=None):
       f"{correct / (steps_per_epoch * args.batch_size):.3f}",
       flush=True,
     )
-  train_seconds = time.perf_counter() - began
+  return time.perf_counter() - began
+
+
+def _evaluate(torch: Any, torchattacks: Any, net: Any, test: Any, n: int) -> dict[str, Any]:
+  """Clean, AutoAttack L-inf and PGD-20 L2 accuracy (%) of `net` on the first `n`
+  test images, the number of images and the seconds it took."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import jaxrobust as jr  # pylint: disable=g-import-not-at-top
+  from benchmarks.autoattack import torch_autoattack  # pylint: disable=g-import-not-at-top
 
   net.eval()
   for p in net.parameters():
     p.requires_grad_(False)
-  x_test = jr.interop.nhwc_to_nchw(test.x[: args.test_images])
-  y_test = torch.from_numpy(test.y[: args.test_images].astype(np.int64))
+  x_test = jr.interop.nhwc_to_nchw(test.x[:n])
+  y_test = torch.from_numpy(test.y[:n].astype(np.int64))
   began = time.perf_counter()
   with torch.no_grad():
     clean = net(x_test).argmax(1) == y_test
@@ -172,17 +159,56 @@ def main(argv=None):
   )
   with torch.no_grad():
     robust_l2 = clean & (net(adv).argmax(1) == y_test)
+  return {
+    "n": len(x_test),
+    "clean": 100 * float(clean.float().mean()),
+    "autoattack": 100 * float(np.mean(robust_aa)),
+    "pgd_l2": 100 * float(robust_l2.float().mean()),
+    "eval_seconds": time.perf_counter() - began,
+  }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Trains and evaluates the baseline; prints its row of the recipes' table."""
+  args = parse_args(argv)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torchattacks  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f"the baseline needs PyTorch and torchattacks ({e})") from None
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import jaxrobust as jr  # pylint: disable=g-import-not-at-top
+  from jaxrobust.configs import pgd_at  # pylint: disable=g-import-not-at-top
+  from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(args.seed)
+  config = pgd_at.get_config("cifar10")
+  train, test = config_lib.load_split(config, "train"), config_lib.load_split(config, "test")
+  x_train, y_train = train.x, train.y
+  if args.train_images:
+    x_train, y_train = x_train[: args.train_images], y_train[: args.train_images]
+  config.seed = args.seed
+  model, variables = initial_model(config, train)
+  net = jr.interop.to_torch(model, variables, x_train.shape[1:3])
+  for p in net.parameters():
+    p.requires_grad_(True)
+  xs = jr.interop.nhwc_to_nchw(x_train)
+  ys = torch.from_numpy(y_train.astype(np.int64))
+  train_seconds = _train(torch, torchattacks, net, xs, ys, args)
+  evaluated = _evaluate(torch, torchattacks, net, test, args.test_images)
   result = {
     "row": "pgd_at (plain PyTorch)",
     "seed": args.seed,
     "epochs": args.epochs,
     "train_images": len(xs),
-    "n": len(x_test),
-    "clean": 100 * float(clean.float().mean()),
-    "autoattack": 100 * float(np.mean(robust_aa)),
-    "pgd_l2": 100 * float(robust_l2.float().mean()),
+    "n": evaluated["n"],
+    "clean": evaluated["clean"],
+    "autoattack": evaluated["autoattack"],
+    "pgd_l2": evaluated["pgd_l2"],
     "train_seconds": train_seconds,
-    "eval_seconds": time.perf_counter() - began,
+    "eval_seconds": evaluated["eval_seconds"],
   }
   print(json.dumps(result), flush=True)
   print(markdown_row(result), flush=True)

@@ -19,6 +19,7 @@ constant model).
 """
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -34,14 +35,17 @@ from jaxrobust import keys  # pylint: disable=wrong-import-position
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import objectives
 from jaxrobust.attacks import pgd  # pylint: disable=wrong-import-position
+from jaxrobust.types import Images, Labels, LogitsFn, PRNGKey  # pylint: disable=wrong-import-position
 
 
-def constant_objective(num_classes):
+def constant_objective(num_classes: int) -> float:
   """MART's objective of the uniform prediction (KL 0): ln K - ln(1.0001 - 1/K)."""
   return math.log(num_classes) - math.log(1.0001 - 1 / num_classes + 1e-12)
 
 
-def mart_terms(logits_fn, x, y, *, eps, lam, key):
+def mart_terms(
+  logits_fn: LogitsFn, x: Images, y: Labels, *, eps: float, lam: float, key: PRNGKey
+) -> dict[str, float]:
   """Mean BCE and mean lam * KL * (1 - p_y) of MART on (x, y), and the clean
   and adversarial accuracy, with x' drawn as MART's config draws it."""
   attack = pgd(norm="linf", eps=eps, step_size=eps / 4, steps=10, random_start=0.001)
@@ -59,7 +63,8 @@ def mart_terms(logits_fn, x, y, *, eps, lam, key):
   }
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+  """Prints MART's objective of every run directory given."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("workdirs", nargs="+", help="trained run directories")
   p.add_argument("--images", type=int, default=512, help="the first N images of --split")
@@ -87,7 +92,7 @@ def main(argv=None):
       )
     x, y = data[name]
     r = mart_terms(
-      lambda v, model=model, state=state: model.apply(state.variables, v),
+      functools.partial(model.apply, state.variables),
       jnp.asarray(x),
       jnp.asarray(y),
       eps=eps,

@@ -32,25 +32,23 @@ images before is read back from its `recipes_row.json`, not evaluated again).
 """
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts import reproduce_seed  # pylint: disable=wrong-import-position  (host devices set)
+from scripts import reproduction  # noqa: E402  (one XLA:CPU device per core, before JAX starts)
 
-import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from jaxrobust.training import checkpoints  # pylint: disable=wrong-import-position
-from jaxrobust.training import loop as experiment
-from jaxrobust.training import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrobust.training import checkpoints  # noqa: E402
 
 # (row, config, the settings changed from it)
-ROWS = (
+ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
   ("pgd_at_no_aug", "pgd_at", {"data.augment": "none"}),
   ("pgd_at", "pgd_at", {}),
   ("pgd_at_seed1", "pgd_at", {"seed": 1}),
@@ -65,7 +63,8 @@ ROWS = (
 ATTACKS = "autoattack_linf,pgd_l2"
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  """The command line, checked: `--rows` as a list."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--epochs", type=int, default=10, help="training epochs of every row")
   p.add_argument("--test_images", type=int, default=2000, help="the first N test images")
@@ -76,21 +75,19 @@ def parse_args(argv):
     "--out", default=str(REPO / "docs" / "recipes_reproduction.md"), help="the markdown written"
   )
   args = p.parse_args(argv)
-  args.rows = names if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
-  unknown = [r for r in args.rows if r not in names]
-  if unknown:
-    p.error(f"unknown row {unknown[0]!r}; choose from {', '.join(names)}")
+  args.rows = reproduction.selected_rows(p, args.rows, names)
   if args.epochs < 1 or args.test_images < 1:
     p.error("--epochs and --test_images must be >= 1")
   return args
 
 
-def run_row(row, config_name, changes, args):
-  config = importlib.import_module(f"jaxrobust.configs.{config_name}").get_config("cifar10")
+def run_row(
+  row: str, config_name: str, changes: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+  """Trains and evaluates the row (or reads back its evaluation on as many images);
+  its line of the table."""
   overrides = {"epochs": args.epochs, **changes}
-  for key, value in overrides.items():
-    target, _, leaf = key.rpartition(".")
-    (config[target] if target else config)[leaf] = value
+  config = reproduction.override(reproduction.packaged_config(config_name, "cifar10"), overrides)
   workdir = Path(args.runs) / f"cifar10-seed_cnn-{row}-e{args.epochs}"
   flags = [f"--config {config_name}:cifar10"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
@@ -98,33 +95,27 @@ def run_row(row, config_name, changes, args):
   before = json.loads(done.read_text()) if done.exists() else {}
   if before.get("n") == args.test_images:
     print(f"(evaluated before: {done})", flush=True)
-    return {**before, "train_seconds": reproduce_seed.train_seconds(workdir)}
-  state = experiment.train(config, workdir, progress=sys.stderr.isatty())
-  resolved = checkpoints.load_config(workdir)
-  tick = time.perf_counter()
-  report = experiment.evaluate(
-    resolved, config_lib.build_model(resolved), state, names=ATTACKS, limit=args.test_images
+    return {**before, "train_seconds": reproduction.train_seconds(workdir)}
+  measured = reproduction.train_and_evaluate(
+    config, workdir, attacks=ATTACKS, limit=args.test_images, report_name="recipes_report.json"
   )
-  eval_seconds = time.perf_counter() - tick
-  checkpoints.write_atomic(workdir / "recipes_report.json", json.dumps(report, indent=2) + "\n")
-  accuracy = {r["attack"]: 100 * r["accuracy"] for r in report["results"]}
   result = {
     "row": row,
     "flags": " ".join(flags),
-    "workdir": str(workdir.relative_to(REPO) if workdir.is_relative_to(REPO) else workdir),
-    "clean": 100 * report["clean_accuracy"],
-    "autoattack": accuracy["autoattack_linf"],
-    "pgd_l2": accuracy["pgd_l2"],
-    "n": report["n_examples"],
-    "train_seconds": reproduce_seed.train_seconds(workdir),
-    "eval_seconds": eval_seconds,
+    "workdir": reproduction.relative(workdir),
+    "clean": measured["clean"],
+    "autoattack": measured["accuracy"]["autoattack_linf"],
+    "pgd_l2": measured["accuracy"]["pgd_l2"],
+    "n": measured["n"],
+    "train_seconds": measured["train_seconds"],
+    "eval_seconds": measured["eval_seconds"],
   }
   checkpoints.write_atomic(done, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result), flush=True)
   return result
 
 
-def markdown(results, args, before=""):
+def markdown(results: list[dict], args: argparse.Namespace, before: str = "") -> str:
   """The table of `results`, with the rows of the table `before` that they do
   not replace, when `before` describes the same setting (epochs, test images,
   machine)."""
@@ -158,17 +149,18 @@ def markdown(results, args, before=""):
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+  """Trains, evaluates and tabulates every row of `--rows`."""
   args = parse_args(argv)
   rows = {r: (c, changes) for r, c, changes in ROWS}
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   before = out.read_text() if out.exists() else ""
-  results = []
-  for row in args.rows:  # the table is rewritten after each row
-    results.append(run_row(row, *rows[row], args))
-    checkpoints.write_atomic(out, markdown(results, args, before))
-  print(f"\nwrote {out}\n\n{out.read_text()}")
+  reproduction.write_rows(  # the table is rewritten after each row
+    args.rows,
+    lambda row: run_row(row, *rows[row], args),
+    lambda results: markdown(results, args, before),
+    out,
+  )
 
 
 if __name__ == "__main__":

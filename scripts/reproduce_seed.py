@@ -5,7 +5,7 @@ setting `cifar10`: the seed's network `seed_cnn` on all 50,000 CIFAR-10
 training images, the JPEG copy in `<repo>/../shared/data` read as `folder:`),
 evaluates each on the first `--test_images` test images with the same attacks
 (clean, PGD-20 L2 eps 0.5, PGD-20 L-infinity eps 8/255, the per-example worst
-case), and writes a markdown table beside the seed's own numbers (DESIGN.md),
+case), and writes a markdown table beside the seed study's own numbers,
 with the commands, epochs and wall-clock times, to `--out` (the README
 includes it). Randomized models (noise) are evaluated as randomized
 classifiers: the mean softmax over their fixed noise draws, attacked through
@@ -26,27 +26,20 @@ pause or the first interval's compilation does not count.
 """
 
 import argparse
-import importlib
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxrobust import parallel  # pylint: disable=wrong-import-position
+from scripts import reproduction  # noqa: E402  (one XLA:CPU device per core, before JAX starts)
+from scripts.reproduction import train_seconds  # noqa: E402, F401  (tests use it from here)
 
-parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
-
-import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
-
-from jaxrobust.training import checkpoints  # pylint: disable=wrong-import-position
-from jaxrobust.training import loop as experiment
-from jaxrobust.training import metrics
-from jaxrobust.training import config as config_lib  # pylint: disable=wrong-import-position
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # (row, config file, the seed's row it reproduces)
 ROWS = (
@@ -58,7 +51,7 @@ ROWS = (
   ("mat_rand", "mat_rand", "MAT"),
   ("mat_max", "mat_max", "MAT"),
 )
-# The seed's accuracies (%): natural, PGD L2, PGD L-inf (DESIGN.md).
+# The seed study's accuracies (%): natural, PGD L2, PGD L-inf.
 SEED = {
   "PGD model": (None, 24.79, 36.14),
   "C&W+PGD model": (None, 2.73, 27.49),
@@ -72,7 +65,8 @@ DATA = {
 }
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  """The command line, checked: `--rows` as a list, `--epochs` as row -> epochs."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument(
     "--epochs",
@@ -105,10 +99,7 @@ def parse_args(argv):
   )
   args = p.parse_args(argv)
   names = [r for r, _, _ in ROWS]
-  args.rows = names if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
-  unknown = [r for r in args.rows if r not in names]
-  if unknown:
-    p.error(f"unknown row {unknown[0]!r}; choose from {', '.join(names)}")
+  args.rows = reproduction.selected_rows(p, args.rows, names)
   try:
     default, *exceptions = args.epochs.split(",")
     args.epochs = {row: int(default) for row in names}
@@ -122,11 +113,12 @@ def parse_args(argv):
   return args
 
 
-def row_config(row, config_name, args):
-  """The row's config and the overrides that made it from `--config <name>:<setting>`."""
+def row_config(row: str, config_name: str, args: argparse.Namespace) -> tuple[Any, list[str], str]:
+  """The row's config, the flags that make it (`--config <name>:<setting>` and its
+  overrides), and a note on what `--model` changed."""
   setting, _ = DATA[args.data]
-  config = importlib.import_module(f"jaxrobust.configs.{config_name}").get_config(setting)
-  overrides = {"epochs": args.epochs[row]}
+  config = reproduction.packaged_config(config_name, setting)
+  overrides: dict[str, Any] = {"epochs": args.epochs[row]}
   if args.batch_size:
     overrides["batch_size"] = args.batch_size
   note = ""
@@ -135,63 +127,48 @@ def row_config(row, config_name, args):
     if "spectral" in config.model:  # only the plain CNNs have spectral normalisation
       del config.model["spectral"]
       note = "no spectral normalisation (the ResNets have none)"
-  for key, value in overrides.items():
-    target, _, leaf = key.rpartition(".")
-    (config[target] if target else config)[leaf] = value
+  reproduction.override(config, overrides)
   flags = [f"--config {config_name}:{setting}"]
   flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   return config, flags, note
 
 
-def train_seconds(workdir):
-  """Training time: the run's steps times the median seconds per step over its
-  logged intervals, so that a resume, a paused process or a burst of load on
-  a shared machine (and the first interval's compilation) do not count."""
-  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if l]
-  rows = [r for r in rows if "step" in r]
-  per_step = [
-    sum(r.get(f, 0.0) for f in metrics.TIMING_FIELDS) / (r["step"] - before["step"])
-    for before, r in zip(rows, rows[1:])
-    if r["step"] > before["step"]
+def _commands(flags: list[str], workdir: Path, test_images: int) -> list[str]:
+  """The `train.py` and `eval.py` commands that make the row."""
+  where = (
+    str(workdir.relative_to(REPO)) if workdir.is_relative_to(REPO) else shlex.quote(str(workdir))
+  )
+  return [
+    f"python train.py {' '.join(flags)} --workdir {where}",
+    f"python eval.py --workdir {where} --attacks pgd_l2,pgd_linf --limit {test_images}",
   ]
-  return statistics.median(per_step) * rows[-1]["step"] if per_step else 0.0
 
 
-def run_row(row, config_name, args):
+def run_row(row: str, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Trains and evaluates the row; its line of the table."""
   config, flags, note = row_config(row, config_name, args)
   workdir = Path(args.runs) / f"{DATA[args.data][0]}-{args.model}-{row}-e{config.epochs}"
   print(f"\n== {row}: {' '.join(flags)} -> {workdir}", flush=True)
-  state = experiment.train(config, workdir, progress=sys.stderr.isatty())
-  resolved = checkpoints.load_config(workdir)
-  model = config_lib.build_model(resolved)
-  tick = time.perf_counter()
-  report = experiment.evaluate(
-    resolved, model, state, names="pgd_l2,pgd_linf", limit=args.test_images
+  measured = reproduction.train_and_evaluate(
+    config,
+    workdir,
+    attacks="pgd_l2,pgd_linf",
+    limit=args.test_images,
+    report_name="seed_report.json",
   )
-  eval_seconds = time.perf_counter() - tick
-  checkpoints.write_atomic(workdir / "seed_report.json", json.dumps(report, indent=2) + "\n")
-  commands = [
-    f"python train.py {' '.join(flags)} --workdir {workdir.relative_to(REPO)}"
-    if workdir.is_relative_to(REPO)
-    else f"python train.py {' '.join(flags)} --workdir {shlex.quote(str(workdir))}"
-  ]
-  commands.append(
-    f"python eval.py --workdir {commands[0].split('--workdir ')[1]} "
-    f"--attacks pgd_l2,pgd_linf --limit {args.test_images}"
-  )
-  accuracy = {r["attack"]: 100 * r["accuracy"] for r in report["results"]}
+  resolved = measured["resolved"]
   result = {
     "row": row,
     "config": config_name,
     "epochs": config.epochs,
-    "clean": 100 * report["clean_accuracy"],
-    "l2": accuracy["pgd_l2"],
-    "linf": accuracy["pgd_linf"],
-    "worst": 100 * report["worst_case_accuracy"],
-    "n": report["n_examples"],
-    "train_seconds": train_seconds(workdir),
-    "eval_seconds": eval_seconds,
-    "commands": commands,
+    "clean": measured["clean"],
+    "l2": measured["accuracy"]["pgd_l2"],
+    "linf": measured["accuracy"]["pgd_linf"],
+    "worst": measured["worst"],
+    "n": measured["n"],
+    "train_seconds": measured["train_seconds"],
+    "eval_seconds": measured["eval_seconds"],
+    "commands": _commands(flags, workdir, args.test_images),
     "note": note,
     "randomized": bool(resolved["model"].get("noise")),
     "noise": resolved["model"].get("noise") or None,
@@ -200,11 +177,12 @@ def run_row(row, config_name, args):
   return result
 
 
-def _pct(value):
+def _pct(value: float | None) -> str:
   return "" if value is None else f"{value:.2f}"
 
 
-def markdown(results, args):
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+  """The table of `results` beside the seed's numbers, with the commands."""
   _, data_name = DATA[args.data]
   lines = [
     f"<!-- written by scripts/reproduce_seed.py on "
@@ -254,16 +232,16 @@ def markdown(results, args):
   return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+  """Trains, evaluates and tabulates every row of `--rows`."""
   args = parse_args(argv)
   rows = {r: c for r, c, _ in ROWS}
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  results = []
-  for row in args.rows:  # the table is rewritten after each row
-    results.append(run_row(row, rows[row], args))
-    checkpoints.write_atomic(out, markdown(results, args))
-  print(f"\nwrote {out}\n\n{out.read_text()}")
+  reproduction.write_rows(  # the table is rewritten after each row
+    args.rows,
+    lambda row: run_row(row, rows[row], args),
+    lambda results: markdown(results, args),
+    args.out,
+  )
 
 
 if __name__ == "__main__":

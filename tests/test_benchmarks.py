@@ -242,3 +242,69 @@ def test_reference_autoattack_reports_its_stages_and_agrees_with_jaxrobust():
     ]
   )
   assert "| n/a |" in table and "pyautoattack" in table
+
+
+class _Ceiling:
+  def sample(self):
+    return 4.0
+
+
+def test_time_in_turn_rotates_the_first_side_and_times_no_warm_up():
+  from benchmarks.harness import time_in_turn
+
+  calls = []
+  sides = {k: (lambda i, k=k: calls.append((k, i)) or f"{k}{i}") for k in "abc"}
+  first, times, outputs, ceilings = time_in_turn(sides, 3, _Ceiling())
+  # The warm-up (run 0) of each side, then each round starts one side later.
+  assert calls == [("a", 0), ("b", 0), ("c", 0)] + [
+    ("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2), ("a", 3), ("b", 3), ("c", 3)
+  ]  # fmt: skip
+  assert set(first) == set(times) == set("abc") and all(len(t) == 3 for t in times.values())
+  assert outputs == {"a": "a0", "b": "b0", "c": "c0"} and ceilings == [4.0] * 3
+
+
+def test_a_row_is_the_ratio_of_median_rates_with_compile_time_apart():
+  from benchmarks.harness import make_row, time_alternately
+
+  jax_times, torch_times, ceilings, jax_out, torch_out, compile_seconds = time_alternately(
+    lambda i: i, lambda i: -i, 4, _Ceiling()
+  )
+  assert jax_out == [0, 1, 2, 3, 4] and torch_out == [0, -1, -2, -3, -4] and ceilings == [4.0] * 4
+  assert len(jax_times) == len(torch_times) == 4
+  row = make_row("r", "R", [1.0, 9.0, 2.0], [4.0, 4.0, 100.0], [4.0, 2.0, 8.0], 8, "images/s", 16, 32,
+                 compile_seconds=3.0)  # fmt: skip
+  assert row["jaxrobust"] == 4.0 and row["pytorch"] == 2.0 and row["ratio"] == 2.0
+  assert row["compile_seconds"] == 3.0 and row["matmul_ceiling_flops"] == 4.0
+  # FLOP/s over the median ceiling: 16 FLOP in 2 s, 32 in 4 s, against 4 FLOP/s.
+  assert row["jaxrobust_ceiling_fraction"] == row["pytorch_ceiling_fraction"] == 2.0
+
+
+def test_every_row_has_a_runner_and_the_dtype_rows_are_rows():
+  from benchmarks import run
+  from benchmarks.rows import RUNNERS
+
+  assert tuple(RUNNERS) == run.ROWS and set(run.DTYPE_ROWS) <= set(run.ROWS)
+  assert run.parse_args(["--rows", "pgd_linf, smoothing"]).rows == ("pgd_linf", "smoothing")
+
+
+@pytest.mark.slow  # trains a model for 3 steps and times one row: a minute or two
+def test_run_prints_the_table_and_writes_its_json(tmp_path):
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "pgd_linf,smoothing"]
+    + ["--repeats", "1", "--batch-size", "8", "--train-steps", "3", "--smoothing-draws", "16"]
+    + ["--smoothing-images", "2", "--smoothing-batch", "8", "--data", str(tmp_path)]
+    + ["--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "bench.json")],
+    capture_output=True,
+    text=True,
+    env=program_env(),
+    timeout=900,
+    check=True,
+  )
+  results = json.loads((tmp_path / "bench.json").read_text())
+  assert [r["row"] for r in results["rows"]] == ["pgd_linf", "smoothing"]
+  for r in results["rows"]:
+    assert r["ratio"] == pytest.approx(r["jaxrobust"] / r["pytorch"])
+    assert len(r["jaxrobust_seconds"]) == len(r["pytorch_seconds"]) == 1
+    assert 0 <= r["agreement"]["jaxrobust"] <= 1 and 0 <= r["agreement"]["pytorch"] <= 1
+  assert "| row | jaxrobust | PyTorch | ratio | jaxrobust compile (s) |" in done.stdout
+  assert "| PGD-10 L-inf (eps 8/255, step 2/255, random start) |" in done.stdout
