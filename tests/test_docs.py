@@ -105,22 +105,23 @@ class Session:
 
   def __init__(self, cli: Callable[..., Any], directory: Path) -> None:
     self.cli, self.directory = cli, directory
-    self.ran: set[str] = set()
+    self.ran: set[tuple[str, ...]] = set()
     self.background: list[tuple[str, subprocess.Popen[str]]] = []
 
   def run(self, command: str) -> None:
-    """Runs a train.py/eval.py command with `TINY` settings (once a session)."""
+    """Runs a train.py/eval.py command with `TINY` settings (once a session:
+    the same program and arguments, however spelled, run once)."""
     program, args = program_of(command)
     assert program, f"not a train.py or eval.py command (tag its block console): {command}"
-    if command in self.ran:
+    if (program, *args) in self.ran:
       return
+    self.ran.add((program, *args))
     args = args + TINY[program] + (TINY_CERTIFY if "--certify" in args else [])
     if any(a.startswith("--coordinator_address") for a in args):
       self._run_process(command, program, args)
     else:
       result = self.cli(ROOT / program, *args, cwd=self.directory)
       assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    self.ran.add(command)
 
   def _run_process(self, command: str, program: str, args: list[str]) -> None:
     # One process of a multi-process run: a real process (JAX's distributed
