@@ -63,7 +63,7 @@ from benchmarks.model import InDtype, torch_in_dtype  # noqa: E402
 from benchmarks.rows import RUNNERS  # noqa: E402
 from jaxrobust import parallel  # noqa: E402
 
-# Reachable from here, as the README and the tests name them.
+# Reachable from here, as docs/performance.md and the tests name them.
 __all__ = [
   "InDtype",
   "L2_EPS",
@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       f"applies to {', '.join(DTYPE_ROWS)}"
     )
   if args.repeats < 1:
-    p.error("--repeats must be >= 1 (5 or more for the medians the README reports)")
+    p.error("--repeats must be >= 1 (5 or more for the medians docs/performance.md reports)")
   if args.batch_size < 1:
     p.error("--batch-size must be >= 1")
   return args

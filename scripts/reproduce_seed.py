@@ -6,8 +6,8 @@ training images, the JPEG copy in `<repo>/../shared/data` read as `folder:`),
 evaluates each on the first `--test_images` test images with the same attacks
 (clean, PGD-20 L2 eps 0.5, PGD-20 L-infinity eps 8/255, the per-example worst
 case), and writes a markdown table beside the seed study's own numbers,
-with the commands, epochs and wall-clock times, to `--out` (the README
-includes it). Randomized models (noise) are evaluated as randomized
+with the commands, epochs and wall-clock times, to `--out` (docs/recipes.md
+copies it). Randomized models (noise) are evaluated as randomized
 classifiers: the mean softmax over their fixed noise draws, attacked through
 them (EOT).
 

@@ -1,5 +1,5 @@
 """The benchmark scripts' own checks (the benchmarks themselves run for minutes
-and are run by hand: README, Performance)."""
+and are run by hand: docs/performance.md)."""
 
 import json
 import subprocess

@@ -311,13 +311,13 @@ def test_sanity_is_reachable_from_the_package():
   assert jr.sanity.attack_checks is not None
 
 
-def test_readme_library_example_runs_as_written(linen):
-  """The README's first library example, with a trained Linen model."""
+def test_library_example_runs_as_written(linen):
+  """docs/library.md's first library example, with a trained Linen model."""
   import re
 
   from conftest import ROOT
 
-  section = (ROOT / "README.md").read_text().split("## Using the library", 1)[1]
+  section = (ROOT / "docs" / "library.md").read_text().split("## Using the library", 1)[1]
   first, with_nnx, targeted = re.findall(r"```python\n(.*?)```", section, re.S)[:3]
   assert "jr.inference.split(model, variables)" in first and "@jax.jit" in first
   model, variables = linen
