@@ -1,0 +1,294 @@
+"""records: directories (ArrayRecord shards), their converter and mixed batches."""
+
+import io
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxrobust import data
+from jaxrobust.checks import InputError
+from jaxrobust.data import cli, records
+from jaxrobust.data.convert import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def uint8_npz(path, n=48, shape=(5, 4, 3), classes=4, seed=0, keys=("x", "y")):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+  y = rng.integers(0, classes, n)
+  y[:classes] = np.arange(classes)  # every class present
+  np.savez(path, **{keys[0]: x, keys[1]: y})
+  return x, y
+
+
+@pytest.fixture(scope="module")
+def npz_records(tmp_path_factory):
+  """An npz of uint8 images (both splits) and its raw and png conversions."""
+  root = tmp_path_factory.mktemp("records")
+  uint8_npz(root / "d.npz")
+  dirs = {}
+  for encoding in ["raw", "png"]:
+    dirs[encoding] = convert(
+      f"npz:{root}/d.npz", root / encoding, shard_size=10, encoding=encoding, progress=False
+    )
+  return f"npz:{root}/d.npz", dirs
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def test_converted_npz_is_the_source_exactly(npz_records):
+  name, dirs = npz_records
+  memory = data.load(name, "train")
+  for directory in dirs.values():
+    loaded = data.load(f"records:{directory}", "train")
+    assert isinstance(loaded.x, records.RecordImages) and loaded.x.dtype == np.uint8
+    assert loaded.x.shape == memory.x.shape and len(loaded.x.paths) == 5  # 48 / 10
+    np.testing.assert_array_equal(np.asarray(loaded.x) / np.float32(255), memory.x)
+    np.testing.assert_array_equal(loaded.y, memory.y)
+    assert loaded.num_classes == memory.num_classes == 4
+  metadata = json.loads((dirs["png"] / records.METADATA).read_text())
+  assert metadata["encoding"] == "png" and metadata["shape"] == [5, 4, 3]
+  assert metadata["splits"]["test"]["count"] == 48 and metadata["classes"] == 4
+
+
+def test_records_batches_equal_in_memory_batches_and_resume(npz_records):
+  name, dirs = npz_records
+  memory = data.load(name, "train")
+  stored = data.load(f"records:{dirs['raw']}", "train")
+  full = take(data.train_batches(*memory, 8, seed=5), 14)  # over two epochs of 6 steps
+  from_records = take(data.train_batches(*stored, 8, seed=5), 14)
+  for (xm, ym), (xr, yr) in zip(full, from_records):
+    assert xr.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(data.as_float(xr)), xm)
+    np.testing.assert_array_equal(yr, ym)
+  for start in [1, 6, 11]:
+    resumed = take(data.train_batches(*stored, 8, seed=5, start_step=start), 14 - start)
+    for (xa, ya), (xb, yb) in zip(from_records[start:], resumed):
+      np.testing.assert_array_equal(xa, xb)
+      np.testing.assert_array_equal(ya, yb)
+  evaluated = list(data.eval_batches(*stored, 20, multiple_of=4))
+  for (xm, ym, mm), (xr, yr, mr) in zip(data.eval_batches(*memory, 20, multiple_of=4), evaluated):
+    np.testing.assert_array_equal(np.asarray(data.as_float(xr)), xm)
+    np.testing.assert_array_equal(yr, ym)
+    np.testing.assert_array_equal(mr, mm)
+
+
+def test_as_float_under_jit_is_the_host_division():
+  pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  on_device = jax.jit(data.as_float)(pixels)
+  assert on_device.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(on_device), pixels / np.float32(255))
+  floats = np.linspace(0, 1, 5, dtype=np.float32)
+  np.testing.assert_array_equal(np.asarray(data.as_float(floats)), floats)
+
+
+def test_channel_stats_from_the_stored_histogram(npz_records):
+  name, dirs = npz_records
+  memory, stored = data.load(name, "train"), data.load(f"records:{dirs['raw']}", "train")
+  expected = data.channel_stats(memory.x)
+  got = data.channel_stats(stored.x)
+  assert stored.x.reads == 0  # the histogram of the metadata, no pass over the images
+  np.testing.assert_array_equal(np.float32(got), np.float32(expected))
+  np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def logged_reads(monkeypatch):
+  """Patches RecordImages.read to log (object id, indices) of every read."""
+  log = []
+  read = records.RecordImages.read
+
+  def logging_read(self, indices):
+    log.append((id(self), np.asarray(indices).copy()))
+    return read(self, indices)
+
+  monkeypatch.setattr(records.RecordImages, "read", logging_read)
+  return log
+
+
+def test_two_processes_read_only_their_rows(npz_records, monkeypatch):
+  name, dirs = npz_records
+  memory = data.load(name, "train")
+  log = logged_reads(monkeypatch)
+  processes = [data.load(f"records:{dirs['raw']}", "train") for _ in range(2)]
+  steps = 6  # one epoch: 48 examples in batches of 8
+  batches = [
+    take(
+      data.train_batches(
+        *p, 8, seed=2, rows=data.process_rows(8, process_index=i, process_count=2)
+      ),
+      steps,
+    )
+    for i, p in enumerate(processes)
+  ]
+  full = take(data.train_batches(*memory, 8, seed=2), steps)
+  for step in range(steps):
+    (x0, y0), (x1, y1) = batches[0][step], batches[1][step]
+    assert len(x0) == len(x1) == 4
+    np.testing.assert_array_equal(np.concatenate([x0, x1]) / np.float32(255), full[step][0])
+    np.testing.assert_array_equal(np.concatenate([y0, y1]), full[step][1])
+  read = {
+    i: np.concatenate([ix for who, ix in log if who == id(p.x)]) for i, p in enumerate(processes)
+  }
+  assert [p.x.reads for p in processes] == [24, 24]
+  assert not set(read[0]) & set(read[1])
+  np.testing.assert_array_equal(np.sort(np.concatenate([read[0], read[1]])), np.arange(48))
+
+
+def test_process_rows_of_a_mesh_and_bad_rows():
+  assert data.process_rows(8, process_index=1, process_count=4) == (2, 4)
+  mesh = jax.sharding.Mesh(jax.devices()[:2], ("batch",))
+  assert data.process_rows(8, mesh) == (0, 8)  # one process feeds both devices
+  with pytest.raises(InputError, match="divisible by the 3 processes"):
+    data.process_rows(8, process_index=0, process_count=3)
+  with pytest.raises(InputError, match="rows"):
+    data.train_batches(np.zeros(8), np.zeros(8), 4, seed=0, rows=(2, 9))
+  xb, yb = next(data.train_batches(np.arange(8), np.arange(8), 4, seed=0, rows=(0, 4)))
+  global_x = data.local_to_global(xb, mesh, 4)
+  np.testing.assert_array_equal(np.asarray(global_x), xb)
+
+
+def test_grain_workers_give_the_same_batches(npz_records):
+  _, dirs = npz_records
+  stored = data.load(f"records:{dirs['png']}", "train")
+  in_process = take(data.train_batches(*stored, 8, seed=9, start_step=3), 4)
+  workers = data.train_batches(*stored, 8, seed=9, start_step=3, workers=2)
+  in_workers = take(workers, 4)
+  for (xa, ya), (xb, yb) in zip(in_process, in_workers):
+    assert xb.dtype == np.uint8
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+  del workers
+
+
+# the converter
+
+
+def png(pixels):
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_convert_digits_within_rounding(tmp_path):
+  out = convert("digits", tmp_path / "digits", shard_size=400, progress=False)
+  for split in data.SPLITS:
+    memory, stored = data.load("digits", split), data.load(f"records:{out}", split)
+    np.testing.assert_allclose(np.asarray(stored.x) / np.float32(255), memory.x, atol=0.5 / 255)
+    np.testing.assert_array_equal(stored.y, memory.y)
+    assert stored.class_names == memory.class_names
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_convert_folder_of_pngs_streams_one_file_at_a_time(tmp_path, monkeypatch, grey):
+  rng = np.random.default_rng(3)
+  for split in data.SPLITS:
+    for name in ["cat", "dog", "emu"]:
+      (tmp_path / "tree" / split / name).mkdir(parents=True)
+      for i in range(rng.integers(2, 5)):
+        shape = (6, 5) if grey else (6, 5, 3)
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        (tmp_path / "tree" / split / name / f"{i}.png").write_bytes(png(pixels))
+  decoded = []
+  decode = data.folder._decode_image
+  monkeypatch.setattr(data.folder, "_decode_image", lambda d, n: decoded.append(n) or decode(d, n))
+  out = convert(f"folder:{tmp_path}/tree", tmp_path / "out", shard_size=3, progress=False)
+  assert len(decoded) == len(set(decoded))  # each file decoded once, one at a time
+  for split in data.SPLITS:
+    memory = data.load(f"folder:{tmp_path}/tree", split, cache_dir=tmp_path / "cache")
+    stored = data.load(f"records:{out}", split)
+    assert stored.x.shape == memory.x.shape and stored.x.shape[-1] == (1 if grey else 3)
+    np.testing.assert_array_equal(np.asarray(stored.x) / np.float32(255), memory.x)
+    np.testing.assert_array_equal(stored.y, memory.y)
+    assert stored.class_names == ["cat", "dog", "emu"]
+
+
+def run_cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "jaxrobust.data", *args], capture_output=True, text=True, cwd=ROOT
+  )
+
+
+def test_command_line_help_and_one_error_line(tmp_path):
+  assert "--shard-size" in run_cli("convert", "--help").stdout
+  result = run_cli("convert", "npz:/absent.npz", str(tmp_path / "new"))
+  assert result.returncode == 2 and not (tmp_path / "new").exists()
+  assert result.stderr.strip().splitlines() == ["error: data path /absent.npz does not exist"]
+
+
+def test_bad_input_writes_nothing_and_overwrite_replaces(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  for args, message in [
+    (["convert", "digits", str(out)], "not empty; pass --overwrite"),
+    (["convert", "digits", str(tmp_path / "new"), "--shard-size", "0"], "shard_size"),
+    (["convert", "digits", str(tmp_path / "new"), "--encoding", "gif"], "invalid choice"),
+    (["convert", "digits", str(tmp_path / "new"), "--splits", "val"], "'val'"),
+    (["frobnicate"], "invalid choice"),
+  ]:
+    try:
+      status = cli.main(args)
+    except SystemExit as exit:
+      status = exit.code
+    assert status == 2, args
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert (out / "keep.txt").read_text() == "mine" and not (tmp_path / "new").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directories
+  assert cli.main(["convert", "digits", str(out), "--overwrite", "--splits", "test"]) == 0
+  assert not (out / "keep.txt").exists()
+  assert len(data.load(f"records:{out}", "test").y) == 300
+
+
+def test_console_script_is_declared():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert project["scripts"]["jaxrobust-data"] == "jaxrobust.data.cli:main"
+  assert any(d.startswith("grain") for d in project["dependencies"])
+
+
+def test_bad_records_directories_are_named(npz_records, tmp_path):
+  _, dirs = npz_records
+  with pytest.raises(InputError, match=f"{tmp_path}/nothing does not exist"):
+    data.load(f"records:{tmp_path}/nothing", "train")
+  with pytest.raises(InputError, match="no metadata.json"):
+    data.load(f"records:{tmp_path}", "train")
+  broken = tmp_path / "broken"
+  convert(f"npz:{dirs['raw'].parent}/d.npz", broken, shard_size=10, progress=False)
+  (broken / "train-00002-of-00005.array_record").unlink()
+  with pytest.raises(InputError, match="train-00002-of-00005.array_record is missing"):
+    data.load(f"records:{broken}", "train")
+  shard = broken / "test-00001-of-00005.array_record"
+  shard.write_bytes(shard.read_bytes()[:100])
+  with pytest.raises(InputError, match="cannot read the record shard .*test-00001-of-00005"):
+    next(data.train_batches(*data.load(f"records:{broken}", "test"), 48, seed=0))
+  reshaped = convert(f"npz:{dirs['raw'].parent}/d.npz", tmp_path / "r", progress=False)
+  metadata = json.loads((reshaped / records.METADATA).read_text())
+  metadata["shape"] = [5, 4, 1]  # another shape than the records hold
+  (reshaped / records.METADATA).write_text(json.dumps(metadata))
+  with pytest.raises(InputError, match="record 3 of .*train-00000-of-00001.*60 bytes, not the 20"):
+    data.load(f"records:{reshaped}", "train").x[3]
+  metadata["splits"]["train"]["records"] = [40]
+  metadata["splits"]["train"]["count"] = 40
+  (reshaped / records.METADATA).write_text(json.dumps(metadata))
+  np.save(reshaped / "train-labels.npy", np.zeros(40, np.int32))
+  with pytest.raises(InputError, match="train-00000-of-00001.array_record holds 48 records, but"):
+    data.load(f"records:{reshaped}", "train").x[3]
+
+
+def test_convert_refuses_splits_that_disagree(tmp_path):
+  uint8_npz(tmp_path / "a-train.npz", classes=4)
+  uint8_npz(tmp_path / "a-test.npz", classes=3)
+  with pytest.raises(InputError, match="train has 4 classes but test has 3"):
+    convert(f"npz:{tmp_path}/a-{{split}}.npz", tmp_path / "out", progress=False)
+  assert not (tmp_path / "out").exists()
+
