@@ -292,3 +292,106 @@ def test_convert_refuses_splits_that_disagree(tmp_path):
     convert(f"npz:{tmp_path}/a-{{split}}.npz", tmp_path / "out", progress=False)
   assert not (tmp_path / "out").exists()
 
+
+# mixtures
+
+
+def marked(n, offset):
+  """uint8 images whose every pixel is offset + index, labels index % 3."""
+  x = (offset + np.arange(n, dtype=np.uint8))[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+  return x, np.arange(n) % 3
+
+
+def test_mixture_takes_the_fraction_of_every_batch_epochs_on_the_first():
+  first, extra = marked(40, 0), marked(60, 100)
+  assert data.extra_count(10, 0.7) == 7 and data.extra_count(10, 0.25) == 2
+  steps = data.steps_per_epoch(40, 10, 0.7)
+  assert steps == 13
+  batches = take(data.mixed_batches(first, extra, 10, extra_fraction=0.7, seed=4), 2 * steps)
+  seen_first = []
+  for xb, yb in batches:
+    ids = xb[:, 0, 0, 0].astype(int)
+    assert xb.shape == (10, 2, 2, 1) and xb.dtype == np.uint8
+    assert (ids >= 100).sum() == 7  # exactly round(0.7 * 10) extra examples
+    np.testing.assert_array_equal(yb, (ids % 100) % 3)
+    seen_first.append(ids[ids < 100])
+  for epoch in range(2):
+    seen = np.concatenate(seen_first[epoch * steps : (epoch + 1) * steps])
+    np.testing.assert_array_equal(np.sort(seen), np.sort(data.epoch_permutation(40, 4, epoch)[:39]))
+  # The extra examples also come in epochs: the first 8 batches hold 56 distinct ones.
+  extra_ids = np.concatenate([xb[:, 0, 0, 0][xb[:, 0, 0, 0] >= 100] for xb, _ in batches[:8]])
+  assert len(set(extra_ids.tolist())) == 56
+  # Extra rows are spread over the batch, not appended.
+  assert len({tuple(np.flatnonzero(xb[:, 0, 0, 0] >= 100)) for xb, _ in batches}) > 1
+
+
+@pytest.mark.parametrize("start_step", [0, 1, 8, 13, 21])
+def test_mixture_is_deterministic_and_resumes(start_step):
+  first, extra = marked(40, 0), marked(60, 100)
+  make = lambda seed, start=0: data.mixed_batches(
+    first, extra, 10, extra_fraction=0.5, seed=seed, start_step=start
+  )
+  full, again = take(make(1), 24), take(make(1), 24)
+  resumed = take(make(1, start_step), 24 - start_step)
+  for (xa, ya), (xb, yb) in zip(full, again):
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+  for (xa, ya), (xb, yb) in zip(full[start_step:], resumed):
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+  other = take(make(2), 3)
+  assert not all(np.array_equal(a[0], b[0]) for a, b in zip(full, other))
+
+
+def test_mixture_rows_per_process_and_zero_fraction():
+  first, extra = marked(40, 0), marked(60, 100)
+  whole = take(data.mixed_batches(first, extra, 8, extra_fraction=0.7, seed=3), 5)
+  halves = [
+    take(
+      data.mixed_batches(
+        first,
+        extra,
+        8,
+        extra_fraction=0.7,
+        seed=3,
+        rows=data.process_rows(8, process_index=i, process_count=2),
+      ),
+      5,
+    )
+    for i in range(2)
+  ]
+  for (xb, yb), (x0, y0), (x1, y1) in zip(whole, *halves):
+    np.testing.assert_array_equal(np.concatenate([x0, x1]), xb)
+    np.testing.assert_array_equal(np.concatenate([y0, y1]), yb)
+  plain = take(data.train_batches(*first, 8, seed=3), 6)
+  unmixed = take(data.mixed_batches(first, extra, 8, extra_fraction=0.0, seed=3), 6)
+  for (xa, ya), (xb, yb) in zip(plain, unmixed):
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5, True, "0.5", float("nan")])
+def test_mixture_bad_fraction(fraction):
+  first, extra = marked(40, 0), marked(60, 100)
+  with pytest.raises(InputError, match="extra_fraction"):
+    data.mixed_batches(first, extra, 10, extra_fraction=fraction, seed=0)
+
+
+def test_mixture_of_an_npz_and_generated_records(tmp_path):
+  """The generated images' layout (npz of `image` and `label`) and its records as extra."""
+  x, y = uint8_npz(tmp_path / "generated.npz", n=30, keys=("image", "label"))
+  generated = data.load(f"npz:{tmp_path}/generated.npz", "train")
+  np.testing.assert_array_equal(generated.x, x / np.float32(255))
+  np.testing.assert_array_equal(generated.y, y)
+  out = convert(f"npz:{tmp_path}/generated.npz", tmp_path / "gen", progress=False)
+  stored = data.load(f"records:{out}", "train")
+  uint8_npz(tmp_path / "real.npz", n=20, seed=1)
+  real = data.load(f"npz:{tmp_path}/real.npz", "train")
+  from_npz = take(data.mixed_batches(real, generated, 10, extra_fraction=0.7, seed=0), 4)
+  from_records = take(data.mixed_batches(real, stored, 10, extra_fraction=0.7, seed=0), 4)
+  for (xa, ya), (xb, yb) in zip(from_npz, from_records):
+    assert xb.dtype == np.float32  # float first, uint8 extra: the extra rows divided by 255
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+  with pytest.raises(InputError, match=r"extra data set's images are \[2, 2, 1\]"):
+    data.mixed_batches(real, marked(60, 0), 10, extra_fraction=0.5, seed=0)

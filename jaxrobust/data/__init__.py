@@ -16,7 +16,8 @@ In `npz:`, `idx:` and `folder:` paths, `{split}` is replaced by the split name,
 so one name can point at a training and a test file.
 
 Batches are numpy arrays: `train_batches` (shuffled, resumable at any step,
-per process), `eval_batches` (in order, padded and masked); `to_devices` splits
+per process), `mixed_batches` (a fixed fraction of every batch from a second
+data set), `eval_batches` (in order, padded and masked); `to_devices` splits
 one over a mesh, `local_to_global` assembles one from each process's rows. A
 `records:` data set's images stay uint8 on the host: `as_float` makes them
 float32 on the device.
@@ -36,6 +37,7 @@ from jaxrobust.data.batches import (
 )
 from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
 from jaxrobust.data.folder import cache_directory, load_folder
+from jaxrobust.data.mixture import check_extra_fraction, extra_count, mixed_batches, steps_per_epoch
 from jaxrobust.data.records import RecordImages, load_records
 from jaxrobust.data.stream import as_float, local_to_global, process_rows
 from jaxrobust.data.tfds import load_tfds
