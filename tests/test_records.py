@@ -102,6 +102,29 @@ def test_channel_stats_from_the_stored_histogram(npz_records):
   np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_slices_are_unread_views_with_their_own_statistics(npz_records):
+  name, dirs = npz_records
+  memory, stored = data.load(name, "train"), data.load(f"records:{dirs['raw']}", "train")
+  head, tail = stored.x[:40], stored.x[40:]  # a training part and a validation slice
+  assert isinstance(head, records.RecordImages) and head.shape == (40, 5, 4, 3)
+  assert stored.x.reads == 0
+  np.testing.assert_array_equal(np.asarray(tail) / np.float32(255), memory.x[40:])
+  np.testing.assert_array_equal(head[[39, 0]] / np.float32(255), memory.x[[39, 0]])
+  np.testing.assert_array_equal(head[2:5][1], stored.x[3])
+  assert stored.x.reads == 8 + 2 + 1 + 1
+  # The stored histogram, less the counts of the rows outside when they are fewer.
+  for part, expected, reads in [
+    (head, memory.x[:40], 8),
+    (tail, memory.x[40:], 8),
+    (stored.x[5:30], memory.x[5:30], 23),
+    (stored.x, memory.x, 0),
+  ]:
+    before = stored.x.reads
+    got = data.channel_stats(part)
+    np.testing.assert_allclose(got, data.channel_stats(expected), rtol=1e-12)
+    assert stored.x.reads - before == reads
+
+
 def logged_reads(monkeypatch):
   """Patches RecordImages.read to log (object id, indices) of every read."""
   log = []
@@ -393,5 +416,7 @@ def test_mixture_of_an_npz_and_generated_records(tmp_path):
     assert xb.dtype == np.float32  # float first, uint8 extra: the extra rows divided by 255
     np.testing.assert_array_equal(xa, xb)
     np.testing.assert_array_equal(ya, yb)
+  with pytest.raises(InputError, match="has 4 classes but the extra one 5"):
+    data.mixed_batches(real, data.Dataset(*stored, 5), 10, extra_fraction=0.5, seed=0)
   with pytest.raises(InputError, match=r"extra data set's images are \[2, 2, 1\]"):
     data.mixed_batches(real, marked(60, 0), 10, extra_fraction=0.5, seed=0)

@@ -12,7 +12,7 @@ from jaxtyping import ArrayLike
 
 from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
-from jaxrobust.data.records import RecordImages
+from jaxrobust.data.records import RecordImages, count_pixels
 from jaxrobust.data.stream import EpochOrder, epoch_permutation, serve
 
 __all__ = [
@@ -126,7 +126,7 @@ def _eval_batches(
   x: np.ndarray, y: np.ndarray, batch_size: int, multiple_of: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   for start in range(0, len(x), batch_size):
-    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+    xb, yb = np.asarray(x[start : start + batch_size]), y[start : start + batch_size]
     count = len(xb)
     padded = -(-count // multiple_of) * multiple_of
     if padded > count:
@@ -197,21 +197,14 @@ def pixel_histogram(x: Any) -> np.ndarray:
 
   Args:
     x: uint8 images [N, H, W, C], numpy or `RecordImages` (whose stored
-      histogram is used when it has one).
+      histogram is used: `RecordImages.pixel_counts`).
 
   Returns:
     int64 counts [C, 256].
   """
-  if isinstance(x, RecordImages) and x.histogram is not None:
-    return x.histogram
-  channels = x.shape[-1]
-  counts = np.zeros((channels, 256), np.int64)
-  chunk = max(1, 2**22 // math.prod(x.shape[1:]))
-  for start in range(0, len(x), chunk):
-    block = np.asarray(x[start : start + chunk]).reshape(-1, channels)
-    for c in range(channels):
-      counts[c] += np.bincount(block[:, c], minlength=256)
-  return counts
+  if isinstance(x, RecordImages):
+    return x.pixel_counts()
+  return count_pixels(x)
 
 
 def _histogram_stats(counts: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

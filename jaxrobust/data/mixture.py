@@ -140,6 +140,11 @@ def mixed_batches(
     f"which has {len(x1)}",
   )
   require(k <= len(x2), f"batch_size {batch_size} takes {k} extra examples; there are {len(x2)}")
+  classes = [getattr(dataset, "num_classes", None) for dataset in (first, extra)]
+  require(
+    None in classes or classes[0] == classes[1],
+    f"the first data set has {classes[0]} classes but the extra one {classes[1]}",
+  )
   if k == 0:
     plan: Any = TrainPlan(len(x1), batch_size, seed)
     return serve([(x1, y1)], plan, batch_size, start_step=start_step, rows=rows, workers=workers)

@@ -16,6 +16,7 @@ Images are read by index, with random access, only when asked for:
 `RecordImages` is the array-like `x` of a record-backed `Dataset`.
 """
 
+import copy
 import io
 import json
 import math
@@ -120,17 +121,38 @@ def read_metadata(directory: Path) -> dict[str, Any]:
   return metadata
 
 
+def count_pixels(images: Any) -> np.ndarray:
+  """How often each value occurs in each channel of uint8 images, read in chunks.
+
+  Args:
+    images: uint8 images [N, H, W, C] (numpy, or anything sliced into them).
+
+  Returns:
+    int64 counts [C, 256].
+  """
+  channels = images.shape[-1]
+  counts = np.zeros((channels, 256), np.int64)
+  chunk = max(1, 2**22 // math.prod(images.shape[1:]))
+  for start in range(0, len(images), chunk):
+    block = np.asarray(images[start : start + chunk]).reshape(-1, channels)
+    for c in range(channels):
+      counts[c] += np.bincount(block[:, c], minlength=256)
+  return counts
+
+
 class RecordImages:
   """The uint8 images [N, H, W, C] of one split of a records directory, read lazily.
 
-  Indexing reads only the records asked for: `images[i]` (one image),
-  `images[a:b]`, `images[indices]` (an integer array, any order, repeats
-  allowed). `np.asarray(images)` reads every record.
+  Indexing by integers reads only the records asked for: `images[i]` (one
+  image), `images[indices]` (an integer array, any order, repeats allowed).
+  A slice `images[a:b]` is, as in numpy, a view: a `RecordImages` of those
+  rows, read when indexed. `np.asarray(images)` reads every record.
 
   Attributes:
     shape: (N, H, W, C).
     dtype: uint8.
-    reads: how many records this object has read (in this process).
+    reads: how many records this object and its views have read (in this
+      process).
   """
 
   dtype = np.dtype(np.uint8)
@@ -149,8 +171,14 @@ class RecordImages:
     self.shape = (sum(self.counts), *map(int, shape))
     self.encoding = encoding
     self.histogram = None if histogram is None else np.asarray(histogram, np.int64)
-    self.reads = 0
+    self.start = 0  # a view's first row among all the records
+    self._reads = [0]  # shared with the views
     self._source: Any = None
+
+  @property
+  def reads(self) -> int:
+    """Records read by this object and its views, in this process."""
+    return self._reads[0]
 
   def __len__(self) -> int:
     return self.shape[0]
@@ -159,7 +187,41 @@ class RecordImages:
     return {**self.__dict__, "_source": None}  # each process opens its own readers
 
   def __repr__(self) -> str:
-    return f"RecordImages(uint8{list(self.shape)}, {self.encoding}, {len(self.paths)} shards)"
+    rows = f", rows {self.start}:{self.start + len(self)}" if len(self) != sum(self.counts) else ""
+    return f"RecordImages(uint8{list(self.shape)}, {self.encoding}, {len(self.paths)} shards{rows})"
+
+  def view(self, start: int, stop: int) -> "RecordImages":
+    """Rows `[start, stop)` of these images, unread.
+
+    Args:
+      start: the first row.
+      stop: the row after the last.
+
+    Returns:
+      A `RecordImages` of those rows (sharing this one's open readers and
+      read count).
+    """
+    view = copy.copy(self)
+    view.start, view.shape = self.start + start, (stop - start, *self.shape[1:])
+    return view
+
+  def pixel_counts(self) -> np.ndarray:
+    """The histogram [C, 256] of these images' pixel values.
+
+    From the stored histogram of the split: for a view, less the counts of
+    the rows outside it when those are fewer, else counted from its rows.
+
+    Returns:
+      int64 counts [C, 256].
+    """
+    total = sum(self.counts)
+    if self.histogram is None or len(self) < total - len(self):
+      return count_pixels(self)
+    whole = self.view(-self.start, total - self.start)
+    before, after = whole[: self.start], whole[self.start + len(self) :]
+    return self.histogram - sum(
+      (count_pixels(part) for part in (before, after) if len(part)), np.zeros_like(self.histogram)
+    )
 
   def source(self) -> Any:
     """The grain `ArrayRecordDataSource` over the shards (opened on first use).
@@ -174,7 +236,7 @@ class RecordImages:
         source = grain.sources.ArrayRecordDataSource(self.paths)
       except Exception:  # array_record raises bare RuntimeErrors  # noqa: BLE001
         source = None
-      if source is None or len(source) != len(self):
+      if source is None or len(source) != sum(self.counts):
         self._check_shards(grain.sources.ArrayRecordDataSource)
       self._source = source
     return self._source
@@ -209,9 +271,9 @@ class RecordImages:
       indices.min() >= 0 and indices.max() < len(self),
       f"record indices must lie in [0, {len(self)})",
     )
-    records = self.source().__getitems__(indices.tolist())
-    self.reads += len(indices)
-    for row, (index, record) in enumerate(zip(indices, records)):
+    records = self.source().__getitems__((indices + self.start).tolist())
+    self._reads[0] += len(indices)
+    for row, (index, record) in enumerate(zip(indices + self.start, records)):
       out[row] = decode(record, self.encoding, self.shape[1:], self._where(int(index)))
     return out
 
@@ -222,9 +284,12 @@ class RecordImages:
       index -= count
     return f"record {index}"
 
-  def __getitem__(self, key: Any) -> np.ndarray:
+  def __getitem__(self, key: Any) -> Any:
     if isinstance(key, slice):
-      return self.read(np.arange(len(self))[key])
+      start, stop, step = key.indices(len(self))
+      if step == 1:
+        return self.view(start, max(start, stop))
+      return self.read(np.arange(start, stop, step))
     if np.ndim(key) == 0:
       return self.read(np.asarray([key]))[0]
     return self.read(np.asarray(key))
