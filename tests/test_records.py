@@ -90,6 +90,8 @@ def test_as_float_under_jit_is_the_host_division():
   np.testing.assert_array_equal(np.asarray(on_device), pixels / np.float32(255))
   floats = np.linspace(0, 1, 5, dtype=np.float32)
   np.testing.assert_array_equal(np.asarray(data.as_float(floats)), floats)
+  np.testing.assert_array_equal(data.host_float(pixels), np.asarray(on_device))
+  assert data.host_float(floats) is floats
 
 
 def test_channel_stats_from_the_stored_histogram(npz_records):
@@ -123,6 +125,11 @@ def test_slices_are_unread_views_with_their_own_statistics(npz_records):
     got = data.channel_stats(part)
     np.testing.assert_allclose(got, data.channel_stats(expected), rtol=1e-12)
     assert stored.x.reads - before == reads
+  served = take(data.train_batches(head, stored.y[:40], 8, seed=1, start_step=3), 2)
+  expected = take(data.train_batches(memory.x[:40], memory.y[:40], 8, seed=1, start_step=3), 2)
+  for (xa, ya), (xb, yb) in zip(served, expected):
+    np.testing.assert_array_equal(xa / np.float32(255), xb)
+    np.testing.assert_array_equal(ya, yb)
 
 
 def logged_reads(monkeypatch):
@@ -209,6 +216,17 @@ def test_convert_digits_within_rounding(tmp_path):
     np.testing.assert_allclose(np.asarray(stored.x) / np.float32(255), memory.x, atol=0.5 / 255)
     np.testing.assert_array_equal(stored.y, memory.y)
     assert stored.class_names == memory.class_names
+
+
+def test_convert_tfds_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    out = convert("tfds:mnist", tmp_path / "mnist", data_dir=tmp_path, progress=False)
+    memory = data.load("tfds:mnist", "test", data_dir=tmp_path)
+  stored = data.load(f"records:{out}", "test")
+  np.testing.assert_array_equal(np.asarray(stored.x) / np.float32(255), memory.x)
+  np.testing.assert_array_equal(stored.y, memory.y)
+  assert stored.class_names == memory.class_names
 
 
 @pytest.mark.parametrize("grey", [False, True])

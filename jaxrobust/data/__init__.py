@@ -39,7 +39,7 @@ from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
 from jaxrobust.data.folder import cache_directory, load_folder
 from jaxrobust.data.mixture import check_extra_fraction, extra_count, mixed_batches, steps_per_epoch
 from jaxrobust.data.records import RecordImages, load_records
-from jaxrobust.data.stream import as_float, local_to_global, process_rows
+from jaxrobust.data.stream import as_float, host_float, local_to_global, process_rows
 from jaxrobust.data.tfds import load_tfds
 
 SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>", "records:<dir>")

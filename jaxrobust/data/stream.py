@@ -196,15 +196,35 @@ def as_float(x: jax.Array | np.ndarray) -> jax.Array:
   multiplication by its reciprocal, which differs in the last bit.
 
   Args:
-    x: uint8 or float images.
+    x: uint8 or float images (a `RecordImages` is read).
 
   Returns:
     The float images.
   """
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)  # a `RecordImages` (view) is read here
   x = jnp.asarray(x)
   if x.dtype == jnp.uint8:
     return jnp.asarray(_UNIT_VALUES)[x.astype(jnp.int32)]
   return x
+
+
+def host_float(x: Any) -> np.ndarray:
+  """Images as a numpy float32 array in [0, 1] on the host: uint8 divided by 255.
+
+  For the places that need the images on the host as floats (an evaluation
+  set); a `RecordImages` is read whole. Float images are returned as they are.
+
+  Args:
+    x: uint8 images (numpy or `RecordImages`), or float images.
+
+  Returns:
+    float images, C-contiguous.
+  """
+  images = np.asarray(x)
+  if images.dtype == np.uint8:
+    return np.ascontiguousarray(images / np.float32(255))
+  return images
 
 
 def local_to_global(local: Any, mesh: Mesh, batch_size: int) -> Any:
