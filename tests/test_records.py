@@ -438,3 +438,21 @@ def test_mixture_of_an_npz_and_generated_records(tmp_path):
     data.mixed_batches(real, data.Dataset(*stored, 5), 10, extra_fraction=0.5, seed=0)
   with pytest.raises(InputError, match=r"extra data set's images are \[2, 2, 1\]"):
     data.mixed_batches(real, marked(60, 0), 10, extra_fraction=0.5, seed=0)
+
+
+def test_decode_reads_jpeg_and_names_a_bad_record():
+  pixels = np.random.default_rng(5).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="JPEG")
+  decoded = records.decode(buffer.getvalue(), "jpeg", (8, 6, 3), "record 0")
+  np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(buffer.getvalue()))))
+  with pytest.raises(InputError, match="record 0 is a 8x6x3 image, not 8x6x1"):
+    records.decode(buffer.getvalue(), "jpeg", (8, 6, 1), "record 0")
+  with pytest.raises(InputError, match="cannot decode the png image in record 7"):
+    records.decode(b"not an image", "png", (8, 6, 3), "record 7")
+  grey = png(pixels[..., 0])
+  np.testing.assert_array_equal(
+    records.decode(grey, "png", (8, 6, 3), "r"), np.repeat(pixels[..., :1], 3, -1)
+  )
+  with pytest.raises(InputError, match="r is a 8x6x1 image, not 4x6x1"):
+    records.decode(grey, "png", (4, 6, 1), "r")

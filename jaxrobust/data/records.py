@@ -84,10 +84,13 @@ def decode(record: bytes, encoding: str, shape: Sequence[int], where: object) ->
 
   try:
     with Image.open(io.BytesIO(record)) as image:
-      pixels = np.asarray(image.convert("L" if shape[-1] == 1 else "RGB"))
+      grey = image.mode in ("1", "L", "LA")
+      pixels = np.asarray(image.convert("L" if grey else "RGB"))
   except (OSError, SyntaxError, ValueError) as error:
     raise InputError(f"cannot decode the {encoding} image in {where}: {error}") from error
   pixels = pixels.reshape(*pixels.shape[:2], -1)
+  if grey and shape[-1] == 3:  # a grey image among colour ones, as `folder:` reads it
+    pixels = np.repeat(pixels, 3, axis=-1)
   require(
     pixels.shape == tuple(shape),
     f"{where} is a {'x'.join(map(str, pixels.shape))} image, not {'x'.join(map(str, shape))}",
