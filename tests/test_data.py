@@ -114,6 +114,18 @@ def test_npz_bad_contents_name_the_file(tmp_path, arrays, message):
   assert "bad.npz" in str(error.value)
 
 
+def test_npz_image_and_label_keys(tmp_path):
+  """The layout of the published generated images (Gowal et al. 2021, Wang et al. 2023)."""
+  rng = np.random.default_rng(4)
+  image, label = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), np.arange(6) % 2
+  np.savez(tmp_path / "generated.npz", image=image, label=label)
+  for split in data.SPLITS:
+    dataset = data.load(f"npz:{tmp_path}/generated.npz", split)
+    assert_valid(dataset, (6, 4, 4, 3), 2)
+    np.testing.assert_array_equal(dataset.x, image / np.float32(255))
+    np.testing.assert_array_equal(dataset.y, label)
+
+
 def test_npz_that_is_not_an_archive(tmp_path):
   (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
   np.save(tmp_path / "array.npy", np.zeros(3))
@@ -468,6 +480,18 @@ def test_channel_stats():
   assert isinstance(mean, tuple) and all(isinstance(m, float) for m in mean)
   np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-6)
   np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_channel_stats_of_uint8_images_are_those_of_their_float_values():
+  x = np.random.default_rng(1).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
+  x[..., 2] //= 3
+  counts = data.pixel_histogram(x)
+  assert counts.shape == (3, 256) and counts.sum() == x.size
+  np.testing.assert_array_equal(counts[0], np.bincount(x[..., 0].ravel(), minlength=256))
+  mean, std = data.channel_stats(x)
+  float_mean, float_std = data.channel_stats(x / np.float32(255))
+  np.testing.assert_allclose(mean, float_mean, rtol=1e-12)
+  np.testing.assert_allclose(std, float_std, rtol=1e-12)
 
 
 # real data, when ../shared/data is present

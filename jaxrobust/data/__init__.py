@@ -10,13 +10,17 @@
 | `idx:<dir>` | MNIST-format IDX files, gzip'd or not |
 | `folder:<path>` | one sub-folder of images per class, or a tarball of them |
 | `tfds:<name>` | a prepared tensorflow-datasets data set |
+| `records:<dir>` | ArrayRecord shards of uint8 images (`convert` writes them), read lazily |
 
 In `npz:`, `idx:` and `folder:` paths, `{split}` is replaced by the split name,
 so one name can point at a training and a test file.
 
-Batches are numpy arrays: `train_batches` (shuffled, resumable at any step),
-`eval_batches` (in order, padded and masked); `to_devices` splits one over a
-mesh.
+Batches are numpy arrays: `train_batches` (shuffled, resumable at any step,
+per process), `mixed_batches` (a fixed fraction of every batch from a second
+data set), `eval_batches` (in order, padded and masked); `to_devices` splits
+one over a mesh, `local_to_global` assembles one from each process's rows. A
+`records:` data set's images stay uint8 on the host: `as_float` makes them
+float32 on the device.
 """
 
 import os
@@ -27,14 +31,18 @@ from jaxrobust.data.batches import (
   channel_stats,
   epoch_permutation,
   eval_batches,
+  pixel_histogram,
   to_devices,
   train_batches,
 )
 from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
 from jaxrobust.data.folder import cache_directory, load_folder
+from jaxrobust.data.mixture import check_extra_fraction, extra_count, mixed_batches, steps_per_epoch
+from jaxrobust.data.records import RecordImages, load_records
+from jaxrobust.data.stream import as_float, host_float, local_to_global, process_rows
 from jaxrobust.data.tfds import load_tfds
 
-SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>")
+SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>", "records:<dir>")
 
 
 def load(
@@ -53,8 +61,9 @@ def load(
       first 30 of each class in that order (300) form "test"; the other 1,497
       form "train". Both are returned in that shuffled order.
     `npz:<path>`: arrays `x_<split>` and `y_<split>` when the file holds both,
-      else `x` and `y` (so a file holding only `x` and `y` serves either
-      split: name two files with `{split}`). Images are uint8 (divided by 255)
+      else `x` and `y`, else `image` and `label` (the layout of the generated
+      images of Gowal et al. 2021 and Wang et al. 2023), so a file holding
+      only `x` and `y` serves either split: name two files with `{split}`. Images are uint8 (divided by 255)
       or floats in [0, 1], [N, H, W] or [N, H, W, C]; labels are integers. An
       optional array `class_names` names the classes and fixes their number;
       without it the number of classes is the largest label + 1.
@@ -76,6 +85,11 @@ def load(
       of a data set prepared with tensorflow-datasets, with features "image"
       (uint8, divided by 255) and "label"; classes and their names come from
       the data set's info. Nothing is ever downloaded.
+    `records:<dir>`: a directory written by `jaxrobust.data.convert`
+      (`jaxrobust-data convert SOURCE DIR`): ArrayRecord shards read with
+      random access. `x` is a `RecordImages`: uint8 [N, H, W, C], read only
+      where indexed; `y` int32 labels. `as_float` turns its batches into the
+      float32 values of the other sources.
 
   Args:
     name: one of the sources above.
@@ -86,7 +100,8 @@ def load(
       `$JAXROBUST_CACHE`, else `~/.cache/jaxrobust`).
 
   Returns:
-    A `Dataset` (`x, y = load(...)` unpacks the images and labels).
+    A `Dataset` (`x, y = load(...)` unpacks the images and labels): x float32
+    in [0, 1], except `records:`'s uint8 `RecordImages`.
 
   Raises:
     InputError: for an unknown name or split, a missing, unreadable or
@@ -105,4 +120,6 @@ def load(
     return load_folder(path_for_split(argument, split), split, cache_directory(cache_dir))
   if source == "tfds" and argument:
     return load_tfds(argument, split, data_dir)
+  if source == "records" and argument:
+    return load_records(path_for_split(argument, split), split)
   raise InputError(f"unknown data set {name!r}; the sources are {', '.join(SOURCES)}")

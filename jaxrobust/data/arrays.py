@@ -68,13 +68,14 @@ def load_npz(path: Path, split: str) -> Dataset:
   )
   with archive:
     keys = set(archive.files)
-    suffix = f"_{split}" if {f"x_{split}", f"y_{split}"} <= keys else ""
+    layouts = [(f"x_{split}", f"y_{split}"), ("x", "y"), ("image", "label")]
+    found = [pair for pair in layouts if set(pair) <= keys]
     require(
-      {f"x{suffix}", f"y{suffix}"} <= keys,
-      f"{path} must hold arrays x and y (or x_{split} and y_{split}); "
-      f"it holds {', '.join(sorted(keys)) or 'none'}",
+      found,
+      f"{path} must hold arrays x and y (or x_{split} and y_{split}, or image "
+      f"and label); it holds {', '.join(sorted(keys)) or 'none'}",
     )
-    images, labels = archive[f"x{suffix}"], archive[f"y{suffix}"]
+    images, labels = archive[found[0][0]], archive[found[0][1]]
     class_names = [str(name) for name in archive["class_names"]] if "class_names" in keys else None
   num_classes = len(class_names) if class_names is not None else labels_max_plus_one(labels)
   return make_dataset(images, labels, num_classes, class_names, path)

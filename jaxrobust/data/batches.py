@@ -12,37 +12,54 @@ from jaxtyping import ArrayLike
 
 from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
+from jaxrobust.data.records import RecordImages, count_pixels
+from jaxrobust.data.stream import EpochOrder, epoch_permutation, serve
+
+__all__ = [
+  "TrainPlan",
+  "channel_stats",
+  "epoch_permutation",
+  "eval_batches",
+  "to_devices",
+  "train_batches",
+]
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-  """The order in which epoch `epoch` visits `n` examples.
-
-  Args:
-    n: the number of examples.
-    seed: a non-negative integer that fixes the order.
-    epoch: the epoch's index.
-
-  Returns:
-    `np.random.default_rng([seed, epoch]).permutation(n)`: it depends only on
-    `n`, `seed` and `epoch`.
-  """
-  integer_at_least("n", n, 0)
-  integer_at_least("seed", seed, 0)
-  integer_at_least("epoch", epoch, 0)
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def _check_examples(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-  xs, ys = np.asarray(x), np.asarray(y)
+def _check_examples(x: ArrayLike, y: ArrayLike) -> tuple[Any, np.ndarray]:
+  """`x` (numpy, or kept as it is when it reads lazily, like `RecordImages`) and `y`."""
+  xs = x if isinstance(x, RecordImages) else np.asarray(x)
+  ys = np.asarray(y)
   require(
-    xs.ndim >= 1 and len(xs) == len(ys),
+    len(xs.shape) >= 1 and len(xs) == len(ys),
     f"x and y must have the same leading size, got shapes {xs.shape} and {ys.shape}",
   )
   return xs, ys
 
 
+class TrainPlan:
+  """Step -> the examples of its batch: batch `s % steps` of `epoch_permutation`'s epoch `s // steps`."""
+
+  def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    self.order = EpochOrder(n, seed)
+    self.batch_size = batch_size
+    self.steps_per_epoch = n // batch_size
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    epoch, position = divmod(step, self.steps_per_epoch)
+    start = position * self.batch_size
+    index = self.order(epoch)[start : start + self.batch_size]
+    return np.zeros(self.batch_size, np.int8), index
+
+
 def train_batches(
-  x: ArrayLike, y: ArrayLike, batch_size: int, *, seed: int, start_step: int = 0
+  x: ArrayLike,
+  y: ArrayLike,
+  batch_size: int,
+  *,
+  seed: int,
+  start_step: int = 0,
+  rows: tuple[int, int] | None = None,
+  workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled training batches, from global step `start_step` on, forever.
 
@@ -53,34 +70,28 @@ def train_batches(
   batches an uninterrupted run would have.
 
   Args:
-    x: examples, a numpy array [N, ...].
+    x: examples [N, ...]: a numpy array, or a record-backed data set's
+      `RecordImages` (then only the rows served are read, as uint8).
     y: labels, a numpy array [N, ...].
-    batch_size: examples per batch, 1 to N.
+    batch_size: examples per (global) batch, 1 to N.
     seed: a non-negative integer that fixes the order.
     start_step: the global step of the first batch.
+    rows: serve only rows `[start, stop)` of every batch, and read only
+      their examples (each process its own: `process_rows`); None: all.
+    workers: 0 reads in this process; more read and decode in that many
+      grain worker processes (the same batches).
 
   Returns:
-    An infinite iterator of numpy pairs `(xb, yb)` of `batch_size` examples.
+    An infinite iterator of numpy pairs `(xb, yb)` of `batch_size` examples
+    (`stop - start` with `rows`).
   """
   xs, ys = _check_examples(x, y)
   integer_at_least("batch_size", batch_size, 1)
   require(batch_size <= len(xs), f"batch_size {batch_size} exceeds the {len(xs)} examples")
   integer_at_least("seed", seed, 0)
   integer_at_least("start_step", start_step, 0)
-  return _train_batches(xs, ys, batch_size, seed, start_step)
-
-
-def _train_batches(
-  x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, start_step: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  steps_per_epoch = len(x) // batch_size
-  epoch, position = divmod(start_step, steps_per_epoch)
-  while True:
-    order = epoch_permutation(len(x), seed, epoch)
-    for step in range(position, steps_per_epoch):
-      indices = order[step * batch_size : (step + 1) * batch_size]
-      yield x[indices], y[indices]
-    epoch, position = epoch + 1, 0
+  plan = TrainPlan(len(xs), batch_size, seed)
+  return serve([(xs, ys)], plan, batch_size, start_step=start_step, rows=rows, workers=workers)
 
 
 def eval_batches(
@@ -115,7 +126,7 @@ def _eval_batches(
   x: np.ndarray, y: np.ndarray, batch_size: int, multiple_of: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   for start in range(0, len(x), batch_size):
-    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+    xb, yb = np.asarray(x[start : start + batch_size]), y[start : start + batch_size]
     count = len(xb)
     padded = -(-count // multiple_of) * multiple_of
     if padded > count:
@@ -151,19 +162,25 @@ def channel_stats(x: ArrayLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and standard deviation of images `x` [N, H, W, C].
 
   Both are taken over all N * H * W pixels, in float64; the standard deviation
-  is the population one (divided by N * H * W).
+  is the population one (divided by N * H * W). uint8 images (a record-backed
+  data set's) count as the float32 values `pixel / 255` they become on the
+  device, from a histogram of their 256 values per channel: the one stored
+  with the records, else one counted in chunks.
 
   Args:
-    x: the images.
+    x: float images in [0, 1], or uint8 images (numpy or `RecordImages`).
 
   Returns:
     `(mean, std)`, each a tuple of C floats.
   """
-  x = np.asarray(x)
+  shape = tuple(np.shape(x)) if not isinstance(x, RecordImages) else x.shape
   require(
-    x.ndim == 4 and x.size > 0,
-    f"channel_stats needs non-empty images [N, H, W, C], got shape {x.shape}",
+    len(shape) == 4 and math.prod(shape) > 0,
+    f"channel_stats needs non-empty images [N, H, W, C], got shape {shape}",
   )
+  if isinstance(x, RecordImages) or np.asarray(x).dtype == np.uint8:
+    return _histogram_stats(pixel_histogram(x))
+  x = np.asarray(x)
   axes = (0, 1, 2)
   mean = x.mean(axis=axes, dtype=np.float64)
   # In chunks, so that no float64 copy of a large data set is made.
@@ -172,4 +189,27 @@ def channel_stats(x: ArrayLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
     np.square(x[start : start + chunk] - mean).sum(axis=axes) for start in range(0, len(x), chunk)
   )
   std = np.sqrt(squares / (x.size // x.shape[-1]))
+  return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def pixel_histogram(x: Any) -> np.ndarray:
+  """How often each pixel value occurs in each channel of uint8 images `x`.
+
+  Args:
+    x: uint8 images [N, H, W, C], numpy or `RecordImages` (whose stored
+      histogram is used: `RecordImages.pixel_counts`).
+
+  Returns:
+    int64 counts [C, 256].
+  """
+  if isinstance(x, RecordImages):
+    return x.pixel_counts()
+  return count_pixels(x)
+
+
+def _histogram_stats(counts: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  values = (np.arange(256, dtype=np.uint8) / np.float32(255)).astype(np.float64)
+  total = counts.sum(axis=1)
+  mean = (counts * values).sum(axis=1) / total
+  std = np.sqrt((counts * np.square(values - mean[:, None])).sum(axis=1) / total)
   return tuple(map(float, mean)), tuple(map(float, std))

@@ -16,7 +16,8 @@ class Dataset(tuple):
   """Images and labels of one split: unpacks as `x, y = dataset`.
 
   Attributes:
-    x: float32 images in [0, 1], shape [N, H, W, C], C-contiguous.
+    x: float32 images in [0, 1], shape [N, H, W, C], C-contiguous; for a
+      `records:` data set, its uint8 images read lazily (`RecordImages`).
     y: int32 labels in [0, num_classes), shape [N].
     num_classes: number of classes.
     class_names: the name of each class, or None when the source has none.
@@ -38,7 +39,7 @@ class Dataset(tuple):
 
   @property
   def x(self) -> np.ndarray:
-    """The images, float32 [N, H, W, C] in [0, 1]."""
+    """The images [N, H, W, C]: float32 in [0, 1], or a `RecordImages` of uint8."""
     return self[0]
 
   @property
