@@ -91,8 +91,12 @@ class Attack:
       (or, for a combinator, when its parts do not share one).
     eps: the ball's radius; None without a ball (or shared radius).
     targeted: `y` is the class to reach, not the one to leave.
-    settings: the factory's keyword arguments (defaults included), as sorted
-      (name, value) pairs, lists as tuples.
+    settings: the factory's keyword arguments (defaults included) but `eps`,
+      as sorted (name, value) pairs, lists as tuples. eps lives in `eps` alone:
+      it is also an argument of each call, so attacks that differ only in eps
+      share one compiled program (an evaluation keys programs by the attack
+      with its eps replaced).
+    takes_eps: whether the factory has an `eps` argument (`spec` lists it).
     uses_gradients: whether it reads the model's gradients (False: forward
       passes only, as Square).
     stochastic: whether it attacks a stochastic model `logits_fn(x, key)`
@@ -119,6 +123,7 @@ class Attack:
   eps: float | None = None
   targeted: bool = False
   settings: tuple = ()
+  takes_eps: bool = dataclasses.field(default=False, repr=False, compare=False)
   uses_gradients: bool = dataclasses.field(default=True, compare=False)
   stochastic: bool = dataclasses.field(default=False, compare=False)
   label: str = dataclasses.field(default="", compare=False)
@@ -142,6 +147,8 @@ class Attack:
   def spec(self) -> dict[str, Any]:
     """`{"name": ..., **settings}`: what `attacks.create` builds this attack from."""
     spec: dict[str, Any] = {"name": self.name}
+    if self.takes_eps:
+      spec["eps"] = self.eps
     for key, value in self.settings:
       if isinstance(value, tuple):
         value = [v.spec if isinstance(v, Attack) else v for v in value]
@@ -207,7 +214,7 @@ def factory(name: str) -> Callable[[Factory], Factory]:
   The decorated factory binds its keyword arguments (`inspect.signature`,
   defaults applied), runs the body (which validates them and builds the
   attack function) and records the arguments as the `Attack`'s `settings`
-  (`norm` and `eps` in canonical form, lists as tuples); its `norm`, `eps`
+  (but `eps`; `norm` in canonical form, lists as tuples); its `norm`, `eps`
   and `targeted` arguments, where it has them, are the attack's threat model.
   So `create(**attack.spec)` calls the factory with the same arguments and
   returns an equal attack.
@@ -239,7 +246,8 @@ def factory(name: str) -> Callable[[Factory], Factory]:
       return dataclasses.replace(
         attack,
         name=name,
-        settings=tuple(sorted(arguments.items())),
+        settings=tuple(sorted((k, v) for k, v in arguments.items() if k != "eps")),
+        takes_eps="eps" in arguments,
         label=label,
         **threat,
       )
