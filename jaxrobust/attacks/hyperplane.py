@@ -21,8 +21,8 @@ def project_onto_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array, norm: str)
   and g(lambda) = w . d(lambda) = sum_i a_i min(lambda, r_i) is piecewise
   linear and nondecreasing, with (a_i, r_i) = (|w_i|, cap_i) for L-inf and
   (w_i^2, cap_i / |w_i|) for L2. The smallest lambda with g(lambda) = c is
-  found without sorting the breakpoints (a sort of every pixel per step
-  dominated FAB's time on XLA:CPU): bisection over the float32 bit patterns
+  found without sorting the breakpoints (a sort of every pixel per step is
+  slow on XLA:CPU): bisection over the float32 bit patterns
   of [0, max r] (ordered like the numbers they encode), 32 halvings, ends
   with two adjacent floats lo < lambda <= hi, no breakpoint between them, so
   lambda = (c - sum_{r_i <= lo} a_i r_i) / sum_{r_i > lo} a_i, exact on its
