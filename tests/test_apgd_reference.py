@@ -24,6 +24,7 @@ from jaxrobust.attacks import core, losses
 from test_autoattack import KEY, TOL, run, uniform  # noqa: F401  (shared helpers)
 
 apgd_lib = importlib.import_module("jaxrobust.attacks.apgd")
+iteration = importlib.import_module("jaxrobust.attacks.apgd_iteration")
 
 A = jr.attacks
 
@@ -92,7 +93,7 @@ def scripted(values):
 
 def final_eta(values, steps=100, norm="linf", eps=0.1):
   x = jnp.full((4,), 0.5)
-  s = apgd_lib._apgd_run(scripted(values), x, jnp.zeros(4), eps, norm, steps, 0.75)
+  s = iteration.iterate(scripted(values), x, jnp.zeros(4), eps, norm, steps, 0.75)
   return float(s["eta"])
 
 
@@ -176,7 +177,7 @@ def test_step_size_decisions_equal_the_reference_code(norm, steps):
   )
 
   def one(xi, v, g):
-    s = apgd_lib._apgd_run(
+    s = iteration.iterate(
       scripted_jax(v, g), xi, jnp.zeros_like(xi), eps, norm.lower(), steps, 0.75
     )
     return xi + s["best"], s["best_value"]
@@ -201,7 +202,7 @@ def test_eot_value_is_the_last_draws_and_the_gradient_the_mean():
   objective = lambda z: (losses.cross_entropy(z, 0), jnp.argmax(z) != 0)
   x = jnp.asarray(uniform(1, (6,)))
   key, draws, step = jax.random.key(3), 5, 7
-  value_and_grad = apgd_lib._value_and_grad(logits_one, objective, x, key, draws)
+  value_and_grad = iteration.value_and_grad(logits_one, objective, x, key, draws)
   delta = jnp.full((6,), 0.01)
   (value, success), grad = value_and_grad(delta, step)
   keys = jax.random.split(jax.random.fold_in(key, step), draws)
@@ -245,8 +246,8 @@ def test_eot_equals_the_reference_code(norm, steps):
       return jnp.stack([0.0, logit])
 
     objective = lambda z: (losses.cross_entropy(z, 0), jnp.argmax(z) != 0)
-    value_and_grad = apgd_lib._value_and_grad(logits_one, objective, xi, key, draws)
-    s = apgd_lib._apgd_run(value_and_grad, xi, jnp.zeros_like(xi), eps, norm.lower(), steps, 0.75)
+    value_and_grad = iteration.value_and_grad(logits_one, objective, xi, key, draws)
+    s = iteration.iterate(value_and_grad, xi, jnp.zeros_like(xi), eps, norm.lower(), steps, 0.75)
     return xi + s["best"]
 
   keys = jax.random.split(jax.random.key(0), batch)
@@ -396,11 +397,11 @@ def test_l1_schedule_equals_the_reference_code(monkeypatch, largereps, steps):
     x_best = attack.attack_single_run(tx, ty)[0].numpy()
   # Our start from the same Gaussian: the key stands in for it.
   monkeypatch.setattr(
-    apgd_lib, "_start", lambda g, xi, e, norm: apgd_lib._projection(xi, e, norm)(g)
+    iteration, "start", lambda g, xi, e, norm: iteration.projection(xi, e, norm)(g)
   )
 
   def one(xi, v, g, start):
-    s = apgd_lib._final_state(
+    s = iteration.final_state(
       scripted_jax(v, g), xi, start, eps, norm="l1", steps=steps, rho=0.75, use_largereps=largereps
     )
     return xi + s["best"]

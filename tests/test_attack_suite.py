@@ -344,11 +344,11 @@ def spy(value, seen):
   """An attack that records the batch sizes it is traced with and returns a
   constant image, so the output shows which attack handled each example."""
 
-  def attack(logits_fn, x, y, key):
+  def attack(logits_fn, x, y, key, eps):
     seen.append((x.shape[0], y.shape[0], key.shape[0]))
     return jnp.full_like(x, value)
 
-  return attack
+  return A.Attack(attack, name="spy", settings=(("value", value),))
 
 
 def test_share_sizes_round_by_largest_remainder():
@@ -364,7 +364,7 @@ def test_mixture_gives_each_attack_exactly_its_share():
   x, y = edge_batch(10), jnp.arange(10) % 4
   seen = [[], [], [], []]
   weights = [0.25, 0.25, 0.5, 0.0]
-  mix = A.mixture([spy(0.1 * (j + 1), seen[j]) for j in range(4)], weights=weights)
+  mix = A.mixture(attacks=[spy(0.1 * (j + 1), seen[j]) for j in range(4)], weights=weights)
   outputs = [run(mix, logits_fn, x, y, jax.random.key(k)) for k in range(3)]
   assert seen == [[(3, 3, 3)], [(2, 2, 2)], [(5, 5, 5)], []]  # traced once, on its share
   for out in outputs:
@@ -382,7 +382,7 @@ def test_mixture_runs_each_attack_on_its_share_only():
   keys = jax.random.split(jax.random.key(3), 8)
   pgd = A.pgd(eps=0.1, steps=2)
   mi = A.mi_fgsm(eps=0.05, steps=2)
-  out = run(A.mixture([pgd, mi], weights=[0.5, 0.5]), logits_fn, x, y, keys)
+  out = run(A.mixture(attacks=[pgd, mi], weights=[0.5, 0.5]), logits_fn, x, y, keys)
   size = jnp.abs(out - x).reshape(8, -1).max(1)
   to_pgd = np.flatnonzero(size > 0.05 + TOL)
   assert len(to_pgd) == 4
@@ -400,7 +400,7 @@ def test_worst_case_is_at_most_every_attack(digits_mlp):
     A.mi_fgsm(eps=0.05, steps=3),
     A.fgsm(eps=0.5, norm="l2"),
   ]
-  worst = run(A.worst_case(attacks), logits_fn, x, y)
+  worst = run(A.worst_case(attacks=attacks), logits_fn, x, y)
   singles = [run(a, logits_fn, x, y) for a in attacks]
   robust = correct(logits_fn, worst, y)
   per_attack = np.stack([correct(logits_fn, s, y) for s in singles])
@@ -423,8 +423,8 @@ def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
   y = jnp.zeros(4, jnp.int32)
   shift_a = jnp.asarray([0.1, 0.3, -0.3, -0.2])  # example 0: both fool, b more
   shift_b = jnp.asarray([0.2, 0.1, -0.1, -0.4])  # 1: both fool, a more; 2, 3: none
-  first = lambda f, x, y, key: x + shift_a[:, None, None, None] - 0.5
-  second = lambda f, x, y, key: x + shift_b[:, None, None, None] - 0.5
+  first = A.Attack(lambda f, x, y, key, eps: x + shift_a[:, None, None, None] - 0.5, name="a")
+  second = A.Attack(lambda f, x, y, key, eps: x + shift_b[:, None, None, None] - 0.5, name="b")
   # Ground truth in numpy: z = shift, loss = log(1 + e^z), per example.
   z = np.stack([np.asarray(shift_a), np.asarray(shift_b)])
   loss = np.log1p(np.exp(z))
@@ -432,9 +432,9 @@ def test_max_loss_picks_the_larger_loss_where_worst_case_picks_the_first_fooled(
   expected_max = np.argmax(loss, 0)
   expected_worst = np.where(fooled.any(0), np.argmax(fooled, 0), np.argmax(loss, 0))
   assert list(expected_max) == [1, 0, 1, 0] and list(expected_worst) == [0, 0, 1, 0]
-  outputs = np.stack([np.asarray(first(None, x, y, None)), np.asarray(second(None, x, y, None))])
+  outputs = np.stack([np.asarray(a.fn(None, x, y, None, None)) for a in (first, second)])
   for combinator, expected in ((A.max_loss, expected_max), (A.worst_case, expected_worst)):
-    out = np.asarray(run(combinator([first, second]), logits_fn, x, y))
+    out = np.asarray(run(combinator(attacks=[first, second]), logits_fn, x, y))
     np.testing.assert_array_equal(out, outputs[expected, np.arange(4)])
 
 
@@ -447,7 +447,7 @@ def test_max_loss_is_an_attack_built_by_create():
   assert isinstance(attack, A.Attack) and attack.name == "max_loss"
   assert attack.norm is None and attack.stages == ()  # no shared ball, no cascade
   assert A.create(**attack.spec) == attack
-  assert A.max_loss([A.create(p) for p in parts]) == attack
+  assert A.max_loss(attacks=[A.create(p) for p in parts]) == attack
 
 
 @pytest.mark.parametrize("per_example", [False, True])
@@ -455,7 +455,9 @@ def test_random_choice(per_example):
   logits_fn = mlp()
   x, y = edge_batch(16), jnp.arange(16) % 4
   seen = [[], []]
-  attack = A.random_choice([spy(0.25, seen[0]), spy(0.75, seen[1])], per_example=per_example)
+  attack = A.random_choice(
+    attacks=[spy(0.25, seen[0]), spy(0.75, seen[1])], per_example=per_example
+  )
   picks = np.stack(
     [np.asarray(run(attack, logits_fn, x, y, jax.random.key(k)))[:, 0, 0, 0] for k in range(8)]
   )
@@ -485,9 +487,11 @@ def test_create_builds_combinators_recursively():
     ],
   }
   direct = A.worst_case(
-    [
+    attacks=[
       A.fgsm(eps=0.05),
-      A.mixture([A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], weights=[0.5, 0.5]),
+      A.mixture(
+        attacks=[A.mi_fgsm(eps=0.05, steps=1), A.fgsm(eps=0.05, norm="l2")], weights=[0.5, 0.5]
+      ),
     ]
   )
   expected = run(direct, logits_fn, x, y)
@@ -604,14 +608,16 @@ PGD = A.pgd(eps=0.1, steps=1)
 @pytest.mark.parametrize(
   "build, message",
   [
-    (lambda: A.worst_case([]), "non-empty list"),
-    (lambda: A.random_choice([]), "non-empty list"),
-    (lambda: A.mixture([], weights=[]), "non-empty list"),
-    (lambda: A.worst_case([PGD, "pgd"]), "attack functions.*'pgd'"),
-    (lambda: A.mixture([PGD, PGD], weights=[0.5, 0.6]), r"sum to 1.*1.1"),
-    (lambda: A.mixture([PGD, PGD], weights=[1.0]), "list of 2 numbers"),
-    (lambda: A.mixture([PGD, PGD], weights=[1.5, -0.5]), ">= 0"),
-    (lambda: A.mixture([PGD, PGD], weights=0.5), "list of 2"),
+    (lambda: A.worst_case(attacks=[]), "non-empty list"),
+    (lambda: A.random_choice(attacks=[]), "non-empty list"),
+    (lambda: A.mixture(attacks=[], weights=[]), "non-empty list"),
+    (lambda: A.worst_case(attacks=[PGD, "pgd"]), "must be Attacks.*'pgd'"),
+    (lambda: A.worst_case(attacks=[PGD, lambda f, x, y, k: x]), "must be Attacks"),
+    (lambda: A.create("worst_case", attacks=[{"name": "pgd", "eps": 0.1}], eps=0.1), "eps"),
+    (lambda: A.mixture(attacks=[PGD, PGD], weights=[0.5, 0.6]), r"sum to 1.*1.1"),
+    (lambda: A.mixture(attacks=[PGD, PGD], weights=[1.0]), "list of 2 numbers"),
+    (lambda: A.mixture(attacks=[PGD, PGD], weights=[1.5, -0.5]), ">= 0"),
+    (lambda: A.mixture(attacks=[PGD, PGD], weights=0.5), "list of 2"),
     (lambda: A.create("worst_case", attacks=[{"name": "nope"}]), "unknown attack 'nope'"),
     (lambda: A.create({"eps": 0.1}), "needs a 'name'"),
     (lambda: A.create("mixture", attacks=[{"name": "pgd", "eps": 0.1}]), "weights"),
@@ -633,7 +639,9 @@ def test_bad_inputs_at_call_time(linear_model):
   with pytest.raises(checks.InputError, match=r"\[0, 1\]"):
     A.cw_l2(steps=1)(two_classes, x + 1, y, jax.random.key(0))
   with pytest.raises(checks.InputError, match="labels"):
-    A.mixture([PGD, PGD], weights=[0.5, 0.5])(two_classes, x, jnp.array([0, 5]), jax.random.key(0))
+    A.mixture(attacks=[PGD, PGD], weights=[0.5, 0.5])(
+      two_classes, x, jnp.array([0, 5]), jax.random.key(0)
+    )
 
 
 # --- compilation ---------------------------------------------------------------

@@ -11,8 +11,9 @@ model's variables as an argument (compiled once per model, never stale):
 """
 
 from jaxrobust.attacks import core, losses, targets
-from jaxrobust.attacks.apgd import apgd, apgd_t
-from jaxrobust.attacks.attack import Attack
+from jaxrobust.attacks.apgd import apgd
+from jaxrobust.attacks.apgd_t import apgd_t
+from jaxrobust.attacks.attack import NORMS, Attack, factory, make
 from jaxrobust.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxrobust.attacks.autoattack import autoattack
 from jaxrobust.attacks.combinators import max_loss, mixture, random_choice, worst_case
@@ -22,9 +23,12 @@ from jaxrobust.attacks.momentum import di_fgsm, mi_fgsm
 from jaxrobust.attacks.pgd import fgsm, pgd
 from jaxrobust.attacks.square import square
 
+from collections.abc import Callable
+from typing import Any
+
 from jaxrobust import checks
 
-ATTACKS = {
+ATTACKS: dict[str, Callable[..., Attack]] = {
   "fgsm": fgsm,
   "pgd": pgd,
   "cw_l2": cw_l2,
@@ -44,14 +48,21 @@ ATTACKS = {
 COMBINATORS = ("worst_case", "max_loss", "random_choice", "mixture")
 
 
-def create(name, **settings) -> Attack:
+def create(name: Any, **settings: Any) -> Attack:
   """Builds attack `name` (one of `ATTACKS`) from keyword `settings`, as in a config.
 
-  `name` may also be a whole spec `{"name": ..., **settings}` (a dict or
-  ConfigDict). A combinator's
-  `attacks` is a list of specs (or attack functions), built recursively:
-  `create("mixture", attacks=[{"name": "cw_l2", "steps": 100},
-  {"name": "pgd", "eps": 0.03}], weights=[0.5, 0.5])`.
+  `create(**attack.spec) == attack` for every attack.
+
+  Args:
+    name: a name in `ATTACKS`, or a whole spec `{"name": ..., **settings}`
+      (a dict or ConfigDict).
+    **settings: the factory's keyword arguments. A combinator's `attacks` is
+      a list of specs (or `Attack`s), built recursively:
+      `create("mixture", attacks=[{"name": "cw_l2", "steps": 100},
+      {"name": "pgd", "eps": 0.03}], weights=[0.5, 0.5])`.
+
+  Returns:
+    The `Attack`; raises `InputError` for an unknown attack or setting.
   """
   if hasattr(name, "keys"):  # a dict or ConfigDict
     settings = {**dict(name), **settings}
@@ -64,9 +75,9 @@ def create(name, **settings) -> Attack:
       isinstance(inner, (list, tuple)),
       f"attack {name!r}: attacks must be a list of specs, got {inner!r}",
     )
-    settings["attacks"] = [a if callable(a) else create(a) for a in inner]
-  factory = ATTACKS[name]
+    settings["attacks"] = [a if isinstance(a, Attack) else create(a) for a in inner]
+  build = ATTACKS[name]
   try:
-    return factory(**settings)
+    return build(**settings)
   except TypeError as e:  # an unknown or missing setting
     raise checks.InputError(f"attack {name!r}: {e}") from None

@@ -2,10 +2,13 @@
 robustness with an ensemble of diverse parameter-free attacks"): the field's
 standard robustness evaluation, as a cascade of attacks."""
 
+from typing import Any
+
 from jaxrobust import checks
 from jaxrobust.attacks import core
-from jaxrobust.attacks.apgd import apgd, apgd_t
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.apgd import apgd
+from jaxrobust.attacks.apgd_t import apgd_t
+from jaxrobust.attacks.attack import NORMS, Attack, factory
 from jaxrobust.attacks.combinators import worst_case
 from jaxrobust.attacks.fab import fab, fab_t
 from jaxrobust.attacks.square import square
@@ -13,8 +16,15 @@ from jaxrobust.attacks.square import square
 VERSIONS = ("standard", "plus", "rand")
 
 
+@factory("autoattack")
 def autoattack(
-  *, norm="linf", eps, version="standard", steps=100, queries=5000, num_targets=9
+  *,
+  norm: str = "linf",
+  eps: float,
+  version: str = "standard",
+  steps: int = 100,
+  queries: int = 5000,
+  num_targets: int = 9,
 ) -> Attack:
   """AutoAttack's suite in one of its versions, as in the authors' code.
 
@@ -47,12 +57,16 @@ def autoattack(
 
   Returns:
     An `Attack` whose `stages` are the suite's attacks, in order.
+
+  References:
+    Croce & Hein, 2020, "Reliable evaluation of adversarial robustness with an
+    ensemble of diverse parameter-free attacks".
   """
-  norm = core.check_norm(norm, core.NORMS)
+  norm = core.check_norm(norm, NORMS)
   core.check_eps(eps)
   checks.one_of("version", version, VERSIONS)
-  ball = dict(norm=norm, eps=eps)
-  targeted = dict(ball, steps=steps, num_targets=num_targets)
+  ball: dict[str, Any] = dict(norm=norm, eps=eps)
+  targeted: dict[str, Any] = dict(ball, steps=steps, num_targets=num_targets)
   if version == "standard" and norm == "l1":
     stages = [
       apgd(**ball, steps=steps, loss="ce", restarts=5, use_largereps=True),
@@ -81,15 +95,4 @@ def autoattack(
       apgd(**ball, steps=steps, loss="ce", eot_samples=20),
       apgd(**ball, steps=steps, loss="dlr", eot_samples=20),
     ]
-  cascade = worst_case(stages)
-  return make(
-    cascade.fn,
-    "autoattack",
-    norm=norm,
-    eps=eps,
-    version=version,
-    steps=steps,
-    queries=queries,
-    num_targets=num_targets,
-    stages=tuple(stages),
-  )
+  return worst_case(attacks=stages)

@@ -2,10 +2,10 @@
 per-example largest loss (for training), a random choice and a mixture that
 splits a batch between attacks.
 
-Each takes attacks `attack(logits_fn, x, y, key) -> x_adv` (an `Attack`, or
-any function of that form) and returns an `Attack`, whose threat model is
-that of its parts when they share one (norm and eps; then `eps=` at call
-time changes every part's), else None. Randomness: with per-example keys k_i (the key itself if it is a batch of
+Each takes a keyword list of `Attack`s, `worst_case(attacks=[a, b])`, and
+returns an `Attack` whose threat model is that of its parts when they share
+one (norm and eps; then `eps=` at call time changes every part's), else
+None; it uses gradients, or is stochastic, when a part is. Randomness: with per-example keys k_i (the key itself if it is a batch of
 keys, else `fold_in(key, i)`), inner attack j sees `fold_in(k_i, j)` for
 example i, and the combinator's own draws use `fold_in(k_i, J)`, J the number
 of attacks.
@@ -21,6 +21,7 @@ lowering the cross-entropy to the target.
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,14 @@ import jax.numpy as jnp
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.attack import Attack, factory, make
 
 
-def worst_case(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
-  """Runs every attack and keeps, per example, the worst one for the model: the
-  rule for evaluation.
+@factory("worst_case")
+def worst_case(*, attacks: Sequence[Attack]) -> Attack:
+  """Runs every attack and keeps, per example, the worst one for the model.
+
+  The rule for evaluation.
 
   Per example i, with candidates x_i^(j) from attack j (in list order):
 
@@ -55,10 +58,6 @@ def worst_case(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
 
   Args:
     attacks: a non-empty list of attacks, all untargeted or all targeted.
-    norm, eps, targeted: the threat model and the kind the parts share, as
-      the returned `Attack` records them (its `spec` lists them, so
-      `create(**attack.spec)` rebuilds it): by default read from the parts;
-      given, they must equal what the parts share.
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
@@ -68,18 +67,14 @@ def worst_case(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
   def choose(success, loss):
     return jnp.where(success.any(0), jnp.argmax(success, 0), jnp.argmax(loss, 0))
 
-  return _combined(
-    _select(attacks, choose),
-    "worst_case",
-    attacks,
-    dict(norm=norm, eps=eps, targeted=targeted),
-    stages=attacks if all(isinstance(a, Attack) for a in attacks) else (),
-  )
+  return _combined(_select(attacks, choose), attacks, stages=attacks)
 
 
-def max_loss(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
-  """Runs every attack and keeps, per example, the output of largest loss: the
-  rule for training (MAT-Max, Araujo et al. 2019).
+@factory("max_loss")
+def max_loss(*, attacks: Sequence[Attack]) -> Attack:
+  """Runs every attack and keeps, per example, the output of largest loss.
+
+  The rule for training (MAT-Max, Araujo et al. 2019).
 
   Per example i, with candidates x_i^(j) from attack j:
 
@@ -97,10 +92,6 @@ def max_loss(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
 
   Args:
     attacks: a non-empty list of attacks, all untargeted or all targeted.
-    norm, eps, targeted: the threat model and the kind the parts share, as
-      the returned `Attack` records them (its `spec` lists them, so
-      `create(**attack.spec)` rebuilds it): by default read from the parts;
-      given, they must equal what the parts share.
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
@@ -111,16 +102,14 @@ def max_loss(attacks, *, norm=None, eps=None, targeted=None) -> Attack:
     del success
     return jnp.argmax(loss, 0)
 
-  return _combined(
-    _select(attacks, choose), "max_loss", attacks, dict(norm=norm, eps=eps, targeted=targeted)
-  )
+  return _combined(_select(attacks, choose), attacks)
 
 
 def _select(attacks, choose):
   """The attack function that runs every attack and keeps, per example, the
   candidate `choose(success [J, B], loss [J, B]) -> [B]` picks, success and
   loss by the parts' rule (untargeted or targeted)."""
-  stochastic = any(getattr(a, "stochastic", False) for a in attacks)
+  stochastic = any(a.stochastic for a in attacks)
   targeted = _targeted(attacks)
 
   def attack(logits_fn, x, y, key, eps):
@@ -148,7 +137,8 @@ def _select(attacks, choose):
   return attack
 
 
-def random_choice(attacks, *, per_example=False, norm=None, eps=None, targeted=None) -> Attack:
+@factory("random_choice")
+def random_choice(*, attacks: Sequence[Attack], per_example: bool = False) -> Attack:
   """One attack drawn uniformly at random.
 
   Per batch (default): one draw for the whole batch, made from the first
@@ -160,10 +150,6 @@ def random_choice(attacks, *, per_example=False, norm=None, eps=None, targeted=N
   Args:
     attacks: a non-empty list of attacks, all untargeted or all targeted.
     per_example: draw per example instead of per batch.
-    norm, eps, targeted: the threat model and the kind the parts share, as
-      the returned `Attack` records them (its `spec` lists them, so
-      `create(**attack.spec)` rebuilds it): by default read from the parts;
-      given, they must equal what the parts share.
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
@@ -191,20 +177,15 @@ def random_choice(attacks, *, per_example=False, norm=None, eps=None, targeted=N
     ]
     return jax.lax.switch(choice, branches, x, y, keys)
 
-  return _combined(
-    attack,
-    "random_choice",
-    attacks,
-    dict(norm=norm, eps=eps, targeted=targeted),
-    per_example=per_example,
-  )
+  return _combined(attack, attacks)
 
 
-def mixture(attacks, *, weights, norm=None, eps=None, targeted=None) -> Attack:
+@factory("mixture")
+def mixture(*, attacks: Sequence[Attack], weights: Sequence[float]) -> Attack:
   """Splits each batch between the attacks in the proportions `weights`.
 
   Every example goes to exactly one attack and each attack runs only on its
-  share (the seed's "C&W model": 50 % C&W, 50 % PGD examples), so a mixture
+  share (e.g. 50 % C&W, 50 % PGD examples), so a mixture
   costs about the weighted mean of its attacks. For a batch of B examples the
   share sizes are static: n_j = floor(w_j B), plus one for the B - sum_j n_j
   attacks with the largest remainders w_j B - n_j (ties to the earlier
@@ -215,10 +196,6 @@ def mixture(attacks, *, weights, norm=None, eps=None, targeted=None) -> Attack:
   Args:
     attacks: a non-empty list of attacks, all untargeted or all targeted.
     weights: one number >= 0 per attack, summing to 1.
-    norm, eps, targeted: the threat model and the kind the parts share, as
-      the returned `Attack` records them (its `spec` lists them, so
-      `create(**attack.spec)` rebuilds it): by default read from the parts;
-      given, they must equal what the parts share.
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
@@ -242,12 +219,10 @@ def mixture(attacks, *, weights, norm=None, eps=None, targeted=None) -> Attack:
         start += size
     return x_adv
 
-  return _combined(
-    attack, "mixture", attacks, dict(norm=norm, eps=eps, targeted=targeted), weights=weights
-  )
+  return _combined(attack, attacks)
 
 
-def share_sizes(weights, batch_size):
+def share_sizes(weights: Sequence[float], batch_size: int) -> list[int]:
   """`mixture`'s share sizes: largest-remainder rounding of w_j * batch_size."""
   exact = [w * batch_size for w in weights]
   sizes = [math.floor(e) for e in exact]
@@ -257,39 +232,27 @@ def share_sizes(weights, batch_size):
   return sizes
 
 
-def _combined(fn, name, attacks, declared, stages=(), **settings):
+def _combined(fn, attacks, stages=()):
   """The `Attack` of a combinator: the threat model its parts share, if any,
-  and their kind; `declared` (norm, eps, targeted; None: not given) must
-  agree with them."""
-  norms = {getattr(a, "norm", None) for a in attacks}
-  radii = {getattr(a, "eps", None) for a in attacks}
+  their kind, and what they need."""
+  norms = {a.norm for a in attacks}
+  radii = {a.eps for a in attacks}
   norm = norms.pop() if len(norms) == 1 else None
   eps = radii.pop() if len(radii) == 1 and norm is not None else None
-  shared = {"norm": norm, "eps": eps, "targeted": _targeted(attacks)}
-  for key, value in declared.items():
-    if value is not None:
-      if key == "norm":
-        value = core.check_norm(value, core.NORMS)
-      checks.require(
-        value == shared[key],
-        f"{name}: {key}={value!r} given, but its parts "
-        + (f"share {key}={shared[key]!r}" if shared[key] is not None else f"share no {key}"),
-      )
   return make(
     fn,
-    name,
     norm=norm,
     eps=eps,
-    targeted=shared["targeted"],
+    targeted=_targeted(attacks),
+    uses_gradients=any(a.uses_gradients for a in attacks),
+    stochastic=any(a.stochastic for a in attacks),
     stages=stages,
-    attacks=attacks,
-    **settings,
   )
 
 
 def _call(attack, logits_fn, x, y, keys, eps):
   """Calls a part with the combinator's eps (None: the part's own)."""
-  if eps is None or not isinstance(attack, Attack):
+  if eps is None:
     return attack(logits_fn, x, y, keys)
   return attack(logits_fn, x, y, keys, eps=eps)
 
@@ -302,7 +265,10 @@ def _check_attacks(attacks, name):
     f"attacks must be a non-empty list of attacks, got {attacks!r}",
   )
   for a in attacks:
-    checks.require(callable(a), f"attacks must be attack functions, got {a!r}")
+    checks.require(
+      isinstance(a, Attack),
+      f"attacks must be Attacks (from a factory, or attacks.create(spec)), got {a!r}",
+    )
   flags = [_targeted((a,)) for a in attacks]
   checks.require(
     len(set(flags)) == 1,
@@ -314,16 +280,14 @@ def _check_attacks(attacks, name):
 
 
 def _targeted(attacks):
-  """Whether the parts are targeted (a plain function counts as untargeted)."""
-  return any(bool(getattr(a, "targeted", False)) for a in attacks)
+  """Whether the parts are targeted."""
+  return any(a.targeted for a in attacks)
 
 
 def _labels(attacks, flags, targeted):
   """The parts whose flag is `targeted`, as "#j name" (j the index)."""
   return ", ".join(
-    f"#{j} {getattr(a, 'name', getattr(a, '__name__', 'attack'))}"
-    for j, (a, flag) in enumerate(zip(attacks, flags))
-    if flag == targeted
+    f"#{j} {a.name}" for j, (a, flag) in enumerate(zip(attacks, flags)) if flag == targeted
   )
 
 

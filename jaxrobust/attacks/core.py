@@ -11,6 +11,8 @@ intersected with the image box x + d in [0, 1].
 """
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +20,16 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
-from jaxrobust.attacks.attack import NORMS, norm_name  # noqa: F401
+from jaxrobust.attacks.attack import norm_name
 
 # Every attack's gradients go through the CPU fast path (`jaxrobust.fastpath`;
-# the identity off CPU), under its historical name here.
+# the identity off CPU).
 from jaxrobust.fastpath import canonical_convolutions, fast  # noqa: F401
 
 _TINY = 1e-12
+T = TypeVar("T")
+# A run's (delta, value, success) for one example.
+Result = tuple[jax.Array, jax.Array, jax.Array]
 
 
 _NORM_CHOICES = {
@@ -34,9 +39,16 @@ _NORM_CHOICES = {
 }
 
 
-def check_norm(norm, norms=("linf", "l2")):
-  """The norm's canonical name (`attack.norm_name`) if it is one of `norms`,
-  the norms the attack supports (most: "linf" and "l2")."""
+def check_norm(norm: Any, norms: Sequence[str] = ("linf", "l2")) -> str:
+  """The norm's canonical name (`attack.norm_name`) if it is one of `norms`.
+
+  Args:
+    norm: a norm, as `attack.norm_name` reads it.
+    norms: the norms the attack supports (most: "linf" and "l2").
+
+  Returns:
+    "linf", "l2" or "l1"; raises `InputError` for another norm.
+  """
   try:
     name = norm_name(norm)
   except checks.InputError:
@@ -46,10 +58,10 @@ def check_norm(norm, norms=("linf", "l2")):
     f"unknown norm {norm!r} for this attack; choose one of "
     + " or ".join(_NORM_CHOICES[n] for n in norms),
   )
-  return name
+  return str(name)
 
 
-def check_eps(eps, name="eps"):
+def check_eps(eps: Any, name: str = "eps") -> Any:
   """Validates eps: a number > 0, or an array of them (on the device when
   traced: `checks.on_device`)."""
   if jnp.ndim(eps) == 0 and checks.is_concrete(eps):
@@ -62,7 +74,7 @@ def check_eps(eps, name="eps"):
   return eps
 
 
-def check_eps_shape(eps, batch_size):
+def check_eps_shape(eps: Any, batch_size: int) -> None:
   """Refuses an eps that is neither one number nor one per example."""
   checks.require(
     jnp.ndim(eps) == 0 or jnp.shape(eps) == (batch_size,),
@@ -71,13 +83,12 @@ def check_eps_shape(eps, batch_size):
   )
 
 
-def check_step_size(step_size):
+def check_step_size(step_size: float | None) -> float | None:
   """Validates an optional step size (None: the attack's default rule)."""
   return None if step_size is None else checks.positive("step_size", step_size)
 
 
-# The default step size of each iterative attack, a multiple of eps / steps:
-# the rule of the paper that introduced it.
+# Each iterative attack's default step size / (eps / steps), as its paper sets it.
 STEP_SIZE_FACTORS = {
   "pgd": 2.5,  # Madry et al. 2018: 2.5 eps / steps
   "fgsm": 1.0,  # Goodfellow et al. 2015: one step of eps
@@ -86,22 +97,24 @@ STEP_SIZE_FACTORS = {
 }
 
 
-def default_step_size(name, eps, steps):
+def default_step_size(name: str, eps: Any, steps: int) -> Any:
   """The step size attack `name` uses when none is given: the factor of its
   paper (`STEP_SIZE_FACTORS`) times eps / steps. (APGD, FAB, Square and C&W
   adapt their steps themselves.)"""
   return STEP_SIZE_FACTORS[name] * eps / steps
 
 
-def l2_norm(v):
+def l2_norm(v: jax.Array) -> jax.Array:
+  """||v||_2 over all its entries."""
   return jnp.sqrt(jnp.sum(jnp.square(v)))
 
 
-def l1_norm(v):
+def l1_norm(v: jax.Array) -> jax.Array:
+  """||v||_1 over all its entries."""
   return jnp.sum(jnp.abs(v))
 
 
-def project(delta, eps, norm):
+def project(delta: jax.Array, eps: Any, norm: str) -> jax.Array:
   """The nearest point of the `norm` ball of radius `eps` to `delta`."""
   if norm == "linf":
     return jnp.clip(delta, -eps, eps)
@@ -110,7 +123,7 @@ def project(delta, eps, norm):
   return delta * jnp.minimum(1.0, eps / jnp.maximum(l2_norm(delta), _TINY))
 
 
-def project_l1_box(x, delta, eps):
+def project_l1_box(x: jax.Array, delta: jax.Array, eps: Any) -> jax.Array:
   """The nearest point to `delta` (in L2) of the L1 ball of radius `eps`
   intersected with the box, {d : ||d||_1 <= eps, 0 <= x + d <= 1}: the
   L1 projection of Croce & Hein 2021 ("Mind the box: l1-APGD for sparse
@@ -148,7 +161,7 @@ def _l1_shrink(delta, eps, room):
   return jnp.sign(delta) * jnp.clip(size - lam, 0.0, cap)
 
 
-def clip_to_box(x, delta):
+def clip_to_box(x: jax.Array, delta: jax.Array) -> jax.Array:
   """Shrinks `delta` coordinate-wise so that x + delta lies in [0, 1].
 
   Each coordinate moves towards 0, so the result stays in any L-p ball that
@@ -157,7 +170,7 @@ def clip_to_box(x, delta):
   return jnp.clip(x + delta, 0.0, 1.0) - x
 
 
-def random_start(key, x, eps, norm):
+def random_start(key: jax.Array, x: jax.Array, eps: Any, norm: str) -> jax.Array:
   """A point drawn uniformly from the `norm` ball of radius `eps`, clipped to the box.
 
   L2 and L1: a uniform direction on the unit sphere (a Gaussian, resp. a
@@ -176,7 +189,7 @@ def random_start(key, x, eps, norm):
   return clip_to_box(x, direction * radius / jnp.maximum(length, _TINY))
 
 
-def steepest_ascent(grad, norm):
+def steepest_ascent(grad: jax.Array, norm: str) -> jax.Array:
   """The unit-norm direction of steepest ascent: sign(g) (L-inf), g / ||g||_2
   (L2), or sign(g_j) e_j at the first j of largest |g_j| (L1)."""
   if norm == "linf":
@@ -188,7 +201,7 @@ def steepest_ascent(grad, norm):
   return grad / jnp.maximum(l2_norm(grad), _TINY)
 
 
-def best_of_restarts(run, key, restarts):
+def best_of_restarts(run: Callable[[jax.Array], Result], key: jax.Array, restarts: int) -> Result:
   """The best of `restarts` runs: `run(fold_in(key, r))` for r = 0, 1, ...
 
   Each run returns (delta, value, success) for one example; the best
@@ -207,7 +220,7 @@ def best_of_restarts(run, key, restarts):
   return loop(1, restarts, restart, best, like=best[0])
 
 
-def better(candidate, best):
+def better(candidate: Result, best: Result) -> Result:
   """Per example the better of two (delta, value, success) results: success
   first, then the higher value; ties keep `best`."""
   _, value, success = candidate
@@ -216,22 +229,28 @@ def better(candidate, best):
   return jax.tree.map(lambda c, b: jnp.where(take, c, b), candidate, best)
 
 
-def loop(lower, upper, body, init, *, like):
+def loop(lower: Any, upper: Any, body: Callable[[Any, T], T], init: T, *, like: jax.Array) -> T:
   """`lax.fori_loop(lower, upper, body, init)`, with every carry varying over
   the same devices as `like` (the example attacked).
 
-  Inside `jax.shard_map`, JAX types each value by the mesh axes it varies
-  over, and a loop refuses a carry that starts constant (the same on every
-  device, e.g. a best distance of inf) and becomes data-dependent. Selecting
-  each initial carry with a condition computed from `like` (both branches
-  the carry itself: the value is unchanged and XLA drops the select) types
-  it like the data, for any mesh and JAX version, so data-parallel steps
-  keep JAX's check that catches a missing `pmean`.
+  Inside `jax.shard_map` a loop refuses a carry that starts constant (e.g.
+  a best distance of inf) and becomes data-dependent. Selecting each initial
+  carry with a condition computed from `like` (both branches the carry
+  itself, which XLA drops) types it like the data, for any mesh, so
+  data-parallel steps keep JAX's check that catches a missing `pmean`.
   """
   return jax.lax.fori_loop(lower, upper, body, _varying_like(init, like))
 
 
-def loop_until(done, lower, upper, body, init, *, like):
+def loop_until(
+  done: Callable[[T], Any],
+  lower: int,
+  upper: int,
+  body: Callable[[Any, T], T],
+  init: T,
+  *,
+  like: jax.Array,
+) -> T:
   """`loop(lower, upper, body, init, like=like)` that stops once `done(carry)`
   is true; `body` must leave a done carry unchanged, so the result is the
   full loop's. Under `vmap` (the attacks' per-example form) the batch's
@@ -253,15 +272,13 @@ def _varying_like(carry, like):
   return jax.tree.map(lambda c: jnp.where(data_dependent, c, c), carry)
 
 
-def iterate(body, state, steps, unroll=False):
+def iterate(body: Callable[[Any, T], T], state: T, steps: int, unroll: bool = False) -> T:
   """Applies `state = body(i, state)` for i in 0..steps-1: a `lax.fori_loop`,
   or straight-line code when `unroll` (each step compiled separately).
 
   The loop is the fast form on every backend once the body's gradients go
-  through `fast` (`jaxrobust.fastpath`, the attacks' do): on XLA:CPU, PGD-10 in
-  that loop runs as fast as unrolled and 8x faster than in a loop without the
-  transform (`benchmarks/run.py --rows loop_forms,loop_unrolled`), and it
-  compiles one step whatever the step count.
+  through `fast` (`jaxrobust.fastpath`, the attacks' do), and it compiles one
+  step whatever the step count (docs/attacks.md).
   """
   if unroll:
     for i in range(steps):
@@ -270,7 +287,7 @@ def iterate(body, state, steps, unroll=False):
   return loop(0, steps, body, state, like=jax.tree.leaves(state)[0])
 
 
-def num_classes_of(logits_fn, x):
+def num_classes_of(logits_fn: Callable, x: jax.Array) -> int:
   """The number of classes `logits_fn` predicts, from its output shape (no compute)."""
   out = jax.eval_shape(logits_fn, x)
   checks.require(
@@ -288,7 +305,14 @@ def num_classes_of(logits_fn, x):
   return shape[1]
 
 
-def check_batch(logits_fn, x, y, *, stochastic=False, soft_labels=False):
+def check_batch(
+  logits_fn: Callable,
+  x: jax.Array,
+  y: jax.Array,
+  *,
+  stochastic: bool = False,
+  soft_labels: bool = False,
+) -> int:
   """Checks images and labels of an attack call; returns the number of classes.
 
   A `stochastic` model is `logits_fn(x, key)`. With `soft_labels`, `y` may
@@ -314,7 +338,16 @@ def _with_fixed_key(logits_fn, x):
   return logits_fn(x, jax.random.key(0))
 
 
-def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False, soft_labels=False):
+def batched(
+  attack_one: Callable,
+  logits_fn: Callable,
+  x: jax.Array,
+  y: jax.Array,
+  key: jax.Array,
+  *per_example: Any,
+  stochastic: bool = False,
+  soft_labels: bool = False,
+) -> jax.Array:
   """Runs `attack_one(logits_fn_one, x_i, y_i, key_i, *args_i)` over the batch with vmap.
 
   `logits_fn_one` maps one example to its logits [K] (a `stochastic` model:
@@ -349,14 +382,14 @@ def batched(attack_one, logits_fn, x, y, key, *per_example, stochastic=False, so
   return jax.lax.stop_gradient(x_adv) + (x - jax.lax.stop_gradient(x))
 
 
-def working_precision(x):
+def working_precision(x: jax.Array) -> jax.Array:
   """`x` in float32 if its type is a narrower float (float16, bfloat16)."""
   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
     return x.astype(jnp.float32)
   return x
 
 
-def round_towards(x, x_adv, dtype):
+def round_towards(x: jax.Array, x_adv: jax.Array, dtype: Any) -> jax.Array:
   """`x_adv` in `dtype`, each coordinate rounded towards `x` (representable
   in `dtype`): |x_adv - x| never grows, so every L-p ball and the box that
   held x_adv hold the result."""

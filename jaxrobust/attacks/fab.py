@@ -2,18 +2,29 @@
 (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast
 adaptive boundary attack"), as AutoAttack runs them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.attack import Attack, factory, make
+from jaxrobust.attacks.hyperplane import project_onto_hyperplane
 
 _EXCLUDED = 1e10  # the distance of the true class's own "boundary"
 
 
+@factory("fab")
 def fab(
-  *, norm="linf", eps=None, steps=100, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9
+  *,
+  norm: str = "linf",
+  eps: float | None = None,
+  steps: int = 100,
+  restarts: int = 1,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
 ) -> Attack:
   """FAB: the closest adversarial example it can find, in L-infinity, L2 or L1.
 
@@ -56,20 +67,21 @@ def fab(
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`: per
     example the closest misclassified point found (within eps, if set), or x.
   """
-  return _fab("fab", norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=None)
+  return _fab(**locals())
 
 
+@factory("fab_t")
 def fab_t(
   *,
-  norm="linf",
-  eps=None,
-  steps=100,
-  num_targets=9,
-  first_target=0,
-  restarts=1,
-  alpha_max=0.1,
-  eta=1.05,
-  beta=0.9,
+  norm: str = "linf",
+  eps: float | None = None,
+  steps: int = 100,
+  num_targets: int = 9,
+  first_target: int = 0,
+  restarts: int = 1,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
 ) -> Attack:
   """FAB-T: FAB towards one target class at a time, as in AutoAttack ("fab-t").
 
@@ -96,13 +108,15 @@ def fab_t(
   Returns:
     An `Attack`, as `fab`'s.
   """
-  num_targets = checks.integer_at_least("num_targets", num_targets, 1)
-  first_target = checks.integer_at_least("first_target", first_target, 0)
-  settings = (norm, eps, steps, restarts, alpha_max, eta, beta)
-  return _fab("fab_t", *settings, num_targets=num_targets, first_target=first_target)
+  checks.integer_at_least("num_targets", num_targets, 1)
+  checks.integer_at_least("first_target", first_target, 0)
+  return _fab(**locals())
 
 
-def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets, first_target=0):
+def _fab(
+  *, norm, eps, steps, restarts, alpha_max, eta, beta, num_targets=None, first_target=0
+) -> Attack:
+  """The `Attack` of `fab` (`num_targets` None) and `fab_t`."""
   norm = core.check_norm(norm, ("linf", "l2", "l1"))
   if eps is not None:
     core.check_eps(eps)
@@ -113,54 +127,26 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets,
     isinstance(eta, (int, float)) and eta >= 1.0, f"eta must be a number >= 1, got {eta!r}"
   )
   checks.in_interval("beta", beta, 0.0, 1.0)
-  step_settings = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
+  search = functools.partial(
+    _closest_over_restarts,
+    norm=norm,
+    restarts=restarts,
+    steps=steps,
+    alpha_max=alpha_max,
+    eta=eta,
+    beta=beta,
+  )
+  name = "fab" if num_targets is None else "fab_t"
 
   def attack_one(logits_one, x, y, key, eps, round_=None):
-    logits_at = core.canonical_convolutions(logits_one)
-
-    def search(boundaries, key):
-      """The closest success over the restarts for one set of boundaries."""
-
-      def restart(r, best):
-        return _search(
-          boundaries,
-          logits_at,
-          x,
-          y,
-          jax.random.fold_in(key, r),
-          r,
-          best,
-          eps,
-          norm,
-          **step_settings,
-        )
-
-      start = (x, jnp.asarray(jnp.inf, x.dtype))
-      return core.loop(0, restarts, restart, start, like=x)
-
     if num_targets is None:
-      best, distance = search(_all_boundaries(logits_one, y), key)
+      best, distance = search(_all_boundaries(logits_one, y), logits_one, x, y, key, eps)
+    elif round_ is None:
+      best, distance = _over_targets(search, logits_one, x, y, key, eps, num_targets, first_target)
     else:
-      clean = logits_one(x)
-      others = clean.shape[-1] - 1
-      ranked = jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean)
-      if round_ is not None:  # one round: the target of rank first_target + round_
-        rank = first_target + round_
-        target = jax.lax.top_k(ranked, others)[1][jnp.minimum(rank, others - 1)]
-        best, distance = search(_target_boundary(logits_one, y, target), key)
-        distance = jnp.where(rank < min(others, first_target + num_targets), distance, jnp.inf)
-      else:
-        count = max(0, min(num_targets, others - first_target))
-        if count == 0:  # no class of this rank
-          return x
-        targets = jax.lax.top_k(ranked, first_target + count)[1][first_target:]
-
-        def for_target(i, best):
-          found = search(_target_boundary(logits_one, y, targets[i]), jax.random.fold_in(key, i))
-          return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
-
-        start = (x, jnp.asarray(jnp.inf, x.dtype))
-        best, distance = core.loop(0, count, for_target, start, like=x)
+      best, distance = _one_target(
+        search, logits_one, x, y, key, eps, round_, num_targets, first_target
+      )
     inside = jnp.isfinite(distance) if eps is None else distance <= eps
     return jnp.where(inside, best, x)
 
@@ -178,19 +164,53 @@ def _fab(name, norm, eps, steps, restarts, alpha_max, eta, beta, *, num_targets,
     one = lambda logits_one, xi, yi, ki, e: attack_one(logits_one, xi, yi, ki, e, round_)
     return batched(one, logits_fn, x, y, key, eps)
 
-  extra = {} if num_targets is None else {"num_targets": num_targets, "first_target": first_target}
   rounded = num_targets is not None and num_targets > 1 and eps is not None
-  return make(
-    attack,
-    name,
-    norm=norm,
-    eps=eps,
-    restarts=restarts,
-    rounds=num_targets if rounded else 0,
-    round_fn=round_fn if rounded else None,
-    **step_settings,
-    **extra,
-  )
+  return make(attack, rounds=num_targets if rounded else 0, round_fn=round_fn if rounded else None)
+
+
+def _closest_over_restarts(boundaries, logits_one, x, y, key, eps, *, norm, restarts, **step):
+  """The closest success over the restarts for one set of boundaries, and its distance."""
+  logits_at = core.canonical_convolutions(logits_one)
+
+  def restart(r, best):
+    key_r = jax.random.fold_in(key, r)
+    return _search(boundaries, logits_at, x, y, key_r, r, best, eps, norm, **step)
+
+  start = (x, jnp.asarray(jnp.inf, x.dtype))
+  return core.loop(0, restarts, restart, start, like=x)
+
+
+def _ranked(logits_one, x, y):
+  """The classes other than y by clean logit, y last (as -inf), and their count."""
+  clean = logits_one(x)
+  return jnp.where(jnp.arange(clean.shape[-1]) == y, -jnp.inf, clean), clean.shape[-1] - 1
+
+
+def _over_targets(search, logits_one, x, y, key, eps, num_targets, first_target):
+  """FAB-T: the closest success over the targets of rank first_target, ...;
+  target i with the key fold_in(key, i)."""
+  ranked, others = _ranked(logits_one, x, y)
+  count = max(0, min(num_targets, others - first_target))
+  start = (x, jnp.asarray(jnp.inf, x.dtype))
+  if count == 0:  # no class of this rank
+    return start
+  targets = jax.lax.top_k(ranked, first_target + count)[1][first_target:]
+
+  def for_target(i, best):
+    boundary = _target_boundary(logits_one, y, targets[i])
+    found = search(boundary, logits_one, x, y, jax.random.fold_in(key, i), eps)
+    return jax.tree.map(lambda f, b: jnp.where(found[1] < best[1], f, b), found, best)
+
+  return core.loop(0, count, for_target, start, like=x)
+
+
+def _one_target(search, logits_one, x, y, key, eps, round_, num_targets, first_target):
+  """FAB-T's round `round_` alone: the target of rank first_target + round_."""
+  ranked, others = _ranked(logits_one, x, y)
+  rank = first_target + round_
+  target = jax.lax.top_k(ranked, others)[1][jnp.minimum(rank, others - 1)]
+  best, distance = search(_target_boundary(logits_one, y, target), logits_one, x, y, key, eps)
+  return best, jnp.where(rank < min(others, first_target + num_targets), distance, jnp.inf)
 
 
 def _all_boundaries(logits_one, y):
@@ -283,109 +303,3 @@ def _search(
 
   _, best_point, distance = core.loop(0, steps, step, (start, *best), like=x)
   return best_point, distance
-
-
-def project_onto_hyperplane(t, w, b, norm):
-  """The shortest step d (in `norm`) with w . (t + d) = b and t + d in [0, 1].
-
-  With c = b - w . t and the sign of w flipped so that c >= 0, coordinate i
-  can move by at most cap_i = 1 - t_i (w_i > 0) or t_i (w_i < 0) in the
-  direction that raises w . d. The minimisers are, for a multiplier
-  lambda >= 0,
-
-    L-inf: d_i = sign(w_i) min(lambda, cap_i),
-    L2:    d_i = w_i min(lambda, cap_i / |w_i|)   (KKT: d = clip(lambda w)),
-
-  and g(lambda) = w . d(lambda) = sum_i a_i min(lambda, r_i) is piecewise
-  linear and nondecreasing, with (a_i, r_i) = (|w_i|, cap_i) for L-inf and
-  (w_i^2, cap_i / |w_i|) for L2. The smallest lambda with g(lambda) = c is
-  found without sorting the breakpoints (a sort of every pixel per step
-  dominated FAB's time on XLA:CPU): bisection over the float32 bit patterns
-  of [0, max r] (ordered like the numbers they encode), 32 halvings, ends
-  with two adjacent floats lo < lambda <= hi, no breakpoint between them, so
-  lambda = (c - sum_{r_i <= lo} a_i r_i) / sum_{r_i > lo} a_i, exact on its
-  segment.
-
-  L1 is a fractional knapsack (each unit of |d_i| buys |w_i| of w . d): the
-  coordinates with the largest |w_i| move first, each up to its cap. With
-  tau the largest threshold whose coordinates can reach c,
-  h(tau) = sum_{|w_i| >= tau} |w_i| cap_i >= c,
-
-    L1:    d_i = sign(w_i) cap_i          for |w_i| > tau,
-           d_i = sign(w_i) theta cap_i    for |w_i| = tau,   0 below,
-
-  theta = (c - sum_{|w_i| > tau} |w_i| cap_i) / (tau sum_{|w_i| = tau} cap_i)
-  in (0, 1], so ||d||_1 = sum_{|w_i| > tau} cap_i + theta sum_{|w_i| = tau}
-  cap_i. tau is found by the same bisection, over [0, max |w|].
-
-  When c is out of reach (the hyperplane misses the box), d saturates every
-  coordinate with w_i != 0: the box's point closest to the hyperplane's
-  side. Works on one example of any shape (vmap it for a batch).
-  """
-  shape = t.shape
-  t, w = t.ravel(), w.ravel()
-  c = b - jnp.vdot(w, t)
-  flip = jnp.where(c < 0, -1.0, 1.0).astype(t.dtype)
-  w, c = w * flip, c * flip
-  cap = jnp.where(w > 0, 1.0 - t, t)
-  f32 = lambda v: v.astype(jnp.float32)
-  if norm == "l1":
-    fill = _knapsack(f32(jnp.abs(w)), f32(jnp.abs(w) * cap), f32(c)).astype(t.dtype)
-    return (jnp.sign(w) * cap * fill).reshape(shape)
-  nonzero = w != 0
-  if norm == "linf":
-    a, r = jnp.abs(w), cap
-  else:  # a coordinate the hyperplane ignores (w_i = 0) adds a breakpoint, no slope
-    a = jnp.square(w)
-    r = jnp.where(nonzero, cap / jnp.where(nonzero, jnp.abs(w), 1.0), 0.0)
-  lam = _multiplier(f32(a), f32(r), f32(c)).astype(t.dtype)
-  if norm == "linf":
-    d = jnp.sign(w) * jnp.minimum(lam, cap)
-  else:
-    d = jnp.where(nonzero, w * jnp.minimum(lam, r), 0.0)
-  return d.reshape(shape)
-
-
-def _multiplier(a, r, c):
-  """The smallest lambda >= 0 with g(lambda) = sum_i a_i min(lambda, r_i) >= c
-  (a, r >= 0, float32), inf when g(max r) < c."""
-  g = lambda lam: jnp.sum(a * jnp.minimum(lam, r))
-  top = jnp.max(r)
-  lo, hi = _bisect(lambda lam: g(lam) < c, top, like=r)
-  past = r > lo
-  slope = jnp.sum(jnp.where(past, a, 0.0))
-  lam = (c - jnp.sum(jnp.where(past, 0.0, a * r))) / jnp.where(slope > 0, slope, 1.0)
-  lam = jnp.clip(lam, lo, hi)
-  return jnp.where(c <= 0, 0.0, jnp.where(g(top) < c, jnp.inf, lam))
-
-
-def _knapsack(a, v, c):
-  """The share of its cap each coordinate moves in the L1 projection (a = |w|,
-  v = |w| cap, float32): 1 above the threshold tau, theta at it, 0 below;
-  1 wherever a_i > 0 when even all of them fall short of c."""
-  reach = lambda tau: jnp.sum(jnp.where(a > tau, v, 0.0))  # h just above tau
-  lo, hi = _bisect(lambda tau: reach(tau) >= c, jnp.max(a), like=a)
-  full, part = a > hi, (a > lo) & (a <= hi)  # tau = hi: no |w_i| strictly between
-  share = jnp.sum(jnp.where(part, v, 0.0))
-  theta = jnp.clip((c - reach(hi)) / jnp.where(share > 0, share, 1.0), 0.0, 1.0)
-  fill = jnp.where(full, 1.0, jnp.where(part, theta, 0.0))
-  fill = jnp.where(reach(0.0) < c, jnp.where(a > 0, 1.0, 0.0), fill)
-  return jnp.where(c <= 0, 0.0, fill)
-
-
-def _bisect(below, top, *, like):
-  """Adjacent float32s lo < hi in [0, top] with below(lo) and not below(hi),
-  for a monotone `below`, true at 0 and false at top: bisection over the
-  bit patterns of non-negative floats (ordered like the numbers they
-  encode), 32 halvings."""
-  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-  def halve(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    low = below(as_float(mid))
-    return jnp.where(low, mid, lo), jnp.where(low, hi, mid)
-
-  start = (jnp.int32(0), jax.lax.bitcast_convert_type(top, jnp.int32))
-  lo, hi = core.loop(0, 32, halve, start, like=like)
-  return as_float(lo), as_float(hi)

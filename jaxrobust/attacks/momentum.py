@@ -1,19 +1,28 @@
 """Momentum iterative FGSM (Dong et al. 2018) and its diverse-input variant
 M-DI2-FGSM (Xie et al. 2019), the attacks built to transfer to other models."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.attack import Attack, AttackFn, factory, make
 
 
+@factory("mi_fgsm")
 def mi_fgsm(
-  *, eps, steps=10, step_size=None, decay=1.0, norm="linf", targeted=False, unroll=False
+  *,
+  eps: float,
+  steps: int = 10,
+  step_size: float | None = None,
+  decay: float = 1.0,
+  norm: str = "linf",
+  targeted: bool = False,
+  unroll: bool = False,
 ) -> Attack:
-  """The momentum iterative fast gradient sign method (Dong et al. 2018,
-  "Boosting adversarial attacks with momentum").
+  """The momentum iterative fast gradient sign method (MI-FGSM).
 
   Threat model: x_adv = x + d with ||d||_p <= eps (p = inf or 2) and x_adv in
   [0, 1]. From d = 0 and g = 0, each step accumulates the L1-normalised
@@ -41,46 +50,29 @@ def mi_fgsm(
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
+
+  References:
+    Dong et al., 2018, "Boosting adversarial attacks with momentum".
   """
-  fn = _momentum_attack(
-    eps=eps,
-    steps=steps,
-    step_size=step_size,
-    decay=decay,
-    norm=norm,
-    targeted=targeted,
-    transform=None,
-    unroll=unroll,
-    name="mi_fgsm",
-  )
-  return make(
-    fn,
-    "mi_fgsm",
-    norm=norm,
-    eps=eps,
-    targeted=targeted,
-    steps=steps,
-    step_size=step_size,
-    decay=decay,
-    unroll=unroll,
-  )
+  return make(_momentum_attack("mi_fgsm", **locals()))
 
 
+@factory("di_fgsm")
 def di_fgsm(
   *,
-  eps,
-  steps=10,
-  step_size=None,
-  decay=1.0,
-  prob=0.5,
-  resize_rate=0.9,
-  norm="linf",
-  targeted=False,
-  unroll=False,
+  eps: float,
+  steps: int = 10,
+  step_size: float | None = None,
+  decay: float = 1.0,
+  prob: float = 0.5,
+  resize_rate: float = 0.9,
+  norm: str = "linf",
+  targeted: bool = False,
+  unroll: bool = False,
 ) -> Attack:
-  """M-DI2-FGSM (Xie et al. 2019, "Improving transferability of adversarial
-  examples with input diversity"): `mi_fgsm` whose every gradient is taken
-  through a random input transformation T, drawn afresh for each step and
+  """M-DI2-FGSM: `mi_fgsm` with every gradient taken through a random resize.
+
+  The random input transformation T is drawn afresh for each step and
   example:
 
     g <- decay * g + grad / ||grad||_1,  grad = d/dd J(T(x + d)),
@@ -99,40 +91,17 @@ def di_fgsm(
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`, for
     images x [B, H, W, C].
+
+  References:
+    Xie et al., 2019, "Improving transferability of adversarial examples with
+    input diversity".
   """
-  checks.in_interval("prob", prob, 0.0, 1.0)
-  checks.in_interval("resize_rate", resize_rate, 0.0, 1.0, closed=(False, True))
-
-  def transform(draws, x):
-    return random_resize_and_pad(draws, x, prob=prob, resize_rate=resize_rate)
-
-  fn = _momentum_attack(
-    eps=eps,
-    steps=steps,
-    step_size=step_size,
-    decay=decay,
-    norm=norm,
-    targeted=targeted,
-    transform=transform,
-    unroll=unroll,
-    name="di_fgsm",
-  )
-  return make(
-    fn,
-    "di_fgsm",
-    norm=norm,
-    eps=eps,
-    targeted=targeted,
-    steps=steps,
-    step_size=step_size,
-    decay=decay,
-    prob=prob,
-    resize_rate=resize_rate,
-    unroll=unroll,
-  )
+  return make(_momentum_attack("di_fgsm", **locals()))
 
 
-def random_resize_and_pad(draws, image, *, prob, resize_rate):
+def random_resize_and_pad(
+  draws: jax.Array, image: jax.Array, *, prob: float, resize_rate: float
+) -> jax.Array:
   """DI's input transformation of one image [H, W, C], with static shapes.
 
   With probability `prob`: shrink the image by a factor s ~ U[resize_rate, 1)
@@ -160,7 +129,15 @@ def random_resize_and_pad(draws, image, *, prob, resize_rate):
   return jnp.where(draws[0] < prob, resized, image)
 
 
-def _momentum_attack(*, eps, steps, step_size, decay, norm, targeted, transform, unroll, name):
+def _momentum_attack(
+  name, *, eps, steps, step_size, decay, norm, targeted, unroll, prob=None, resize_rate=None
+) -> AttackFn:
+  """The attack function of `mi_fgsm` and (with `prob`, `resize_rate`) `di_fgsm`."""
+  transform = None
+  if prob is not None:
+    checks.in_interval("prob", prob, 0.0, 1.0)
+    checks.in_interval("resize_rate", resize_rate, 0.0, 1.0, closed=(False, True))
+    transform = functools.partial(random_resize_and_pad, prob=prob, resize_rate=resize_rate)
   norm = core.check_norm(norm)
   core.check_eps(eps)
   checks.integer_at_least("steps", steps, 1)

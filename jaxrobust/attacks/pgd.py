@@ -1,24 +1,27 @@
 """Projected gradient descent (Madry et al. 2018) and FGSM (Goodfellow et al. 2015)."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.attack import Attack, AttackFn, factory, make
 
 
+@factory("pgd")
 def pgd(
   *,
-  norm="linf",
-  eps,
-  step_size=None,
-  steps=10,
-  random_start=True,
-  restarts=1,
-  loss="ce",
-  targeted=False,
-  unroll=False,
+  norm: str = "linf",
+  eps: float,
+  step_size: float | None = None,
+  steps: int = 10,
+  random_start: bool | float = True,
+  restarts: int = 1,
+  loss: str | Callable = "ce",
+  targeted: bool = False,
+  unroll: bool = False,
 ) -> Attack:
   """Projected gradient ascent on `loss` inside the `norm` ball of radius `eps`.
 
@@ -56,71 +59,48 @@ def pgd(
 
   Returns:
     An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
+
+  References:
+    Madry et al., 2018, "Towards deep learning models resistant to adversarial
+    attacks".
   """
-  fn = _projected_gradient(
-    norm=norm,
-    eps=eps,
-    step_size=step_size,
-    steps=steps,
-    random_start=random_start,
-    restarts=restarts,
-    loss=loss,
-    targeted=targeted,
-    unroll=unroll,
-    rule="pgd",
-  )
-  return make(
-    fn,
-    "pgd",
-    norm=norm,
-    eps=eps,
-    targeted=targeted,
-    steps=steps,
-    step_size=step_size,
-    random_start=random_start,
-    restarts=restarts,
-    loss=loss,
-    unroll=unroll,
-  )
+  return make(_projected_gradient(rule="pgd", **locals()))
 
 
+@factory("fgsm")
 def fgsm(
-  *, eps, norm="linf", random_start=False, step_size=None, loss="ce", targeted=False
+  *,
+  eps: float,
+  norm: str = "linf",
+  random_start: bool | float = False,
+  step_size: float | None = None,
+  loss: str | Callable = "ce",
+  targeted: bool = False,
 ) -> Attack:
   """The fast gradient sign method: one step of `pgd`.
 
-  x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))), d_0 = 0 by
-  default (Goodfellow et al. 2015, step_size = eps) or uniform in the ball with
+    x_adv = clip_box(proj_eps(x + d_0 + step_size * sign(grad))),
+
+  d_0 = 0 by default (step_size = eps) or uniform in the ball with
   `random_start` (Wong et al. 2020's FGSM-RS uses step_size = 1.25 eps).
   With norm="l2" the step follows grad / ||grad||_2 (the fast gradient method).
+
+  Args:
+    eps, norm, random_start, step_size, loss, targeted: as in `pgd`.
+
+  Returns:
+    An `Attack`, `attack(logits_fn, x, y, key, eps=None) -> x_adv`.
+
+  References:
+    Goodfellow, Shlens & Szegedy, 2015, "Explaining and harnessing
+    adversarial examples".
   """
-  fn = _projected_gradient(
-    norm=norm,
-    eps=eps,
-    step_size=step_size,
-    steps=1,
-    random_start=random_start,
-    restarts=1,
-    loss=loss,
-    targeted=targeted,
-    unroll=False,
-    rule="fgsm",
-  )
-  return make(
-    fn,
-    "fgsm",
-    norm=norm,
-    eps=eps,
-    targeted=targeted,
-    random_start=random_start,
-    step_size=step_size,
-    loss=loss,
-  )
+  return make(_projected_gradient(rule="fgsm", steps=1, restarts=1, unroll=False, **locals()))
 
 
 def _projected_gradient(
   *, norm, eps, step_size, steps, random_start, restarts, loss, targeted, unroll, rule
-):
+) -> AttackFn:
   """The attack function of `pgd` (and `fgsm`), with the step-size `rule`."""
   norm = core.check_norm(norm)
   core.check_eps(eps)
@@ -149,13 +129,7 @@ def _projected_gradient(
       return core.clip_to_box(x, core.project(delta, eps, norm))
 
     def run(restart_key):
-      if random_start is True:
-        delta = core.random_start(restart_key, x, eps, norm)
-      elif random_start:
-        delta = random_start * jax.random.normal(restart_key, x.shape, x.dtype)
-        delta = core.clip_to_box(x, core.project(delta, eps, norm))
-      else:
-        delta = jnp.zeros_like(x)
+      delta = _start(restart_key, x, eps, norm, random_start)
       delta = core.iterate(step, delta, steps, unroll)
       value, logits = objective(logits_one, x + delta, y)
       return delta, value, succeeded(logits, y)
@@ -168,6 +142,16 @@ def _projected_gradient(
     )
 
   return attack
+
+
+def _start(key, x, eps, norm, random_start):
+  """d_0: uniform in the ball (True), sigma N(0, I) projected (a number), or 0."""
+  if random_start is True:
+    return core.random_start(key, x, eps, norm)
+  if random_start:
+    delta = random_start * jax.random.normal(key, x.shape, x.dtype)
+    return core.clip_to_box(x, core.project(delta, eps, norm))
+  return jnp.zeros_like(x)
 
 
 def _check_random_start(random_start):

@@ -1,6 +1,17 @@
 """The Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square
 attack: a query-efficient black-box adversarial attack via random search"),
-as its authors' code runs it, in the L-infinity, L2 and L1 balls."""
+as its authors' code runs it, in the L-infinity, L2 and L1 balls.
+
+* L-infinity: start from vertical stripes, x + eps s with s = +-1 per
+  column and channel; each candidate adds +-2 eps (one sign per channel)
+  on a random square of side h of the current best point, clipped to the
+  ball and the box.
+* L2 and L1: start from a grid of 5 x 5 windows, each filled with +-eta
+  (nested rectangles, opposite signs in the two halves, transposed with
+  probability 1/2), brought into the ball; each candidate moves the
+  perturbation's mass of two random squares (side h, odd, >= 3) into the
+  first, as a fresh +-eta plus the old content (`_moved_window`).
+"""
 
 import functools
 import math
@@ -11,7 +22,7 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust.attacks import core, losses
-from jaxrobust.attacks.attack import Attack, make
+from jaxrobust.attacks.attack import Attack, factory, make
 
 # The authors' schedule for p (the fraction of pixels a square covers), for a
 # budget of 10,000 queries: p is halved once the iteration passes each of these.
@@ -21,18 +32,18 @@ _TINY = 1e-12
 _L1_INSIDE = 1.0 - 1e-6
 
 
+@factory("square")
 def square(
   *,
-  norm="linf",
-  eps,
-  queries=5000,
-  p_init=0.8,
-  restarts=1,
-  rescale_schedule=False,
-  targeted=False,
+  norm: str = "linf",
+  eps: float,
+  queries: int = 5000,
+  p_init: float = 0.8,
+  restarts: int = 1,
+  rescale_schedule: bool = False,
+  targeted: bool = False,
 ) -> Attack:
-  """Square: random search for a misclassified point (or one classified as a
-  target), with forward passes only.
+  """Square: random search for a misclassified point, with forward passes only.
 
   Threat model: x_adv = x + d, ||d||_p <= eps (p = inf, 2 or 1), x_adv in
   [0, 1]. Score-based: it reads the logits and never a gradient, so gradient
@@ -42,34 +53,16 @@ def square(
     m(x') = z_y - max_{i != y} z_i      (untargeted; <= 0: misclassified),
     m(x') = max_{i != t} z_i - z_t      (targeted, y = t; <= 0: classified as t),
 
-  (the targeted one is the margin of AutoAttack's targeted Square), by random
-  search over perturbations made of squares, keeping a candidate when its
-  margin is lower:
+  by random search over perturbations made of squares (the module's
+  docstring), keeping a candidate when its margin is lower.
 
-  * L-infinity: start from vertical stripes, x + eps s with s = +-1 per
-    column and channel; each candidate adds +-2 eps (one sign per channel)
-    on a random square of side h of the current best point, clipped to the
-    ball and the box.
-  * L2 and L1: start from a grid of 5 x 5 windows, each filled with +-eta
-    (nested rectangles, opposite signs in the two halves, transposed with
-    probability 1/2), brought into the ball; each candidate moves the
-    perturbation's mass of two random squares (side h, odd, >= 3) into the
-    first, as a fresh +-eta plus the old content (the paper's Algorithm 3,
-    per channel: `_moved_window`).
-
-  A square's side is h = round(sqrt(p H W)) and its corner is uniform over
-  rows 0..H-h-1 and columns 0..W-h-1 (the authors' rule: the last row and
-  column are reached only by a square that fills them). p starts at `p_init`
-  and is halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and
-  8000 (iteration i = 0, 1, ... passes b when i > b, or int(10,000 i /
-  queries) > b with `rescale_schedule`). An example stops changing once
-  m(x') <= 0. Squares, signs and patterns are drawn per example from its key,
-  so results do not depend on the batch.
-
-  Cost: per restart 1 + `queries` forward passes (the start, then `queries`
-  candidates); the search is a `lax.while_loop` that stops once every example
-  of the batch has m(x') <= 0 (`core.loop_until`; as the authors' code, which
-  queries only the examples not yet fooled).
+  A square's side is h = round(sqrt(p H W)) (`_sides`), its corner uniform
+  (`_corner`); p starts at `p_init` and is halved after the iterations of
+  `P_SCHEDULE` (`_halvings`). An example stops changing once m(x') <= 0, and
+  the search (a `core.loop_until`) stops once every example of the batch
+  has. Squares, signs and patterns are drawn per example from its key, so
+  results do not depend on the batch. Cost: per restart 1 + `queries`
+  forward passes.
 
   Args:
     norm: "linf", "l2" or "l1".
@@ -86,6 +79,11 @@ def square(
     images [B, H, W, C]: per example the point found with m(x') <= 0
     (misclassified; classified as the target), else the point of lowest
     margin m.
+
+  References:
+    Andriushchenko, Croce, Flammarion & Hein, 2020, "Square attack: a
+    query-efficient black-box adversarial attack via random search"
+    (Algorithm 3 for L2).
   """
   norm = core.check_norm(norm, ("linf", "l2", "l1"))
   core.check_eps(eps)
@@ -93,40 +91,17 @@ def square(
   checks.in_interval("p_init", p_init, 0.0, 1.0, closed=(False, True))
   restarts = checks.integer_at_least("restarts", restarts, 1)
   checks.require(isinstance(targeted, bool), f"targeted must be True or False, got {targeted!r}")
-  halvings = _halvings(queries, rescale_schedule)
-  if norm == "linf":
-    start, propose = _linf_start, _linf_propose
-  else:
-    start = functools.partial(_grid_start, norm=norm)
-    propose = functools.partial(_window_propose, norm=norm)
+  search = functools.partial(
+    _random_search,
+    norm=norm,
+    queries=queries,
+    p_init=p_init,
+    halvings=_halvings(queries, rescale_schedule),
+    targeted=targeted,
+  )
 
   def attack_one(logits_one, x, y, key, eps):
-    forward = core.canonical_convolutions(logits_one)
-    sides = jnp.asarray(_sides(p_init, x.shape, norm))
-
-    def margin(point):
-      logits = forward(point)
-      m = logits[y] - losses.other_max(logits, y)
-      return -m if targeted else m
-
-    def run(key):
-      start_key, search_key = jax.random.split(key)
-      best = start(start_key, x, eps)
-
-      def query(i, state):
-        best, best_margin = state
-        size = sides[_level(i, halvings)]
-        candidate = propose(jax.random.fold_in(search_key, i), x, best, eps, size)
-        candidate_margin = margin(candidate)
-        take = (best_margin > 0) & (candidate_margin < best_margin)
-        return jnp.where(take, candidate, best), jnp.where(take, candidate_margin, best_margin)
-
-      # A fooled example (margin <= 0) takes no candidate again: stop there.
-      best, best_margin = core.loop_until(
-        lambda s: s[1] <= 0, 0, queries, query, (best, margin(best)), like=x
-      )
-      return best - x, -best_margin, best_margin <= 0
-
+    run = lambda k: search(core.canonical_convolutions(logits_one), x, y, k, eps)
     return x + core.best_of_restarts(run, key, restarts)[0]
 
   def attack(logits_fn, x, y, key, eps):
@@ -136,24 +111,48 @@ def square(
     )
     return core.batched(attack_one, logits_fn, x, y, key, core.check_eps(eps))
 
-  return make(
-    attack,
-    "square",
-    norm=norm,
-    eps=eps,
-    targeted=targeted,
-    queries=queries,
-    p_init=p_init,
-    restarts=restarts,
-    rescale_schedule=rescale_schedule,
+  return make(attack, uses_gradients=False)
+
+
+def _random_search(forward, x, y, key, eps, *, norm, queries, p_init, halvings, targeted):
+  """One run of the search on one example: (delta, -margin, success)."""
+  if norm == "linf":
+    start, propose = _linf_start, _linf_propose
+  else:
+    start = functools.partial(_grid_start, norm=norm)
+    propose = functools.partial(_window_propose, norm=norm)
+  sides = jnp.asarray(_sides(p_init, x.shape, norm))
+
+  def margin(point):
+    logits = forward(point)
+    m = logits[y] - losses.other_max(logits, y)
+    return -m if targeted else m
+
+  start_key, search_key = jax.random.split(key)
+  best = start(start_key, x, eps)
+
+  def query(i, state):
+    best, best_margin = state
+    size = sides[_level(i, halvings)]
+    candidate = propose(jax.random.fold_in(search_key, i), x, best, eps, size)
+    candidate_margin = margin(candidate)
+    take = (best_margin > 0) & (candidate_margin < best_margin)
+    return jnp.where(take, candidate, best), jnp.where(take, candidate_margin, best_margin)
+
+  # A fooled example (margin <= 0) takes no candidate again: stop there.
+  best, best_margin = core.loop_until(
+    lambda s: s[1] <= 0, 0, queries, query, (best, margin(best)), like=x
   )
+  return best - x, -best_margin, best_margin <= 0
 
 
 # --- the schedule ------------------------------------------------------------------
 
 
 def _halvings(queries, rescale_schedule):
-  """The first iteration past each boundary b of `P_SCHEDULE`: p at iteration
+  """The first iteration past each boundary b of `P_SCHEDULE`.
+
+  p at iteration
   i = 0, 1, ... is p_init / 2^k, k the number of these <= i. As the authors'
   p_selection: i passes b when t > b, t = i, or t = int(i / queries * 10000)
   (in double precision) with the schedule rescaled to the budget."""

@@ -10,6 +10,7 @@ true labels `y` [B] or the model's logits [B, K]:
 """
 
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,10 @@ import numpy as np
 
 from jaxrobust import checks
 from jaxrobust import keys as keys_lib
+from jaxrobust.types import Labels, Logits, PRNGKey
 
 
-def random_other(key, y, num_classes) -> jax.Array:
+def random_other(key: PRNGKey, y: Labels, num_classes: int) -> jax.Array:
   """A target drawn uniformly from the classes other than the true one.
 
   Per example i, with the key k_i = `fold_in(key, i)` (or the i-th key of
@@ -45,7 +47,7 @@ def random_other(key, y, num_classes) -> jax.Array:
   return (draws + (draws >= y)).astype(jnp.int32)
 
 
-def least_likely(logits) -> jax.Array:
+def least_likely(logits: Logits) -> jax.Array:
   """The least likely class: per example argmin_k z_k of the logits (the
   "least-likely class" target of Kurakin, Goodfellow & Bengio 2017,
   "Adversarial examples in the physical world"; ties to the lowest class).
@@ -70,7 +72,7 @@ def least_likely(logits) -> jax.Array:
   return jnp.argmin(logits, -1).astype(jnp.int32)
 
 
-def mapped(y, mapping, *, num_classes=None) -> jax.Array:
+def mapped(y: Labels, mapping: Any, *, num_classes: int | None = None) -> jax.Array:
   """Targets from a fixed map of classes: t_i = mapping[y_i].
 
   The map sends every class c in 0..K-1 to a class other than c (a

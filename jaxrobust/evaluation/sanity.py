@@ -7,7 +7,10 @@ a wrong model interface typically produce. Each check is a dict
 warning when one fails.
 """
 
+import inspect
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,11 @@ import optax
 
 from jaxrobust import attacks as attacks_lib
 from jaxrobust.attacks.apgd import zero_gradient_fraction
+from jaxrobust.types import ApplyFn, Images, Labels, Variables
+
+Spec = dict[str, Any]  # an attack spec, as `attacks.create` takes it
+Report = dict[str, Any]  # an evaluation's report
+Check = dict[str, Any]  # {"check", "passed", "detail"}
 
 # The checks' budget: examples, and the "large" eps per norm, at which an
 # attack that follows gradients must fool almost any undefended model
@@ -26,10 +34,9 @@ NEAR_ZERO = 0.1
 # AutoAttack's threshold: Square (no gradients) may break at most this
 # fraction of the examples the gradient-based stages left robust.
 SQUARE_MARGIN = 0.002
-GRADIENT_FREE = ("square",)
 
 
-def scaled(spec, factor):
+def scaled(spec: Spec, factor: float) -> Spec:
   """The attack spec with its eps (and step size, if set) multiplied by `factor`."""
   spec = dict(spec)
   spec["eps"] = spec["eps"] * factor
@@ -38,7 +45,7 @@ def scaled(spec, factor):
   return spec
 
 
-def large_eps(norm, input_shape):
+def large_eps(norm: str, input_shape: Sequence[int]) -> float:
   """An eps at which any image can be moved to a grey one (so gradient-based
   attacks should fool an undefended model): 0.5 in L-inf, 0.5 sqrt(d) in
   L2, 0.5 d in L1."""
@@ -49,13 +56,15 @@ def large_eps(norm, input_shape):
   return LARGE_LINF_EPS
 
 
-def threat_norm(spec):
+def threat_norm(spec: Spec) -> str | None:
   """The norm of attack `spec`'s threat model, as its `Attack` says (C&W-L2's
   is L2 without a `norm` setting); None for an attack without one."""
   return attacks_lib.create(spec).norm or spec.get("norm")
 
 
-def eps_curve(evaluate_specs, spec, eps_values):
+def eps_curve(
+  evaluate_specs: Callable[..., Report], spec: Spec, eps_values: Sequence[float]
+) -> list[tuple[float, float]]:
   """Accuracy of attack `spec` at each eps in `eps_values`: [(eps, accuracy)],
   every eps run on all clean-correct examples (`evaluate_specs(specs,
   individual=True) -> report` runs the evaluation)."""
@@ -64,7 +73,14 @@ def eps_curve(evaluate_specs, spec, eps_values):
   return [(e, r["accuracy"]) for e, r in zip(eps_values, rep["results"])]
 
 
-def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
+def attack_checks(
+  rep: Report,
+  evaluate_specs: Callable[..., Report] | None,
+  specs: dict[str, Spec],
+  input_shape: Sequence[int],
+  *,
+  certified: bool = False,
+) -> list[Check]:
   """Checks of a report's attacks: [{"check", "passed", "detail"}].
 
   1. No attack's robust accuracy exceeds the clean accuracy, and no
@@ -102,12 +118,13 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
   swept = {l: s for l, s in specs.items() if s.get("eps") is not None}
   if not swept:
     return results
-  norms = {label: threat_norm(spec) for label, spec in swept.items()}
+  assert evaluate_specs is not None, "checks 2 and 3 need evaluate_specs"
+  norms = {l: n for l, s in swept.items() if (n := threat_norm(s)) is not None}
   check_specs = {}
   for label, spec in swept.items():
     check_specs[f"{label}@half"] = scaled(spec, 0.5)
     check_specs[f"{label}@full"] = spec
-    if norms[label] is not None:
+    if label in norms:
       large = large_eps(norms[label], input_shape)
       check_specs[f"{label}@large"] = scaled(spec, large / spec["eps"])
   by_label = {r["attack"]: r for r in evaluate_specs(check_specs)["results"]}
@@ -120,7 +137,7 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
         "detail": f"eps {spec['eps'] / 2:g}: {half:.4f}, eps {spec['eps']:g}: {full:.4f}",
       }
     )
-    if not certified and norms[label] is not None:
+    if not certified and label in norms:
       eps = large_eps(norms[label], input_shape)
       large = by_label[f"{label}@large"]["accuracy"]
       results.append(
@@ -134,22 +151,31 @@ def attack_checks(rep, evaluate_specs, specs, input_shape, *, certified=False):
 
 
 def _square_checks(row):
-  """Check 4 for a staged row whose gradient-free stage follows gradient ones."""
+  """Check 4 for a staged row whose first gradient-free stage follows gradient ones."""
   stages = row["stages"]
-  names = [s["stage"] for s in stages]
-  out = []
-  for j, stage in enumerate(stages):
-    if stage["stage"] in GRADIENT_FREE and j > 0 and not any(n in GRADIENT_FREE for n in names[:j]):
-      before = stages[j - 1]["accuracy"]
-      out.append(
-        {
-          "check": f"{row['attack']}: {stage['stage']} (no gradients) breaks "
-          "almost nothing the gradient attacks missed",
-          "passed": before - stage["accuracy"] <= SQUARE_MARGIN,
-          "detail": f"robust accuracy {before:.4f} before it, {stage['accuracy']:.4f} after",
-        }
-      )
-  return out
+  if len(stages) < 2:
+    return []
+  uses_gradients = [s.uses_gradients for s in _attack_of(row).stages]
+  j = uses_gradients.index(False) if False in uses_gradients else 0
+  if j == 0:
+    return []
+  before, stage = stages[j - 1]["accuracy"], stages[j]
+  return [
+    {
+      "check": f"{row['attack']}: {stage['stage']} (no gradients) breaks "
+      "almost nothing the gradient attacks missed",
+      "passed": before - stage["accuracy"] <= SQUARE_MARGIN,
+      "detail": f"robust accuracy {before:.4f} before it, {stage['accuracy']:.4f} after",
+    }
+  ]
+
+
+def _attack_of(row):
+  """The `Attack` of a report row, rebuilt from its name, threat model and settings."""
+  spec = {"name": row["name"], **row["settings"]}
+  parameters = inspect.signature(attacks_lib.ATTACKS[row["name"]]).parameters
+  spec.update({k: row[k] for k in ("norm", "eps") if k in parameters})
+  return attacks_lib.create(spec)
 
 
 # AutoAttack's randomized-defence check: draws of the model, and the largest
@@ -158,7 +184,14 @@ RANDOMIZED_DRAWS = 5
 RANDOMIZED_TOLERANCE = 1e-4
 
 
-def model_checks(apply_fn, variables, x, y, *, stochastic_apply_fn=None):
+def model_checks(
+  apply_fn: ApplyFn,
+  variables: Variables,
+  x: Images,
+  y: Labels,
+  *,
+  stochastic_apply_fn: Callable | None = None,
+) -> list[Check]:
   """AutoAttack's checks of the model itself, on a batch of clean examples.
 
   1. Deterministic: `RANDOMIZED_DRAWS` forward passes (of the randomized
@@ -249,7 +282,7 @@ def _randomness(logits_fn, stochastic_apply_fn, variables, x, y):
   return drift, len(correct) > 1
 
 
-def lipschitz_checks(rep, certificate):
+def lipschitz_checks(rep: Report, certificate: Any) -> list[Check]:
   """No L2 attack may do better than a Lipschitz certificate allows: its
   accuracy at eps is at least the certified accuracy at eps."""
   certified = {c["radius"]: c["accuracy"] for c in certificate["certified"]}
