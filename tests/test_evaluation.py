@@ -400,7 +400,7 @@ def test_a_stage_runs_in_batches_that_waste_little_padding(n, batch, devices, ex
 def test_adversarial_examples_come_back_with_the_stage_that_found_them(problem):
   variables, x, y = problem
   attack = attacks_lib.worst_case(
-    [attacks_lib.fgsm(eps=0.02), attacks_lib.pgd(norm="linf", eps=0.3, steps=5)]
+    attacks=[attacks_lib.fgsm(eps=0.02), attacks_lib.pgd(norm="linf", eps=0.3, steps=5)]
   )
   key = jax.random.key(4)
   rep, adv = evaluation.evaluate(
