@@ -9,10 +9,12 @@ Command: python train.py --config cw_pgd_mix --workdir runs/cw_pgd_mix
 Seed setting (seed_cnn, CIFAR-10): --config cw_pgd_mix:cifar10
 """
 
+import ml_collections
+
 from jaxrobust.configs import pgd_at
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = pgd_at.get_config(setting)
   c.objective = "cw_pgd_mix"
   cw = dict(

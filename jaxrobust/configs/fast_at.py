@@ -16,10 +16,12 @@ train.py's printed table, 300 test examples):
   never fired.
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "fast_at"
   eps = common.EPS[setting][0]

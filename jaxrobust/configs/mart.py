@@ -19,10 +19,12 @@ Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluatio
   clean 99.00 %, pgd_linf (eps 0.2) 35.67 %, pgd_l2 (eps 1) 8.67 %.
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "mart"
   eps = common.EPS[setting][0]

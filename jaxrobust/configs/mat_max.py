@@ -10,10 +10,12 @@ evaluation; train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 46.67 %, pgd_l2 (PGD-20, eps 1) 34.33 %
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "mat_max"
   c.train_attack = dict(

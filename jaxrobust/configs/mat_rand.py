@@ -6,10 +6,12 @@ Command: python train.py --config mat_rand --workdir runs/mat_rand
 Seed setting (seed_cnn, CIFAR-10): --config mat_rand:cifar10
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "mat_rand"
   c.train_attack = dict(

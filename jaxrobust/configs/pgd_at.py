@@ -6,10 +6,12 @@ Command: python train.py --config pgd_at --workdir runs/pgd_at
 Seed setting (seed_cnn, CIFAR-10): --config pgd_at:cifar10
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "adversarial"
   c.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=7)

@@ -13,10 +13,12 @@ Command: python train.py --config pgd_at_sn_noise --workdir runs/pgd_at_sn_noise
 Seed setting (seed_cnn, CIFAR-10): --config pgd_at_sn_noise:cifar10
 """
 
+import ml_collections
+
 from jaxrobust.configs import pgd_at
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = pgd_at.get_config(setting)
   c.objective = "pgd_at"
   c.model.spectral = dict(mode="operator", target=1.0, n_steps=1, rescale="clip")

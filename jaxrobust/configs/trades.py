@@ -11,10 +11,12 @@ train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 64.67 %, pgd_l2 (PGD-20, eps 1) 24.00 %
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "trades"
   eps = common.EPS[setting][0]
