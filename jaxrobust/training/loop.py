@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from jaxrobust import checks, data, parallel
-from jaxrobust.training import checkpoints, selection, signals
+from jaxrobust.training import checkpoints, objectives, selection, signals
 from jaxrobust.training import config as config_lib
 from jaxrobust.training import guard as guard_lib
 from jaxrobust.training import metrics as metrics_lib
@@ -64,6 +64,7 @@ class _Run:
   model: nn.Module
   tx: optax.GradientTransformation
   target: Any  # the abstract TrainState checkpoints are restored into
+  input_fn: objectives.Objective
   train_set: Any
   val_set: Any  # the validation slice (`selection`), or None
   every: int  # validate after every `every`-th epoch (0: never)
@@ -89,7 +90,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str | Path, mesh: Any) 
   model = config_lib.build_model(resolved, axis_name=parallel.BATCH_AXIS)
   tx = config_lib.make_optimizer(resolved)
   target = abstract_state(resolved, model, tx, mesh)
-  training.make_input_fn(
+  input_fn = training.make_input_fn(
     config.objective, config.get("train_attack"), settings=config.get("objective_settings")
   )
   # Everything the config sets up is checked: now the workdir may be touched.
@@ -99,20 +100,21 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str | Path, mesh: Any) 
   guard = guard_lib.settings(config.get("overfit_guard"), config.get("train_attack"))
   steps_per_epoch, total = config_lib.schedule_length(resolved)
   return _Run(
-    config,
-    resolved,
-    claimed,
-    mesh,
-    model,
-    tx,
-    target,
-    train_set,
-    val_set,
-    every,
-    guard,
-    steps_per_epoch,
-    total,
-    primary,
+    config=config,
+    resolved=resolved,
+    workdir=claimed,
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    target=target,
+    input_fn=input_fn,
+    train_set=train_set,
+    val_set=val_set,
+    every=every,
+    guard=guard,
+    steps_per_epoch=steps_per_epoch,
+    total=total,
+    primary=primary,
   )
 
 
@@ -152,15 +154,10 @@ def _resume_best(run: _Run, start: int) -> selection.BestCheckpoint | None:
 
 def _make_step(run: _Run) -> training.StepFn:
   resolved = run.resolved
-  input_fn = training.make_input_fn(
-    run.config.objective,
-    run.config.get("train_attack"),
-    settings=run.config.get("objective_settings"),
-  )
   return training.make_train_step(
     run.model,
     run.tx,
-    input_fn,
+    run.input_fn,
     run.mesh,
     augment=config_lib.make_augment(resolved),
     ema=resolved.get("ema", 0.0),
