@@ -14,10 +14,12 @@ skips, with a warning naming it, any that is corrupt: its metadata is missing
 or unreadable, orbax cannot restore it, or its arrays do not match the digest.
 Training moves a corrupt checkpoint aside to `checkpoints/corrupt-<step>`
 (kept for inspection, never deleted; orbax ignores it); evaluation leaves the
-workdir untouched, and says so when every checkpoint is corrupt. What orbax and
-TensorStore print about a checkpoint they failed to read (tracebacks of their
-background callbacks) is logged at debug level, not printed. A checkpoint whose shapes differ from the model's is not
-corrupt but incompatible (the config or the code changed): that is an error. A checkpoint without a record is restored unverified.
+workdir untouched, and says so when every checkpoint is corrupt. What orbax
+and TensorStore print about a checkpoint they failed to read (tracebacks of
+their background callbacks) is logged at debug level, not printed. A
+checkpoint whose shapes differ from the model's is not corrupt but
+incompatible (the config or the code changed): that is an error. A checkpoint
+without a record is restored unverified.
 """
 
 import contextlib
