@@ -6,9 +6,9 @@ from pathlib import Path
 
 import ml_collections
 
-# The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
-# L2 eps 0.5. The JPEG copy of CIFAR-10 lies in $JAXROBUST_DATA/cifar10, by
-# default `../shared/data` beside a clone of the repository.
+# The cifar10 setting: seed_cnn on CIFAR-10, L-inf eps 8/255, L2 eps 0.5. The
+# JPEG copy of CIFAR-10 lies in $JAXROBUST_DATA/cifar10, by default
+# `../shared/data` beside a clone of the repository.
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("JAXROBUST_DATA", REPO / ".." / "shared" / "data"))
 CIFAR10_JPEG = str((DATA / "cifar10").resolve() / "cifar10-{split}-jpeg.tar.gz")

@@ -5,7 +5,7 @@ The model is the randomized classifier f~(x) = f(x + d): it is evaluated by
 the mean softmax over `model.noise.samples` fixed draws and attacked through
 them (EOT); `jaxrobust.certification.smoothing` certifies its base classifier.
 Command: python train.py --config gaussian --workdir runs/gaussian
-Seed setting (seed_cnn, CIFAR-10): --config gaussian:cifar10
+CIFAR-10 setting (seed_cnn): --config gaussian:cifar10
 """
 
 import ml_collections

@@ -10,7 +10,7 @@ evaluated on (see `jaxrobust.training.objectives`).
 Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
 through them (EOT).
 Command: python train.py --config rat --workdir runs/rat
-Seed setting (seed_cnn, CIFAR-10): --config rat:cifar10
+CIFAR-10 setting (seed_cnn): --config rat:cifar10
 """
 
 import ml_collections
