@@ -95,6 +95,8 @@ def test_natural_training_learns_digits(tiny_config, tmp_path):
     objective="natural",
     epochs=3,
     optimizer=dict(name="adam", learning_rate=1e-2, schedule="constant"),
+    checkpoint_every_steps=1000,  # saved at the end only: the accuracy matters
+    log_every_steps=1000,
   )
   experiment.train(config, tmp_path, progress=False)
   resolved, model, state = experiment.restore(tmp_path)
