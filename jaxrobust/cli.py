@@ -9,12 +9,16 @@ signal number (143, 130) after saying what it kept. Warnings print as
 every flag, and exit with code 0.
 """
 
+import contextlib
 import os
 import re
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Any, NoReturn
 from pathlib import Path
 
 import jax
@@ -33,7 +37,7 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")
 TRAINING_INTERRUPTED = "interrupted; the newest checkpoint is kept, rerun to resume"
 
 
-def define_config_flag(default):
+def define_config_flag(default: str) -> Any:
   """`--config <file>` with `--config.<key>=<value>` overrides (ml_collections).
 
   ml_collections applies the overrides in sys.argv while defining the flag, so
@@ -47,7 +51,7 @@ def define_config_flag(default):
     fail(config_error(e, sys.argv))
 
 
-def define_distributed_flags():
+def define_distributed_flags() -> None:
   """Flags that start a multi-process run with `jax.distributed.initialize`."""
   flags.DEFINE_boolean(
     "distributed",
@@ -67,13 +71,13 @@ def define_distributed_flags():
   )
 
 
-def init_distributed():
+def init_distributed() -> bool:
   """Calls `jax.distributed.initialize` when the flags ask for several processes.
 
   Must run before anything starts JAX's backends. Returns True if it did.
   """
   f = flags.FLAGS
-  explicit = {
+  explicit: dict[str, Any] = {
     name: f[name].value
     for name in ("coordinator_address", "num_processes", "process_id")
     if f[name].value is not None
@@ -98,7 +102,7 @@ def init_distributed():
   return True
 
 
-def flag_in(argv, name):
+def flag_in(argv: Sequence[str], name: str) -> str | None:
   """The --`name` value in `argv`, read before the flags are parsed."""
   for i, arg in enumerate(argv):
     if arg.startswith(f"--{name}="):
@@ -108,7 +112,7 @@ def flag_in(argv, name):
   return None
 
 
-def parse_flags(argv):
+def parse_flags(argv: Sequence[str]) -> list[str]:
   """Parses absl flags (including ml_collections config flags) from `argv`.
 
   `--config NAME` names a packaged config (`jaxrobust.configs`); any other
@@ -131,12 +135,12 @@ def parse_flags(argv):
   return rest
 
 
-def config_path(config_flag):
+def config_path(config_flag: Any) -> str:
   """The file of an ml_collections config flag, without its `:setting` argument."""
   return config_flags.get_config_filename(flags.FLAGS[config_flag.name]).split(":", 1)[0]
 
 
-def config_value(config_flag):
+def config_value(config_flag: Any) -> ml_collections.ConfigDict:
   """The config of an ml_collections config flag, loaded and overridden now.
 
   `--config path.py:setting` passes `setting` to the file's `get_config`.
@@ -160,7 +164,7 @@ def config_value(config_flag):
   return config
 
 
-def config_error(e, argv, path=None):
+def config_error(e: BaseException, argv: Sequence[str], path: str | None = None) -> Any:
   """The InputError of an exception raised while loading or overriding a config
   (by the config file `path`, by default the one --config in `argv` names).
   Re-raises `e` if it is none of those."""
@@ -232,10 +236,11 @@ def _flag_error(e, argv):
   return checks.InputError(f"bad flag or config: {type(cause).__name__}: {cause}")
 
 
-def unknown_setting(text, argv):
+def unknown_setting(text: str, argv: Sequence[str]) -> checks.InputError:
   """The InputError of an override of a config key that does not exist;
   `text` is ml_collections' message (the key, maybe a suggestion)."""
-  key = re.match(r"""\s*['"]?([^'"\n]*)""", text).group(1)
+  match = re.match(r"""\s*['"]?([^'"\n]*)""", text)
+  key = match.group(1) if match else text
   suggestion = re.search(r'Did you mean "([^"]+)"', text)
   overrides = [
     arg[2:].split("=", 1)[0][len("config.") :] for arg in argv if arg.startswith("--config.")
@@ -249,7 +254,7 @@ def unknown_setting(text, argv):
   return checks.InputError(message)
 
 
-def check_output_file(flag, path):
+def check_output_file(flag: str, path: str | Path) -> Path:
   """Refuses an output file `path` (given by `flag`) that cannot be written:
   a directory, or one whose folder does not exist or cannot be written.
   Checked before the work that writes it starts. Returns `path` as a Path."""
@@ -267,7 +272,7 @@ def check_output_file(flag, path):
   return path
 
 
-def help_requested(argv):
+def help_requested(argv: Sequence[str]) -> str | None:
   """`--help`, `-h` or `--helpshort` ("short"), `--helpfull` ("full"), or None."""
   for arg in argv[1:]:
     if arg == "--":
@@ -277,12 +282,13 @@ def help_requested(argv):
   return None
 
 
-def usage(module, full=False, extra=()):
+def usage(module: ModuleType, full: bool = False, extra: Sequence[tuple[str, str]] = ()) -> str:
   """The help of a program: its docstring and its flags, one line each (with
   `full`, also the flags of the libraries it uses); `extra`: (flag, help)
   lines to add."""
   by_module = flags.FLAGS.flags_by_module_dict()
-  names = (module.__name__, sys.argv[0] if sys.argv else None)
+  # The program's own flags, and those of the modules it names in FLAG_MODULES.
+  names = (module.__name__, *getattr(module, "FLAG_MODULES", ()), sys.argv[0] if sys.argv else None)
   own = [f for m in by_module if m in names for f in by_module[m]]
   own += by_module.get(__name__, [])
   lines = [(module.__doc__ or "").strip(), "", "flags:"]
@@ -324,7 +330,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
   print(f"warning: {message}", file=file or sys.stderr)
 
 
-def run(main, argv=None, *, interrupted=TRAINING_INTERRUPTED, help_extra=()):
+def run(
+  main: Callable[[Sequence[str]], Any],
+  argv: Sequence[str] | None = None,
+  *,
+  interrupted: str | Callable[[], str] = TRAINING_INTERRUPTED,
+  help_extra: Sequence[tuple[str, str]] = (),
+) -> None:
   """Calls `main(argv)`, turning user errors into a message and an exit code.
 
   `interrupted`: what to say (a string, or a function returning one) when
@@ -353,7 +365,16 @@ def run(main, argv=None, *, interrupted=TRAINING_INTERRUPTED, help_extra=()):
     sys.exit(130)
 
 
-def fail(error):
+def fail(error: BaseException) -> NoReturn:
   """Reports a user error and exits with code 2."""
   print(f"error: {error}", file=sys.stderr)
   sys.exit(2)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+  """Turns a failure to write output file `path` into an InputError naming it."""
+  try:
+    yield
+  except OSError as e:
+    raise checks.InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None

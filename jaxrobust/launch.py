@@ -9,18 +9,21 @@ callback that swallows it); from then on the program handles it.
 import os
 import signal
 import sys
+from types import FrameType, ModuleType
 
 
-def train_main():
+def train_main() -> None:
+  """The `jaxrobust-train` command."""
   _start("train", "nothing was trained").run()
 
 
-def eval_main():
+def eval_main() -> None:
+  """The `jaxrobust-eval` command."""
   _start("eval", "nothing was evaluated").run()
 
 
-def _start(program, nothing_done):
-  def interrupted_while_starting(signum, frame):
+def _start(program: str, nothing_done: str) -> ModuleType:
+  def interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     print(f"interrupted while starting; {nothing_done}", file=sys.stderr, flush=True)
     os._exit(130)

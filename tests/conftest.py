@@ -106,6 +106,50 @@ def trained(tmp_path_factory):
   return workdir
 
 
+# The settings of the `seeded_runs` and of every run of tests/test_reliability.py.
+SEEDED_SETTINGS = {
+  "model.width": 4,
+  "batch_size": 32,
+  "epochs": 1,
+  "log_every_steps": 1,
+  "checkpoint_every_steps": 5,
+  "eval.limit": 8,
+  "eval.attacks.pgd_linf.steps": 1,
+  "eval.attacks.pgd_l2.steps": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def seeded_runs(tiny_config, tmp_path_factory):
+  """Six steps of PGD-2 training of the tiny digits run, seed 0, three times:
+  twice on 2 devices ("a", "b") and once on 1 ("one"). Holds `states`,
+  `workdirs` (by name), `steps` and `config()` (a fresh copy of the config).
+  Tests must not change them."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from jaxrobust import parallel
+  from jaxrobust.training import loop as experiment
+
+  def config():
+    made = tiny_config(**SEEDED_SETTINGS, objective="adversarial")
+    made.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2)
+    return made
+
+  root, steps = tmp_path_factory.mktemp("seeded"), 6
+  workdirs = {name: root / name for name in ("a", "b", "one")}
+  states = {
+    name: experiment.train(
+      config(),
+      workdirs[name],
+      max_steps=steps,
+      progress=False,
+      mesh=parallel.mesh(jax.devices()[:n]),
+    )
+    for name, n in (("a", 2), ("b", 2), ("one", 1))
+  }
+  return types.SimpleNamespace(states=states, workdirs=workdirs, steps=steps, config=config)
+
+
 @pytest.fixture(scope="session")
 def two_steps():
   """`two_steps(mesh, model, objective, x, y, augment=None)`: the state and

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -299,11 +300,11 @@ def test_awp_warmup_counts_epochs(tiny_config, tmp_path):
     np.testing.assert_allclose(p, w, rtol=1e-6, atol=1e-8)
 
 
-def test_evaluate_evaluates_the_ema_when_kept(tiny_config, tmp_path):
+def test_evaluate_evaluates_the_ema_when_kept(validated):
   from jaxrobust.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  state = experiment.train(tiny_config(ema=0.5), tmp_path / "run", max_steps=30, progress=False)
-  resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+  state = validated.final  # a run that keeps an EMA (decay 0.5)
+  resolved = json.loads((validated.workdir / "config.json").read_text())
   model = config_lib.build_model(resolved)
   y = config_lib.load_split(resolved, "test").y[:64]
 
@@ -337,11 +338,20 @@ def with_validation(tiny_config, jump):
   )
 
 
+@pytest.fixture(scope="module")
+def validated(tiny_config, tmp_path_factory):
+  """The run of `with_validation(jump=True)`, trained once: its workdir and
+  final state. Tests only read it."""
+  workdir = tmp_path_factory.mktemp("validated")
+  final = experiment.train(with_validation(tiny_config, jump=True), workdir, progress=False)
+  return types.SimpleNamespace(workdir=workdir, final=final)
+
+
 def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy_and_ema_kept(
-  tiny_config, tmp_path, cli
+  validated, cli, snapshot
 ):
-  config = with_validation(tiny_config, jump=True)
-  final = experiment.train(config, tmp_path, progress=False)
+  tmp_path, final = validated.workdir, validated.final
+  before = snapshot(tmp_path)
   resolved = json.loads((tmp_path / "config.json").read_text())
   assert resolved["dataset"]["train_examples"] == 1497 - 64  # the slice is held out
   record = json.loads((tmp_path / "best.json").read_text())
@@ -372,15 +382,16 @@ def test_best_checkpoint_is_the_one_of_highest_validation_robust_accuracy_and_em
     which = "best" if not args else "latest"
     assert f"Checkpoint: {which} (step {step})" in result.stdout
     assert "exponential moving average of the parameters (decay 0.5)" in result.stdout
+  assert snapshot(tmp_path) == before  # evaluation only reads the workdir
 
 
-def test_eval_of_best_without_one_is_refused(tiny_config, tmp_path, cli, snapshot):
-  experiment.train(tiny_config(), tmp_path, max_steps=2, progress=False)
-  before = snapshot(tmp_path)
-  result = cli("eval.py", "--workdir", tmp_path, "--checkpoint", "best")
+def test_eval_of_best_without_one_is_refused(trained, cli, snapshot):
+  # `trained` keeps no best checkpoint (eval.every_epochs = 0).
+  before = snapshot(trained)
+  result = cli("eval.py", "--workdir", trained, "--checkpoint", "best")
   assert result.returncode == 2
   assert "no best checkpoint in" in result.stderr and len(result.stderr.splitlines()) == 1
-  assert snapshot(tmp_path) == before
+  assert snapshot(trained) == before
 
 
 @pytest.mark.parametrize(

@@ -24,22 +24,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrobust import parallel
+from conftest import SEEDED_SETTINGS
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {
-  "model.width": 4,
-  "batch_size": 32,
-  "epochs": 1,
-  "log_every_steps": 1,
-  "checkpoint_every_steps": 5,
-  "eval.limit": 8,
-  "eval.attacks.pgd_linf.steps": 1,
-  "eval.attacks.pgd_l2.steps": 1,
-}
+SETTINGS = SEEDED_SETTINGS  # every run here, the `seeded_runs` of conftest too
 STEPS = 1497 // 32
 TRAIN = [
   "train.py",
@@ -245,15 +236,14 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(
 # Non-finite guard
 
 
-def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(python, tmp_path):
-  result = finish(
-    python(
-      *TRAIN,
-      "--workdir",
-      tmp_path,
-      "--config.optimizer.learning_rate=1e3",
-      "--config.checkpoint_every_steps=2",
-    )
+def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(cli, tmp_path):
+  # `cli`: train.py in a child forked from a process that has imported it.
+  result = cli(
+    *TRAIN,
+    "--workdir",
+    tmp_path,
+    "--config.optimizer.learning_rate=1e3",
+    "--config.checkpoint_every_steps=2",
   )
   assert result.returncode == 1, result.stderr
   assert "Traceback" not in result.stderr
@@ -266,20 +256,15 @@ def test_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(python,
 # Determinism
 
 
-def test_same_seed_same_run_and_one_device_agrees_with_two(tiny_config, tmp_path):
-  config = tiny_config(**SETTINGS, objective="adversarial")
-  config.train_attack = dict(name="pgd", norm="linf", eps=0.2, step_size=0.05, steps=2)
-  a, b, one = [
-    experiment.train(
-      config, tmp_path / name, max_steps=6, progress=False, mesh=parallel.mesh(jax.devices()[:n])
-    )
-    for name, n in [("a", 2), ("b", 2), ("one", 1)]
-  ]
+def test_same_seed_same_run_and_one_device_agrees_with_two(seeded_runs):
+  # `seeded_runs`: PGD training, twice on 2 devices (a, b) and once on 1.
+  a, b, one = (seeded_runs.states[name] for name in ("a", "b", "one"))
+  workdir = seeded_runs.workdirs
   assert_identical(a, b)
-  assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+  assert metrics(workdir["a"]) == metrics(workdir["b"])
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(one), strict=True):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
-  for m2, m1 in zip(metrics(tmp_path / "a"), metrics(tmp_path / "one"), strict=True):
+  for m2, m1 in zip(metrics(workdir["a"]), metrics(workdir["one"]), strict=True):
     assert m1 == pytest.approx(m2, rel=1e-5)
 
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import BAD_INPUT_SETTINGS
 from jaxrobust import attacks, checks, models, parallel
+from jaxrobust.configs import natural
 from jaxrobust.training import augment
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import step as training
@@ -58,26 +60,26 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
   assert (tmp_path / "a/metrics.jsonl").read_text().count("\n") == 8
 
 
-def test_same_seed_same_result_other_seed_differs(tiny_config, tmp_path):
-  a = experiment.train(tiny_config(**ADVERSARIAL), tmp_path / "a", max_steps=3, progress=False)
-  b = experiment.train(tiny_config(**ADVERSARIAL), tmp_path / "b", max_steps=3, progress=False)
-  c = experiment.train(
-    tiny_config(**ADVERSARIAL, seed=1), tmp_path / "c", max_steps=3, progress=False
-  )
+def test_same_seed_same_result_other_seed_differs(seeded_runs, tmp_path):
+  # `seeded_runs`: PGD training, twice with seed 0 on 2 devices (a, b).
+  config = seeded_runs.config()
+  config.seed = 1
+  c = experiment.train(config, tmp_path / "c", max_steps=seeded_runs.steps, progress=False)
+  a, b = seeded_runs.states["a"], seeded_runs.states["b"]
   leaf = lambda s: np.asarray(jax.tree.leaves(s.params)[0])
   np.testing.assert_array_equal(leaf(a), leaf(b))
   assert not np.array_equal(leaf(a), leaf(c))
 
 
-def test_workdir_of_another_config_is_refused_and_untouched(tiny_config, tmp_path):
-  experiment.train(tiny_config(**ADVERSARIAL), tmp_path, max_steps=1, progress=False)
-  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+def test_workdir_of_another_config_is_refused_and_untouched(trained, snapshot):
+  # `trained`: the natural digits run of BAD_INPUT_SETTINGS, 2 steps.
+  before = snapshot(trained)
+  config = natural.get_config()
+  config.update_from_flattened_dict(BAD_INPUT_SETTINGS)
+  config.optimizer.learning_rate = 0.5
   with pytest.raises(checks.InputError, match="different config.*learning_rate"):
-    config = tiny_config(**ADVERSARIAL)
-    config.optimizer.learning_rate = 0.5
-    experiment.train(config, tmp_path, max_steps=2, progress=False)
-  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-  assert before == after
+    experiment.train(config, trained, max_steps=3, progress=False)
+  assert snapshot(trained) == before
 
 
 def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
@@ -93,6 +95,8 @@ def test_natural_training_learns_digits(tiny_config, tmp_path):
     objective="natural",
     epochs=3,
     optimizer=dict(name="adam", learning_rate=1e-2, schedule="constant"),
+    checkpoint_every_steps=1000,  # saved at the end only: the accuracy matters
+    log_every_steps=1000,
   )
   experiment.train(config, tmp_path, progress=False)
   resolved, model, state = experiment.restore(tmp_path)

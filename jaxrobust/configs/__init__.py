@@ -15,7 +15,7 @@ NAMES = tuple(
 )
 
 
-def resolve(value):
+def resolve(value: str) -> str:
   """The file of config `value` (a packaged name or a path), its `:setting` kept."""
   file, colon, setting = value.partition(":")
   if file in NAMES:

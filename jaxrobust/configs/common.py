@@ -1,13 +1,14 @@
 """Settings shared by the configs: the small CNN on scikit-learn's digits."""
 
 import os
+from typing import Any
 from pathlib import Path
 
 import ml_collections
 
-# The seed study's setting (DESIGN.md): its network on CIFAR-10, L-inf eps 8/255,
-# L2 eps 0.5. The JPEG copy of CIFAR-10 lies in $JAXROBUST_DATA/cifar10, by
-# default `../shared/data` beside a clone of the repository.
+# The cifar10 setting: seed_cnn on CIFAR-10, L-inf eps 8/255, L2 eps 0.5. The
+# JPEG copy of CIFAR-10 lies in $JAXROBUST_DATA/cifar10, by default
+# `../shared/data` beside a clone of the repository.
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("JAXROBUST_DATA", REPO / ".." / "shared" / "data"))
 CIFAR10_JPEG = str((DATA / "cifar10").resolve() / "cifar10-{split}-jpeg.tar.gz")
@@ -21,7 +22,7 @@ RESIZE_RATE = {"digits": 0.75, "cifar10": 0.9, "cifar10_tfds": 0.9}
 AUTOATTACK = dict(version="standard", steps=100, queries=5000, num_targets=9)
 
 
-def base():
+def base() -> ml_collections.ConfigDict:
   """The default run: small CNN, digits, SGD with cosine decay, PGD evaluation."""
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -71,7 +72,7 @@ def base():
   return c
 
 
-def eval_attacks(linf, l2, resize_rate):
+def eval_attacks(linf: float, l2: float, resize_rate: float) -> dict[str, dict[str, Any]]:
   """The evaluation's attacks at radii `linf` (L-infinity) and `l2`, by label:
   AutoAttack standard in both norms, PGD-20 in both norms (step eps / 4, one
   random start), C&W-L2 counted within the L2 ball of radius `l2` (100 Adam
@@ -93,11 +94,12 @@ def eval_attacks(linf, l2, resize_rate):
   )
 
 
-def setting(name):
-  """The base config of a setting: "digits" (default), or the seed's
-  "cifar10" (CIFAR-10, JPEG copy, as `folder:`) and "cifar10_tfds" (the
-  original through tensorflow-datasets), both with `seed_cnn`, Adam and the
-  seed's eps (8/255 L-inf, 0.5 L2) in the evaluation's attacks.
+def setting(name: str) -> ml_collections.ConfigDict:
+  """The base config of a setting.
+
+  "digits" (default), or "cifar10" (CIFAR-10, JPEG copy, as `folder:`) and
+  "cifar10_tfds" (the original through tensorflow-datasets), both with
+  `seed_cnn`, Adam and eps 8/255 L-inf, 0.5 L2 in the evaluation's attacks.
 
   Config files take it as their argument: `--config rat:cifar10`.
   """
@@ -125,7 +127,7 @@ def setting(name):
   return c
 
 
-def pgd(norm, setting_name, steps=7):
+def pgd(norm: str, setting_name: str, steps: int = 7) -> dict[str, Any]:
   """The PGD training attack of a setting: `steps` steps of 2.5 eps / steps."""
   linf, l2 = EPS[setting_name]
   return dict(name="pgd", norm=norm, eps=linf if norm == "linf" else l2, steps=steps)

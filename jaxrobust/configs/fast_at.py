@@ -5,10 +5,10 @@ learning rate (0 -> peak at 2/5 of training -> 0; SGD, peak 0.2 as in the
 paper's CIFAR-10 runs), and the guard against catastrophic overfitting: after
 every epoch, PGD-5 accuracy on the first 256 training images; when it falls by
 more than 0.2 from the previous epoch, training stops and keeps the last good
-checkpoint (`jaxrobust.training.guard`). eps 0.2 on digits, 8/255 in the seed's
+checkpoint (`jaxrobust.training.guard`). eps 0.2 on digits, 8/255 in the cifar10
 setting.
 Command: python train.py --config fast_at --workdir runs/fast_at
-Seed setting (seed_cnn, CIFAR-10): --config fast_at:cifar10
+CIFAR-10 setting (seed_cnn): --config fast_at:cifar10
 Result (digits, the defaults above, 2 shared CPU cores, 177 s with the evaluation;
 train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 58.33 %, pgd_l2 (PGD-20, eps 1) 24.00 %;
@@ -16,10 +16,12 @@ train.py's printed table, 300 test examples):
   never fired.
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "fast_at"
   eps = common.EPS[setting][0]

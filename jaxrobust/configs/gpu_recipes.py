@@ -23,12 +23,14 @@ Then `python eval.py --workdir runs/<name>` (AutoAttack standard and PGD-20 L2
 by default; the best checkpoint when one was kept). Result: not run here.
 """
 
+import ml_collections
+
 from jaxrobust.configs import common, fast_at, trades
 
 RECIPES = ("preact_pgd_at", "wrn_trades", "preact_fast_at")
 
 
-def get_config(recipe="preact_pgd_at"):
+def get_config(recipe: str = "preact_pgd_at") -> ml_collections.ConfigDict:
   if recipe not in RECIPES:
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
   eps = 8 / 255

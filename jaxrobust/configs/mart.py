@@ -8,7 +8,7 @@ default of the authors' released code (`--beta 6.0`); the issue that asked
 for MART notes 5 for the paper's CIFAR-10 setting: set
 --config.objective_settings.lam=5 to follow that. `objectives.mart_loss`.
 Command: python train.py --config mart --workdir runs/mart
-Seed setting (seed_cnn, CIFAR-10): --config mart:cifar10
+CIFAR-10 setting (seed_cnn): --config mart:cifar10
 Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluation):
   clean 10.00 %, pgd_linf 10.00 %, pgd_l2 10.00 %: with these defaults (SGD 0.05,
   eps 0.2) MART did not leave the uniform prediction on digits (training loss
@@ -19,10 +19,12 @@ Result (digits, the defaults above, 2 shared CPU cores, 298 s with the evaluatio
   clean 99.00 %, pgd_linf (eps 0.2) 35.67 %, pgd_l2 (eps 1) 8.67 %.
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "mart"
   eps = common.EPS[setting][0]

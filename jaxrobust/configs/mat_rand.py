@@ -3,13 +3,15 @@
 Each step draws one of PGD-7 L2 and PGD-7 L-infinity uniformly
 (`attacks.random_choice`) and trains on its examples.
 Command: python train.py --config mat_rand --workdir runs/mat_rand
-Seed setting (seed_cnn, CIFAR-10): --config mat_rand:cifar10
+CIFAR-10 setting (seed_cnn): --config mat_rand:cifar10
 """
+
+import ml_collections
 
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "mat_rand"
   c.train_attack = dict(

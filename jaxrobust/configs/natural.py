@@ -1,11 +1,13 @@
-"""Natural (non-adversarial) training: the small CNN on digits, or the seed's setting.
+"""Natural (non-adversarial) training: the small CNN on digits, or the cifar10 setting.
 
 Command: python train.py --config natural --workdir runs/natural
-Seed setting (seed_cnn, CIFAR-10): --config natural:cifar10
+CIFAR-10 setting (seed_cnn): --config natural:cifar10
 """
+
+import ml_collections
 
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   return common.setting(setting)

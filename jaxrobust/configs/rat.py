@@ -10,13 +10,15 @@ evaluated on (see `jaxrobust.training.objectives`).
 Evaluation: the mean softmax over `model.noise.samples` fixed draws, attacked
 through them (EOT).
 Command: python train.py --config rat --workdir runs/rat
-Seed setting (seed_cnn, CIFAR-10): --config rat:cifar10
+CIFAR-10 setting (seed_cnn): --config rat:cifar10
 """
+
+import ml_collections
 
 from jaxrobust.configs import pgd_at
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = pgd_at.get_config(setting)
   c.objective = "rat"
   c.model.noise = dict(sigma=0.25 if setting == "digits" else 0.1, samples=8, seed=0)

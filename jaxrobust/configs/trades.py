@@ -3,18 +3,20 @@
 Loss CE(f(x), y) + beta * KL(f(x) || f(x')), beta = 6 (the paper's CIFAR-10
 setting), x' maximising the KL divergence by PGD-10 L-infinity from
 x + 0.001 N(0, I), step eps / 4 (0.007 for eps 8/255 in the paper); eps 0.2
-on digits, 8/255 in the seed's setting. `objectives.trades_loss`.
+on digits, 8/255 in the cifar10 setting. `objectives.trades_loss`.
 Command: python train.py --config trades --workdir runs/trades
-Seed setting (seed_cnn, CIFAR-10): --config trades:cifar10
+CIFAR-10 setting (seed_cnn): --config trades:cifar10
 Result (digits, the defaults above, 2 shared CPU cores, 272 s with the evaluation;
 train.py's printed table, 300 test examples):
   clean 97.67 %, pgd_linf (PGD-20, eps 0.2) 64.67 %, pgd_l2 (PGD-20, eps 1) 24.00 %
 """
 
+import ml_collections
+
 from jaxrobust.configs import common
 
 
-def get_config(setting="digits"):
+def get_config(setting: str = "digits") -> ml_collections.ConfigDict:
   c = common.setting(setting)
   c.objective = "trades"
   eps = common.EPS[setting][0]

@@ -17,6 +17,7 @@ exits (codes 143, 130). Several processes (hosts) train one run together with
 --distributed under SLURM or on a Cloud TPU pod slice.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -25,7 +26,7 @@ from absl import flags
 from jaxrobust import cli, configs, parallel
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
-from jaxrobust.evaluation import report
+from jaxrobust.evaluation.report import format_table
 from jaxrobust.training import step as training
 from jaxrobust.training import config as config_lib
 
@@ -35,7 +36,8 @@ _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 cli.define_distributed_flags()
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
+  """Trains, then evaluates, as the flags say (`cli.run` calls it)."""
   cli.parse_flags(argv)
   config = cli.config_value(_CONFIG)
   cli.init_distributed()
@@ -58,10 +60,10 @@ def main(argv):
     )
     averaged = f" (EMA of the parameters, decay {resolved['ema']:g})" if resolved.get("ema") else ""
     print(f"\n{workdir}: step {int(state.step)}{averaged}, test accuracy\n")
-    print(report.format_table(rep))
+    print(format_table(rep))
 
 
-def run():
+def run() -> None:
   """The `jaxrobust-train` command."""
   parallel.use_host_devices()  # before JAX starts: one XLA:CPU device per core
   cli.run(main)

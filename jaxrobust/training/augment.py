@@ -18,18 +18,24 @@ the flip from `fold_in(k_i, 1)`.
 A flipped digit is another digit: `digits` trains without augmentation.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
+from jaxrobust.types import Images
+
+Augment = Callable[[Images, jax.Array], Images]
 
 NAMES = ("none", "crop_flip", "crop", "flip")
 PADDING_MODES = ("zero", "reflect")
 
 
-def create(name="crop_flip", *, padding=4, padding_mode="zero"):
-  """The augmentation `name`, a pure function `augment(x, keys) -> x_aug` on a
-  batch x [B, H, W, C] with one PRNG key per example; None for "none".
+def create(
+  name: str = "crop_flip", *, padding: int = 4, padding_mode: str = "zero"
+) -> Augment | None:
+  """The augmentation `name`, a pure function `augment(x, keys) -> x_aug`.
 
   Args:
     name: "crop_flip" (random crop, then horizontal flip), "crop", "flip" or
@@ -39,7 +45,12 @@ def create(name="crop_flip", *, padding=4, padding_mode="zero"):
     padding_mode: "zero" (torchvision's default) or "reflect" (the
       reflection about the edge pixel, numpy's and torchvision's "reflect").
 
-  Raises InputError for an unknown name or padding mode, or padding < 1.
+  Returns:
+    `augment(x, keys)` on a batch x [B, H, W, C] with one PRNG key per
+    example; None for "none".
+
+  Raises:
+    InputError: an unknown name or padding mode, or padding < 1.
   """
   checks.one_of("data.augment", name, NAMES)
   if name == "none":
@@ -50,7 +61,7 @@ def create(name="crop_flip", *, padding=4, padding_mode="zero"):
     padding = checks.integer_at_least("data.crop_padding", padding, 1)
     checks.one_of("data.padding_mode", padding_mode, PADDING_MODES)
 
-  def augment_one(x, key):
+  def augment_one(x: jax.Array, key: jax.Array) -> jax.Array:
     if crop:
       offsets = jax.random.randint(jax.random.fold_in(key, 0), (2,), 0, 2 * padding + 1)
       x = crop_at(x, offsets[0], offsets[1], padding=padding, padding_mode=padding_mode)
@@ -59,7 +70,7 @@ def create(name="crop_flip", *, padding=4, padding_mode="zero"):
       x = jnp.where(mirror, x[:, ::-1], x)
     return x
 
-  def augment(x, keys):
+  def augment(x: Images, keys: jax.Array) -> Images:
     checks.require(
       x.ndim == 4, f"augmentation takes images [B, H, W, C], got shape {tuple(x.shape)}"
     )
@@ -74,9 +85,26 @@ def create(name="crop_flip", *, padding=4, padding_mode="zero"):
   return augment
 
 
-def crop_at(x, dy, dx, *, padding, padding_mode="zero"):
-  """One image [H, W, C] padded by `padding` and cropped back to H x W at
-  offset (dy, dx) of the padded image (dy = dx = padding: x itself)."""
+def crop_at(
+  x: jax.Array,
+  dy: jax.Array | int,
+  dx: jax.Array | int,
+  *,
+  padding: int,
+  padding_mode: str = "zero",
+) -> jax.Array:
+  """One image padded and cropped back to its size.
+
+  Args:
+    x: an image [H, W, C].
+    dy: the crop's row offset in the padded image.
+    dx: its column offset (dy = dx = padding: x itself).
+    padding: the pixels padded on each side.
+    padding_mode: "zero" or "reflect".
+
+  Returns:
+    The [H, W, C] crop.
+  """
   mode = "constant" if padding_mode == "zero" else "reflect"
   padded = jnp.pad(x, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
   return jax.lax.dynamic_slice(padded, (dy, dx, 0), x.shape)

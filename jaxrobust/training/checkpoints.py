@@ -1,9 +1,7 @@
 """Checkpoints of a run's TrainState with orbax-checkpoint, and the run's config.
 
-A workdir holds `config.json` (the resolved config that made the run) and
-`checkpoints/<step>/`, written by orbax's CheckpointManager. A workdir belongs
-to one config: `claim_workdir` refuses a different one, so nothing of another
-run is ever overwritten.
+A workdir holds `config.json` (the resolved config that made the run, see
+`workdir`) and `checkpoints/<step>/`, written by orbax's CheckpointManager.
 
 Crash safety. Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp-*`
 and renames it to `<step>` when complete, so a process killed mid-write
@@ -16,11 +14,12 @@ skips, with a warning naming it, any that is corrupt: its metadata is missing
 or unreadable, orbax cannot restore it, or its arrays do not match the digest.
 Training moves a corrupt checkpoint aside to `checkpoints/corrupt-<step>`
 (kept for inspection, never deleted; orbax ignores it); evaluation leaves the
-workdir untouched, and says so when every checkpoint is corrupt. What orbax and
-TensorStore print about a checkpoint they failed to read (tracebacks of their
-background callbacks) is logged at debug level, not printed. A checkpoint whose shapes differ from the model's is not
-corrupt but incompatible (the config or the code changed): that is an error.
-Checkpoints written before records existed are restored unverified.
+workdir untouched, and says so when every checkpoint is corrupt. What orbax
+and TensorStore print about a checkpoint they failed to read (tracebacks of
+their background callbacks) is logged at debug level, not printed. A
+checkpoint whose shapes differ from the model's is not corrupt but
+incompatible (the config or the code changed): that is an error. A checkpoint
+without a record is restored unverified.
 """
 
 import contextlib
@@ -28,11 +27,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,8 +38,34 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxrobust import checks
+from jaxrobust.training.workdir import (
+  CONFIG_FILE,
+  check_workdir,
+  claim_workdir,
+  first_difference,
+  load_config,
+  write_atomic,
+)
 
-CONFIG_FILE = "config.json"
+__all__ = [
+  "CONFIG_FILE",
+  "CORRUPT_PREFIX",
+  "RECORD_KEY",
+  "STEP_METADATA_FILE",
+  "CorruptCheckpointWarning",
+  "check_workdir",
+  "claim_workdir",
+  "digest",
+  "first_difference",
+  "load_config",
+  "manager",
+  "move_aside",
+  "restore_latest",
+  "save",
+  "signature",
+  "write_atomic",
+]
+
 RECORD_KEY = "jaxrobust"  # the record's key in a step's custom metadata
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (JSON)
 CORRUPT_PREFIX = "corrupt-"
@@ -57,118 +81,31 @@ class _Corrupt(Exception):
   """A checkpoint cannot be trusted; the message says why."""
 
 
-def write_atomic(path, text):
-  """Writes `text` (str, or bytes) to `path` through a temporary file and a rename.
-
-  Raises InputError naming `path` if it cannot be written.
-  """
-  path = Path(path)
-  try:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-      with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
-        f.write(text)
-      os.replace(tmp, path)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
-  except OSError as e:
-    raise checks.InputError(f"cannot write {str(path)!r}: {e.strerror}") from None
-
-
-def check_workdir(workdir, *, writable=False):
-  """The workdir as a Path; refuses a path that exists and is not a directory.
-
-  With `writable`, also refuses a workdir that cannot be created or written:
-  its nearest existing ancestor must be a directory this process may write.
-  """
-  workdir = Path(workdir)
-  checks.require(
-    not workdir.exists() or workdir.is_dir(),
-    f"workdir {str(workdir)!r} exists and is not a directory",
-  )
-  if writable:
-    existing = workdir.absolute()
-    while not existing.exists():  # False also below a file: ENOTDIR
-      existing = existing.parent
-    checks.require(
-      existing.is_dir(),
-      f"cannot write to workdir {str(workdir)!r}: {str(existing)!r} is not a directory",
-    )
-    checks.require(
-      os.access(existing, os.W_OK | os.X_OK),
-      f"cannot write to workdir {str(workdir)!r}: no write permission in {str(existing)!r}",
-    )
-  return workdir
-
-
-def claim_workdir(workdir, config_dict, *, write=True):
-  """Creates `workdir` for a run of `config_dict`, or checks it holds that run.
-
-  Raises InputError if the workdir holds a run of a different config (naming
-  the first differing key), or cannot be written. With `write=False` (the
-  other processes of a multi-process run) only the check is made.
-  """
-  workdir = check_workdir(workdir)
-  saved = load_config(workdir, required=False)
-  if saved is not None:
-    diff = first_difference(saved, config_dict)
-    checks.require(
-      diff is None,
-      f"workdir {str(workdir)!r} holds a run of a different config "
-      f"({diff}); use a new --workdir or the same config",
-    )
-    return workdir
-  if write:
-    try:
-      workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise checks.InputError(f"cannot write to workdir {str(workdir)!r}: {e.strerror}") from None
-    write_atomic(workdir / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
-  return workdir
-
-
-def load_config(workdir, required=True):
-  """The config dict saved in `workdir`, or None if absent and not `required`."""
-  path = Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    checks.require(
-      not required,
-      f"no training run in {str(workdir)!r} "
-      f"({CONFIG_FILE} not found); train one with train.py --workdir",
-    )
-    return None
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise checks.InputError(f"cannot read {str(path)!r}: {e}") from None
-
-
-def first_difference(a, b, prefix=""):
-  """A description of the first key where nested dicts `a` and `b` differ, or None."""
-  for key in sorted(set(a) | set(b)):
-    name = f"{prefix}{key}"
-    if key not in a or key not in b:
-      return f"{name!r} is set in only one of them"
-    if isinstance(a[key], dict) and isinstance(b[key], dict):
-      diff = first_difference(a[key], b[key], name + ".")
-      if diff:
-        return diff
-    elif a[key] != b[key]:
-      return f"{name} = {a[key]!r} there, {b[key]!r} here"
-  return None
-
-
-def manager(workdir, *, keep=3, read_only=False, keep_period=None, directory=None):
-  """An orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last `keep`.
+def manager(
+  workdir: str | Path,
+  *,
+  keep: int | None = 3,
+  read_only: bool = False,
+  keep_period: int | None = None,
+  directory: str | Path | None = None,
+) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `<workdir>/checkpoints`.
 
   Saves are synchronous, so that a finished `save` is on disk. A writing
-  manager deletes the temporary directories of saves that were killed; a
-  `read_only` one creates and deletes nothing (it is only used to restore;
-  orbax's own read-only mode would log a warning on every evaluation).
-  With `keep_period`, checkpoints at multiples of it are never deleted (the
-  epoch ends that Fast-AT's overfitting guard found good). `directory`: another
-  directory than `<workdir>/checkpoints` (the best checkpoint's).
+  manager deletes the temporary directories of saves that were killed.
+
+  Args:
+    workdir: the run's workdir.
+    keep: keep the last `keep` checkpoints (None: all).
+    read_only: create and delete nothing (only used to restore; orbax's own
+      read-only mode would log a warning on every evaluation).
+    keep_period: checkpoints at multiples of it are never deleted (the epoch
+      ends that Fast-AT's overfitting guard found good).
+    directory: another directory than `<workdir>/checkpoints` (the best
+      checkpoint's).
+
+  Returns:
+    The manager.
   """
   options = ocp.CheckpointManagerOptions(
     max_to_keep=keep,
@@ -181,8 +118,16 @@ def manager(workdir, *, keep=3, read_only=False, keep_period=None, directory=Non
   return ocp.CheckpointManager(directory, options=options)
 
 
-def save(mgr, state):
-  """Saves `state` at its step, with its record, unless that step is saved."""
+def save(mgr: ocp.CheckpointManager, state: Any) -> bool:
+  """Saves `state` at its step, with its record, unless that step is saved.
+
+  Args:
+    mgr: the manager.
+    state: a TrainState.
+
+  Returns:
+    Whether it was saved.
+  """
   step = int(state.step)
   if step in mgr.all_steps():
     return False
@@ -192,7 +137,7 @@ def save(mgr, state):
   )
 
 
-def signature(tree):
+def signature(tree: Any) -> list[list[Any]]:
   """`[path, shape, dtype]` of every array of `tree` (arrays or ShapeDtypeStructs)."""
   return [
     [jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
@@ -200,7 +145,7 @@ def signature(tree):
   ]
 
 
-def digest(tree):
+def digest(tree: Any) -> str:
   """SHA-256 of the shapes, dtypes and bytes of every array of `tree`, in order.
 
   Arrays must be fully replicated or addressable (true of a TrainState).
@@ -213,15 +158,25 @@ def digest(tree):
   return sha.hexdigest()
 
 
-def restore_latest(mgr, target, *, quarantine=False):
+def restore_latest(mgr: ocp.CheckpointManager, target: Any, *, quarantine: bool = False) -> Any:
   """The newest intact checkpoint, restored into `target`, or None if there is none.
 
-  `target` gives the structure, shapes and shardings (arrays or
-  `jax.ShapeDtypeStruct`s). Corrupt checkpoints are skipped with a
-  `CorruptCheckpointWarning` naming them; with `quarantine` they are moved
-  to `checkpoints/corrupt-<step>` (by process 0), else (evaluation) an
-  InputError says so when every checkpoint is corrupt. Raises InputError for
-  a checkpoint that does not fit `target` (an incompatible model).
+  Corrupt checkpoints are skipped with a `CorruptCheckpointWarning` naming
+  them.
+
+  Args:
+    mgr: the manager.
+    target: the structure, shapes and shardings (arrays or
+      `jax.ShapeDtypeStruct`s).
+    quarantine: move corrupt checkpoints to `checkpoints/corrupt-<step>` (by
+      process 0); else (evaluation) say so when every checkpoint is corrupt.
+
+  Returns:
+    The restored state, or None.
+
+  Raises:
+    InputError: a checkpoint does not fit `target` (an incompatible model),
+      or, without `quarantine`, every checkpoint is corrupt.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   expected = signature(abstract)
@@ -262,9 +217,9 @@ def restore_latest(mgr, target, *, quarantine=False):
 
 
 def _restore_fields(mgr, step, abstract):
-  """`abstract` restored from checkpoint `step`. A checkpoint written before a
-  field that defaults to None was added to the state (`ema_params`) lacks
-  it; when such a field is None, the others are restored on their own."""
+  """`abstract` restored from checkpoint `step`. A checkpoint may lack a field
+  of the state that defaults to None (`ema_params`): when such a field is
+  None, the others are restored on their own."""
   try:
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:  # pylint: disable=broad-except
@@ -388,9 +343,16 @@ def _check_fits(saved, expected, path):
   )
 
 
-def move_aside(mgr, step, prefix=CORRUPT_PREFIX):
-  """Renames checkpoint `step` to `<prefix><step>` (kept, never deleted; orbax
-  ignores it) and makes `mgr` forget it."""
+def move_aside(mgr: ocp.CheckpointManager, step: int, prefix: str = CORRUPT_PREFIX) -> None:
+  """Renames checkpoint `step` to `<prefix><step>` and makes `mgr` forget it.
+
+  The checkpoint is kept, never deleted; orbax ignores it.
+
+  Args:
+    mgr: the manager.
+    step: the checkpoint's step.
+    prefix: the new name's prefix.
+  """
   path = mgr.directory / str(step)
   if jax.process_index() == 0:
     target = path.with_name(f"{prefix}{path.name}")

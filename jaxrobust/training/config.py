@@ -1,15 +1,32 @@
 """A run's config: checked, resolved with the facts of its data, and turned into
 the model, the optimizer and the data splits it names."""
 
-from jaxrobust.training import augment as augment_lib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import linen as nn
+
 from jaxrobust import checks, data, evaluation, models
+from jaxrobust.training import augment as augment_lib
 from jaxrobust.training import guard
 from jaxrobust.training import selection
 from jaxrobust.training import step as training
 
 
-def resolve(config, train_set):
-  """The config as a plain dict plus the facts of its training data."""
+def resolve(config: ml_collections.ConfigDict, train_set: Any) -> dict[str, Any]:
+  """The config as a plain dict plus the facts of its training data.
+
+  Args:
+    config: the run's config.
+    train_set: its training `data.Dataset`.
+
+  Returns:
+    `config.to_dict()` with `dataset`: classes, input shape, per-channel mean
+    and std, and the number of training examples.
+  """
   resolved = config.to_dict()
   mean, std = data.channel_stats(train_set.x)
   resolved["dataset"] = {
@@ -22,7 +39,8 @@ def resolve(config, train_set):
   return resolved
 
 
-def build_model(resolved, axis_name=None):
+def build_model(resolved: Mapping[str, Any], axis_name: str | None = None) -> nn.Module:
+  """The model of a resolved config (`axis_name`: BatchNorm's device axis)."""
   settings = dict(resolved["model"])
   ds = resolved["dataset"]
   return models.create(
@@ -35,17 +53,18 @@ def build_model(resolved, axis_name=None):
   )
 
 
-def schedule_length(resolved):
+def schedule_length(resolved: Mapping[str, Any]) -> tuple[int, int]:
   """(steps per epoch, total steps) of a run."""
   steps_per_epoch = resolved["dataset"]["train_examples"] // resolved["batch_size"]
   return steps_per_epoch, resolved["epochs"] * steps_per_epoch
 
 
-def make_optimizer(resolved):
+def make_optimizer(resolved: Mapping[str, Any]) -> optax.GradientTransformation:
+  """The optimizer of a resolved config, over the run's steps."""
   return training.make_optimizer(resolved["optimizer"], schedule_length(resolved)[1])
 
 
-def make_augment(resolved_or_config):
+def make_augment(resolved_or_config: Any) -> augment_lib.Augment | None:
   """The training augmentation of `data.augment` (`augment.create`), or None."""
   cfg = resolved_or_config["data"]
   return augment_lib.create(
@@ -55,13 +74,13 @@ def make_augment(resolved_or_config):
   )
 
 
-def load_split(resolved_or_config, split):
+def load_split(resolved_or_config: Any, split: str) -> Any:
   """Split `split` of the data set the config names."""
   cfg = resolved_or_config["data"]
   return data.load(cfg["name"], split, data_dir=cfg.get("data_dir") or None)
 
 
-def check_config(config, mesh):
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Checks the settings that need no data, before anything is loaded or written."""
   checks.integer_at_least("batch_size", config.batch_size, 1)
   training.check_divisible(config.batch_size, mesh)

@@ -5,6 +5,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import tqdm
 
@@ -22,7 +23,7 @@ class MetricsLog:
   logged again; so is a torn last line left by a killed process.
   """
 
-  def __init__(self, workdir, resume_step):
+  def __init__(self, workdir: str | Path, resume_step: int) -> None:
     self.path = Path(workdir) / "metrics.jsonl"
     if self.path.exists():
       lines = self.path.read_text().splitlines()
@@ -36,24 +37,26 @@ class MetricsLog:
       str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
     )
 
-  def write(self, step, metrics):
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Logs `metrics` of `step` to both logs."""
     self.file.write(json.dumps({"step": step, **metrics}) + "\n")
     self.file.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(f"train/{k}", v, step)
 
-  def close(self):
+  def close(self) -> None:
+    """Closes both logs."""
     self.file.close()
     self.tb.close()
 
-  def __enter__(self):
+  def __enter__(self) -> "MetricsLog":
     return self
 
-  def __exit__(self, *exc_info):
+  def __exit__(self, *exc_info: object) -> None:
     self.close()
 
 
-def _logged_step(line, path):
+def _logged_step(line: str, path: Path) -> float:
   """The step of a metrics.jsonl line; infinity for a torn or foreign line."""
   try:
     step = json.loads(line)["step"]
@@ -72,7 +75,7 @@ class Progress:
   """Training progress on stderr: a bar on a terminal; elsewhere (CI, a log
   file) one line per logged step instead of carriage-return updates."""
 
-  def __init__(self, start, end, name, *, enabled=True):
+  def __init__(self, start: int, end: int, name: str, *, enabled: bool = True) -> None:
     self.name, self.end = name, end
     self.enabled = enabled
     self.bar = None
@@ -80,11 +83,12 @@ class Progress:
     if enabled and sys.stderr.isatty():
       self.bar = tqdm.tqdm(total=end, initial=start, unit="step", desc=name)
 
-  def step(self):
+  def step(self) -> None:
+    """Advances the bar by one step."""
     if self.bar is not None:
       self.bar.update(1)
 
-  def log(self, step, metrics):
+  def log(self, step: int, metrics: dict[str, float]) -> None:
     """Shows the metrics of a logged step."""
     if self.bar is not None:
       self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
@@ -99,9 +103,9 @@ class Progress:
         flush=True,
       )
 
-  def __enter__(self):
+  def __enter__(self) -> "Progress":
     return self
 
-  def __exit__(self, *exc_info):
+  def __exit__(self, *exc_info: object) -> None:
     if self.bar is not None:
       self.bar.close()

@@ -34,21 +34,12 @@ the randomized classifier f~ (`models.Randomized`), and every training step
 adds one fresh Gaussian draw per example to its training inputs, whatever the
 objective. `gaussian` and `rat` require such a model. The objectives differ in
 what their attack sees: `pgd_at` (and the other attack objectives) attack the
-base classifier f, and the step then trains f on x_adv + d (PGD-AT with noise,
-the seed's "PGD model with smoothing"); `rat` attacks f~ itself, its
-gradients averaged over `eot_samples` draws (expectation over
-transformation), so the examples are adversarial for the randomized network.
-
-RAT's EOT maximises the loss of the mean prediction,
--log (1/S) sum_s softmax(f(x' + d_s))_y, not the mean loss
-(1/S) sum_s -log softmax(f(x' + d_s))_y: the randomized classifier predicts
-argmax of the mean softmax (`models.Randomized`), so this is the loss of the
-classifier that is trained and evaluated, and the attack is the one the
-evaluation runs (EOT on the same function). The mean of the losses would
-attack the average base classifier instead; its log inside the mean lets
-draws already misclassified (p_y -> 0, loss -> infinity) dominate the
-gradient, spending the steps on noise draws that no longer matter. By
-Jensen's inequality the loss of the mean is at most the mean loss.
+base classifier f, and the step then trains f on x_adv + d (PGD-AT with
+noise); `rat` attacks f~ itself, its gradients averaged over `eot_samples`
+draws (expectation over transformation), so the examples are adversarial for
+the randomized network. RAT's EOT maximises the loss of the mean prediction,
+-log (1/S) sum_s softmax(f(x' + d_s))_y (docs/training.md says why not the
+mean loss).
 
 MAT-Max trains on the inner maximum over p in {2, inf}: per example the
 perturbation of larger cross-entropy (`attacks.max_loss`), whether or not
@@ -57,14 +48,15 @@ order) is the evaluation's rule and not used for training.
 """
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxrobust import attacks, checks
+from jaxrobust.types import Images, Labels, Logits, LogitsFn
 
 # The combinator each mixed objective's `train_attack` must use.
 _COMBINATORS = {"cw_pgd_mix": "mixture", "mat_rand": "random_choice", "mat_max": "max_loss"}
@@ -107,7 +99,8 @@ class Objective(NamedTuple):
   eot_samples: int = 0
   loss: Callable[..., Any] | None = None
 
-  def __call__(self, logits_fn, x, y, keys):
+  def __call__(self, logits_fn: LogitsFn, x: Images, y: Labels, keys: jax.Array) -> Images:
+    """The training inputs of the batch (x, y), example i drawn from `keys[i]`."""
     return self.inputs(logits_fn, x, y, keys)
 
 
@@ -116,29 +109,57 @@ def _clean(logits_fn, x, y, keys):
   return x
 
 
-def trades_loss(logits_clean, logits_adv, y, *, beta):
-  """TRADES (Zhang et al. 2019, eq. 5), per example:
+def trades_loss(logits_clean: Logits, logits_adv: Logits, y: Labels, *, beta: float) -> jax.Array:
+  """The TRADES loss (eq. 5), per example.
 
-    CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x')),
+  .. math::
+    \\mathrm{CE}(f(x), y) + \beta\\, \\mathrm{KL}(\\mathrm{softmax} f(x) \\,\\|\\,
+    \\mathrm{softmax} f(x'))
 
-  KL(p || q) = sum_k p_k (log p_k - log q_k); the gradient flows through both
-  f(x) and f(x') (as in the authors' code). beta = 6 in the paper's CIFAR-10
-  results (1/lambda in its notation)."""
+  with KL(p || q) = sum_k p_k (log p_k - log q_k); the gradient flows through
+  both f(x) and f(x') (as in the authors' code).
+
+  Args:
+    logits_clean: f(x).
+    logits_adv: f(x').
+    y: the labels.
+    beta: the KL's weight (6 in the paper's CIFAR-10 results; 1/lambda in its
+      notation).
+
+  Returns:
+    [B] losses.
+
+  References:
+    Zhang et al., 2019: https://arxiv.org/abs/1901.08573
+  """
   log_p = jax.nn.log_softmax(logits_clean)
   kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(logits_adv)), -1)
   return optax.softmax_cross_entropy_with_integer_labels(logits_clean, y) + beta * kl
 
 
-def mart_loss(logits_clean, logits_adv, y, *, lam):
-  """MART (Wang et al. 2020, eq. 9), per example, with p = softmax f(x) and
-  p' = softmax f(x'):
+def mart_loss(logits_clean: Logits, logits_adv: Logits, y: Labels, *, lam: float) -> jax.Array:
+  """The MART loss (eq. 9), per example, with p = softmax f(x), p' = softmax f(x').
 
-    BCE(p', y) + lam * KL(p || p') * (1 - p_y),
-    BCE(p', y) = -log p'_y - log(1 - max_{k != y} p'_k)
+  .. math::
+    \\mathrm{BCE}(p', y) + \\lambda\\, \\mathrm{KL}(p \\,\\|\\, p')\\, (1 - p_y), \\quad
+    \\mathrm{BCE}(p', y) = -\\log p'_y - \\log(1 - \\max_{k \ne y} p'_k)
 
   (the boosted cross-entropy: CE plus a margin term on the strongest wrong
   class), with the authors' code's guards against log 0: log(1.0001 - p'_k),
-  log(p' + 1e-12) inside the KL, and 1.0000001 - p_y."""
+  log(p' + 1e-12) inside the KL, and 1.0000001 - p_y.
+
+  Args:
+    logits_clean: f(x).
+    logits_adv: f(x').
+    y: the labels.
+    lam: the KL's weight lambda.
+
+  Returns:
+    [B] losses.
+
+  References:
+    Wang et al., 2020: https://openreview.net/forum?id=rklOg6EFwS
+  """
   p_adv = jax.nn.softmax(logits_adv)
   wrong = jnp.max(jnp.where(jax.nn.one_hot(y, p_adv.shape[-1]) > 0, -1.0, p_adv), -1)
   bce = optax.softmax_cross_entropy_with_integer_labels(logits_adv, y) - jnp.log(
@@ -178,15 +199,27 @@ def _settings(name, settings):
   return merged
 
 
-def create(name, attack_cfg=None, settings=None):
-  """The objective `name` with its attack spec `attack_cfg` (a dict, or None)
-  and its `settings` (`objective_settings`: `beta` of trades, `lam` of mart).
+def create(
+  name: str,
+  attack_cfg: Mapping[str, Any] | None = None,
+  settings: Mapping[str, Any] | None = None,
+) -> Objective:
+  """The objective `name`.
 
   `trades` takes a `pgd` spec whose loss it sets to the KL divergence from the
   clean prediction (`attacks.losses.kl_divergence`); `fast_at` an `fgsm` spec.
 
-  Raises InputError for an unknown name, a missing or wrong attack spec, a
-  setting the objective does not take or a negative weight, or `eot_samples` < 1.
+  Args:
+    name: one of `NAMES`.
+    attack_cfg: its attack spec (a dict, or None).
+    settings: its `objective_settings` (`beta` of trades, `lam` of mart).
+
+  Returns:
+    The `Objective`.
+
+  Raises:
+    InputError: an unknown name, a missing or wrong attack spec, a setting
+      the objective does not take or a negative weight, or `eot_samples` < 1.
   """
   checks.one_of("objective", name, NAMES)
   name = ALIASES.get(name, name)
@@ -197,46 +230,52 @@ def create(name, attack_cfg=None, settings=None):
     attack_cfg is not None and "name" in attack_cfg,
     f"objective {name!r} needs train_attack, an attack spec with a name",
   )
-  settings = dict(attack_cfg)
+  assert attack_cfg is not None
+  spec = dict(attack_cfg)
   eot_samples = 0
   if name == "rat":
-    eot_samples = checks.integer_at_least(
-      "train_attack.eot_samples", settings.pop("eot_samples", 4), 1
-    )
+    eot_samples = checks.integer_at_least("train_attack.eot_samples", spec.pop("eot_samples", 4), 1)
   else:
     checks.require(
-      "eot_samples" not in settings,
+      "eot_samples" not in spec,
       f"train_attack.eot_samples is a setting of objective 'rat', not of {name!r}",
     )
   combinator = _COMBINATORS.get(name)
   checks.require(
-    combinator is None or settings["name"] == combinator,
-    f"objective {name!r} takes a {combinator!r} attack, got train_attack.name {settings['name']!r}",
+    combinator is None or spec["name"] == combinator,
+    f"objective {name!r} takes a {combinator!r} attack, got train_attack.name {spec['name']!r}",
   )
   if name == "trades":
     checks.require(
-      settings["name"] == "pgd" and "loss" not in settings,
+      spec["name"] == "pgd" and "loss" not in spec,
       f"objective 'trades' takes a 'pgd' attack without a loss (its loss is "
       f"the KL divergence), got {dict(attack_cfg)!r}",
     )
-    attack = attacks.create(**settings, loss=attacks.losses.kl_divergence)
+    attack = attacks.create(**spec, loss=attacks.losses.kl_divergence)
     return Objective(
       name, _trades_inputs(attack), loss=functools.partial(trades_loss, beta=options["beta"])
     )
   if name == "fast_at":
     checks.require(
-      settings["name"] == "fgsm",
-      f"objective 'fast_at' takes an 'fgsm' attack, got train_attack.name {settings['name']!r}",
+      spec["name"] == "fgsm",
+      f"objective 'fast_at' takes an 'fgsm' attack, got train_attack.name {spec['name']!r}",
     )
-  attack = attacks.create(**settings)
+  attack = attacks.create(**spec)
   if name == "mart":
     return Objective(name, attack, loss=functools.partial(mart_loss, lam=options["lam"]))
   return Objective(name, attack, randomized=name == "rat", eot_samples=eot_samples)
 
 
-def check_model(objective, randomized):
-  """Refuses an objective that needs noise for a model without noise
-  (`randomized`: the model, or its config, has `noise`)."""
+def check_model(objective: Objective, randomized: bool) -> None:
+  """Refuses an objective that needs noise for a model without noise.
+
+  Args:
+    objective: the objective.
+    randomized: the model (or its config) has `noise`.
+
+  Raises:
+    InputError: `objective.randomized` and not `randomized`.
+  """
   checks.require(
     not objective.randomized or randomized,
     f"objective {objective.name!r} trains a randomized model: set "
