@@ -26,46 +26,6 @@ FLOORS = (
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 80
-# Files not yet split to size (issue 25); each entry must still be too long.
-NOT_YET_SHORT = {
-  "programs/eval.py",
-  "training/checkpoints.py",
-  "training/loop.py",
-  "training/step.py",
-}
-
-# Files whose public functions are not yet all annotated (issue 25).
-NOT_YET_TYPED = {
-  "cli.py",
-  "configs/__init__.py",
-  "configs/common.py",
-  "configs/cw_pgd_mix.py",
-  "configs/fast_at.py",
-  "configs/gaussian.py",
-  "configs/gpu_recipes.py",
-  "configs/mart.py",
-  "configs/mat_max.py",
-  "configs/mat_rand.py",
-  "configs/natural.py",
-  "configs/pgd_at.py",
-  "configs/pgd_at_sn_noise.py",
-  "configs/rat.py",
-  "configs/trades.py",
-  "launch.py",
-  "programs/eval.py",
-  "programs/train.py",
-  "training/augment.py",
-  "training/checkpoints.py",
-  "training/config.py",
-  "training/guard.py",
-  "training/loop.py",
-  "training/metrics.py",
-  "training/objectives.py",
-  "training/selection.py",
-  "training/signals.py",
-  "training/step.py",
-}
-
 
 def _unit(path):
   """The package (or top-level module) a file belongs to."""
@@ -113,14 +73,6 @@ def test_the_import_reader_sees_imports():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_files_and_functions_are_short(path):
   text = path.read_text()
-  if str(path.relative_to(PACKAGE)) in NOT_YET_SHORT:
-    with pytest.raises(AssertionError):
-      _check_lengths(text)
-    return
-  _check_lengths(text)
-
-
-def _check_lengths(text):
   assert len(text.splitlines()) <= MAX_LINES, f"over {MAX_LINES} lines"
   for node in ast.walk(ast.parse(text)):
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -154,7 +106,4 @@ def _unannotated(text):
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_public_functions_are_annotated(path):
   missing = _unannotated(path.read_text())
-  if str(path.relative_to(PACKAGE)) in NOT_YET_TYPED:
-    assert missing, "annotated now: take it off NOT_YET_TYPED"
-  else:
-    assert not missing, f"not annotated: {missing}"
+  assert not missing, f"not annotated: {missing}"

@@ -181,7 +181,7 @@ def zero_gradient_fraction(
   """
   checks.one_of("loss", loss, ("ce", "dlr", "dlr_t"))
   checks.require(eps is None or key is not None, "zero_gradient_fraction with eps needs a key")
-  if eps is not None:
+  if eps is not None and key is not None:
     norm = core.check_norm(norm, NORMS)
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys_lib.example_keys(key, x.shape[0]), 0)
     x = x + jax.vmap(lambda k, xi: iteration.start(k, xi, eps, norm))(keys, x)

@@ -10,6 +10,7 @@ until all the draws are counted. Draw j of example i uses the key
 
 import functools
 from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,9 @@ def noise_counts(
   checks.check_images(x)
   x = jnp.asarray(x, jnp.float32)
   mesh = parallel.mesh() if mesh is None else mesh
+  apply_fn: Any
   if variables is None:
-    apply_fn, variables = inference.constant_apply(logits_fn), ()
+    apply_fn, variables = inference.constant_apply(cast(LogitsFn, logits_fn)), ()
   else:
     apply_fn = logits_fn
   total = x.shape[0] * n

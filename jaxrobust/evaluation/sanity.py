@@ -9,7 +9,7 @@ warning when one fails.
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -76,7 +76,7 @@ def eps_curve(
 def attack_checks(
   rep: Report,
   evaluate_specs: Callable[..., Report] | None,
-  specs: dict[str, Spec],
+  specs: Mapping[str, Spec],
   input_shape: Sequence[int],
   *,
   certified: bool = False,

@@ -87,6 +87,7 @@ class Normalize(nn.Module):
   std: Sequence[float]
 
   def __call__(self, x: Images) -> jax.Array:
+    x = jnp.asarray(x)
     return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
 
   def lipschitz_constant(self) -> float:

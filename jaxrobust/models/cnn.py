@@ -104,11 +104,11 @@ class SeedCNN(nn.Module):
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
     linear = lambda layer: _linear(layer, self.spectral, train)
-    x = Normalize(self.mean, self.std)(x)
+    h = Normalize(self.mean, self.std)(x)
     for features in (6, 16):  # plain Flax layers: `fastpath` makes them fast on CPU
-      x = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(linear(nn.Dense(120))(x))
-    x = nn.relu(linear(nn.Dense(84))(x))
-    return linear(nn.Dense(self.num_classes))(x)
+      h = nn.relu(linear(nn.Conv(features, (5, 5), padding="VALID"))(h))
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = h.reshape(h.shape[0], -1)
+    h = nn.relu(linear(nn.Dense(120))(h))
+    h = nn.relu(linear(nn.Dense(84))(h))
+    return linear(nn.Dense(self.num_classes))(h)

@@ -319,7 +319,9 @@ def certify(resolved: Mapping[str, Any], model: nn.Module, state: Any) -> dict[s
     )
     + ")"
   )
-  settings = dict(sigma=sigma, n0=opts.N0.value, n=opts.N.value, alpha=opts.ALPHA.value)
+  settings: dict[str, Any] = dict(
+    sigma=sigma, n0=opts.N0.value, n=opts.N.value, alpha=opts.ALPHA.value
+  )
   start = time.perf_counter()
   pred, radius = smoothing.certify(
     logits_fn, x, jax.random.key(resolved["seed"]), batch_size=opts.BATCH.value or 1000, **settings

@@ -62,8 +62,9 @@ def load_torch_checkpoint(
     arch or recorded,
     f"{path!r} records no architecture; pass --arch (e.g. wrn-28-10, dm-wrn-70-16)",
   )
-  settings = recorded[1] if recorded and recorded[0] == (arch or recorded[0]) else {}
-  arch = arch or recorded[0]
+  if recorded and not arch:
+    arch = recorded[0]
+  settings = recorded[1] if recorded and recorded[0] == arch else {}
   assert arch is not None
   model, variables = interop.from_torch(checkpoint, arch, **settings)
   test_set = config_lib.load_split(config, split)

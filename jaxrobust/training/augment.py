@@ -80,7 +80,7 @@ def create(
         f"data.crop_padding {padding} must be smaller than the image "
         f"({x.shape[1]}x{x.shape[2]}) to reflect",
       )
-    return jax.vmap(augment_one)(x, keys)
+    return jax.vmap(augment_one)(jnp.asarray(x), keys)
 
   return augment
 

@@ -189,9 +189,16 @@ def evaluate(
     stochastic_apply_fn=models.stochastic_fn(model),
     source=source and (models.inference_fn(source[0]), source[1].variables),
   )
-  options = dict(individual=individual, state_path=state_path, log=log)
-  rep = run(x, y, specs, return_adversarial=return_adversarial, **options)
-  rep, adversarial = rep if return_adversarial else (rep, None)
+  result: Any = run(
+    x,
+    y,
+    specs,
+    return_adversarial=return_adversarial,
+    individual=individual,
+    state_path=state_path,
+    log=log,
+  )
+  rep, adversarial = result if return_adversarial else (result, None)
   certified = bool(resolved["model"].get("spectral"))
   if sanity and source is None:
     _with_sanity(rep, run, apply_fn, state.variables, model, x, y, specs, certified)
