@@ -27,6 +27,7 @@ FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 80
 
+
 def _unit(path):
   """The package (or top-level module) a file belongs to."""
   return path.relative_to(PACKAGE).with_suffix("").parts[0]

@@ -189,15 +189,8 @@ def evaluate(
     stochastic_apply_fn=models.stochastic_fn(model),
     source=source and (models.inference_fn(source[0]), source[1].variables),
   )
-  result: Any = run(
-    x,
-    y,
-    specs,
-    return_adversarial=return_adversarial,
-    individual=individual,
-    state_path=state_path,
-    log=log,
-  )
+  options: dict[str, Any] = dict(individual=individual, state_path=state_path, log=log)
+  result: Any = run(x, y, specs, return_adversarial=return_adversarial, **options)
   rep, adversarial = result if return_adversarial else (result, None)
   certified = bool(resolved["model"].get("spectral"))
   if sanity and source is None:
