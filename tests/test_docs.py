@@ -6,8 +6,9 @@ pages found by glob, so a new page is included), in the page's order, and the
 run: ```text blocks (output, usage lines) and ```console blocks (commands
 that cannot run here: downloads, GPUs, hours of CIFAR-10 training, the
 benchmarks). In a ```bash block every line must be a `train.py`/`eval.py`
-command (`python train.py ...` or `jaxrobust-train ...`) or one of `SKIPPED`
-(installs, and the test command itself).
+command (`python train.py ...` or `jaxrobust-train ...`), a data conversion
+(`python -m jaxrobust.data ...` or `jaxrobust-data ...`, run as written), or
+one of `SKIPPED` (installs, and the test command itself).
 
 How: every command of every page runs in one scratch directory shared by the
 whole session, where `python train.py` (the README's first command, tiny) has
@@ -49,6 +50,7 @@ PROGRAMS = {
   "jaxrobust-train": "train.py",
   "jaxrobust-eval": "eval.py",
 }
+DATA_COMMANDS = ("python -m jaxrobust.data ", "jaxrobust-data ")
 TINY_TRAIN = {"model.width": 4, "batch_size": 128, "epochs": 1, "eval.limit": 8}
 TINY = {
   "train.py": [f"--config.{k}={v}" for k, v in TINY_TRAIN.items()] + ["--progress=false"],
@@ -111,6 +113,8 @@ class Session:
   def run(self, command: str) -> None:
     """Runs a train.py/eval.py command with `TINY` settings (once a session:
     the same program and arguments, however spelled, run once)."""
+    if command.startswith(DATA_COMMANDS):
+      return self._run_data_command(command)
     program, args = program_of(command)
     assert program, f"not a train.py or eval.py command (tag its block console): {command}"
     if (program, *args) in self.ran:
@@ -122,6 +126,21 @@ class Session:
     else:
       result = self.cli(ROOT / program, *args, cwd=self.directory)
       assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+
+  def _run_data_command(self, command: str) -> None:
+    words = shlex.split(command)
+    args = words[3:] if words[0] == "python" else words[1:]
+    if ("jaxrobust.data", *args) in self.ran:
+      return
+    self.ran.add(("jaxrobust.data", *args))
+    result = subprocess.run(
+      [sys.executable, "-m", "jaxrobust.data", *args],
+      cwd=self.directory,
+      text=True,
+      capture_output=True,
+      env=program_env(),
+    )
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
 
   def _run_process(self, command: str, program: str, args: list[str]) -> None:
     # One process of a multi-process run: a real process (JAX's distributed

@@ -456,3 +456,62 @@ def test_decode_reads_jpeg_and_names_a_bad_record():
   )
   with pytest.raises(InputError, match="r is a 8x6x1 image, not 4x6x1"):
     records.decode(grey, "png", (4, 6, 1), "r")
+
+
+# --- training from records and from a mixture --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_as_files(tmp_path_factory):
+  """The digits as a uint8 .npz, its records: conversion, and a second .npz
+  of `image`/`label` arrays (the generated sets' layout) for mixtures."""
+  root = tmp_path_factory.mktemp("digits_files")
+  arrays = {}
+  for split in data.SPLITS:
+    d = data.load("digits", split)
+    arrays[f"x_{split}"] = np.round(d.x * 255).astype(np.uint8)
+    arrays[f"y_{split}"] = d.y
+  np.savez(root / "d.npz", **arrays, class_names=np.array([str(i) for i in range(10)]))
+  np.savez(root / "gen.npz", image=arrays["x_test"], label=arrays["y_test"])
+  convert(f"npz:{root}/d.npz", root / "rec", shard_size=300, progress=False)
+  return root
+
+
+def _train(name, workdir, steps, **overrides):
+  from jaxrobust.configs import natural
+  from jaxrobust.training import loop
+
+  config = natural.get_config()
+  config.update_from_flattened_dict(
+    {"model.width": 4, "batch_size": 32, "epochs": 1, "log_every_steps": 4, "data.name": name}
+    | {"checkpoint_every_steps": 100}
+    | overrides
+  )
+  state = loop.train(config, workdir, max_steps=steps, progress=False)
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_training_from_records_equals_training_from_memory(digits_as_files, tmp_path):
+  # Same images (uint8 either way), same order: the same parameters, bitwise.
+  root = digits_as_files
+  in_memory = _train(f"npz:{root}/d.npz", tmp_path / "memory", 8)
+  streamed = _train(f"records:{root}/rec", tmp_path / "records", 8)
+  assert all(np.array_equal(a, b) for a, b in zip(in_memory, streamed, strict=True))
+
+
+def test_a_mixture_resumes_exactly(digits_as_files, tmp_path):
+  root = digits_as_files
+  mix = {"data.extra": f"npz:{root}/gen.npz", "data.extra_fraction": 0.75}
+  whole = _train(f"records:{root}/rec", tmp_path / "whole", 8, **mix)
+  _train(f"records:{root}/rec", tmp_path / "split", 4, **mix)
+  resumed = _train(f"records:{root}/rec", tmp_path / "split", 8, **mix)
+  plain = _train(f"records:{root}/rec", tmp_path / "plain", 8)
+  assert all(np.array_equal(a, b) for a, b in zip(whole, resumed, strict=True))
+  # The extra data changed what was learnt.
+  assert not all(np.array_equal(a, b) for a, b in zip(whole, plain, strict=True))
+
+
+def test_extra_fraction_without_extra_is_refused(tmp_path):
+  with pytest.raises(InputError, match="data.extra_fraction needs data.extra"):
+    _train("digits", tmp_path / "run", 2, **{"data.extra_fraction": 0.5})
+  assert not (tmp_path / "run").exists()

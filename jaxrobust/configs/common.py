@@ -29,7 +29,16 @@ def base() -> ml_collections.ConfigDict:
   # Training augmentation (`jaxrobust.training.augment`): "none" on digits (a flipped
   # digit is another digit); random crop (4 pixels of zero padding) and flip on
   # CIFAR-10.
-  c.data = dict(name="digits", data_dir="", augment="none", crop_padding=4, padding_mode="zero")
+  c.data = dict(
+    name="digits",
+    data_dir="",
+    augment="none",
+    crop_padding=4,
+    padding_mode="zero",
+    extra="",  # a second data set to draw `extra_fraction` of every batch from
+    extra_fraction=0.0,
+    workers=0,  # grain worker processes that read (and decode) records: shards
+  )
   c.model = dict(name="small_cnn", width=16)
   c.objective = "natural"
   c.batch_size = 64
@@ -114,6 +123,9 @@ def setting(name: str) -> ml_collections.ConfigDict:
     augment="crop_flip",
     crop_padding=4,
     padding_mode="zero",
+    extra="",
+    extra_fraction=0.0,
+    workers=0,
   )
   c.model = dict(name="seed_cnn")
   c.batch_size = 128

@@ -48,7 +48,7 @@ from absl import flags
 from flax import linen as nn
 from ml_collections import config_flags
 
-from jaxrobust import checks, cli, evaluation, interop, models
+from jaxrobust import checks, cli, data, evaluation, interop, models
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import config as config_lib
@@ -302,6 +302,7 @@ def certify(resolved: Mapping[str, Any], model: nn.Module, state: Any) -> dict[s
   if opts.LIMIT.value:
     checks.integer_at_least("limit", opts.LIMIT.value, 1)
     x, y = x[: opts.LIMIT.value], y[: opts.LIMIT.value]
+  x = data.host_float(x)
   # A noise-trained model is smoothed through its base classifier f: the
   # smoothing supplies the noise, by default at the sigma it was trained with.
   logits_fn = functools.partial(models.inference_fn(model, base=True), state.variables)

@@ -55,7 +55,12 @@ def build_model(resolved: Mapping[str, Any], axis_name: str | None = None) -> nn
 
 def schedule_length(resolved: Mapping[str, Any]) -> tuple[int, int]:
   """(steps per epoch, total steps) of a run."""
-  steps_per_epoch = resolved["dataset"]["train_examples"] // resolved["batch_size"]
+  cfg = resolved["data"]
+  steps_per_epoch = data.steps_per_epoch(
+    resolved["dataset"]["train_examples"],
+    resolved["batch_size"],
+    cfg.get("extra_fraction", 0.0) if cfg.get("extra") else 0.0,
+  )
   return steps_per_epoch, resolved["epochs"] * steps_per_epoch
 
 
@@ -86,6 +91,12 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   training.check_divisible(config.batch_size, mesh)
   checks.integer_at_least("epochs", config.epochs, 1)
   checks.integer_at_least("seed", config.seed, 0)
+  data.check_extra_fraction(config.data.get("extra_fraction", 0.0))
+  checks.require(
+    config.data.get("extra") or not config.data.get("extra_fraction", 0.0),
+    "data.extra_fraction needs data.extra, the data set to draw that share of every batch from",
+  )
+  checks.integer_at_least("data.workers", config.data.get("workers", 0), 0)
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     checks.integer_at_least(name, config[name], 1)
   training.make_optimizer(config.optimizer, total_steps=1)
@@ -104,3 +115,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   evaluation.build_attacks(config.eval.attacks)
   for names in (config.eval.default, config.eval.get("after_training")):
     evaluation.select(config.eval.attacks, names)
+
+
+def load_extra(resolved: Any) -> data.Dataset | None:
+  """The training split of the mixture's second data set (`data.extra`), or None."""
+  cfg = resolved["data"]
+  if not cfg.get("extra"):
+    return None
+  return data.load(cfg["extra"], "train", data_dir=cfg.get("data_dir") or None)

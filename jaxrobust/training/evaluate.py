@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from jaxrobust import checks, evaluation, models, parallel
+from jaxrobust import checks, data, evaluation, models, parallel
 from jaxrobust.certification import certificates
 from jaxrobust.evaluation import sanity as sanity_lib
 from jaxrobust.training import checkpoints, selection
@@ -72,7 +72,7 @@ def _examples(
   if limit:
     checks.integer_at_least("limit", limit, 1)
     x, y = x[:limit], y[:limit]
-  return x, y
+  return data.host_float(x), np.asarray(y)
 
 
 def _with_sanity(

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from jaxrobust import attacks, checks, models
+from jaxrobust import attacks, checks, data, models
 from jaxrobust.training import checkpoints
 from jaxrobust.types import Variables
 
@@ -84,7 +84,7 @@ def make_check(
   """
   attack = attacks.pgd(norm="linf", eps=cfg["eps"], step_size=cfg["eps"] / 4, steps=cfg["steps"])
   apply_fn = models.inference_fn(model)
-  xs, ys = jnp.asarray(x[: cfg["examples"]]), jnp.asarray(y[: cfg["examples"]])
+  xs, ys = data.as_float(x[: cfg["examples"]]), jnp.asarray(y[: cfg["examples"]])
   key = jax.random.fold_in(jax.random.key(seed), 2)
 
   @jax.jit

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -66,6 +67,7 @@ class _Run:
   target: Any  # the abstract TrainState checkpoints are restored into
   input_fn: objectives.Objective
   train_set: Any
+  extra_set: Any  # the mixture's second data set (`data.extra`), or None
   val_set: Any  # the validation slice (`selection`), or None
   every: int  # validate after every `every`-th epoch (0: never)
   guard: dict[str, Any] | None  # Fast-AT's guard's settings (`guard`), or None
@@ -109,6 +111,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str | Path, mesh: Any) 
     target=target,
     input_fn=input_fn,
     train_set=train_set,
+    extra_set=config_lib.load_extra(config),
     val_set=val_set,
     every=every,
     guard=guard,
@@ -218,6 +221,27 @@ def train(
     return _loop(run, state, end, mgr, guard, best, progress)
 
 
+def _batches(run: _Run, start: int) -> Iterator[tuple[Any, Any]]:
+  """This process's rows of every global batch from step `start` on: of the
+  training set, or a mixture with `data.extra` (`data.mixed_batches`)."""
+  config = run.config
+  serving: dict[str, Any] = dict(
+    seed=config.seed,
+    start_step=start,
+    rows=data.process_rows(config.batch_size, run.mesh),
+    workers=config.data.get("workers", 0),
+  )
+  if run.extra_set is None:
+    return data.train_batches(run.train_set.x, run.train_set.y, config.batch_size, **serving)
+  return data.mixed_batches(
+    (run.train_set.x, run.train_set.y),
+    (run.extra_set.x, run.extra_set.y),
+    config.batch_size,
+    extra_fraction=config.data.extra_fraction,
+    **serving,
+  )
+
+
 def _loop(
   run: _Run,
   state: TrainState,
@@ -232,9 +256,7 @@ def _loop(
   config, per_epoch, start = run.config, run.steps_per_epoch, int(state.step)
   step_fn = _make_step(run)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  batches = data.train_batches(
-    run.train_set.x, run.train_set.y, config.batch_size, seed=config.seed, start_step=start
-  )
+  batches = _batches(run, start)
   log: Any = metrics_lib.MetricsLog(run.workdir, start) if run.primary else contextlib.nullcontext()
   read: dict[str, float] = {}  # the metrics read back on log and checkpoint steps
   bar = metrics_lib.Progress(
@@ -244,7 +266,7 @@ def _loop(
   tick = time.perf_counter()
   with signals.StopRequests() as stop, log, bar:
     for step in range(start + 1, end + 1):  # `step`: the state's step after it
-      x, y = parallel.global_batch(next(batches), run.mesh)
+      x, y = data.local_to_global(next(batches), run.mesh, config.batch_size)
       state, metrics = step_fn(state, x, y, key)
       first_bad = first_non_finite(first_bad, metrics, jnp.int32(step))
       bar.step()

@@ -26,7 +26,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from jaxrobust import checks, fastpath, models, parallel
+from jaxrobust import checks, data, fastpath, models, parallel
 from jaxrobust import keys as keys_lib
 from jaxrobust.training import objectives
 from jaxrobust.training.optimizer import make_optimizer, make_schedule
@@ -323,6 +323,7 @@ def make_train_step(
   def device_step(
     state: TrainState, x: Images, y: Labels, key: PRNGKey
   ) -> tuple[TrainState, Metrics]:
+    x = data.as_float(x)  # uint8 batches (records:) become floats on the device
     x, x_train, apply_kwargs = _training_inputs(model, objective, augment, state, x, y, key)
     # The CPU fast path (identity elsewhere), before differentiating and after.
     fast_loss = fastpath.fast(_loss_fn(model, objective, state, x, x_train, y, apply_kwargs))
