@@ -126,7 +126,7 @@ def row(label, accuracy, stages=()):
     "attack": label,
     "accuracy": accuracy,
     "outside_ball": 0,
-    "stages": [{"stage": s, "accuracy": a} for s, a in stages],
+    "stages": [{"stage": s, "uses_gradients": s != "square", "accuracy": a} for s, a in stages],
   }
 
 

@@ -7,7 +7,6 @@ a wrong model interface typically produce. Each check is a dict
 warning when one fails.
 """
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -155,7 +154,7 @@ def _square_checks(row):
   stages = row["stages"]
   if len(stages) < 2:
     return []
-  uses_gradients = [s.uses_gradients for s in _attack_of(row).stages]
+  uses_gradients = [s["uses_gradients"] for s in stages]
   j = uses_gradients.index(False) if False in uses_gradients else 0
   if j == 0:
     return []
@@ -168,14 +167,6 @@ def _square_checks(row):
       "detail": f"robust accuracy {before:.4f} before it, {stage['accuracy']:.4f} after",
     }
   ]
-
-
-def _attack_of(row):
-  """The `Attack` of a report row, rebuilt from its name, threat model and settings."""
-  spec = {"name": row["name"], **row["settings"]}
-  parameters = inspect.signature(attacks_lib.ATTACKS[row["name"]]).parameters
-  spec.update({k: row[k] for k in ("norm", "eps") if k in parameters})
-  return attacks_lib.create(spec)
 
 
 # AutoAttack's randomized-defence check: draws of the model, and the largest

@@ -34,7 +34,8 @@ def report(
     `{"n_examples", "clean_accuracy", "mode": "cascade" | "individual",
     "results": [{"attack", "name", "norm", "eps", "accuracy", "attacked",
     "seconds", "median_l2", "max_perturbation", "outside_ball", "settings",
-    "stages": [{"stage", "accuracy", "attacked", "seconds"}]}],
+    "stages": [{"stage", "uses_gradients", "accuracy", "attacked",
+    "seconds"}]}],
     "threat_models": [{"norm", "eps", "attacks", "accuracy"}],
     "worst_case_accuracy"}`, accuracies in [0, 1].
   """
@@ -95,6 +96,7 @@ def _row(label, attack, o):
     "stages": [
       {
         "stage": s.label,
+        "uses_gradients": s.uses_gradients,
         "accuracy": float(a),
         "attacked": int(o.attacked[first_round[j]].sum()),
         "seconds": float(seconds[j]),
