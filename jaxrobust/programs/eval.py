@@ -253,10 +253,11 @@ def attack(resolved: dict[str, Any], model: nn.Module, state: Any) -> dict[str, 
     print(format_lipschitz(rep["lipschitz"], rep["lipschitz"]["of"]))
   if "sanity" in rep:
     print(format_sanity(rep["sanity"]))
+  # RobustBench's record of every cascade (AutoAttack's versions, worst_case).
   rep["robustbench"] = [
-    evaluation.robustbench_report(rep, label)
-    for label, spec in specs.items()
-    if spec["name"] == "autoattack"
+    evaluation.robustbench_report(rep, row["attack"])
+    for row in rep["results"]
+    if len(row["stages"]) > 1
   ]
   if opts.SWEEP.value:
     rep["sweep"] = sweep(specs, evaluate)
