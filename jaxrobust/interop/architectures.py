@@ -11,16 +11,23 @@ import numpy as np
 from jaxrobust import checks, models
 
 # RobustBench's names for the zoo's architectures: (jaxrobust model, settings).
-ZOO = {
+ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "preact-resnet-18": ("preact_resnet18", {"padding": "torch"}),
+  "preact-resnet-18-plain": (
+    "preact_resnet18",
+    {"padding": "torch", "final_bn": False, "shortcut_from": "input"},
+  ),
+  "dm-preact-resnet-18": ("dm_preact_resnet18", {}),
   "resnet-18": ("resnet18", {"padding": "torch"}),
+  "resnet-50": ("resnet50", {"stem": "imagenet"}),
+  "resnet-50-cifar": ("resnet50", {"stem": "cifar"}),
 }
 _WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
 ARCHS = (
   *models.MODELS,
   *ZOO,
   "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
-  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16)",
+  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16, dm-wrn-106-16)",
 )
 
 # (first conv, classifier) of each model's PyTorch layout: they fix the input
@@ -32,7 +39,28 @@ ENDS = {
   "resnet18": ("conv1", "linear"),
   "wide_resnet": ("conv1", "fc"),
   "dm_wide_resnet": ("init_conv", "logits"),
+  "dm_preact_resnet18": ("conv_2d", "logits"),
+  "resnet50": ("conv1", "linear"),
 }
+# DeepMind's architectures: without normalisation buffers, CIFAR-10's statistics.
+DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18")
+
+
+def model_ends(name: str, settings: Mapping[str, Any]) -> tuple[str, str]:
+  """The PyTorch names of model `name`'s first convolution and classifier.
+
+  Args:
+    name: a name of `models.MODELS`.
+    settings: its settings (`resnet50`'s `stem` picks torchvision's "fc").
+
+  Returns:
+    `(first conv, classifier)`, e.g. `("conv1", "linear")`.
+  """
+  if name == "resnet50" and settings.get("stem", "cifar") == "imagenet":
+    return ("conv1", "fc")
+  return ENDS[name]
+
+
 # The models with a dense layer after a flatten: their input size matters.
 FLATTENS = ("small_cnn", "seed_cnn")
 

@@ -11,8 +11,7 @@ from jaxrobust.models.blocks import ACTIVATIONS, Conv, Normalize, PreActBlock, b
 from jaxrobust.models.blocks import conv_padding
 from jaxrobust.types import Images, Logits
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+from jaxrobust.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 
 
 def _wide_resnet(
