@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import interop
+import jaxrobust as jr
+from jaxrobust import interop, zoo
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -162,3 +163,104 @@ def test_torchvision_resnet50_behind_robustbench_normalisation(tmp_path):
   assert model.mean == pytest.approx(mu) and model.stem == "imagenet"
   got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)))
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+# The table (`jaxrobust.zoo`).
+
+CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+SIDE = {"cifar10": 32, "cifar100": 32, "imagenet": 224}
+
+
+def test_every_entry_has_a_unique_name_and_the_leaderboards_facts():
+  keys = [zoo.key(e) for e in zoo.ENTRIES]
+  assert len(keys) == len(set(keys)) == 206
+  for e in zoo.ENTRIES:
+    assert e.dataset in CLASSES and e.threat in ("Linf", "L2", "corruptions")
+    assert (e.arch is None) != (e.missing == "")
+    if e.threat != "corruptions":
+      assert 0 < zoo.eps(e) <= 0.5 and e.robust is not None and e.clean > e.robust
+  carmon = zoo.find("Carmon2019Unlabeled")
+  assert (carmon.arch, carmon.eps, carmon.clean, carmon.robust) == (
+    "wrn-28-10",
+    "8/255",
+    89.69,
+    59.53,
+  )
+  assert zoo.find("models/cifar10/L2/Standard.pt").threat == "L2"
+
+
+def test_coverage_counts_the_loadable_entries():
+  cov = zoo.coverage(("cifar10",), ("Linf", "L2"))
+  assert cov == {"cifar10/Linf": (59, 76), "cifar10/L2": (19, 21)}  # 78 of 97: 80 %
+  resnet50s = [e for e in zoo.ENTRIES if e.dataset == "imagenet" and e.arch == "resnet-50"]
+  assert len(resnet50s) == 12  # every torchvision resnet50 entry, L-inf and corruptions
+  text = zoo.format_list()
+  assert all(zoo.key(e) in text for e in zoo.ENTRIES) and "cifar10/Linf: 59 of 76 load" in text
+
+
+def test_unsupported_entries_say_which_architecture_is_missing():
+  assert "Ding2020MMANet" in zoo.status("cifar10/Linf/Ding2020MMA")
+  assert zoo.status("cifar10/Linf/Peng2023Robust").startswith("not supported")
+  assert zoo.status("cifar10/Linf/Wong2020Fast") == "loads as preact-resnet-18-plain"
+  with pytest.raises(jr.InputError, match="'Standard' is held by cifar10/Linf/Standard"):
+    zoo.find("Standard")
+  with pytest.raises(jr.InputError, match="no zoo entry"):
+    zoo.find("Nobody2099")
+  with pytest.raises(jr.InputError, match="RobustWideResNet"):
+    zoo.load_entry("cifar10/Linf/Huang2021Exploring", {})
+
+
+def _architectures():
+  return sorted({(e.arch, e.dataset) for e in zoo.ENTRIES if e.arch is not None})
+
+
+@pytest.mark.parametrize("arch, dataset", _architectures())
+def test_every_supported_architecture_builds_at_full_size(arch, dataset):
+  name, settings = interop.architecture(arch)
+  model = jr.models.create(
+    name, num_classes=CLASSES[dataset], mean=(0,) * 3, std=(1,) * 3, **settings
+  )
+  side = SIDE[dataset]
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+  n_flax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+  with torch.device("meta"):
+    net = interop.twin(name, num_classes=CLASSES[dataset], mean=(0,) * 3, std=(1,) * 3, **settings)
+  assert n_flax == sum(p.numel() for p in net.parameters())
+  keys = {k for k, _, kind in interop.layout(model, shapes["params"]) if kind != "count"}
+  assert keys == {
+    k for k in net.state_dict() if k not in ("mean", "std") and "num_batches" not in k
+  }
+
+
+def _full_size_checkpoint(arch, classes):
+  name, settings = interop.architecture(arch)
+  torch.manual_seed(0)
+  net = interop.twin(name, num_classes=classes, mean=(0,) * 3, std=(1,) * 3, **settings)
+  return {k: v for k, v in net.state_dict().items() if k not in ("mean", "std")}
+
+
+def test_a_checkpoint_loads_by_entry_and_a_wrong_one_is_named_in_one_line():
+  state = _full_size_checkpoint("preact-resnet-18-plain", 10)
+  model, variables = zoo.load_entry("cifar10/Linf/Wong2020Fast", {"model": state})
+  assert model.final_bn is False and model.mean == (0.0,) * 3
+  with pytest.raises(jr.InputError) as error:
+    zoo.load_entry("cifar10/Linf/Rice2020Overfitting", state)  # a WideResNet-34-20 entry
+  message = str(error.value)
+  assert "\n" not in message
+  assert "cifar10/Linf/Rice2020Overfitting (architecture wrn-34-20)" in message
+  assert "'fc.weight'" in message  # the first key the architecture needs
+
+
+def test_evaluate_entry_sets_the_leaderboards_number_beside_ours():
+  state = _full_size_checkpoint("preact-resnet-18-plain", 10)
+  model, variables = zoo.load_entry("cifar10/Linf/Wong2020Fast", state)
+  x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  wrong = (np.asarray(model.apply(variables, x)).argmax(-1) + 1) % 10  # nothing to attack
+  got = zoo.evaluate_entry("cifar10/Linf/Wong2020Fast", state, x=x, y=wrong, batch_size=4)
+  assert (got.n, got.clean, got.robust, got.stderr) == (4, 0.0, 0.0, 0.0)
+  assert got.leaderboard == 43.21 and got.difference == pytest.approx(-43.21)
+  assert "leaderboard 43.21 %" in got.format() and "n=4" in got.format()
+  half = zoo.result(zoo.find("cifar10/Linf/Wong2020Fast"), 100, 0.8, 0.5)
+  assert half.stderr == pytest.approx(5.0) and half.difference == pytest.approx(50 - 43.21)
+  with pytest.raises(jr.InputError, match="not an AutoAttack entry"):
+    zoo.evaluate_entry("cifar10/corruptions/Standard", state)

@@ -81,7 +81,8 @@ def state_dict_of(checkpoint: Any) -> StateDict:
     checkpoint: a state dict of tensors or arrays, possibly nested under
       "state_dict" or "model" entries, its keys possibly prefixed "module."
       (saved from `nn.DataParallel`), or RobustBench's `normalize_model`
-      wrapping ("normalize.mean", "normalize.std", "model." + the network's).
+      wrapping ("normalize.mean", "normalize.std", "model." + the network's);
+      buffers "mu" and "sigma" (RobustBench's standardising subclasses).
 
   Returns:
     `{key: numpy array}`, unwrapped, without the "module." or "model."
@@ -110,6 +111,8 @@ def state_dict_of(checkpoint: Any) -> StateDict:
   if "normalize.mean" in state and all(k.startswith(("model.", "normalize.")) for k in state):
     renamed = {"normalize.mean": "mean", "normalize.std": "std"}
     state = {renamed.get(k, k.removeprefix("model.")): v for k, v in state.items()}
+  if "mu" in state and "sigma" in state and "mean" not in state:  # RobustBench's own buffers
+    state = {{"mu": "mean", "sigma": "std"}.get(k, k): v for k, v in state.items()}
   return {k: _numpy(k, v) for k, v in state.items()}
 
 
