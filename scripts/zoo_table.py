@@ -51,6 +51,7 @@ RULES = [
   (r"ResNet18\(\)|ResNet\(\s*BasicBlock,\s*\[2, 2, 2, 2\]", "resnet-18"),
   (r"ResNet50\(\)|ResNet\(\s*Bottleneck,\s*\[3, 4, 6, 3\]\s*\)", "resnet-50-cifar"),
   (r"pt_models\.resnet50\((pretrained=True)?\)", "resnet-50"),
+  (r"pt_models\.(wide_resnet50_2\(\)|resnet50\(width_per_group=64 \* 2\))", "wide-resnet-50-2"),
 ]
 WRN_SUPERS = ("WideResNet.__init__", "super(")
 

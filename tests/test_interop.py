@@ -42,6 +42,7 @@ ARCHS = {
   "dm-preact-resnet-18": ("dm-preact-resnet-18", dict(width=2), (8, 8)),
   "resnet-50-cifar": ("resnet-50-cifar", dict(width=2, stage_blocks=(1, 2, 1, 1)), (8, 8)),
   "resnet-50 (torchvision)": ("resnet-50", dict(width=2, stage_blocks=(1, 2, 1, 1)), (18, 18)),
+  "wide-resnet-50-2": ("wide-resnet-50-2", dict(width=2, stage_blocks=(1, 1, 2, 1)), (17, 17)),
 }
 
 
@@ -154,13 +155,14 @@ REAL = {
   "dm-preact-resnet-18": None,
   "resnet-50-cifar": 23_520_842,
   "resnet-50": 25_557_032,  # torchvision's resnet50, 1000 classes
+  "wide-resnet-50-2": 68_883_240,  # torchvision's wide_resnet50_2
 }
 
 
 @pytest.mark.parametrize("arch", REAL)
 def test_real_size_layouts_match_robustbench(arch):
   name, settings = interop.architecture(arch)
-  classes, side = (1000, 224) if arch == "resnet-50" else (10, 32)
+  classes, side = (1000, 224) if arch in ("resnet-50", "wide-resnet-50-2") else (10, 32)
   model = jr.models.create(name, num_classes=classes, mean=MEAN, std=STD, **settings)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
   shapes = jax.tree.map(lambda s: s.shape, shapes)

@@ -21,6 +21,7 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "resnet-18": ("resnet18", {"padding": "torch"}),
   "resnet-50": ("resnet50", {"stem": "imagenet"}),
   "resnet-50-cifar": ("resnet50", {"stem": "cifar"}),
+  "wide-resnet-50-2": ("resnet50", {"stem": "imagenet", "group_width": 128}),
 }
 _WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
 ARCHS = (

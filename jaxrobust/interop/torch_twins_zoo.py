@@ -64,13 +64,13 @@ class DMPreActResNet18(Twin):
 class Bottleneck(nn.Module):
   """`models.Bottleneck`; its shortcut is `shortcut_name` (`shortcut` or torchvision's `downsample`)."""
 
-  def __init__(self, cin, planes, stride, *, shortcut_name="shortcut"):
+  def __init__(self, cin, planes, stride, *, shortcut_name="shortcut", inner=None):
     super().__init__()
-    cout = 4 * planes
-    self.conv1, self.bn1 = Conv2d(cin, planes, 1, padding="torch"), batch_norm(planes)
-    self.conv2 = Conv2d(planes, planes, 3, stride, padding="torch")
-    self.bn2 = batch_norm(planes)
-    self.conv3, self.bn3 = Conv2d(planes, cout, 1, padding="torch"), batch_norm(cout)
+    cout, inner = 4 * planes, inner or planes
+    self.conv1, self.bn1 = Conv2d(cin, inner, 1, padding="torch"), batch_norm(inner)
+    self.conv2 = Conv2d(inner, inner, 3, stride, padding="torch")
+    self.bn2 = batch_norm(inner)
+    self.conv3, self.bn3 = Conv2d(inner, cout, 1, padding="torch"), batch_norm(cout)
     self.shortcut_name = shortcut_name
     shortcut = nn.Sequential()
     if stride != 1 or cin != cout:
@@ -87,7 +87,17 @@ class Bottleneck(nn.Module):
 class ResNet50(Twin):
   """`models.ResNet50`: RobustBench's CIFAR `ResNet50` or torchvision's `resnet50` layout."""
 
-  def __init__(self, num_classes, mean, std, *, stem="cifar", width=64, stage_blocks=(3, 4, 6, 3)):
+  def __init__(
+    self,
+    num_classes,
+    mean,
+    std,
+    *,
+    stem="cifar",
+    width=64,
+    stage_blocks=(3, 4, 6, 3),
+    group_width=64,
+  ):
     super().__init__(mean, std)
     self.stem = stem
     imagenet = stem == "imagenet"
@@ -101,7 +111,8 @@ class ResNet50(Twin):
       for stage, planes, stride in blocks:
         if stage == s:
           shortcut_name = "downsample" if imagenet else "shortcut"
-          layer.append(Bottleneck(cin, planes, stride, shortcut_name=shortcut_name))
+          inner = planes * group_width // 64
+          layer.append(Bottleneck(cin, planes, stride, shortcut_name=shortcut_name, inner=inner))
           cin = 4 * planes
       setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
     self.n_stages = len(stage_blocks)

@@ -31,9 +31,11 @@ class Bottleneck(nn.Module):
   (torchvision's ResNet v1.5, RobustBench's CIFAR `Bottleneck`).
 
   Attributes:
-    planes: the channels of the inner convolutions; the block outputs 4 `planes`.
+    planes: the block outputs 4 `planes` channels.
     strides: the stride of the 3x3 convolution.
     norm: a maker of normalisation layers (`batch_norm`).
+    inner: the channels of the inner convolutions (default `planes`;
+      torchvision's `wide_resnet50_2`: 2 `planes`).
 
   References:
     He et al., 2015 (https://arxiv.org/abs/1512.03385)
@@ -43,12 +45,14 @@ class Bottleneck(nn.Module):
   planes: int
   strides: int
   norm: Callable[..., Any]
+  inner: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     norm = lambda name: self.norm(name=name)
-    out = nn.relu(norm("bn1")(_conv(self.planes, 1, 1, "conv1")(x)))
-    out = nn.relu(norm("bn2")(_conv(self.planes, 3, self.strides, "conv2")(out)))
+    inner = self.inner or self.planes
+    out = nn.relu(norm("bn1")(_conv(inner, 1, 1, "conv1")(x)))
+    out = nn.relu(norm("bn2")(_conv(inner, 3, self.strides, "conv2")(out)))
     out = norm("bn3")(_conv(4 * self.planes, 1, 1, "conv3")(out))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != 4 * self.planes:
@@ -93,6 +97,9 @@ class ResNet50(nn.Module):
     stem: one of `STEMS`.
     width: the planes of the first stage (64; the first stage outputs 4 `width`).
     stage_blocks: the blocks of each stage ((3, 4, 6, 3): ResNet-50).
+    group_width: torchvision's `width_per_group`: the inner convolutions
+      have `group_width / 64` times a block's planes (128:
+      `wide_resnet50_2`).
 
   References:
     He et al., 2015 (https://arxiv.org/abs/1512.03385)
@@ -105,6 +112,7 @@ class ResNet50(nn.Module):
   stem: str = "cifar"
   width: int = 64
   stage_blocks: Sequence[int] = (3, 4, 6, 3)
+  group_width: int = 64
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -117,5 +125,6 @@ class ResNet50(nn.Module):
       x = nn.relu(norm(name="bn1")(_conv(self.width, 7, 2, "conv1")(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for k, (_, planes, strides) in enumerate(bottleneck_blocks(self.width, self.stage_blocks)):
-      x = Bottleneck(planes, strides, norm, name=f"block{k}")(x)
+      inner = planes * self.group_width // 64
+      x = Bottleneck(planes, strides, norm, inner, name=f"block{k}")(x)
     return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
