@@ -35,6 +35,10 @@ RULES = [
   (r"DMWideResNet\((?=[^)]*depth=(?P<d>\d+))?(?=[^)]*width=(?P<w>\d+))?", "dm-wrn-{d}-{w}"),
   (r"DMPreActResNet\((?![^)]*depth=34)", "dm-preact-resnet-18"),
   (
+    r"RobustWideResNet\([^)]*channel_configs=\[(?P<c>[\d, ]+)\][^)]*depth_configs=\[(?P<n>[\d, ]+)\]",
+    "robust-wrn-{c}-{n}",
+  ),
+  (
     r"(?<![A-Za-z])WideResNet\((?=[^)]*depth=(?P<d>\d+))?(?=[^)]*widen_factor=(?P<w>\d+))?",
     "wrn-{d}-{w}",
   ),
@@ -112,7 +116,8 @@ def classify(src: str, builder: str) -> tuple[str | None, str]:
       if arch is None:
         break
       groups = {k: v for k, v in m.groupdict().items() if v}
-      return arch.format(d=groups.get("d", 28), w=groups.get("w", 10)), ""
+      sizes = {k: "-".join(re.findall(r"\d+", groups.get(k, ""))) for k in "cn"}
+      return arch.format(d=groups.get("d", 28), w=groups.get("w", 10), **sizes), ""
   return None, builder
 
 

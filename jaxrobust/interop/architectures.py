@@ -24,11 +24,13 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "wide-resnet-50-2": ("resnet50", {"stem": "imagenet", "group_width": 128}),
 }
 _WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
+_ROBUST_WRN = re.compile(r"robust-wrn-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)")
 ARCHS = (
   *models.MODELS,
   *ZOO,
   "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
   "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16, dm-wrn-106-16)",
+  "robust-wrn-<4 channels>-<3 depths> (robust-wrn-16-320-640-512-5-5-5)",
 )
 
 # (first conv, classifier) of each model's PyTorch layout: they fix the input
@@ -42,6 +44,7 @@ ENDS = {
   "dm_wide_resnet": ("init_conv", "logits"),
   "dm_preact_resnet18": ("conv_2d", "logits"),
   "resnet50": ("conv1", "linear"),
+  "robust_wide_resnet": ("stem_conv", "fc"),
 }
 # DeepMind's architectures: without normalisation buffers, CIFAR-10's statistics.
 DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18")
@@ -71,7 +74,9 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
 
   Args:
     arch: a name of `models.MODELS`, of `ZOO`, "wrn-D-W" (RobustBench's
-      WideResNet-D-W, PyTorch's padding) or "dm-wrn-D-W" (DeepMind's).
+      WideResNet-D-W, PyTorch's padding), "dm-wrn-D-W" (DeepMind's) or
+      "robust-wrn-C0-C1-C2-C3-D1-D2-D3" (RobustBench's `RobustWideResNet`
+      with `channel_configs` C and `depth_configs` D).
     **settings: settings that override the architecture's.
 
   Returns:
@@ -87,6 +92,9 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
     own: dict[str, Any] = dict(depth=int(wrn.group(2)), width=int(wrn.group(3)))
     if not wrn.group(1):
       own["padding"] = "torch"
+  elif _ROBUST_WRN.fullmatch(arch):
+    sizes = [int(g) for g in _ROBUST_WRN.fullmatch(arch).groups()]  # type: ignore[union-attr]
+    name, own = "robust_wide_resnet", dict(channels=tuple(sizes[:4]), depths=tuple(sizes[4:]))
   elif arch in ZOO:
     name, own = ZOO[arch][0], dict(ZOO[arch][1])
   else:

@@ -131,6 +131,15 @@ def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> lis
   return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + _dense(last, ("Dense_0",))
 
 
+def _robust_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `robust_wide_resnet` (RobustBench's `RobustWideResNet`)."""
+  keys = [f"blocks.{s}.layer.{b}" for s, n in enumerate(model.depths) for b in range(n)]
+  entries = _conv("stem_conv", ("Conv_0",))
+  for key, (block, p) in zip(keys, _blocks(params, "PreActBlock"), strict=True):
+    entries += _preact_block(key, (block,), p, RB_WRN_BLOCK)
+  return entries + _bn("bn1", ("BatchNorm_0",)) + _dense("fc", ("Dense_0",))
+
+
 def _resnet_layout(model: nn.Module, name: str, params: Mapping[str, Any]) -> list[Entry]:
   """The layout of `preact_resnet18`, `resnet18` (RobustBench's names) or `dm_preact_resnet18`."""
   if name == "dm_preact_resnet18":
@@ -192,6 +201,8 @@ def layout(
     return _wide_resnet_layout(name, model.depth, params)
   if name == "resnet50":
     return _resnet50_layout(model, params)
+  if name == "robust_wide_resnet":
+    return _robust_wide_resnet_layout(model, params)
   return _resnet_layout(model, name, params)
 
 

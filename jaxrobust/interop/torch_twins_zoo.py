@@ -1,4 +1,4 @@
-"""PyTorch twins of DeepMind's PreAct ResNet-18 and of ResNet-50 (CIFAR and torchvision layouts).
+"""PyTorch twins of DeepMind's PreAct ResNet-18, ResNet-50 (CIFAR, torchvision) and RobustWideResNet.
 
 Like `torch_twins`, each takes NCHW images in [0, 1], holds the
 normalisation as buffers `mean` and `std` [C, 1, 1], and carries the
@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxrobust import models
-from jaxrobust.interop.layouts import DM_PREACT_BLOCK
+from jaxrobust.interop.layouts import DM_PREACT_BLOCK, RB_WRN_BLOCK
 from jaxrobust.interop.torch_twins import (
   ACTIVATIONS,
   Conv2d,
+  Group,
   PreActBlock,
   Twin,
   _resnet18_layers,
@@ -128,4 +129,38 @@ class ResNet50(Twin):
     return head(torch.mean(x, dim=(2, 3)))
 
 
-TWINS = {"dm_preact_resnet18": DMPreActResNet18, "resnet50": ResNet50}
+class RobustWideResNet(Twin):
+  """`models.RobustWideResNet`, in RobustBench's `RobustWideResNet` layout."""
+
+  def __init__(self, num_classes, mean, std, *, channels=(16, 320, 640, 512), depths=(5, 5, 5)):
+    super().__init__(mean, std)
+    self.stem_conv = Conv2d(len(mean), channels[0], 3, padding="torch")
+    stages = []
+    for s, n in enumerate(depths):
+      blocks = [
+        PreActBlock(
+          channels[s] if b == 0 else channels[s + 1],
+          channels[s + 1],
+          2 if s > 0 and b == 0 else 1,
+          names=RB_WRN_BLOCK,
+          padding="torch",
+        )
+        for b in range(n)
+      ]
+      stages.append(Group("layer", blocks))
+    self.blocks = nn.ModuleList(stages)
+    self.bn1 = batch_norm(channels[-1])
+    self.fc = nn.Linear(channels[-1], num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.stem_conv(self.normalize(x))
+    for stage in self.blocks:
+      x = stage(x)
+    return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
+
+
+TWINS = {
+  "dm_preact_resnet18": DMPreActResNet18,
+  "resnet50": ResNet50,
+  "robust_wide_resnet": RobustWideResNet,
+}

@@ -50,7 +50,13 @@ from jaxrobust.models.randomized import Randomized, is_randomized
 from jaxrobust.models.registry import MODELS, create, noise_settings, spectral_settings
 from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18, resnet18_blocks
 from jaxrobust.models.resnet50 import STEMS, Bottleneck, ResNet50, bottleneck_blocks
-from jaxrobust.models.wide_resnet import CIFAR10_MEAN, CIFAR10_STD, DMWideResNet, WideResNet
+from jaxrobust.models.wide_resnet import (
+  CIFAR10_MEAN,
+  CIFAR10_STD,
+  DMWideResNet,
+  RobustWideResNet,
+  WideResNet,
+)
 
 __all__ = [
   "ACTIVATIONS",
@@ -72,6 +78,7 @@ __all__ = [
   "Randomized",
   "ResNet18",
   "ResNet50",
+  "RobustWideResNet",
   "SeedCNN",
   "SmallCNN",
   "SpectralSettings",

@@ -11,7 +11,7 @@ from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.randomized import Randomized
 from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18
 from jaxrobust.models.resnet50 import STEMS, ResNet50
-from jaxrobust.models.wide_resnet import DMWideResNet, WideResNet
+from jaxrobust.models.wide_resnet import DMWideResNet, RobustWideResNet, WideResNet
 
 MODELS: dict[str, type[nn.Module]] = {
   "small_cnn": SmallCNN,
@@ -22,6 +22,7 @@ MODELS: dict[str, type[nn.Module]] = {
   "dm_wide_resnet": DMWideResNet,
   "dm_preact_resnet18": DMPreActResNet18,
   "resnet50": ResNet50,
+  "robust_wide_resnet": RobustWideResNet,
 }
 
 
