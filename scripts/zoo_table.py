@@ -29,6 +29,7 @@ NAMED = {"CIFAR10": CIFAR10, "CIFAR100": CIFAR100}
 # (pattern on the constructor's source, architecture); the first match wins. A
 # template's {d} and {w} are the pattern's groups "d" and "w" (defaults 28, 10).
 RULES = [
+  (r"^BoostingWideResNet\(\)", "wrn-34-20-cosine"),  # RobustBench's own defaults
   (r"x\.std\(dim=", None),  # per-image standardisation (Ding2020MMANet)
   (r"get_composite_model|get_nonlin_mixed|get_sparse_model|Sparsified|sodef|SODEF", None),
   (r"Meansparse|MeanSparse|timm\.|xcit|Swin|ConvNeXt|convnext|RaWideResNet|get_robustarch", None),
@@ -130,6 +131,8 @@ def normalisation(src: str, dataset: str) -> list[list[float]] | str:
     return [list(v) for v in CIFAR10]
   if "normalize_model" in src and dataset == "imagenet":
     return [list(v) for v in IMAGENET]
+  if "BoostingWideResNet" in src:  # its class registers mu and sigma
+    return "checkpoint"
   if "x = 2. * x - 1." in src:
     return [[0.5] * 3, [0.5] * 3]
   if "register_buffer" in src and ("'mu'" in src or '"mu"' in src):

@@ -44,6 +44,7 @@ ARCHS = {
   "resnet-50 (torchvision)": ("resnet-50", dict(width=2, stage_blocks=(1, 2, 1, 1)), (18, 18)),
   "wide-resnet-50-2": ("wide-resnet-50-2", dict(width=2, stage_blocks=(1, 1, 2, 1)), (17, 17)),
   "robust-wrn-4-6-8-4-1-2-1": ("robust-wrn-4-6-8-4-1-2-1", {}, (8, 8)),
+  "wrn-10-1-cosine": ("wrn-10-1-cosine", {}, (8, 8)),
 }
 
 

@@ -128,7 +128,10 @@ def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> lis
   entries = _conv(first, ("Conv_0",))
   for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
     entries += _preact_block(block_key(k), (block,), p, DM_BLOCK if dm else RB_WRN_BLOCK)
-  return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + _dense(last, ("Dense_0",))
+  head = _dense(last, ("Dense_0",))
+  if "bias" not in params["Dense_0"]:  # the cosine head
+    head = [(f"{last}.weight", ("params", "Dense_0", "kernel"), "dense")]
+  return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + head
 
 
 def _robust_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:

@@ -207,18 +207,22 @@ class WideResNet(Twin):
   block2: nn.Module
   block3: nn.Module
 
-  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same"):
+  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same", head="dense"):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), 16, 3, padding=padding)
     for s, blocks in enumerate(_wrn_stages(depth, width, RB_WRN_BLOCK, padding=padding)):
       setattr(self, f"block{s + 1}", Group("layer", blocks))
     self.bn1 = batch_norm(64 * width)
-    self.fc = nn.Linear(64 * width, num_classes)
+    self.head = head
+    self.fc = nn.Linear(64 * width, num_classes, bias=head == "dense")
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv1(self.normalize(x))
     x = self.block3(self.block2(self.block1(x)))
-    return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
+    x = torch.mean(F.relu(self.bn1(x)), dim=(2, 3))
+    if self.head == "cosine":
+      return F.linear(F.normalize(x, dim=1), F.normalize(self.fc.weight, dim=1))
+    return self.fc(x)
 
 
 class DMWideResNet(Twin):

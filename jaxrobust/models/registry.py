@@ -11,7 +11,7 @@ from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.randomized import Randomized
 from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18
 from jaxrobust.models.resnet50 import STEMS, ResNet50
-from jaxrobust.models.wide_resnet import DMWideResNet, RobustWideResNet, WideResNet
+from jaxrobust.models.wide_resnet import HEADS, DMWideResNet, RobustWideResNet, WideResNet
 
 MODELS: dict[str, type[nn.Module]] = {
   "small_cnn": SmallCNN,
@@ -90,6 +90,8 @@ def _check_hyperparameters(name: str, cls: type[nn.Module], kwargs: dict[str, An
     checks.one_of(f"model {name!r} padding", kwargs["padding"], PADDINGS)
   if "shortcut_from" in kwargs:
     checks.one_of(f"model {name!r} shortcut_from", kwargs["shortcut_from"], SHORTCUTS)
+  if "head" in kwargs:
+    checks.one_of(f"model {name!r} head", kwargs["head"], HEADS)
   if "stem" in kwargs:
     checks.one_of(f"model {name!r} stem", kwargs["stem"], STEMS)
   if "activation" in kwargs:

@@ -13,6 +13,9 @@ from jaxrobust.types import Images, Logits
 
 from jaxrobust.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 
+# The classifiers of `WideResNet`: a dense layer, or the cosine head.
+HEADS = ("dense", "cosine")
+
 
 def _wide_resnet(
   x: jax.Array,
@@ -55,9 +58,14 @@ class WideResNet(nn.Module):
     width: the widening factor.
     axis_name: the named axis BatchNorm averages over in training.
     padding: one of `PADDINGS`.
+    head: "dense", or "cosine": logits_k = <f / |f|, w_k / |w_k|>, the
+      cosine of the pooled features f and class k's weights, without bias
+      (Pang et al. 2020's hypersphere embedding, RobustBench's
+      `BoostingWideResNet`).
 
   References:
-    Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146)
+    Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146);
+    Pang et al., 2020 (https://arxiv.org/abs/2002.08619)
   """
 
   num_classes: int
@@ -67,9 +75,11 @@ class WideResNet(nn.Module):
   width: int = 10
   axis_name: str | None = None
   padding: str = "same"
+  head: str = "dense"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
+    checks.one_of("head", self.head, HEADS)
     x = Normalize(self.mean, self.std)(x)
     x = _wide_resnet(
       x,
@@ -79,7 +89,12 @@ class WideResNet(nn.Module):
       norm=batch_norm(train, self.axis_name),
       padding=self.padding,
     )
-    return nn.Dense(self.num_classes)(x)
+    if self.head == "dense":
+      return nn.Dense(self.num_classes)(x)
+    dense = nn.Dense(self.num_classes, use_bias=False)
+    out = dense(x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+    kernel = dense.variables["params"]["kernel"]
+    return out / jnp.maximum(jnp.linalg.norm(kernel, axis=0), 1e-12)
 
 
 class DMWideResNet(nn.Module):

@@ -55,7 +55,7 @@ ENTRIES: tuple[Entry, ...] = (
   Entry('Engstrom2019Robustness', 'cifar10', 'Linf', '8/255', 'resnet-50-cifar', '', 'checkpoint', 'Robustness library', 'https://github.com/MadryLab/robustness', 87.03, 49.25),
   Entry('Chen2020Adversarial', 'cifar10', 'Linf', '8/255', None, 'Chen2020AdversarialNet', 'checkpoint', 'Adversarial Robustness: From Self-Supervised Pre-Training to Fine-Tuning', 'https://arxiv.org/abs/2003.12862', 86.04, 51.56),
   Entry('Huang2020Self', 'cifar10', 'Linf', '0.031', 'wrn-34-10', '', 'none', 'Self-Adaptive Training: beyond Empirical Risk Minimization', 'https://arxiv.org/abs/2002.10319', 83.48, 53.34),
-  Entry('Pang2020Boosting', 'cifar10', 'Linf', '8/255', None, 'BoostingWideResNet', 'none', 'Boosting Adversarial Training with Hypersphere Embedding', 'https://arxiv.org/abs/2002.08619', 85.14, 53.74),
+  Entry('Pang2020Boosting', 'cifar10', 'Linf', '8/255', 'wrn-34-20-cosine', '', 'checkpoint', 'Boosting Adversarial Training with Hypersphere Embedding', 'https://arxiv.org/abs/2002.08619', 85.14, 53.74),
   Entry('Wong2020Fast', 'cifar10', 'Linf', '8/255', 'preact-resnet-18-plain', '', 'checkpoint', 'Fast is better than free: Revisiting adversarial training', 'https://arxiv.org/abs/2001.03994', 83.34, 43.21),
   Entry('Ding2020MMA', 'cifar10', 'Linf', '8/255', None, 'Ding2020MMANet', 'none', 'MMA Training: Direct Input Space Margin Maximization through Adversarial Training', 'https://openreview.net/forum?id=HkeryxBtPB', 84.36, 41.44),
   Entry('Zhang2019You', 'cifar10', 'Linf', '8/255', 'wrn-34-10', '', 'none', 'You Only Propagate Once: Accelerating Adversarial Training via Maximal Principle', 'https://arxiv.org/abs/1905.00877', 87.2, 44.83),
