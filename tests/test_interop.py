@@ -38,6 +38,13 @@ ARCHS = {
   "wide_resnet (same, pads 0-1 then 1-1)": ("wide_resnet", dict(depth=10, width=1), (10, 10)),
   # Swish: test_robustbench_checkpoints_load.
   "dm-wrn-10-1 (relu)": ("dm-wrn-10-1", dict(activation="relu"), (8, 8)),
+  "preact-resnet-18-plain": ("preact-resnet-18-plain", dict(width=2), (8, 8)),
+  "dm-preact-resnet-18": ("dm-preact-resnet-18", dict(width=2), (8, 8)),
+  "resnet-50-cifar": ("resnet-50-cifar", dict(width=2, stage_blocks=(1, 2, 1, 1)), (8, 8)),
+  "resnet-50 (torchvision)": ("resnet-50", dict(width=2, stage_blocks=(1, 2, 1, 1)), (18, 18)),
+  "wide-resnet-50-2": ("wide-resnet-50-2", dict(width=2, stage_blocks=(1, 1, 2, 1)), (17, 17)),
+  "robust-wrn-4-6-8-4-1-2-1": ("robust-wrn-4-6-8-4-1-2-1", {}, (8, 8)),
+  "wrn-10-1-cosine": ("wrn-10-1-cosine", {}, (8, 8)),
 }
 
 
@@ -146,14 +153,20 @@ REAL = {
   "dm-wrn-70-16": None,
   "resnet-18": 11_173_962,
   "preact-resnet-18": None,
+  "preact-resnet-18-plain": 11_171_146,
+  "dm-preact-resnet-18": None,
+  "resnet-50-cifar": 23_520_842,
+  "resnet-50": 25_557_032,  # torchvision's resnet50, 1000 classes
+  "wide-resnet-50-2": 68_883_240,  # torchvision's wide_resnet50_2
 }
 
 
 @pytest.mark.parametrize("arch", REAL)
 def test_real_size_layouts_match_robustbench(arch):
   name, settings = interop.architecture(arch)
-  model = jr.models.create(name, num_classes=10, mean=MEAN, std=STD, **settings)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  classes, side = (1000, 224) if arch in ("resnet-50", "wide-resnet-50-2") else (10, 32)
+  model = jr.models.create(name, num_classes=classes, mean=MEAN, std=STD, **settings)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
   shapes = jax.tree.map(lambda s: s.shape, shapes)
   want = {
     key: (
@@ -162,7 +175,7 @@ def test_real_size_layouts_match_robustbench(arch):
     for key, path, kind in interop.layout(model, shapes["params"])
   }
   with torch.device("meta"):
-    net = interop.twin(name, num_classes=10, mean=MEAN, std=STD, **settings)
+    net = interop.twin(name, num_classes=classes, mean=MEAN, std=STD, **settings)
   got = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in ("mean", "std")}
   assert got == want
   n_params = sum(p.numel() for p in net.parameters())

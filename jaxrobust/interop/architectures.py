@@ -11,16 +11,27 @@ import numpy as np
 from jaxrobust import checks, models
 
 # RobustBench's names for the zoo's architectures: (jaxrobust model, settings).
-ZOO = {
+ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "preact-resnet-18": ("preact_resnet18", {"padding": "torch"}),
+  "preact-resnet-18-plain": (
+    "preact_resnet18",
+    {"padding": "torch", "final_bn": False, "shortcut_from": "input"},
+  ),
+  "dm-preact-resnet-18": ("dm_preact_resnet18", {}),
   "resnet-18": ("resnet18", {"padding": "torch"}),
+  "resnet-50": ("resnet50", {"stem": "imagenet"}),
+  "resnet-50-cifar": ("resnet50", {"stem": "cifar"}),
+  "wide-resnet-50-2": ("resnet50", {"stem": "imagenet", "group_width": 128}),
 }
-_WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)")
+_WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)|wrn-(\d+)-(\d+)-cosine")
+_ROBUST_WRN = re.compile(r"robust-wrn-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)")
 ARCHS = (
   *models.MODELS,
   *ZOO,
   "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
-  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16)",
+  "wrn-<depth>-<width>-cosine (wrn-34-20-cosine: RobustBench's BoostingWideResNet)",
+  "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16, dm-wrn-106-16)",
+  "robust-wrn-<4 channels>-<3 depths> (robust-wrn-16-320-640-512-5-5-5)",
 )
 
 # (first conv, classifier) of each model's PyTorch layout: they fix the input
@@ -32,7 +43,29 @@ ENDS = {
   "resnet18": ("conv1", "linear"),
   "wide_resnet": ("conv1", "fc"),
   "dm_wide_resnet": ("init_conv", "logits"),
+  "dm_preact_resnet18": ("conv_2d", "logits"),
+  "resnet50": ("conv1", "linear"),
+  "robust_wide_resnet": ("stem_conv", "fc"),
 }
+# DeepMind's architectures: without normalisation buffers, CIFAR-10's statistics.
+DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18")
+
+
+def model_ends(name: str, settings: Mapping[str, Any]) -> tuple[str, str]:
+  """The PyTorch names of model `name`'s first convolution and classifier.
+
+  Args:
+    name: a name of `models.MODELS`.
+    settings: its settings (`resnet50`'s `stem` picks torchvision's "fc").
+
+  Returns:
+    `(first conv, classifier)`, e.g. `("conv1", "linear")`.
+  """
+  if name == "resnet50" and settings.get("stem", "cifar") == "imagenet":
+    return ("conv1", "fc")
+  return ENDS[name]
+
+
 # The models with a dense layer after a flatten: their input size matters.
 FLATTENS = ("small_cnn", "seed_cnn")
 
@@ -42,7 +75,10 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
 
   Args:
     arch: a name of `models.MODELS`, of `ZOO`, "wrn-D-W" (RobustBench's
-      WideResNet-D-W, PyTorch's padding) or "dm-wrn-D-W" (DeepMind's).
+      WideResNet-D-W, PyTorch's padding), "wrn-D-W-cosine" (with the
+      cosine head, `BoostingWideResNet`), "dm-wrn-D-W" (DeepMind's) or
+      "robust-wrn-C0-C1-C2-C3-D1-D2-D3" (RobustBench's `RobustWideResNet`
+      with `channel_configs` C and `depth_configs` D).
     **settings: settings that override the architecture's.
 
   Returns:
@@ -53,11 +89,18 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
   """
   checks.require(isinstance(arch, str), f"arch must be a name, got {arch!r}")
   wrn = _WRN.fullmatch(arch)
-  if wrn:
+  if wrn and wrn.group(4):
+    name = "wide_resnet"
+    own: dict[str, Any] = dict(depth=int(wrn.group(4)), width=int(wrn.group(5)))
+    own.update(padding="torch", head="cosine")
+  elif wrn:
     name = "dm_wide_resnet" if wrn.group(1) else "wide_resnet"
-    own: dict[str, Any] = dict(depth=int(wrn.group(2)), width=int(wrn.group(3)))
+    own = dict(depth=int(wrn.group(2)), width=int(wrn.group(3)))
     if not wrn.group(1):
       own["padding"] = "torch"
+  elif _ROBUST_WRN.fullmatch(arch):
+    sizes = [int(g) for g in _ROBUST_WRN.fullmatch(arch).groups()]  # type: ignore[union-attr]
+    name, own = "robust_wide_resnet", dict(channels=tuple(sizes[:4]), depths=tuple(sizes[4:]))
   elif arch in ZOO:
     name, own = ZOO[arch][0], dict(ZOO[arch][1])
   else:
@@ -94,6 +137,16 @@ def model_name(model: object) -> str:
   )
 
 
+# Settings a checkpoint records only where they differ from these defaults, so
+# that the models without them record what they always have.
+_UNRECORDED: dict[str, Any] = {
+  "head": "dense",
+  "final_bn": True,
+  "shortcut_from": "activation",
+}
+_NONE = object()
+
+
 def model_settings(model: nn.Module) -> dict[str, Any]:
   """The hyper-parameters of `model` that `models.create` takes, as a checkpoint records them.
 
@@ -102,10 +155,12 @@ def model_settings(model: nn.Module) -> dict[str, Any]:
 
   Returns:
     Its settings without classes, normalisation, axis name or spectral
-    normalisation, e.g. `{"depth": 28, "width": 10, "padding": "torch"}`.
+    normalisation, e.g. `{"depth": 28, "width": 10, "padding": "torch"}`;
+    `head`, `final_bn` and `shortcut_from` only where not at their defaults.
   """
   skip = {"num_classes", "mean", "std", "axis_name", "parent", "name", "spectral"}
-  return {k: getattr(model, k) for k in type(model).__dataclass_fields__ if k not in skip}
+  settings = {k: getattr(model, k) for k in type(model).__dataclass_fields__ if k not in skip}
+  return {k: v for k, v in settings.items() if _UNRECORDED.get(k, _NONE) != v}
 
 
 def _image_hw(name: str, side: int) -> tuple[int, int]:

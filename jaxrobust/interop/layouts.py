@@ -16,8 +16,8 @@ from typing import Any, TypeAlias
 import flax.linen as nn
 import numpy as np
 
-from jaxrobust import checks
-from jaxrobust.interop.architectures import ENDS, model_name
+from jaxrobust import checks, models
+from jaxrobust.interop.architectures import model_ends, model_name
 
 Kind: TypeAlias = str | tuple[str, int, int]
 Path: TypeAlias = tuple[str, ...]
@@ -30,6 +30,9 @@ DM_BLOCK = dict(
   bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1", shortcut="shortcut"
 )
 RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
+DM_PREACT_BLOCK = dict(
+  bn1="batchnorm_0", conv1="conv_2d_1", bn2="batchnorm_1", conv2="conv_2d_2", shortcut="shortcut"
+)
 
 
 def _conv(key: str, path: Path, bias: bool = False) -> list[Entry]:
@@ -121,24 +124,61 @@ def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> lis
     if dm
     else (lambda k: f"block{k // n + 1}.layer.{k % n}")
   )
-  first, last = ENDS[name]
+  first, last = model_ends(name, {})
   entries = _conv(first, ("Conv_0",))
   for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
     entries += _preact_block(block_key(k), (block,), p, DM_BLOCK if dm else RB_WRN_BLOCK)
-  return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + _dense(last, ("Dense_0",))
+  head = _dense(last, ("Dense_0",))
+  if "bias" not in params["Dense_0"]:  # the cosine head
+    head = [(f"{last}.weight", ("params", "Dense_0", "kernel"), "dense")]
+  return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + head
 
 
-def _resnet_layout(name: str, params: Mapping[str, Any]) -> list[Entry]:
-  """The layout of `preact_resnet18` or `resnet18` (RobustBench's names)."""
+def _robust_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `robust_wide_resnet` (RobustBench's `RobustWideResNet`)."""
+  keys = [f"blocks.{s}.layer.{b}" for s, n in enumerate(model.depths) for b in range(n)]
+  entries = _conv("stem_conv", ("Conv_0",))
+  for key, (block, p) in zip(keys, _blocks(params, "PreActBlock"), strict=True):
+    entries += _preact_block(key, (block,), p, RB_WRN_BLOCK)
+  return entries + _bn("bn1", ("BatchNorm_0",)) + _dense("fc", ("Dense_0",))
+
+
+def _resnet_layout(model: nn.Module, name: str, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `preact_resnet18`, `resnet18` (RobustBench's names) or `dm_preact_resnet18`."""
+  if name == "dm_preact_resnet18":
+    entries = _conv("conv_2d", ("Conv_0",))
+    for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
+      entries += _preact_block(f"layer_{k // 2}.{k % 2}", (block,), p, DM_PREACT_BLOCK)
+    return entries + _bn("batchnorm", ("BatchNorm_0",)) + _dense("logits", ("Dense_0",))
   if name == "preact_resnet18":
     entries = _conv("conv1", ("Conv_0",))
     for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
       entries += _preact_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p, RB_PREACT_BLOCK)
-    return entries + _bn("bn", ("BatchNorm_0",)) + _dense("linear", ("Dense_0",))
+    final = _bn("bn", ("BatchNorm_0",)) if model.final_bn else []
+    return entries + final + _dense("linear", ("Dense_0",))
   entries = _conv("conv1", ("Conv_0",)) + _bn("bn1", ("BatchNorm_0",))
   for k, (block, p) in enumerate(_blocks(params, "BasicBlock")):
     entries += _basic_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p)
   return entries + _dense("linear", ("Dense_0",))
+
+
+def _resnet50_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `resnet50`: torchvision's names (ImageNet stem) or RobustBench's (CIFAR)."""
+  torchvision = model.stem == "imagenet"
+  shortcut = "downsample" if torchvision else "shortcut"
+  entries = _conv("conv1", ("conv1",)) + _bn("bn1", ("bn1",))
+  stages = models.bottleneck_blocks(model.width, model.stage_blocks)
+  for k, (stage, _, _) in enumerate(stages):
+    b = k - sum(1 for s, _, _ in stages[:k] if s < stage)
+    key, path = f"layer{stage + 1}.{b}", (f"block{k}",)
+    for i in (1, 2, 3):
+      entries += _conv(f"{key}.conv{i}", (*path, f"conv{i}")) + _bn(
+        f"{key}.bn{i}", (*path, f"bn{i}")
+      )
+    if "shortcut_conv" in params[f"block{k}"]:
+      entries += _conv(f"{key}.{shortcut}.0", (*path, "shortcut_conv"))
+      entries += _bn(f"{key}.{shortcut}.1", (*path, "shortcut_bn"))
+  return entries + _dense("fc" if torchvision else "linear", ("fc",))
 
 
 def layout(
@@ -162,7 +202,11 @@ def layout(
     return _cnn_layout(name, input_hw)
   if name in ("wide_resnet", "dm_wide_resnet"):
     return _wide_resnet_layout(name, model.depth, params)
-  return _resnet_layout(name, params)
+  if name == "resnet50":
+    return _resnet50_layout(model, params)
+  if name == "robust_wide_resnet":
+    return _robust_wide_resnet_layout(model, params)
+  return _resnet_layout(model, name, params)
 
 
 def to_torch_layout(kind: Kind, a: Any) -> np.ndarray:

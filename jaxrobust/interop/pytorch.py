@@ -57,14 +57,16 @@ def twin(
     **settings: the model's hyper-parameters (`architectures.model_settings`).
 
   Returns:
-    The `torch.nn.Module` (`torch_twins.TWINS[name]`), taking NCHW images in [0, 1].
+    The `torch.nn.Module` (`torch_twins.TWINS[name]`, `torch_twins_zoo.TWINS[name]`),
+    taking NCHW images in [0, 1].
   """
   import_torch()
-  from jaxrobust.interop import torch_twins  # pylint: disable=g-import-not-at-top
+  from jaxrobust.interop import torch_twins, torch_twins_zoo  # pylint: disable=g-import-not-at-top
 
   if name in architectures.FLATTENS:
     settings["input_hw"] = tuple(input_hw or (32, 32))
-  return torch_twins.TWINS[name](num_classes, mean, std, **settings).eval()
+  twins = {**torch_twins.TWINS, **torch_twins_zoo.TWINS}
+  return twins[name](num_classes, mean, std, **settings).eval()
 
 
 def to_torch(

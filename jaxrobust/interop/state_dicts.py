@@ -80,11 +80,14 @@ def state_dict_of(checkpoint: Any) -> StateDict:
   Args:
     checkpoint: a state dict of tensors or arrays, possibly nested under
       "state_dict" or "model" entries, its keys possibly prefixed "module."
-      (saved from `nn.DataParallel`).
+      (saved from `nn.DataParallel`), or RobustBench's `normalize_model`
+      wrapping ("normalize.mean", "normalize.std", "model." + the network's);
+      buffers "mu" and "sigma" (RobustBench's standardising subclasses).
 
   Returns:
-    `{key: numpy array}`, unwrapped, without the "module." prefix or the
-    safetensors "__metadata__".
+    `{key: numpy array}`, unwrapped, without the "module." or "model."
+    prefix or the safetensors "__metadata__"; a wrapper's normalisation as
+    "mean" and "std".
 
   Raises:
     InputError: no tensors, or a value that is not one.
@@ -105,6 +108,11 @@ def state_dict_of(checkpoint: Any) -> StateDict:
   checks.require(state, "not a state_dict: a checkpoint without tensors")
   if all(k.startswith("module.") for k in state):
     state = {k.removeprefix("module."): v for k, v in state.items()}
+  if "normalize.mean" in state and all(k.startswith(("model.", "normalize.")) for k in state):
+    renamed = {"normalize.mean": "mean", "normalize.std": "std"}
+    state = {renamed.get(k, k.removeprefix("model.")): v for k, v in state.items()}
+  if "mu" in state and "sigma" in state and "mean" not in state:  # RobustBench's own buffers
+    state = {{"mu": "mean", "sigma": "std"}.get(k, k): v for k, v in state.items()}
   return {k: _numpy(k, v) for k, v in state.items()}
 
 
@@ -114,9 +122,11 @@ def _some(keys: Iterable[str]) -> str:
   return f"{ordered[0]!r}" + (f" (and {len(ordered) - 1} more)" if len(ordered) > 1 else "")
 
 
-def _check_ends(state: StateDict, name: str, arch: str) -> tuple[int, int]:
+def _check_ends(
+  state: StateDict, name: str, arch: str, settings: Mapping[str, Any]
+) -> tuple[int, int]:
   """(input channels, classes) of the first conv and the classifier of `arch`'s layout."""
-  first, last = architectures.ENDS[name]
+  first, last = architectures.model_ends(name, settings)
   for key in (f"{first}.weight", f"{last}.weight"):
     checks.require(
       key in state,
@@ -184,7 +194,7 @@ def from_torch(
   """
   state = state_dict_of(state_dict)
   name, settings = architectures.architecture(arch, **settings)
-  channels, num_classes = _check_ends(state, name, arch)
+  channels, num_classes = _check_ends(state, name, arch, settings)
   mean, std = _normalisation(state, name, channels, settings)
   model = models.create(name, num_classes=num_classes, mean=mean, std=std, **settings)
   hw: tuple[int, ...] = (32, 32)
@@ -213,7 +223,7 @@ def _normalisation(
   """
   default = (
     (models.CIFAR10_MEAN, models.CIFAR10_STD)
-    if name == "dm_wide_resnet" and channels == 3
+    if name in architectures.DM_MODELS and channels == 3
     else ((0.0,) * channels, (1.0,) * channels)
   )
   out = []

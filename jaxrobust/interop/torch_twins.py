@@ -11,7 +11,9 @@ checkpoints load into them and into the Flax models:
 | `wide_resnet` | RobustBench's `WideResNet` (`conv1`, `block1.layer.0.bn1`, `fc`) |
 | `dm_wide_resnet` | RobustBench's `DMWideResNet` (`init_conv`, `layer.0.block.0.conv_0`) |
 | `resnet18` | RobustBench's `ResNet18` (`conv1`, `layer1.0.shortcut.0`, `linear`) |
-| `preact_resnet18` | RobustBench's `PreActResNet` with `PreActBlockV2` and `bn_before_fc` |
+| `preact_resnet18` | RobustBench's `PreActResNet` (`PreActBlockV2` and `bn_before_fc`, or plain) |
+| `dm_preact_resnet18` | RobustBench's `DMPreActResNet` (`torch_twins_zoo`) |
+| `resnet50` | RobustBench's CIFAR `ResNet50`, torchvision's `resnet50` (`torch_twins_zoo`) |
 | `small_cnn`, `seed_cnn` | jaxrobust's own (`convs.0`, `fc1`; `conv1`, `fc1`) |
 
 Every twin holds the normalisation as buffers `mean` and `std` of shape
@@ -129,23 +131,36 @@ class PreActBlock(nn.Module):
   ".0" is a one-conv `nn.Sequential`.
   """
 
-  def __init__(self, cin, cout, stride, *, names, activation="relu", padding="same"):
+  def __init__(
+    self,
+    cin,
+    cout,
+    stride,
+    *,
+    names,
+    activation="relu",
+    padding="same",
+    shortcut_from="activation",
+    shortcut_kernel=1,
+  ):
     super().__init__()
     self.names, self.act = names, ACTIVATIONS[activation]
+    self.shortcut_from = shortcut_from
     setattr(self, names["bn1"], batch_norm(cin))
     setattr(self, names["conv1"], Conv2d(cin, cout, 3, stride, padding=padding))
     setattr(self, names["bn2"], batch_norm(cout))
     setattr(self, names["conv2"], Conv2d(cout, cout, 3, padding=padding))
     self.has_shortcut = stride != 1 or cin != cout
     if self.has_shortcut:
-      conv = Conv2d(cin, cout, 1, stride, padding=padding)
+      conv = Conv2d(cin, cout, shortcut_kernel, stride, padding=padding)
       attr = names["shortcut"].removesuffix(".0")
       setattr(self, attr, nn.Sequential(conv) if attr != names["shortcut"] else conv)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     layer = lambda role: getattr(self, self.names[role].removesuffix(".0"))
     out = self.act(layer("bn1")(x))
-    shortcut = layer("shortcut")(out) if self.has_shortcut else x
+    source = out if self.shortcut_from == "activation" else x
+    shortcut = layer("shortcut")(source) if self.has_shortcut else x
     out = layer("conv1")(out)
     out = layer("conv2")(self.act(layer("bn2")(out)))
     return out + shortcut
@@ -192,18 +207,22 @@ class WideResNet(Twin):
   block2: nn.Module
   block3: nn.Module
 
-  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same"):
+  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same", head="dense"):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), 16, 3, padding=padding)
     for s, blocks in enumerate(_wrn_stages(depth, width, RB_WRN_BLOCK, padding=padding)):
       setattr(self, f"block{s + 1}", Group("layer", blocks))
     self.bn1 = batch_norm(64 * width)
-    self.fc = nn.Linear(64 * width, num_classes)
+    self.head = head
+    self.fc = nn.Linear(64 * width, num_classes, bias=head == "dense")
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv1(self.normalize(x))
     x = self.block3(self.block2(self.block1(x)))
-    return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
+    x = torch.mean(F.relu(self.bn1(x)), dim=(2, 3))
+    if self.head == "cosine":
+      return F.linear(F.normalize(x, dim=1), F.normalize(self.fc.weight, dim=1))
+    return self.fc(x)
 
 
 class DMWideResNet(Twin):
@@ -249,7 +268,8 @@ def _resnet18_layers(module, block, width, **settings):
 class PreActResNet18(Twin):
   """`models.PreActResNet18`, in RobustBench's `PreActResNet` layout.
 
-  With `PreActBlockV2` and `bn_before_fc=True`.
+  With `PreActBlockV2` and `bn_before_fc=True`; with `final_bn=False` and
+  `shortcut_from="input"`, the plain `PreActResNet18` (`PreActBlock`).
   """
 
   layer1: nn.Module  # set by `_resnet18_layers`
@@ -257,17 +277,33 @@ class PreActResNet18(Twin):
   layer3: nn.Module
   layer4: nn.Module
 
-  def __init__(self, num_classes, mean, std, *, padding="same", width=64):
+  def __init__(
+    self,
+    num_classes,
+    mean,
+    std,
+    *,
+    padding="same",
+    width=64,
+    final_bn=True,
+    shortcut_from="activation",
+  ):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
-    _resnet18_layers(self, PreActBlock, width, names=RB_PREACT_BLOCK, padding=padding)
-    self.bn = batch_norm(8 * width)
+    _resnet18_layers(
+      self, PreActBlock, width, names=RB_PREACT_BLOCK, padding=padding, shortcut_from=shortcut_from
+    )
+    self.final_bn = final_bn
+    if final_bn:
+      self.bn = batch_norm(8 * width)
     self.linear = nn.Linear(8 * width, num_classes)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv1(self.normalize(x))
     x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.linear(torch.mean(F.relu(self.bn(x)), dim=(2, 3)))
+    if self.final_bn:
+      x = F.relu(self.bn(x))
+    return self.linear(torch.mean(x, dim=(2, 3)))
 
 
 class BasicBlock(nn.Module):

@@ -26,7 +26,7 @@ model's `(variables, x) -> logits` functions; equal models give equal
 functions, so the programs compiled for one serve the other.
 
 Modules: `blocks` (normalisation, padding, residual blocks), `cnn`,
-`resnet`, `wide_resnet`, `randomized`, `registry` (`MODELS`, `create`),
+`resnet`, `resnet50`, `wide_resnet`, `randomized`, `registry` (`MODELS`, `create`),
 `apply_fns`, `inference` (any Flax model as the functions jaxrobust calls),
 `layers` (layer primitives XLA:CPU runs fast).
 """
@@ -35,6 +35,7 @@ from jaxrobust.models import layers
 from jaxrobust.models.blocks import (
   ACTIVATIONS,
   PADDINGS,
+  SHORTCUTS,
   BasicBlock,
   Conv,
   Normalize,
@@ -47,8 +48,15 @@ from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.apply_fns import InferenceFn, StochasticFn, inference_fn, stochastic_fn
 from jaxrobust.models.randomized import Randomized, is_randomized
 from jaxrobust.models.registry import MODELS, create, noise_settings, spectral_settings
-from jaxrobust.models.resnet import PreActResNet18, ResNet18, resnet18_blocks
-from jaxrobust.models.wide_resnet import CIFAR10_MEAN, CIFAR10_STD, DMWideResNet, WideResNet
+from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18, resnet18_blocks
+from jaxrobust.models.resnet50 import STEMS, Bottleneck, ResNet50, bottleneck_blocks
+from jaxrobust.models.wide_resnet import (
+  CIFAR10_MEAN,
+  CIFAR10_STD,
+  DMWideResNet,
+  RobustWideResNet,
+  WideResNet,
+)
 
 __all__ = [
   "ACTIVATIONS",
@@ -56,7 +64,11 @@ __all__ = [
   "CIFAR10_STD",
   "MODELS",
   "PADDINGS",
+  "SHORTCUTS",
+  "STEMS",
   "BasicBlock",
+  "Bottleneck",
+  "DMPreActResNet18",
   "Conv",
   "DMWideResNet",
   "InferenceFn",
@@ -65,12 +77,15 @@ __all__ = [
   "PreActResNet18",
   "Randomized",
   "ResNet18",
+  "ResNet50",
+  "RobustWideResNet",
   "SeedCNN",
   "SmallCNN",
   "SpectralSettings",
   "StochasticFn",
   "WideResNet",
   "batch_norm",
+  "bottleneck_blocks",
   "conv_padding",
   "create",
   "inference_fn",

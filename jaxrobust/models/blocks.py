@@ -17,6 +17,8 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilat
 
 # How the residual networks pad their convolutions (`padding_pair`).
 PADDINGS = ("same", "torch", "dm")
+# What a pre-activation block's shortcut convolves (`PreActBlock`).
+SHORTCUTS = ("activation", "input")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "swish": nn.swish}
 
 # `nn.Conv`'s padding argument: "SAME", or (before, after) per spatial axis.
@@ -95,7 +97,7 @@ class Normalize(nn.Module):
     return 1.0 / min(self.std)
 
 
-def batch_norm(train: bool, axis_name: str | None) -> Callable[[], nn.BatchNorm]:
+def batch_norm(train: bool, axis_name: str | None) -> Callable[..., nn.BatchNorm]:
   """A maker of BatchNorm layers with the models' settings.
 
   Args:
@@ -104,10 +106,11 @@ def batch_norm(train: bool, axis_name: str | None) -> Callable[[], nn.BatchNorm]
     axis_name: the named axis to average batch statistics over in training.
 
   Returns:
-    A function of no arguments returning `nn.BatchNorm(momentum=0.9)`.
+    A function returning `nn.BatchNorm(momentum=0.9)`, its keyword
+    arguments (e.g. `name`) passed on.
   """
-  return lambda: nn.BatchNorm(
-    use_running_average=not train, momentum=0.9, axis_name=axis_name if train else None
+  return lambda **kwargs: nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, axis_name=axis_name if train else None, **kwargs
   )
 
 
@@ -134,6 +137,10 @@ class PreActBlock(nn.Module):
     norm: a maker of normalisation layers (`batch_norm`).
     activation: a key of `ACTIVATIONS`.
     padding: one of `PADDINGS`.
+    shortcut_from: "activation" (the shortcut convolves act(BN(x))) or
+      "input" (it convolves x itself: RobustBench's `PreActBlock` and
+      DeepMind's PreAct ResNet).
+    shortcut_kernel: the side of the shortcut's kernel (1, or DeepMind's 3).
 
   References:
     He et al., 2016 (https://arxiv.org/abs/1603.05027)
@@ -145,6 +152,8 @@ class PreActBlock(nn.Module):
   norm: Callable[..., Any]
   activation: str = "relu"
   padding: str = "same"
+  shortcut_from: str = "activation"
+  shortcut_kernel: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +161,15 @@ class PreActBlock(nn.Module):
     out = act(self.norm()(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = _shortcut_conv(self.features, self.strides, self.padding)(out)
+      k = self.shortcut_kernel
+      conv = Conv(
+        self.features,
+        (k, k),
+        self.strides,
+        use_bias=False,
+        padding=conv_padding(self.padding, k, self.strides),
+      )
+      shortcut = conv(out if self.shortcut_from == "activation" else x)
     out = _conv3x3(self.features, self.strides, self.padding)(out)
     out = act(self.norm()(out))
     out = _conv3x3(self.features, 1, self.padding)(out)

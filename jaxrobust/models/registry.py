@@ -6,11 +6,12 @@ from typing import Any
 import flax.linen as nn
 
 from jaxrobust import checks, spectral as spectral_lib
-from jaxrobust.models.blocks import ACTIVATIONS, PADDINGS
+from jaxrobust.models.blocks import ACTIVATIONS, PADDINGS, SHORTCUTS
 from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.randomized import Randomized
-from jaxrobust.models.resnet import PreActResNet18, ResNet18
-from jaxrobust.models.wide_resnet import DMWideResNet, WideResNet
+from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18
+from jaxrobust.models.resnet50 import STEMS, ResNet50
+from jaxrobust.models.wide_resnet import HEADS, DMWideResNet, RobustWideResNet, WideResNet
 
 MODELS: dict[str, type[nn.Module]] = {
   "small_cnn": SmallCNN,
@@ -19,6 +20,9 @@ MODELS: dict[str, type[nn.Module]] = {
   "wide_resnet": WideResNet,
   "resnet18": ResNet18,
   "dm_wide_resnet": DMWideResNet,
+  "dm_preact_resnet18": DMPreActResNet18,
+  "resnet50": ResNet50,
+  "robust_wide_resnet": RobustWideResNet,
 }
 
 
@@ -84,6 +88,12 @@ def _check_hyperparameters(name: str, cls: type[nn.Module], kwargs: dict[str, An
   )
   if "padding" in kwargs:
     checks.one_of(f"model {name!r} padding", kwargs["padding"], PADDINGS)
+  if "shortcut_from" in kwargs:
+    checks.one_of(f"model {name!r} shortcut_from", kwargs["shortcut_from"], SHORTCUTS)
+  if "head" in kwargs:
+    checks.one_of(f"model {name!r} head", kwargs["head"], HEADS)
+  if "stem" in kwargs:
+    checks.one_of(f"model {name!r} stem", kwargs["stem"], STEMS)
   if "activation" in kwargs:
     checks.one_of(f"model {name!r} activation", kwargs["activation"], tuple(ACTIVATIONS))
 

@@ -5,9 +5,12 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxrobust.models.blocks import BasicBlock, Conv, Normalize, PreActBlock, batch_norm
-from jaxrobust.models.blocks import conv_padding
+from jaxrobust.models.blocks import ACTIVATIONS, BasicBlock, Conv, Normalize, PreActBlock
+from jaxrobust.models.blocks import batch_norm, conv_padding
 from jaxrobust.types import Images, Logits
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 def resnet18_blocks(width: int) -> list[tuple[int, int, int, int]]:
@@ -36,7 +39,9 @@ class PreActResNet18(nn.Module):
 
   The blocks are `resnet18_blocks(width)`; the features are averaged over
   the whole final map. `padding="torch"` is the layout of RobustBench's
-  `PreActResNet` with `PreActBlockV2` and `bn_before_fc`.
+  `PreActResNet` with `PreActBlockV2` and `bn_before_fc`; with
+  `final_bn=False` and `shortcut_from="input"` too, its plain
+  `PreActResNet18` (`PreActBlock`, pooling without a final BN-ReLU).
 
   Attributes:
     num_classes: the number of classes K.
@@ -45,6 +50,8 @@ class PreActResNet18(nn.Module):
     axis_name: the named axis BatchNorm averages over in training.
     padding: one of `PADDINGS`.
     width: the channels of the first stage.
+    final_bn: whether BN-ReLU precedes the pooling.
+    shortcut_from: what the blocks' shortcuts convolve (`SHORTCUTS`).
 
   References:
     He et al., 2016 (https://arxiv.org/abs/1603.05027)
@@ -56,6 +63,8 @@ class PreActResNet18(nn.Module):
   axis_name: str | None = None
   padding: str = "same"
   width: int = 64
+  final_bn: bool = True
+  shortcut_from: str = "activation"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -63,8 +72,50 @@ class PreActResNet18(nn.Module):
     x = Normalize(self.mean, self.std)(x)
     x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
     for _, _, features, strides in resnet18_blocks(self.width):
-      x = PreActBlock(features, strides, norm, padding=self.padding)(x)
-    x = nn.relu(norm()(x))
+      x = PreActBlock(
+        features, strides, norm, padding=self.padding, shortcut_from=self.shortcut_from
+      )(x)
+    if self.final_bn:
+      x = nn.relu(norm()(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class DMPreActResNet18(nn.Module):
+  """DeepMind's PreAct ResNet-18: `PreActResNet18` with Swish and 3x3 shortcuts.
+
+  Every convolution pads "dm" ((1, 1) at stride 1, (0, 1) at stride 2); a
+  block's shortcut, when the stride or width changes, is a strided 3x3
+  convolution of the block's input (not of its activation). Its PyTorch
+  layout is RobustBench's `DMPreActResNet` (`conv_2d`, `layer_0.0.conv_2d_1`,
+  `logits`) without input padding.
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize` (CIFAR-10's by default).
+    std: the per-channel standard deviation of `Normalize`.
+    activation: a key of `ACTIVATIONS`.
+    axis_name: the named axis BatchNorm averages over in training.
+    width: the channels of the first stage.
+
+  References:
+    Rebuffi et al., 2021 (https://arxiv.org/abs/2103.01946)
+  """
+
+  num_classes: int
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+  activation: str = "swish"
+  axis_name: str | None = None
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    norm = batch_norm(train, self.axis_name)
+    x = Normalize(self.mean, self.std)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding("dm", 3, 1))(x)
+    for _, _, features, strides in resnet18_blocks(self.width):
+      x = PreActBlock(features, strides, norm, self.activation, "dm", "input", 3)(x)
+    x = ACTIVATIONS[self.activation](norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 

@@ -11,8 +11,10 @@ from jaxrobust.models.blocks import ACTIVATIONS, Conv, Normalize, PreActBlock, b
 from jaxrobust.models.blocks import conv_padding
 from jaxrobust.types import Images, Logits
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+from jaxrobust.models.resnet import CIFAR10_MEAN, CIFAR10_STD
+
+# The classifiers of `WideResNet`: a dense layer, or the cosine head.
+HEADS = ("dense", "cosine")
 
 
 def _wide_resnet(
@@ -56,9 +58,14 @@ class WideResNet(nn.Module):
     width: the widening factor.
     axis_name: the named axis BatchNorm averages over in training.
     padding: one of `PADDINGS`.
+    head: "dense", or "cosine": logits_k = <f / |f|, w_k / |w_k|>, the
+      cosine of the pooled features f and class k's weights, without bias
+      (Pang et al. 2020's hypersphere embedding, RobustBench's
+      `BoostingWideResNet`).
 
   References:
-    Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146)
+    Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146);
+    Pang et al., 2020 (https://arxiv.org/abs/2002.08619)
   """
 
   num_classes: int
@@ -68,9 +75,11 @@ class WideResNet(nn.Module):
   width: int = 10
   axis_name: str | None = None
   padding: str = "same"
+  head: str = "dense"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
+    checks.one_of("head", self.head, HEADS)
     x = Normalize(self.mean, self.std)(x)
     x = _wide_resnet(
       x,
@@ -80,7 +89,12 @@ class WideResNet(nn.Module):
       norm=batch_norm(train, self.axis_name),
       padding=self.padding,
     )
-    return nn.Dense(self.num_classes)(x)
+    if self.head == "dense":
+      return nn.Dense(self.num_classes)(x)
+    dense = nn.Dense(self.num_classes, use_bias=False)
+    out = dense(x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+    kernel = dense.variables["params"]["kernel"]
+    return out / jnp.maximum(jnp.linalg.norm(kernel, axis=0), 1e-12)
 
 
 class DMWideResNet(nn.Module):
@@ -127,3 +141,50 @@ class DMWideResNet(nn.Module):
       padding="dm",
     )
     return nn.Dense(self.num_classes)(x)
+
+
+class RobustWideResNet(nn.Module):
+  """A WideResNet with its own channels and blocks per stage (Huang et al.'s RobustWideResNet).
+
+  A 3x3 stem to `channels[0]`, then stage s of `depths[s]` `PreActBlock`s
+  (ReLU, PyTorch's padding) to `channels[s + 1]` channels, stride 2 at the
+  start of every stage but the first, final BN-ReLU, global average
+  pooling, dense. Its PyTorch layout is RobustBench's `RobustWideResNet`
+  (`stem_conv`, `blocks.0.layer.0.bn1`, `fc`), whose stride configuration
+  is (1, 2, 2).
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize`.
+    std: the per-channel standard deviation of `Normalize`.
+    channels: the stem's channels, then each stage's.
+    depths: the blocks of each stage.
+    axis_name: the named axis BatchNorm averages over in training.
+
+  References:
+    Huang et al., 2021 (https://arxiv.org/abs/2110.03825)
+  """
+
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  channels: Sequence[int] = (16, 320, 640, 512)
+  depths: Sequence[int] = (5, 5, 5)
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Images, train: bool = False) -> Logits:
+    checks.require(
+      len(self.channels) == len(self.depths) + 1,
+      f"RobustWideResNet needs one more channel count than stages, got {self.channels} "
+      f"for {self.depths}",
+    )
+    norm = batch_norm(train, self.axis_name)
+    x = Normalize(self.mean, self.std)(x)
+    x = Conv(self.channels[0], (3, 3), use_bias=False, padding=conv_padding("torch", 3, 1))(x)
+    for stage, blocks in enumerate(self.depths):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = PreActBlock(self.channels[stage + 1], strides, norm, "relu", "torch")(x)
+    x = nn.relu(norm()(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
