@@ -23,6 +23,7 @@ SUBMODULES = (
   "parallel",
   "spectral",
   "training",
+  "zoo",
 )
 # Modules used often enough to be reached from the top: `jr.inference.split`.
 SHORTCUTS = {

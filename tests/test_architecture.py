@@ -19,7 +19,7 @@ FLOORS = (
   ("attacks", "data", "spectral", "configs"),  # pure functions, sources, the layer
   ("models",),  # classifiers (spectral normalisation inside)
   ("interop", "certification", "evaluation"),  # what is done with a model
-  ("training",),  # learns a model; evaluates it for selection
+  ("training", "zoo"),  # learns a model; RobustBench's zoo by name
   ("cli",),  # flags, errors, exit codes
   ("programs",),  # jaxrobust-train, jaxrobust-eval
 )

@@ -118,13 +118,13 @@ class ResNet50(nn.Module):
   def __call__(self, x: Images, train: bool = False) -> Logits:
     checks.one_of("stem", self.stem, STEMS)
     norm = batch_norm(train, self.axis_name)
-    x = Normalize(self.mean, self.std)(x)
+    h = Normalize(self.mean, self.std)(x)
     if self.stem == "cifar":
-      x = nn.relu(norm(name="bn1")(_conv(self.width, 3, 1, "conv1")(x)))
+      h = nn.relu(norm(name="bn1")(_conv(self.width, 3, 1, "conv1")(h)))
     else:
-      x = nn.relu(norm(name="bn1")(_conv(self.width, 7, 2, "conv1")(x)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      h = nn.relu(norm(name="bn1")(_conv(self.width, 7, 2, "conv1")(h)))
+      h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for k, (_, planes, strides) in enumerate(bottleneck_blocks(self.width, self.stage_blocks)):
       inner = planes * self.group_width // 64
-      x = Bottleneck(planes, strides, norm, inner, name=f"block{k}")(x)
-    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+      h = Bottleneck(planes, strides, norm, inner, name=f"block{k}")(h)
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(h, axis=(1, 2)))
