@@ -120,7 +120,8 @@ class Session:
     if (program, *args) in self.ran:
       return
     self.ran.add((program, *args))
-    args = args + TINY[program] + (TINY_CERTIFY if "--certify" in args else [])
+    if "--zoo" not in args:  # the zoo's table takes no run settings
+      args = args + TINY[program] + (TINY_CERTIFY if "--certify" in args else [])
     if any(a.startswith("--coordinator_address") for a in args):
       self._run_process(command, program, args)
     else:

@@ -288,3 +288,19 @@ def test_evaluate_entry_sets_the_leaderboards_number_beside_ours():
   assert half.stderr == pytest.approx(5.0) and half.difference == pytest.approx(50 - 43.21)
   with pytest.raises(jr.InputError, match="not an AutoAttack entry"):
     zoo.evaluate_entry("cifar10/corruptions/Standard", state)
+
+
+def test_eval_zoo_list_and_a_checkpoint_that_does_not_fit(cli, tmp_path):
+  listed = cli("eval.py", "--zoo", "list")
+  assert listed.returncode == 0, listed.stderr
+  counts = zoo.coverage()
+  loaded, total = counts["cifar10/Linf"]
+  assert f"cifar10/Linf: {loaded} of {total} load" in listed.stdout
+  assert "cifar10/Linf/Wong2020Fast" in listed.stdout
+  path = tmp_path / "preact.pt"
+  torch.save({"model": _full_size_checkpoint("preact-resnet-18-plain", 10)}, path)
+  wrong = cli("eval.py", "--zoo", "cifar10/Linf/Rice2020Overfitting", "--torch-checkpoint", path)
+  assert wrong.returncode == 2
+  (line,) = wrong.stderr.strip().splitlines()
+  assert line.startswith("error: ") and "Rice2020Overfitting (architecture wrn-34-20)" in line
+  assert "Traceback" not in wrong.stderr

@@ -48,7 +48,7 @@ from absl import flags
 from flax import linen as nn
 from ml_collections import config_flags
 
-from jaxrobust import checks, cli, data, evaluation, interop, models
+from jaxrobust import checks, cli, data, evaluation, interop, models, zoo
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import config as config_lib
@@ -153,6 +153,8 @@ def main(argv: Sequence[str]) -> None:
   define_config_overrides(argv)
   cli.parse_flags(argv)
   check_outputs()
+  if opts.ZOO.value:
+    return evaluate_zoo()
   checks.require(
     opts.ATTACKS.value is None or any(n.strip() for n in opts.ATTACKS.value.split(",")),
     f"--attacks {opts.ATTACKS.value!r} names no attack; name the run's attacks "
@@ -201,6 +203,33 @@ def main(argv: Sequence[str]) -> None:
     )
   if opts.OUT.value:
     checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(rep, indent=2) + "\n")
+    print(f"wrote {opts.OUT.value}")
+
+
+def evaluate_zoo() -> None:
+  """--zoo list: every RobustBench entry and whether it loads; --zoo ENTRY: the
+  --torch-checkpoint's AutoAttack accuracy beside the leaderboard's."""
+  if opts.ZOO.value == "list":
+    print(zoo.format_list())
+    return
+  checks.require(opts.TORCH.value, "--zoo needs --torch-checkpoint, the entry's file")
+  n = opts.LIMIT.value or 1000
+  x = y = None
+  if opts.DATA.value:  # else the entry's data set from tensorflow-datasets
+    test = config_lib.load_split(eval_torch.data_config(opts.DATA.value), opts.SPLIT.value)
+    x, y = data.host_float(test.x[:n]), np.asarray(test.y[:n])
+  result = zoo.evaluate_entry(
+    str(opts.ZOO.value),
+    opts.TORCH.value,
+    x=x,
+    y=y,
+    n_examples=n,
+    batch_size=opts.BATCH.value or 500,
+    log=print,
+  )
+  print(result.format())
+  if opts.OUT.value:
+    checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(result._asdict(), indent=2) + "\n")
     print(f"wrote {opts.OUT.value}")
 
 

@@ -66,6 +66,13 @@ SIGMA = flags.DEFINE_float(
 N = flags.DEFINE_integer("n", 100_000, "Noise draws to certify each example.")
 N0 = flags.DEFINE_integer("n0", 100, "Noise draws to guess each example's class.")
 ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
+ZOO = flags.DEFINE_string(
+  "zoo",
+  None,
+  "A RobustBench entry (e.g. cifar10/Linf/Carmon2019Unlabeled) to evaluate the "
+  "--torch-checkpoint as: its architecture, normalisation, threat model and eps, AutoAttack, "
+  "and the leaderboard's number beside ours; 'list' prints every entry and whether it loads.",
+)
 TORCH = flags.DEFINE_string(
   "torch-checkpoint",
   None,
