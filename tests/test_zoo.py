@@ -26,8 +26,20 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 ATOL = 1e-4
+
+
+def _installed_robustbench():
+  """The installed robustbench package's folder (CI installs it --no-deps;
+  it is never imported: its architecture files are copied), or ""."""
+  spec = importlib.util.find_spec("robustbench")
+  return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+
+
+# Where RobustBench's files are read from: a package folder, a git repository
+# or a wheel.
 SOURCES = (
   os.environ.get("JAXROBUST_ROBUSTBENCH", ""),
+  _installed_robustbench(),
   "/work/.mirror/RobustBench+robustbench/repo",
   "/tmp/rb/robustbench-1.1.1-py3-none-any.whl",
 )
@@ -43,6 +55,10 @@ def rb_source(module):
       with zipfile.ZipFile(path) as wheel:
         if f"{PREFIX}{module}.py" in wheel.namelist():
           return wheel.read(f"{PREFIX}{module}.py").decode()
+    elif (path / "model_zoo").is_dir():  # an installed package
+      file = path / "model_zoo" / "architectures" / f"{module}.py"
+      if file.is_file():
+        return file.read_text()
     elif path.is_dir():
       out = subprocess.run(
         ["git", "-C", str(path), "show", f"HEAD:{PREFIX}{module}.py"],
