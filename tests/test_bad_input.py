@@ -689,14 +689,14 @@ def test_ctrl_c_during_an_evaluation(untouched, tmp_path):
     "--attacks",
     "pgd_linf",
     "--nosanity",
-    "--config.eval.attacks.pgd_linf.steps=2000",
+    "--config.eval.attacks.pgd_linf.steps=20000",  # seconds a batch
     "--batch_size",
     "16",
     "--state",
     state,
   )
   deadline = time.monotonic() + 300
-  while not state.exists():  # written after the first batch
+  while not state.exists():  # written once a batch is done, SAVE_SECONDS in
     assert process.poll() is None, process.communicate()
     assert time.monotonic() < deadline, "timed out"
     time.sleep(0.05)
