@@ -146,7 +146,10 @@ def test_runs_through_evaluate(built, data):
   assert [s["stage"] for s in row["stages"]] == [s.label for s in attack.stages or (attack,)]
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize(
+  "name",
+  [n if n == "pgd" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(TINY)],
+)  # one attack in the fast suite, every attack in the slow one (.ci/run runs both)
 def test_runs_through_the_command_line_evaluation_with_sanity_checks(name, trained):
   resolved, model, state = experiment.restore(trained)
   spec = {"name": name, **TINY[name]}

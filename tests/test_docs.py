@@ -203,6 +203,7 @@ def tiny_python(code: str) -> str:
   return code
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 @pytest.mark.parametrize("page", PAGES)
 def test_every_block_of_the_page_runs(
   page: str, session: Session, monkeypatch: pytest.MonkeyPatch
@@ -243,6 +244,7 @@ def test_every_config_documents_its_command() -> None:
     assert shlex.split(command)[:4] == ["python", "train.py", "--config", name]
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 @pytest.mark.parametrize("name", sorted(config_commands()))
 def test_every_config_command_runs_and_restores_as_its_config(name: str, session: Session) -> None:
   """A config's command leaves a run that restores as that config's objective

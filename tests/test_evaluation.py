@@ -200,6 +200,7 @@ def trained_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_sanity_checks_on_a_trained_model_pass(trained_run):
   resolved, model, state = experiment.restore(trained_run)
   specs = {
@@ -221,6 +222,7 @@ def eval_cli(*args):
   )
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
   run = trained_run
   out = tmp_path / "sweep.json"
@@ -287,6 +289,7 @@ def test_eval_sweep_transfer_and_certify(trained_run, tmp_path):
   assert r.returncode == 2 and "sigma" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_eval_autoattack_suite_resumes_from_its_state(trained_run, tmp_path):
   state, out = tmp_path / "aa.npz", tmp_path / "aa.json"
   args = [
@@ -343,6 +346,7 @@ def spectral_run(tmp_path_factory):
   return experiment.restore(workdir)
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_lipschitz_certificate_of_a_spectral_model(spectral_run):
 
   resolved, model, state = spectral_run

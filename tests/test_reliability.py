@@ -139,6 +139,7 @@ def test_rerun_of_a_finished_run_changes_nothing(tiny_config, reference):
 # Crash safety
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(
   tiny_config, reference, python, tmp_path
 ):
@@ -277,6 +278,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # trains or evaluates for a minute: .ci/run runs it after the fast suite
 def test_two_processes_pre_empted_and_resumed_train_as_one_process_with_two_devices(
   reference, python, tmp_path
 ):

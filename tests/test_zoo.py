@@ -29,8 +29,9 @@ ATOL = 1e-4
 
 
 def _installed_robustbench():
-  """The installed robustbench package's folder (CI installs it --no-deps;
-  it is never imported: its architecture files are copied), or ""."""
+  """An installed robustbench package's folder (never imported: its
+  architecture files are copied), or "". CI reads its wheel instead
+  (`JAXROBUST_ROBUSTBENCH`, set by .ci/run)."""
   spec = importlib.util.find_spec("robustbench")
   return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
 
