@@ -383,6 +383,7 @@ def test_report_of_a_cascade(problem):
   assert list(rb["stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_results_do_not_depend_on_batch_size_or_devices(problem):
   variables, x, y = problem
   attacks = {"aa": tiny_suite()}
@@ -583,6 +584,7 @@ def test_loop_until_gives_the_full_loop_result_and_stops_when_every_example_is_d
   assert len(calls) == 5  # 0 + 1 + 2 + 3 + 4 = 10: the slowest example is done after 5 steps
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_the_l1_version_is_the_authors(problem):
   """AutoAttack standard in L1, as the reference's `_set_version` sets it:
   APGD-CE with 5 restarts and APGD-T with 5 targets, both with

@@ -680,6 +680,7 @@ def test_ctrl_c_while_eval_starts(untouched):
   assert "Traceback" not in out + err and "interrupted" in err
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_ctrl_c_during_an_evaluation(untouched, tmp_path):
   state = tmp_path / "s.state"
   process = start(

@@ -56,6 +56,7 @@ def test_train_writes_a_complete_workdir(run_dir):
   assert any((run_dir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_eval_prints_the_table_and_writes_json(run_dir, tmp_path):
   out = tmp_path / "report.json"
   result = cli("eval.py", "--workdir", run_dir, "--limit", 30, "--out", out, *TINY_AUTOATTACK)

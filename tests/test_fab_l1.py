@@ -180,6 +180,7 @@ def test_fab_l1_with_eps_keeps_ball_and_box():
     assert np.all(predicted(logits_fn, x_adv)[moved] != y[moved])
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_fab_t_l1_targets_and_rounds():
   # FAB-T over 3 targets is the closest of FAB-T on the 1st, 2nd and 3rd
   # target alone (`first_target`: what its rounds run), kept within eps.

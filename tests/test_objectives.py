@@ -147,6 +147,7 @@ def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path
   ) == pytest.approx(effective, rel=1e-3)
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 @pytest.mark.parametrize("name, noise", [("pgd_at", None), ("rat", dict(sigma=0.2, samples=2))])
 def test_two_devices_equal_one_device_for_a_spectral_step(two_steps, name, noise):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"

@@ -288,6 +288,7 @@ def test_awp_warmup_steps_are_plain_steps_then_awp_steps():
   assert not close(run(warm, first), run(plain, first))
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_awp_warmup_counts_epochs(tiny_config, tmp_path):
   # One epoch with AWP after a warm-up of one epoch is one epoch of plain
   # training (with AWP from step 1 on, or from step 0, it differs:
@@ -525,6 +526,7 @@ def test_recipes_table_keeps_the_rows_it_does_not_rerun_of_the_same_setting():
   assert table(three) == [["| mart", "5.00"]]
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_mart_objective_of_a_constant_model_is_the_closed_form(trained, capsys):
   from scripts import mart_objective  # pylint: disable=g-import-not-at-top
 

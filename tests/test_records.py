@@ -499,6 +499,7 @@ def test_training_from_records_equals_training_from_memory(digits_as_files, tmp_
   assert all(np.array_equal(a, b) for a, b in zip(in_memory, streamed, strict=True))
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_a_mixture_resumes_exactly(digits_as_files, tmp_path):
   root = digits_as_files
   mix = {"data.extra": f"npz:{root}/gen.npz", "data.extra_fraction": 0.75}

@@ -168,6 +168,7 @@ def test_kill_9_anywhere_then_resume_ends_as_an_uninterrupted_run(
   assert metrics(workdir) == reference.metrics
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_save_the_current_step_and_exit(
   tiny_config, signum, reference, python, tmp_path

@@ -25,6 +25,7 @@ def leaves_close(a, b, rtol):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow  # a minute's equivalence run: .ci/run runs it after the fast suite
 def test_two_devices_equal_one_device_with_batchnorm_pgd_and_augmentation(two_steps):
   assert jax.device_count() >= 2, "tests/conftest.py asks XLA for 2 host devices"
   # BatchNorm statistics are synchronised over devices, and every example's
