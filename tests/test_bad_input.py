@@ -712,8 +712,11 @@ def test_ctrl_c_during_an_evaluation(untouched, tmp_path):
 
 
 SWALLOWED = """
-import gc, time
+import gc, signal, time
 from jaxrobust import cli
+
+# Ctrl-C deliverable, as from a terminal, whatever the test runner's disposition.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def main(argv):
   def interrupt(phase, info):  # Ctrl-C inside a garbage collector callback
