@@ -7,6 +7,7 @@ package's tests need what stands above it.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,10 @@ def _unannotated(text):
 def test_public_functions_are_annotated(path):
   missing = _unannotated(path.read_text())
   assert not missing, f"not annotated: {missing}"
+
+
+def test_the_architecture_page_states_these_floors():
+  page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+  rows = re.findall(r"^\| (\d+) \| (.+?) \|", page, re.M)
+  stated = tuple(tuple(re.findall(r"`(\w+)`", names)) for _, names in rows)
+  assert stated == FLOORS
