@@ -87,6 +87,7 @@ def test_mat_max_examples_are_the_larger_loss_of_the_two_norms():
   np.testing.assert_allclose(np.asarray(loss_of(chosen, y)), best, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains end to end: .ci/run runs it after the fast suite
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (0.25, 0.75)])
 def test_cw_pgd_mix_splits_each_batch_in_the_requested_proportions(weights):
   model = small_model()
@@ -115,6 +116,7 @@ def spectral_model(target):
   return small_model(spectral=dict(mode="operator", target=target, n_steps=1))
 
 
+@pytest.mark.slow  # trains end to end: .ci/run runs it after the fast suite
 def test_spectral_state_advances_in_training_only_and_bounds_the_layers(tmp_path):
   config = tiny("natural", epochs=2)
   config.model.spectral = dict(mode="operator", target=0.5, n_steps=1, rescale="clip")
@@ -164,6 +166,7 @@ def test_two_devices_equal_one_device_for_a_spectral_step(two_steps, name, noise
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # trains end to end: .ci/run runs it after the fast suite
 def test_randomized_model_is_the_mean_softmax_over_fixed_draws():
   model = small_model(noise=dict(sigma=0.3, samples=3, seed=7))
   x = jnp.asarray(digits().x[:5])

@@ -47,6 +47,7 @@ def test_two_devices_equal_one_device_with_batchnorm_pgd_and_augmentation(two_st
   assert int(two.step) == 2
 
 
+@pytest.mark.slow  # trains end to end: .ci/run runs it after the fast suite
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
   # With augmentation: the crops and flips of a resumed run are the same too.
   config = tiny_config(**ADVERSARIAL, **{"data.augment": "crop_flip"})
