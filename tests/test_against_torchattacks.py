@@ -17,6 +17,7 @@ pytest.importorskip("torchattacks")
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason="no shared/data/cifar10")
 def test_autoattack_agrees_with_torchattacks():
   from benchmarks import autoattack  # pylint: disable=g-import-not-at-top

@@ -498,6 +498,7 @@ def test_channel_stats_of_uint8_images_are_those_of_their_float_values():
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no shared/data")
 def test_real_cifar10_and_mnist(tmp_path):
   start = time.perf_counter()
