@@ -141,8 +141,17 @@ def counted(logits_fn, calls):
   return counting
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
-@pytest.mark.parametrize("queries, restarts", [(0, 1), (1, 1), (7, 2)])
+@pytest.mark.parametrize(
+  "norm, queries, restarts",
+  # Every count in L-inf, the restarts in every norm; each case compiles a
+  # Square, so the other cases run with the slow tests.
+  [
+    pytest.param(norm, queries, restarts, marks=[pytest.mark.slow] * slow)
+    for norm in ("linf", "l2", "l1")
+    for (queries, restarts) in ((0, 1), (1, 1), (7, 2))
+    for slow in [norm != "linf" and restarts == 1]
+  ],
+)
 def test_queries_are_candidates_after_the_start(norm, queries, restarts):
   # attack_single_run: the start (1 query), then n_queries iterations of one
   # candidate each (square.py 236-243): 1 + n_queries forward passes.
@@ -314,6 +323,7 @@ def test_l1_square_keeps_the_ball_and_the_box():
   assert np.all(l1 <= 2.0 * (1 + 1e-5)) and l1.min() > 1.0
 
 
+@pytest.mark.slow  # 160 examples in each library, to compare two rates
 def test_l1_square_succeeds_as_often_as_the_reference():
   # The same linear model and images in both; 160 examples, so each rate has
   # a standard deviation of about 0.04.
@@ -341,7 +351,14 @@ def test_l1_square_succeeds_as_often_as_the_reference():
 # --- cost ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5), ("l1", 2.0)])
+@pytest.mark.parametrize(
+  "norm, eps",
+  [
+    ("linf", 0.1),
+    pytest.param("l2", 0.5, marks=pytest.mark.slow),
+    pytest.param("l1", 2.0, marks=pytest.mark.slow),
+  ],
+)
 def test_a_fooled_example_keeps_its_point_while_the_batch_searches_on(norm, eps):
   # The loop runs until the whole batch is done; an example fooled early
   # gets the same point alone as next to one never fooled (a bright image

@@ -90,6 +90,7 @@ def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
   assert not tmp_path.joinpath("config.json").exists()
 
 
+@pytest.mark.slow  # three epochs, then PGD on 100 digits
 def test_natural_training_learns_digits(tiny_config, tmp_path):
   # Adam at a constant rate: SGD with momentum on this width-4 network swings
   # between 60 % and 95 % from one epoch count to the next.
