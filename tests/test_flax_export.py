@@ -194,15 +194,21 @@ def test_variables_that_do_not_fit_are_named(wrn: tuple[Any, Path, Path], tmp_pa
     flax_files.check_fits({"c": (1,), "d": (2,)}, {}, "x")
 
 
-def test_load_entry_refuses_an_export_of_another_entry_or_architecture(
-  wrn: tuple[Any, Path, Path], zoo_file: Path, tmp_path: Path
+def test_an_export_of_another_entry_or_architecture_is_refused(
+  cli: Callable[..., Any], wrn: tuple[Any, Path, Path], zoo_file: Path, tmp_path: Path
 ) -> None:
   _, _, exported = wrn
   with pytest.raises(InputError, match="holds architecture wrn-10-1; zoo entry .* is wrn-34-20"):
     zoo.load_entry("cifar10/Linf/Rice2020Overfitting", exported)
   out = zoo.export_entry(ENTRY, zoo_file, tmp_path / "r18")
-  with pytest.raises(InputError, match=f"holds zoo entry {ENTRY}, not cifar10/Linf/Rade"):
-    zoo.load_entry("cifar10/Linf/Rade2021Helper_R18_ddpm", out)
+  other = "cifar10/Linf/Rade2021Helper_R18_ddpm"  # the same architecture
+  with pytest.raises(InputError, match=f"holds zoo entry {ENTRY}, not {other}"):
+    zoo.load_entry(other, out)
+  result = cli("eval.py", "--flax-checkpoint", out, "--zoo", other)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert (
+    result.stderr == f"error: flax checkpoint {str(out)!r} holds zoo entry {ENTRY}, not {other}\n"
+  )
 
 
 def digits_eval(cli: Callable[..., Any], *args: Any) -> tuple[float, list[float], str]:
