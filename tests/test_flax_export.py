@@ -204,6 +204,18 @@ def test_an_export_of_another_entry_or_architecture_is_refused(
   other = "cifar10/Linf/Rade2021Helper_R18_ddpm"  # the same architecture
   with pytest.raises(InputError, match=f"holds zoo entry {ENTRY}, not {other}"):
     zoo.load_entry(other, out)
+  # An export of the entry's architecture that is no zoo export loads as the
+  # entry where it normalises as the entry does.
+  state = torch.load(zoo_file)
+  arch = zoo.find(ENTRY).arch
+  model, variables = interop.from_torch(state, arch, mean=(0.5,) * 3, std=(0.25,) * 3)
+  plain = flax_files.save(tmp_path / "plain", model, variables, arch=arch)
+  with pytest.raises(InputError, match=r"normalises with mean \(0.5, 0.5, 0.5\); zoo entry"):
+    zoo.load_entry(ENTRY, plain)
+  mean, std = zoo.find(ENTRY).normalisation
+  model, variables = interop.from_torch(state, arch, mean=mean, std=std)
+  same = flax_files.save(tmp_path / "same", model, variables, arch=arch)
+  assert zoo.load_entry(ENTRY, same)[0] == model
   result = cli("eval.py", "--flax-checkpoint", out, "--zoo", other)
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert (

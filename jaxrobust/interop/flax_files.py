@@ -90,7 +90,7 @@ def describe(
     variables: its variables.
     arch: the architecture's name (default: the jaxrobust model's).
     zoo: for a zoo model, `{"entry", "dataset", "threat", "eps"}`.
-    source: the file it was converted from.
+    source: the file converted (recorded as `source`).
 
   Returns:
     The JSON-ready metadata.
@@ -145,7 +145,7 @@ def save(
     variables: its variables.
     arch: the architecture's name (default: the jaxrobust model's).
     zoo: for a zoo model, `{"entry", "dataset", "threat", "eps"}`.
-    source: the file it was converted from.
+    source: the file converted (recorded as `source`).
 
   Returns:
     `path` as a `Path`.
