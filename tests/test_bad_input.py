@@ -46,7 +46,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -624,7 +626,7 @@ def test_export_refuses_a_bad_file_name(snapshot, cli, untouched, tmp_path):
 
 
 @pytest.fixture
-def flax_checkpoint(wrn_state, tmp_path):
+def flax_checkpoint(wrn_state: dict[str, Any], tmp_path: Path) -> Path:
   """A flax checkpoint (`--export-flax`) of the grey WideResNet-10-1."""
   from jaxrobust.interop import flax_files  # pylint: disable=g-import-not-at-top
 
@@ -632,11 +634,13 @@ def flax_checkpoint(wrn_state, tmp_path):
   return flax_files.save(tmp_path / "wrn", model, variables, arch="wrn-10-1")
 
 
-def flax_eval(cli, path, *args):
+def flax_eval(cli: Callable[..., Any], path: Path, *args: Any) -> Any:
   return cli("eval.py", "--flax-checkpoint", path, "--data", "digits", *args)
 
 
-def test_eval_refuses_a_directory_that_is_not_a_flax_checkpoint(snapshot, cli, tmp_path):
+def test_eval_refuses_a_directory_that_is_not_a_flax_checkpoint(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], tmp_path: Path
+) -> None:
   assert_user_error(
     flax_eval(cli, tmp_path / "missing"), f"{str(tmp_path / 'missing')!r} not found"
   )
@@ -649,7 +653,9 @@ def test_eval_refuses_a_directory_that_is_not_a_flax_checkpoint(snapshot, cli, t
   assert snapshot(tmp_path) == before
 
 
-def test_eval_refuses_corrupt_flax_metadata(snapshot, cli, flax_checkpoint):
+def test_eval_refuses_corrupt_flax_metadata(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
   meta = flax_checkpoint / "jaxrobust.json"
   text = meta.read_text()
   meta.write_text(text[: len(text) // 2])
@@ -663,7 +669,9 @@ def test_eval_refuses_corrupt_flax_metadata(snapshot, cli, flax_checkpoint):
   assert snapshot(flax_checkpoint) == before
 
 
-def test_eval_refuses_flax_variables_of_another_architecture(snapshot, cli, flax_checkpoint):
+def test_eval_refuses_flax_variables_of_another_architecture(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
   meta = flax_checkpoint / "jaxrobust.json"
   edited = json.loads(meta.read_text())
   edited.update(arch="wrn-10-2", settings={**edited["settings"], "width": 2})
@@ -680,7 +688,9 @@ def test_eval_refuses_flax_variables_of_another_architecture(snapshot, cli, flax
   assert_user_error(flax_eval(cli, flax_checkpoint), "names model 'vit'; jaxrobust has")
 
 
-def test_eval_refuses_corrupt_flax_variables(snapshot, cli, flax_checkpoint):
+def test_eval_refuses_corrupt_flax_variables(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
   for data in (flax_checkpoint / "variables").rglob("d/*"):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
   before = snapshot(flax_checkpoint)
@@ -691,7 +701,9 @@ def test_eval_refuses_corrupt_flax_variables(snapshot, cli, flax_checkpoint):
   assert snapshot(flax_checkpoint) == before
 
 
-def test_eval_refuses_bad_flax_checkpoint_flags(cli, flax_checkpoint, wrn_state, tmp_path):
+def test_eval_refuses_bad_flax_checkpoint_flags(
+  cli: Callable[..., Any], flax_checkpoint: Path, wrn_state: dict[str, Any], tmp_path: Path
+) -> None:
   assert_user_error(
     cli("eval.py", "--flax-checkpoint", flax_checkpoint), "--flax-checkpoint needs --data"
   )

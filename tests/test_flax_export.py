@@ -207,13 +207,12 @@ def test_an_export_of_another_entry_or_architecture_is_refused(
   # An export of the entry's architecture that is no zoo export loads as the
   # entry where it normalises as the entry does.
   state = torch.load(zoo_file)
-  arch = zoo.find(ENTRY).arch
+  arch, settings = zoo.architecture(zoo.find(ENTRY))
   model, variables = interop.from_torch(state, arch, mean=(0.5,) * 3, std=(0.25,) * 3)
   plain = flax_files.save(tmp_path / "plain", model, variables, arch=arch)
   with pytest.raises(InputError, match=r"normalises with mean \(0.5, 0.5, 0.5\); zoo entry"):
     zoo.load_entry(ENTRY, plain)
-  mean, std = zoo.find(ENTRY).normalisation
-  model, variables = interop.from_torch(state, arch, mean=mean, std=std)
+  model, variables = interop.from_torch(state, arch, **settings)  # the entry's mean and std
   same = flax_files.save(tmp_path / "same", model, variables, arch=arch)
   assert zoo.load_entry(ENTRY, same)[0] == model
   result = cli("eval.py", "--flax-checkpoint", out, "--zoo", other)
