@@ -194,6 +194,28 @@ def test_variables_that_do_not_fit_are_named(wrn: tuple[Any, Path, Path], tmp_pa
     flax_files.check_fits({"c": (1,), "d": (2,)}, {}, "x")
 
 
+@pytest.mark.parametrize(
+  "change, fragment",
+  [
+    (dict(format_version=99), "has format_version 99; this jaxrobust reads versions up to 1"),
+    (dict(settings=[1]), "settings must be a JSON object"),
+    (dict(input_hw=[8, "x"]), "input_hw must be null or [height, width], got [8, 'x']"),
+    (dict(num_classes="ten"), "model 'wide_resnet' cannot be built"),
+  ],
+)
+def test_metadata_that_does_not_describe_a_model_is_named(
+  wrn: tuple[Any, Path, Path], tmp_path: Path, change: dict[str, Any], fragment: str
+) -> None:
+  _, _, exported = wrn
+  edited = tmp_path / "edited"
+  shutil.copytree(exported, edited)
+  meta = json.loads((edited / "jaxrobust.json").read_text())
+  (edited / "jaxrobust.json").write_text(json.dumps({**meta, **change}))
+  with pytest.raises(InputError) as error:
+    flax_files.load(edited)
+  assert fragment in str(error.value) and str(edited / "jaxrobust.json") in str(error.value)
+
+
 def test_an_export_of_another_entry_or_architecture_is_refused(
   cli: Callable[..., Any], wrn: tuple[Any, Path, Path], zoo_file: Path, tmp_path: Path
 ) -> None:

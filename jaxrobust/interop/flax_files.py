@@ -216,8 +216,17 @@ def read_metadata(path: str | PathLike[str]) -> dict[str, Any]:
   checks.require(
     isinstance(meta["settings"], dict), f"{str(file)!r}: settings must be a JSON object"
   )
+  hw = meta.get("input_hw")
+  checks.require(
+    hw is None or (isinstance(hw, list) and len(hw) == 2 and all(_positive_int(v) for v in hw)),
+    f"{str(file)!r}: input_hw must be null or [height, width], got {hw!r}",
+  )
   meta["settings"] = {k: _tuples(v) for k, v in meta["settings"].items()}
   return meta
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _tuples(value: Any) -> Any:
