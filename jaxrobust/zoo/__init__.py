@@ -187,7 +187,7 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
 def _load_exported(entry: Entry, directory: Path) -> tuple[nn.Module, Variables]:
   """The model of a flax checkpoint of entry `entry` (or of its architecture)."""
   arch, settings = architecture(entry)
-  model, variables, meta = flax_files.load(directory)
+  meta = flax_files.read_metadata(directory)  # refused before the variables are read
   held = (meta.get("zoo") or {}).get("entry")
   checks.require(
     held is None or held == key(entry),
@@ -204,6 +204,7 @@ def _load_exported(entry: Entry, directory: Path) -> tuple[nn.Module, Variables]
       f"flax checkpoint {str(directory)!r} normalises with {which} {tuple(meta[which])}; "
       f"zoo entry {key(entry)} with {settings.get(which)}",
     )
+  model, variables, _ = flax_files.load(directory)
   return model, variables
 
 
