@@ -28,6 +28,7 @@ is tested ("here" means this module):
 | unreadable or non-image files in folder: data | here; test_data.py::test_folder_errors_name_the_file |
 | a workdir that is a file, no write permission, an incompatible checkpoint | here |
 | eval.py --torch-checkpoint: not a checkpoint, truncated (.pt, .safetensors), another architecture, missing keys, wrong shapes, no --arch or --data, images or classes of the data that do not fit | here; in the library: test_interop.py |
+| eval.py --export-flax and --flax-checkpoint: an existing output, a directory without metadata, corrupt metadata or variables, variables of another architecture, another zoo entry | here; in the library: test_flax_export.py |
 
 docs/bad_input.md lists every case of this catalogue with its message (a
 test checks that it names each one).
@@ -45,7 +46,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -371,6 +374,22 @@ EVAL_FLAGS = {
     ["--config.eval.attacks.pgd_linf.step=3"],
     ["no setting 'eval.attacks.pgd_linf.step'; did you mean 'eval.attacks.pgd_linf.steps'?"],
   ),
+  "--export-flax an existing directory": (
+    ["--export-flax", "{tmp}/dir.pt"],
+    ["--export-flax '{tmp}/dir.pt' exists; give a new directory"],
+  ),
+  "--export-flax an existing file": (
+    ["--export-flax", "{tmp}/text.txt"],
+    ["--export-flax '{tmp}/text.txt' exists; give a new directory"],
+  ),
+  "--export-flax in a missing folder": (
+    ["--export-flax", "{tmp}/missing/out"],
+    ["cannot write --export-flax '{tmp}/missing/out': folder '{tmp}/missing' does not exist"],
+  ),
+  "--export-flax with --export-torch": (
+    ["--export-flax", "{tmp}/new", "--export-torch", "{tmp}/m.pt"],
+    ["give either --export-torch or --export-flax, not both"],
+  ),
 }
 
 
@@ -600,6 +619,108 @@ def test_export_refuses_a_bad_file_name(snapshot, cli, untouched, tmp_path):
     ".safetensors",
   )
   assert snapshot(tmp_path) == {}
+
+
+# eval.py --flax-checkpoint: a directory that is not one, or whose variables
+# do not fit the architecture it names, refused in one line, untouched.
+
+
+@pytest.fixture
+def flax_checkpoint(wrn_state: dict[str, Any], tmp_path: Path) -> Path:
+  """A flax checkpoint (`--export-flax`) of the grey WideResNet-10-1."""
+  from jaxrobust.interop import flax_files  # pylint: disable=g-import-not-at-top
+
+  model, variables = interop.from_torch(wrn_state, "wrn-10-1")
+  return flax_files.save(tmp_path / "wrn", model, variables, arch="wrn-10-1")
+
+
+def flax_eval(cli: Callable[..., Any], path: Path, *args: Any) -> Any:
+  return cli("eval.py", "--flax-checkpoint", path, "--data", "digits", *args)
+
+
+def test_eval_refuses_a_directory_that_is_not_a_flax_checkpoint(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], tmp_path: Path
+) -> None:
+  assert_user_error(
+    flax_eval(cli, tmp_path / "missing"), f"{str(tmp_path / 'missing')!r} not found"
+  )
+  (tmp_path / "file").write_text("x")
+  assert_user_error(flax_eval(cli, tmp_path / "file"), "is not a directory")
+  (tmp_path / "empty").mkdir()
+  assert_user_error(flax_eval(cli, tmp_path / "empty"), "is not a flax checkpoint: it has no")
+  before = snapshot(tmp_path)
+  assert_user_error(cli("eval.py", "--export-flax", tmp_path / "out"), "--export-flax needs")
+  assert snapshot(tmp_path) == before
+
+
+def test_eval_refuses_corrupt_flax_metadata(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
+  meta = flax_checkpoint / "jaxrobust.json"
+  text = meta.read_text()
+  meta.write_text(text[: len(text) // 2])
+  before = snapshot(flax_checkpoint)
+  assert_user_error(flax_eval(cli, flax_checkpoint), f"cannot read {str(meta)!r}: not JSON")
+  meta.write_text(json.dumps({**json.loads(text), "format": "other"}))
+  assert_user_error(flax_eval(cli, flax_checkpoint), "does not describe a flax checkpoint")
+  meta.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "num_classes"}))
+  assert_user_error(flax_eval(cli, flax_checkpoint), "lacks 'num_classes'")
+  meta.write_text(text[: len(text) // 2])
+  assert snapshot(flax_checkpoint) == before
+
+
+def test_eval_refuses_flax_variables_of_another_architecture(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
+  meta = flax_checkpoint / "jaxrobust.json"
+  edited = json.loads(meta.read_text())
+  edited.update(arch="wrn-10-2", settings={**edited["settings"], "width": 2})
+  meta.write_text(json.dumps(edited))
+  before = snapshot(flax_checkpoint)
+  assert_user_error(
+    flax_eval(cli, flax_checkpoint),
+    "does not fit its architecture wrn-10-2: 'params/",
+    "in the checkpoint, the architecture needs",
+  )
+  assert snapshot(flax_checkpoint) == before
+  edited.update(model="vit")
+  meta.write_text(json.dumps(edited))
+  assert_user_error(flax_eval(cli, flax_checkpoint), "names model 'vit'; jaxrobust has")
+
+
+def test_eval_refuses_corrupt_flax_variables(
+  snapshot: Callable[[Path], Any], cli: Callable[..., Any], flax_checkpoint: Path
+) -> None:
+  for data in (flax_checkpoint / "variables").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  before = snapshot(flax_checkpoint)
+  assert_user_error(
+    flax_eval(cli, flax_checkpoint),
+    f"cannot read the variables of flax checkpoint {str(flax_checkpoint)!r}",
+  )
+  assert snapshot(flax_checkpoint) == before
+
+
+def test_eval_refuses_bad_flax_checkpoint_flags(
+  cli: Callable[..., Any], flax_checkpoint: Path, wrn_state: dict[str, Any], tmp_path: Path
+) -> None:
+  assert_user_error(
+    cli("eval.py", "--flax-checkpoint", flax_checkpoint), "--flax-checkpoint needs --data"
+  )
+  assert_user_error(
+    flax_eval(cli, flax_checkpoint, "--arch", "wrn-10-1"), "--arch goes with --torch-checkpoint"
+  )
+  path = save_pt(tmp_path / "model.pt", wrn_state)
+  assert_user_error(
+    flax_eval(cli, flax_checkpoint, "--torch-checkpoint", path), "either --torch-checkpoint or"
+  )
+  assert_user_error(
+    flax_eval(cli, flax_checkpoint, "--certify"), "--certify needs a --workdir, not a --flax"
+  )
+  assert_user_error(
+    cli("eval.py", "--zoo", "cifar10/Linf/Wong2020Fast", "--flax-checkpoint", flax_checkpoint),
+    "holds architecture wrn-10-1; zoo entry cifar10/Linf/Wong2020Fast is preact-resnet-18-plain",
+  )
 
 
 # Inputs that crashed a command after its work: they now run.

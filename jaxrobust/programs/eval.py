@@ -15,6 +15,9 @@ r"""Evaluates a trained run: robust accuracy under attack, transfer attacks, cer
   python eval.py --torch-checkpoint models/cifar10/Linf/Carmon2019Unlabeled.pt \
       --arch wrn-28-10 --data cifar10 --suite autoattack --limit 1000   # a PyTorch model
   python eval.py --workdir runs/pgd_at --export-torch pgd_at.pt      # to PyTorch
+  python eval.py --zoo cifar10/Linf/Carmon2019Unlabeled \
+      --torch-checkpoint models/cifar10/Linf/Carmon2019Unlabeled.pt --export-flax carmon
+  python eval.py --flax-checkpoint carmon --limit 1000       # no PyTorch needed
 
 Attacks are those of the run's config (`eval.attacks`), by label; any setting
 can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
@@ -28,7 +31,10 @@ FILE` writes the progress after every batch; the same command resumes it.
 architecture `--arch` on `--data` (a setting of jaxrobust/configs/common.py, whose
 attacks and radii it uses, or a jaxrobust data-set name, with CIFAR-10's
 radii), without a workdir. `--export-torch` writes a workdir's model as a
-PyTorch checkpoint that records its architecture.
+PyTorch checkpoint that records its architecture. `--export-flax DIR` writes
+a converted model (or a workdir's) as a flax checkpoint, orbax's arrays and
+its description, which `--flax-checkpoint DIR` evaluates without PyTorch (a
+zoo model as its entry, another on `--data`).
 """
 
 import functools
@@ -49,6 +55,7 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from jaxrobust import checks, cli, data, evaluation, interop, models, zoo
+from jaxrobust.interop import flax_files
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import config as config_lib
@@ -77,7 +84,8 @@ def define_config_overrides(argv: Sequence[str]) -> None:
   setting's config, with --torch-checkpoint)."""
   workdir = cli.flag_in(argv, "workdir")
   saved = checkpoints.load_config(workdir, required=False) if workdir else None
-  if saved is None and cli.flag_in(argv, "torch-checkpoint") and cli.flag_in(argv, "data"):
+  converted = cli.flag_in(argv, "torch-checkpoint") or cli.flag_in(argv, "flax-checkpoint")
+  if saved is None and converted and cli.flag_in(argv, "data"):
     saved = eval_torch.data_config(cli.flag_in(argv, "data")).to_dict()
   if saved is not None:
     try:  # ml_collections applies the overrides in argv here
@@ -102,6 +110,9 @@ def check_outputs() -> None:
   if opts.EXPORT.value is not None:
     cli.check_output_file("--export-torch", opts.EXPORT.value)
     interop.check_export_path(opts.EXPORT.value)
+  if opts.EXPORT_FLAX.value is not None:
+    checks.require(not opts.EXPORT.value, "give either --export-torch or --export-flax, not both")
+    flax_files.check_new_directory(opts.EXPORT_FLAX.value, "--export-flax")
 
 
 def check_state_file(path: Path) -> None:
@@ -153,24 +164,19 @@ def main(argv: Sequence[str]) -> None:
   define_config_overrides(argv)
   cli.parse_flags(argv)
   check_outputs()
-  if opts.ZOO.value:
+  if opts.EXPORT_FLAX.value and not opts.WORKDIR.value:
+    return eval_torch.export_converted(
+      opts.ZOO.value, opts.TORCH.value, opts.ARCH.value, opts.EXPORT_FLAX.value
+    )
+  if opts.ZOO.value or eval_torch.flax_zoo_entry(opts.FLAX.value):
     return evaluate_zoo()
   checks.require(
     opts.ATTACKS.value is None or any(n.strip() for n in opts.ATTACKS.value.split(",")),
     f"--attacks {opts.ATTACKS.value!r} names no attack; name the run's attacks "
     "(comma-separated) or 'all', or leave --attacks out for the config's eval.default",
   )
-  if opts.TORCH.value:
-    checks.require(not opts.WORKDIR.value, "give either --workdir or --torch-checkpoint, not both")
-    for flag, value in (
-      ("--export-torch", opts.EXPORT),
-      ("--transfer-from", opts.TRANSFER),
-      ("--certify", opts.CERTIFY),
-    ):
-      checks.require(not value.value, f"{flag} needs a --workdir, not a --torch-checkpoint")
-    resolved, model, state, about = eval_torch.load_torch_checkpoint(
-      opts.TORCH.value, opts.ARCH.value, opts.DATA.value, opts.SPLIT.value
-    )
+  if opts.TORCH.value or opts.FLAX.value:
+    resolved, model, state, about = eval_torch.load_converted()
     if "config" in flags.FLAGS:
       resolved = {**flags.FLAGS.config.to_dict(), "model": resolved["model"]}
     rep = attack(resolved, model, state)
@@ -195,6 +201,9 @@ def main(argv: Sequence[str]) -> None:
     if opts.EXPORT.value:
       eval_torch.export_torch(model, state, opts.EXPORT.value)
       return
+    if opts.EXPORT_FLAX.value:
+      eval_torch.export_flax(model, state.variables, opts.EXPORT_FLAX.value, source=workdir)
+      return
     if "config" in flags.FLAGS:
       resolved = flags.FLAGS.config.to_dict()
     rep = certify(resolved, model, state) if opts.CERTIFY.value else attack(resolved, model, state)
@@ -208,19 +217,24 @@ def main(argv: Sequence[str]) -> None:
 
 def evaluate_zoo() -> None:
   """--zoo list: every RobustBench entry and whether it loads; --zoo ENTRY: the
-  --torch-checkpoint's AutoAttack accuracy beside the leaderboard's."""
+  --torch-checkpoint's AutoAttack accuracy beside the leaderboard's (or the
+  --flax-checkpoint's, whose entry it records)."""
   if opts.ZOO.value == "list":
     print(zoo.format_list())
     return
-  checks.require(opts.TORCH.value, "--zoo needs --torch-checkpoint, the entry's file")
+  checks.require(
+    bool(opts.TORCH.value) != bool(opts.FLAX.value),
+    "--zoo needs --torch-checkpoint (the entry's file) or --flax-checkpoint, one of them",
+  )
+  name = opts.ZOO.value or eval_torch.flax_zoo_entry(opts.FLAX.value)
   n = opts.LIMIT.value or 1000
   x = y = None
   if opts.DATA.value:  # else the entry's data set from tensorflow-datasets
     test = config_lib.load_split(eval_torch.data_config(opts.DATA.value), opts.SPLIT.value)
     x, y = data.host_float(test.x[:n]), np.asarray(test.y[:n])
   result = zoo.evaluate_entry(
-    str(opts.ZOO.value),
-    opts.TORCH.value,
+    str(name),
+    opts.TORCH.value or opts.FLAX.value,
     x=x,
     y=y,
     n_examples=n,
@@ -235,7 +249,9 @@ def evaluate_zoo() -> None:
 
 def output_dir() -> Path:
   """Where plots go by default: the workdir, else the checkpoint's folder."""
-  return Path(opts.WORKDIR.value) if opts.WORKDIR.value else Path(str(opts.TORCH.value)).parent
+  if opts.WORKDIR.value:
+    return Path(opts.WORKDIR.value)
+  return Path(str(opts.TORCH.value or opts.FLAX.value)).parent
 
 
 def attack(resolved: dict[str, Any], model: nn.Module, state: Any) -> dict[str, Any]:

@@ -98,3 +98,15 @@ EXPORT = flags.DEFINE_string(
   None,
   "Write the workdir's model as a PyTorch checkpoint (.pt, .pth or .safetensors) and exit.",
 )
+FLAX = flags.DEFINE_string(
+  "flax-checkpoint",
+  None,
+  "Evaluate this flax checkpoint (a directory --export-flax wrote; no PyTorch needed): "
+  "a zoo model's entry comes from it, another model needs --data.",
+)
+EXPORT_FLAX = flags.DEFINE_string(
+  "export-flax",
+  None,
+  "Write the model of --zoo with --torch-checkpoint, of --torch-checkpoint, or of --workdir "
+  "as a flax checkpoint (a new directory: orbax variables and jaxrobust.json) and exit.",
+)

@@ -5,7 +5,8 @@ entry of CIFAR-10 (L-inf, L2, corruptions), CIFAR-100 and ImageNet. An
 entry is named `"<dataset>/<threat>/<name>"` (RobustBench's checkpoint
 path, `models/cifar10/Linf/Carmon2019Unlabeled.pt`), or by its bare name
 where that is unique. `status` says whether jaxrobust loads it,
-`load_entry` converts its checkpoint (`interop.from_torch`), and
+`load_entry` converts its checkpoint (`interop.from_torch`; or reads the
+flax checkpoint `export_entry` wrote, without PyTorch), and
 `evaluate_entry` runs AutoAttack on it and sets the leaderboard's number
 beside ours.
 """
@@ -14,6 +15,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxrobust import checks, interop
+from jaxrobust.interop import flax_files
 from jaxrobust.types import Variables
 from jaxrobust.zoo.table import ENTRIES, Entry
 
@@ -154,17 +157,22 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
 
   Args:
     name: an entry (see `find`).
-    checkpoint: a checkpoint file's path, or what `interop.load_checkpoint` read.
+    checkpoint: a checkpoint file's path, what `interop.load_checkpoint`
+      read, or a flax checkpoint's directory (`export_entry`; read without
+      PyTorch).
 
   Returns:
     `(model, variables)`, `model.apply(variables, x)` on NHWC images in [0, 1].
 
   Raises:
     InputError: an unsupported entry, or, in one line, a checkpoint that does
-      not fit it, naming the entry, the architecture and the first mismatching key.
+      not fit it, naming the entry, the architecture and the first mismatching key
+      (a flax checkpoint: the entry or architecture it holds).
   """
   entry = find(name)
   arch, settings = architecture(entry)
+  if isinstance(checkpoint, str | PathLike) and Path(checkpoint).is_dir():
+    return _load_exported(entry, Path(checkpoint))
   if isinstance(checkpoint, str | PathLike):
     checkpoint = interop.load_checkpoint(checkpoint)
   try:
@@ -174,6 +182,56 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
     raise checks.InputError(
       f"the checkpoint does not fit zoo entry {key(entry)} (architecture {arch}): {why}"
     ) from None
+
+
+def _load_exported(entry: Entry, directory: Path) -> tuple[nn.Module, Variables]:
+  """The model of a flax checkpoint of entry `entry` (or of its architecture)."""
+  arch, settings = architecture(entry)
+  meta = flax_files.read_metadata(directory)  # refused before the variables are read
+  held = (meta.get("zoo") or {}).get("entry")
+  checks.require(
+    held is None or held == key(entry),
+    f"flax checkpoint {str(directory)!r} holds zoo entry {held}, not {key(entry)}",
+  )
+  checks.require(
+    meta["arch"] == arch,
+    f"flax checkpoint {str(directory)!r} holds architecture {meta['arch']}; zoo entry "
+    f"{key(entry)} is {arch}",
+  )
+  for which in ("mean", "std"):
+    checks.require(
+      which not in settings or np.allclose(settings[which], meta[which], rtol=1e-6, atol=0),
+      f"flax checkpoint {str(directory)!r} normalises with {which} {tuple(meta[which])}; "
+      f"zoo entry {key(entry)} with {settings.get(which)}",
+    )
+  model, variables, _ = flax_files.load(directory)
+  return model, variables
+
+
+def export_entry(name: str, checkpoint: Any, directory: str | PathLike[str]) -> Path:
+  """Converts entry `name`'s checkpoint into a flax checkpoint, loadable without PyTorch.
+
+  Args:
+    name: an entry (see `find`).
+    checkpoint: its checkpoint (see `load_entry`).
+    directory: the directory to create (`interop.flax_files.save`: written
+      atomically, never over an existing one).
+
+  Returns:
+    `directory` as a `Path`; its metadata records the entry's name, data set,
+    threat model and eps beside the architecture and normalisation.
+
+  Raises:
+    InputError: an existing `directory`, or a checkpoint `load_entry` refuses.
+  """
+  entry = find(name)
+  flax_files.check_new_directory(directory)
+  model, variables = load_entry(name, checkpoint)
+  about = dict(entry=key(entry), dataset=entry.dataset, threat=entry.threat, eps=entry.eps)
+  source = None if not isinstance(checkpoint, str | PathLike) else str(checkpoint)
+  return flax_files.save(
+    directory, model, variables, arch=architecture(entry)[0], zoo=about, source=source
+  )
 
 
 class ZooResult(NamedTuple):
@@ -223,7 +281,8 @@ def evaluate_entry(
 
   Args:
     name: an L-inf or L2 entry (see `find`).
-    checkpoint: its checkpoint (path, or what `interop.load_checkpoint` read).
+    checkpoint: its checkpoint (see `load_entry`: a file, what
+      `interop.load_checkpoint` read, or a flax checkpoint's directory).
     x: test images in [0, 1] NHWC (default: the first `n_examples` of the
       entry's data set, `DATA`).
     y: their labels.
@@ -288,6 +347,7 @@ __all__ = [
   "coverage",
   "eps",
   "evaluate_entry",
+  "export_entry",
   "find",
   "format_list",
   "key",
