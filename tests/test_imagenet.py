@@ -7,7 +7,9 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,21 +44,26 @@ def make_imagenet(root: Path, train: int = 8, val: int = 2, seed: int = 0) -> Pa
 
 
 @pytest.fixture(scope="module")
-def imagenet_dir(tmp_path_factory):
+def imagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
   return make_imagenet(tmp_path_factory.mktemp("data") / "imagenet")
 
 
 @pytest.fixture(scope="module")
-def converted(imagenet_dir, tmp_path_factory):
+def converted(imagenet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
   out = tmp_path_factory.mktemp("records") / "imagenet"
   assert data_cli(["convert", f"imagenet:{imagenet_dir}", str(out), "--shard-size", "5"]) == 0
   return out
 
 
+def load(name: str, split: str) -> Any:
+  """Split `split` of data set `name` with 32x32 crops."""
+  return data.load(name, split, image_size=32)
+
+
 # The crops
 
 
-def test_crop_boxes_lie_in_the_image_and_in_the_scale_and_ratio_bounds():
+def test_crop_boxes_lie_in_the_image_and_in_the_scale_and_ratio_bounds() -> None:
   for height, width in [(64, 64), (64, 80), (375, 500), (500, 333)]:
     area, shares = height * width, []
     for k in range(300):
@@ -73,7 +80,7 @@ def test_crop_boxes_lie_in_the_image_and_in_the_scale_and_ratio_bounds():
   assert crops.random_resized_crop_box(np.random.default_rng(0), 10, 300) == (0, 143, 10, 13)
 
 
-def test_train_crop_is_the_box_resized_then_flipped_and_deterministic():
+def test_train_crop_is_the_box_resized_then_flipped_and_deterministic() -> None:
   image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), np.uint8))
   flips = set()
   for index in range(20):
@@ -85,36 +92,36 @@ def test_train_crop_is_the_box_resized_then_flipped_and_deterministic():
     flip = rng.random() < 0.5
     # torchvision's resized_crop: crop (here by slicing the array), then resize.
     crop = Image.fromarray(np.asarray(image)[top : top + h, left : left + w])
-    want = np.asarray(crop.resize((32, 32), Image.BILINEAR))
+    want = np.asarray(crop.resize((32, 32), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(got, want[:, ::-1] if flip else want)
     flips.add(flip)
   assert flips == {True, False}
 
 
-def test_eval_crop_is_resize_256_center_crop_224():
+def test_eval_crop_is_resize_256_center_crop_224() -> None:
   # torchvision's Resize(256) and CenterCrop(224) of a 375x500 image.
   assert crops.resized_shape(375, 500, 256) == (256, 341)
   assert crops.center_crop_box(256, 341, 224) == (16, 58, 224, 224)
   image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (375, 500, 3), np.uint8))
-  resized = np.asarray(image.resize((341, 256), Image.BILINEAR))
+  resized = np.asarray(image.resize((341, 256), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(crops.eval_crop(image, 224), resized[16:240, 58:282])
   # At 32: the shorter side to round(32 / 0.875) = 37; 64x80 -> 37x46, crop at (2, 7).
   small = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), np.uint8))
-  resized = np.asarray(small.resize((46, 37), Image.BILINEAR))
+  resized = np.asarray(small.resize((46, 37), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(crops.eval_crop(small, 32), resized[2:34, 7:39])
 
 
 # The ILSVRC layout and its records
 
 
-def test_ilsvrc_folder_classes_in_sorted_wnid_order(imagenet_dir):
-  train = data.load(f"imagenet:{imagenet_dir}", "train", image_size=32)
+def test_ilsvrc_folder_classes_in_sorted_wnid_order(imagenet_dir: Path) -> None:
+  train = load(f"imagenet:{imagenet_dir}", "train")
   assert train.class_names == sorted(WNIDS) and train.num_classes == 3
   assert train.x.shape == (24, 32, 32, 3) and train.x.dtype == np.uint8
   names = [name.decode() for name in train.x.store.names]
   assert [WNIDS.index(n.split("/")[0]) for n in names] == train.y.tolist()
   assert train.y[:6].tolist() == [0, 1, 2, 0, 1, 2]  # classes interleaved
-  test = data.load(f"imagenet:{imagenet_dir}", "test", image_size=32)
+  test = load(f"imagenet:{imagenet_dir}", "test")
   assert len(test.y) == 6 and test.class_names == train.class_names
   test_names = [name.decode() for name in test.x.store.names]
   grey = test.x[test_names.index(f"{WNIDS[0]}/{WNIDS[0]}_1.JPEG")]  # a grey JPEG: RGB, equal
@@ -122,8 +129,8 @@ def test_ilsvrc_folder_classes_in_sorted_wnid_order(imagenet_dir):
   assert data.channel_stats(train.x) == (crops.IMAGENET_MEAN, crops.IMAGENET_STD)
 
 
-def test_encoded_crops_per_seed_epoch_and_example(imagenet_dir):
-  x = data.load(f"imagenet:{imagenet_dir}", "train", image_size=32).x
+def test_encoded_crops_per_seed_epoch_and_example(imagenet_dir: Path) -> None:
+  x = load(f"imagenet:{imagenet_dir}", "train").x
   a = x.augmented(np.array([5, 1, 7]), seed=0, epoch=2)
   np.testing.assert_array_equal(a, x.augmented(np.array([7, 5, 1]), seed=0, epoch=2)[[1, 2, 0]])
   np.testing.assert_array_equal(a[1], x[1:].augmented(np.array([0]), 0, 2)[0])  # a view
@@ -135,14 +142,16 @@ def test_encoded_crops_per_seed_epoch_and_example(imagenet_dir):
   np.testing.assert_array_equal(x[2], crops.eval_crop(crops.open_rgb(x.store.where(2), ""), 32))
 
 
-def test_conversion_stores_the_jpeg_files_and_reads_back_the_same(imagenet_dir, converted):
+def test_conversion_stores_the_jpeg_files_and_reads_back_the_same(
+  imagenet_dir: Path, converted: Path
+) -> None:
   import grain
 
   metadata = json.loads((converted / "metadata.json").read_text())
   assert (metadata["encoding"], metadata["shape"]) == ("jpeg", None)
   assert metadata["class_names"] == sorted(WNIDS)
-  folder = data.load(f"imagenet:{imagenet_dir}", "train", image_size=32)
-  records = data.load(f"records:{converted}", "train", image_size=32)
+  folder = load(f"imagenet:{imagenet_dir}", "train")
+  records = load(f"records:{converted}", "train")
   shards = [str(converted / name) for name in metadata["splits"]["train"]["shards"]]
   assert metadata["splits"]["train"]["records"] == [5, 5, 5, 5, 4]
   stored = grain.sources.ArrayRecordDataSource(shards)
@@ -153,26 +162,28 @@ def test_conversion_stores_the_jpeg_files_and_reads_back_the_same(imagenet_dir, 
     np.testing.assert_array_equal(np.asarray(crops.open_rgb(stored[i], i)), pil)
   np.testing.assert_array_equal(records.y, folder.y)
   np.testing.assert_array_equal(np.asarray(records.x), np.asarray(folder.x))
-  same = data.load(f"imagenet:{converted}", "test", image_size=32)  # the setting reads it too
+  same = load(f"imagenet:{converted}", "test")  # the setting reads it too
   np.testing.assert_array_equal(np.asarray(same.x), np.asarray(folder_test(imagenet_dir)))
 
 
-def folder_test(imagenet_dir):
-  return data.load(f"imagenet:{imagenet_dir}", "test", image_size=32).x
+def folder_test(imagenet_dir: Path) -> Any:
+  return load(f"imagenet:{imagenet_dir}", "test").x
 
 
-def test_batches_from_folder_records_and_grain_workers_agree(imagenet_dir, converted):
-  folder = data.load(f"imagenet:{imagenet_dir}", "train", image_size=32)
-  records = data.load(f"records:{converted}", "train", image_size=32)
-  batches = [data.train_batches(*d, 6, seed=4, start_step=3) for d in (folder, records)]
-  workers = data.train_batches(*records, 6, seed=4, start_step=3, workers=1)
+def test_batches_from_folder_records_and_grain_workers_agree(
+  imagenet_dir: Path, converted: Path
+) -> None:
+  folder = load(f"imagenet:{imagenet_dir}", "train")
+  records = load(f"records:{converted}", "train")
+  batches = [data.train_batches(d.x, d.y, 6, seed=4, start_step=3) for d in (folder, records)]
+  workers = data.train_batches(records.x, records.y, 6, seed=4, start_step=3, workers=1)
   for _ in range(3):  # steps 3-5: epoch 0's last, epoch 1's first two
     (xa, ya), (xb, yb), (xc, yc) = next(batches[0]), next(batches[1]), next(workers)
     np.testing.assert_array_equal(xa, xb)
     np.testing.assert_array_equal(xa, xc)
     np.testing.assert_array_equal(ya, yc)
   # Step 3 = epoch 0, batch 3: the examples of epoch_permutation, cropped in epoch 0.
-  xb, yb = next(data.train_batches(*folder, 6, seed=4, start_step=3))
+  xb, yb = next(data.train_batches(folder.x, folder.y, 6, seed=4, start_step=3))
   index = data.epoch_permutation(24, 4, 0)[18:24]
   np.testing.assert_array_equal(xb, folder.x.augmented(index, 4, 0))
   np.testing.assert_array_equal(yb, folder.y[index])
@@ -191,7 +202,7 @@ BAD = {
 }
 
 
-def flat_val(root):
+def flat_val(root: Path) -> Path:
   (root / "flat" / "train" / "n0").mkdir(parents=True)
   (root / "flat" / "val").mkdir()
   (root / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
@@ -199,7 +210,9 @@ def flat_val(root):
 
 
 @pytest.mark.parametrize("make, message", BAD.values(), ids=BAD)
-def test_bad_imagenet_directories_are_named_and_nothing_is_written(make, message, tmp_path):
+def test_bad_imagenet_directories_are_named_and_nothing_is_written(
+  make: Callable[[Path], Path], message: str, tmp_path: Path
+) -> None:
   path = make(tmp_path)
   split = "test" if "val" in message else "train"
   with pytest.raises(InputError, match=message.format(root=tmp_path).replace("/", ".")):
@@ -209,7 +222,9 @@ def test_bad_imagenet_directories_are_named_and_nothing_is_written(make, message
   assert not out.exists()
 
 
-def test_convert_encodings_of_imagenet_and_other_sources(imagenet_dir, tmp_path, capsys):
+def test_convert_encodings_of_imagenet_and_other_sources(
+  imagenet_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
   assert (
     data_cli(["convert", f"imagenet:{imagenet_dir}", str(tmp_path / "a"), "--encoding", "raw"]) == 2
   )
@@ -222,7 +237,7 @@ def test_convert_encodings_of_imagenet_and_other_sources(imagenet_dir, tmp_path,
 # The configs
 
 
-def test_imagenet_configs():
+def test_imagenet_configs() -> None:
   from jaxrobust.configs import common, gpu_recipes, pgd_at
   from jaxrobust.training import optimizer
 
@@ -244,11 +259,26 @@ def test_imagenet_configs():
   assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_the_setting_reads_jaxrobust_data(tmp_path):
+def test_the_setting_reads_jaxrobust_data(tmp_path: Path) -> None:
   code = "from jaxrobust.configs import pgd_at; print(pgd_at.get_config('imagenet').data.name)"
   env = {**program_env(), "JAXROBUST_DATA": str(tmp_path)}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert out.stdout.strip() == f"imagenet:{tmp_path.resolve() / 'imagenet'}"
+
+
+def test_train_py_names_the_missing_imagenet_directory(tmp_path: Path) -> None:
+  result = run(
+    "train.py",
+    "--config",
+    "pgd_at:imagenet",
+    "--workdir",
+    tmp_path / "run",
+    env={"JAXROBUST_DATA": str(tmp_path / "none")},
+  )
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  missing = tmp_path.resolve() / "none" / "imagenet"
+  assert f"error: ImageNet directory {missing} does not exist" in result.stderr
+  assert not (tmp_path / "run").exists()
 
 
 # End to end: convert -> train -> kill -9 -> resume -> eval
@@ -286,7 +316,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run(*args, env=None):
+def run(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
   return subprocess.run(
     [sys.executable, *map(str, args)],
     cwd=ROOT,
@@ -298,7 +328,7 @@ def run(*args, env=None):
 
 
 @pytest.mark.slow  # three training runs and an evaluation: .ci/run runs it after the fast suite
-def test_convert_train_kill_resume_eval_end_to_end(imagenet_dir, tmp_path):
+def test_convert_train_kill_resume_eval_end_to_end(imagenet_dir: Path, tmp_path: Path) -> None:
   from jaxrobust.training import loop as experiment
 
   data_dir = tmp_path / "data"
@@ -338,7 +368,7 @@ def test_convert_train_kill_resume_eval_end_to_end(imagenet_dir, tmp_path):
   )
   assert evaluated.returncode == 0, evaluated.stderr
   _, model, state = experiment.restore(workdir)
-  test = data.load(config.data.name, "test", image_size=32)
+  test = load(config.data.name, "test")
   logits = model.apply(state.variables, data.as_float(test.x), train=False)
   clean = float(np.mean(np.argmax(np.asarray(logits), -1) == test.y))
   assert json.loads(report.read_text())["clean_accuracy"] == pytest.approx(clean)
