@@ -189,6 +189,24 @@ def test_batches_from_folder_records_and_grain_workers_agree(
   np.testing.assert_array_equal(yb, folder.y[index])
 
 
+def test_a_mixture_crops_each_source_by_its_own_key(imagenet_dir: Path, converted: Path) -> None:
+  from jaxrobust.data.mixture import MixturePlan
+
+  first, extra = load(f"imagenet:{imagenet_dir}", "train"), load(f"records:{converted}", "test")
+  batches = data.mixed_batches(
+    (first.x, first.y), (extra.x, extra.y), 6, extra_fraction=0.5, seed=2, start_step=9
+  )
+  plan = MixturePlan(24, 6, 6, 3, seed=2)
+  for step in (9, 10):  # epoch 1 of the first data set (8 steps of 3)
+    xb, yb = next(batches)
+    which, index = plan(step)
+    for source, dataset in enumerate((first, extra)):
+      rows = np.flatnonzero(which == source)
+      want = dataset.x.augmented(index[rows], 2, 1, source)
+      np.testing.assert_array_equal(xb[rows], want)
+      np.testing.assert_array_equal(yb[rows], dataset.y[index[rows]])
+
+
 BAD = {
   "missing directory": (
     lambda root: root / "none",

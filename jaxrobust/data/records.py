@@ -7,7 +7,9 @@ A records directory holds, for each split it has:
 
 and one `metadata.json` (`METADATA`) that gives the encoding ("raw": the
 H * W * C pixel bytes; "png" or "jpeg": an encoded image), the image shape
-[H, W, C], the number of classes and their names, and per split the count,
+[H, W, C] (null: the original files of an `imagenet:` folder, of any size,
+read as `EncodedImages` crops), the number of classes and their names, and
+per split the count,
 the shard file names, the records in each shard and a per-channel histogram
 of the pixel values (so that the channel statistics need no pass over the
 images). `jaxrobust.data.convert` writes such directories.

@@ -9,8 +9,8 @@ this process or in grain's worker processes; both give the same batches,
 since a batch is a function of the step alone.
 """
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,19 @@ from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
 from jaxrobust.data.encoded import EncodedImages
 
-# (source of each row, index of each row's example in its source)
-Plan = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+class Plan(Protocol):
+  """Step -> (source of each row, index of each row's example in its source)."""
+
+  seed: int  # the seed of the order, and of the crops of encoded images
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+  def epoch(self, step: int) -> int:
+    """The epoch of step `step`."""
+    ...
+
+
 # (images, labels) of one source: numpy arrays, or `RecordImages` and labels
 Source = tuple[Any, Any]
 Batch = tuple[np.ndarray, np.ndarray]
@@ -137,7 +148,7 @@ class Gather:
   def _images(self, x: Any, index: np.ndarray, step: int, source: int) -> np.ndarray:
     """The images at `index` of source `source`: cropped for training when encoded."""
     if isinstance(x, EncodedImages):
-      return x.augmented(index, self.plan.seed, self.plan.epoch(step), source)  # type: ignore[attr-defined]
+      return x.augmented(index, self.plan.seed, self.plan.epoch(step), source)
     return x[index]
 
 
