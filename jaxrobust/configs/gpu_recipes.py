@@ -32,9 +32,11 @@ And on ImageNet (the imagenet setting: `$JAXROBUST_DATA/imagenet`, L-infinity ep
                  batch 512 for epochs 0-6, 224 at batch 224 for 6-12, 288 at
                  batch 128 for 12-15); this config falls linearly to 0 (the
                  "cyclic" schedule) and trains at one size, 224 (or
-                 --config.data.image_size), batch 256. Target (RobustBench's
-                 Wong2020Fast, evaluated at 288): 55.62 % clean, 26.24 %
-                 AutoAttack; their paper reports PGD-50 with 10 restarts.
+                 --config.data.image_size), batch 256. Target: RobustBench's
+                 Wong2020Fast (their 4/255 model, evaluated on 288-pixel
+                 crops), 55.62 % clean, 26.24 % AutoAttack; their README
+                 reports the recipe at eps 2/255 at 60.90 % clean, 43.46 %
+                 PGD (their evaluation: 50 steps, 10 restarts).
     python train.py --config gpu_recipes:imagenet_fast_at --workdir runs/imagenet_fast_at
 
 Then `python eval.py --workdir runs/<name>` (AutoAttack standard and PGD-20 L2
