@@ -390,3 +390,54 @@ def test_convert_train_kill_resume_eval_end_to_end(imagenet_dir: Path, tmp_path:
   logits = model.apply(state.variables, data.as_float(test.x), train=False)
   clean = float(np.mean(np.argmax(np.asarray(logits), -1) == test.y))
   assert json.loads(report.read_text())["clean_accuracy"] == pytest.approx(clean)
+
+
+@pytest.mark.slow  # a full-width ResNet-50 at 224 on the CPU: .ci/run runs it after the fast suite
+def test_a_torch_resnet_50_evaluates_on_the_setting_with_sorted_wnid_labels(tmp_path: Path) -> None:
+  """eval.py --torch-checkpoint --arch resnet-50 --data imagenet (RobustBench's
+  ImageNet models' way in): 1,000 class folders, two validation images filed
+  under the class the model predicts for the first and another for the second,
+  so that clean accuracy is 1/2 exactly when label i is the i-th sorted wnid."""
+  from jaxrobust import interop, models
+
+  root, wnids = tmp_path / "imagenet", [f"n{k:08d}" for k in range(1000)]
+  rng = np.random.default_rng(0)
+  for wnid in wnids[::-1]:
+    (root / "train" / wnid).mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
+      root / "train" / wnid / "a.JPEG"
+    )
+  model = models.create(
+    "resnet50", num_classes=1000, mean=crops.IMAGENET_MEAN, std=crops.IMAGENET_STD, stem="imagenet"
+  )
+  variables = model.init(jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32))
+  interop.save_checkpoint(tmp_path / "r50.pt", model, jax.device_get(variables))
+  images = [Image.fromarray(rng.integers(0, 256, (300, 400, 3), np.uint8)) for _ in range(2)]
+  x = np.stack([crops.eval_crop(image, 224) for image in images])
+  predicted = np.argmax(np.asarray(model.apply(variables, data.as_float(x), train=False)), -1)
+  for i, label in enumerate([predicted[0], (predicted[1] + 1) % 1000]):
+    (root / "val" / wnids[label]).mkdir(parents=True, exist_ok=True)
+    images[i].save(root / "val" / wnids[label] / f"v{i}.JPEG", quality=95)
+  # The test JPEGs are decoded again: the crops eval.py sees are those of the saved files.
+  saved = [Image.open(next((root / "val").rglob(f"v{i}.JPEG"))).convert("RGB") for i in range(2)]
+  x = np.stack([crops.eval_crop(image, 224) for image in saved])
+  predicted_saved = np.argmax(np.asarray(model.apply(variables, data.as_float(x), train=False)), -1)
+  expected = np.mean(predicted_saved == [predicted[0], (predicted[1] + 1) % 1000])
+  report = tmp_path / "report.json"
+  result = run(
+    "eval.py",
+    "--torch-checkpoint",
+    tmp_path / "r50.pt",
+    "--arch",
+    "resnet-50",
+    "--data",
+    "imagenet",
+    "--attacks",
+    "pgd_linf",
+    "--config.eval.attacks.pgd_linf.steps=1",
+    "--out",
+    report,
+    env={"JAXROBUST_DATA": str(tmp_path)},
+  )
+  assert result.returncode == 0, result.stderr
+  assert json.loads(report.read_text())["clean_accuracy"] == expected == 0.5
