@@ -9,8 +9,9 @@ $JAXROBUST_DATA/imagenet, random-resized-crop and flip at 224): --config
 pgd_at:imagenet, PGD-3 L-infinity at eps 4/255 with step 2 eps / 3 and a
 random start, the ImageNet adversarial training of Salman et al. 2020
 (https://arxiv.org/abs/2007.08489), whose ResNet-50 RobustBench lists at
-64.02 % clean, 34.96 % AutoAttack (Salman2020Do_R50). It needs the data (not
-run here); tests/test_imagenet.py runs the setting on a generated folder:
+64.02 % clean, 34.96 % AutoAttack (Salman2020Do_R50). It needs the data and
+a GPU (not run here; tests/test_imagenet_runs.py runs the setting with a small
+CNN on a generated folder):
   python train.py --config pgd_at:imagenet --workdir runs/imagenet_pgd_at
   python eval.py --workdir runs/imagenet_pgd_at
 """
