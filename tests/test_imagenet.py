@@ -249,6 +249,16 @@ def test_bad_imagenet_directories_are_named_and_nothing_is_written(
   assert not out.exists()
 
 
+def test_a_file_that_is_not_an_image_is_named_when_read(tmp_path: Path) -> None:
+  root = make_imagenet(tmp_path / "imagenet", train=2, val=1)
+  bad = root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"
+  bad.write_bytes(b"not a JPEG")
+  train = load(f"imagenet:{root}", "train")  # listed, not opened
+  index = [name.decode() for name in train.x.store.names].index(f"{WNIDS[1]}/{bad.name}")
+  with pytest.raises(InputError, match=f"cannot decode the image {bad}"):
+    train.x.augmented(np.array([index]), seed=0, epoch=0)
+
+
 def test_convert_encodings_of_imagenet_and_other_sources(
   imagenet_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,7 +4,7 @@ Both follow torchvision's transforms on PIL images (`RandomResizedCrop`,
 `RandomHorizontalFlip`, `Resize`, `CenterCrop`), bilinear, antialiased as
 Pillow's resampling is, and give uint8 arrays [size, size, 3]. The random
 choices of one example come from `example_rng(seed, epoch, source, index)`,
-so that a batch is a function of the seed and the step, and a resumed run
+so that a batch is a function of the run's seed and the step, and a resumed run
 reads the crops an uninterrupted one read.
 """
 
