@@ -137,6 +137,18 @@ TRAIN_SETTINGS = {
     ["the config has no setting 'epoch'; did you mean 'epochs'?"],
   ),
   "stray argument": (["extra_arg"], ["unexpected argument 'extra_arg'"]),
+  "ImageNet directory missing": (
+    ["--config", "pgd_at:imagenet", "--config.data.name=imagenet:/nonexistent/imagenet"],
+    ["ImageNet directory /nonexistent/imagenet does not exist", "train/<wnid>/*.JPEG"],
+  ),
+  "ImageNet folder without train/": (
+    ["--config", "pgd_at:imagenet", f"--config.data.name=imagenet:{ROOT / 'docs'}"],
+    [f"ImageNet directory {ROOT / 'docs'} has no train/ folder"],
+  ),
+  "ImageNet crop size < 1": (
+    ["--config", "pgd_at:imagenet", "--config.data.image_size=0"],
+    ["data.image_size must be an integer >= 1, got 0"],
+  ),
 }
 
 

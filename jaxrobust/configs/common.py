@@ -12,11 +12,21 @@ import ml_collections
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("JAXROBUST_DATA", REPO / ".." / "shared" / "data"))
 CIFAR10_JPEG = str((DATA / "cifar10").resolve() / "cifar10-{split}-jpeg.tar.gz")
-SETTINGS = ("digits", "cifar10", "cifar10_tfds")
+# The imagenet setting: $JAXROBUST_DATA/imagenet in the ILSVRC layout
+# (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) or its records conversion.
+IMAGENET = str((DATA / "imagenet").resolve())
+SETTINGS = ("digits", "cifar10", "cifar10_tfds", "imagenet")
 # Attack radii per setting, (L-infinity, L2), and M-DI2-FGSM's smallest shrink
-# factor (on 8x8 digits 0.9 would shrink by less than a pixel).
-EPS = {"digits": (0.2, 1.0), "cifar10": (8 / 255, 0.5), "cifar10_tfds": (8 / 255, 0.5)}
-RESIZE_RATE = {"digits": 0.75, "cifar10": 0.9, "cifar10_tfds": 0.9}
+# factor (on 8x8 digits 0.9 would shrink by less than a pixel). ImageNet:
+# RobustBench's L-infinity 4/255, and the L2 radius 3 of Engstrom et al.'s
+# robustness library.
+EPS = {
+  "digits": (0.2, 1.0),
+  "cifar10": (8 / 255, 0.5),
+  "cifar10_tfds": (8 / 255, 0.5),
+  "imagenet": (4 / 255, 3.0),
+}
+RESIZE_RATE = {"digits": 0.75, "cifar10": 0.9, "cifar10_tfds": 0.9, "imagenet": 0.9}
 # AutoAttack's standard version, its settings spelled out so they can be
 # overridden (--config.eval.attacks.autoattack_linf.queries=1000).
 AUTOATTACK = dict(version="standard", steps=100, queries=5000, num_targets=9)
@@ -108,7 +118,8 @@ def setting(name: str) -> ml_collections.ConfigDict:
 
   "digits" (default), or "cifar10" (CIFAR-10, JPEG copy, as `folder:`) and
   "cifar10_tfds" (the original through tensorflow-datasets), both with
-  `seed_cnn`, Adam and eps 8/255 L-inf, 0.5 L2 in the evaluation's attacks.
+  `seed_cnn`, Adam and eps 8/255 L-inf, 0.5 L2 in the evaluation's attacks;
+  "imagenet" (see `imagenet`).
 
   Config files take it as their argument: `--config rat:cifar10`.
   """
@@ -117,6 +128,8 @@ def setting(name: str) -> ml_collections.ConfigDict:
   c = base()
   if name == "digits":
     return c
+  if name == "imagenet":
+    return imagenet(c)
   c.data = dict(
     name="tfds:cifar10" if name == "cifar10_tfds" else f"folder:{CIFAR10_JPEG}",
     data_dir="",
@@ -136,6 +149,52 @@ def setting(name: str) -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.eval.attacks = eval_attacks(*EPS[name], RESIZE_RATE[name])
+  return c
+
+
+def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The imagenet setting on top of the base config `c`.
+
+  `imagenet:$JAXROBUST_DATA/imagenet` (`IMAGENET`), decoded in 8 grain
+  workers: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) and flip at
+  `data.image_size` (224) for training, resize 256 and center crop 224 for
+  evaluation, both on the host (`data.augment` "none": nothing more on the
+  device). torchvision's ResNet-50 (`resnet50`, ImageNet stem), normalised
+  with ImageNet's statistics. SGD 0.1, momentum 0.9, weight decay 1e-4,
+  batch 256, 90 epochs, x0.1 at epochs 30 and 60 (the ResNet-50 recipe of
+  He et al. 2016 and torchvision's reference scripts). Evaluation at L-inf eps 4/255 (RobustBench's ImageNet
+  threat model): AutoAttack by default, PGD-20 after training.
+  """
+  c.data = dict(
+    name=f"imagenet:{IMAGENET}",
+    data_dir="",
+    image_size=224,
+    augment="none",
+    crop_padding=4,
+    padding_mode="zero",
+    extra="",
+    extra_fraction=0.0,
+    workers=8,
+  )
+  c.model = dict(name="resnet50", stem="imagenet", width=64)
+  c.batch_size = 256
+  c.epochs = 90
+  c.optimizer = dict(
+    name="sgd",
+    learning_rate=0.1,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=1e-4,
+    schedule="piecewise",
+    decay_at=[1 / 3, 2 / 3],
+    decay_factor=0.1,
+  )
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.eval.batch_size = 100
+  c.eval.default = "autoattack_linf"
+  c.eval.after_training = "pgd_linf"
+  c.eval.attacks = eval_attacks(*EPS["imagenet"], RESIZE_RATE["imagenet"])
   return c
 
 

@@ -11,6 +11,7 @@
 | `folder:<path>` | one sub-folder of images per class, or a tarball of them |
 | `tfds:<name>` | a prepared tensorflow-datasets data set |
 | `records:<dir>` | ArrayRecord shards of uint8 images (`convert` writes them), read lazily |
+| `imagenet:<dir>` | ImageNet in the ILSVRC layout, or its records conversion, cropped when read |
 
 In `npz:`, `idx:` and `folder:` paths, `{split}` is replaced by the split name,
 so one name can point at a training and a test file.
@@ -24,6 +25,8 @@ float32 on the device.
 """
 
 import os
+from pathlib import Path
+from typing import Any
 
 from jaxrobust.checks import InputError, one_of, require
 from jaxrobust.data.arrays import load_digits, load_idx, load_npz
@@ -36,13 +39,23 @@ from jaxrobust.data.batches import (
   train_batches,
 )
 from jaxrobust.data.dataset import SPLITS, Dataset, path_for_split
+from jaxrobust.data.encoded import EncodedImages
 from jaxrobust.data.folder import cache_directory, load_folder
+from jaxrobust.data.imagenet import load_imagenet
 from jaxrobust.data.mixture import check_extra_fraction, extra_count, mixed_batches, steps_per_epoch
 from jaxrobust.data.records import RecordImages, load_records
 from jaxrobust.data.stream import as_float, host_float, local_to_global, process_rows
 from jaxrobust.data.tfds import load_tfds
 
-SOURCES = ("digits", "npz:<path>", "idx:<dir>", "folder:<path>", "tfds:<name>", "records:<dir>")
+SOURCES = (
+  "digits",
+  "npz:<path>",
+  "idx:<dir>",
+  "folder:<path>",
+  "tfds:<name>",
+  "records:<dir>",
+  "imagenet:<dir>",
+)
 
 
 def load(
@@ -51,6 +64,7 @@ def load(
   *,
   data_dir: str | None = None,
   cache_dir: str | os.PathLike[str] | None = None,
+  image_size: int = 224,
 ) -> Dataset:
   """Loads split `split` ("train" or "test") of the data set `name`.
 
@@ -89,7 +103,11 @@ def load(
       (`jaxrobust-data convert SOURCE DIR`): ArrayRecord shards read with
       random access. `x` is a `RecordImages`: uint8 [N, H, W, C], read only
       where indexed; `y` int32 labels. `as_float` turns its batches into the
-      float32 values of the other sources.
+      float32 values of the other sources (an `imagenet:` conversion's `x`
+      is an `EncodedImages`).
+    `imagenet:<dir>`: ImageNet in the ILSVRC layout or its records
+      conversion (`jaxrobust.data.imagenet`); `x` an `EncodedImages` uint8
+      [N, S, S, 3] of crops (S: `image_size`), decoded when read.
 
   Args:
     name: one of the sources above.
@@ -98,10 +116,12 @@ def load(
       else `~/tensorflow_datasets`); other sources ignore it.
     cache_dir: where `folder:` caches decoded images (default:
       `$JAXROBUST_CACHE`, else `~/.cache/jaxrobust`).
+    image_size: the side of `imagenet:`'s crops; other sources ignore it.
 
   Returns:
     A `Dataset` (`x, y = load(...)` unpacks the images and labels): x float32
-    in [0, 1], except `records:`'s uint8 `RecordImages`.
+    in [0, 1], except `records:`'s uint8 `RecordImages` and `imagenet:`'s
+    uint8 `EncodedImages`.
 
   Raises:
     InputError: for an unknown name or split, a missing, unreadable or
@@ -109,17 +129,31 @@ def load(
   """
   one_of("split", split, SPLITS)
   require(isinstance(name, str), f"data set name must be a string, got {name!r}")
+  dataset = _load_source(name, split, data_dir, cache_dir, image_size)
+  if dataset is None:
+    raise InputError(f"unknown data set {name!r}; the sources are {', '.join(SOURCES)}")
+  return dataset
+
+
+def _load_source(
+  name: str, split: str, data_dir: str | None, cache_dir: Any, image_size: int
+) -> Dataset | None:
+  """Split `split` of the source `name` names (None: no source of that name)."""
   source, _, argument = name.partition(":")
   if name == "digits":
     return load_digits(split)
-  if source == "npz" and argument:
+  if not argument:
+    return None
+  if source == "npz":
     return load_npz(path_for_split(argument, split), split)
-  if source == "idx" and argument:
+  if source == "idx":
     return load_idx(path_for_split(argument, split), split)
-  if source == "folder" and argument:
+  if source == "folder":
     return load_folder(path_for_split(argument, split), split, cache_directory(cache_dir))
-  if source == "tfds" and argument:
+  if source == "tfds":
     return load_tfds(argument, split, data_dir)
-  if source == "records" and argument:
-    return load_records(path_for_split(argument, split), split)
-  raise InputError(f"unknown data set {name!r}; the sources are {', '.join(SOURCES)}")
+  if source == "records":
+    return load_records(path_for_split(argument, split), split, image_size)
+  if source == "imagenet":
+    return load_imagenet(Path(argument), split, image_size)
+  return None

@@ -12,6 +12,7 @@ from jaxtyping import ArrayLike
 
 from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
+from jaxrobust.data.encoded import EncodedImages
 from jaxrobust.data.records import RecordImages, count_pixels
 from jaxrobust.data.stream import EpochOrder, epoch_permutation, serve
 
@@ -27,7 +28,7 @@ __all__ = [
 
 def _check_examples(x: ArrayLike, y: ArrayLike) -> tuple[Any, np.ndarray]:
   """`x` (numpy, or kept as it is when it reads lazily, like `RecordImages`) and `y`."""
-  xs = x if isinstance(x, RecordImages) else np.asarray(x)
+  xs = x if isinstance(x, RecordImages | EncodedImages) else np.asarray(x)
   ys = np.asarray(y)
   require(
     len(xs.shape) >= 1 and len(xs) == len(ys),
@@ -41,8 +42,12 @@ class TrainPlan:
 
   def __init__(self, n: int, batch_size: int, seed: int) -> None:
     self.order = EpochOrder(n, seed)
-    self.batch_size = batch_size
+    self.batch_size, self.seed = batch_size, seed
     self.steps_per_epoch = n // batch_size
+
+  def epoch(self, step: int) -> int:
+    """The epoch of step `step`."""
+    return step // self.steps_per_epoch
 
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     epoch, position = divmod(step, self.steps_per_epoch)
@@ -165,7 +170,9 @@ def channel_stats(x: ArrayLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
   is the population one (divided by N * H * W). uint8 images (a record-backed
   data set's) count as the float32 values `pixel / 255` they become on the
   device, from a histogram of their 256 values per channel: the one stored
-  with the records, else one counted in chunks.
+  with the records, else one counted in chunks. Encoded images cropped when
+  read (`EncodedImages`, ImageNet) give ImageNet's statistics
+  (`EncodedImages.channel_stats`).
 
   Args:
     x: float images in [0, 1], or uint8 images (numpy or `RecordImages`).
@@ -173,6 +180,8 @@ def channel_stats(x: ArrayLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
   Returns:
     `(mean, std)`, each a tuple of C floats.
   """
+  if isinstance(x, EncodedImages):  # images cropped when read: ImageNet's statistics
+    return x.channel_stats()
   shape = tuple(np.shape(x)) if not isinstance(x, RecordImages) else x.shape
   require(
     len(shape) == 4 and math.prod(shape) > 0,

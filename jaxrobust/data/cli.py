@@ -1,6 +1,6 @@
 """`jaxrobust-data` (also `python -m jaxrobust.data`): data set tools.
 
-  jaxrobust-data convert SOURCE OUT_DIR [--shard-size N] [--encoding raw|png]
+  jaxrobust-data convert SOURCE OUT_DIR [--shard-size N] [--encoding raw|png|jpeg]
       [--splits train,test] [--overwrite] [--data-dir DIR]
 
 writes SOURCE (any `jaxrobust.data.load` name) as a `records:` directory.
@@ -42,13 +42,21 @@ def parser() -> argparse.ArgumentParser:
     "--config.data.name=records:OUT_DIR.",
   )
   convert.add_argument(
-    "source", metavar="SOURCE", help="digits, npz:<path>, idx:<dir>, folder:<path>, tfds:<name>"
+    "source",
+    metavar="SOURCE",
+    help="digits, npz:<path>, idx:<dir>, folder:<path>, tfds:<name>, imagenet:<dir>",
   )
   convert.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write")
   convert.add_argument(
     "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard"
   )
-  convert.add_argument("--encoding", choices=ENCODINGS, default="raw", help="how images are stored")
+  convert.add_argument(
+    "--encoding",
+    choices=ENCODINGS,
+    default=None,
+    help="how images are stored: raw (default) or png; jpeg (the default for imagenet:) keeps "
+    "the original files",
+  )
   convert.add_argument("--splits", default="train,test", help="comma-separated splits")
   convert.add_argument(
     "--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once complete)"

@@ -6,19 +6,22 @@ shard of `shard_size` images at a time, with the labels and the metadata
 (`jaxrobust.data.records`). A `folder:` directory is read one file at a time
 (never more than one shard of images in memory); the array sources (`digits`,
 `npz:`, `idx:`, `tfds:`) are loaded whole, as `load` does. Float images
-become `round(255 * x)` (exact for images that were uint8).
+become `round(255 * x)` (exact for images that were uint8). An `imagenet:`
+folder's files are stored as they are (their JPEG bytes, one file in memory
+at a time), to be decoded and cropped when read.
 
 The directory is written beside `out_dir` and moved into place when every
 split is written, so a failed conversion leaves nothing behind and an
 existing `out_dir` untouched.
 """
 
+import functools
 import io
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,11 @@ import numpy as np
 
 from jaxrobust.checks import InputError, integer_at_least, one_of, require
 from jaxrobust.data import folder as folder_lib
+from jaxrobust.data import imagenet
 from jaxrobust.data.dataset import SPLITS, path_for_split
 from jaxrobust.data.records import FORMAT, METADATA, VERSION, labels_name, shard_name
 
-ENCODINGS = ("raw", "png")
+ENCODINGS = ("raw", "png", "jpeg")
 DEFAULT_SHARD_SIZE = 10_000
 
 
@@ -245,7 +249,7 @@ def convert(
   out_dir: str | os.PathLike[str],
   *,
   shard_size: int = DEFAULT_SHARD_SIZE,
-  encoding: str = "raw",
+  encoding: str | None = None,
   splits: Sequence[str] = SPLITS,
   overwrite: bool = False,
   progress: bool = True,
@@ -260,7 +264,9 @@ def convert(
       `overwrite` (then it is replaced once the new one is complete).
     shard_size: images per shard.
     encoding: "raw" (pixel bytes) or "png" (lossless, smaller, decoded when
-      read).
+      read); "jpeg" for an `imagenet:` source, whose files are stored as
+      they are, one record each (metadata `"shape": null`: decoded and
+      cropped when read). Default: "jpeg" for `imagenet:`, else "raw".
     splits: the splits to convert.
     overwrite: replace a non-empty `out_dir`.
     progress: show a progress bar per split when stderr is a terminal.
@@ -275,39 +281,100 @@ def convert(
       written then.
   """
   integer_at_least("shard_size", shard_size, 1)
+  kind, _, argument = source.partition(":")
+  files = kind == "imagenet" and bool(argument)
+  encoding = encoding or ("jpeg" if files else "raw")
   one_of("encoding", encoding, ENCODINGS)
+  require(
+    files or encoding != "jpeg",
+    "--encoding jpeg stores the original files of an imagenet: source; store other sources "
+    "as raw or png",
+  )
+  require(
+    not files or encoding == "jpeg",
+    f"the images of {source} differ in size: they are stored as their original files "
+    f"(--encoding jpeg), not {encoding}",
+  )
   require(splits, "no splits to convert")
   for split in splits:
     one_of("split", split, SPLITS)
   out = Path(out_dir).expanduser().absolute()
   _check_out_dir(out, overwrite)
-  readers = {split: open_split(source, split, data_dir, cache_dir) for split in splits}
-  _check_splits_agree(readers, source)
-  reader = readers[splits[0]]
+  if files:
+    metadata, writers = _imagenet_writers(Path(argument).expanduser(), splits, shard_size, progress)
+  else:
+    metadata, writers = _array_writers(
+      source, splits, shard_size, encoding, progress, data_dir, cache_dir
+    )
+  metadata = {"format": FORMAT, "version": VERSION, "source": source, **metadata, "splits": {}}
   partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)
   try:
-    metadata: dict[str, Any] = {
-      "format": FORMAT,
-      "version": VERSION,
-      "source": source,
-      "encoding": encoding,
-      "shape": list(reader.shape),
-      "classes": reader.num_classes,
-      "class_names": reader.class_names,
-      "splits": {},
-    }
-    for split, split_reader in readers.items():
-      metadata["splits"][split] = write_split(
-        split_reader, partial, split, shard_size=shard_size, encoding=encoding, progress=progress
-      )
+    for split, write in writers.items():
+      metadata["splits"][split] = write(partial)
     (partial / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
     _move_into_place(partial, out)
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise
   return out
+
+
+Writers = dict[str, Callable[[Path], dict[str, Any]]]
+
+
+def _array_writers(
+  source: str,
+  splits: Sequence[str],
+  shard_size: int,
+  encoding: str,
+  progress: bool,
+  data_dir: str | None,
+  cache_dir: Any,
+) -> tuple[dict[str, Any], Writers]:
+  """The metadata and the split writers of a source of decoded images of one shape."""
+  readers = {split: open_split(source, split, data_dir, cache_dir) for split in splits}
+  _check_splits_agree(readers, source)
+  reader = readers[splits[0]]
+  metadata = {
+    "encoding": encoding,
+    "shape": list(reader.shape),
+    "classes": reader.num_classes,
+    "class_names": reader.class_names,
+  }
+  writers: Writers = {
+    split: functools.partial(
+      write_split,
+      split_reader,
+      split=split,
+      shard_size=shard_size,
+      encoding=encoding,
+      progress=progress,
+    )
+    for split, split_reader in readers.items()
+  }
+  return metadata, writers
+
+
+def _imagenet_writers(
+  root: Path, splits: Sequence[str], shard_size: int, progress: bool
+) -> tuple[dict[str, Any], Writers]:
+  """The metadata and the split writers of an ILSVRC-layout folder: its files' bytes."""
+  require(
+    not (root / METADATA).exists(), f"{root} is a records directory already; nothing to convert"
+  )
+  for split in splits:  # every split is checked before anything is written
+    imagenet.list_split(root, split)
+  wnids = imagenet.class_names(root)
+  metadata = {"encoding": "jpeg", "shape": None, "classes": len(wnids), "class_names": wnids}
+  writers: Writers = {
+    split: functools.partial(
+      imagenet.write_files_split, root, split, shard_size=shard_size, progress=progress
+    )
+    for split in splits
+  }
+  return metadata, writers
 
 
 def _move_into_place(partial: Path, out: Path) -> None:

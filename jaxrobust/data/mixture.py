@@ -80,6 +80,10 @@ class MixturePlan:
     self.extra_order = EpochOrder(n_extra, seed, salt=_EXTRA_SALT)
     self.extra_steps = n_extra // extra
 
+  def epoch(self, step: int) -> int:
+    """The epoch of step `step`, counted on the first data set."""
+    return self.first.epoch(step)
+
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     _, first = self.first(step)
     epoch, position = divmod(step, self.extra_steps)

@@ -7,7 +7,9 @@ A records directory holds, for each split it has:
 
 and one `metadata.json` (`METADATA`) that gives the encoding ("raw": the
 H * W * C pixel bytes; "png" or "jpeg": an encoded image), the image shape
-[H, W, C], the number of classes and their names, and per split the count,
+[H, W, C] (null: the original files of an `imagenet:` folder, of any size,
+read as `EncodedImages` crops), the number of classes and their names, and
+per split the count,
 the shard file names, the records in each shard and a per-channel histogram
 of the pixel values (so that the channel statistics need no pass over the
 images). `jaxrobust.data.convert` writes such directories.
@@ -28,6 +30,7 @@ import numpy as np
 
 from jaxrobust.checks import InputError, require
 from jaxrobust.data.dataset import Dataset
+from jaxrobust.data.encoded import EncodedImages
 
 METADATA = "metadata.json"
 FORMAT = "jaxrobust.records"
@@ -121,6 +124,10 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     f"{path} is not the metadata of a jaxrobust records directory",
   )
   require(metadata.get("encoding") in ENCODINGS, f"{path}: unknown encoding")
+  require(
+    metadata.get("shape") is not None or metadata["encoding"] != "raw",
+    f"{path}: raw records need an image shape",
+  )
   return metadata
 
 
@@ -274,13 +281,32 @@ class RecordImages:
       indices.min() >= 0 and indices.max() < len(self),
       f"record indices must lie in [0, {len(self)})",
     )
-    records = self.source().__getitems__((indices + self.start).tolist())
+    records = self.records(indices + self.start)
     self._reads[0] += len(indices)
     for row, (index, record) in enumerate(zip(indices + self.start, records)):
-      out[row] = decode(record, self.encoding, self.shape[1:], self._where(int(index)))
+      out[row] = decode(record, self.encoding, self.shape[1:], self.where(int(index)))
     return out
 
-  def _where(self, index: int) -> str:
+  def records(self, indices: np.ndarray) -> list[bytes]:
+    """The stored bytes of the records at `indices` among all the shards' records.
+
+    Args:
+      indices: integer indices, any order.
+
+    Returns:
+      The records, undecoded.
+    """
+    return list(self.source().__getitems__(np.asarray(indices, np.int64).tolist()))
+
+  def where(self, index: int) -> str:
+    """Record `index` (among all) as "record i of <shard>", for the messages.
+
+    Args:
+      index: the record's index among all the shards' records.
+
+    Returns:
+      Its place.
+    """
     for path, count in zip(self.paths, self.counts):
       if index < count:
         return f"record {index} of {path}"
@@ -302,15 +328,18 @@ class RecordImages:
     return images if dtype is None else images.astype(dtype)
 
 
-def load_records(directory: Path, split: str) -> Dataset:
+def load_records(directory: Path, split: str, image_size: int = 224) -> Dataset:
   """Split `split` of a records directory, its images read lazily.
 
   Args:
     directory: the records directory.
     split: "train" or "test".
+    image_size: the side S of the crops of images stored as their original
+      files (metadata `"shape": null`, an ImageNet conversion).
 
   Returns:
-    A `Dataset` whose `x` is a `RecordImages` (uint8) and `y` int32 labels.
+    A `Dataset` whose `x` is a `RecordImages` (uint8), or for original files
+    an `EncodedImages` of their crops, and `y` int32 labels.
   """
   metadata = read_metadata(directory)
   splits = metadata.get("splits", {})
@@ -336,8 +365,8 @@ def load_records(directory: Path, split: str) -> Dataset:
     count == 0 or (labels.min() >= 0 and labels.max() < classes),
     f"labels in {labels_path} must lie in [0, {classes})",
   )
-  images = RecordImages(
-    paths, info["records"], metadata["shape"], metadata["encoding"], info.get("histogram")
-  )
+  shape = metadata["shape"] or (0,)  # null: original files of any size
+  images = RecordImages(paths, info["records"], shape, metadata["encoding"], info.get("histogram"))
   require(len(images) == count, f"{directory / METADATA}: {split} shard counts do not sum to count")
-  return Dataset(images, labels.astype(np.int32), classes, metadata.get("class_names"))  # type: ignore[arg-type]
+  x: Any = images if metadata["shape"] else EncodedImages(images, count, image_size)
+  return Dataset(x, labels.astype(np.int32), classes, metadata.get("class_names"))

@@ -1,14 +1,16 @@
 """Serving batches from a plan: which example of which source fills each row.
 
 A plan maps a global step to two arrays over the rows of its global batch:
-the source of each row and the index of its example in that source. Serving
+the source of each row and the index of its example in that source; it
+also tells the epoch of a step and holds the seed, from which encoded
+images (`EncodedImages`) draw their training crops. Serving
 a plan reads, for one process, only the rows it owns (`process_rows`), in
 this process or in grain's worker processes; both give the same batches,
 since a batch is a function of the step alone.
 """
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,21 @@ from jax.sharding import Mesh
 
 from jaxrobust import parallel
 from jaxrobust.checks import integer_at_least, require
+from jaxrobust.data.encoded import EncodedImages
 
-# (source of each row, index of each row's example in its source)
-Plan = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+class Plan(Protocol):
+  """Step -> (source of each row, index of each row's example in its source)."""
+
+  seed: int  # the seed of the order, and of the crops of encoded images
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+  def epoch(self, step: int) -> int:
+    """The epoch of step `step`."""
+    ...
+
+
 # (images, labels) of one source: numpy arrays, or `RecordImages` and labels
 Source = tuple[Any, Any]
 Batch = tuple[np.ndarray, np.ndarray]
@@ -118,7 +132,7 @@ class Gather:
     which, index = which[start:stop], index[start:stop]
     if len(self.sources) == 1:  # one read, in row order
       x, y = self.sources[0]
-      return x[index], y[index]
+      return self._images(x, index, step, 0), y[index]
     dtypes = {np.dtype(x.dtype) for x, _ in self.sources}
     dtype = np.dtype(np.uint8) if dtypes == {np.dtype(np.uint8)} else np.dtype(np.float32)
     images = np.empty((len(index), *self.sources[0][0].shape[1:]), dtype)
@@ -126,10 +140,16 @@ class Gather:
     for s, (x, y) in enumerate(self.sources):
       mine = np.flatnonzero(which == s)
       if len(mine):
-        rows = x[index[mine]]
+        rows = self._images(x, index[mine], step, s)
         images[mine] = rows / np.float32(255) if rows.dtype != dtype else rows
         labels[mine] = y[index[mine]]
     return images, labels
+
+  def _images(self, x: Any, index: np.ndarray, step: int, source: int) -> np.ndarray:
+    """The images at `index` of source `source`: cropped for training when encoded."""
+    if isinstance(x, EncodedImages):
+      return x.augmented(index, self.plan.seed, self.plan.epoch(step), source)
+    return x[index]
 
 
 def serve(

@@ -82,7 +82,16 @@ def make_augment(resolved_or_config: Any) -> augment_lib.Augment | None:
 def load_split(resolved_or_config: Any, split: str) -> Any:
   """Split `split` of the data set the config names."""
   cfg = resolved_or_config["data"]
-  return data.load(cfg["name"], split, data_dir=cfg.get("data_dir") or None)
+  return data.load(
+    cfg["name"], split, data_dir=cfg.get("data_dir") or None, image_size=_image_size(cfg)
+  )
+
+
+def _image_size(cfg: Any) -> int:
+  """`data.image_size`: the side of ImageNet's crops (224 when unset)."""
+  size = cfg.get("image_size", 224)
+  checks.integer_at_least("data.image_size", size, 1)
+  return size
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -122,4 +131,6 @@ def load_extra(resolved: Any) -> data.Dataset | None:
   cfg = resolved["data"]
   if not cfg.get("extra"):
     return None
-  return data.load(cfg["extra"], "train", data_dir=cfg.get("data_dir") or None)
+  return data.load(
+    cfg["extra"], "train", data_dir=cfg.get("data_dir") or None, image_size=_image_size(cfg)
+  )
