@@ -19,13 +19,15 @@ Modules, one job each:
   PyTorch needed);
 * `pytorch`: the twins and torch tensors (imports PyTorch when called);
 * `files`: `.pt`/`.pth` and `.safetensors` checkpoints;
+* `flax_files`: converted models as orbax + JSON directories, read without
+  PyTorch;
 * `torch_twins`: the PyTorch twins (imports PyTorch: reach it through `twin`).
 
 PyTorch is optional (`pip install "jaxrobust[torch]"`): `import jaxrobust`
 never imports it, and its absence raises `InputError` where it is needed.
 """
 
-from jaxrobust.interop import architectures, files, layouts, pytorch, state_dicts
+from jaxrobust.interop import architectures, files, flax_files, layouts, pytorch, state_dicts
 from jaxrobust.interop.architectures import (
   ARCHS,
   ZOO,
@@ -62,6 +64,7 @@ __all__ = [
   "check_export_path",
   "checkpoint_architecture",
   "files",
+  "flax_files",
   "from_torch",
   "from_torch_layout",
   "import_torch",
