@@ -134,6 +134,10 @@ TRAIN_SETTINGS = {
     ["the config has no setting 'epoch'; did you mean 'epochs'?"],
   ),
   "stray argument": (["extra_arg"], ["unexpected argument 'extra_arg'"]),
+  "unknown precision": (
+    ["--config.precision=float16"],
+    ["unknown precision 'float16'; choose one of 'float32', 'bfloat16'"],
+  ),
 }
 
 
@@ -370,6 +374,10 @@ EVAL_FLAGS = {
   "nested config key that does not exist": (
     ["--config.eval.attacks.pgd_linf.step=3"],
     ["no setting 'eval.attacks.pgd_linf.step'; did you mean 'eval.attacks.pgd_linf.steps'?"],
+  ),
+  "unknown --precision": (
+    ["--precision", "float16"],
+    ["unknown precision 'float16'; choose one of 'float32', 'bfloat16'"],
   ),
 }
 

@@ -15,6 +15,7 @@ r"""Evaluates a trained run: robust accuracy under attack, transfer attacks, cer
   python eval.py --torch-checkpoint models/cifar10/Linf/Carmon2019Unlabeled.pt \
       --arch wrn-28-10 --data cifar10 --suite autoattack --limit 1000   # a PyTorch model
   python eval.py --workdir runs/pgd_at --export-torch pgd_at.pt      # to PyTorch
+  python eval.py --workdir runs/pgd_at --precision bfloat16  # the model in bfloat16
 
 Attacks are those of the run's config (`eval.attacks`), by label; any setting
 can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
@@ -56,6 +57,7 @@ from jaxrobust import parallel
 from jaxrobust.evaluation.report import format_lipschitz, format_sanity, format_table, plot_sweep
 from jaxrobust.evaluation import sanity
 from jaxrobust.training import selection
+from jaxrobust.models import precision as precision_lib
 from jaxrobust.certification import smoothing
 from jaxrobust.programs import eval_attacks, eval_torch
 from jaxrobust.programs import eval_flags as opts
@@ -153,6 +155,8 @@ def main(argv: Sequence[str]) -> None:
   define_config_overrides(argv)
   cli.parse_flags(argv)
   check_outputs()
+  if opts.PRECISION.value is not None:
+    precision_lib.check_precision(opts.PRECISION.value)
   if opts.ZOO.value:
     return evaluate_zoo()
   checks.require(
@@ -173,6 +177,7 @@ def main(argv: Sequence[str]) -> None:
     )
     if "config" in flags.FLAGS:
       resolved = {**flags.FLAGS.config.to_dict(), "model": resolved["model"]}
+    model = in_precision(model)
     rep = attack(resolved, model, state)
     rep.update(**about, split=opts.SPLIT.value)
   else:
@@ -193,14 +198,16 @@ def main(argv: Sequence[str]) -> None:
         f"{resolved['ema']:g}), step {int(state.step)}"
       )
     if opts.EXPORT.value:
-      eval_torch.export_torch(model, state, opts.EXPORT.value)
+      eval_torch.export_torch(precision_lib.float32_model(model), state, opts.EXPORT.value)
       return
     if "config" in flags.FLAGS:
       resolved = flags.FLAGS.config.to_dict()
+    model = in_precision(model)
     rep = certify(resolved, model, state) if opts.CERTIFY.value else attack(resolved, model, state)
     rep.update(
       workdir=opts.WORKDIR.value, step=int(state.step), split=opts.SPLIT.value, checkpoint=which
     )
+  rep["precision"] = precision_lib.precision_of(model)
   if opts.OUT.value:
     checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(rep, indent=2) + "\n")
     print(f"wrote {opts.OUT.value}")
@@ -213,6 +220,7 @@ def evaluate_zoo() -> None:
     print(zoo.format_list())
     return
   checks.require(opts.TORCH.value, "--zoo needs --torch-checkpoint, the entry's file")
+  checks.require(opts.PRECISION.value is None, "--precision goes with --workdir, not --zoo")
   n = opts.LIMIT.value or 1000
   x = y = None
   if opts.DATA.value:  # else the entry's data set from tensorflow-datasets
@@ -231,6 +239,15 @@ def evaluate_zoo() -> None:
   if opts.OUT.value:
     checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(result._asdict(), indent=2) + "\n")
     print(f"wrote {opts.OUT.value}")
+
+
+def in_precision(model: nn.Module) -> nn.Module:
+  """The model computing in --precision (without it, as restored: the run's precision)."""
+  if opts.PRECISION.value is not None:
+    model = precision_lib.with_precision(model, precision=opts.PRECISION.value)
+  if (dtype := precision_lib.precision_of(model)) != precision_lib.DEFAULT:
+    print(f"Precision: the model computes in {dtype}; attacks in float32")
+  return model
 
 
 def output_dir() -> Path:

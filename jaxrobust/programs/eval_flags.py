@@ -98,3 +98,9 @@ EXPORT = flags.DEFINE_string(
   None,
   "Write the workdir's model as a PyTorch checkpoint (.pt, .pth or .safetensors) and exit.",
 )
+PRECISION = flags.DEFINE_string(
+  "precision",
+  None,
+  "The model's compute dtype, float32 or bfloat16 (default: the run's training precision); "
+  "attacks keep their iterates in float32.",
+)
