@@ -379,6 +379,17 @@ EVAL_FLAGS = {
     ["--precision", "float16"],
     ["unknown precision 'float16'; choose one of 'float32', 'bfloat16'"],
   ),
+  "--precision with --zoo": (
+    [
+      "--zoo",
+      "cifar10/Linf/Standard",
+      "--torch-checkpoint",
+      "{tmp}/random.bin",
+      "--precision",
+      "bfloat16",
+    ],
+    ["--precision goes with --workdir or --torch-checkpoint, not --zoo"],
+  ),
 }
 
 

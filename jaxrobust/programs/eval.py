@@ -220,7 +220,9 @@ def evaluate_zoo() -> None:
     print(zoo.format_list())
     return
   checks.require(opts.TORCH.value, "--zoo needs --torch-checkpoint, the entry's file")
-  checks.require(opts.PRECISION.value is None, "--precision goes with --workdir, not --zoo")
+  checks.require(
+    opts.PRECISION.value is None, "--precision goes with --workdir or --torch-checkpoint, not --zoo"
+  )
   n = opts.LIMIT.value or 1000
   x = y = None
   if opts.DATA.value:  # else the entry's data set from tensorflow-datasets
