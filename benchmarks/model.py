@@ -166,13 +166,15 @@ def trained_model(
 
 
 class InDtype:
-  """A Flax model computing in `dtype` (mixed precision).
+  """A Flax model computing in `dtype` (mixed precision), by the library's rule.
 
-  `apply` casts the floating-point variables and the input to `dtype` and
-  every floating-point output back to float32, so the stored weights, batch
+  `apply` is `jaxrobust.models.precision.apply_in`: the parameters, the input
+  and floating-point array arguments in `dtype`, every floating-point output
+  (logits, updated batch statistics) float32, so the stored weights, batch
   statistics, optimizer state and an attack's iterates stay float32 and
   gradients reach them in float32. Everything else is the model's (`init`,
-  its fields).
+  its fields). `train.py --config.precision=bfloat16` trains by the same rule
+  (`jaxrobust.models.precision.with_precision`).
   """
 
   def __init__(self, model: Any, dtype: Any) -> None:
@@ -180,15 +182,9 @@ class InDtype:
 
   def apply(self, variables: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """`model.apply` computing in `dtype`, its floating-point outputs float32."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from jaxrobust.models import precision  # pylint: disable=g-import-not-at-top
 
-    def cast(dtype: Any) -> Any:
-      return lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    into = cast(self.dtype)
-    out = self.model.apply(jax.tree.map(into, variables), into(x), *args, **kwargs)
-    return jax.tree.map(cast(jnp.float32), out)
+    return precision.apply_in(self.model, variables, x, *args, compute_dtype=self.dtype, **kwargs)
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self.model, name)

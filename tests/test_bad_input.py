@@ -149,6 +149,10 @@ TRAIN_SETTINGS = {
     ["--config", "pgd_at:imagenet", "--config.data.image_size=0"],
     ["data.image_size must be an integer >= 1, got 0"],
   ),
+  "unknown precision": (
+    ["--config.precision=float16"],
+    ["unknown precision 'float16'; choose one of 'float32', 'bfloat16'"],
+  ),
 }
 
 
@@ -401,6 +405,21 @@ EVAL_FLAGS = {
   "--export-flax with --export-torch": (
     ["--export-flax", "{tmp}/new", "--export-torch", "{tmp}/m.pt"],
     ["give either --export-torch or --export-flax, not both"],
+  ),
+  "unknown --precision": (
+    ["--precision", "float16"],
+    ["unknown precision 'float16'; choose one of 'float32', 'bfloat16'"],
+  ),
+  "--precision with --zoo": (
+    [
+      "--zoo",
+      "cifar10/Linf/Standard",
+      "--torch-checkpoint",
+      "{tmp}/random.bin",
+      "--precision",
+      "bfloat16",
+    ],
+    ["--precision goes with --workdir or --torch-checkpoint, not --zoo"],
   ),
 }
 

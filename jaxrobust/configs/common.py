@@ -61,6 +61,9 @@ def base() -> ml_collections.ConfigDict:
   # (the epochs before it train without; AWP's public TRADES scripts use 10).
   c.awp = 0.0
   c.awp_warmup = 0
+  # The model's compute dtype (`jaxrobust.models.precision`): "bfloat16" runs its
+  # forward and backward passes in bfloat16; what is stored stays float32.
+  c.precision = "float32"
   c.optimizer = dict(
     name="sgd",
     learning_rate=0.05,

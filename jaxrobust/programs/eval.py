@@ -18,6 +18,7 @@ r"""Evaluates a trained run: robust accuracy under attack, transfer attacks, cer
   python eval.py --zoo cifar10/Linf/Carmon2019Unlabeled \
       --torch-checkpoint models/cifar10/Linf/Carmon2019Unlabeled.pt --export-flax carmon
   python eval.py --flax-checkpoint carmon --limit 1000       # no PyTorch needed
+  python eval.py --workdir runs/pgd_at --precision bfloat16  # the model in bfloat16
 
 Attacks are those of the run's config (`eval.attacks`), by label; any setting
 can be overridden with --config.eval.attacks.<label>.<key>=<value>. Attacks
@@ -42,7 +43,6 @@ import io
 import json
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from pathlib import Path
@@ -54,8 +54,7 @@ from absl import flags
 from flax import linen as nn
 from ml_collections import config_flags
 
-from jaxrobust import checks, cli, data, evaluation, interop, models, zoo
-from jaxrobust.interop import flax_files
+from jaxrobust import checks, cli, data, evaluation, models, zoo
 from jaxrobust.training import checkpoints
 from jaxrobust.training import loop as experiment
 from jaxrobust.training import config as config_lib
@@ -63,8 +62,9 @@ from jaxrobust import parallel
 from jaxrobust.evaluation.report import format_lipschitz, format_sanity, format_table, plot_sweep
 from jaxrobust.evaluation import sanity
 from jaxrobust.training import selection
+from jaxrobust.models import precision as precision_lib
 from jaxrobust.certification import smoothing
-from jaxrobust.programs import eval_attacks, eval_torch
+from jaxrobust.programs import eval_attacks, eval_checks, eval_torch
 from jaxrobust.programs import eval_flags as opts
 
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -94,61 +94,6 @@ def define_config_overrides(argv: Sequence[str]) -> None:
       raise cli.config_error(e, argv) from None
 
 
-def check_outputs() -> None:
-  """Refuses output files that cannot be written, before any work starts:
-  --out, --plot, --state (and a --state file that is not one), --export-torch."""
-  for flag, holder in (
-    ("--out", opts.OUT),
-    ("--plot", opts.PLOT),
-    ("--state", opts.STATE),
-    ("--save-adversarial", opts.SAVE_ADVERSARIAL),
-  ):
-    if holder.value is not None:
-      cli.check_output_file(flag, holder.value)
-  if opts.STATE.value is not None:
-    check_state_file(Path(opts.STATE.value))
-  if opts.EXPORT.value is not None:
-    cli.check_output_file("--export-torch", opts.EXPORT.value)
-    interop.check_export_path(opts.EXPORT.value)
-  if opts.EXPORT_FLAX.value is not None:
-    checks.require(not opts.EXPORT.value, "give either --export-torch or --export-flax, not both")
-    flax_files.check_new_directory(opts.EXPORT_FLAX.value, "--export-flax")
-
-
-def check_state_file(path: Path) -> None:
-  """Refuses an existing --state file that is not an evaluation's state (an
-  .npz archive that --state wrote), before it is read or overwritten."""
-  if not path.exists():
-    return
-  try:
-    with np.load(path, allow_pickle=False) as archive:
-      valid = "__fingerprint__" in archive.files
-  except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
-    valid = False  # not an archive (AttributeError: a single .npy array)
-  checks.require(
-    valid,
-    f"--state {str(path)!r} is not a valid evaluation state file (one that --state "
-    "wrote); give a new path, or delete it",
-  )
-
-
-def check_transfer_source(source: str | Path, target: str | Path) -> None:
-  """Refuses a --transfer-from run whose model takes other images (shape,
-  channels) or classes than the model of --workdir: its adversarial examples
-  would not fit the model evaluated."""
-  theirs = checkpoints.load_config(source)["dataset"]
-  ours = checkpoints.load_config(target)["dataset"]
-  described = lambda d: (
-    f"{'x'.join(map(str, d['input_shape']))} images and {d['num_classes']} classes"
-  )
-  checks.require(
-    list(theirs["input_shape"]) == list(ours["input_shape"])
-    and theirs["num_classes"] == ours["num_classes"],
-    f"--transfer-from {str(source)!r} has a model of {described(theirs)}; --workdir "
-    f"{str(target)!r} has one of {described(ours)}: transfer needs the same images and classes",
-  )
-
-
 def interrupted() -> str:
   """What eval.py says when Ctrl-C stops it."""
   if opts.STATE.value:
@@ -163,7 +108,9 @@ def main(argv: Sequence[str]) -> None:
   """Evaluates as the flags say (`cli.run` calls it)."""
   define_config_overrides(argv)
   cli.parse_flags(argv)
-  check_outputs()
+  eval_checks.check_outputs()
+  if opts.PRECISION.value is not None:
+    precision_lib.check_precision(opts.PRECISION.value)
   if opts.EXPORT_FLAX.value and not opts.WORKDIR.value:
     return eval_torch.export_converted(
       opts.ZOO.value, opts.TORCH.value, opts.ARCH.value, opts.EXPORT_FLAX.value
@@ -179,6 +126,7 @@ def main(argv: Sequence[str]) -> None:
     resolved, model, state, about = eval_torch.load_converted()
     if "config" in flags.FLAGS:
       resolved = {**flags.FLAGS.config.to_dict(), "model": resolved["model"]}
+    model = in_precision(model)
     rep = attack(resolved, model, state)
     rep.update(**about, split=opts.SPLIT.value)
   else:
@@ -189,7 +137,7 @@ def main(argv: Sequence[str]) -> None:
     )
     workdir = checkpoints.check_workdir(str(opts.WORKDIR.value))
     if opts.TRANSFER.value:
-      check_transfer_source(opts.TRANSFER.value, workdir)
+      eval_checks.check_transfer_source(opts.TRANSFER.value, workdir)
     which = selection.choose(workdir, opts.CHECKPOINT.value)
     resolved, model, state = experiment.restore(workdir, checkpoint=which)
     print(f"Checkpoint: {which} (step {int(state.step)})")
@@ -199,17 +147,21 @@ def main(argv: Sequence[str]) -> None:
         f"{resolved['ema']:g}), step {int(state.step)}"
       )
     if opts.EXPORT.value:
-      eval_torch.export_torch(model, state, opts.EXPORT.value)
+      eval_torch.export_torch(precision_lib.float32_model(model), state, opts.EXPORT.value)
       return
     if opts.EXPORT_FLAX.value:
-      eval_torch.export_flax(model, state.variables, opts.EXPORT_FLAX.value, source=workdir)
+      eval_torch.export_flax(
+        precision_lib.float32_model(model), state.variables, opts.EXPORT_FLAX.value, source=workdir
+      )
       return
     if "config" in flags.FLAGS:
       resolved = flags.FLAGS.config.to_dict()
+    model = in_precision(model)
     rep = certify(resolved, model, state) if opts.CERTIFY.value else attack(resolved, model, state)
     rep.update(
       workdir=opts.WORKDIR.value, step=int(state.step), split=opts.SPLIT.value, checkpoint=which
     )
+  rep["precision"] = precision_lib.precision_of(model)
   if opts.OUT.value:
     checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(rep, indent=2) + "\n")
     print(f"wrote {opts.OUT.value}")
@@ -227,6 +179,9 @@ def evaluate_zoo() -> None:
     "--zoo needs --torch-checkpoint (the entry's file) or --flax-checkpoint, one of them",
   )
   name = opts.ZOO.value or eval_torch.flax_zoo_entry(opts.FLAX.value)
+  checks.require(
+    opts.PRECISION.value is None, "--precision goes with --workdir or --torch-checkpoint, not --zoo"
+  )
   n = opts.LIMIT.value or 1000
   x = y = None
   if opts.DATA.value:  # else the entry's data set from tensorflow-datasets
@@ -245,6 +200,15 @@ def evaluate_zoo() -> None:
   if opts.OUT.value:
     checkpoints.write_atomic(Path(opts.OUT.value), json.dumps(result._asdict(), indent=2) + "\n")
     print(f"wrote {opts.OUT.value}")
+
+
+def in_precision(model: nn.Module) -> nn.Module:
+  """The model computing in --precision (without it, as restored: the run's precision)."""
+  if opts.PRECISION.value is not None:
+    model = precision_lib.with_precision(model, precision=opts.PRECISION.value)
+  if (dtype := precision_lib.precision_of(model)) != precision_lib.DEFAULT:
+    print(f"Precision: the model computes in {dtype}; attacks in float32")
+  return model
 
 
 def output_dir() -> Path:

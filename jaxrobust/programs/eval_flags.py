@@ -110,3 +110,9 @@ EXPORT_FLAX = flags.DEFINE_string(
   "Write the model of --zoo with --torch-checkpoint, of --torch-checkpoint, or of --workdir "
   "as a flax checkpoint (a new directory: orbax variables and jaxrobust.json) and exit.",
 )
+PRECISION = flags.DEFINE_string(
+  "precision",
+  None,
+  "The model's compute dtype, float32 or bfloat16 (default: the run's training precision); "
+  "attacks keep their iterates in float32.",
+)

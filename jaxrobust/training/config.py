@@ -10,6 +10,7 @@ import optax
 from flax import linen as nn
 
 from jaxrobust import checks, data, evaluation, models
+from jaxrobust.models import precision as precision_lib
 from jaxrobust.training import augment as augment_lib
 from jaxrobust.training import guard
 from jaxrobust.training import selection
@@ -39,11 +40,20 @@ def resolve(config: ml_collections.ConfigDict, train_set: Any) -> dict[str, Any]
   return resolved
 
 
+def precision(resolved_or_config: Any) -> precision_lib.Precision:
+  """The run's `precision` (float32 for a run whose config has none), checked."""
+  return precision_lib.check_precision(resolved_or_config.get("precision", precision_lib.DEFAULT))
+
+
 def build_model(resolved: Mapping[str, Any], axis_name: str | None = None) -> nn.Module:
-  """The model of a resolved config (`axis_name`: BatchNorm's device axis)."""
+  """The model of a resolved config (`axis_name`: BatchNorm's device axis).
+
+  It computes in the run's `precision` (`models.precision.with_precision`),
+  in training, in the training's evaluations and in `evaluate.restore`'s model.
+  """
   settings = dict(resolved["model"])
   ds = resolved["dataset"]
-  return models.create(
+  model = models.create(
     settings.pop("name"),
     num_classes=ds["num_classes"],
     mean=ds["mean"],
@@ -51,6 +61,7 @@ def build_model(resolved: Mapping[str, Any], axis_name: str | None = None) -> nn
     axis_name=axis_name,
     **settings,
   )
+  return precision_lib.with_precision(model, precision=precision(resolved))
 
 
 def schedule_length(resolved: Mapping[str, Any]) -> tuple[int, int]:
@@ -100,6 +111,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   training.check_divisible(config.batch_size, mesh)
   checks.integer_at_least("epochs", config.epochs, 1)
   checks.integer_at_least("seed", config.seed, 0)
+  precision(config)
   data.check_extra_fraction(config.data.get("extra_fraction", 0.0))
   checks.require(
     config.data.get("extra") or not config.data.get("extra_fraction", 0.0),

@@ -14,6 +14,13 @@ augmentation's key); example i of the global batch gets
 training noise, and the EOT draws of `rat` (shared by the batch) come from
 the EOT key, so the draws depend neither on the device count nor on whether
 the run was resumed.
+
+Precision: the step runs the model it is given. A model of
+`models.precision.with_precision(model, precision="bfloat16")` (what
+`config.build_model` gives for `precision = "bfloat16"`) computes its forward
+and backward passes in bfloat16, in the attack and in the loss, while the
+state (parameters, optimizer state, batch statistics), the loss and the
+attack's iterates stay float32.
 """
 
 import functools
