@@ -9,6 +9,11 @@ names with its bases and `__init__`) is matched against the rules in
 builds it from as its missing architecture.
 
   python scripts/zoo_table.py /path/to/robustbench/.git > jaxrobust/zoo/table.py
+
+With `--markdown`, prints the rows of docs/zoo.md's table of every entry
+from the generated table (`jaxrobust.zoo.ENTRIES`) instead:
+
+  python scripts/zoo_table.py --markdown
 """
 
 import ast
@@ -38,7 +43,10 @@ RULES = [
   (r"x\.std\(dim=", None),
   (r"pssilu_wrn_(?P<d>\d+)_(?P<w>\d+)\(", "wrn-{d}-{w}-pssilu"),
   (r"get_sparse_model\(\s*'ra_wrn_70_16',\s*dataset='cifar-10-", "ra-wrn-70-16-meansparse"),
-  (r"get_sparse_model\(\s*'wrn_(?P<d>\d+)_(?P<w>\d+)',\s*dataset='cifar-", "dm-wrn-{d}-{w}-meansparse"),
+  (
+    r"get_sparse_model\(\s*'wrn_(?P<d>\d+)_(?P<w>\d+)',\s*dataset='cifar-",
+    "dm-wrn-{d}-{w}-meansparse",
+  ),
   (r"get_robustarch_model\('ra_wrn70_16'\)", "ra-wrn-70-16"),
   (r"ResNet\(BottleneckChen2020AdversarialNet, \[3, 4, 6, 3\]\)", "preact-resnet-50-x3"),
   (r"get_composite_model|get_nonlin_mixed|get_sparse_model|Sparsified|sodef|SODEF", None),
@@ -264,5 +272,21 @@ class Entry(NamedTuple):
 
 '''
 
+
+def markdown() -> None:
+  """Prints docs/zoo.md's rows: entry, eps, architecture, normalisation, clean, robust."""
+  from jaxrobust import zoo  # noqa: PLC0415
+
+  for e in zoo.ENTRIES:
+    arch = f"`{e.arch}`" if e.arch else f"missing: {e.missing}"
+    norm = e.normalisation
+    if isinstance(norm, list):
+      norm = "mean " + ", ".join(str(v) for v in norm[0])
+    print(f"| {zoo.key(e)} | {e.eps or '-'} | {arch} | {norm} | {e.clean} | {e.robust} |")
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if sys.argv[1] == "--markdown":
+    markdown()
+  else:
+    main(sys.argv[1])
