@@ -49,6 +49,7 @@ RULES = [
   ),
   (r"get_robustarch_model\('ra_wrn70_16'\)", "ra-wrn-70-16"),
   (r"ResNet\(BottleneckChen2020AdversarialNet, \[3, 4, 6, 3\]\)", "preact-resnet-50-x3"),
+  (r"robust_resnet\.get_model\('WRN-A4'\)", "wrn-a4"),
   (r"get_composite_model|get_nonlin_mixed|get_sparse_model|Sparsified|sodef|SODEF", None),
   (r"Meansparse|MeanSparse|timm\.|xcit|Swin|ConvNeXt|convnext|RaWideResNet|get_robustarch", None),
   (r"DMWideResNet\((?=[^)]*depth=(?P<d>\d+))?(?=[^)]*width=(?P<w>\d+))?", "dm-wrn-{d}-{w}"),
@@ -153,7 +154,7 @@ def normalisation(src: str, dataset: str) -> list[list[float]] | str:
     return [list(v) for v in (CIFAR10 if sparse.group(2) == "10" else CIFAR100)]
   if "normalize_model" in src and dataset == "imagenet":
     return [list(v) for v in IMAGENET]
-  if "BoostingWideResNet" in src:  # its class registers mu and sigma
+  if "BoostingWideResNet" in src or "robust_resnet.get_model" in src:  # classes with mu and sigma
     return "checkpoint"
   if "x = 2. * x - 1." in src:
     return [[0.5] * 3, [0.5] * 3]

@@ -79,6 +79,19 @@ def test_robust_wide_resnet_matches_robustbench(tmp_path: Path) -> None:
   assert model.channels == (4, 8, 12, 6) and model.depths == (2, 1, 2)
 
 
+def test_wrn_a4_matches_robustbench(tmp_path: Path) -> None:
+  rb = rb_module("robust_resnet", tmp_path)
+  net = rb.PreActResNet(
+    channel_configs=[4, 8, 12, 6],
+    depth_configs=[2, 1, 2],
+    activations=("SiLU",) * 3,
+    use_init=False,
+    pre_process=True,  # WRN-A4's: CIFAR-10's statistics as buffers mu and sigma
+  )
+  model = check_same_logits(randomized(net), "wrn-a4", channels=(4, 8, 12, 6), depths=(2, 1, 2))
+  assert model.activation == "swish" and model.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+
+
 def test_boosting_wide_resnet_matches_robustbench(tmp_path: Path) -> None:
   rb = rb_module("boosting_wide_resnet", tmp_path)
   net = randomized(rb.BoostingWideResNet(depth=10, widen_factor=2))

@@ -19,7 +19,8 @@ Modules, one job each:
   PyTorch needed);
 * `pytorch`: the twins and torch tensors (imports PyTorch when called);
 * `files`: `.pt`/`.pth` and `.safetensors` checkpoints;
-* `torch_twins`: the PyTorch twins (imports PyTorch: reach it through `twin`).
+* `torch_twins`, `torch_twins_zoo`, `torch_twins_entries`: the PyTorch
+  twins (they import PyTorch: reach them through `twin`).
 
 PyTorch is optional (`pip install "jaxrobust[torch]"`): `import jaxrobust`
 never imports it, and its absence raises `InputError` where it is needed.

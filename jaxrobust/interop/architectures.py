@@ -26,6 +26,7 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "ra-wrn-70-16": ("ra_wide_resnet", {}),
   "ra-wrn-70-16-meansparse": ("ra_wide_resnet", {"meansparse": True}),
   "preact-resnet-50-x3": ("preact_resnet50_ensemble", {}),
+  "wrn-a4": ("robust_resnet", {}),
 }
 _WRN = re.compile(r"(?P<dm>dm-)?wrn-(?P<d>\d+)-(?P<w>\d+)(?P<variant>-[a-z-]+)?")
 # The variants "wrn-D-W-<variant>" of RobustBench's WideResNet, and their settings.
@@ -62,6 +63,7 @@ ENDS = {
   "robust_wide_resnet": ("stem_conv", "fc"),
   "ra_wide_resnet": ("init_conv", "logits"),
   "preact_resnet50_ensemble": ("branch1.conv1", "branch1.linear"),
+  "robust_resnet": ("stem_conv", "fc"),
 }
 # DeepMind's architectures: without normalisation buffers, CIFAR-10's statistics.
 DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18", "ra_wide_resnet")
@@ -184,6 +186,7 @@ _UNRECORDED: dict[str, Any] = {
 _UNRECORDED_OF: dict[str, dict[str, Any]] = {
   "wide_resnet": {"activation": "relu"},
   "resnet18": {"stem": "cifar"},
+  "robust_wide_resnet": {"activation": "relu"},
 }
 _NONE = object()
 

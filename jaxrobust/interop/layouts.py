@@ -167,13 +167,16 @@ def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> lis
   return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + head
 
 
-def _robust_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
-  """The layout of `robust_wide_resnet` (RobustBench's `RobustWideResNet`)."""
+def _robust_wide_resnet_layout(
+  model: nn.Module, params: Mapping[str, Any], robust_resnet: bool
+) -> list[Entry]:
+  """The layout of `robust_wide_resnet` (`RobustWideResNet`) or `robust_resnet` (`robust_resnet.py`)."""
   keys = [f"blocks.{s}.layer.{b}" for s, n in enumerate(model.depths) for b in range(n)]
   entries = _conv("stem_conv", ("Conv_0",))
   for key, (block, p) in zip(keys, _blocks(params, "PreActBlock"), strict=True):
-    entries += _preact_block(key, (block,), p, RB_WRN_BLOCK)
-  return entries + _bn("bn1", ("BatchNorm_0",)) + _dense("fc", ("Dense_0",))
+    entries += _preact_block(key, (block,), p, RB_PREACT_BLOCK if robust_resnet else RB_WRN_BLOCK)
+  final = _bn("norm1" if robust_resnet else "bn1", ("BatchNorm_0",))
+  return entries + final + _dense("fc", ("Dense_0",))
 
 
 def _ra_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
@@ -271,8 +274,8 @@ def layout(
     return _wide_resnet_layout(name, model.depth, params)
   if name == "resnet50":
     return _resnet50_layout(model, params)
-  if name == "robust_wide_resnet":
-    return _robust_wide_resnet_layout(model, params)
+  if name in ("robust_wide_resnet", "robust_resnet"):
+    return _robust_wide_resnet_layout(model, params, name == "robust_resnet")
   if name == "ra_wide_resnet":
     return _ra_wide_resnet_layout(model, params)
   if name == "preact_resnet50_ensemble":

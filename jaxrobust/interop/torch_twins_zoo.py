@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxrobust import models
-from jaxrobust.interop.layouts import DM_PREACT_BLOCK, RB_WRN_BLOCK
+from jaxrobust.interop.layouts import DM_PREACT_BLOCK, RB_PREACT_BLOCK, RB_WRN_BLOCK
 from jaxrobust.interop.torch_twins import (
   ACTIVATIONS,
   Conv2d,
@@ -179,8 +179,20 @@ class ResNet50(Twin):
 class RobustWideResNet(Twin):
   """`models.RobustWideResNet`, in RobustBench's `RobustWideResNet` layout."""
 
-  def __init__(self, num_classes, mean, std, *, channels=(16, 320, 640, 512), depths=(5, 5, 5)):
+  names, final = RB_WRN_BLOCK, "bn1"
+
+  def __init__(
+    self,
+    num_classes,
+    mean,
+    std,
+    *,
+    channels=(16, 320, 640, 512),
+    depths=(5, 5, 5),
+    activation="relu",
+  ):
     super().__init__(mean, std)
+    self.act = ACTIVATIONS[activation]
     self.stem_conv = Conv2d(len(mean), channels[0], 3, padding="torch")
     stages = []
     for s, n in enumerate(depths):
@@ -189,21 +201,42 @@ class RobustWideResNet(Twin):
           channels[s] if b == 0 else channels[s + 1],
           channels[s + 1],
           2 if s > 0 and b == 0 else 1,
-          names=RB_WRN_BLOCK,
+          names=self.names,
           padding="torch",
+          activation=activation,
         )
         for b in range(n)
       ]
       stages.append(Group("layer", blocks))
     self.blocks = nn.ModuleList(stages)
-    self.bn1 = batch_norm(channels[-1])
+    setattr(self, self.final, batch_norm(channels[-1]))
     self.fc = nn.Linear(channels[-1], num_classes)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.stem_conv(self.normalize(x))
     for stage in self.blocks:
       x = stage(x)
-    return self.fc(torch.mean(F.relu(self.bn1(x)), dim=(2, 3)))
+    return self.fc(torch.mean(self.act(getattr(self, self.final)(x)), dim=(2, 3)))
+
+
+class RobustResNet(RobustWideResNet):
+  """`models.RobustResNet`, in RobustBench's `robust_resnet.PreActResNet` layout."""
+
+  names, final = RB_PREACT_BLOCK, "norm1"
+
+  def __init__(
+    self,
+    num_classes,
+    mean,
+    std,
+    *,
+    channels=(16, 160, 448, 384),
+    depths=(27, 28, 13),
+    activation="swish",
+  ):
+    super().__init__(
+      num_classes, mean, std, channels=channels, depths=depths, activation=activation
+    )
 
 
 TWINS = {
@@ -211,4 +244,5 @@ TWINS = {
   "dm_preact_resnet18": DMPreActResNet18,
   "resnet50": ResNet50,
   "robust_wide_resnet": RobustWideResNet,
+  "robust_resnet": RobustResNet,
 }

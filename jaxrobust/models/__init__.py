@@ -67,9 +67,11 @@ from jaxrobust.models.zoo_nets import (
   PreActResNet50Branch,
   PreActResNet50Ensemble,
   RaWideResNet,
+  RobustResNet,
 )
 
 __all__ = [
+  "RobustResNet",
   "RaWideResNet",
   "PreActResNet50Ensemble",
   "PreActResNet50Branch",

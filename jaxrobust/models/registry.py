@@ -12,7 +12,7 @@ from jaxrobust.models.randomized import Randomized
 from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18
 from jaxrobust.models.resnet50 import STEMS, ResNet50
 from jaxrobust.models.wide_resnet import HEADS, DMWideResNet, RobustWideResNet, WideResNet
-from jaxrobust.models.zoo_nets import PreActResNet50Ensemble, RaWideResNet
+from jaxrobust.models.zoo_nets import PreActResNet50Ensemble, RaWideResNet, RobustResNet
 
 MODELS: dict[str, type[nn.Module]] = {
   "small_cnn": SmallCNN,
@@ -26,6 +26,7 @@ MODELS: dict[str, type[nn.Module]] = {
   "robust_wide_resnet": RobustWideResNet,
   "ra_wide_resnet": RaWideResNet,
   "preact_resnet50_ensemble": PreActResNet50Ensemble,
+  "robust_resnet": RobustResNet,
 }
 
 

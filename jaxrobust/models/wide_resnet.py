@@ -182,6 +182,7 @@ class RobustWideResNet(nn.Module):
     channels: the stem's channels, then each stage's.
     depths: the blocks of each stage.
     axis_name: the named axis BatchNorm averages over in training.
+    activation: a key of `ACTIVATIONS`.
 
   References:
     Huang et al., 2021 (https://arxiv.org/abs/2110.03825)
@@ -193,6 +194,7 @@ class RobustWideResNet(nn.Module):
   channels: Sequence[int] = (16, 320, 640, 512)
   depths: Sequence[int] = (5, 5, 5)
   axis_name: str | None = None
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -201,12 +203,13 @@ class RobustWideResNet(nn.Module):
       f"RobustWideResNet needs one more channel count than stages, got {self.channels} "
       f"for {self.depths}",
     )
+    checks.one_of("activation", self.activation, tuple(ACTIVATIONS))
     norm = batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
     x = Conv(self.channels[0], (3, 3), use_bias=False, padding=conv_padding("torch", 3, 1))(x)
     for stage, blocks in enumerate(self.depths):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(self.channels[stage + 1], strides, norm, "relu", "torch")(x)
-    x = nn.relu(norm()(x))
+        x = PreActBlock(self.channels[stage + 1], strides, norm, self.activation, "torch")(x)
+    x = ACTIVATIONS[self.activation](norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

@@ -1,4 +1,4 @@
-"""Networks of single RobustBench entries: RaWideResNet (with MeanSparse) and Chen et al.'s ensemble."""
+"""Networks of single RobustBench entries: RaWideResNet (with MeanSparse), WRN-A4, Chen et al.'s ensemble."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,6 +12,7 @@ from jaxrobust.models.blocks import ACTIVATIONS, Conv, MeanSparse, Normalize, Pr
 from jaxrobust.models.blocks import batch_norm, conv_padding
 from jaxrobust.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 from jaxrobust.models.resnet50 import bottleneck_blocks
+from jaxrobust.models.wide_resnet import RobustWideResNet
 from jaxrobust.types import Images, Logits
 
 
@@ -86,6 +87,32 @@ class RaWideResNet(nn.Module):
       x = MeanSparse()(x)
     x = ACTIVATIONS[self.activation](x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class RobustResNet(RobustWideResNet):
+  """Huang et al.'s WRN-A4: `RobustWideResNet` with SiLU, in RobustBench's `robust_resnet` layout.
+
+  The same network as `RobustWideResNet` (its defaults WRN-A4's: channels
+  16, 160, 448, 384, depths 27, 28, 13, SiLU); its PyTorch layout is
+  RobustBench's `PreActResNet` of `robust_resnet.py` (`stem_conv`,
+  `blocks.0.layer.0.shortcut.0`, `norm1`, `fc`, buffers `mu` and `sigma`).
+
+  Attributes:
+    num_classes: the number of classes K.
+    mean: the per-channel mean of `Normalize`.
+    std: the per-channel standard deviation of `Normalize`.
+    channels: the stem's channels, then each stage's.
+    depths: the blocks of each stage.
+    axis_name: the named axis BatchNorm averages over in training.
+    activation: a key of `ACTIVATIONS`.
+
+  References:
+    Huang et al., 2022 (https://arxiv.org/abs/2212.11005)
+  """
+
+  channels: Sequence[int] = (16, 160, 448, 384)
+  depths: Sequence[int] = (27, 28, 13)
+  activation: str = "swish"
 
 
 def _conv(features: int, kernel: int, strides: int, name: str) -> nn.Conv:
