@@ -154,6 +154,10 @@ def normalisation(src: str, dataset: str) -> list[list[float]] | str:
     return [list(v) for v in (CIFAR10 if sparse.group(2) == "10" else CIFAR100)]
   if "normalize_model" in src and dataset == "imagenet":
     return [list(v) for v in IMAGENET]
+  if "nn.ModuleList" in src:  # an ensemble stored a branch a file: its class's mu and sigma
+    values = [re.search(rf"'{b}',\s*torch\.tensor\(\[([^\]]+)\]\)", src) for b in ("mu", "sigma")]
+    if values[0] and values[1]:
+      return [[float(v) for v in m.group(1).split(",")] for m in values if m]
   if "BoostingWideResNet" in src or "robust_resnet.get_model" in src:  # classes with mu and sigma
     return "checkpoint"
   if "x = 2. * x - 1." in src:

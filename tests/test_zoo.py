@@ -141,3 +141,20 @@ def test_eval_zoo_list_and_a_checkpoint_that_does_not_fit(cli: Any, tmp_path: Pa
   (line,) = wrong.stderr.strip().splitlines()
   assert line.startswith("error: ") and "Rice2020Overfitting (architecture wrn-34-20)" in line
   assert "Traceback" not in wrong.stderr
+
+
+def test_an_ensemble_entry_loads_from_one_file_a_branch(tmp_path: Path) -> None:
+  torch.manual_seed(0)
+  net: Any = interop.twin("preact_resnet50_ensemble", num_classes=10, mean=(0,) * 3, std=(1,) * 3)
+  paths = []
+  for i, branch in enumerate(net.models):  # load_model's models/cifar10/Linf/<entry>_m<i>.pt
+    paths.append(tmp_path / f"Chen2020Adversarial_m{i}.pt")
+    torch.save({"state_dict": branch.state_dict()}, paths[-1])
+  model, variables = zoo.load_entry("cifar10/Linf/Chen2020Adversarial", paths)
+  assert model.mean == pytest.approx((0.485, 0.456, 0.406))  # the class's, in no file
+  kernel = variables["params"]["branch2"]["conv1"]["kernel"]
+  np.testing.assert_array_equal(
+    kernel, net.models[1].conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+  )
+  with pytest.raises(checks.InputError, match="Chen2020Adversarial"):
+    zoo.load_entry("cifar10/Linf/Chen2020Adversarial", paths[:2])  # a branch missing

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxrobust as jr
-from jaxrobust import interop
+from jaxrobust import interop, zoo
 from robustbench_files import (
   ATOL,
   CIFAR100_MEAN,
@@ -221,6 +221,18 @@ def test_chen_ensemble_matches_robustbench(tmp_path: Path) -> None:
   net = randomized(chen())
   model = check_same_logits(net, "preact-resnet-50-x3", stage_blocks=(1, 2, 1, 1))
   assert model.branches == 3 and model.mean == pytest.approx((0.485, 0.456, 0.406))
+  # RobustBench's files: one a branch (load_model's `<entry>_m<i>.pt`), without mu and sigma
+  branches = [{"state_dict": branch.state_dict()} for branch in net.models]
+  entry = zoo.find("cifar10/Linf/Chen2020Adversarial")
+  assert isinstance(entry.normalisation, list)
+  mean, std = entry.normalisation
+  model, variables = interop.from_torch(
+    branches, "preact-resnet-50-x3", stage_blocks=(1, 2, 1, 1), mean=mean, std=std
+  )
+  x = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = net(interop.nhwc_to_nchw(x)).numpy()
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), expected, atol=ATOL, rtol=0)
 
 
 def test_torchvision_resnet18_behind_robustbench_normalisation(tmp_path: Path) -> None:

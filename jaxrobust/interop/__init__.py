@@ -52,7 +52,12 @@ from jaxrobust.interop.pytorch import (
   to_torch,
   twin,
 )
-from jaxrobust.interop.state_dicts import from_torch, state_dict_of, torch_state_dict
+from jaxrobust.interop.state_dicts import (
+  ensemble_state_dict,
+  from_torch,
+  state_dict_of,
+  torch_state_dict,
+)
 
 __all__ = [
   "ARCHS",
@@ -61,6 +66,7 @@ __all__ = [
   "architecture",
   "architectures",
   "check_export_path",
+  "ensemble_state_dict",
   "checkpoint_architecture",
   "files",
   "from_torch",

@@ -194,7 +194,7 @@ def _ensemble_layout(model: nn.Module) -> list[Entry]:
   entries: list[Entry] = []
   stages = models.bottleneck_blocks(model.width, model.stage_blocks)
   for b in range(model.branches):
-    path: Path = (f"branch{b}",)
+    path: Path = (f"branch{b + 1}",)
     for top in (f"branch{b + 1}", f"models.{b}"):
       entries += _conv(f"{top}.conv1", (*path, "conv1")) + _bn(f"{top}.bn1", (*path, "bn1"))
       for k, (stage, _, _) in enumerate(stages):

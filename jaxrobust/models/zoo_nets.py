@@ -213,7 +213,7 @@ class PreActResNet50Ensemble(nn.Module):
     probs = [
       jax.nn.softmax(
         PreActResNet50Branch(
-          self.num_classes, norm, self.width, self.stage_blocks, name=f"branch{b}"
+          self.num_classes, norm, self.width, self.stage_blocks, name=f"branch{b + 1}"
         )(x),
         axis=-1,
       )

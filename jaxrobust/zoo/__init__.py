@@ -154,7 +154,9 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
 
   Args:
     name: an entry (see `find`).
-    checkpoint: a checkpoint file's path, or what `interop.load_checkpoint` read.
+    checkpoint: a checkpoint file's path, or what `interop.load_checkpoint`
+      read; for an ensemble (Chen2020Adversarial), a list of them, one a
+      branch (RobustBench's `<entry>_m0.pt`, `_m1.pt`, `_m2.pt`).
 
   Returns:
     `(model, variables)`, `model.apply(variables, x)` on NHWC images in [0, 1].
@@ -167,6 +169,10 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
   arch, settings = architecture(entry)
   if isinstance(checkpoint, str | PathLike):
     checkpoint = interop.load_checkpoint(checkpoint)
+  if isinstance(checkpoint, list | tuple):
+    checkpoint = [
+      interop.load_checkpoint(c) if isinstance(c, str | PathLike) else c for c in checkpoint
+    ]
   try:
     return interop.from_torch(checkpoint, arch, **settings)
   except checks.InputError as e:
