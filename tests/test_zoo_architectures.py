@@ -88,8 +88,20 @@ def test_wrn_a4_matches_robustbench(tmp_path: Path) -> None:
     use_init=False,
     pre_process=True,  # WRN-A4's: CIFAR-10's statistics as buffers mu and sigma
   )
-  model = check_same_logits(randomized(net), "wrn-a4", channels=(4, 8, 12, 6), depths=(2, 1, 2))
+  sizes: dict[str, Any] = dict(channels=(4, 8, 12, 6), depths=(2, 1, 2))
+  model = check_same_logits(randomized(net), "wrn-a4", **sizes)
   assert model.activation == "swish" and model.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+  # its file lacks mu and sigma (RobustBench loads it without them): the entry's are the class's
+  state = {k: v for k, v in net.state_dict().items() if k not in ("mu", "sigma")}
+  normalisation = zoo.find("cifar10/Linf/Huang2022Revisiting_WRN-A4").normalisation
+  assert isinstance(normalisation, list)
+  model, variables = interop.from_torch(
+    state, "wrn-a4", mean=normalisation[0], std=normalisation[1], **sizes
+  )
+  x = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = net(interop.nhwc_to_nchw(x)).numpy()
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), expected, atol=ATOL, rtol=0)
 
 
 def test_boosting_wide_resnet_matches_robustbench(tmp_path: Path) -> None:
