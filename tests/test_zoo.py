@@ -158,3 +158,30 @@ def test_an_ensemble_entry_loads_from_one_file_a_branch(tmp_path: Path) -> None:
   )
   with pytest.raises(checks.InputError, match="Chen2020Adversarial"):
     zoo.load_entry("cifar10/Linf/Chen2020Adversarial", paths[:2])  # a branch missing
+
+
+def test_a_meansparse_model_round_trips_through_safetensors(tmp_path: Path) -> None:
+  model = jr.models.create(
+    "ra_wide_resnet",
+    num_classes=3,
+    mean=(0.5,) * 3,
+    std=(0.3,) * 3,
+    stem_width=4,
+    depths=(1, 1, 1),
+    widths=(8, 8, 8),
+    meansparse=True,
+  )
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  thresholds = jax.tree_util.tree_map_with_path(  # the scalar thresholds, 0-d arrays
+    lambda p, a: jnp.full_like(a, 0.5) if p[-1].key == "threshold" else a, variables
+  )
+  interop.save_checkpoint(tmp_path / "m.safetensors", model, thresholds)
+  checkpoint = interop.load_checkpoint(tmp_path / "m.safetensors")
+  found = interop.checkpoint_architecture(checkpoint)
+  assert found is not None
+  arch, settings = found
+  loaded, back = interop.from_torch(checkpoint, arch, **settings)
+  assert back["batch_stats"]["MeanSparse_0"]["threshold"].shape == ()
+  x = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+  got, want = jax.jit(loaded.apply)(back, x), jax.jit(model.apply)(thresholds, x)
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
