@@ -156,6 +156,9 @@ def test_an_ensemble_entry_loads_from_one_file_a_branch(tmp_path: Path) -> None:
   np.testing.assert_array_equal(
     kernel, net.models[1].conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
   )
+  for path in (tmp_path / "Chen2020Adversarial.pt", paths[0]):  # RobustBench's names, found
+    model, again = zoo.load_entry("cifar10/Linf/Chen2020Adversarial", path)
+    np.testing.assert_array_equal(again["params"]["branch2"]["conv1"]["kernel"], kernel)
   with pytest.raises(checks.InputError, match="Chen2020Adversarial"):
     zoo.load_entry("cifar10/Linf/Chen2020Adversarial", paths[:2])  # a branch missing
 
