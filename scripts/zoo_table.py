@@ -9,6 +9,11 @@ names with its bases and `__init__`) is matched against the rules in
 builds it from as its missing architecture.
 
   python scripts/zoo_table.py /path/to/robustbench/.git > jaxrobust/zoo/table.py
+
+With `--markdown`, prints the rows of docs/zoo.md's table of every entry
+from the generated table (`jaxrobust.zoo.ENTRIES`) instead:
+
+  python scripts/zoo_table.py --markdown
 """
 
 import ast
@@ -30,7 +35,21 @@ NAMED = {"CIFAR10": CIFAR10, "CIFAR100": CIFAR100}
 # template's {d} and {w} are the pattern's groups "d" and "w" (defaults 28, 10).
 RULES = [
   (r"^BoostingWideResNet\(\)", "wrn-34-20-cosine"),  # RobustBench's own defaults
-  (r"x\.std\(dim=", None),  # per-image standardisation (Ding2020MMANet)
+  (  # per-image standardisation (Ding2020MMANet)
+    r"(?s)(?<![A-Za-z])WideResNet\((?=[^)]*depth=(?P<d>\d+))(?=[^)]*widen_factor=(?P<w>\d+)).*"
+    r"x\.std\(dim=\(1, 2, 3\)",
+    "wrn-{d}-{w}-per-image",
+  ),
+  (r"x\.std\(dim=", None),
+  (r"pssilu_wrn_(?P<d>\d+)_(?P<w>\d+)\(", "wrn-{d}-{w}-pssilu"),
+  (r"get_sparse_model\(\s*'ra_wrn_70_16',\s*dataset='cifar-10-", "ra-wrn-70-16-meansparse"),
+  (
+    r"get_sparse_model\(\s*'wrn_(?P<d>\d+)_(?P<w>\d+)',\s*dataset='cifar-",
+    "dm-wrn-{d}-{w}-meansparse",
+  ),
+  (r"get_robustarch_model\('ra_wrn70_16'\)", "ra-wrn-70-16"),
+  (r"ResNet\(BottleneckChen2020AdversarialNet, \[3, 4, 6, 3\]\)", "preact-resnet-50-x3"),
+  (r"robust_resnet\.get_model\('WRN-A4'\)", "wrn-a4"),
   (r"get_composite_model|get_nonlin_mixed|get_sparse_model|Sparsified|sodef|SODEF", None),
   (r"Meansparse|MeanSparse|timm\.|xcit|Swin|ConvNeXt|convnext|RaWideResNet|get_robustarch", None),
   (r"DMWideResNet\((?=[^)]*depth=(?P<d>\d+))?(?=[^)]*width=(?P<w>\d+))?", "dm-wrn-{d}-{w}"),
@@ -56,6 +75,7 @@ RULES = [
   (r"ResNet18\(\)|ResNet\(\s*BasicBlock,\s*\[2, 2, 2, 2\]", "resnet-18"),
   (r"ResNet50\(\)|ResNet\(\s*Bottleneck,\s*\[3, 4, 6, 3\]\s*\)", "resnet-50-cifar"),
   (r"pt_models\.resnet50\((pretrained=True)?\)", "resnet-50"),
+  (r"pt_models\.resnet18\(\)", "resnet-18-imagenet"),
   (r"pt_models\.(wide_resnet50_2\(\)|resnet50\(width_per_group=64 \* 2\))", "wide-resnet-50-2"),
 ]
 WRN_SUPERS = ("WideResNet.__init__", "super(")
@@ -127,10 +147,19 @@ def normalisation(src: str, dataset: str) -> list[list[float]] | str:
   m = re.search(r"mean=(CIFAR10{1,2}0?)_MEAN", src)
   if m:
     return [list(v) for v in NAMED[m.group(1)]]
-  if re.search(r"DM(WideResNet|PreActResNet)\(", src):
+  if re.search(r"DM(WideResNet|PreActResNet)\(|get_robustarch_model\('ra_wrn70_16'\)", src):
     return [list(v) for v in CIFAR10]
+  sparse = re.search(r"get_sparse_model\(\s*'(ra_)?wrn_\d+_\d+',\s*dataset='cifar-(10|100)-", src)
+  if sparse:  # the classes get_sparse_model builds: DeepMind's statistics of the data set
+    return [list(v) for v in (CIFAR10 if sparse.group(2) == "10" else CIFAR100)]
   if "normalize_model" in src and dataset == "imagenet":
     return [list(v) for v in IMAGENET]
+  if "nn.ModuleList" in src:  # an ensemble stored a branch a file: its class's mu and sigma
+    values = [re.search(rf"'{b}',\s*torch\.tensor\(\[([^\]]+)\]\)", src) for b in ("mu", "sigma")]
+    if values[0] and values[1]:
+      return [[float(v) for v in m.group(1).split(",")] for m in values if m]
+  if "robust_resnet.get_model('WRN-A4')" in src:  # its class's buffers; the file lacks them
+    return [list(v) for v in CIFAR10]
   if "BoostingWideResNet" in src:  # its class registers mu and sigma
     return "checkpoint"
   if "x = 2. * x - 1." in src:
@@ -250,5 +279,21 @@ class Entry(NamedTuple):
 
 '''
 
+
+def markdown() -> None:
+  """Prints docs/zoo.md's rows: entry, eps, architecture, normalisation, clean, robust."""
+  from jaxrobust import zoo  # noqa: PLC0415
+
+  for e in zoo.ENTRIES:
+    arch = f"`{e.arch}`" if e.arch else f"missing: {e.missing}"
+    norm = e.normalisation
+    if isinstance(norm, list):
+      norm = "mean " + ", ".join(str(v) for v in norm[0])
+    print(f"| {zoo.key(e)} | {e.eps or '-'} | {arch} | {norm} | {e.clean} | {e.robust} |")
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if sys.argv[1] == "--markdown":
+    markdown()
+  else:
+    main(sys.argv[1])

@@ -21,7 +21,8 @@ Modules, one job each:
 * `files`: `.pt`/`.pth` and `.safetensors` checkpoints;
 * `flax_files`: converted models as orbax + JSON directories, read without
   PyTorch;
-* `torch_twins`: the PyTorch twins (imports PyTorch: reach it through `twin`).
+* `torch_twins`, `torch_twins_zoo`, `torch_twins_entries`: the PyTorch
+  twins (they import PyTorch: reach them through `twin`).
 
 PyTorch is optional (`pip install "jaxrobust[torch]"`): `import jaxrobust`
 never imports it, and its absence raises `InputError` where it is needed.
@@ -53,7 +54,12 @@ from jaxrobust.interop.pytorch import (
   to_torch,
   twin,
 )
-from jaxrobust.interop.state_dicts import from_torch, state_dict_of, torch_state_dict
+from jaxrobust.interop.state_dicts import (
+  ensemble_state_dict,
+  from_torch,
+  state_dict_of,
+  torch_state_dict,
+)
 
 __all__ = [
   "ARCHS",
@@ -62,6 +68,7 @@ __all__ = [
   "architecture",
   "architectures",
   "check_export_path",
+  "ensemble_state_dict",
   "checkpoint_architecture",
   "files",
   "flax_files",

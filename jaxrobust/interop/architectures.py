@@ -22,15 +22,30 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
   "resnet-50": ("resnet50", {"stem": "imagenet"}),
   "resnet-50-cifar": ("resnet50", {"stem": "cifar"}),
   "wide-resnet-50-2": ("resnet50", {"stem": "imagenet", "group_width": 128}),
+  "resnet-18-imagenet": ("resnet18", {"stem": "imagenet", "padding": "torch"}),
+  "ra-wrn-70-16": ("ra_wide_resnet", {}),
+  "ra-wrn-70-16-meansparse": ("ra_wide_resnet", {"meansparse": True}),
+  "preact-resnet-50-x3": ("preact_resnet50_ensemble", {}),
+  "wrn-a4": ("robust_resnet", {}),
 }
-_WRN = re.compile(r"(dm-)?wrn-(\d+)-(\d+)|wrn-(\d+)-(\d+)-cosine")
+_WRN = re.compile(r"(?P<dm>dm-)?wrn-(?P<d>\d+)-(?P<w>\d+)(?P<variant>-[a-z-]+)?")
+# The variants "wrn-D-W-<variant>" of RobustBench's WideResNet, and their settings.
+_WRN_VARIANTS: dict[str, dict[str, Any]] = {
+  "": {},
+  "-cosine": {"head": "cosine"},
+  "-per-image": {"per_image": True},
+  "-pssilu": {"activation": "pssilu"},
+}
 _ROBUST_WRN = re.compile(r"robust-wrn-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)")
 ARCHS = (
   *models.MODELS,
   *ZOO,
   "wrn-<depth>-<width> (wrn-28-10, wrn-34-10, wrn-34-20, wrn-70-16)",
   "wrn-<depth>-<width>-cosine (wrn-34-20-cosine: RobustBench's BoostingWideResNet)",
+  "wrn-<depth>-<width>-per-image (wrn-28-4-per-image: Ding et al.'s MMA network)",
+  "wrn-<depth>-<width>-pssilu (wrn-28-10-pssilu: Dai et al.'s PSSiLU WideResNet)",
   "dm-wrn-<depth>-<width> (dm-wrn-28-10, dm-wrn-70-16, dm-wrn-106-16)",
+  "dm-wrn-<depth>-<width>-meansparse (dm-wrn-94-16-meansparse: Amini et al.'s MeanSparse)",
   "robust-wrn-<4 channels>-<3 depths> (robust-wrn-16-320-640-512-5-5-5)",
 )
 
@@ -46,9 +61,12 @@ ENDS = {
   "dm_preact_resnet18": ("conv_2d", "logits"),
   "resnet50": ("conv1", "linear"),
   "robust_wide_resnet": ("stem_conv", "fc"),
+  "ra_wide_resnet": ("init_conv", "logits"),
+  "preact_resnet50_ensemble": ("branch1.conv1", "branch1.linear"),
+  "robust_resnet": ("stem_conv", "fc"),
 }
 # DeepMind's architectures: without normalisation buffers, CIFAR-10's statistics.
-DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18")
+DM_MODELS = ("dm_wide_resnet", "dm_preact_resnet18", "ra_wide_resnet")
 
 
 def model_ends(name: str, settings: Mapping[str, Any]) -> tuple[str, str]:
@@ -56,12 +74,13 @@ def model_ends(name: str, settings: Mapping[str, Any]) -> tuple[str, str]:
 
   Args:
     name: a name of `models.MODELS`.
-    settings: its settings (`resnet50`'s `stem` picks torchvision's "fc").
+    settings: its settings (the `stem` of `resnet50` and `resnet18` picks
+      torchvision's "fc").
 
   Returns:
     `(first conv, classifier)`, e.g. `("conv1", "linear")`.
   """
-  if name == "resnet50" and settings.get("stem", "cifar") == "imagenet":
+  if name in ("resnet50", "resnet18") and settings.get("stem", "cifar") == "imagenet":
     return ("conv1", "fc")
   return ENDS[name]
 
@@ -76,7 +95,9 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
   Args:
     arch: a name of `models.MODELS`, of `ZOO`, "wrn-D-W" (RobustBench's
       WideResNet-D-W, PyTorch's padding), "wrn-D-W-cosine" (with the
-      cosine head, `BoostingWideResNet`), "dm-wrn-D-W" (DeepMind's) or
+      cosine head, `BoostingWideResNet`), "wrn-D-W-per-image" (each image
+      standardised first), "wrn-D-W-pssilu" (one shared PSSiLU),
+      "dm-wrn-D-W" (DeepMind's), "dm-wrn-D-W-meansparse" (with MeanSparse) or
       "robust-wrn-C0-C1-C2-C3-D1-D2-D3" (RobustBench's `RobustWideResNet`
       with `channel_configs` C and `depth_configs` D).
     **settings: settings that override the architecture's.
@@ -89,15 +110,12 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
   """
   checks.require(isinstance(arch, str), f"arch must be a name, got {arch!r}")
   wrn = _WRN.fullmatch(arch)
-  if wrn and wrn.group(4):
+  if wrn and wrn.group("variant") in (None, "-meansparse") and wrn.group("dm"):
+    name, own = _dm_wide_resnet(int(wrn.group("d")), int(wrn.group("w")), wrn.group("variant"))
+  elif wrn and not wrn.group("dm") and (wrn.group("variant") or "") in _WRN_VARIANTS:
     name = "wide_resnet"
-    own: dict[str, Any] = dict(depth=int(wrn.group(4)), width=int(wrn.group(5)))
-    own.update(padding="torch", head="cosine")
-  elif wrn:
-    name = "dm_wide_resnet" if wrn.group(1) else "wide_resnet"
-    own = dict(depth=int(wrn.group(2)), width=int(wrn.group(3)))
-    if not wrn.group(1):
-      own["padding"] = "torch"
+    own = dict(depth=int(wrn.group("d")), width=int(wrn.group("w")), padding="torch")
+    own.update(_WRN_VARIANTS[wrn.group("variant") or ""])
   elif _ROBUST_WRN.fullmatch(arch):
     sizes = [int(g) for g in _ROBUST_WRN.fullmatch(arch).groups()]  # type: ignore[union-attr]
     name, own = "robust_wide_resnet", dict(channels=tuple(sizes[:4]), depths=tuple(sizes[4:]))
@@ -105,10 +123,29 @@ def architecture(arch: str, **settings: Any) -> tuple[str, dict[str, Any]]:
     name, own = ZOO[arch][0], dict(ZOO[arch][1])
   else:
     checks.require(
-      arch in models.MODELS, f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}"
+      arch in models.MODELS and not wrn,
+      f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}",
     )
     name, own = arch, {}
   return name, {**own, **settings}
+
+
+def _dm_wide_resnet(depth: int, width: int, variant: str | None) -> tuple[str, dict[str, Any]]:
+  """DeepMind's WideResNet-`depth`-`width`, with MeanSparse when `variant` says so."""
+  if variant is None:
+    return "dm_wide_resnet", dict(depth=depth, width=width)
+  checks.require(
+    (depth - 4) % 6 == 0 and depth >= 10,
+    f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}",
+  )
+  n = (depth - 4) // 6
+  return "ra_wide_resnet", dict(
+    stem_width=16,
+    depths=(n, n, n),
+    widths=(16 * width, 32 * width, 64 * width),
+    se_ratio=0.0,
+    meansparse=True,
+  )
 
 
 def model_name(model: object) -> str:
@@ -143,6 +180,13 @@ _UNRECORDED: dict[str, Any] = {
   "head": "dense",
   "final_bn": True,
   "shortcut_from": "activation",
+  "per_image": False,
+}
+# The same, for one model's settings only.
+_UNRECORDED_OF: dict[str, dict[str, Any]] = {
+  "wide_resnet": {"activation": "relu"},
+  "resnet18": {"stem": "cifar"},
+  "robust_wide_resnet": {"activation": "relu"},
 }
 _NONE = object()
 
@@ -156,11 +200,14 @@ def model_settings(model: nn.Module) -> dict[str, Any]:
   Returns:
     Its settings without classes, normalisation, axis name or spectral
     normalisation, e.g. `{"depth": 28, "width": 10, "padding": "torch"}`;
-    `head`, `final_bn` and `shortcut_from` only where not at their defaults.
+    `head`, `final_bn`, `shortcut_from`, `per_image` (and `activation` of
+    `wide_resnet`, `stem` of `resnet18`) only where not at their defaults.
   """
   skip = {"num_classes", "mean", "std", "axis_name", "parent", "name", "spectral"}
   settings = {k: getattr(model, k) for k in type(model).__dataclass_fields__ if k not in skip}
-  return {k: v for k, v in settings.items() if _UNRECORDED.get(k, _NONE) != v}
+  name = next((n for n, cls in models.MODELS.items() if type(model) is cls), "")
+  defaults = {**_UNRECORDED, **_UNRECORDED_OF.get(name, {})}
+  return {k: v for k, v in settings.items() if defaults.get(k, _NONE) != v}
 
 
 def _image_hw(name: str, side: int) -> tuple[int, int]:

@@ -157,7 +157,7 @@ def write_safetensors(
   header: dict[str, Any] = {}
   chunks, offset = [], 0
   for key, a in tensors.items():
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # ascontiguousarray would make a 0-d array 1-d
     checks.require(a.dtype in codes, f"cannot write {key!r} of dtype {a.dtype} as safetensors")
     raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
     header[key] = {

@@ -7,7 +7,12 @@ A layout is a list of entries `(torch key, Flax path, kind)`. Kinds:
 * ("flatten", h, w): a dense layer after flattening an h x w map, whose rows
   are also reordered from PyTorch's (C, H, W) flatten order to Flax's (H, W, C);
 * "vector": the same array (biases, BatchNorm's scale, bias, mean and var);
-* "count": BatchNorm's `num_batches_tracked`, PyTorch's alone (no Flax path).
+* "count": BatchNorm's `num_batches_tracked` and MeanSparse's
+  `flag_update_statistics` and `batch_num`, PyTorch's alone (no Flax path).
+
+A tensor PyTorch holds under several keys (a module shared or listed twice:
+Dai et al.'s one PSSiLU, Chen et al.'s `models.0` = `branch1`) has an entry
+per key, all with the same Flax path.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +35,7 @@ DM_BLOCK = dict(
   bn1="batchnorm_0", conv1="conv_0", bn2="batchnorm_1", conv2="conv_1", shortcut="shortcut"
 )
 RB_PREACT_BLOCK = dict(bn1="bn1", conv1="conv1", bn2="bn2", conv2="conv2", shortcut="shortcut.0")
+RA_BLOCK = dict(DM_BLOCK, ms0="meansparse_0", ms1="meansparse_1", ms2="meansparse_2", se="se")
 DM_PREACT_BLOCK = dict(
   bn1="batchnorm_0", conv1="conv_2d_1", bn2="batchnorm_1", conv2="conv_2d_2", shortcut="shortcut"
 )
@@ -57,14 +63,35 @@ def _bn(key: str, path: Path) -> list[Entry]:
   ]
 
 
+def _meansparse(key: str, path: Path) -> list[Entry]:
+  return [
+    (f"{key}.running_mean", ("batch_stats", *path, "mean"), "vector"),
+    (f"{key}.running_var", ("batch_stats", *path, "var"), "vector"),
+    (f"{key}.threshold", ("batch_stats", *path, "threshold"), "vector"),
+    (f"{key}.flag_update_statistics", None, "count"),
+    (f"{key}.batch_num", None, "count"),
+  ]
+
+
 def _preact_block(
-  key: str, path: Path, params: Mapping[str, Any], names: Mapping[str, str]
+  key: str,
+  path: Path,
+  params: Mapping[str, Any],
+  names: Mapping[str, str],
+  meansparse: bool = False,
 ) -> list[Entry]:
-  """A `models.PreActBlock` (Flax: BN, [shortcut conv], conv, BN, conv)."""
+  """A `models.PreActBlock` (Flax: BN, [shortcut conv], conv, BN, conv, [SE], [MeanSparse])."""
   convs = ["conv1", "conv2"]
   if "Conv_2" in params:
     convs = ["shortcut"] + convs
-  return (
+  extra: list[Entry] = []
+  if "SqueezeExcitation_0" in params:
+    for fc in ("fc1", "fc2"):
+      extra += _conv(f"{key}.{names['se']}.{fc}", (*path, "SqueezeExcitation_0", fc), bias=True)
+  if meansparse:
+    for i in range(3):
+      extra += _meansparse(f"{key}.{names[f'ms{i}']}", (*path, f"MeanSparse_{i}"))
+  return extra + (
     _bn(f"{key}.{names['bn1']}", (*path, "BatchNorm_0"))
     + _bn(f"{key}.{names['bn2']}", (*path, "BatchNorm_1"))
     + [
@@ -73,7 +100,9 @@ def _preact_block(
   )
 
 
-def _basic_block(key: str, path: Path, params: Mapping[str, Any]) -> list[Entry]:
+def _basic_block(
+  key: str, path: Path, params: Mapping[str, Any], shortcut: str = "shortcut"
+) -> list[Entry]:
   """A `models.BasicBlock` (Flax: conv, BN, conv, BN, [shortcut conv, BN])."""
   entries = (
     _conv(f"{key}.conv1", (*path, "Conv_0"))
@@ -82,8 +111,8 @@ def _basic_block(key: str, path: Path, params: Mapping[str, Any]) -> list[Entry]
     + _bn(f"{key}.bn2", (*path, "BatchNorm_1"))
   )
   if "Conv_2" in params:
-    entries += _conv(f"{key}.shortcut.0", (*path, "Conv_2")) + _bn(
-      f"{key}.shortcut.1", (*path, "BatchNorm_2")
+    entries += _conv(f"{key}.{shortcut}.0", (*path, "Conv_2")) + _bn(
+      f"{key}.{shortcut}.1", (*path, "BatchNorm_2")
     )
   return entries
 
@@ -126,21 +155,60 @@ def _wide_resnet_layout(name: str, depth: int, params: Mapping[str, Any]) -> lis
   )
   first, last = model_ends(name, {})
   entries = _conv(first, ("Conv_0",))
+  shared = ["activation"] if "activation" in params else []  # one PSSiLU, under every block too
   for k, (block, p) in enumerate(_blocks(params, "PreActBlock")):
     entries += _preact_block(block_key(k), (block,), p, DM_BLOCK if dm else RB_WRN_BLOCK)
+    shared += [f"{block_key(k)}.activation"] if shared else []
+  for key in shared:
+    entries += [(f"{key}.{v}", ("params", "activation", v), "vector") for v in ("alpha", "beta")]
   head = _dense(last, ("Dense_0",))
   if "bias" not in params["Dense_0"]:  # the cosine head
     head = [(f"{last}.weight", ("params", "Dense_0", "kernel"), "dense")]
   return entries + _bn("batchnorm" if dm else "bn1", ("BatchNorm_0",)) + head
 
 
-def _robust_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
-  """The layout of `robust_wide_resnet` (RobustBench's `RobustWideResNet`)."""
+def _robust_wide_resnet_layout(
+  model: nn.Module, params: Mapping[str, Any], robust_resnet: bool
+) -> list[Entry]:
+  """The layout of `robust_wide_resnet` (`RobustWideResNet`) or `robust_resnet` (`robust_resnet.py`)."""
   keys = [f"blocks.{s}.layer.{b}" for s, n in enumerate(model.depths) for b in range(n)]
   entries = _conv("stem_conv", ("Conv_0",))
   for key, (block, p) in zip(keys, _blocks(params, "PreActBlock"), strict=True):
-    entries += _preact_block(key, (block,), p, RB_WRN_BLOCK)
-  return entries + _bn("bn1", ("BatchNorm_0",)) + _dense("fc", ("Dense_0",))
+    entries += _preact_block(key, (block,), p, RB_PREACT_BLOCK if robust_resnet else RB_WRN_BLOCK)
+  final = _bn("norm1" if robust_resnet else "bn1", ("BatchNorm_0",))
+  return entries + final + _dense("fc", ("Dense_0",))
+
+
+def _ra_wide_resnet_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
+  """The layout of `ra_wide_resnet` (RobustBench's `NormalizedWideResNet`, MeanSparse's)."""
+  keys = [f"layer.{s}.block.{b}" for s, n in enumerate(model.depths) for b in range(n)]
+  entries = _conv("init_conv", ("Conv_0",))
+  for key, (block, p) in zip(keys, _blocks(params, "PreActBlock"), strict=True):
+    entries += _preact_block(key, (block,), p, RA_BLOCK, model.meansparse)
+  entries += _bn("batchnorm", ("BatchNorm_0",)) + _dense("logits", ("Dense_0",))
+  return entries + (_meansparse("meansparse_end", ("MeanSparse_0",)) if model.meansparse else [])
+
+
+def _ensemble_layout(model: nn.Module) -> list[Entry]:
+  """The layout of `preact_resnet50_ensemble` (`Chen2020AdversarialNet`, each branch twice)."""
+  entries: list[Entry] = []
+  stages = models.bottleneck_blocks(model.width, model.stage_blocks)
+  for b in range(model.branches):
+    path: Path = (f"branch{b + 1}",)
+    for top in (f"branch{b + 1}", f"models.{b}"):
+      entries += _conv(f"{top}.conv1", (*path, "conv1")) + _bn(f"{top}.bn1", (*path, "bn1"))
+      for k, (stage, _, _) in enumerate(stages):
+        j = k - sum(1 for s, _, _ in stages[:k] if s < stage)
+        key, block = f"{top}.layer{stage + 1}.{j}", (*path, f"block{k}")
+        entries += _bn(f"{key}.bn0", (*block, "bn0"))
+        for i in (1, 2, 3):
+          entries += _conv(f"{key}.conv{i}", (*block, f"conv{i}"))
+          entries += _bn(f"{key}.bn{i}", (*block, f"bn{i}")) if i < 3 else []
+        if k == 0 or stages[k - 1][0] != stage:  # the first block of a stage
+          entries += _conv(f"{key}.shortcut.0", (*block, "shortcut_conv"))
+          entries += _bn(f"{key}.shortcut.1", (*block, "shortcut_bn"))
+      entries += _dense(f"{top}.linear", (*path, "fc"))
+  return entries
 
 
 def _resnet_layout(model: nn.Module, name: str, params: Mapping[str, Any]) -> list[Entry]:
@@ -156,10 +224,12 @@ def _resnet_layout(model: nn.Module, name: str, params: Mapping[str, Any]) -> li
       entries += _preact_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p, RB_PREACT_BLOCK)
     final = _bn("bn", ("BatchNorm_0",)) if model.final_bn else []
     return entries + final + _dense("linear", ("Dense_0",))
+  torchvision = model.stem == "imagenet"
   entries = _conv("conv1", ("Conv_0",)) + _bn("bn1", ("BatchNorm_0",))
   for k, (block, p) in enumerate(_blocks(params, "BasicBlock")):
-    entries += _basic_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p)
-  return entries + _dense("linear", ("Dense_0",))
+    shortcut = "downsample" if torchvision else "shortcut"
+    entries += _basic_block(f"layer{k // 2 + 1}.{k % 2}", (block,), p, shortcut)
+  return entries + _dense("fc" if torchvision else "linear", ("Dense_0",))
 
 
 def _resnet50_layout(model: nn.Module, params: Mapping[str, Any]) -> list[Entry]:
@@ -204,8 +274,12 @@ def layout(
     return _wide_resnet_layout(name, model.depth, params)
   if name == "resnet50":
     return _resnet50_layout(model, params)
-  if name == "robust_wide_resnet":
-    return _robust_wide_resnet_layout(model, params)
+  if name in ("robust_wide_resnet", "robust_resnet"):
+    return _robust_wide_resnet_layout(model, params, name == "robust_resnet")
+  if name == "ra_wide_resnet":
+    return _ra_wide_resnet_layout(model, params)
+  if name == "preact_resnet50_ensemble":
+    return _ensemble_layout(model)
   return _resnet_layout(model, name, params)
 
 

@@ -57,15 +57,19 @@ def twin(
     **settings: the model's hyper-parameters (`architectures.model_settings`).
 
   Returns:
-    The `torch.nn.Module` (`torch_twins.TWINS[name]`, `torch_twins_zoo.TWINS[name]`),
-    taking NCHW images in [0, 1].
+    The `torch.nn.Module` (`TWINS[name]` of `torch_twins`, `torch_twins_zoo`
+    or `torch_twins_entries`), taking NCHW images in [0, 1].
   """
   import_torch()
-  from jaxrobust.interop import torch_twins, torch_twins_zoo  # pylint: disable=g-import-not-at-top
+  from jaxrobust.interop import (  # pylint: disable=g-import-not-at-top
+    torch_twins,
+    torch_twins_entries,
+    torch_twins_zoo,
+  )
 
   if name in architectures.FLATTENS:
     settings["input_hw"] = tuple(input_hw or (32, 32))
-  twins = {**torch_twins.TWINS, **torch_twins_zoo.TWINS}
+  twins = {**torch_twins.TWINS, **torch_twins_zoo.TWINS, **torch_twins_entries.TWINS}
   return twins[name](num_classes, mean, std, **settings).eval()
 
 

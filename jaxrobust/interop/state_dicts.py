@@ -116,6 +116,30 @@ def state_dict_of(checkpoint: Any) -> StateDict:
   return {k: _numpy(k, v) for k, v in state.items()}
 
 
+def ensemble_state_dict(branches: Sequence[Any]) -> StateDict:
+  """The state dict of `preact_resnet50_ensemble` made of its branches' own.
+
+  RobustBench stores its ensemble entry (Chen2020Adversarial) as one file a
+  branch (`<entry>_m0.pt`, `_m1.pt`, `_m2.pt`), each the state dict of one
+  ResNet (`conv1`, ..., `linear`); the ensemble holds branch b's under
+  `branch<b + 1>.` and again under `models.<b>.`.
+
+  Args:
+    branches: the branches' state dicts (or checkpoints holding them), in order.
+
+  Returns:
+    `{key: numpy array}` with every branch's keys under both prefixes.
+
+  Raises:
+    InputError: a branch that is no state dict.
+  """
+  state: StateDict = {}
+  for b, branch in enumerate(branches):
+    for k, v in state_dict_of(branch).items():
+      state[f"branch{b + 1}.{k}"] = state[f"models.{b}.{k}"] = v
+  return state
+
+
 def _some(keys: Iterable[str]) -> str:
   """'first' (and N more) of `keys`."""
   ordered = sorted(keys)
@@ -178,7 +202,9 @@ def from_torch(
 
   Args:
     state_dict: a PyTorch `state_dict` (tensors or numpy arrays), or a
-      checkpoint holding one (see `state_dict_of`).
+      checkpoint holding one (see `state_dict_of`); for
+      "preact-resnet-50-x3", also a list of its branches' (see
+      `ensemble_state_dict`).
     arch: the architecture (see `architecture`): e.g. "wrn-28-10" for
       RobustBench's WideResNet-28-10, "dm-wrn-70-16" for DeepMind's.
     input_hw: the image size of `small_cnn`/`seed_cnn` (default: square).
@@ -192,7 +218,10 @@ def from_torch(
     InputError: an unknown architecture, or a state dict that does not fit
       it (a missing or unknown key, or a shape), named with both shapes.
   """
-  state = state_dict_of(state_dict)
+  if isinstance(state_dict, list | tuple):
+    state = ensemble_state_dict(state_dict)
+  else:
+    state = state_dict_of(state_dict)
   name, settings = architectures.architecture(arch, **settings)
   channels, num_classes = _check_ends(state, name, arch, settings)
   mean, std = _normalisation(state, name, channels, settings)

@@ -8,12 +8,15 @@ checkpoints load into them and into the Flax models:
 
 | jaxrobust model | PyTorch layout |
 | --- | --- |
-| `wide_resnet` | RobustBench's `WideResNet` (`conv1`, `block1.layer.0.bn1`, `fc`) |
+| `wide_resnet` | RobustBench's `WideResNet` (`conv1`, `block1.layer.0.bn1`, `fc`), `PAF_WideResNet` |
 | `dm_wide_resnet` | RobustBench's `DMWideResNet` (`init_conv`, `layer.0.block.0.conv_0`) |
-| `resnet18` | RobustBench's `ResNet18` (`conv1`, `layer1.0.shortcut.0`, `linear`) |
+| `resnet18` | RobustBench's `ResNet18`, torchvision's `resnet18` (`torch_twins_zoo`) |
 | `preact_resnet18` | RobustBench's `PreActResNet` (`PreActBlockV2` and `bn_before_fc`, or plain) |
 | `dm_preact_resnet18` | RobustBench's `DMPreActResNet` (`torch_twins_zoo`) |
 | `resnet50` | RobustBench's CIFAR `ResNet50`, torchvision's `resnet50` (`torch_twins_zoo`) |
+| `robust_wide_resnet` | RobustBench's `RobustWideResNet` (`torch_twins_zoo`) |
+| `ra_wide_resnet` | RobustBench's `NormalizedWideResNet`, MeanSparse's (`torch_twins_entries`) |
+| `preact_resnet50_ensemble` | RobustBench's `Chen2020AdversarialNet` (`torch_twins_entries`) |
 | `small_cnn`, `seed_cnn` | jaxrobust's own (`convs.0`, `fc1`; `conv1`, `fc1`) |
 
 Every twin holds the normalisation as buffers `mean` and `std` of shape
@@ -29,6 +32,19 @@ from jaxrobust import models
 from jaxrobust.interop.layouts import DM_BLOCK, RB_PREACT_BLOCK, RB_WRN_BLOCK
 
 ACTIVATIONS = {"relu": F.relu, "swish": F.silu}  # silu(x) = x sigmoid(x)
+
+
+class PSSiLU(nn.Module):
+  """`models.PSSiLU`, RobustBench's `PSSiLU` (parameters `alpha`, `beta`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.alpha = nn.Parameter(torch.ones(1))
+    self.beta = nn.Parameter(torch.full((1,), 1e-8))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    beta = torch.abs(self.beta)
+    return x * (torch.sigmoid(torch.abs(self.alpha) * x) - beta) / (1 - beta)
 
 
 class Conv2d(nn.Conv2d):
@@ -128,7 +144,9 @@ class PreActBlock(nn.Module):
   """`models.PreActBlock`, its layers named by `names` (role -> attribute).
 
   The roles are bn1, conv1, bn2, conv2, shortcut; a shortcut name ending in
-  ".0" is a one-conv `nn.Sequential`.
+  ".0" is a one-conv `nn.Sequential`. An `activation` that is a module (a
+  shared `PSSiLU`) is registered as `activation`, as RobustBench's
+  `PAF_BasicBlock` does.
   """
 
   def __init__(
@@ -144,7 +162,11 @@ class PreActBlock(nn.Module):
     shortcut_kernel=1,
   ):
     super().__init__()
-    self.names, self.act = names, ACTIVATIONS[activation]
+    self.names = names
+    if isinstance(activation, nn.Module):
+      self.activation = activation
+    else:
+      self.act = ACTIVATIONS[activation]
     self.shortcut_from = shortcut_from
     setattr(self, names["bn1"], batch_norm(cin))
     setattr(self, names["conv1"], Conv2d(cin, cout, 3, stride, padding=padding))
@@ -158,11 +180,12 @@ class PreActBlock(nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     layer = lambda role: getattr(self, self.names[role].removesuffix(".0"))
-    out = self.act(layer("bn1")(x))
+    act = self.activation if "activation" in self._modules else self.act
+    out = act(layer("bn1")(x))
     source = out if self.shortcut_from == "activation" else x
     shortcut = layer("shortcut")(source) if self.has_shortcut else x
     out = layer("conv1")(out)
-    out = layer("conv2")(self.act(layer("bn2")(out)))
+    out = layer("conv2")(act(layer("bn2")(out)))
     return out + shortcut
 
 
@@ -207,19 +230,41 @@ class WideResNet(Twin):
   block2: nn.Module
   block3: nn.Module
 
-  def __init__(self, num_classes, mean, std, *, depth=28, width=10, padding="same", head="dense"):
+  def __init__(
+    self,
+    num_classes,
+    mean,
+    std,
+    *,
+    depth=28,
+    width=10,
+    padding="same",
+    head="dense",
+    activation="relu",
+    per_image=False,
+  ):
     super().__init__(mean, std)
     self.conv1 = Conv2d(len(mean), 16, 3, padding=padding)
-    for s, blocks in enumerate(_wrn_stages(depth, width, RB_WRN_BLOCK, padding=padding)):
+    act = PSSiLU() if activation == "pssilu" else activation
+    stages = _wrn_stages(depth, width, RB_WRN_BLOCK, padding=padding, activation=act)
+    for s, blocks in enumerate(stages):
       setattr(self, f"block{s + 1}", Group("layer", blocks))
     self.bn1 = batch_norm(64 * width)
-    self.head = head
+    self.head, self.per_image = head, per_image
     self.fc = nn.Linear(64 * width, num_classes, bias=head == "dense")
+    if isinstance(act, nn.Module):
+      self.activation = act
+    else:
+      self.act = ACTIVATIONS[act]
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    x = self.conv1(self.normalize(x))
-    x = self.block3(self.block2(self.block1(x)))
-    x = torch.mean(F.relu(self.bn1(x)), dim=(2, 3))
+    x = self.normalize(x)
+    if self.per_image:
+      std = torch.clamp(x.std(dim=(1, 2, 3), keepdim=True), min=x[0].numel() ** -0.5)
+      x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / std
+    x = self.block3(self.block2(self.block1(self.conv1(x))))
+    act = self.activation if "activation" in self._modules else self.act
+    x = torch.mean(act(self.bn1(x)), dim=(2, 3))
     if self.head == "cosine":
       return F.linear(F.normalize(x, dim=1), F.normalize(self.fc.weight, dim=1))
     return self.fc(x)
@@ -306,50 +351,10 @@ class PreActResNet18(Twin):
     return self.linear(torch.mean(x, dim=(2, 3)))
 
 
-class BasicBlock(nn.Module):
-  """`models.BasicBlock`, in RobustBench's layout (`shortcut.0` conv, `shortcut.1` BN)."""
-
-  def __init__(self, cin, cout, stride, *, padding="same"):
-    super().__init__()
-    self.conv1 = Conv2d(cin, cout, 3, stride, padding=padding)
-    self.bn1 = batch_norm(cout)
-    self.conv2 = Conv2d(cout, cout, 3, padding=padding)
-    self.bn2 = batch_norm(cout)
-    self.shortcut = nn.Sequential()
-    if stride != 1 or cin != cout:
-      self.shortcut = nn.Sequential(Conv2d(cin, cout, 1, stride, padding=padding), batch_norm(cout))
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    out = F.relu(self.bn1(self.conv1(x)))
-    return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(Twin):
-  """`models.ResNet18`, in RobustBench's `ResNet18` layout."""
-
-  layer1: nn.Module  # set by `_resnet18_layers`
-  layer2: nn.Module
-  layer3: nn.Module
-  layer4: nn.Module
-
-  def __init__(self, num_classes, mean, std, *, padding="same", width=64):
-    super().__init__(mean, std)
-    self.conv1 = Conv2d(len(mean), width, 3, padding=padding)
-    self.bn1 = batch_norm(width)
-    _resnet18_layers(self, BasicBlock, width, padding=padding)
-    self.linear = nn.Linear(8 * width, num_classes)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    x = F.relu(self.bn1(self.conv1(self.normalize(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.linear(torch.mean(x, dim=(2, 3)))
-
-
 TWINS = {
   "small_cnn": SmallCNN,
   "seed_cnn": SeedCNN,
   "preact_resnet18": PreActResNet18,
   "wide_resnet": WideResNet,
-  "resnet18": ResNet18,
   "dm_wide_resnet": DMWideResNet,
 }

@@ -26,23 +26,29 @@ model's `(variables, x) -> logits` functions; equal models give equal
 functions, so the programs compiled for one serve the other.
 
 Modules: `blocks` (normalisation, padding, residual blocks), `cnn`,
-`resnet`, `resnet50`, `wide_resnet`, `randomized`, `registry` (`MODELS`, `create`),
+`resnet`, `resnet50`, `wide_resnet`, `zoo_nets` (single zoo entries' networks), `randomized`, `registry` (`MODELS`, `create`),
 `apply_fns`, `inference` (any Flax model as the functions jaxrobust calls),
-`layers` (layer primitives XLA:CPU runs fast).
+`layers` (layer primitives XLA:CPU runs fast), `precision` (a model
+computing in bfloat16 with float32 variables).
 """
 
-from jaxrobust.models import layers
+from jaxrobust.models import layers, precision
 from jaxrobust.models.blocks import (
   ACTIVATIONS,
   PADDINGS,
   SHORTCUTS,
+  PARAMETRIC_ACTIVATIONS,
   BasicBlock,
   Conv,
+  MeanSparse,
   Normalize,
   PreActBlock,
+  PSSiLU,
+  SqueezeExcitation,
   batch_norm,
   conv_padding,
   padding_pair,
+  standardize_per_image,
 )
 from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.apply_fns import InferenceFn, StochasticFn, inference_fn, stochastic_fn
@@ -57,8 +63,25 @@ from jaxrobust.models.wide_resnet import (
   RobustWideResNet,
   WideResNet,
 )
+from jaxrobust.models.zoo_nets import (
+  PreActBottleneck,
+  PreActResNet50Branch,
+  PreActResNet50Ensemble,
+  RaWideResNet,
+  RobustResNet,
+)
 
 __all__ = [
+  "RobustResNet",
+  "RaWideResNet",
+  "PreActResNet50Ensemble",
+  "PreActResNet50Branch",
+  "PreActBottleneck",
+  "standardize_per_image",
+  "SqueezeExcitation",
+  "PSSiLU",
+  "MeanSparse",
+  "PARAMETRIC_ACTIVATIONS",
   "ACTIVATIONS",
   "CIFAR10_MEAN",
   "CIFAR10_STD",
@@ -91,6 +114,7 @@ __all__ = [
   "inference_fn",
   "is_randomized",
   "layers",
+  "precision",
   "noise_settings",
   "padding_pair",
   "resnet18_blocks",

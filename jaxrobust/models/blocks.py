@@ -20,6 +20,8 @@ PADDINGS = ("same", "torch", "dm")
 # What a pre-activation block's shortcut convolves (`PreActBlock`).
 SHORTCUTS = ("activation", "input")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "swish": nn.swish}
+# Activations with parameters, one module a network shares (`activation_layer`).
+PARAMETRIC_ACTIVATIONS = ("pssilu",)
 
 # `nn.Conv`'s padding argument: "SAME", or (before, after) per spatial axis.
 ConvPadding: TypeAlias = str | list[tuple[int, int]]
@@ -74,6 +76,25 @@ def conv_padding(mode: str, kernel: int, stride: int) -> ConvPadding:
   return [padding_pair(mode, 0, kernel, stride)] * 2
 
 
+def standardize_per_image(x: jax.Array) -> jax.Array:
+  """Each image standardised by its own mean and standard deviation.
+
+  x' = (x - mean(x)) / max(std(x), 1 / sqrt(n)) over the n = H W C values of
+  an image, std with Bessel's correction (PyTorch's `std`; Ding et al.'s
+  MMA network).
+
+  Args:
+    x: NHWC images.
+
+  Returns:
+    The standardised images.
+  """
+  n = x.shape[1] * x.shape[2] * x.shape[3]
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  std = jnp.std(x, axis=(1, 2, 3), keepdims=True, ddof=1)
+  return (x - mean) / jnp.maximum(std, 1.0 / n**0.5)
+
+
 class Normalize(nn.Module):
   """Per-channel standardisation of images in [0, 1].
 
@@ -124,6 +145,89 @@ def _conv3x3(features: int, strides: int, padding: str) -> nn.Conv:
   return Conv(features, (3, 3), strides, use_bias=False, padding=conv_padding(padding, 3, strides))
 
 
+class PSSiLU(nn.Module):
+  """Parametric shifted SiLU, one (alpha, beta) pair.
+
+  pssilu(x) = x (sigmoid(|alpha| x) - |beta|) / (1 - |beta|), alpha = 1
+  and beta = 1e-8 at initialisation (RobustBench's `PSSiLU`).
+
+  References:
+    Dai et al., 2021 (https://arxiv.org/abs/2110.05626)
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    alpha = jnp.abs(self.param("alpha", nn.initializers.ones, (1,), jnp.float32))
+    beta = jnp.abs(self.param("beta", nn.initializers.constant(1e-8), (1,), jnp.float32))
+    alpha, beta = alpha.astype(x.dtype), beta.astype(x.dtype)
+    return x * (nn.sigmoid(alpha * x) - beta) / (1 - beta)
+
+
+Activation: TypeAlias = str | Callable[[jax.Array], jax.Array]
+
+
+def activation_fn(activation: Activation) -> Callable[[jax.Array], jax.Array]:
+  """The function of an activation: a key of `ACTIVATIONS`, or a callable (e.g. a shared `PSSiLU`).
+
+  Args:
+    activation: a key of `ACTIVATIONS`, or the function itself.
+
+  Returns:
+    The function.
+  """
+  return ACTIVATIONS[activation] if isinstance(activation, str) else activation
+
+
+class MeanSparse(nn.Module):
+  """Mean-centred feature sparsification, per channel c.
+
+  meansparse(x)_c = mu_c where |x_c - mu_c| < t sqrt(var_c), else x_c: the
+  values within t standard deviations of the channel's mean are set to the
+  mean (the identity for t = 0). mu, var and t are fixed statistics
+  (collection "batch_stats": `mean`, `var`, `threshold`), never updated.
+
+  References:
+    Amini et al., 2024 (https://arxiv.org/abs/2406.05927)
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32).value
+    var = self.variable("batch_stats", "var", jnp.zeros, (c,), jnp.float32).value
+    threshold = self.variable("batch_stats", "threshold", jnp.zeros, (), jnp.float32).value
+    mean = mean.astype(x.dtype)
+    crop = (threshold * jnp.sqrt(var)).astype(x.dtype)
+    return jnp.where(jnp.abs(x - mean) < crop, mean, x)
+
+
+class SqueezeExcitation(nn.Module):
+  """Squeeze-and-excitation: x times sigmoid(W2 relu(W1 mean_hw(x) + b1) + b2).
+
+  The two dense maps are 1x1 convolutions with bias (torchvision's
+  `SqueezeExcitation`, `fc1` and `fc2`).
+
+  Attributes:
+    squeeze: the channels of the inner layer.
+
+  References:
+    Hu et al., 2018 (https://arxiv.org/abs/1709.01507)
+  """
+
+  squeeze: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(Conv(self.squeeze, (1, 1), name="fc1")(s))
+    s = Conv(x.shape[-1], (1, 1), name="fc2")(s)
+    return x * nn.sigmoid(s)
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
 class PreActBlock(nn.Module):
   """Pre-activation residual block: BN-act-conv, BN-act-conv, plus the shortcut.
 
@@ -141,6 +245,10 @@ class PreActBlock(nn.Module):
       "input" (it convolves x itself: RobustBench's `PreActBlock` and
       DeepMind's PreAct ResNet).
     shortcut_kernel: the side of the shortcut's kernel (1, or DeepMind's 3).
+    se_ratio: > 0: a `SqueezeExcitation` of round(se_ratio features)
+      channels on the residual branch before the sum (Peng et al.'s
+      RaWideResNet).
+    meansparse: a `MeanSparse` after each BN and after the sum (Amini et al.).
 
   References:
     He et al., 2016 (https://arxiv.org/abs/1603.05027)
@@ -150,15 +258,18 @@ class PreActBlock(nn.Module):
   features: int
   strides: int
   norm: Callable[..., Any]
-  activation: str = "relu"
+  activation: Activation = "relu"
   padding: str = "same"
   shortcut_from: str = "activation"
   shortcut_kernel: int = 1
+  se_ratio: float = 0.0
+  meansparse: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    act = ACTIVATIONS[self.activation]
-    out = act(self.norm()(x))
+    act = activation_fn(self.activation)
+    sparse = (lambda: MeanSparse()) if self.meansparse else (lambda: _identity)
+    out = act(sparse()(self.norm()(x)))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       k = self.shortcut_kernel
@@ -171,9 +282,11 @@ class PreActBlock(nn.Module):
       )
       shortcut = conv(out if self.shortcut_from == "activation" else x)
     out = _conv3x3(self.features, self.strides, self.padding)(out)
-    out = act(self.norm()(out))
+    out = act(sparse()(self.norm()(out)))
     out = _conv3x3(self.features, 1, self.padding)(out)
-    return out + shortcut
+    if self.se_ratio:
+      out = SqueezeExcitation(int(round(self.se_ratio * self.features)))(out)
+    return sparse()(out + shortcut)
 
 
 class BasicBlock(nn.Module):

@@ -6,12 +6,13 @@ from typing import Any
 import flax.linen as nn
 
 from jaxrobust import checks, spectral as spectral_lib
-from jaxrobust.models.blocks import ACTIVATIONS, PADDINGS, SHORTCUTS
+from jaxrobust.models.blocks import ACTIVATIONS, PADDINGS, PARAMETRIC_ACTIVATIONS, SHORTCUTS
 from jaxrobust.models.cnn import SeedCNN, SmallCNN, SpectralSettings
 from jaxrobust.models.randomized import Randomized
 from jaxrobust.models.resnet import DMPreActResNet18, PreActResNet18, ResNet18
 from jaxrobust.models.resnet50 import STEMS, ResNet50
 from jaxrobust.models.wide_resnet import HEADS, DMWideResNet, RobustWideResNet, WideResNet
+from jaxrobust.models.zoo_nets import PreActResNet50Ensemble, RaWideResNet, RobustResNet
 
 MODELS: dict[str, type[nn.Module]] = {
   "small_cnn": SmallCNN,
@@ -23,6 +24,9 @@ MODELS: dict[str, type[nn.Module]] = {
   "dm_preact_resnet18": DMPreActResNet18,
   "resnet50": ResNet50,
   "robust_wide_resnet": RobustWideResNet,
+  "ra_wide_resnet": RaWideResNet,
+  "preact_resnet50_ensemble": PreActResNet50Ensemble,
+  "robust_resnet": RobustResNet,
 }
 
 
@@ -95,7 +99,8 @@ def _check_hyperparameters(name: str, cls: type[nn.Module], kwargs: dict[str, An
   if "stem" in kwargs:
     checks.one_of(f"model {name!r} stem", kwargs["stem"], STEMS)
   if "activation" in kwargs:
-    checks.one_of(f"model {name!r} activation", kwargs["activation"], tuple(ACTIVATIONS))
+    parametric = PARAMETRIC_ACTIVATIONS if name == "wide_resnet" else ()
+    checks.one_of(f"model {name!r} activation", kwargs["activation"], (*ACTIVATIONS, *parametric))
 
 
 def create(

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxrobust import checks
+
 from jaxrobust.models.blocks import ACTIVATIONS, BasicBlock, Conv, Normalize, PreActBlock
 from jaxrobust.models.blocks import batch_norm, conv_padding
 from jaxrobust.types import Images, Logits
@@ -123,7 +125,9 @@ class ResNet18(nn.Module):
   """ResNet-18: a 3x3 stem with BN-ReLU, eight `BasicBlock`s, pooling, dense.
 
   The blocks are `resnet18_blocks(width)`; the features are averaged over
-  the whole final map. `padding="torch"` is RobustBench's `ResNet18`.
+  the whole final map. `padding="torch"` is RobustBench's `ResNet18`; with
+  `stem="imagenet"` too, torchvision's `resnet18` (7x7 stem at stride 2,
+  BN-ReLU, 3x3 max-pool at stride 2 padded (1, 1)).
 
   Attributes:
     num_classes: the number of classes K.
@@ -132,6 +136,7 @@ class ResNet18(nn.Module):
     axis_name: the named axis BatchNorm averages over in training.
     padding: one of `PADDINGS`.
     width: the channels of the first stage.
+    stem: "cifar" (3x3 convolution) or "imagenet" (torchvision's).
 
   References:
     He et al., 2015 (https://arxiv.org/abs/1512.03385)
@@ -143,13 +148,18 @@ class ResNet18(nn.Module):
   axis_name: str | None = None
   padding: str = "same"
   width: int = 64
+  stem: str = "cifar"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
+    checks.one_of("stem", self.stem, ("cifar", "imagenet"))
     norm = batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
-    x = Conv(self.width, (3, 3), use_bias=False, padding=conv_padding(self.padding, 3, 1))(x)
+    k, s = (7, 2) if self.stem == "imagenet" else (3, 1)
+    x = Conv(self.width, (k, k), s, use_bias=False, padding=conv_padding(self.padding, k, s))(x)
     x = nn.relu(norm()(x))
+    if self.stem == "imagenet":
+      x = jnp.asarray(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
     for _, _, features, strides in resnet18_blocks(self.width):
       x = BasicBlock(features, strides, norm, padding=self.padding)(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

@@ -7,8 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust import checks
-from jaxrobust.models.blocks import ACTIVATIONS, Conv, Normalize, PreActBlock, batch_norm
-from jaxrobust.models.blocks import conv_padding
+from jaxrobust.models.blocks import (
+  ACTIVATIONS,
+  Activation,
+  Conv,
+  Normalize,
+  PreActBlock,
+  PSSiLU,
+  batch_norm,
+)
+from jaxrobust.models.blocks import activation_fn, conv_padding, standardize_per_image
 from jaxrobust.types import Images, Logits
 
 from jaxrobust.models.resnet import CIFAR10_MEAN, CIFAR10_STD
@@ -23,7 +31,7 @@ def _wide_resnet(
   depth: int,
   width: int,
   norm: Callable[[], nn.Module],
-  activation: str,
+  activation: Activation,
   padding: str,
 ) -> jax.Array:
   """The body of a WideResNet after its normalisation: stem, blocks, BN-act, mean pool."""
@@ -31,14 +39,13 @@ def _wide_resnet(
     (depth - 4) % 6 == 0 and depth >= 10,
     f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}",
   )
-  checks.one_of("activation", activation, tuple(ACTIVATIONS))
   blocks = (depth - 4) // 6
   x = Conv(16, (3, 3), use_bias=False, padding=conv_padding(padding, 3, 1))(x)
   for stage, features in enumerate((16, 32, 64)):
     for block in range(blocks):
       strides = 2 if stage > 0 and block == 0 else 1
       x = PreActBlock(features * width, strides, norm, activation, padding)(x)
-  x = ACTIVATIONS[activation](norm()(x))
+  x = activation_fn(activation)(norm()(x))
   return jnp.mean(x, axis=(1, 2))
 
 
@@ -62,10 +69,18 @@ class WideResNet(nn.Module):
       cosine of the pooled features f and class k's weights, without bias
       (Pang et al. 2020's hypersphere embedding, RobustBench's
       `BoostingWideResNet`).
+    activation: "relu", "swish", or "pssilu": one `PSSiLU` (parameters
+      `activation.alpha` and `activation.beta`) that every layer shares
+      (Dai et al.'s `pssilu_wrn_28_10`).
+    per_image: after `Normalize`, each image standardised by its own mean
+      and standard deviation (`standardize_per_image`; Ding et al.'s MMA
+      network).
 
   References:
     Zagoruyko & Komodakis, 2016 (https://arxiv.org/abs/1605.07146);
-    Pang et al., 2020 (https://arxiv.org/abs/2002.08619)
+    Pang et al., 2020 (https://arxiv.org/abs/2002.08619);
+    Dai et al., 2021 (https://arxiv.org/abs/2110.05626);
+    Ding et al., 2020 (https://openreview.net/forum?id=HkeryxBtPB)
   """
 
   num_classes: int
@@ -76,16 +91,22 @@ class WideResNet(nn.Module):
   axis_name: str | None = None
   padding: str = "same"
   head: str = "dense"
+  activation: str = "relu"
+  per_image: bool = False
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
     checks.one_of("head", self.head, HEADS)
+    checks.one_of("activation", self.activation, ("relu", "swish", "pssilu"))
     x = Normalize(self.mean, self.std)(x)
+    if self.per_image:
+      x = standardize_per_image(x)
+    act: Activation = PSSiLU(name="activation") if self.activation == "pssilu" else self.activation
     x = _wide_resnet(
       x,
       depth=self.depth,
       width=self.width,
-      activation="relu",
+      activation=act,
       norm=batch_norm(train, self.axis_name),
       padding=self.padding,
     )
@@ -131,6 +152,7 @@ class DMWideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
+    checks.one_of("activation", self.activation, tuple(ACTIVATIONS))
     x = Normalize(self.mean, self.std)(x)
     x = _wide_resnet(
       x,
@@ -160,6 +182,7 @@ class RobustWideResNet(nn.Module):
     channels: the stem's channels, then each stage's.
     depths: the blocks of each stage.
     axis_name: the named axis BatchNorm averages over in training.
+    activation: a key of `ACTIVATIONS`.
 
   References:
     Huang et al., 2021 (https://arxiv.org/abs/2110.03825)
@@ -171,6 +194,7 @@ class RobustWideResNet(nn.Module):
   channels: Sequence[int] = (16, 320, 640, 512)
   depths: Sequence[int] = (5, 5, 5)
   axis_name: str | None = None
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -179,12 +203,13 @@ class RobustWideResNet(nn.Module):
       f"RobustWideResNet needs one more channel count than stages, got {self.channels} "
       f"for {self.depths}",
     )
+    checks.one_of("activation", self.activation, tuple(ACTIVATIONS))
     norm = batch_norm(train, self.axis_name)
     x = Normalize(self.mean, self.std)(x)
     x = Conv(self.channels[0], (3, 3), use_bias=False, padding=conv_padding("torch", 3, 1))(x)
     for stage, blocks in enumerate(self.depths):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(self.channels[stage + 1], strides, norm, "relu", "torch")(x)
-    x = nn.relu(norm()(x))
+        x = PreActBlock(self.channels[stage + 1], strides, norm, self.activation, "torch")(x)
+    x = ACTIVATIONS[self.activation](norm()(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

@@ -81,10 +81,11 @@ TORCH = flags.DEFINE_string(
 ARCH = flags.DEFINE_string(
   "arch",
   None,
-  "The --torch-checkpoint's architecture: wrn-28-10, "
-  "wrn-34-10, wrn-34-20, wrn-70-16, dm-wrn-28-10, dm-wrn-70-16, "
-  "resnet-18, preact-resnet-18, or a jaxrobust model name "
-  "(default: the one the checkpoint records).",
+  "The --torch-checkpoint's architecture: wrn-D-W (wrn-28-10, ...; -cosine, -per-image, "
+  "-pssilu), dm-wrn-D-W (-meansparse), ra-wrn-70-16(-meansparse), wrn-a4, "
+  "preact-resnet-18(-plain), dm-preact-resnet-18, resnet-18(-imagenet), resnet-50(-cifar), "
+  "wide-resnet-50-2, preact-resnet-50-x3, robust-wrn-..., or a jaxrobust model name "
+  "(docs/interop.md lists them; default: the one the checkpoint records).",
 )
 DATA = flags.DEFINE_string(
   "data",

@@ -152,14 +152,27 @@ def architecture(entry: Entry) -> tuple[str, dict[str, Any]]:
   return entry.arch, settings
 
 
+def _branch_files(path: str | PathLike) -> str | PathLike | list[Path]:
+  """An ensemble's files, one a branch: `<entry>_m0.pt`, `_m1.pt`, `_m2.pt` for
+  `<entry>.pt` that does not exist or for `<entry>_m<i>.pt`; else `path`."""
+  file = Path(path)
+  stem = re.sub(r"_m\d+$", "", file.stem)
+  first = file.with_name(f"{stem}_m0{file.suffix}")
+  if (file.stem == stem and file.exists()) or not first.exists():
+    return path
+  return [file.with_name(f"{stem}_m{i}{file.suffix}") for i in range(3)]
+
+
 def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
   """The jaxrobust model and variables of entry `name`'s checkpoint.
 
   Args:
     name: an entry (see `find`).
-    checkpoint: a checkpoint file's path, what `interop.load_checkpoint`
-      read, or a flax checkpoint's directory (`export_entry`; read without
-      PyTorch).
+    checkpoint: a checkpoint file's path, or what `interop.load_checkpoint`
+      read; for an ensemble (Chen2020Adversarial), a list of them, one a
+      branch, or the path of RobustBench's first (`<entry>_m0.pt`; its
+      `_m1.pt` and `_m2.pt` beside it) or of `<entry>.pt` beside them; or a
+      flax checkpoint's directory (`export_entry`; read without PyTorch).
 
   Returns:
     `(model, variables)`, `model.apply(variables, x)` on NHWC images in [0, 1].
@@ -173,8 +186,14 @@ def load_entry(name: str, checkpoint: Any) -> tuple[nn.Module, Variables]:
   arch, settings = architecture(entry)
   if isinstance(checkpoint, str | PathLike) and Path(checkpoint).is_dir():
     return _load_exported(entry, Path(checkpoint))
+  if isinstance(checkpoint, str | PathLike) and arch == "preact-resnet-50-x3":
+    checkpoint = _branch_files(checkpoint)
   if isinstance(checkpoint, str | PathLike):
     checkpoint = interop.load_checkpoint(checkpoint)
+  if isinstance(checkpoint, list | tuple):
+    checkpoint = [
+      interop.load_checkpoint(c) if isinstance(c, str | PathLike) else c for c in checkpoint
+    ]
   try:
     return interop.from_torch(checkpoint, arch, **settings)
   except checks.InputError as e:
