@@ -9,12 +9,13 @@ is the array-like `x` of such a data set: indexing gives the evaluation crop
 """
 
 import copy
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from jaxrobust.checks import integer_at_least, require
 from jaxrobust.data import crops
+from jaxrobust.data.lazy import LazyRows
 
 
 class Store(Protocol):
@@ -29,7 +30,7 @@ class Store(Protocol):
     ...
 
 
-class EncodedImages:
+class EncodedImages(LazyRows):
   """Encoded images seen as uint8 [N, S, S, 3]: their crops, decoded when read.
 
   Indexing by integers (`x[i]`, `x[indices]`, `np.asarray(x)`) decodes the
@@ -141,17 +142,3 @@ class EncodedImages:
       rng = crops.example_rng(seed, epoch, source, int(index))
       out[row] = crops.train_crop(image, rng, self.size)
     return out
-
-  def __getitem__(self, key: Any) -> Any:
-    if isinstance(key, slice):
-      start, stop, step = key.indices(len(self))
-      if step == 1:
-        return self.view(start, max(start, stop))
-      return self.read(np.arange(start, stop, step))
-    if np.ndim(key) == 0:
-      return self.read(np.asarray([key]))[0]
-    return self.read(np.asarray(key))
-
-  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-    images = self.read(np.arange(len(self)))
-    return images if dtype is None else images.astype(dtype)

@@ -31,6 +31,7 @@ import numpy as np
 from jaxrobust.checks import InputError, require
 from jaxrobust.data.dataset import Dataset
 from jaxrobust.data.encoded import EncodedImages
+from jaxrobust.data.lazy import LazyRows
 
 METADATA = "metadata.json"
 FORMAT = "jaxrobust.records"
@@ -150,7 +151,7 @@ def count_pixels(images: Any) -> np.ndarray:
   return counts
 
 
-class RecordImages:
+class RecordImages(LazyRows):
   """The uint8 images [N, H, W, C] of one split of a records directory, read lazily.
 
   Indexing by integers reads only the records asked for: `images[i]` (one
@@ -312,20 +313,6 @@ class RecordImages:
         return f"record {index} of {path}"
       index -= count
     return f"record {index}"
-
-  def __getitem__(self, key: Any) -> Any:
-    if isinstance(key, slice):
-      start, stop, step = key.indices(len(self))
-      if step == 1:
-        return self.view(start, max(start, stop))
-      return self.read(np.arange(start, stop, step))
-    if np.ndim(key) == 0:
-      return self.read(np.asarray([key]))[0]
-    return self.read(np.asarray(key))
-
-  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-    images = self.read(np.arange(len(self)))
-    return images if dtype is None else images.astype(dtype)
 
 
 def load_records(directory: Path, split: str, image_size: int = 224) -> Dataset:
