@@ -235,9 +235,11 @@ def memory_runs(
     steps: training steps per run.
 
   Returns:
-    `{"records": [run, ...], "npz": [run, ...], "records_ratio", "npz_ratio"}`:
-    each run `train_peak_memory`'s, with `images` and `disk_mib` (the data
-    set's size on disk); a ratio is the largest set's peak over the smallest's.
+    `{"records": [run, ...], "npz": [run, ...], "records_ratio", "npz_ratio",
+    "records_bytes_per_image", "npz_bytes_per_image"}`: each run
+    `train_peak_memory`'s, with `images` and `disk_mib` (the data set's size
+    on disk); a ratio is the largest set's peak over the smallest's, and the
+    bytes per image the peak's growth between them over the images added.
   """
   import shutil  # pylint: disable=g-import-not-at-top
 
@@ -265,4 +267,6 @@ def memory_runs(
     runs = out[kind]
     if len(runs) > 1:
       out[f"{kind}_ratio"] = runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
+      grown = (runs[-1]["peak_rss_mib"] - runs[0]["peak_rss_mib"]) * 2**20
+      out[f"{kind}_bytes_per_image"] = grown / (runs[-1]["images"] - runs[0]["images"])
   return out

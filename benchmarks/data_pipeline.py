@@ -185,7 +185,8 @@ def format_report(results: dict[str, Any]) -> str:
         runs = mem[kind]
         lines.append(
           f"{kind}: peak at {runs[-1]['images']:,} images / at {runs[0]['images']:,}: "
-          f"{mem[f'{kind}_ratio']:.3f}"
+          f"{mem[f'{kind}_ratio']:.3f}; the peak grew by "
+          f"{mem[f'{kind}_bytes_per_image']:,.0f} bytes per image added"
         )
   for part, title in (("cifar", "CIFAR-10 setting"), ("imagenet", "ImageNet layout")):
     if part in results:

@@ -5,9 +5,14 @@ config (`pgd_at:cifar10`, or `pgd_at:imagenet` at a stated size and model),
 built as `train.py` builds it, on a `records:` data set; the pipeline is
 `data.train_batches` with K grain workers, each batch made a global array on
 the training mesh (`data.local_to_global`), as the training loop does before
-its step. The sides are timed in turns (each round runs every side once, the
-first side rotating), so that a shared machine's load falls on all of them;
-the step runs on batches read beforehand, so its time holds no reading.
+its step. The pipeline read in this process and the step are timed in turns
+(each round runs every side once, the first side rotating), so that a
+shared machine's load falls on both; the step runs on batches read
+beforehand, so its time holds no reading. A pipeline with grain workers is
+timed in runs of its own, one after the other, from the moment its workers
+start: its workers read ahead (grain's read-ahead buffers hundreds of
+batches), so timed between the step's runs it would show batches made
+while the step ran.
 """
 
 import statistics
@@ -80,41 +85,28 @@ class Setting:
 
 
 class Side:
-  """One timed side: `prepare()` untimed, then `run()` timed; `images` per run."""
+  """One timed side: `run()` handles `images` images."""
 
-  def __init__(
-    self, images: int, run: Callable[[], Any], prepare: Callable[[], Any] = lambda: None
-  ) -> None:
-    self.images, self.run, self.prepare = images, run, prepare
+  def __init__(self, images: int, run: Callable[[], Any]) -> None:
+    self.images, self.run = images, run
 
 
 def pipeline_side(setting: Setting, workers: int, per_run: int) -> tuple[Side, Callable[[], None]]:
   """The pipeline with `workers` grain workers, `per_run` batches to the device per run.
 
-  Before each run with workers, `max(per_run, 4 * workers)` batches are
-  taken untimed: more than grain's buffers hold (2 batches a worker, and
-  the one each is making), so the timed run starts from the steady state
-  of a consumer that takes batches as fast as they come, not from the
-  batches the workers made while the other sides ran.
-
   Returns:
     The side, and a function that stops its workers.
   """
-  batches = setting.batches(workers)
-  holder = {"it": batches}
+  holder = {"it": setting.batches(workers)}
 
   def run() -> None:
     for _ in range(per_run):
       setting.to_device(next(holder["it"]))
 
-  def prepare() -> None:
-    for _ in range(max(per_run, 4 * workers) if workers else 0):
-      next(holder["it"])
-
   def close() -> None:
     holder.pop("it", None)  # grain's workers stop with their iterator
 
-  return Side(per_run * setting.batch, run, prepare), close
+  return Side(per_run * setting.batch, run), close
 
 
 def step_side(setting: Setting, rounds: int) -> Side:
@@ -141,7 +133,6 @@ def time_in_turns(sides: dict[str, Side], repeats: int) -> dict[str, Any]:
   """
   out: dict[str, Any] = {}
   for name, side in sides.items():
-    side.prepare()
     start = time.perf_counter()
     side.run()
     out[name] = {"warm_up_seconds": time.perf_counter() - start, "seconds": []}
@@ -149,7 +140,6 @@ def time_in_turns(sides: dict[str, Side], repeats: int) -> dict[str, Any]:
   for i in range(repeats):
     turn = i % len(order)
     for name in order[turn:] + order[:turn]:
-      sides[name].prepare()
       start = time.perf_counter()
       sides[name].run()
       out[name]["seconds"].append(time.perf_counter() - start)
@@ -163,6 +153,10 @@ def throughput(
 ) -> dict[str, Any]:
   """Images/s of the pipeline with each of `workers` grain workers and of the step.
 
+  The step and the pipeline without workers are timed in turns; each
+  pipeline with workers in runs of its own, its workers started just before
+  (the warm-up run holds their start) and stopped after.
+
   Args:
     setting: the config's step and training set.
     workers: grain worker counts (0: read in this process).
@@ -173,16 +167,17 @@ def throughput(
     `{"batch", "pipeline": {K: timing}, "step": timing, "ratio": {K: pipeline
     images/s over the step's}}`, a timing as `time_in_turns` gives it.
   """
-  sides, closers = {}, []
+  turns = {"step": step_side(setting, repeats)}
+  if 0 in workers:
+    turns["pipeline_0"] = pipeline_side(setting, 0, per_run)[0]
+  timed = time_in_turns(turns, repeats)
   for k in workers:
-    sides[f"pipeline_{k}"], close = pipeline_side(setting, k, per_run)
-    closers.append(close)
-  sides["step"] = step_side(setting, repeats)
-  try:
-    timed = time_in_turns(sides, repeats)
-  finally:
-    for close in closers:
-      close()
+    if k:
+      side, close = pipeline_side(setting, k, per_run)
+      try:
+        timed[f"pipeline_{k}"] = time_in_turns({"pipeline": side}, repeats)["pipeline"]
+      finally:
+        close()
   step = timed["step"]["images_per_second"]
   return {
     "batch": setting.batch,

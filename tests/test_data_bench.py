@@ -73,6 +73,8 @@ def test_the_benchmark_at_a_tiny_size_reports_memory_and_throughput(
     assert all(peak > 100 for peak in peaks)  # a Python process with JAX
     assert all(run["steps"] >= 2 for run in memory[kind])
     assert memory[f"{kind}_ratio"] == peaks[1] / peaks[0]
+    grown = (peaks[1] - peaks[0]) * 2**20 / 1800
+    assert memory[f"{kind}_bytes_per_image"] == pytest.approx(grown)
   assert not (tmp_path / "scratch" / "memory").exists()  # the data sets are deleted
   for part in ("cifar", "imagenet"):
     r = results[part]
