@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--workers", type=_ints, default=[0, 2], help="grain worker counts")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per side")
   p.add_argument("--cifar-batch", type=int, default=128)
-  p.add_argument("--per-run", type=int, default=8, help="batches per timed pipeline run")
+  p.add_argument(
+    "--per-run", type=int, default=40, help="batches per timed pipeline run (ImageNet: a quarter)"
+  )
   p.add_argument("--imagenet-images", type=int, default=512, help="generated JPEGs (train)")
   p.add_argument("--jpeg-size", type=_ints, default=[375, 500], help="their height,width")
   p.add_argument("--image-size", type=int, default=224, help="the crops' side")
@@ -110,7 +112,7 @@ def _throughput_part(args: argparse.Namespace, scratch: Path, part: str) -> dict
     config = data_throughput.imagenet_config(
       records, args.imagenet_batch, args.image_size, args.imagenet_model
     )
-  per_run = args.per_run if part == "cifar" else max(1, args.per_run // 2)
+  per_run = args.per_run if part == "cifar" else max(1, args.per_run // 4)
   repeats = args.repeats if part == "cifar" else args.imagenet_repeats
   setting = data_throughput.Setting(config, mesh)
   result = data_throughput.throughput(setting, args.workers, per_run, repeats)
