@@ -142,8 +142,16 @@ def classify(src: str, builder: str) -> tuple[str | None, str]:
   return None, builder
 
 
-def normalisation(src: str, dataset: str) -> list[list[float]] | str:
-  """The input normalisation the constructor states, or "checkpoint" / "none"."""
+def normalisation(src: str, dataset: str, imported: str = "") -> list[list[float]] | str:
+  """The input normalisation the constructor states: `[mean, std]`, "checkpoint" or "none".
+
+  `imported` is the source of the class RobustBench imports from its
+  architectures (e.g. `BoostingWideResNet`), where the entry names one.
+  A class's registered "mu" and "sigma" are read from its source: RobustBench
+  loads the files of its known failing models without them (strict=False),
+  and the class's values then apply. "checkpoint" only where a class
+  registers them with values this script cannot read.
+  """
   m = re.search(r"mean=(CIFAR10{1,2}0?)_MEAN", src)
   if m:
     return [list(v) for v in NAMED[m.group(1)]]
@@ -154,22 +162,64 @@ def normalisation(src: str, dataset: str) -> list[list[float]] | str:
     return [list(v) for v in (CIFAR10 if sparse.group(2) == "10" else CIFAR100)]
   if "normalize_model" in src and dataset == "imagenet":
     return [list(v) for v in IMAGENET]
-  if "nn.ModuleList" in src:  # an ensemble stored a branch a file: its class's mu and sigma
-    values = [re.search(rf"'{b}',\s*torch\.tensor\(\[([^\]]+)\]\)", src) for b in ("mu", "sigma")]
-    if values[0] and values[1]:
-      return [[float(v) for v in m.group(1).split(",")] for m in values if m]
   if "robust_resnet.get_model('WRN-A4')" in src:  # its class's buffers; the file lacks them
     return [list(v) for v in CIFAR10]
-  if "BoostingWideResNet" in src:  # its class registers mu and sigma
-    return "checkpoint"
+  buffers = registered_buffers(f"{src}\n{imported}")
+  if buffers is not None:
+    return buffers
   if "x = 2. * x - 1." in src:
     return [[0.5] * 3, [0.5] * 3]
-  if "register_buffer" in src and ("'mu'" in src or '"mu"' in src):
+  if re.search(r"register_buffer\(\s*['\"]mu['\"]", f"{src}\n{imported}"):
     return "checkpoint"
   return "none"
 
 
-def entries(repo: str, dataset: str) -> Iterator[tuple[str, str, str, str]]:
+def registered_buffers(src: str) -> list[list[float]] | None:
+  """`[mu, sigma]` of a class source's `register_buffer('mu', torch.tensor([...]).view(...))`
+  (a list literal, or one repeated: `[0.5] * 3`), or None where either is not such."""
+  values = []
+  for name in ("mu", "sigma"):
+    m = re.search(
+      rf"register_buffer\(\s*['\"]{name}['\"],\s*torch\.tensor\(\s*([^()]*?)\s*\)\s*\.view\(", src
+    )
+    if m is None:
+      return None
+    try:
+      value = literal_floats(ast.parse(m.group(1), mode="eval").body)
+    except (SyntaxError, ValueError):
+      return None
+    values.append(value)
+  return values
+
+
+def literal_floats(node: ast.expr) -> list[float]:
+  """The floats of a list literal, or of one repeated (`[0.5] * 3`)."""
+  if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+    times = ast.literal_eval(node.right)
+    if not isinstance(times, int):
+      raise ValueError(f"not a repeat count: {ast.unparse(node.right)}")
+    return literal_floats(node.left) * times
+  value = ast.literal_eval(node)
+  if not (isinstance(value, list) and all(isinstance(v, int | float) for v in value)):
+    raise ValueError(f"not a list of numbers: {ast.unparse(node)}")
+  return [float(v) for v in value]
+
+
+def imported_class(repo: str, tree: ast.Module, name: str) -> str:
+  """The source of class `name` that the zoo file imports from RobustBench's architectures."""
+  for stmt in tree.body:
+    if isinstance(stmt, ast.ImportFrom) and any(a.name == name for a in stmt.names):
+      module = stmt.module or ""
+      if not module.startswith("robustbench.model_zoo.architectures."):
+        continue
+      text = git_show(repo, module.replace(".", "/") + ".py")
+      for cls in ast.parse(text).body:
+        if isinstance(cls, ast.ClassDef) and cls.name == name:
+          return ast.get_source_segment(text, cls) or ""
+  return ""
+
+
+def entries(repo: str, dataset: str) -> Iterator[tuple[str, str, str, str, str]]:
   text = git_show(repo, f"robustbench/model_zoo/{dataset}.py")
   tree = ast.parse(text)
   for stmt in tree.body:
@@ -183,7 +233,8 @@ def entries(repo: str, dataset: str) -> Iterator[tuple[str, str, str, str]]:
       spec = item.elts[1]
       model = next(v for k, v in zip(spec.keys, spec.values) if ast.literal_eval(k) == "model")
       src, builder = constructor_source(tree, text, model)
-      yield name, threat, src, builder
+      imported = imported_class(repo, tree, model.id) if isinstance(model, ast.Name) else ""
+      yield name, threat, src, builder, imported
 
 
 def info(repo: str, dataset: str, threat: str, name: str) -> dict:
@@ -206,7 +257,7 @@ def main(repo: str) -> None:
   ).stdout.split()
   rows = []
   for dataset in DATASETS:
-    for name, threat, src, builder in entries(repo, dataset):
+    for name, threat, src, builder, imported in entries(repo, dataset):
       arch, missing = classify(src, builder)
       facts = info(repo, dataset, threat, name)
       rows.append(
@@ -217,7 +268,7 @@ def main(repo: str) -> None:
           facts.get("eps"),
           arch,
           missing,
-          normalisation(src, dataset),
+          normalisation(src, dataset, imported),
           facts.get("name", ""),
           facts.get("link", ""),
           number(facts.get("clean_acc")),
@@ -258,7 +309,8 @@ class Entry(NamedTuple):
     eps: the radius as RobustBench writes it ("8/255"), None for corruptions.
     arch: the jaxrobust architecture (`interop.architecture`), or None.
     missing: the architecture RobustBench builds it with, when `arch` is None.
-    normalisation: `[mean, std]`, "checkpoint" (buffers in the checkpoint) or "none".
+    normalisation: `[mean, std]` (the constructor's, or the mu and sigma its
+      class registers), "checkpoint" (buffers only the checkpoint holds) or "none".
     paper: the paper's title.
     link: the paper's address.
     clean: the leaderboard's clean accuracy (percent).

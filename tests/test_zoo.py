@@ -14,6 +14,7 @@ import pytest
 
 import jaxrobust as jr
 from jaxrobust import checks, interop, zoo
+from robustbench_files import ATOL, randomized, rb_module, rb_zoo_class
 
 torch = pytest.importorskip("torch")
 
@@ -103,7 +104,7 @@ def _full_size_checkpoint(arch: str, classes: int) -> dict[str, Any]:
 def test_a_checkpoint_loads_by_entry_and_a_wrong_one_is_named_in_one_line() -> None:
   state = _full_size_checkpoint("preact-resnet-18-plain", 10)
   model, variables = zoo.load_entry("cifar10/Linf/Wong2020Fast", {"model": state})
-  assert model.final_bn is False and model.mean == (0.0,) * 3
+  assert model.final_bn is False and model.mean == (0.4914, 0.4822, 0.4465)  # Wong2020FastNet's
   with pytest.raises(checks.InputError) as error:
     zoo.load_entry("cifar10/Linf/Rice2020Overfitting", state)  # a WideResNet-34-20 entry
   message = str(error.value)
@@ -181,3 +182,60 @@ def test_a_meansparse_model_round_trips_through_safetensors(tmp_path: Path) -> N
   as_lists = lambda tree: jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
   assert as_lists(back) == as_lists(variables)  # the same tree, shapes and values
   assert loaded.meansparse and tuple(loaded.widths) == (8, 8, 8)
+
+
+# (entry, its class in RobustBench's model_zoo/cifar10.py, {name the class uses: its module})
+WONG = (
+  "cifar10/Linf/Wong2020Fast",
+  "Wong2020FastNet",
+  {"PreActResNet": "resnet", "PreActBlock": "resnet"},
+)
+ENGSTROM = (
+  "cifar10/L2/Engstrom2019Robustness",
+  "Engstrom2019RobustnessNet",
+  {"ResNet": "resnet", "Bottleneck": "resnet"},
+)
+
+
+@pytest.mark.parametrize("entry, cls, names", [WONG, ENGSTROM], ids=["Wong", "Engstrom"])
+def test_a_file_without_mu_and_sigma_gives_the_robustbench_classs_logits(
+  entry: str, cls: str, names: dict[str, str], tmp_path: Path
+) -> None:
+  # RobustBench loads these files without the buffers (strict=False): its class's values apply
+  scope = {name: getattr(rb_module(module, tmp_path), name) for name, module in names.items()}
+  net = randomized(rb_zoo_class("cifar10", cls, **scope)())
+  buffers = [net.mu.reshape(-1).numpy(), net.sigma.reshape(-1).numpy()]
+  normalisation = zoo.find(entry).normalisation
+  assert isinstance(normalisation, list)
+  np.testing.assert_allclose(np.array(normalisation), buffers, rtol=1e-6, atol=0)
+  state = {k: v for k, v in net.state_dict().items() if k not in ("mu", "sigma")}
+  model, variables = zoo.load_entry(entry, state)
+  x = np.random.default_rng(3).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = net(interop.nhwc_to_nchw(x)).numpy()
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), expected, atol=ATOL, rtol=0)
+  with_buffers, _ = zoo.load_entry(entry, net.state_dict())  # the class's own buffers agree
+  assert with_buffers == model
+
+
+def test_a_file_whose_mu_differs_from_the_entrys_is_refused_naming_the_key() -> None:
+  state = _full_size_checkpoint("preact-resnet-18-plain", 10)
+  wong_mu = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # Wong2020FastNet's
+  sigma = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
+  with pytest.raises(checks.InputError) as error:
+    zoo.load_entry("cifar10/Linf/Wong2020Fast", {**state, "mu": wong_mu * 0 + 0.5, "sigma": sigma})
+  message = str(error.value)
+  assert "\n" not in message and "cifar10/Linf/Wong2020Fast" in message
+  assert "buffer 'mean' (RobustBench's 'mu') holds (0.5, 0.5, 0.5)" in message
+  assert "not the mean (0.4914, 0.4822, 0.4465) given" in message
+  model, _ = zoo.load_entry("cifar10/Linf/Wong2020Fast", {**state, "mu": wong_mu, "sigma": sigma})
+  assert (model.mean, model.std) == ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+
+
+def test_no_entry_leaves_its_normalisation_to_the_checkpoint() -> None:
+  # every class that registers mu and sigma does so with values scripts/zoo_table.py reads
+  assert [zoo.key(e) for e in zoo.ENTRIES if e.normalisation == "checkpoint"] == []
+  for e in zoo.ENTRIES:
+    if isinstance(e.normalisation, list):
+      mean, std = e.normalisation
+      assert len(mean) == len(std) == 3 and all(0 < v < 1 for v in (*mean, *std))

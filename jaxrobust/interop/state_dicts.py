@@ -209,14 +209,17 @@ def from_torch(
       RobustBench's WideResNet-28-10, "dm-wrn-70-16" for DeepMind's.
     input_hw: the image size of `small_cnn`/`seed_cnn` (default: square).
     **settings: the model's settings (`models.create`), e.g. mean and std
-      for a checkpoint without normalisation buffers.
+      for a checkpoint without normalisation buffers; a checkpoint holding
+      them ("mean"/"std", "mu"/"sigma") must hold these values.
 
   Returns:
     `(model, variables)`, `model.apply(variables, x)` on NHWC images in [0, 1].
 
   Raises:
     InputError: an unknown architecture, or a state dict that does not fit
-      it (a missing or unknown key, or a shape), named with both shapes.
+      it (a missing or unknown key, or a shape), named with both shapes; or
+      normalisation buffers that differ from the mean or std given, naming
+      the buffer and both values.
   """
   if isinstance(state_dict, list | tuple):
     state = ensemble_state_dict(state_dict)
@@ -241,6 +244,9 @@ def from_torch(
       array = layouts.from_torch_layout(kind, state[key])
       layouts.set_path(variables, path, jnp.asarray(array, jnp.float32))
   return model, variables
+
+
+_ALIAS = {"mean": "mu", "std": "sigma"}
 
 
 def _normalisation(
@@ -268,7 +274,8 @@ def _normalisation(
       )
       checks.require(
         given is None or np.allclose(given, stored, rtol=1e-6, atol=0),
-        f"{which} {tuple(given or ())} differs from the checkpoint's {stored}",
+        f"the checkpoint's buffer {which!r} (RobustBench's {_ALIAS[which]!r}) holds "
+        f"{stored}, not the {which} {tuple(given or ())} given",
       )
       out.append(stored)
     else:

@@ -138,8 +138,10 @@ def architecture(entry: Entry) -> tuple[str, dict[str, Any]]:
   """The `interop.from_torch` architecture and settings of a loadable entry.
 
   Returns:
-    `(arch, settings)`: settings hold `mean` and `std` when the entry's
-    normalisation is not in its checkpoint.
+    `(arch, settings)`: settings hold `mean` and `std` when the entry
+    records them (its constructor's, or the `mu` and `sigma` its class
+    registers, which apply to a file without them; a file holding them must
+    agree, see `interop.from_torch`).
 
   Raises:
     InputError: an entry jaxrobust does not load (`status` says why).
