@@ -214,7 +214,9 @@ def test_eot_value_is_the_last_draws_and_the_gradient_the_mean():
   assert abs(float(value) - np.mean([v for v, _ in per_draw])) > 0.1  # the rules differ here
 
 
-@pytest.mark.parametrize("norm, steps", [("Linf", 20), ("L2", 50)])
+@pytest.mark.parametrize(
+  "norm, steps", [("Linf", 20), pytest.param("L2", 50, marks=pytest.mark.slow)]
+)
 def test_eot_equals_the_reference_code(norm, steps):
   # eot_iter = 4 draws per iterate: the reference's scripted model at call
   # 4 k + j, ours at the j-th key of iterate k (looked up by its key data).
@@ -329,7 +331,7 @@ def test_core_l1_direction_and_start():
     assert np.all(x + d >= 0) and np.all(x + d <= 1)
 
 
-@pytest.mark.parametrize("largereps", [False, True])
+@pytest.mark.parametrize("largereps", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_apgd_l1_keeps_ball_and_box(largereps):
   logits_fn = mlp()[0]
   x = np.round(uniform(2, (6, 4, 4, 3)) * 2) / 2  # pixels on the box's faces
@@ -369,7 +371,7 @@ def test_apgd_l1_reaches_the_optimum_of_a_linear_model():
 
 
 @pytest.mark.parametrize("largereps", [False, True])
-@pytest.mark.parametrize("steps", [20, 100])
+@pytest.mark.parametrize("steps", [20, pytest.param(100, marks=pytest.mark.slow)])
 def test_l1_schedule_equals_the_reference_code(monkeypatch, largereps, steps):
   # The reference counts ||x_best - x||_0 on x + d_u + d_p, whose rounding
   # leaves ~1e-8 in coordinates the projection zeroed; counted without
@@ -411,6 +413,7 @@ def test_l1_schedule_equals_the_reference_code(monkeypatch, largereps, steps):
   assert agree.mean() >= 0.9, agree.mean()
 
 
+@pytest.mark.slow  # two success rates, each library on the same many examples
 def test_apgd_l1_success_rate_equals_the_reference_code():
   ref = reference()
   torch = pytest.importorskip("torch")

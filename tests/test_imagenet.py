@@ -303,6 +303,7 @@ def test_the_setting_reads_jaxrobust_data(tmp_path: Path) -> None:
   assert out.stdout.strip() == f"imagenet:{tmp_path.resolve() / 'imagenet'}"
 
 
+@pytest.mark.slow  # train.py in a process of its own (the catalogue in test_bad_input.py has the case too)
 def test_train_py_names_the_missing_imagenet_directory(tmp_path: Path) -> None:
   result = run(
     "train.py",

@@ -88,7 +88,16 @@ def test_bfloat16_logits_are_float32s_within_bfloat16_rounding() -> None:
   assert not jnp.array_equal(logits, exact)  # rounded: it did compute in bfloat16
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(
+  "name",
+  # The ResNet-50-sized ones compile for seconds: with the slow tests.
+  [
+    pytest.param(
+      n, marks=[pytest.mark.slow] * (n in ("ra_wide_resnet", "preact_resnet50_ensemble"))
+    )
+    for n in sorted(models.MODELS)
+  ],
+)
 def test_every_convolution_and_matrix_product_of_a_model_takes_bfloat16(name: Any) -> None:
   settings: dict[str, Any] = {"width": 2} if name == "small_cnn" else {}
   model = models.create(name, num_classes=3, mean=MEAN, std=STD, **settings)
@@ -197,6 +206,7 @@ def _eval(cli, workdir, out, n, *flags):
   return result, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # trains, then eval.py in a process of its own
 def test_eval_precision_flag_runs_the_model_in_bfloat16(
   cli: Any, trained: Any, tmp_path: Any
 ) -> None:

@@ -186,7 +186,7 @@ def test_attack_under_vmap_over_radii(linen, digits):
     assert float(jnp.max(jnp.abs(out[r] - xt[:8]))) <= float(e) + 1e-6
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float16, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_evaluate_on_low_precision_images_counts_what_the_attack_finds(linen, digits, dtype):
   model, variables = linen
   _, _, xt, yt = digits

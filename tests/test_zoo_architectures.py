@@ -221,6 +221,7 @@ def test_ra_wide_resnet_with_meansparse_matches_robustbench(
   check_same_logits(random_meansparse(randomized(net)), "ra-wrn-70-16-meansparse", **settings)
 
 
+@pytest.mark.slow  # three ResNet-50 branches in each library
 def test_chen_ensemble_matches_robustbench(tmp_path: Path) -> None:
   rb = rb_module("resnet", tmp_path)
   chen = rb_zoo_class(
