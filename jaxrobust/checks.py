@@ -16,7 +16,9 @@ import contextlib
 import contextvars
 import math
 import numbers
+import os
 from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -44,6 +46,24 @@ def require(condition: Any, message: str) -> None:
   """
   if not condition:
     raise InputError(message)
+
+
+def writable_folder(flag: str, path: os.PathLike[str] | str) -> None:
+  """Refuses an output `path` (given by `flag`) whose folder does not exist or
+  cannot be written, naming the flag, the path and the folder.
+
+  Args:
+    flag: the option that named `path` ("--out").
+    path: the file or directory to be written.
+  """
+  folder = Path(path).absolute().parent
+  require(
+    folder.is_dir(), f"cannot write {flag} {str(path)!r}: folder {str(folder)!r} does not exist"
+  )
+  require(
+    os.access(folder, os.W_OK | os.X_OK),
+    f"cannot write {flag} {str(path)!r}: no write permission in {str(folder)!r}",
+  )
 
 
 def positive(name: str, value: Number) -> Number:

@@ -261,14 +261,7 @@ def check_output_file(flag: str, path: str | Path) -> Path:
   path = Path(path)
   checks.require(str(path).strip(), f"{flag} needs a file name")
   checks.require(not path.is_dir(), f"{flag} {str(path)!r} is a directory; give a file name")
-  folder = path.absolute().parent
-  checks.require(
-    folder.is_dir(), f"cannot write {flag} {str(path)!r}: folder {str(folder)!r} does not exist"
-  )
-  checks.require(
-    os.access(folder, os.W_OK | os.X_OK),
-    f"cannot write {flag} {str(path)!r}: no write permission in {str(folder)!r}",
-  )
+  checks.writable_folder(flag, path)
   return path
 
 

@@ -18,7 +18,6 @@ that a TPU host evaluates a zoo model converted elsewhere.
 """
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -64,14 +63,7 @@ def check_new_directory(path: str | PathLike[str], flag: str = "flax checkpoint"
     not path.exists(),
     f"{flag} {str(path)!r} exists; give a new directory (an existing one is never overwritten)",
   )
-  folder = path.absolute().parent
-  checks.require(
-    folder.is_dir(), f"cannot write {flag} {str(path)!r}: folder {str(folder)!r} does not exist"
-  )
-  checks.require(
-    os.access(folder, os.W_OK | os.X_OK),
-    f"cannot write {flag} {str(path)!r}: no write permission in {str(folder)!r}",
-  )
+  checks.writable_folder(flag, path)
   return path
 
 
