@@ -178,25 +178,32 @@ def test_meansparse_dm_wide_resnets_match_robustbench(module: str, tmp_path: Pat
   assert model.meansparse and model.mean == rb.CIFAR10_MEAN
 
 
-def test_ra_wide_resnet_matches_robustbench(
-  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-  torchvision_misc(monkeypatch)
-  rb = rb_module("robustarch_wide_resnet", tmp_path)
-  settings: dict[str, Any] = dict(stem_width=8, depths=(1, 2, 1), widths=(12, 16, 24))
-  net = rb.NormalizedWideResNet(
+RA_SETTINGS: dict[str, Any] = dict(stem_width=8, depths=(1, 2, 1), widths=(12, 16, 24))
+
+
+def small_ra_wide_resnet(rb: Any) -> Any:
+  """RobustBench's RaWideResNet (module `rb`) in the settings `RA_SETTINGS` name."""
+  return rb.NormalizedWideResNet(
     rb.CIFAR10_MEAN,
     rb.CIFAR10_STD,
-    depth=list(settings["depths"]),
-    stage_width=list(settings["widths"]),
-    stem_width=settings["stem_width"],
+    depth=list(RA_SETTINGS["depths"]),
+    stage_width=list(RA_SETTINGS["widths"]),
+    stem_width=RA_SETTINGS["stem_width"],
     groups=[1, 1, 1],
     activation_fn=nn.SiLU,
     se_ratio=0.25,
     se_activation=nn.ReLU,
     se_order=2,
   )
-  model = check_same_logits(randomized(net), "ra-wrn-70-16", **settings)
+
+
+def test_ra_wide_resnet_matches_robustbench(
+  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+  torchvision_misc(monkeypatch)
+  rb = rb_module("robustarch_wide_resnet", tmp_path)
+  net = small_ra_wide_resnet(rb)
+  model = check_same_logits(randomized(net), "ra-wrn-70-16", **RA_SETTINGS)
   assert model.se_ratio == 0.25
 
 
@@ -205,20 +212,8 @@ def test_ra_wide_resnet_with_meansparse_matches_robustbench(
 ) -> None:
   torchvision_misc(monkeypatch)
   rb = rb_module("Meansparse_ra_wrn_70_16", tmp_path)
-  settings: dict[str, Any] = dict(stem_width=8, depths=(1, 2, 1), widths=(12, 16, 24))
-  net = rb.NormalizedWideResNet(
-    rb.CIFAR10_MEAN,
-    rb.CIFAR10_STD,
-    depth=list(settings["depths"]),
-    stage_width=list(settings["widths"]),
-    stem_width=settings["stem_width"],
-    groups=[1, 1, 1],
-    activation_fn=nn.SiLU,
-    se_ratio=0.25,
-    se_activation=nn.ReLU,
-    se_order=2,
-  )
-  check_same_logits(random_meansparse(randomized(net)), "ra-wrn-70-16-meansparse", **settings)
+  net = small_ra_wide_resnet(rb)
+  check_same_logits(random_meansparse(randomized(net)), "ra-wrn-70-16-meansparse", **RA_SETTINGS)
 
 
 @pytest.mark.slow  # three ResNet-50 branches in each library
