@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_imagenet import load, make_imagenet, run
+from test_reliability import KILL_DURING_SAVE  # train.py, SIGKILLed inside a checkpoint save
 
 from jaxrobust import data
 from jaxrobust.data import crops
@@ -35,19 +36,6 @@ def get_config():
   c.eval.limit = 6
   c.eval.batch_size = 6
   return c
-"""
-# Runs train.py, SIGKILLing itself while saving the checkpoint of step $KILL_AT_SAVE.
-KILL_DURING_SAVE = """
-import os, runpy, signal, sys
-from orbax.checkpoint._src.path import async_path
-rename = async_path.rename
-async def rename_or_die(src, dst, *args, **kwargs):
-  if dst.name == os.environ["KILL_AT_SAVE"]:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return await rename(src, dst, *args, **kwargs)
-async_path.rename = rename_or_die
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
